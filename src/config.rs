@@ -1,0 +1,796 @@
+//! Typed configuration: built-in defaults < TOML file < environment < CLI flags.
+//!
+//! Every key can come from the environment as `WORKER__SECTION__KEY`; the conventional
+//! `DATABASE_URL`, `REDIS_URL`, `APP_ENV` and `OTEL_EXPORTER_OTLP_*` variables are honoured too.
+//! Errors name the key, where its value came from (`file:line`, env var or flag) and what was
+//! expected, so an operator can fix a bad deploy from the log line alone.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::Value;
+use serde::{Deserialize, Serialize};
+
+/// Default config file, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "config/worker.toml";
+/// Prefix of the `WORKER__SECTION__KEY` environment variables.
+pub const ENV_PREFIX: &str = "WORKER__";
+
+/// Conventional environment variables mapped onto config keys (lower precedence than
+/// `WORKER__…`, which is the more specific spelling).
+const ENV_ALIASES: &[(&str, &str)] = &[
+    ("DATABASE_URL", "database.url"),
+    ("REDIS_URL", "redis.url"),
+    ("APP_ENV", "app.env"),
+    ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "telemetry.otlp_endpoint"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
+    ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "telemetry.otlp_protocol"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "telemetry.otlp_protocol"),
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub app: AppConfig,
+    pub log: LogConfig,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub health: HealthConfig,
+    pub telemetry: TelemetryConfig,
+    pub runtime: RuntimeConfig,
+    pub workers: WorkersConfig,
+    pub outbox: OutboxConfig,
+    pub counters: CountersConfig,
+    pub gitsync: GitsyncConfig,
+    pub prebuilds: PrebuildsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    /// `development`, `staging`, `production`, … (exported as `deployment.environment.name`).
+    pub env: String,
+    /// How long a graceful stop may take before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        Self { env: "development".into(), shutdown_timeout: Duration::from_secs(30) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `worker=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Pretty }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Pooled connection (may point at pgbouncer in transaction mode).
+    pub url: String,
+    /// Direct connection for LISTEN; defaults to `url`.
+    pub listen_url: Option<String>,
+    /// Direct connection for migrations (they take a session advisory lock); defaults to `url`.
+    pub migrate_url: Option<String>,
+    /// Pool limit; also sizes the fan-out of gitsync and prebuilds.
+    pub pool_size: usize,
+    /// `SET LOCAL statement_timeout` of every tick transaction.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a loop waits for a pooled connection before its tick fails.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/worker".into(),
+            listen_url: None,
+            migrate_url: None,
+            pool_size: 10,
+            statement_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            acquire_timeout: Duration::from_secs(5),
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    pub fn listen_url(&self) -> &str {
+        self.listen_url.as_deref().unwrap_or(&self.url)
+    }
+
+    pub fn migrate_url(&self) -> &str {
+        self.migrate_url.as_deref().unwrap_or(&self.url)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Prefix of every key this worker writes (`{prefix}:sched:{queue}`, …).
+    pub prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: "redis://127.0.0.1:6379".into(), prefix: "worker".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Address of `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([0, 0, 0, 0], 8080)) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP endpoint; unset means no metrics are exported (and no errors are logged).
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    #[serde(with = "humantime_serde")]
+    pub export_interval: Duration,
+    /// Used only when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::HttpProtobuf,
+            export_interval: Duration::from_secs(60),
+            service_name: "worker".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Fraction of an interval added or removed at random so replicas do not synchronise.
+    pub jitter: f64,
+    /// How many ticks in a row a loop that keeps finding full batches may run before it sleeps.
+    pub max_drain_ticks: u32,
+    /// Identical errors of one loop are logged once per this window, with a count.
+    #[serde(with = "humantime_serde")]
+    pub error_log_interval: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self { jitter: 0.1, max_drain_ticks: 50, error_log_interval: Duration::from_secs(60) }
+    }
+}
+
+/// The `workers` loop: this process's lease row in `workers`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tick_timeout: Duration,
+    /// Worker rows unseen for longer than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(10),
+            tick_timeout: Duration::from_secs(5),
+            retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// The outbox sweeper: `task_outbox` → Redis sorted sets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tick_timeout: Duration,
+    /// Deadline of the Redis pipeline inside a tick, leaving time to settle the rows.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    pub batch_size: u32,
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// How often the backlog gauges are refreshed.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_millis(200),
+            tick_timeout: Duration::from_secs(10),
+            redis_timeout: Duration::from_secs(3),
+            batch_size: 500,
+            max_attempts: 10,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            probe_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Redis running-task counters → `jobs.running_tasks`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CountersConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tick_timeout: Duration,
+}
+
+impl Default for CountersConfig {
+    fn default() -> Self {
+        Self { enabled: true, interval: Duration::from_secs(5), tick_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Only the fan-out limit is read so far; the gitsync loop itself lands with its own issue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitsyncConfig {
+    /// Upper bound of concurrent GitHub calls; the pool size caps it further.
+    pub concurrency: usize,
+}
+
+impl Default for GitsyncConfig {
+    fn default() -> Self {
+        Self { concurrency: 10 }
+    }
+}
+
+/// Only the fan-out limit is read so far; the reconciler lands with its own issue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrebuildsConfig {
+    /// 0 = derive from the pool size (`max(1, pool_size / 2)`).
+    pub concurrency: usize,
+}
+
+/// Fan-out of the loops that fan out, derived from the pool limit in one place so the pool can
+/// never be exhausted by them (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Concurrency {
+    pub prebuilds: usize,
+    pub gitsync: usize,
+}
+
+impl Concurrency {
+    pub fn from_config(config: &Config) -> Self {
+        let half_pool = (config.database.pool_size / 2).max(1);
+        let prebuilds = match config.prebuilds.concurrency {
+            0 => half_pool,
+            n => n,
+        };
+        Self { prebuilds, gitsync: config.gitsync.concurrency.min(half_pool) }
+    }
+}
+
+/// Where a configuration value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File { path: PathBuf, line: usize },
+    Env(String),
+    Flag(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("built-in default"),
+            Source::File { path, line } => write!(f, "{}:{line}", path.display()),
+            Source::Env(name) => write!(f, "env {name}"),
+            Source::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("{path}:{line}:{column}: invalid TOML: {message}")]
+    Syntax { path: PathBuf, line: usize, column: usize, message: String },
+    #[error("config key `{key}` (from {origin}): {problem}; expected {expected}")]
+    Invalid { key: String, origin: Source, problem: String, expected: String },
+}
+
+impl ConfigError {
+    /// The dotted key the error is about, if it is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// Everything a config is built from; environment and flags are passed in (not read from the
+/// process) so loading is a pure function that tests can call in parallel.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigInputs {
+    /// The TOML file; `None` = defaults only. A missing file is an error when it was named.
+    pub file: Option<PathBuf>,
+    /// Environment variables (only `WORKER__*` and the aliases are looked at).
+    pub env: BTreeMap<String, String>,
+    /// `(dotted key, raw value, flag name)` from the command line.
+    pub flags: Vec<(String, String, String)>,
+}
+
+impl ConfigInputs {
+    /// Inputs from the real process environment and an optional `--config` path.
+    pub fn from_process(config_path: Option<PathBuf>) -> Self {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        let file = config_path.or_else(|| env.get("WORKER_CONFIG").map(PathBuf::from)).or_else(|| {
+            let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+            default.exists().then_some(default)
+        });
+        Self { file, env, flags: Vec::new() }
+    }
+
+    pub fn flag(mut self, key: &str, value: impl Into<String>, flag: &str) -> Self {
+        self.flags.push((key.to_owned(), value.into(), flag.to_owned()));
+        self
+    }
+}
+
+/// A loaded config plus where each leaf value came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub sources: BTreeMap<String, Source>,
+}
+
+pub fn load(inputs: &ConfigInputs) -> Result<Loaded, ConfigError> {
+    let file = match &inputs.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|error| ConfigError::Read { path: path.clone(), error })?;
+            check_toml_syntax(path, &text)?;
+            Some((path.clone(), text))
+        }
+        None => None,
+    };
+    let overrides = Overrides::collect(inputs);
+
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if let Some((_, text)) = &file {
+        figment = figment.merge(Toml::string(text));
+    }
+    for over in &overrides.0 {
+        let value: Value = over.raw.parse().unwrap_or_else(|never| match never {});
+        figment = figment.merge(Serialized::default(&over.key, value));
+    }
+
+    let locate = |key: &str| locate(key, &overrides, file.as_ref());
+    let config: Config = figment.extract().map_err(|error| {
+        let (key, problem, expected) = describe_figment_error(&error);
+        ConfigError::Invalid { origin: locate(&key), key, problem, expected }
+    })?;
+    if let Err((key, problem, expected)) = config.validate() {
+        return Err(ConfigError::Invalid { origin: locate(key), key: key.to_owned(), problem, expected });
+    }
+
+    let sources = leaf_keys(&config).into_iter().map(|key| {
+        let source = locate(&key);
+        (key, source)
+    });
+    Ok(Loaded { sources: sources.collect(), config })
+}
+
+/// One override from the environment or a flag, in precedence order (later wins).
+struct Override {
+    key: String,
+    raw: String,
+    source: Source,
+}
+
+struct Overrides(Vec<Override>);
+
+impl Overrides {
+    fn collect(inputs: &ConfigInputs) -> Self {
+        let mut all = Vec::new();
+        // Aliases first (reverse so the more specific alias, listed first, wins).
+        for (var, key) in ENV_ALIASES.iter().rev() {
+            if let Some(raw) = inputs.env.get(*var).filter(|v| !v.is_empty()) {
+                all.push(Override { key: (*key).into(), raw: raw.clone(), source: Source::Env((*var).into()) });
+            }
+        }
+        for (var, raw) in &inputs.env {
+            if let Some(rest) = var.strip_prefix(ENV_PREFIX) {
+                let key = rest.split("__").map(str::to_lowercase).collect::<Vec<_>>().join(".");
+                all.push(Override { key, raw: raw.clone(), source: Source::Env(var.clone()) });
+            }
+        }
+        for (key, raw, flag) in &inputs.flags {
+            all.push(Override { key: key.clone(), raw: raw.clone(), source: Source::Flag(flag.clone()) });
+        }
+        Self(all)
+    }
+}
+
+fn locate(key: &str, overrides: &Overrides, file: Option<&(PathBuf, String)>) -> Source {
+    if let Some(over) = overrides.0.iter().rev().find(|o| o.key == key || key.starts_with(&format!("{}.", o.key))) {
+        return over.source.clone();
+    }
+    if let Some((path, text)) = file
+        && let Some(line) = toml_key_line(text, key)
+    {
+        return Source::File { path: path.clone(), line };
+    }
+    Source::Default
+}
+
+/// The 1-based line on which `section.key` is set in a TOML text (tables, dotted keys and
+/// `[section]` headers; good enough for a flat two-level config).
+fn toml_key_line(text: &str, dotted: &str) -> Option<usize> {
+    let mut table = String::new();
+    let mut table_line = None;
+    for (index, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            table = header.trim().replace([' ', '"'], "");
+            if table == dotted {
+                table_line = Some(index + 1);
+            }
+            continue;
+        }
+        let Some((lhs, _)) = line.split_once('=') else { continue };
+        if line.starts_with('#') {
+            continue;
+        }
+        let lhs = lhs.trim().replace([' ', '"'], "");
+        let full = if table.is_empty() { lhs } else { format!("{table}.{lhs}") };
+        if full == dotted {
+            return Some(index + 1);
+        }
+    }
+    table_line
+}
+
+fn check_toml_syntax(path: &Path, text: &str) -> Result<(), ConfigError> {
+    match text.parse::<toml::Table>() {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            let offset = error.span().map_or(0, |span| span.start);
+            let before = &text[..offset.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let message = error.message().to_owned();
+            Err(ConfigError::Syntax { path: path.to_owned(), line, column, message })
+        }
+    }
+}
+
+fn describe_figment_error(error: &figment::Error) -> (String, String, String) {
+    use figment::error::Kind;
+    let (problem, expected) = match &error.kind {
+        // figment's path already ends with the unknown field.
+        Kind::UnknownField(_, known) => ("unknown key".to_owned(), format!("one of: {}", known.join(", "))),
+        Kind::InvalidType(actual, expected) => (format!("wrong type: found {actual}"), expected.clone()),
+        Kind::InvalidValue(actual, expected) => (format!("invalid value: {actual}"), expected.clone()),
+        Kind::UnknownVariant(found, known) => {
+            (format!("unknown value `{found}`"), format!("one of: {}", known.join(", ")))
+        }
+        Kind::Message(message) => (message.clone(), "a valid value".to_owned()),
+        other => (other.to_string(), "a valid value".to_owned()),
+    };
+    (error.path.join("."), problem, expected)
+}
+
+type Violation = (&'static str, String, String);
+
+fn check(ok: bool, key: &'static str, actual: impl fmt::Display, expected: &str) -> Result<(), Violation> {
+    if ok { Ok(()) } else { Err((key, format!("out of range: {actual}"), expected.to_owned())) }
+}
+
+fn url_scheme(url: &str, schemes: &[&str]) -> bool {
+    url::Url::parse(url).is_ok_and(|u| schemes.contains(&u.scheme()))
+}
+
+impl Config {
+    /// Range checks serde cannot express. Returns the first violation as (key, problem, expected).
+    fn validate(&self) -> Result<(), Violation> {
+        let pos = |d: Duration| !d.is_zero();
+        let db = &self.database;
+        check(url_scheme(&db.url, &["postgres", "postgresql"]), "database.url", redact_url(&db.url), "a postgres:// URL")?;
+        if let Some(url) = &db.listen_url {
+            check(url_scheme(url, &["postgres", "postgresql"]), "database.listen_url", redact_url(url), "a postgres:// URL")?;
+        }
+        if let Some(url) = &db.migrate_url {
+            check(url_scheme(url, &["postgres", "postgresql"]), "database.migrate_url", redact_url(url), "a postgres:// URL")?;
+        }
+        check((1..=1000).contains(&db.pool_size), "database.pool_size", db.pool_size, "1..=1000")?;
+        check(pos(db.statement_timeout), "database.statement_timeout", "0s", "a duration > 0")?;
+        check(pos(db.connect_timeout), "database.connect_timeout", "0s", "a duration > 0")?;
+        check(pos(db.acquire_timeout), "database.acquire_timeout", "0s", "a duration > 0")?;
+        check(
+            url_scheme(&self.redis.url, &["redis", "rediss", "redis-cluster"]),
+            "redis.url",
+            redact_url(&self.redis.url),
+            "a redis:// URL",
+        )?;
+        check(!self.redis.prefix.is_empty(), "redis.prefix", "\"\"", "a non-empty key prefix")?;
+        check(pos(self.app.shutdown_timeout), "app.shutdown_timeout", "0s", "a duration > 0")?;
+        check(!self.app.env.is_empty(), "app.env", "\"\"", "a non-empty environment name")?;
+        check(pos(self.telemetry.export_interval), "telemetry.export_interval", "0s", "a duration > 0")?;
+        let rt = &self.runtime;
+        check((0.0..=0.5).contains(&rt.jitter), "runtime.jitter", rt.jitter, "0.0..=0.5")?;
+        check((1..=10_000).contains(&rt.max_drain_ticks), "runtime.max_drain_ticks", rt.max_drain_ticks, "1..=10000")?;
+        check(pos(rt.error_log_interval), "runtime.error_log_interval", "0s", "a duration > 0")?;
+        let w = &self.workers;
+        check(pos(w.interval), "workers.interval", "0s", "a duration > 0")?;
+        check(pos(w.tick_timeout), "workers.tick_timeout", "0s", "a duration > 0")?;
+        check(w.retention > w.interval * 3, "workers.retention", humantime::format_duration(w.retention), "more than 3 × workers.interval")?;
+        let o = &self.outbox;
+        check(pos(o.interval), "outbox.interval", "0s", "a duration > 0")?;
+        check(pos(o.tick_timeout), "outbox.tick_timeout", "0s", "a duration > 0")?;
+        check(
+            pos(o.redis_timeout) && o.redis_timeout < o.tick_timeout,
+            "outbox.redis_timeout",
+            humantime::format_duration(o.redis_timeout),
+            "a duration > 0 and below outbox.tick_timeout",
+        )?;
+        check((1..=10_000).contains(&o.batch_size), "outbox.batch_size", o.batch_size, "1..=10000")?;
+        check((1..=1000).contains(&o.max_attempts), "outbox.max_attempts", o.max_attempts, "1..=1000")?;
+        check(pos(o.backoff_base), "outbox.backoff_base", "0s", "a duration > 0")?;
+        check(o.backoff_max >= o.backoff_base, "outbox.backoff_max", humantime::format_duration(o.backoff_max), "at least outbox.backoff_base")?;
+        check(pos(o.probe_interval), "outbox.probe_interval", "0s", "a duration > 0")?;
+        let c = &self.counters;
+        check(pos(c.interval), "counters.interval", "0s", "a duration > 0")?;
+        check(pos(c.tick_timeout), "counters.tick_timeout", "0s", "a duration > 0")?;
+        check((1..=1000).contains(&self.gitsync.concurrency), "gitsync.concurrency", self.gitsync.concurrency, "1..=1000")?;
+        check(self.prebuilds.concurrency <= 1000, "prebuilds.concurrency", self.prebuilds.concurrency, "0..=1000 (0 = from pool size)")?;
+        Ok(())
+    }
+
+    /// The effective config as TOML with secrets redacted, each value annotated with its source.
+    pub fn render(&self, sources: &BTreeMap<String, Source>) -> String {
+        let mut redacted = self.clone();
+        redacted.database.url = redact_url(&redacted.database.url);
+        redacted.database.listen_url = redacted.database.listen_url.as_deref().map(redact_url);
+        redacted.database.migrate_url = redacted.database.migrate_url.as_deref().map(redact_url);
+        redacted.redis.url = redact_url(&redacted.redis.url);
+        let text = toml::to_string(&redacted).unwrap_or_else(|e| format!("# cannot render config: {e}\n"));
+        let mut out = String::new();
+        let mut table = String::new();
+        for line in text.lines() {
+            if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                table = header.to_owned();
+            }
+            out.push_str(line);
+            if let Some((lhs, _)) = line.split_once(" = ") {
+                let key = format!("{table}.{}", lhs.trim());
+                if let Some(source) = sources.get(&key) {
+                    out.push_str(&format!("  # {source}"));
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Every dotted leaf key of a config (from its serialized form).
+fn leaf_keys(config: &Config) -> Vec<String> {
+    let Ok(toml::Value::Table(table)) = toml::Value::try_from(config) else { return Vec::new() };
+    let mut keys = Vec::new();
+    for (section, value) in table {
+        match value {
+            toml::Value::Table(inner) => keys.extend(inner.keys().map(|k| format!("{section}.{k}"))),
+            _ => keys.push(section),
+        }
+    }
+    keys
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        _ => raw.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), text).expect("write temp config");
+        file
+    }
+
+    fn inputs(file: &tempfile::NamedTempFile) -> ConfigInputs {
+        ConfigInputs { file: Some(file.path().to_owned()), ..Default::default() }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let loaded = load(&ConfigInputs::default()).expect("defaults load");
+        assert_eq!(loaded.config, Config::default());
+        assert_eq!(loaded.sources["database.pool_size"], Source::Default);
+    }
+
+    #[test]
+    fn a_bad_toml_line_is_reported_with_file_and_line() {
+        let file = write("[database]\npool_size = 4\nurl = \"unterminated\n");
+        let err = load(&inputs(&file)).expect_err("syntax error");
+        match &err {
+            ConfigError::Syntax { line, .. } => assert_eq!(*line, 3, "{err}"),
+            other => panic!("expected a syntax error, got {other}"),
+        }
+        assert!(err.to_string().contains(&format!("{}:3:", file.path().display())), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_names_the_key_and_its_file_line() {
+        let file = write("[database]\npool_size = 4\n\n[outbox]\nbatch_sise = 10\n");
+        let err = load(&inputs(&file)).expect_err("unknown key");
+        assert_eq!(err.key(), Some("outbox.batch_sise"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("{}:5", file.path().display())), "{text}");
+        assert!(text.contains("batch_size"), "lists the known keys: {text}");
+    }
+
+    #[test]
+    fn an_unknown_section_is_an_error() {
+        let file = write("[databse]\nurl = \"postgres://x/y\"\n");
+        let err = load(&inputs(&file)).expect_err("unknown section");
+        assert_eq!(err.key(), Some("databse"), "{err}");
+        assert!(err.to_string().contains(":1"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_type_from_env_names_the_variable() {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("WORKER__OUTBOX__BATCH_SIZE".into(), "lots".into());
+        let err = load(&inputs).expect_err("wrong type");
+        assert_eq!(err.key(), Some("outbox.batch_size"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("env WORKER__OUTBOX__BATCH_SIZE"), "{text}");
+        assert!(text.contains("lots"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_duration_from_env_names_the_variable() {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("WORKER__DATABASE__STATEMENT_TIMEOUT".into(), "5 parsecs".into());
+        let err = load(&inputs).expect_err("bad duration");
+        assert_eq!(err.key(), Some("database.statement_timeout"), "{err}");
+        assert!(err.to_string().contains("WORKER__DATABASE__STATEMENT_TIMEOUT"), "{err}");
+    }
+
+    #[test]
+    fn an_out_of_range_value_names_key_line_and_range() {
+        let file = write("[database]\n# comment\npool_size = 0\n");
+        let err = load(&inputs(&file)).expect_err("out of range");
+        assert_eq!(err.key(), Some("database.pool_size"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("{}:3", file.path().display())), "{text}");
+        assert!(text.contains("1..=1000"), "{text}");
+    }
+
+    #[test]
+    fn precedence_is_defaults_file_env_flags() {
+        let file = write("[database]\npool_size = 4\nstatement_timeout = \"7s\"\n[redis]\nprefix = \"file\"\n");
+        let mut inputs = inputs(&file).flag("redis.prefix", "flag", "--set redis.prefix");
+        inputs.env.insert("WORKER__DATABASE__POOL_SIZE".into(), "6".into());
+        inputs.env.insert("WORKER__REDIS__PREFIX".into(), "env".into());
+        inputs.env.insert("DATABASE_URL".into(), "postgres://u:pw@db:5432/app".into());
+        let loaded = load(&inputs).expect("loads");
+        let c = &loaded.config;
+        assert_eq!(c.database.pool_size, 6);
+        assert_eq!(c.database.statement_timeout, Duration::from_secs(7));
+        assert_eq!(c.redis.prefix, "flag");
+        assert_eq!(c.database.url, "postgres://u:pw@db:5432/app");
+        assert_eq!(loaded.sources["database.pool_size"], Source::Env("WORKER__DATABASE__POOL_SIZE".into()));
+        assert_eq!(loaded.sources["database.url"], Source::Env("DATABASE_URL".into()));
+        assert!(matches!(loaded.sources["database.statement_timeout"], Source::File { line: 3, .. }));
+        assert_eq!(loaded.sources["redis.prefix"], Source::Flag("--set redis.prefix".into()));
+        assert_eq!(loaded.sources["outbox.batch_size"], Source::Default);
+    }
+
+    #[test]
+    fn worker_prefixed_env_beats_the_conventional_alias() {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("DATABASE_URL".into(), "postgres://alias/db".into());
+        inputs.env.insert("WORKER__DATABASE__URL".into(), "postgres://specific/db".into());
+        let loaded = load(&inputs).expect("loads");
+        assert_eq!(loaded.config.database.url, "postgres://specific/db");
+    }
+
+    #[test]
+    fn print_redacts_passwords_and_shows_sources() {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("DATABASE_URL".into(), "postgres://u:hunter2@db/app".into());
+        let loaded = load(&inputs).expect("loads");
+        let text = loaded.config.render(&loaded.sources);
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("postgres://u:***@db/app"), "{text}");
+        assert!(text.contains("# env DATABASE_URL"), "{text}");
+        assert!(text.contains("pool_size = 10  # built-in default"), "{text}");
+    }
+
+    #[test]
+    fn concurrency_is_derived_from_the_pool_size() {
+        let mut config = Config::default();
+        assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 5, gitsync: 5 });
+        config.database.pool_size = 1;
+        assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 1, gitsync: 1 });
+        config.database.pool_size = 40;
+        config.prebuilds.concurrency = 3;
+        assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 3, gitsync: 10 });
+    }
+}
