@@ -1,7 +1,8 @@
 //! Typed configuration: built-in defaults < TOML file < environment < CLI flags.
 //!
 //! Every key can come from the environment as `WORKER__SECTION__KEY`; the conventional
-//! `DATABASE_URL`, `REDIS_URL`, `APP_ENV` and `OTEL_EXPORTER_OTLP_*` variables are honoured too.
+//! `DATABASE_URL`, `REDIS_URL`, `APP_ENV` and `OTEL_EXPORTER_OTLP_PROTOCOL` are honoured too (the
+//! OTLP endpoint variables are read by the exporter itself, see `telemetry`).
 //! Errors name the key, where its value came from (`file:line`, env var or flag) and what was
 //! expected, so an operator can fix a bad deploy from the log line alone.
 
@@ -27,8 +28,6 @@ const ENV_ALIASES: &[(&str, &str)] = &[
     ("DATABASE_URL", "database.url"),
     ("REDIS_URL", "redis.url"),
     ("APP_ENV", "app.env"),
-    ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "telemetry.otlp_endpoint"),
-    ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
     ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "telemetry.otlp_protocol"),
     ("OTEL_EXPORTER_OTLP_PROTOCOL", "telemetry.otlp_protocol"),
 ];
@@ -172,7 +171,8 @@ pub enum OtlpProtocol {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
-    /// OTLP endpoint; unset means no metrics are exported (and no errors are logged).
+    /// OTLP base endpoint (`http://collector:4318`, or `:4317` for grpc). Unset, and with no
+    /// `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` either, nothing is exported and nothing is logged.
     pub otlp_endpoint: Option<String>,
     pub otlp_protocol: OtlpProtocol,
     #[serde(with = "humantime_serde")]
@@ -460,7 +460,11 @@ impl Overrides {
         // Aliases first (reverse so the more specific alias, listed first, wins).
         for (var, key) in ENV_ALIASES.iter().rev() {
             if let Some(raw) = inputs.env.get(*var).filter(|v| !v.is_empty()) {
-                all.push(Override { key: (*key).into(), raw: raw.clone(), source: Source::Env((*var).into()) });
+                all.push(Override {
+                    key: (*key).into(),
+                    raw: raw.clone(),
+                    source: Source::Env((*var).into()),
+                });
             }
         }
         for (var, raw) in &inputs.env {
@@ -477,7 +481,9 @@ impl Overrides {
 }
 
 fn locate(key: &str, overrides: &Overrides, file: Option<&(PathBuf, String)>) -> Source {
-    if let Some(over) = overrides.0.iter().rev().find(|o| o.key == key || key.starts_with(&format!("{}.", o.key))) {
+    if let Some(over) =
+        overrides.0.iter().rev().find(|o| o.key == key || key.starts_with(&format!("{}.", o.key)))
+    {
         return over.source.clone();
     }
     if let Some((path, text)) = file
@@ -560,12 +566,27 @@ impl Config {
     fn validate(&self) -> Result<(), Violation> {
         let pos = |d: Duration| !d.is_zero();
         let db = &self.database;
-        check(url_scheme(&db.url, &["postgres", "postgresql"]), "database.url", redact_url(&db.url), "a postgres:// URL")?;
+        check(
+            url_scheme(&db.url, &["postgres", "postgresql"]),
+            "database.url",
+            redact_url(&db.url),
+            "a postgres:// URL",
+        )?;
         if let Some(url) = &db.listen_url {
-            check(url_scheme(url, &["postgres", "postgresql"]), "database.listen_url", redact_url(url), "a postgres:// URL")?;
+            check(
+                url_scheme(url, &["postgres", "postgresql"]),
+                "database.listen_url",
+                redact_url(url),
+                "a postgres:// URL",
+            )?;
         }
         if let Some(url) = &db.migrate_url {
-            check(url_scheme(url, &["postgres", "postgresql"]), "database.migrate_url", redact_url(url), "a postgres:// URL")?;
+            check(
+                url_scheme(url, &["postgres", "postgresql"]),
+                "database.migrate_url",
+                redact_url(url),
+                "a postgres:// URL",
+            )?;
         }
         check((1..=1000).contains(&db.pool_size), "database.pool_size", db.pool_size, "1..=1000")?;
         check(pos(db.statement_timeout), "database.statement_timeout", "0s", "a duration > 0")?;
@@ -583,12 +604,22 @@ impl Config {
         check(pos(self.telemetry.export_interval), "telemetry.export_interval", "0s", "a duration > 0")?;
         let rt = &self.runtime;
         check((0.0..=0.5).contains(&rt.jitter), "runtime.jitter", rt.jitter, "0.0..=0.5")?;
-        check((1..=10_000).contains(&rt.max_drain_ticks), "runtime.max_drain_ticks", rt.max_drain_ticks, "1..=10000")?;
+        check(
+            (1..=10_000).contains(&rt.max_drain_ticks),
+            "runtime.max_drain_ticks",
+            rt.max_drain_ticks,
+            "1..=10000",
+        )?;
         check(pos(rt.error_log_interval), "runtime.error_log_interval", "0s", "a duration > 0")?;
         let w = &self.workers;
         check(pos(w.interval), "workers.interval", "0s", "a duration > 0")?;
         check(pos(w.tick_timeout), "workers.tick_timeout", "0s", "a duration > 0")?;
-        check(w.retention > w.interval * 3, "workers.retention", humantime::format_duration(w.retention), "more than 3 × workers.interval")?;
+        check(
+            w.retention > w.interval * 3,
+            "workers.retention",
+            humantime::format_duration(w.retention),
+            "more than 3 × workers.interval",
+        )?;
         let o = &self.outbox;
         check(pos(o.interval), "outbox.interval", "0s", "a duration > 0")?;
         check(pos(o.tick_timeout), "outbox.tick_timeout", "0s", "a duration > 0")?;
@@ -601,13 +632,28 @@ impl Config {
         check((1..=10_000).contains(&o.batch_size), "outbox.batch_size", o.batch_size, "1..=10000")?;
         check((1..=1000).contains(&o.max_attempts), "outbox.max_attempts", o.max_attempts, "1..=1000")?;
         check(pos(o.backoff_base), "outbox.backoff_base", "0s", "a duration > 0")?;
-        check(o.backoff_max >= o.backoff_base, "outbox.backoff_max", humantime::format_duration(o.backoff_max), "at least outbox.backoff_base")?;
+        check(
+            o.backoff_max >= o.backoff_base,
+            "outbox.backoff_max",
+            humantime::format_duration(o.backoff_max),
+            "at least outbox.backoff_base",
+        )?;
         check(pos(o.probe_interval), "outbox.probe_interval", "0s", "a duration > 0")?;
         let c = &self.counters;
         check(pos(c.interval), "counters.interval", "0s", "a duration > 0")?;
         check(pos(c.tick_timeout), "counters.tick_timeout", "0s", "a duration > 0")?;
-        check((1..=1000).contains(&self.gitsync.concurrency), "gitsync.concurrency", self.gitsync.concurrency, "1..=1000")?;
-        check(self.prebuilds.concurrency <= 1000, "prebuilds.concurrency", self.prebuilds.concurrency, "0..=1000 (0 = from pool size)")?;
+        check(
+            (1..=1000).contains(&self.gitsync.concurrency),
+            "gitsync.concurrency",
+            self.gitsync.concurrency,
+            "1..=1000",
+        )?;
+        check(
+            self.prebuilds.concurrency <= 1000,
+            "prebuilds.concurrency",
+            self.prebuilds.concurrency,
+            "0..=1000 (0 = from pool size)",
+        )?;
         Ok(())
     }
 
@@ -744,7 +790,8 @@ mod tests {
 
     #[test]
     fn precedence_is_defaults_file_env_flags() {
-        let file = write("[database]\npool_size = 4\nstatement_timeout = \"7s\"\n[redis]\nprefix = \"file\"\n");
+        let file =
+            write("[database]\npool_size = 4\nstatement_timeout = \"7s\"\n[redis]\nprefix = \"file\"\n");
         let mut inputs = inputs(&file).flag("redis.prefix", "flag", "--set redis.prefix");
         inputs.env.insert("WORKER__DATABASE__POOL_SIZE".into(), "6".into());
         inputs.env.insert("WORKER__REDIS__PREFIX".into(), "env".into());

@@ -1,1 +1,29 @@
+//! `worker`: the control-plane daemon of the chat platform.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed configuration, layered defaults < TOML < env < flags, with errors that
+//!   name the key and where its value came from; concurrency sizing from the pool limit.
+//! - [`db`]: the pool, the pgbouncer-safe statement policy ([`db::Exec`]), tick transactions.
+//! - [`migrate`]: embedded refinery migrations, serialised across replicas.
+//! - [`runtime`]: the [`runtime::Loop`] trait and the one runner every loop plugs into.
+//! - [`listen`]: the shared LISTEN connection that wakes loops early.
+//! - [`controls`]: pause/resume of loops on every replica through `loop_controls`.
+//! - [`health`]: `/healthz` and `/readyz`.
+//! - [`telemetry`]: tracing and the OTLP meter provider.
+//! - [`workers`]: the `workers` loop, this process's lease row.
+//! - [`daemon`]: wiring for `worker run`: start everything, drain on the first signal.
+//!
+//! Adding a loop: implement [`runtime::Loop`] in its own module, add its config table to
+//! [`config::Config`], its name to [`controls::LOOP_NAMES`] and one `spawn` line in [`daemon`].
+
 pub mod config;
+pub mod controls;
+pub mod daemon;
+pub mod db;
+pub mod health;
+pub mod listen;
+pub mod migrate;
+pub mod runtime;
+pub mod telemetry;
+pub mod workers;

@@ -1,1 +1,181 @@
-fn main() {}
+//! The `worker` command line. `main` only parses, loads config and dispatches.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use worker::config::{self, ConfigInputs, Loaded};
+use worker::db::Db;
+use worker::{controls, daemon, migrate, telemetry};
+
+#[derive(Parser, Debug)]
+#[command(name = "worker", version, about = "Control-plane daemon of the chat platform")]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args, Debug)]
+struct GlobalArgs {
+    /// Config file (default: $WORKER_CONFIG, else config/worker.toml when it exists).
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+    /// Override any key, e.g. `--set outbox.batch_size=100` (highest precedence; repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
+    set: Vec<String>,
+    /// Shorthand for `--set database.url=…`.
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// Shorthand for `--set log.level=…`.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Validate or show the effective configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Pause, resume or list loops on every replica.
+    #[command(subcommand, name = "loop")]
+    Loop(LoopCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Exit 0 if the configuration is valid, else print why and exit 1.
+    Check,
+    /// Print the effective configuration (secrets redacted) with the source of every value.
+    Print,
+}
+
+#[derive(Subcommand, Debug)]
+enum LoopCommand {
+    /// Stop a loop from ticking on every replica (takes effect at its next tick).
+    Pause {
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Let a paused loop tick again.
+    Resume { name: String },
+    /// Show paused/resumed loops.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match load_config(&cli.global) {
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+        Ok(loaded) => match execute(cli.command.unwrap_or(Command::Run), loaded) {
+            Ok(code) => ExitCode::from(code),
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn load_config(global: &GlobalArgs) -> anyhow::Result<Loaded> {
+    let mut inputs = ConfigInputs::from_process(global.config.clone());
+    for assignment in &global.set {
+        let (key, value) = assignment.split_once('=').with_context(|| {
+            format!("--set `{assignment}`: expected KEY=VALUE, e.g. outbox.batch_size=100")
+        })?;
+        inputs = inputs.flag(key.trim(), value.trim(), &format!("--set {}", key.trim()));
+    }
+    if let Some(url) = &global.database_url {
+        inputs = inputs.flag("database.url", url, "--database-url");
+    }
+    if let Some(level) = &global.log_level {
+        inputs = inputs.flag("log.level", level, "--log-level");
+    }
+    Ok(config::load(&inputs)?)
+}
+
+fn execute(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
+    match command {
+        Command::Config(ConfigCommand::Check) => {
+            println!("config ok");
+            Ok(0)
+        }
+        Command::Config(ConfigCommand::Print) => {
+            print!("{}", loaded.config.render(&loaded.sources));
+            Ok(0)
+        }
+        other => {
+            telemetry::init_tracing(&loaded.config.log)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(execute_async(other, loaded))
+        }
+    }
+}
+
+async fn execute_async(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
+    let config = loaded.config;
+    match command {
+        Command::Run => {
+            let env = std::env::vars().collect();
+            let code = daemon::run(config, env).await?;
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Migrate => {
+            let applied = migrate::run(config.database.migrate_url()).await?;
+            if applied.is_empty() {
+                println!("migrations up to date");
+            }
+            for name in applied {
+                println!("applied {name}");
+            }
+            Ok(0)
+        }
+        Command::Loop(command) => {
+            let db = Db::new(&config.database)?;
+            let who = format!(
+                "cli@{}",
+                hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
+            );
+            match command {
+                LoopCommand::Pause { name, reason } => {
+                    controls::set_paused(&db, &name, true, reason.as_deref(), &who).await?;
+                    println!("paused {name} on every replica (effective at its next tick)");
+                }
+                LoopCommand::Resume { name } => {
+                    controls::set_paused(&db, &name, false, None, &who).await?;
+                    println!("resumed {name}");
+                }
+                LoopCommand::List { json } => {
+                    let list = controls::list(&db).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&list)?);
+                    } else {
+                        println!("{:<16} {:<7} {:<22} {:<20} REASON", "LOOP", "PAUSED", "UPDATED", "BY");
+                        for c in list {
+                            println!(
+                                "{:<16} {:<7} {:<22} {:<20} {}",
+                                c.loop_name, c.paused, c.updated_at, c.updated_by, c.reason
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Command::Config(_) => unreachable!("handled before the runtime starts"),
+    }
+}

@@ -1,0 +1,69 @@
+//! Operator controls over loops on every replica (`worker loop pause|resume|list`).
+//!
+//! The runner reads `loop_controls` at each tick, so a pause takes effect on every replica
+//! within one interval, with no restart and no signal to deliver.
+
+use tokio_postgres::types::Type;
+
+use crate::db::{Db, DbError, Exec};
+
+/// Every loop name this binary knows, for validating operator input.
+pub const LOOP_NAMES: &[&str] = &[crate::workers::NAME];
+
+const SET_PAUSED: &str = "INSERT INTO loop_controls (loop_name, paused, reason, updated_by) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (loop_name) DO UPDATE \
+     SET paused = EXCLUDED.paused, reason = EXCLUDED.reason, updated_by = EXCLUDED.updated_by, updated_at = now()";
+const LIST: &str = "SELECT loop_name, paused, coalesce(reason, ''), coalesce(updated_by, ''), \
+     to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM loop_controls ORDER BY loop_name";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("unknown loop `{name}`; known loops: {}", LOOP_NAMES.join(", "))]
+    UnknownLoop { name: String },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoopControl {
+    pub loop_name: String,
+    pub paused: bool,
+    pub reason: String,
+    pub updated_by: String,
+    pub updated_at: String,
+}
+
+pub async fn set_paused(
+    db: &Db,
+    name: &str,
+    paused: bool,
+    reason: Option<&str>,
+    who: &str,
+) -> Result<(), ControlError> {
+    if !LOOP_NAMES.contains(&name) {
+        return Err(ControlError::UnknownLoop { name: name.to_owned() });
+    }
+    let conn = db.get().await?;
+    conn.exec(
+        SET_PAUSED,
+        &[(&name, Type::TEXT), (&paused, Type::BOOL), (&reason, Type::TEXT), (&who, Type::TEXT)],
+    )
+    .await
+    .map_err(DbError::from)?;
+    Ok(())
+}
+
+pub async fn list(db: &Db) -> Result<Vec<LoopControl>, DbError> {
+    let conn = db.get().await?;
+    let rows = conn.fetch_all(LIST, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| LoopControl {
+            loop_name: r.get(0),
+            paused: r.get(1),
+            reason: r.get(2),
+            updated_by: r.get(3),
+            updated_at: r.get(4),
+        })
+        .collect())
+}

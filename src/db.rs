@@ -1,0 +1,194 @@
+//! PostgreSQL access: the pool, the statement policy and the tick transaction helper.
+//!
+//! Statement policy (SPEC §5): every statement goes through [`Exec`], which only uses
+//! tokio-postgres's `*_typed` family. Those send an unnamed Parse/Bind/Execute in one round trip
+//! with the parameter types given by the caller, so no named prepared statement ever exists and
+//! pgbouncer in transaction mode can route each transaction to any server connection. The
+//! inherent `query`/`execute`/`prepare` methods are never called (a test greps for them).
+//! Parameters and result columns must be built-in types: a Postgres enum or domain would make
+//! tokio-postgres look the type up with a named statement, so status columns are `text` + CHECK.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{NoTls, Row};
+
+use crate::config::DatabaseConfig;
+
+pub use deadpool_postgres::{Object as Conn, Transaction};
+
+/// One typed parameter: a value and its Postgres type.
+pub type Param<'a> = (&'a (dyn ToSql + Sync), Type);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database url: {0}")]
+    Url(String),
+    #[error("no database connection within the acquire timeout: {0}")]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+impl DbError {
+    /// The SQLSTATE, when the server sent one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            DbError::Postgres(e) => e.code().map(|c| c.code()),
+            DbError::Pool(PoolError::Backend(e)) => e.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+}
+
+/// The shared connection pool of all loops.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    statement_timeout: Duration,
+}
+
+impl Db {
+    /// Builds the pool; connections are opened lazily, so this does not touch the network.
+    pub fn new(config: &DatabaseConfig) -> Result<Self, DbError> {
+        let mut pg: tokio_postgres::Config =
+            config.url.parse().map_err(|e: tokio_postgres::Error| DbError::Url(e.to_string()))?;
+        pg.connect_timeout(config.connect_timeout);
+        if pg.get_application_name().is_none() {
+            pg.application_name("worker");
+        }
+        let manager =
+            Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .wait_timeout(Some(config.acquire_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| DbError::Url(e.to_string()))?;
+        Ok(Self { pool, statement_timeout: config.statement_timeout })
+    }
+
+    pub async fn get(&self) -> Result<Conn, DbError> {
+        Ok(self.pool.get().await?)
+    }
+
+    pub fn statement_timeout(&self) -> Duration {
+        self.statement_timeout
+    }
+
+    pub fn status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
+    }
+
+    /// `SELECT 1`, for readiness.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        let conn = self.get().await?;
+        conn.fetch_one("SELECT 1::int4", &[]).await?;
+        Ok(())
+    }
+}
+
+/// Begins a transaction whose statements are bounded by `statement_timeout` (`SET LOCAL`, so
+/// nothing leaks to the next user of a pgbouncer server connection). A transaction dropped
+/// without commit is rolled back by tokio-postgres before the connection is reused.
+pub async fn begin(conn: &mut Conn, statement_timeout: Duration) -> Result<Transaction<'_>, DbError> {
+    let tx = conn.transaction().await?;
+    set_local_statement_timeout(&tx, statement_timeout).await?;
+    Ok(tx)
+}
+
+/// Like [`begin`], REPEATABLE READ and read-only: one consistent snapshot for a whole tick.
+pub async fn begin_snapshot(
+    conn: &mut Conn,
+    statement_timeout: Duration,
+) -> Result<Transaction<'_>, DbError> {
+    let tx = conn
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    set_local_statement_timeout(&tx, statement_timeout).await?;
+    Ok(tx)
+}
+
+async fn set_local_statement_timeout(tx: &Transaction<'_>, timeout: Duration) -> Result<(), DbError> {
+    // A plain integer (milliseconds) cannot carry SQL, so formatting it into the text is safe.
+    let millis = timeout.as_millis().max(1);
+    tx.batch_execute(&format!("SET LOCAL statement_timeout = {millis}")).await?;
+    Ok(())
+}
+
+/// `pg_try_advisory_xact_lock(key)` inside `tx`: held until the transaction ends, never a
+/// session lock (which pgbouncer's transaction mode would leak to another client).
+pub async fn try_xact_lock(tx: &Transaction<'_>, key: i64) -> Result<bool, DbError> {
+    const SQL: &str = "SELECT pg_try_advisory_xact_lock($1)";
+    let row = tx.fetch_one(SQL, &[(&key, Type::INT8)]).await?;
+    Ok(row.get(0))
+}
+
+/// The only way this crate runs a statement. Method names differ from tokio-postgres's inherent
+/// `query`/`execute` on purpose: an inherent method would win method resolution silently.
+pub trait Exec: Sync {
+    fn fetch_all(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send;
+
+    fn fetch_one(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send;
+
+    fn fetch_opt(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send;
+
+    /// Runs a statement and returns the number of rows it affected.
+    fn exec(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send;
+}
+
+macro_rules! impl_exec {
+    ($($ty:ty),*) => {$(
+        impl Exec for $ty {
+            async fn fetch_all(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, tokio_postgres::Error> {
+                self.query_typed(sql, params).await
+            }
+            async fn fetch_one(&self, sql: &str, params: &[Param<'_>]) -> Result<Row, tokio_postgres::Error> {
+                self.query_typed_one(sql, params).await
+            }
+            async fn fetch_opt(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<Row>, tokio_postgres::Error> {
+                self.query_typed_opt(sql, params).await
+            }
+            async fn exec(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, tokio_postgres::Error> {
+                self.execute_typed(sql, params).await
+            }
+        }
+    )*};
+}
+
+impl_exec!(tokio_postgres::Client, tokio_postgres::Transaction<'_>, Conn, Transaction<'_>);
+
+/// Opens one direct (unpooled) connection, driving it on a background task.
+pub async fn connect_direct(url: &str, application_name: &str) -> Result<tokio_postgres::Client, DbError> {
+    let mut pg: tokio_postgres::Config =
+        url.parse().map_err(|e: tokio_postgres::Error| DbError::Url(e.to_string()))?;
+    pg.application_name(application_name);
+    let (client, connection) = pg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "direct connection closed");
+        }
+    });
+    Ok(client)
+}

@@ -1,0 +1,233 @@
+//! `/healthz` (the process runs) and `/readyz` (the database answers and every enabled loop
+//! completed a tick recently), with a JSON body that says what each loop is doing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::Db;
+use crate::runtime::{Outcome, Schedule};
+
+/// How long `/readyz` waits for `SELECT 1`.
+const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+struct LoopStatus {
+    interval: Duration,
+    tick_timeout: Duration,
+    staleness_limit: Duration,
+    concurrency: Option<usize>,
+    leader_only: bool,
+    ticks: u64,
+    last_outcome: Option<Outcome>,
+    last_completed: Option<Instant>,
+    last_success_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    last_error_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Default)]
+struct State_ {
+    loops: BTreeMap<&'static str, LoopStatus>,
+    listener_connected: bool,
+    draining: bool,
+    info: BTreeMap<&'static str, serde_json::Value>,
+}
+
+/// Health state shared by the runners (writers) and the HTTP handlers (readers).
+#[derive(Clone, Default)]
+pub struct Health {
+    state: Arc<Mutex<State_>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoopReport {
+    pub name: &'static str,
+    pub ready: bool,
+    pub paused: bool,
+    pub leader_only: bool,
+    pub ticks: u64,
+    pub last_outcome: Option<Outcome>,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    pub interval_ms: u64,
+    pub tick_timeout_ms: u64,
+    pub concurrency: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub database: String,
+    pub listener_connected: bool,
+    pub draining: bool,
+    pub loops: Vec<LoopReport>,
+    #[serde(flatten)]
+    pub info: BTreeMap<&'static str, serde_json::Value>,
+}
+
+impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State_> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn register(&self, name: &'static str, schedule: &Schedule) {
+        self.lock().loops.insert(
+            name,
+            LoopStatus {
+                interval: schedule.interval,
+                tick_timeout: schedule.tick_timeout,
+                staleness_limit: schedule.staleness_limit(),
+                concurrency: schedule.concurrency,
+                leader_only: schedule.leader_key.is_some(),
+                ticks: 0,
+                last_outcome: None,
+                last_completed: None,
+                last_success_at: None,
+                last_error: None,
+                last_error_at: None,
+            },
+        );
+    }
+
+    pub fn record(&self, name: &'static str, outcome: Outcome, error: Option<&str>) {
+        let mut state = self.lock();
+        let Some(status) = state.loops.get_mut(name) else { return };
+        status.ticks += 1;
+        status.last_outcome = Some(outcome);
+        if outcome.completed() {
+            status.last_completed = Some(Instant::now());
+        }
+        if outcome == Outcome::Ok {
+            status.last_success_at = Some(Utc::now());
+        }
+        if let Some(error) = error {
+            status.last_error = Some(error.to_owned());
+            status.last_error_at = Some(Utc::now());
+        }
+    }
+
+    pub fn set_listener_connected(&self, connected: bool) {
+        self.lock().listener_connected = connected;
+    }
+
+    pub fn set_draining(&self) {
+        self.lock().draining = true;
+    }
+
+    /// Static facts shown on /readyz (worker id, version, effective concurrency, …).
+    pub fn set_info(&self, key: &'static str, value: serde_json::Value) {
+        self.lock().info.insert(key, value);
+    }
+
+    /// Readiness given whether the database answered (`Err` = why not).
+    pub fn readiness(&self, database: Result<(), String>) -> Readiness {
+        let state = self.lock();
+        let now = Instant::now();
+        let loops: Vec<LoopReport> = state
+            .loops
+            .iter()
+            .map(|(name, s)| LoopReport {
+                name,
+                ready: s.last_completed.is_some_and(|at| now.duration_since(at) <= s.staleness_limit),
+                paused: s.last_outcome == Some(Outcome::Paused),
+                leader_only: s.leader_only,
+                ticks: s.ticks,
+                last_outcome: s.last_outcome,
+                last_success_at: s.last_success_at,
+                last_error: s.last_error.clone(),
+                last_error_at: s.last_error_at,
+                interval_ms: s.interval.as_millis() as u64,
+                tick_timeout_ms: s.tick_timeout.as_millis() as u64,
+                concurrency: s.concurrency,
+            })
+            .collect();
+        let ready = database.is_ok() && !state.draining && loops.iter().all(|l| l.ready);
+        Readiness {
+            ready,
+            database: database.err().unwrap_or_else(|| "ok".to_owned()),
+            listener_connected: state.listener_connected,
+            draining: state.draining,
+            loops,
+            info: state.info.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Health,
+    db: Db,
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let database = match tokio::time::timeout(DB_PING_TIMEOUT, app.db.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {DB_PING_TIMEOUT:?}")),
+    };
+    let readiness = app.health.readiness(database);
+    let status = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(readiness))
+}
+
+/// Binds `listen` and serves until `shutdown`. Binding errors are returned at once so a port
+/// conflict fails start-up instead of leaving a daemon nobody can probe.
+pub async fn serve(
+    listen: SocketAddr,
+    health: Health,
+    db: Db,
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let local = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { health, db });
+    tracing::info!(addr = %local, "health endpoint listening");
+    Ok(tokio::spawn(async move {
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+        if let Err(error) = server.await {
+            tracing::error!(%error, "health endpoint failed");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_is_ready_only_after_a_completed_tick() {
+        let health = Health::default();
+        health.register("a", &Schedule::every(Duration::from_secs(10), Duration::from_secs(5)));
+        assert!(!health.readiness(Ok(())).ready);
+        health.record("a", Outcome::Error, Some("boom"));
+        let r = health.readiness(Ok(()));
+        assert!(!r.ready);
+        assert_eq!(r.loops[0].last_error.as_deref(), Some("boom"));
+        health.record("a", Outcome::SkippedNotLeader, None);
+        assert!(health.readiness(Ok(())).ready);
+        assert!(!health.readiness(Err("down".into())).ready, "database down is not ready");
+        health.record("a", Outcome::Paused, None);
+        let r = health.readiness(Ok(()));
+        assert!(r.ready && r.loops[0].paused);
+        health.set_draining();
+        assert!(!health.readiness(Ok(())).ready, "draining is not ready");
+    }
+}

@@ -1,0 +1,189 @@
+//! Logs (tracing, pretty or JSON) and metrics (OTLP over gRPC or HTTP/protobuf).
+//!
+//! With no endpoint configured (neither `telemetry.otlp_endpoint` nor the standard
+//! `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`), the meter provider has no reader: instruments
+//! still work, nothing is exported and nothing is logged.
+
+use std::collections::BTreeMap;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry_otlp::{MetricExporter, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{LogConfig, LogFormat, OtlpProtocol, TelemetryConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid log filter `{filter}`: {error}")]
+    Filter { filter: String, error: String },
+    #[error("cannot build the OTLP metric exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG` wins over `log.level`.
+pub fn init_tracing(config: &LogConfig) -> Result<(), TelemetryError> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(value) if !value.is_empty() => value,
+        _ => config.level.clone(),
+    };
+    let env_filter = EnvFilter::try_new(&filter)
+        .map_err(|e| TelemetryError::Filter { filter: filter.clone(), error: e.to_string() })?;
+    let registry = tracing_subscriber::registry().with(env_filter);
+    // A second init (tests) is harmless: keep the first subscriber.
+    let _ = match config.format {
+        LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer().with_target(false)).try_init(),
+        LogFormat::Json => {
+            registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).try_init()
+        }
+    };
+    Ok(())
+}
+
+/// Facts about this process that go into the metrics resource.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub worker_id: uuid::Uuid,
+    pub environment: String,
+}
+
+/// The meter provider; [`Metrics::shutdown`] flushes what is buffered.
+pub struct Metrics {
+    provider: SdkMeterProvider,
+    exporting: bool,
+}
+
+impl Metrics {
+    /// Builds the provider. `env` is the process environment (passed in for tests).
+    pub fn init(
+        config: &TelemetryConfig,
+        identity: &Identity,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, TelemetryError> {
+        let resource = resource(config, identity, env);
+        let env_endpoint = ["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+            .iter()
+            .any(|k| env.get(*k).is_some_and(|v| !v.is_empty()));
+        let endpoint = config.otlp_endpoint.as_deref().filter(|e| !e.is_empty());
+        if endpoint.is_none() && !env_endpoint {
+            let provider = SdkMeterProvider::builder().with_resource(resource).build();
+            return Ok(Self { provider, exporting: false });
+        }
+        let exporter = match config.otlp_protocol {
+            OtlpProtocol::Grpc => {
+                let builder = MetricExporter::builder().with_tonic();
+                match endpoint {
+                    Some(e) => builder.with_endpoint(e).build()?,
+                    None => builder.build()?,
+                }
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let builder = MetricExporter::builder().with_http();
+                match endpoint {
+                    Some(e) => builder.with_endpoint(http_metrics_url(e)).build()?,
+                    None => builder.build()?,
+                }
+            }
+        };
+        let reader = PeriodicReader::builder(exporter).with_interval(config.export_interval).build();
+        let provider = SdkMeterProvider::builder().with_resource(resource).with_reader(reader).build();
+        tracing::info!(
+            endpoint = endpoint.unwrap_or("(from OTEL_EXPORTER_OTLP_* env)"),
+            protocol = ?config.otlp_protocol,
+            interval_ms = config.export_interval.as_millis() as u64,
+            "exporting metrics over OTLP"
+        );
+        Ok(Self { provider, exporting: true })
+    }
+
+    pub fn meter(&self) -> Meter {
+        self.provider.meter("worker")
+    }
+
+    pub fn exporting(&self) -> bool {
+        self.exporting
+    }
+
+    /// Exports what is buffered now (tests, and the last export at shutdown).
+    pub async fn flush(&self) {
+        let provider = self.provider.clone();
+        let _ = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+    }
+
+    /// Flushes and stops the exporter. The SDK's shutdown blocks, so it runs off the runtime.
+    pub async fn shutdown(self) {
+        let provider = self.provider;
+        match tokio::task::spawn_blocking(move || provider.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) if self.exporting => tracing::warn!(%error, "metrics shutdown failed"),
+            _ => {}
+        }
+    }
+}
+
+/// The configured base endpoint gets the standard `/v1/metrics` path unless it has a path.
+fn http_metrics_url(endpoint: &str) -> String {
+    let trimmed = endpoint.trim_end_matches('/');
+    match url::Url::parse(trimmed) {
+        Ok(url) if url.path() == "/" || url.path().is_empty() => format!("{trimmed}/v1/metrics"),
+        _ => trimmed.to_owned(),
+    }
+}
+
+fn resource(config: &TelemetryConfig, identity: &Identity, env: &BTreeMap<String, String>) -> Resource {
+    let mut builder = Resource::builder();
+    // with_service_name overrides OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES: only default it.
+    let named_by_env = env.get("OTEL_SERVICE_NAME").is_some_and(|v| !v.is_empty())
+        || env.get("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|v| v.contains("service.name="));
+    if !named_by_env {
+        builder = builder.with_service_name(config.service_name.clone());
+    }
+    let mut attributes = vec![
+        KeyValue::new("service.instance.id", identity.worker_id.to_string()),
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("deployment.environment.name", identity.environment.clone()),
+    ];
+    for (var, key) in [("FLY_APP_NAME", "fly.app.name"), ("FLY_MACHINE_ID", "fly.machine.id")] {
+        if let Some(value) = env.get(var).filter(|v| !v.is_empty()) {
+            attributes.push(KeyValue::new(key, value.clone()));
+        }
+    }
+    builder.with_attributes(attributes).build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_endpoint_gets_the_metrics_path_only_when_it_has_none() {
+        assert_eq!(http_metrics_url("http://c:4318"), "http://c:4318/v1/metrics");
+        assert_eq!(http_metrics_url("http://c:4318/"), "http://c:4318/v1/metrics");
+        assert_eq!(http_metrics_url("http://c:4318/custom"), "http://c:4318/custom");
+    }
+
+    fn attr(resource: &Resource, key: &'static str) -> Option<String> {
+        resource.get(&opentelemetry::Key::from_static_str(key)).map(|v| v.to_string())
+    }
+
+    #[test]
+    fn resource_names_the_service_and_instance_but_lets_env_override_the_name() {
+        let identity = Identity { worker_id: uuid::Uuid::nil(), environment: "test".into() };
+        let mut env = BTreeMap::new();
+        env.insert("FLY_APP_NAME".to_owned(), "app".to_owned());
+        let r = resource(&TelemetryConfig::default(), &identity, &env);
+        assert_eq!(attr(&r, "service.instance.id").as_deref(), Some(uuid::Uuid::nil().to_string().as_str()));
+        assert_eq!(attr(&r, "deployment.environment.name").as_deref(), Some("test"));
+        assert_eq!(attr(&r, "fly.app.name").as_deref(), Some("app"));
+        assert!(attr(&r, "fly.machine.id").is_none());
+        assert_eq!(attr(&r, "service.name").as_deref(), Some("worker"));
+        // Named by the environment: our default must not be applied (the SDK reads the name).
+        env.insert("OTEL_SERVICE_NAME".to_owned(), "from-env".to_owned());
+        let r = resource(&TelemetryConfig::default(), &identity, &env);
+        assert_ne!(attr(&r, "service.name").as_deref(), Some("worker"));
+    }
+}
