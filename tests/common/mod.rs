@@ -3,6 +3,7 @@
 //! that wait on conditions with a deadline instead of sleeping.
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
+pub mod metrics;
 pub mod pgbouncer;
 
 use std::collections::hash_map::DefaultHasher;
