@@ -1,0 +1,109 @@
+//! Metrics reach an OTLP/HTTP collector: an in-test receiver decodes the protobuf export and
+//! finds `worker.loop.ticks` for the `workers` loop with the service resource attributes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::routing::post;
+use common::TestDb;
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::metric;
+use prost::Message;
+use tokio::sync::mpsc;
+use worker::config::{OtlpProtocol, TelemetryConfig};
+use worker::health::Health;
+use worker::runtime::{Outcome, Runtime};
+use worker::telemetry::{Identity, Metrics};
+use worker::workers::{WorkerIdentity, WorkerLease};
+
+/// Starts a receiver for `POST /v1/metrics`; returns its base URL and the decoded requests.
+async fn otlp_http_receiver() -> (String, mpsc::UnboundedReceiver<ExportMetricsServiceRequest>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/v1/metrics",
+        post(move |body: Bytes| {
+            let tx = tx.clone();
+            async move {
+                let request = ExportMetricsServiceRequest::decode(body).expect("valid OTLP protobuf");
+                let _ = tx.send(request);
+                ExportMetricsServiceResponse::default().encode_to_vec()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    (format!("http://{addr}"), rx)
+}
+
+fn string_value(value: &Option<AnyValue>) -> Option<&str> {
+    match value.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| string_value(&kv.value))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loop_ticks_are_exported_over_otlp_http_with_service_identity() {
+    let test_db = TestDb::new().await;
+    let (endpoint, mut requests) = otlp_http_receiver().await;
+    let config = TelemetryConfig {
+        otlp_endpoint: Some(endpoint),
+        otlp_protocol: OtlpProtocol::HttpProtobuf,
+        export_interval: Duration::from_secs(3600),
+        service_name: "worker".into(),
+    };
+    let me = WorkerIdentity::new();
+    let identity = Identity { worker_id: me.id, environment: "test".into() };
+    let metrics = Metrics::init(&config, &identity, &BTreeMap::new()).expect("metrics");
+    assert!(metrics.exporting());
+
+    let rt = Runtime::new(test_db.db.clone(), Health::default(), &metrics.meter(), Default::default());
+    let lease = WorkerLease::new(test_db.db.clone(), me.clone(), Default::default());
+    let mut runner = rt.runner(lease);
+    assert_eq!(runner.tick_once().await.outcome, Outcome::Ok);
+    metrics.flush().await;
+
+    let request = tokio::time::timeout(Duration::from_secs(15), requests.recv())
+        .await
+        .expect("an export within 15s")
+        .expect("receiver open");
+    let resource_metrics = &request.resource_metrics[0];
+    let resource = resource_metrics.resource.as_ref().expect("resource");
+    let worker_id = me.id.to_string();
+    assert_eq!(attr(&resource.attributes, "service.name"), Some("worker"));
+    assert_eq!(attr(&resource.attributes, "service.instance.id"), Some(worker_id.as_str()));
+    assert_eq!(attr(&resource.attributes, "deployment.environment.name"), Some("test"));
+
+    let ticks = resource_metrics
+        .scope_metrics
+        .iter()
+        .flat_map(|s| &s.metrics)
+        .find(|m| m.name == "worker.loop.ticks")
+        .expect("worker.loop.ticks exported");
+    let Some(metric::Data::Sum(sum)) = &ticks.data else { panic!("worker.loop.ticks is a sum: {ticks:?}") };
+    let point = sum
+        .data_points
+        .iter()
+        .find(|p| attr(&p.attributes, "loop") == Some("workers") && attr(&p.attributes, "outcome") == Some("ok"))
+        .expect("a data point for loop=workers outcome=ok");
+    assert_eq!(point.value, Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(1)));
+    metrics.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_an_endpoint_nothing_is_exported() {
+    let identity = Identity { worker_id: uuid::Uuid::new_v4(), environment: "test".into() };
+    let metrics = Metrics::init(&TelemetryConfig::default(), &identity, &BTreeMap::new()).expect("metrics");
+    assert!(!metrics.exporting());
+    metrics.meter().u64_counter("x").build().add(1, &[]);
+    metrics.shutdown().await;
+}
