@@ -104,6 +104,16 @@ impl TestDb {
         Self { name, url, db }
     }
 
+    /// An empty database with no schema (for testing migrations themselves).
+    pub async fn empty() -> Self {
+        let name = format!("worker_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = worker::db::connect_direct(&admin_url(), "worker-tests").await.expect("admin connection");
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create empty database");
+        let url = url_for(&name);
+        let db = Db::new(&Self::database_config_for(&url, 4)).expect("pool");
+        Self { name, url, db }
+    }
+
     pub fn database_config_for(url: &str, pool_size: usize) -> DatabaseConfig {
         DatabaseConfig { url: url.to_owned(), pool_size, ..DatabaseConfig::default() }
     }

@@ -1,0 +1,212 @@
+//! End to end: the real binary, started the way production starts it (`scripts/start.sh`),
+//! checked through the database, `/readyz`, the CLI and its exit status.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestDb, eventually};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio_postgres::types::Type;
+use worker::db::Exec;
+
+const BIN: &str = env!("CARGO_BIN_EXE_worker");
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A config file for one test: its database, a private Redis prefix and health port.
+fn write_config(dir: &Path, database_url: &str, health_port: u16, shutdown_timeout: &str) -> PathBuf {
+    let path = dir.join("worker.toml");
+    let text = format!(
+        "[app]\nenv = \"test\"\nshutdown_timeout = \"{shutdown_timeout}\"\n\n[log]\nformat = \"json\"\n\n\
+         [database]\nurl = \"{database_url}\"\npool_size = 4\n\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\n\n\
+         [health]\nlisten = \"127.0.0.1:{health_port}\"\n\n[workers]\ninterval = \"200ms\"\nretention = \"1h\"\n",
+        common::redis_url(),
+        common::unique_prefix(),
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Environment variables that would override a test's config file.
+fn inherited_overrides() -> Vec<String> {
+    std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            k.starts_with("WORKER")
+                || k.starts_with("OTEL_")
+                || ["DATABASE_URL", "REDIS_URL", "APP_ENV"].contains(&k.as_str())
+        })
+        .collect()
+}
+
+/// Runs `worker ARGS` to completion with only `env` as configuration from the environment.
+fn worker(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(BIN);
+    command.args(args).current_dir(repo_path(""));
+    for key in inherited_overrides() {
+        command.env_remove(key);
+    }
+    command.envs(env.iter().copied()).output().expect("run worker")
+}
+
+async fn readyz(port: u16) -> Option<(u16, serde_json::Value)> {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_migrates_a_fresh_database_becomes_ready_and_drains_on_sigterm() {
+    let test_db = TestDb::empty().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let config = write_config(dir.path(), &test_db.url, port, "10s");
+    let config_arg = config.to_str().expect("utf-8 path");
+
+    let started = Instant::now();
+    let mut command = tokio::process::Command::new("bash");
+    for key in inherited_overrides() {
+        command.env_remove(key);
+    }
+    let mut child = command
+        .arg(repo_path("scripts/start.sh"))
+        .args([BIN, "run", "--config", config_arg])
+        .current_dir(repo_path(""))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start.sh");
+
+    eventually(Duration::from_secs(5), "/readyz to answer 200", || async {
+        matches!(readyz(port).await, Some((200, _)))
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5), "ready after {:?}", started.elapsed());
+    let (_, body) = readyz(port).await.expect("readyz");
+    let worker_id = body["worker_id"].as_str().expect("worker_id on /readyz").to_owned();
+    assert!(body["loops"].as_array().expect("loops").iter().any(|l| l["name"] == "workers"), "{body}");
+
+    let conn = test_db.db.get().await.expect("conn");
+    let id = uuid::Uuid::parse_str(&worker_id).expect("uuid");
+    let row = conn
+        .fetch_opt("SELECT hostname FROM workers WHERE id = $1", &[(&id, Type::UUID)])
+        .await
+        .expect("query workers");
+    assert!(row.is_some(), "the worker registered its row");
+
+    // Pause through the CLI: every replica sees it at the next tick and /readyz says so.
+    let db_flag = ["--database-url", test_db.url.as_str()];
+    let out = worker(&[&["loop", "pause", "workers", "--reason", "e2e"][..], &db_flag].concat(), &[]);
+    assert!(out.status.success(), "pause: {}", String::from_utf8_lossy(&out.stderr));
+    let out = worker(&[&["loop", "pause", "nonsense"][..], &db_flag].concat(), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown loop `nonsense`"));
+    eventually(Duration::from_secs(5), "the workers loop to show paused", || async {
+        readyz(port).await.is_some_and(|(_, b)| {
+            b["loops"]
+                .as_array()
+                .is_some_and(|ls| ls.iter().any(|l| l["name"] == "workers" && l["paused"] == true))
+        })
+    })
+    .await;
+    let out = worker(&[&["loop", "resume", "workers"][..], &db_flag].concat(), &[]);
+    assert!(out.status.success());
+
+    // SIGTERM to start.sh (as a container runtime sends it): it forwards and waits for the drain.
+    let pid = Pid::from_raw(child.id().expect("pid") as i32);
+    let signalled = Instant::now();
+    kill(pid, Signal::SIGTERM).expect("signal start.sh");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exited within the 10s shutdown timeout")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "graceful exit after {:?}", signalled.elapsed());
+    let left = conn
+        .fetch_one("SELECT count(*)::int8 FROM workers WHERE id = $1", &[(&id, Type::UUID)])
+        .await
+        .expect("count")
+        .get::<_, i64>(0);
+    assert_eq!(left, 0, "a graceful stop removes this worker's row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_migrations_at_once_all_succeed() {
+    let test_db = TestDb::empty().await;
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new(BIN)
+                .args(["migrate", "--database-url", &test_db.url])
+                .current_dir(repo_path(""))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn migrate")
+        })
+        .collect();
+    for run in runs {
+        let out = run.wait_with_output().expect("migrate");
+        assert!(out.status.success(), "migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let conn = test_db.db.get().await.expect("conn");
+    let rows = conn
+        .fetch_all("SELECT version, count(*)::int8 FROM refinery_schema_history GROUP BY version", &[])
+        .await
+        .expect("history");
+    let migrations = std::fs::read_dir(repo_path("migrations")).expect("dir").count();
+    assert_eq!(rows.len(), migrations, "every migration recorded");
+    assert!(rows.iter().all(|r| r.get::<_, i64>(1) == 1), "a migration applied twice");
+}
+
+#[test]
+fn config_check_exits_1_naming_the_key_and_source_and_0_on_the_shipped_config() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.to_str().expect("utf-8").to_owned()
+    };
+    let syntax = file("syntax.toml", "[database]\npool_size = = 3\n");
+    let unknown = file("unknown.toml", "[outbox]\nbatch_sise = 3\n");
+    let range = file("range.toml", "[database]\n\npool_size = 0\n");
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, Vec<String>)> = vec![
+        (vec!["config", "check", "--config", &syntax], vec![], vec![format!("{syntax}:2")]),
+        (
+            vec!["config", "check", "--config", &unknown],
+            vec![],
+            vec!["outbox.batch_sise".into(), format!("{unknown}:2")],
+        ),
+        (
+            vec!["config", "check", "--config", &range],
+            vec![],
+            vec!["database.pool_size".into(), format!("{range}:3")],
+        ),
+        (
+            vec!["config", "check", "--config", "config/worker.toml"],
+            vec![("WORKER__OUTBOX__MAX_ATTEMPTS", "many")],
+            vec!["outbox.max_attempts".into(), "env WORKER__OUTBOX__MAX_ATTEMPTS".into()],
+        ),
+    ];
+    for (args, env, expected) in cases {
+        let out = worker(&args, &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?} should fail: {stderr}");
+        for needle in expected {
+            assert!(stderr.contains(&needle), "{args:?}: `{needle}` missing from: {stderr}");
+        }
+    }
+    for shipped in ["config/worker.toml", "config/production.toml"] {
+        let out = worker(&["config", "check", "--config", shipped], &[]);
+        assert!(out.status.success(), "{shipped}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
