@@ -9,7 +9,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::routing::post;
 use common::TestDb;
-use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::metric;
 use prost::Message;
@@ -93,9 +95,14 @@ async fn loop_ticks_are_exported_over_otlp_http_with_service_identity() {
     let point = sum
         .data_points
         .iter()
-        .find(|p| attr(&p.attributes, "loop") == Some("workers") && attr(&p.attributes, "outcome") == Some("ok"))
+        .find(|p| {
+            attr(&p.attributes, "loop") == Some("workers") && attr(&p.attributes, "outcome") == Some("ok")
+        })
         .expect("a data point for loop=workers outcome=ok");
-    assert_eq!(point.value, Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(1)));
+    assert_eq!(
+        point.value,
+        Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(1))
+    );
     metrics.shutdown().await;
 }
 
