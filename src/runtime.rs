@@ -377,7 +377,7 @@ impl<L: Loop> Runner<L> {
         let mut drained = 0;
         while !shutdown.is_cancelled() {
             let report = self.tick_once().await;
-            if report.progress == Progress::More && drained < self.max_drain_ticks {
+            if drain_again(report.progress, drained, self.max_drain_ticks) {
                 drained += 1;
                 tokio::task::yield_now().await;
                 continue;
@@ -404,6 +404,12 @@ async fn wait_for(wake: Option<Arc<Notify>>) {
         Some(notify) => notify.notified().await,
         None => std::future::pending().await,
     }
+}
+
+/// Whether to tick again at once: after a full batch, while the drain budget lasts (so one busy
+/// loop cannot starve the others or spin forever on a batch that never shrinks).
+pub fn drain_again(progress: Progress, drained_so_far: u32, max_drain_ticks: u32) -> bool {
+    progress == Progress::More && drained_so_far < max_drain_ticks
 }
 
 /// The pause before the next tick: the interval ± jitter, doubled per consecutive failure up to
@@ -472,6 +478,14 @@ mod tests {
         assert_eq!(log.should_log("other", t0 + Duration::from_secs(63)), None);
         assert_eq!(log.clear(), Some(1));
         assert_eq!(log.clear(), None);
+    }
+
+    #[test]
+    fn full_batches_drain_at_once_up_to_the_bound() {
+        assert!(drain_again(Progress::More, 0, 3));
+        assert!(drain_again(Progress::More, 2, 3));
+        assert!(!drain_again(Progress::More, 3, 3), "the bound stops the drain");
+        assert!(!drain_again(Progress::Done, 0, 3));
     }
 
     #[test]

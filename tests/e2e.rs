@@ -179,7 +179,9 @@ fn config_check_exits_1_naming_the_key_and_source_and_0_on_the_shipped_config() 
     let syntax = file("syntax.toml", "[database]\npool_size = = 3\n");
     let unknown = file("unknown.toml", "[outbox]\nbatch_sise = 3\n");
     let range = file("range.toml", "[database]\n\npool_size = 0\n");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, Vec<String>)> = vec![
+    /// (arguments, environment, what stderr must mention)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<String>);
+    let cases: Vec<Case> = vec![
         (vec!["config", "check", "--config", &syntax], vec![], vec![format!("{syntax}:2")]),
         (
             vec!["config", "check", "--config", &unknown],
@@ -209,4 +211,66 @@ fn config_check_exits_1_naming_the_key_and_source_and_0_on_the_shipped_config() 
         let out = worker(&["config", "check", "--config", shipped], &[]);
         assert!(out.status.success(), "{shipped}: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_the_in_flight_tick_and_a_second_signal_exits_at_once() {
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let config = write_config(dir.path(), &test_db.url, port, "20s");
+    let mut command = tokio::process::Command::new(BIN);
+    for key in inherited_overrides() {
+        command.env_remove(key);
+    }
+    let mut child = command
+        .args(["run", "--config", config.to_str().expect("utf-8")])
+        .current_dir(repo_path(""))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker");
+    eventually(Duration::from_secs(5), "/readyz 200", || async {
+        matches!(readyz(port).await, Some((200, _)))
+    })
+    .await;
+
+    // Hold the worker's lease row locked so its next `workers` tick blocks mid-statement.
+    let mut blocker = test_db.db.get().await.expect("conn");
+    let tx = blocker.transaction().await.expect("begin");
+    tx.batch_execute("SELECT * FROM workers FOR UPDATE").await.expect("lock rows");
+    let observer = test_db.db.get().await.expect("conn");
+    eventually(Duration::from_secs(5), "the workers tick to block on the row lock", || async {
+        observer
+            .fetch_one(
+                "SELECT count(*)::int8 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE 'UPDATE workers%'",
+                &[],
+            )
+            .await
+            .expect("activity")
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+
+    let pid = Pid::from_raw(child.id().expect("pid") as i32);
+    kill(pid, Signal::SIGTERM).expect("first SIGTERM");
+    // Still alive and draining: /readyz answers 503 with draining = true.
+    eventually(Duration::from_secs(5), "/readyz to report draining", || async {
+        readyz(port).await.is_some_and(|(status, body)| status == 503 && body["draining"] == true)
+    })
+    .await;
+    assert!(child.try_wait().expect("try_wait").is_none(), "exited with a tick in flight");
+
+    let forced = Instant::now();
+    kill(pid, Signal::SIGTERM).expect("second SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("exits at once")
+        .expect("wait");
+    assert_eq!(status.code(), Some(worker::daemon::EXIT_FORCED), "second signal exit code");
+    assert!(forced.elapsed() < Duration::from_secs(3), "took {:?}", forced.elapsed());
+    tx.rollback().await.expect("release");
 }

@@ -32,6 +32,8 @@ enum Behaviour {
     Hang,
     /// Take this long (simulated work).
     Take(Duration),
+    /// Report a full batch (`Progress::More`) for the first N ticks, then `Done`.
+    FullBatches(u64),
 }
 
 struct ProbeState {
@@ -122,8 +124,14 @@ impl Loop for Probe {
         let mut guard = InFlight(state, false);
         state.started.send_modify(|n| *n += 1);
         let behaviour = *state.behaviour.lock().unwrap();
+        let mut progress = Progress::Done;
         match behaviour {
             Behaviour::Return => {}
+            Behaviour::FullBatches(n) => {
+                if *state.started.borrow() <= n {
+                    progress = Progress::More;
+                }
+            }
             Behaviour::Gated => state.gate.acquire().await.expect("gate").forget(),
             Behaviour::Hang => std::future::pending::<()>().await,
             Behaviour::Take(d) => tokio::time::sleep(d).await,
@@ -131,7 +139,7 @@ impl Loop for Probe {
         guard.1 = true;
         drop(guard);
         state.finished.send_modify(|n| *n += 1);
-        Ok(Progress::Done)
+        Ok(progress)
     }
 }
 
@@ -166,6 +174,24 @@ async fn ticks_never_overlap_even_when_a_tick_outlasts_the_interval() {
     tracker.close();
     tracker.wait().await;
     assert_eq!(state.max_in_flight.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_full_batch_ticks_again_at_once_instead_of_waiting_for_the_interval() {
+    let test_db = TestDb::new().await;
+    let metrics = MetricsProbe::new();
+    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    // An hour-long interval: only drain mode can produce ticks 2..=6.
+    let schedule = Schedule::every(Duration::from_secs(3600), Duration::from_secs(30));
+    let (job, state) = probe("drainer", schedule, Behaviour::FullBatches(5));
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    rt.spawn(job, &tracker, shutdown.clone());
+    state.wait_finished(6).await;
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    assert_eq!(state.started(), 6, "after the first non-full batch the loop waits for its interval");
 }
 
 #[tokio::test]

@@ -124,8 +124,7 @@ impl TestDb {
 
     /// A config pointing at this database and a fresh Redis prefix.
     pub fn config(&self) -> Config {
-        let mut config = Config::default();
-        config.database = self.database_config();
+        let mut config = Config { database: self.database_config(), ..Config::default() };
         config.redis.url = redis_url();
         config.redis.prefix = unique_prefix();
         config.runtime.jitter = 0.0;

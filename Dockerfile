@@ -1,0 +1,24 @@
+# Multi-stage build of the worker daemon.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin worker
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin worker
+WORKDIR /app
+COPY --from=build /src/target/release/worker ./worker
+COPY scripts/start.sh ./start.sh
+COPY migrations ./migrations
+COPY config ./config
+USER worker
+ENV APP_ENV=production \
+    WORKER_CONFIG=/app/config/production.toml
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+    CMD curl -fsS http://127.0.0.1:8080/healthz || exit 1
+STOPSIGNAL SIGTERM
+CMD ["./start.sh", "worker"]
