@@ -9,6 +9,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::routing::post;
 use common::TestDb;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
@@ -104,6 +107,68 @@ async fn loop_ticks_are_exported_over_otlp_http_with_service_identity() {
         Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(1))
     );
     metrics.shutdown().await;
+}
+
+/// A gRPC `MetricsService` that forwards every export request to the test.
+struct GrpcReceiver(mpsc::UnboundedSender<ExportMetricsServiceRequest>);
+
+#[tonic::async_trait]
+impl MetricsService for GrpcReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let _ = self.0.send(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loop_ticks_are_exported_over_otlp_grpc() {
+    let test_db = TestDb::new().await;
+    let (tx, mut requests) = mpsc::unbounded_channel();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(GrpcReceiver(tx)))
+            .serve_with_incoming(tokio_stream_from(listener)),
+    );
+    let config = TelemetryConfig {
+        otlp_endpoint: Some(format!("http://{addr}")),
+        otlp_protocol: OtlpProtocol::Grpc,
+        export_interval: Duration::from_secs(3600),
+        service_name: "worker".into(),
+    };
+    let me = WorkerIdentity::new();
+    let identity = Identity { worker_id: me.id, environment: "test".into() };
+    let metrics = Metrics::init(&config, &identity, &BTreeMap::new()).expect("metrics");
+    let rt = Runtime::new(test_db.db.clone(), Health::default(), &metrics.meter(), Default::default());
+    let mut runner = rt.runner(WorkerLease::new(test_db.db.clone(), me.clone(), Default::default()));
+    assert_eq!(runner.tick_once().await.outcome, Outcome::Ok);
+    metrics.flush().await;
+    let request = tokio::time::timeout(Duration::from_secs(15), requests.recv())
+        .await
+        .expect("a gRPC export within 15s")
+        .expect("receiver open");
+    let names: Vec<&str> = request
+        .resource_metrics
+        .iter()
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .map(|m| m.name.as_str())
+        .collect();
+    assert!(names.contains(&"worker.loop.ticks"), "exported: {names:?}");
+    metrics.shutdown().await;
+}
+
+fn tokio_stream_from(
+    listener: tokio::net::TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_util::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    })
 }
 
 #[tokio::test]
