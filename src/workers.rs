@@ -11,7 +11,7 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::config::WorkersConfig;
-use crate::db::{Db, DbError, Exec};
+use crate::db::{self, Db, DbError, Exec};
 use crate::runtime::{Loop, Progress, Schedule, Tick};
 
 pub const NAME: &str = "workers";
@@ -85,17 +85,18 @@ impl Loop for WorkerLease {
     }
 
     async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, DbError> {
-        let renewed = {
-            let conn = self.db.get().await?;
-            conn.exec(RENEW, &[(&self.me.id, Type::UUID)]).await?
-        };
-        if renewed == 0 {
-            tracing::warn!(worker_id = %self.me.id, "worker row was missing (reaped as dead?); registering again");
-            self.register().await?;
+        let me = &self.me;
+        let mut conn = self.db.get().await?;
+        // A transaction, so SET LOCAL statement_timeout bounds even a lease write stuck on a lock.
+        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        if tx.exec(RENEW, &[(&me.id, Type::UUID)]).await? == 0 {
+            tracing::warn!(worker_id = %me.id, "worker row was missing (reaped as dead?); registering again");
+            tx.exec(REGISTER, &[(&me.id, Type::UUID), (&me.hostname, Type::TEXT), (&me.version, Type::TEXT)])
+                .await?;
         }
-        let conn = self.db.get().await?;
         let retention = secs(self.config.retention);
-        let reaped = conn.exec(REAP, &[(&retention, Type::FLOAT8)]).await?;
+        let reaped = tx.exec(REAP, &[(&retention, Type::FLOAT8)]).await?;
+        tx.commit().await?;
         if reaped > 0 {
             tracing::info!(reaped, "deleted long-dead worker rows");
         }

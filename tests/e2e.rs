@@ -223,8 +223,10 @@ async fn a_drain_waits_for_the_in_flight_tick_and_a_second_signal_exits_at_once(
     for key in inherited_overrides() {
         command.env_remove(key);
     }
+    // Long statement and tick timeouts: the blocked tick must outlast both signals.
     let mut child = command
         .args(["run", "--config", config.to_str().expect("utf-8")])
+        .args(["--set", "workers.tick_timeout=60s", "--set", "database.statement_timeout=60s"])
         .current_dir(repo_path(""))
         .stdout(Stdio::null())
         .stderr(Stdio::null())

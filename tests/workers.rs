@@ -1,0 +1,85 @@
+//! The `workers` loop keeps this worker's lease fresh with the database clock, re-registers a
+//! worker that was reaped, and deletes rows unseen for longer than the retention.
+
+mod common;
+
+use common::TestDb;
+use tokio_postgres::types::Type;
+use worker::config::WorkersConfig;
+use worker::db::{Db, Exec};
+use worker::runtime::{Loop, Progress, Tick};
+use worker::workers::{WorkerIdentity, WorkerLease};
+
+async fn seconds_since_seen(db: &Db, id: uuid::Uuid) -> Option<f64> {
+    let conn = db.get().await.expect("conn");
+    conn.fetch_opt(
+        "SELECT extract(epoch FROM now() - last_seen_at)::float8 FROM workers WHERE id = $1",
+        &[(&id, Type::UUID)],
+    )
+    .await
+    .expect("query")
+    .map(|r| r.get(0))
+}
+
+async fn run(db: &Db, sql: &str) {
+    db.get().await.expect("conn").exec(sql, &[]).await.expect(sql);
+}
+
+#[tokio::test]
+async fn a_tick_renews_the_lease_with_the_database_clock() {
+    let test_db = TestDb::new().await;
+    let me = WorkerIdentity::new();
+    let lease = WorkerLease::new(test_db.db.clone(), me.clone(), WorkersConfig::default());
+    lease.register().await.expect("register");
+    run(&test_db.db, "UPDATE workers SET last_seen_at = now() - interval '1 hour'").await;
+    assert!(seconds_since_seen(&test_db.db, me.id).await.expect("row") >= 3600.0);
+
+    assert_eq!(lease.tick(&Tick::detached()).await.expect("tick"), Progress::Done);
+    assert!(seconds_since_seen(&test_db.db, me.id).await.expect("row") < 60.0, "lease renewed");
+}
+
+#[tokio::test]
+async fn a_reaped_worker_registers_again_on_its_next_tick() {
+    let test_db = TestDb::new().await;
+    let me = WorkerIdentity::new();
+    let lease = WorkerLease::new(test_db.db.clone(), me.clone(), WorkersConfig::default());
+    lease.register().await.expect("register");
+    run(&test_db.db, "DELETE FROM workers").await;
+    lease.tick(&Tick::detached()).await.expect("tick");
+    assert!(seconds_since_seen(&test_db.db, me.id).await.is_some(), "registered again");
+}
+
+#[tokio::test]
+async fn rows_unseen_past_the_retention_are_deleted_and_others_kept() {
+    let test_db = TestDb::new().await;
+    let me = WorkerIdentity::new();
+    let lease = WorkerLease::new(test_db.db.clone(), me.clone(), WorkersConfig::default());
+    lease.register().await.expect("register");
+    run(
+        &test_db.db,
+        "INSERT INTO workers (id, hostname, version, last_seen_at) VALUES \
+         ('00000000-0000-0000-0000-000000000001', 'dead', 'x', now() - interval '25 hours'), \
+         ('00000000-0000-0000-0000-000000000002', 'stale', 'x', now() - interval '23 hours')",
+    )
+    .await;
+    lease.tick(&Tick::detached()).await.expect("tick");
+    let conn = test_db.db.get().await.expect("conn");
+    let rows = conn.fetch_all("SELECT hostname FROM workers ORDER BY hostname", &[]).await.expect("rows");
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let mut expected = vec![me.hostname.clone(), "stale".to_owned()];
+    expected.sort();
+    assert_eq!(names, expected, "the 25-hour-old row is gone, the 23-hour-old one kept");
+}
+
+#[tokio::test]
+async fn deregistering_removes_only_this_workers_row() {
+    let test_db = TestDb::new().await;
+    let (a, b) = (WorkerIdentity::new(), WorkerIdentity::new());
+    let lease_a = WorkerLease::new(test_db.db.clone(), a.clone(), WorkersConfig::default());
+    let lease_b = WorkerLease::new(test_db.db.clone(), b.clone(), WorkersConfig::default());
+    lease_a.register().await.expect("register a");
+    lease_b.register().await.expect("register b");
+    lease_a.deregister().await.expect("deregister");
+    assert!(seconds_since_seen(&test_db.db, a.id).await.is_none());
+    assert!(seconds_since_seen(&test_db.db, b.id).await.is_some());
+}
