@@ -1,13 +1,14 @@
 //! Logs (tracing, pretty or JSON) and metrics (OTLP over gRPC or HTTP/protobuf).
 //!
 //! With no endpoint configured (neither `telemetry.otlp_endpoint` nor the standard
-//! `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`), the meter provider has no reader: instruments
-//! still work, nothing is exported and nothing is logged.
+//! `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`), meters come from a no-op provider: instruments
+//! still work, nothing is exported and nothing is logged. (An SDK provider with no reader would
+//! log an error for every observable gauge.)
 
 use std::collections::BTreeMap;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry::metrics::{Meter, MeterProvider as _, NoopMeterProvider};
 use opentelemetry_otlp::{MetricExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
@@ -53,8 +54,8 @@ pub struct Identity {
 
 /// The meter provider; [`Metrics::shutdown`] flushes what is buffered.
 pub struct Metrics {
-    provider: SdkMeterProvider,
-    exporting: bool,
+    /// `None` when nothing is exported.
+    provider: Option<SdkMeterProvider>,
 }
 
 impl Metrics {
@@ -70,8 +71,7 @@ impl Metrics {
             .any(|k| env.get(*k).is_some_and(|v| !v.is_empty()));
         let endpoint = config.otlp_endpoint.as_deref().filter(|e| !e.is_empty());
         if endpoint.is_none() && !env_endpoint {
-            let provider = SdkMeterProvider::builder().with_resource(resource).build();
-            return Ok(Self { provider, exporting: false });
+            return Ok(Self { provider: None });
         }
         let exporter = match config.otlp_protocol {
             OtlpProtocol::Grpc => {
@@ -97,30 +97,34 @@ impl Metrics {
             interval_ms = config.export_interval.as_millis() as u64,
             "exporting metrics over OTLP"
         );
-        Ok(Self { provider, exporting: true })
+        Ok(Self { provider: Some(provider) })
     }
 
     pub fn meter(&self) -> Meter {
-        self.provider.meter("worker")
+        match &self.provider {
+            Some(provider) => provider.meter("worker"),
+            None => NoopMeterProvider::new().meter("worker"),
+        }
     }
 
     pub fn exporting(&self) -> bool {
-        self.exporting
+        self.provider.is_some()
     }
 
     /// Exports what is buffered now (tests, and the last export at shutdown).
     pub async fn flush(&self) {
-        let provider = self.provider.clone();
-        let _ = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+        if let Some(provider) = self.provider.clone() {
+            let _ = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+        }
     }
 
     /// Flushes and stops the exporter. The SDK's shutdown blocks, so it runs off the runtime.
     pub async fn shutdown(self) {
-        let provider = self.provider;
+        let Some(provider) = self.provider else { return };
         match tokio::task::spawn_blocking(move || provider.shutdown()).await {
             Ok(Ok(())) => {}
-            Ok(Err(error)) if self.exporting => tracing::warn!(%error, "metrics shutdown failed"),
-            _ => {}
+            Ok(Err(error)) => tracing::warn!(%error, "metrics shutdown failed"),
+            Err(error) => tracing::warn!(%error, "metrics shutdown panicked"),
         }
     }
 }

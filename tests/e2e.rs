@@ -82,8 +82,8 @@ async fn the_binary_migrates_a_fresh_database_becomes_ready_and_drains_on_sigter
         .arg(repo_path("scripts/start.sh"))
         .args([BIN, "run", "--config", config_arg])
         .current_dir(repo_path(""))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("stdout.log")).expect("log file"))
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("log file"))
         .kill_on_drop(true)
         .spawn()
         .expect("start.sh");
@@ -138,6 +138,13 @@ async fn the_binary_migrates_a_fresh_database_becomes_ready_and_drains_on_sigter
         .expect("count")
         .get::<_, i64>(0);
     assert_eq!(left, 0, "a graceful stop removes this worker's row");
+
+    // With no OTLP endpoint configured, a clean run logs no error at all (JSON logs on stdout).
+    let logs = std::fs::read_to_string(dir.path().join("stdout.log")).expect("logs")
+        + &std::fs::read_to_string(dir.path().join("stderr.log")).expect("logs");
+    assert!(logs.contains("worker stopped"), "logs captured: {logs}");
+    let errors: Vec<&str> = logs.lines().filter(|l| l.contains("\"level\":\"ERROR\"")).collect();
+    assert!(errors.is_empty(), "errors logged: {errors:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
