@@ -451,3 +451,33 @@ async fn a_paused_loop_stops_ticking_on_two_replicas_and_resumes() {
     assert_eq!((state_a.started(), state_b.started()), (2, 2));
     assert!(!rt_b.health.readiness(Ok(())).loops[0].paused);
 }
+
+#[tokio::test]
+async fn a_loop_recovers_by_itself_after_its_database_connections_are_killed() {
+    let test_db = TestDb::new().await;
+    let metrics = MetricsProbe::new();
+    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    let schedule = Schedule::every(Duration::from_secs(3600), Duration::from_secs(10));
+    let (job, _) = probe("survivor", schedule, Behaviour::Return);
+    let mut runner = rt.runner(job);
+    assert_eq!(runner.tick_once().await.outcome, Outcome::Ok);
+
+    // Kill every backend of the runtime's pool, as a PostgreSQL restart would.
+    let admin = worker::db::connect_direct(&test_db.url, "test-admin").await.expect("admin");
+    let killed = admin
+        .fetch_one(
+            "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'worker'",
+            &[],
+        )
+        .await
+        .expect("terminate")
+        .get::<_, i64>(0);
+    assert!(killed >= 1, "the pool had live connections");
+
+    // At most one tick may notice the dead connection; the next one works on a fresh one.
+    let first = runner.tick_once().await.outcome;
+    let second = runner.tick_once().await.outcome;
+    assert!(first == Outcome::Ok || second == Outcome::Ok, "no recovery: {first:?}, {second:?}");
+    assert_eq!(runner.tick_once().await.outcome, Outcome::Ok);
+}
