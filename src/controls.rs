@@ -8,7 +8,7 @@ use tokio_postgres::types::Type;
 use crate::db::{Db, DbError, Exec};
 
 /// Every loop name this binary knows, for validating operator input.
-pub const LOOP_NAMES: &[&str] = &[crate::workers::NAME];
+pub const LOOP_NAMES: &[&str] = &[crate::workers::NAME, crate::outbox::NAME, crate::counters::NAME];
 
 const SET_PAUSED: &str = "INSERT INTO loop_controls (loop_name, paused, reason, updated_by) \
      VALUES ($1, $2, $3, $4) ON CONFLICT (loop_name) DO UPDATE \

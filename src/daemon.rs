@@ -11,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Concurrency, Config};
+use crate::counters::Counters;
 use crate::db::Db;
 use crate::health::Health;
+use crate::outbox::Sweeper;
 use crate::runtime::Runtime;
 use crate::telemetry::{Identity, Metrics};
 use crate::workers::{WorkerIdentity, WorkerLease};
@@ -65,6 +67,19 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
             shutdown.clone(),
         );
     }
+    let redis = (config.outbox.enabled || config.counters.enabled)
+        .then(|| crate::redis::connect(&config.redis))
+        .transpose()?;
+    if let Some(redis) = redis.as_ref().filter(|_| config.outbox.enabled) {
+        let sweeper =
+            Sweeper::new(db.clone(), redis.clone(), &config.redis.prefix, config.outbox.clone(), &meter);
+        runtime.spawn(sweeper, &tracker, shutdown.clone());
+    }
+    if let Some(redis) = redis.as_ref().filter(|_| config.counters.enabled) {
+        let counters =
+            Counters::new(db.clone(), redis.clone(), &config.redis.prefix, config.counters.clone(), &meter);
+        runtime.spawn(counters, &tracker, shutdown.clone());
+    }
     tracker.close();
 
     listen::spawn(
@@ -99,6 +114,9 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     };
     if !drained {
         tracing::error!("in-flight ticks did not finish within the shutdown timeout");
+    }
+    if let Some(redis) = &redis {
+        let _ = tokio::time::timeout(Duration::from_secs(1), fred::prelude::ClientLike::quit(redis)).await;
     }
     if let Err(error) = lease.deregister().await {
         tracing::warn!(%error, "could not remove this worker's row");

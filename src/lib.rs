@@ -12,6 +12,9 @@
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`telemetry`]: tracing and the OTLP meter provider.
 //! - [`workers`]: the `workers` loop, this process's lease row.
+//! - [`redis`]: the shared Redis client (reconnect policy, timeouts, key spelling).
+//! - [`outbox`]: the `outbox` loop (task_outbox → Redis sorted sets), dead letters, its CLI.
+//! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
 //! - [`daemon`]: wiring for `worker run`: start everything, drain on the first signal.
 //!
 //! Adding a loop: implement [`runtime::Loop`] in its own module, add its config table to
@@ -19,11 +22,14 @@
 
 pub mod config;
 pub mod controls;
+pub mod counters;
 pub mod daemon;
 pub mod db;
 pub mod health;
 pub mod listen;
 pub mod migrate;
+pub mod outbox;
+pub mod redis;
 pub mod runtime;
 pub mod telemetry;
 pub mod workers;

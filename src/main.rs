@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 
 use worker::config::{self, ConfigInputs, Loaded};
 use worker::db::Db;
-use worker::{controls, daemon, migrate, telemetry};
+use worker::outbox::cli::OutboxCommand;
+use worker::{controls, daemon, migrate, outbox, telemetry};
 
 #[derive(Parser, Debug)]
 #[command(name = "worker", version, about = "Control-plane daemon of the chat platform")]
@@ -47,6 +48,9 @@ enum Command {
     /// Pause, resume or list loops on every replica.
     #[command(subcommand, name = "loop")]
     Loop(LoopCommand),
+    /// Outbox backlog and dead letters.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,6 +178,11 @@ async fn execute_async(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
                     }
                 }
             }
+            Ok(0)
+        }
+        Command::Outbox(command) => {
+            let db = Db::new(&config.database)?;
+            outbox::cli::run(&db, &command, &mut std::io::stdout().lock()).await?;
             Ok(0)
         }
         Command::Config(_) => unreachable!("handled before the runtime starts"),

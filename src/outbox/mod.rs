@@ -1,0 +1,22 @@
+//! The transactional outbox: `task_outbox` rows → Redis sorted sets (SPEC §7.3).
+//!
+//! Producers call `enqueue_task(...)` (migrations/V2) inside their own transaction, so a task
+//! exists exactly when the change that created it commits; its NOTIFY wakes the sweeper, which
+//! moves due rows into `{prefix}:sched:{queue}` (score = run_at in ms, member = task id) with the
+//! payload in `{prefix}:payload:{queue}`.
+//!
+//! - [`sweeper`]: the `outbox` loop — claim, dispatch, settle, in one transaction per tick.
+//! - [`scheduler`]: the Redis pipeline and what each row's answer means.
+//! - [`settle`]: pure decisions — dispatched / retry with backoff / dead letter / untouched.
+//! - [`dead`]: dead-letter list, requeue, purge.
+//! - [`stats`]: backlog probe (gauges) and per-queue stats.
+//! - [`cli`]: `worker outbox stats | dead list | dead requeue | dead purge`.
+
+pub mod cli;
+pub mod dead;
+pub mod scheduler;
+pub mod settle;
+pub mod stats;
+pub mod sweeper;
+
+pub use sweeper::{NAME, SweepError, SweepReport, Sweeper, WAKE_CHANNEL};

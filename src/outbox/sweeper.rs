@@ -1,0 +1,361 @@
+//! The `outbox` loop: due `task_outbox` rows → Redis sorted sets, one transaction per tick.
+//!
+//! A tick: `BEGIN; SET LOCAL statement_timeout`; claim up to `batch_size` due rows
+//! `ORDER BY run_at, id FOR UPDATE SKIP LOCKED` (replicas sweep side by side, never the same
+//! row); send them in one Redis pipeline under `outbox.redis_timeout` (inside the tick timeout,
+//! so time is left to settle); settle each row by its own answer — delete the dispatched, bump
+//! the failed with a backoff and their own error, move the exhausted to `task_outbox_dead` —
+//! with at most three statements; `COMMIT`. A full batch asks the runner to tick again at once.
+//!
+//! When Redis gives no answer for the pipeline (down, timed out) the transaction rolls back and
+//! the tick fails: an outage consumes no attempts and dead-letters nothing, and the runner backs
+//! off. Rows whose own answer is unknown are left untouched while the others are settled.
+//! `kill -9` at any point loses nothing: before COMMIT every row is still in the outbox (maybe
+//! also in Redis, which the idempotent re-send absorbs).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Meter};
+use tokio_postgres::types::Type;
+
+use super::scheduler::{self, DispatchError};
+use super::settle::{self, Settlement};
+use super::stats;
+use crate::config::OutboxConfig;
+use crate::db::{self, Db, DbError, Exec, Transaction};
+use crate::redis::Client;
+use crate::runtime::{Loop, Progress, Schedule, Tick};
+
+pub const NAME: &str = "outbox";
+/// NOTIFY channel of `enqueue_task`; wakes the sweeper before its interval.
+pub const WAKE_CHANNEL: &str = "task_outbox";
+/// Longest `last_error` stored (Redis error replies are short; this bounds a pathological one).
+const MAX_ERROR_LEN: usize = 1000;
+
+/// Due rows, oldest first, skipping rows another sweeper (or a producer) holds. Public for the
+/// benchmark's baselines, which must run the very same statements.
+pub const CLAIM: &str = "SELECT id, task_id, queue, payload::text, \
+     floor(extract(epoch FROM run_at) * 1000)::int8, attempts \
+     FROM task_outbox WHERE run_at <= now() ORDER BY run_at, id LIMIT $1 FOR UPDATE SKIP LOCKED";
+pub const DELETE_DISPATCHED: &str = "DELETE FROM task_outbox WHERE id = ANY($1)";
+const RETRY: &str = "UPDATE task_outbox AS o \
+     SET attempts = o.attempts + 1, last_error = u.error, run_at = now() + make_interval(secs => u.delay) \
+     FROM unnest($1::int8[], $2::text[], $3::float8[]) AS u(id, error, delay) WHERE o.id = u.id";
+const DEAD_LETTER: &str = "WITH moved AS (\
+     DELETE FROM task_outbox AS o USING unnest($1::int8[], $2::text[]) AS u(id, error) WHERE o.id = u.id \
+     RETURNING o.id, o.task_id, o.job_id, o.queue, o.payload, o.run_at, o.attempts, o.created_at, u.error) \
+     INSERT INTO task_outbox_dead \
+     (original_id, task_id, job_id, queue, payload, run_at, attempts, last_error, created_at) \
+     SELECT id, task_id, job_id, queue, payload, run_at, attempts + 1, error, created_at FROM moved";
+
+/// One claimed row, as sent to Redis.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub task_id: String,
+    pub queue: String,
+    /// The jsonb payload as text (Postgres' canonical form), sent to Redis as is.
+    pub payload: String,
+    /// `run_at` in milliseconds since the epoch: the sorted-set score.
+    pub run_at_ms: i64,
+    pub attempts: i32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0}; nothing settled, no attempts consumed")]
+    Redis(#[from] DispatchError),
+    #[error(
+        "{untouched} of {claimed} rows got no definite answer from redis and were left as they were: {error}"
+    )]
+    Undetermined { untouched: usize, claimed: usize, error: String },
+}
+
+impl From<tokio_postgres::Error> for SweepError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        SweepError::Db(error.into())
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub claimed: usize,
+    /// Outbox ids of the rows now in Redis (deleted from the outbox).
+    pub dispatched: Vec<i64>,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    /// Rows left as they were because their outcome is unknown.
+    pub untouched: usize,
+    /// The first error among untouched rows.
+    pub untouched_error: Option<String>,
+}
+
+/// Backlog gauges (`outbox.backlog.*`, `outbox.dead_letters`), refreshed at most every
+/// `outbox.probe_interval` by a tick and read by the meter's callbacks.
+#[derive(Default)]
+struct Probe {
+    last: Mutex<Option<Instant>>,
+    measured: std::sync::atomic::AtomicBool,
+    due: AtomicU64,
+    oldest_due_age_bits: AtomicU64,
+    dead: AtomicU64,
+}
+
+/// The outbox sweeper loop.
+pub struct Sweeper {
+    db: Db,
+    redis: Client,
+    prefix: String,
+    config: OutboxConfig,
+    rows: Counter<u64>,
+    probe: Arc<Probe>,
+}
+
+impl Sweeper {
+    pub fn new(db: Db, redis: Client, prefix: &str, config: OutboxConfig, meter: &Meter) -> Self {
+        let probe = Arc::new(Probe::default());
+        register_gauges(meter, &probe);
+        let rows = meter
+            .u64_counter("outbox.sweep.rows")
+            .with_description("Outbox rows settled by a sweep, by outcome (dispatched|retried|dead_lettered)")
+            .build();
+        Self { db, redis, prefix: prefix.to_owned(), config, rows, probe }
+    }
+
+    /// One sweep: claim, dispatch, settle, commit. `Err` means nothing was settled (rolled back).
+    pub async fn sweep(&self) -> Result<SweepReport, SweepError> {
+        let mut conn = self.db.get().await?;
+        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        let limit = i64::from(self.config.batch_size);
+        let rows: Vec<Claimed> = tx
+            .fetch_all(CLAIM, &[(&limit, Type::INT8)])
+            .await?
+            .iter()
+            .map(|r| Claimed {
+                id: r.get(0),
+                task_id: r.get(1),
+                queue: r.get(2),
+                payload: r.get(3),
+                run_at_ms: r.get(4),
+                attempts: r.get(5),
+            })
+            .collect();
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(SweepReport::default());
+        }
+        // Dropping `tx` on the error path rolls back: no row changes, locks released.
+        let outcomes =
+            scheduler::dispatch(&self.redis, &self.prefix, &rows, self.config.redis_timeout).await?;
+        let mut plan = Plan::default();
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            plan.add(row, settle::settle(row.attempts, outcome, self.config.max_attempts), &self.config);
+        }
+        let report = plan.apply(&tx, rows.len()).await?;
+        tx.commit().await?;
+        self.record(&report);
+        Ok(report)
+    }
+
+    fn record(&self, report: &SweepReport) {
+        for (outcome, n) in [
+            ("dispatched", report.dispatched.len() as u64),
+            ("retried", report.retried),
+            ("dead_lettered", report.dead_lettered),
+        ] {
+            if n > 0 {
+                self.rows.add(n, &[KeyValue::new("outcome", outcome)]);
+            }
+        }
+        if report.retried > 0 || report.dead_lettered > 0 {
+            tracing::warn!(
+                claimed = report.claimed,
+                dispatched = report.dispatched.len(),
+                retried = report.retried,
+                dead_lettered = report.dead_lettered,
+                "outbox rows failed to dispatch"
+            );
+        }
+    }
+
+    /// Refreshes the backlog gauges if the last refresh is older than `outbox.probe_interval`.
+    async fn probe_if_due(&self) -> Result<(), DbError> {
+        {
+            let mut last = self.probe.last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < self.config.probe_interval) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let backlog = stats::backlog(&self.db).await?;
+        self.probe.due.store(backlog.due, Ordering::Relaxed);
+        self.probe.oldest_due_age_bits.store(backlog.oldest_due_age_secs.to_bits(), Ordering::Relaxed);
+        self.probe.dead.store(backlog.dead, Ordering::Relaxed);
+        self.probe.measured.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn register_gauges(meter: &Meter, probe: &Arc<Probe>) {
+    let p = probe.clone();
+    meter
+        .u64_observable_gauge("outbox.backlog.due")
+        .with_description("Outbox rows due now (run_at <= now())")
+        .with_callback(move |o| {
+            if p.measured.load(Ordering::Relaxed) {
+                o.observe(p.due.load(Ordering::Relaxed), &[]);
+            }
+        })
+        .build();
+    let p = probe.clone();
+    meter
+        .f64_observable_gauge("outbox.backlog.oldest_due_age")
+        .with_unit("s")
+        .with_description("Age (from created_at) of the oldest due outbox row; 0 when none is due")
+        .with_callback(move |o| {
+            if p.measured.load(Ordering::Relaxed) {
+                o.observe(f64::from_bits(p.oldest_due_age_bits.load(Ordering::Relaxed)), &[]);
+            }
+        })
+        .build();
+    let p = probe.clone();
+    meter
+        .u64_observable_gauge("outbox.dead_letters")
+        .with_description("Rows in task_outbox_dead")
+        .with_callback(move |o| {
+            if p.measured.load(Ordering::Relaxed) {
+                o.observe(p.dead.load(Ordering::Relaxed), &[]);
+            }
+        })
+        .build();
+}
+
+/// The settlements of one batch, grouped into the three batched statements.
+#[derive(Default)]
+struct Plan {
+    dispatched: Vec<i64>,
+    retry_ids: Vec<i64>,
+    retry_errors: Vec<String>,
+    retry_delays: Vec<f64>,
+    dead_ids: Vec<i64>,
+    dead_errors: Vec<String>,
+    untouched: usize,
+    untouched_error: Option<String>,
+}
+
+impl Plan {
+    fn add(&mut self, row: &Claimed, settlement: Settlement, config: &OutboxConfig) {
+        match settlement {
+            Settlement::Dispatched => self.dispatched.push(row.id),
+            Settlement::Retry { error } => {
+                let delay = settle::retry_delay(
+                    row.attempts,
+                    config.backoff_base,
+                    config.backoff_max,
+                    rand::random::<f64>(),
+                );
+                self.retry_ids.push(row.id);
+                self.retry_errors.push(truncate(error));
+                self.retry_delays.push(delay.as_secs_f64());
+            }
+            Settlement::DeadLetter { error } => {
+                self.dead_ids.push(row.id);
+                self.dead_errors.push(truncate(error));
+            }
+            Settlement::Untouched { error } => {
+                self.untouched += 1;
+                self.untouched_error.get_or_insert(error);
+            }
+        }
+    }
+
+    async fn apply(self, tx: &Transaction<'_>, claimed: usize) -> Result<SweepReport, SweepError> {
+        if !self.dispatched.is_empty() {
+            tx.exec(DELETE_DISPATCHED, &[(&self.dispatched, Type::INT8_ARRAY)]).await?;
+        }
+        let retried = if self.retry_ids.is_empty() {
+            0
+        } else {
+            tx.exec(
+                RETRY,
+                &[
+                    (&self.retry_ids, Type::INT8_ARRAY),
+                    (&self.retry_errors, Type::TEXT_ARRAY),
+                    (&self.retry_delays, Type::FLOAT8_ARRAY),
+                ],
+            )
+            .await?
+        };
+        let dead_lettered = if self.dead_ids.is_empty() {
+            0
+        } else {
+            tx.exec(DEAD_LETTER, &[(&self.dead_ids, Type::INT8_ARRAY), (&self.dead_errors, Type::TEXT_ARRAY)])
+                .await?
+        };
+        Ok(SweepReport {
+            claimed,
+            dispatched: self.dispatched,
+            retried,
+            dead_lettered,
+            untouched: self.untouched,
+            untouched_error: self.untouched_error,
+        })
+    }
+}
+
+fn truncate(mut error: String) -> String {
+    if error.len() > MAX_ERROR_LEN {
+        let mut end = MAX_ERROR_LEN;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
+    }
+    error
+}
+
+impl Loop for Sweeper {
+    type Error = SweepError;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule::every(self.config.interval, self.config.tick_timeout).woken_by(WAKE_CHANNEL)
+    }
+
+    async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, SweepError> {
+        self.probe_if_due().await?;
+        let report = self.sweep().await?;
+        if let Some(error) = report.untouched_error {
+            return Err(SweepError::Undetermined {
+                untouched: report.untouched,
+                claimed: report.claimed,
+                error,
+            });
+        }
+        let full = report.claimed >= self.config.batch_size as usize;
+        Ok(if full { Progress::More } else { Progress::Done })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_errors_are_truncated_on_a_char_boundary() {
+        assert_eq!(truncate("short".into()), "short");
+        let long = "é".repeat(MAX_ERROR_LEN);
+        let cut = truncate(long);
+        assert!(cut.len() <= MAX_ERROR_LEN);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+}

@@ -1,0 +1,96 @@
+//! The Redis client shared by the loops that talk to Redis (outbox, counters).
+//!
+//! fred facts this module encodes (10.1, measured, SPEC §7.3): the default `Builder` has no
+//! reconnect policy, so a dropped connection would stay dropped; here it reconnects forever with
+//! capped exponential backoff, also when Redis is down at start-up (the daemon must come up and
+//! recover by itself). Commands sent while disconnected wait for the reconnect, bounded by the
+//! caller's own deadline; a command that timed out is NOT cancelled and may still run later, so
+//! everything written through this client must be idempotent. `redis-cluster://` URLs give a
+//! cluster client that routes each command to its slot.
+
+use std::time::Duration;
+
+use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
+
+use crate::config::RedisConfig;
+
+pub use fred::prelude::Client;
+
+/// TCP connect (+ handshake) bound of one connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backstop for any command without a deadline of its own.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Reconnect backoff: from 100 ms doubling up to 2 s, forever (0 = unlimited attempts).
+const RECONNECT_MIN_MS: u32 = 100;
+const RECONNECT_MAX_MS: u32 = 2_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("invalid redis.url `{url}`: {source}")]
+    Url { url: String, source: fred::error::Error },
+    #[error("cannot create the redis client: {0}")]
+    Build(fred::error::Error),
+}
+
+/// Builds a client for `config.redis` and starts its connection task without waiting for it, so
+/// an unreachable Redis delays the first commands, not the caller.
+pub fn connect(config: &RedisConfig) -> Result<Client, RedisError> {
+    let client = build(config)?;
+    // The handle ends when the client quits; reconnects happen inside it.
+    drop(client.connect());
+    Ok(client)
+}
+
+/// Builds a client without connecting (the caller decides when: `connect` or `init`).
+pub fn build(config: &RedisConfig) -> Result<Client, RedisError> {
+    let redacted = crate::config::redact_url(&config.url);
+    let fred_config =
+        Config::from_url(&config.url).map_err(|source| RedisError::Url { url: redacted, source })?;
+    Builder::from_config(fred_config)
+        .with_connection_config(|c| {
+            c.connection_timeout = CONNECT_TIMEOUT;
+            c.internal_command_timeout = CONNECT_TIMEOUT;
+            c.tcp.nodelay = Some(true);
+        })
+        .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
+        .set_policy(ReconnectPolicy::new_exponential(0, RECONNECT_MIN_MS, RECONNECT_MAX_MS, 2))
+        .build()
+        .map_err(RedisError::Build)
+}
+
+/// `{prefix}:{kind}:{name}`, the one spelling of every key this crate writes.
+pub fn key(prefix: &str, kind: &str, name: &str) -> String {
+    let mut key = String::with_capacity(prefix.len() + kind.len() + name.len() + 2);
+    key.push_str(prefix);
+    key.push(':');
+    key.push_str(kind);
+    key.push(':');
+    key.push_str(name);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_prefix_kind_name() {
+        assert_eq!(key("worker", "sched", "emails"), "worker:sched:emails");
+        assert_eq!(key("test:abc", "payload", "q:1"), "test:abc:payload:q:1");
+    }
+
+    #[test]
+    fn a_bad_url_is_an_error_naming_the_redacted_url() {
+        let config = RedisConfig { url: "redis://user:secret@[::1".into(), prefix: "p".into() };
+        let error = build(&config).expect_err("bad url");
+        let text = error.to_string();
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("redis.url"), "{text}");
+    }
+
+    #[test]
+    fn a_client_has_a_reconnect_policy() {
+        let client = build(&RedisConfig::default()).expect("client");
+        assert!(client.client_reconnect_policy().is_some(), "the default builder has none; we must set one");
+    }
+}
