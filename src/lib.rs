@@ -10,6 +10,7 @@
 //! - [`listen`]: the shared LISTEN connection that wakes loops early.
 //! - [`controls`]: pause/resume of loops on every replica through `loop_controls`.
 //! - [`health`]: `/healthz` and `/readyz`.
+//! - [`status`]: `worker status`, the fleet as the database sees it.
 //! - [`telemetry`]: tracing and the OTLP meter provider.
 //! - [`workers`]: the `workers` loop, this process's lease row.
 //! - [`redis`]: the shared Redis client (reconnect policy, timeouts, key spelling).
@@ -31,5 +32,6 @@ pub mod migrate;
 pub mod outbox;
 pub mod redis;
 pub mod runtime;
+pub mod status;
 pub mod telemetry;
 pub mod workers;

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use worker::config::{self, ConfigInputs, Loaded};
+use worker::config::{self, Config, ConfigInputs, Loaded};
 use worker::db::Db;
 use worker::outbox::cli::OutboxCommand;
-use worker::{controls, daemon, migrate, outbox, telemetry};
+use worker::{controls, daemon, migrate, outbox, status, telemetry};
 
 #[derive(Parser, Debug)]
 #[command(name = "worker", version, about = "Control-plane daemon of the chat platform")]
@@ -38,19 +38,31 @@ struct GlobalArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Validate or show the effective configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    #[command(flatten)]
+    Online(OnlineCommand),
+}
+
+/// Commands that need the async runtime (and usually the database).
+#[derive(Subcommand, Debug)]
+enum OnlineCommand {
     /// Run the daemon (the default).
     Run,
     /// Apply pending database migrations and exit.
     Migrate,
-    /// Validate or show the effective configuration.
-    #[command(subcommand)]
-    Config(ConfigCommand),
     /// Pause, resume or list loops on every replica.
     #[command(subcommand, name = "loop")]
     Loop(LoopCommand),
     /// Outbox backlog and dead letters.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Registered workers (with the age of their lease) and paused loops.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,7 +97,7 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::from(1)
         }
-        Ok(loaded) => match execute(cli.command.unwrap_or(Command::Run), loaded) {
+        Ok(loaded) => match execute(cli.command.unwrap_or(Command::Online(OnlineCommand::Run)), loaded) {
             Ok(code) => ExitCode::from(code),
             Err(error) => {
                 eprintln!("error: {error:#}");
@@ -113,32 +125,31 @@ fn load_config(global: &GlobalArgs) -> anyhow::Result<Loaded> {
 }
 
 fn execute(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
-    match command {
+    // Config commands must work without a runtime, a database or a log subscriber.
+    let command = match command {
         Command::Config(ConfigCommand::Check) => {
             println!("config ok");
-            Ok(0)
+            return Ok(0);
         }
         Command::Config(ConfigCommand::Print) => {
             print!("{}", loaded.config.render(&loaded.sources));
-            Ok(0)
+            return Ok(0);
         }
-        other => {
-            telemetry::init_tracing(&loaded.config.log)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(execute_async(other, loaded))
-        }
-    }
+        Command::Online(command) => command,
+    };
+    telemetry::init_tracing(&loaded.config.log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(execute_async(command, loaded.config))
 }
 
-async fn execute_async(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
-    let config = loaded.config;
+async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result<u8> {
     match command {
-        Command::Run => {
+        OnlineCommand::Run => {
             let env = std::env::vars().collect();
             let code = daemon::run(config, env).await?;
             Ok(u8::try_from(code).unwrap_or(1))
         }
-        Command::Migrate => {
+        OnlineCommand::Migrate => {
             let applied = migrate::run(config.database.migrate_url()).await?;
             if applied.is_empty() {
                 println!("migrations up to date");
@@ -148,7 +159,7 @@ async fn execute_async(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Loop(command) => {
+        OnlineCommand::Loop(command) => {
             let db = Db::new(&config.database)?;
             let who = format!(
                 "cli@{}",
@@ -180,11 +191,19 @@ async fn execute_async(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Outbox(command) => {
+        OnlineCommand::Outbox(command) => {
             let db = Db::new(&config.database)?;
             outbox::cli::run(&db, &command, &mut std::io::stdout().lock()).await?;
             Ok(0)
         }
-        Command::Config(_) => unreachable!("handled before the runtime starts"),
+        OnlineCommand::Status { json } => {
+            let fleet = status::fleet(&Db::new(&config.database)?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&fleet)?);
+            } else {
+                print!("{}", fleet.render());
+            }
+            Ok(0)
+        }
     }
 }

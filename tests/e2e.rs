@@ -120,6 +120,12 @@ async fn the_binary_migrates_a_fresh_database_becomes_ready_and_drains_on_sigter
         })
     })
     .await;
+    let out = worker(&[&["status", "--json"][..], &db_flag].concat(), &[]);
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    let fleet: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    assert_eq!(fleet["workers"][0]["id"], worker_id.as_str(), "{fleet}");
+    assert_eq!(fleet["loop_controls"][0]["loop_name"], "workers", "{fleet}");
+    assert_eq!(fleet["loop_controls"][0]["paused"], true, "{fleet}");
     let out = worker(&[&["loop", "resume", "workers"][..], &db_flag].concat(), &[]);
     assert!(out.status.success());
 
