@@ -148,6 +148,34 @@ fn runtime_for(db: Db, meter: &opentelemetry::metrics::Meter) -> Runtime {
     Runtime::new(db, Health::default(), meter, settings)
 }
 
+/// Runners ticking in the background until `stop`.
+struct Background {
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Background {
+    fn new() -> Self {
+        Self { shutdown: CancellationToken::new(), tracker: TaskTracker::new() }
+    }
+
+    fn start<L: Loop>(rt: &Runtime, job: L) -> Self {
+        let background = Self::new();
+        background.add(rt, job);
+        background
+    }
+
+    fn add<L: Loop>(&self, rt: &Runtime, job: L) {
+        rt.spawn(job, &self.tracker, self.shutdown.clone());
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
 fn probe(name: &'static str, schedule: Schedule, behaviour: Behaviour) -> (Probe, Arc<ProbeState>) {
     let state = ProbeState::new(behaviour);
     (Probe { name, schedule, state: state.clone() }, state)
@@ -160,19 +188,16 @@ async fn ticks_never_overlap_even_when_a_tick_outlasts_the_interval() {
     let rt = runtime_for(test_db.db.clone(), &metrics.meter());
     let schedule = Schedule::every(Duration::from_millis(1), Duration::from_secs(30));
     let (job, state) = probe("overlap", schedule, Behaviour::Gated);
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    rt.spawn(job, &tracker, shutdown.clone());
+    let background = Background::start(&rt, job);
     for n in 1..=25 {
         state.wait_started(n).await;
         // The interval (1ms) has long passed while this tick waits on the gate.
         assert_eq!(state.in_flight.load(Ordering::SeqCst), 1, "tick {n}: another tick started meanwhile");
         state.gate.add_permits(1);
     }
-    shutdown.cancel();
+    background.shutdown.cancel();
     state.gate.add_permits(1000);
-    tracker.close();
-    tracker.wait().await;
+    background.stop().await;
     assert_eq!(state.max_in_flight.load(Ordering::SeqCst), 1);
 }
 
@@ -184,13 +209,9 @@ async fn a_full_batch_ticks_again_at_once_instead_of_waiting_for_the_interval() 
     // An hour-long interval: only drain mode can produce ticks 2..=6.
     let schedule = Schedule::every(Duration::from_secs(3600), Duration::from_secs(30));
     let (job, state) = probe("drainer", schedule, Behaviour::FullBatches(5));
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    rt.spawn(job, &tracker, shutdown.clone());
+    let background = Background::start(&rt, job);
     state.wait_finished(6).await;
-    shutdown.cancel();
-    tracker.close();
-    tracker.wait().await;
+    background.stop().await;
     assert_eq!(state.started(), 6, "after the first non-full batch the loop waits for its interval");
 }
 
@@ -271,18 +292,12 @@ async fn two_runners_of_a_leader_only_loop_never_tick_together() {
 
     // Both replicas running flat out: still never two ticks at once.
     state.set(Behaviour::Take(Duration::from_millis(2)));
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let (job_a, job_b) = (
-        Probe { name: "leader", schedule: schedule.clone(), state: state.clone() },
-        Probe { name: "leader", schedule: schedule.clone(), state: state.clone() },
-    );
-    rt_a.spawn(job_a, &tracker, shutdown.clone());
-    runtime_for(test_db.another_pool(), &metrics.meter()).spawn(job_b, &tracker, shutdown.clone());
+    let background = Background::new();
+    background.add(&rt_a, Probe { name: "leader", schedule: schedule.clone(), state: state.clone() });
+    let rt_c = runtime_for(test_db.another_pool(), &metrics.meter());
+    background.add(&rt_c, Probe { name: "leader", schedule: schedule.clone(), state: state.clone() });
     state.wait_finished(40).await;
-    shutdown.cancel();
-    tracker.close();
-    tracker.wait().await;
+    background.stop().await;
     assert_eq!(state.max_in_flight.load(Ordering::SeqCst), 1, "two replicas ticked at once");
     assert!(metrics.counter("worker.loop.ticks", &[("outcome", "skipped_not_leader")]).await >= 2);
 }
@@ -294,11 +309,10 @@ async fn shutdown_waits_for_an_in_flight_tick_and_starts_no_new_one() {
     let rt = runtime_for(test_db.db.clone(), &metrics.meter());
     let schedule = Schedule::every(Duration::from_millis(1), Duration::from_secs(30));
     let (job, state) = probe("drain", schedule, Behaviour::Gated);
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    rt.spawn(job, &tracker, shutdown.clone());
+    let background = Background::start(&rt, job);
     state.wait_started(1).await;
 
+    let Background { shutdown, tracker } = background;
     shutdown.cancel();
     tracker.close();
     let done = Arc::new(AtomicBool::new(false));
@@ -331,12 +345,15 @@ async fn a_burst_of_notifies_wakes_a_loop_a_handful_of_times() {
     let rt = runtime_for(test_db.db.clone(), &metrics.meter());
     let schedule = Schedule::every(Duration::from_secs(3600), Duration::from_secs(30)).woken_by("burst_test");
     let (job, state) = probe("burst", schedule, Behaviour::Gated);
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    rt.spawn(job, &tracker, shutdown.clone());
+    let background = Background::start(&rt, job);
     state.wait_started(1).await; // the first tick runs at start and waits on the gate
 
-    let stats = listen::spawn(test_db.url.clone(), rt.wakes().clone(), rt.health.clone(), shutdown.clone());
+    let stats = listen::spawn(
+        test_db.url.clone(),
+        rt.wakes().clone(),
+        rt.health.clone(),
+        background.shutdown.clone(),
+    );
     let mut connects = stats.connects.clone();
     tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1))
         .await
@@ -359,9 +376,7 @@ async fn a_burst_of_notifies_wakes_a_loop_a_handful_of_times() {
     let ticks = state.started();
     assert!(ticks <= 4, "1,000 notifies caused {ticks} ticks; expected a handful");
 
-    shutdown.cancel();
-    tracker.close();
-    tracker.wait().await;
+    background.stop().await;
 }
 
 #[tokio::test]
@@ -372,10 +387,13 @@ async fn a_dropped_listen_connection_is_re_established() {
     let schedule =
         Schedule::every(Duration::from_secs(3600), Duration::from_secs(30)).woken_by("relisten_test");
     let (job, state) = probe("relisten", schedule, Behaviour::Return);
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    rt.spawn(job, &tracker, shutdown.clone());
-    let stats = listen::spawn(test_db.url.clone(), rt.wakes().clone(), rt.health.clone(), shutdown.clone());
+    let background = Background::start(&rt, job);
+    let stats = listen::spawn(
+        test_db.url.clone(),
+        rt.wakes().clone(),
+        rt.health.clone(),
+        background.shutdown.clone(),
+    );
     let mut connects = stats.connects.clone();
     tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1)).await.expect("connected").expect("watch");
 
@@ -403,9 +421,7 @@ async fn a_dropped_listen_connection_is_re_established() {
     tokio::time::timeout(LIMIT, received.wait_for(|n| *n > seen)).await.expect("delivered").expect("watch");
     state.wait_started(before + 1).await;
 
-    shutdown.cancel();
-    tracker.close();
-    tracker.wait().await;
+    background.stop().await;
 }
 
 async fn set_paused(db: &Db, name: &str, paused: bool) {
