@@ -3,7 +3,8 @@
 //! fred facts this module encodes (10.1, measured, SPEC §7.3): the default `Builder` has no
 //! reconnect policy, so a dropped connection would stay dropped; here it reconnects forever with
 //! capped exponential backoff, also when Redis is down at start-up (the daemon must come up and
-//! recover by itself). Commands sent while disconnected wait for the reconnect, bounded by the
+//! recover by itself; that takes `Config::fail_fast = false`, whose default `true` silently gives
+//! up after a failed first connection — measured here). Commands sent while disconnected wait for the reconnect, bounded by the
 //! caller's own deadline; a command that timed out is NOT cancelled and may still run later, so
 //! everything written through this client must be idempotent. `redis-cluster://` URLs give a
 //! cluster client that routes each command to its slot.
@@ -44,8 +45,11 @@ pub fn connect(config: &RedisConfig) -> Result<Client, RedisError> {
 /// Builds a client without connecting (the caller decides when: `connect` or `init`).
 pub fn build(config: &RedisConfig) -> Result<Client, RedisError> {
     let redacted = crate::config::redact_url(&config.url);
-    let fred_config =
+    let mut fred_config =
         Config::from_url(&config.url).map_err(|source| RedisError::Url { url: redacted, source })?;
+    // fred's default (`true`) ends the connection task for good when the FIRST connection fails,
+    // reconnect policy or not: a worker started during a Redis outage would never recover.
+    fred_config.fail_fast = false;
     Builder::from_config(fred_config)
         .with_connection_config(|c| {
             c.connection_timeout = CONNECT_TIMEOUT;

@@ -1,0 +1,524 @@
+//! The outbox sweeper against real PostgreSQL and Redis: the happy path at 10,000 rows,
+//! per-row settlement with dead letters, outages and hangs, concurrent sweepers, locks, and the
+//! producer SQL functions. Time moves by updating rows; ticks are driven directly.
+
+mod common;
+mod outbox_support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use fred::prelude::{KeysInterface, SortedSetsInterface};
+use outbox_support::metrics::Metrics;
+use outbox_support::redis_server::{self, RedisServer};
+use outbox_support::{Harness, connected};
+use tokio_postgres::types::Type;
+use worker::config::RuntimeConfig;
+use worker::db::{self, Db, Exec};
+use worker::health::Health;
+use worker::outbox::{SweepError, Sweeper};
+use worker::runtime::{Loop, Outcome, Progress, Runtime, Tick};
+
+/// Generous bound for conditions that should hold in well under a second; reaching it fails.
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Ticks `sweeper` until a tick reports `Done`; returns the number of ticks.
+async fn drain(sweeper: &Sweeper) -> usize {
+    for ticks in 1..=10_000 {
+        match sweeper.tick(&Tick::detached()).await.expect("tick") {
+            Progress::More => continue,
+            Progress::Done => return ticks,
+        }
+    }
+    panic!("the outbox never drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_tasks_over_several_queues_all_land_in_redis() {
+    let h = Harness::new().await;
+    let metrics = Metrics::new();
+    let sweeper = h.sweeper(&metrics.meter());
+    let queues = ["emails", "builds", "webhooks", "reports"];
+    h.enqueue(10_000, &queues, None).await;
+    let expected = h.expected().await;
+    assert_eq!(expected.values().map(|q| q.len()).sum::<usize>(), 10_000);
+
+    let ticks = drain(&sweeper).await;
+    assert_eq!(ticks, 10_000 / 500 + 1, "full batches drain back to back, then one empty tick");
+
+    for queue in queues {
+        let in_redis = h.scheduled(queue).await;
+        assert_eq!(in_redis.len(), 2_500, "queue {queue}");
+        assert!(
+            in_redis == expected[queue],
+            "queue {queue}: sorted set (score = run_at ms) and payloads match the rows"
+        );
+    }
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0, "the outbox is empty");
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox_dead").await, 0);
+    assert_eq!(metrics.counter("outbox.sweep.rows", ("outcome", "dispatched")).await, 10_000);
+    assert_eq!(metrics.counter("outbox.sweep.rows", ("outcome", "retried")).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_brings_it_back() {
+    let mut h = Harness::new().await;
+    h.config.outbox.max_attempts = 4;
+    let metrics = Metrics::new();
+    let sweeper = h.sweeper(&metrics.meter());
+    let bad_key = worker::redis::key(h.prefix(), "sched", "bad");
+    let _: () = h.redis.set(&bad_key, "not a sorted set", None, None, false).await.expect("set");
+    h.enqueue(90, &["good", "bad", "other"], None).await;
+
+    let first = sweeper.sweep().await.expect("sweep");
+    assert_eq!(first.claimed, 90);
+    assert_eq!(first.dispatched.len(), 60, "the other queues are dispatched in the same tick");
+    assert_eq!(first.retried, 30);
+    assert_eq!(h.scheduled("good").await.len(), 30);
+    assert_eq!(h.scheduled("other").await.len(), 30);
+    let rows = h
+        .db()
+        .get()
+        .await
+        .expect("conn")
+        .fetch_all(
+            "SELECT queue, attempts, last_error, extract(epoch FROM run_at - now())::float8 FROM task_outbox",
+            &[],
+        )
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 30);
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(0), "bad");
+        assert_eq!(r.get::<_, i32>(1), 1);
+        let error: String = r.get(2);
+        assert!(error.contains("WRONGTYPE") && error.contains(&bad_key), "{error}");
+        let wait: f64 = r.get(3);
+        assert!((0.7..=1.3).contains(&wait), "first retry after backoff_base (1s) ± jitter, got {wait}s");
+    }
+
+    // Move time instead of waiting for the backoff; each tick costs one attempt.
+    for attempt in 2..=4 {
+        h.exec("UPDATE task_outbox SET run_at = now()").await;
+        let report = sweeper.sweep().await.expect("sweep");
+        let (retried, dead) = if attempt < 4 { (30, 0) } else { (0, 30) };
+        assert_eq!((report.retried, report.dead_lettered), (retried, dead), "tick {attempt}");
+    }
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
+    let dead = h
+        .db()
+        .get()
+        .await
+        .expect("conn")
+        .fetch_all("SELECT attempts, last_error, queue FROM task_outbox_dead", &[])
+        .await
+        .expect("dead rows");
+    assert_eq!(dead.len(), 30);
+    for r in &dead {
+        assert_eq!(r.get::<_, i32>(0), 4, "attempts = max_attempts");
+        assert!(r.get::<_, String>(1).contains("WRONGTYPE"));
+        assert_eq!(r.get::<_, String>(2), "bad");
+    }
+    assert_eq!(metrics.counter("outbox.sweep.rows", ("outcome", "dead_lettered")).await, 30);
+    assert_eq!(metrics.counter("outbox.sweep.rows", ("outcome", "retried")).await, 90);
+    assert_eq!(metrics.counter("outbox.sweep.rows", ("outcome", "dispatched")).await, 60);
+
+    let report =
+        worker::outbox::dead::requeue(h.db(), &worker::outbox::dead::Selection::All).await.expect("requeue");
+    assert_eq!((report.removed, report.requeued), (30, 30));
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox WHERE attempts = 0 AND run_at <= now()").await, 30);
+    let _: i64 = h.redis.del(&bad_key).await.expect("del");
+    assert_eq!(sweeper.sweep().await.expect("sweep").dispatched.len(), 30);
+    assert_eq!(h.scheduled("bad").await.len(), 30);
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
+}
+
+/// Attempts, errors and due times of every row, to compare before and after.
+async fn row_states(db: &Db) -> Vec<(i64, i32, Option<String>, String)> {
+    let rows = db
+        .get()
+        .await
+        .expect("conn")
+        .fetch_all("SELECT id, attempts, last_error, run_at::text FROM task_outbox ORDER BY id", &[])
+        .await
+        .expect("rows");
+    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect()
+}
+
+/// Ticks until one succeeds with nothing left in the outbox.
+async fn drain_when_back(h: &Harness, sweeper: &Sweeper) {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Ok(Progress::Done) = sweeper.tick(&Tick::detached()).await
+            && h.scalar("SELECT count(*) FROM task_outbox").await == 0
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the outbox did not drain after Redis came back");
+    }
+}
+
+/// Three ticks against a Redis that is not there: each fails within the sub-deadline and
+/// changes nothing.
+async fn ticks_fail_without_consuming_attempts(h: &Harness, sweeper: &Sweeper) {
+    let before = row_states(h.db()).await;
+    assert!(!before.is_empty());
+    for _ in 0..3 {
+        let started = Instant::now();
+        let error = sweeper.tick(&Tick::detached()).await.expect_err("no redis: the tick fails");
+        assert!(matches!(error, SweepError::Redis(_)), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(3), "bounded by the sub-deadline");
+    }
+    assert_eq!(row_states(h.db()).await, before, "no row's attempts, error or due time changed");
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox_dead").await, 0, "nothing dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_consumes_no_attempts_and_everything_drains_when_it_returns() {
+    let mut h = Harness::new().await;
+    let port = redis_server::free_port();
+    h.config.redis.url = redis_server::url_for(port);
+    h.config.outbox.redis_timeout = Duration::from_millis(300);
+    h.config.outbox.max_attempts = 1; // one counted failure would dead-letter at once
+    // Nothing listens on the port yet: the worker starts during an outage.
+    h.redis = worker::redis::connect(&h.config.redis).expect("client");
+    let sweeper = h.sweeper(&Metrics::new().meter());
+    h.enqueue(50, &["a", "b"], None).await;
+    ticks_fail_without_consuming_attempts(&h, &sweeper).await;
+
+    let server = RedisServer::start_on(port).await;
+    drain_when_back(&h, &sweeper).await;
+    assert_eq!(h.scheduled("a").await.len() + h.scheduled("b").await.len(), 50);
+
+    // And once more after a connection that worked was lost.
+    drop(server);
+    h.exec("SELECT count(enqueue_task('late' || g, 'a', '{}')) FROM generate_series(1, 20) g").await;
+    ticks_fail_without_consuming_attempts(&h, &sweeper).await;
+    let _server = RedisServer::start_on(port).await;
+    drain_when_back(&h, &sweeper).await;
+    assert_eq!(h.scheduled("a").await.len(), 20, "the new server holds what was sent after it started");
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox_dead").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_redis_is_bounded_by_the_sub_deadline_and_the_rows_are_released_unchanged() {
+    let mut h = Harness::new().await;
+    let server = RedisServer::start_on(redis_server::free_port()).await;
+    h.config.redis.url = server.url();
+    h.config.outbox.redis_timeout = Duration::from_millis(500);
+    h.config.outbox.tick_timeout = Duration::from_secs(10);
+    h.redis = connected(&h.config.redis).await;
+    h.enqueue(20, &["q"], None).await;
+    let before = row_states(h.db()).await;
+    let runtime = Runtime::new(
+        h.db().clone(),
+        Health::default(),
+        &Metrics::new().meter(),
+        RuntimeConfig { jitter: 0.0, ..RuntimeConfig::default() },
+    );
+    let mut runner = runtime.runner(h.sweeper(&Metrics::new().meter()));
+
+    server.freeze();
+    let started = Instant::now();
+    let report = runner.tick_once().await;
+    let elapsed = started.elapsed();
+    server.thaw();
+    assert_eq!(report.outcome, Outcome::Error, "the sub-deadline ends the tick, not the tick timeout");
+    assert!(elapsed >= Duration::from_millis(500) && elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    assert_eq!(row_states(h.db()).await, before, "no attempt consumed for an unknown outcome");
+    // The rows are not left locked: another transaction can lock every one of them at once.
+    {
+        let mut conn = h.db().get().await.expect("conn");
+        let tx = db::begin(&mut conn, Duration::from_secs(5)).await.expect("begin");
+        let locked = tx
+            .fetch_all("SELECT id FROM task_outbox FOR UPDATE NOWAIT", &[])
+            .await
+            .expect("no row is locked");
+        assert_eq!(locked.len(), 20);
+    }
+
+    // The hung pipeline may still run when Redis wakes up; the re-send is idempotent.
+    let report = runner.tick_once().await;
+    assert_eq!(report.outcome, Outcome::Ok);
+    assert_eq!(h.scheduled("q").await.len(), 20);
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sweepers_dispatch_twenty_thousand_tasks_each_exactly_once() {
+    let h = Harness::new().await;
+    h.enqueue(20_000, &["a", "b", "c"], None).await;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(3));
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let redis = connected(&h.config.redis).await;
+        let sweeper = Sweeper::new(
+            h.test_db.another_pool(),
+            redis,
+            h.prefix(),
+            h.config.outbox.clone(),
+            &Metrics::new().meter(),
+        );
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let mut mine = Vec::new();
+            loop {
+                let report = sweeper.sweep().await.expect("sweep");
+                if report.claimed == 0 {
+                    return mine;
+                }
+                assert_eq!(report.dispatched.len(), report.claimed);
+                mine.extend(report.dispatched);
+            }
+        }));
+    }
+    let mut all = HashSet::new();
+    let mut total = 0;
+    let mut per_sweeper = Vec::new();
+    for task in tasks {
+        let mine = task.await.expect("sweeper task");
+        total += mine.len();
+        per_sweeper.push(mine.len());
+        all.extend(mine);
+    }
+    assert_eq!(total, 20_000, "total dispatched");
+    assert_eq!(all.len(), 20_000, "no task dispatched by two sweepers");
+    assert!(
+        per_sweeper.iter().filter(|n| **n > 0).count() >= 2,
+        "sweepers ran side by side: {per_sweeper:?}"
+    );
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
+    let mut in_redis = 0;
+    for q in ["a", "b", "c"] {
+        in_redis += h.scheduled(q).await.len();
+    }
+    assert_eq!(in_redis, 20_000);
+}
+
+#[tokio::test]
+async fn a_row_locked_by_another_transaction_is_skipped_not_waited_for() {
+    let h = Harness::new().await;
+    let sweeper = h.sweeper(&Metrics::new().meter());
+    h.enqueue(5, &["q"], None).await;
+    let mut conn = h.test_db.another_pool().get().await.expect("conn");
+    let tx = db::begin(&mut conn, Duration::from_secs(30)).await.expect("begin");
+    tx.fetch_one("SELECT id FROM task_outbox WHERE task_id = 't3' FOR UPDATE", &[]).await.expect("lock t3");
+
+    let report = tokio::time::timeout(Duration::from_secs(5), sweeper.sweep())
+        .await
+        .expect("not blocked")
+        .expect("sweep");
+    assert_eq!((report.claimed, report.dispatched.len()), (4, 4));
+    let scheduled = h.scheduled("q").await;
+    assert!(!scheduled.contains_key("t3") && scheduled.len() == 4);
+    assert_eq!(h.scalar("SELECT attempts::int8 FROM task_outbox WHERE task_id = 't3'").await, 0);
+
+    tx.commit().await.expect("release");
+    assert_eq!(sweeper.sweep().await.expect("sweep").dispatched.len(), 1);
+    assert!(h.scheduled("q").await.contains_key("t3"));
+}
+
+#[tokio::test]
+async fn a_full_batch_asks_for_another_tick_at_once_and_a_short_one_does_not() {
+    let mut h = Harness::new().await;
+    h.config.outbox.batch_size = 10;
+    let sweeper = h.sweeper(&Metrics::new().meter());
+    h.enqueue(11, &["q"], None).await;
+    assert_eq!(sweeper.tick(&Tick::detached()).await.expect("tick"), Progress::More);
+    assert_eq!(sweeper.tick(&Tick::detached()).await.expect("tick"), Progress::Done);
+    assert_eq!(h.scheduled("q").await.len(), 11);
+}
+
+#[tokio::test]
+async fn rows_that_are_not_due_yet_stay_in_the_outbox() {
+    let h = Harness::new().await;
+    let sweeper = h.sweeper(&Metrics::new().meter());
+    h.exec("SELECT enqueue_task('later', 'q', '{}', now() + interval '1 hour')").await;
+    h.exec("SELECT enqueue_task('now', 'q', '{}')").await;
+    let report = sweeper.sweep().await.expect("sweep");
+    assert_eq!(report.claimed, 1);
+    assert!(h.scheduled("q").await.contains_key("now"));
+    h.exec("UPDATE task_outbox SET run_at = now() - interval '1 ms' WHERE task_id = 'later'").await;
+    assert_eq!(sweeper.sweep().await.expect("sweep").claimed, 1);
+    assert_eq!(h.scheduled("q").await.len(), 2);
+}
+
+#[tokio::test]
+async fn the_probe_reports_backlog_oldest_due_age_and_dead_letters() {
+    let mut h = Harness::new().await;
+    h.config.outbox.batch_size = 2;
+    let metrics = Metrics::new();
+    let sweeper = h.sweeper(&metrics.meter());
+    h.enqueue(5, &["q"], None).await;
+    h.exec("UPDATE task_outbox SET created_at = now() - interval '90 seconds' WHERE task_id = 't1'").await;
+    h.exec(
+        "INSERT INTO task_outbox_dead (original_id, task_id, queue, payload, run_at, attempts, created_at) \
+         VALUES (1, 'x', 'q', '{}', now(), 10, now()), (2, 'y', 'q', '{}', now(), 10, now())",
+    )
+    .await;
+    assert_eq!(metrics.gauge("outbox.backlog.due").await, None, "nothing observed before the first probe");
+
+    sweeper.tick(&Tick::detached()).await.expect("tick"); // probes first, then sweeps 2 rows
+    assert_eq!(metrics.gauge("outbox.backlog.due").await, Some(5.0));
+    let age = metrics.gauge("outbox.backlog.oldest_due_age").await.expect("age observed");
+    assert!((89.0..120.0).contains(&age), "oldest due age from created_at: {age}");
+    assert_eq!(metrics.gauge("outbox.dead_letters").await, Some(2.0));
+
+    // Within probe_interval (15s) the gauges are not refreshed: no query per tick.
+    sweeper.tick(&Tick::detached()).await.expect("tick");
+    assert_eq!(metrics.gauge("outbox.backlog.due").await, Some(5.0));
+}
+
+#[tokio::test]
+async fn enqueue_task_is_idempotent_on_task_id() {
+    let h = Harness::new().await;
+    let first = h.scalar("SELECT enqueue_task('same', 'q', '{\"v\": 1}')").await;
+    let second = h.scalar("SELECT enqueue_task('same', 'other', '{\"v\": 2}')").await;
+    assert_eq!(first, second, "the second call returns the first row's id");
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 1);
+    assert_eq!(h.scalar("SELECT (payload->>'v')::int8 FROM task_outbox WHERE queue = 'q'").await, 1);
+}
+
+#[tokio::test]
+async fn cancel_job_removes_that_jobs_rows_atomically_and_leaves_other_jobs_alone() {
+    let h = Harness::new().await;
+    h.exec("INSERT INTO jobs (id, status) VALUES ('j1', 'running'), ('j2', 'running'), ('j3', 'pending')")
+        .await;
+    for (job, n) in [("j1", 3), ("j2", 4), ("j3", 2)] {
+        let sql = format!(
+            "SELECT count(enqueue_task('{job}-' || g, 'q', '{{}}', now(), '{job}')) FROM generate_series(1, {n}) g"
+        );
+        h.exec(&sql).await;
+    }
+    h.exec("SELECT enqueue_task('jobless', 'q', '{}')").await;
+
+    assert_eq!(h.scalar("SELECT cancel_job('j1')").await, 3);
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox WHERE job_id = 'j1'").await, 0);
+    assert_eq!(h.scalar("SELECT count(*) FROM jobs WHERE id = 'j1' AND status = 'canceled'").await, 1);
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox WHERE job_id = 'j2'").await, 4);
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox WHERE job_id IS NULL").await, 1);
+    assert_eq!(h.scalar("SELECT count(*) FROM jobs WHERE id = 'j2' AND status = 'running'").await, 1);
+
+    // All or nothing: when the delete cannot complete (a row is locked and the lock wait times
+    // out), the status change is rolled back with it.
+    let mut holder = h.test_db.another_pool().get().await.expect("conn");
+    let hold = db::begin(&mut holder, Duration::from_secs(30)).await.expect("begin");
+    hold.fetch_one("SELECT id FROM task_outbox WHERE task_id = 'j3-1' FOR UPDATE", &[]).await.expect("lock");
+    let mut conn = h.db().get().await.expect("conn");
+    let tx = db::begin(&mut conn, Duration::from_secs(5)).await.expect("begin");
+    tx.batch_execute("SET LOCAL lock_timeout = '200ms'").await.expect("lock timeout");
+    let error =
+        tx.fetch_one("SELECT cancel_job($1)", &[(&"j3", Type::TEXT)]).await.expect_err("lock timeout");
+    assert_eq!(error.code().map(|c| c.code()), Some("55P03"), "{error}");
+    drop(tx);
+    drop(hold);
+    assert_eq!(h.scalar("SELECT count(*) FROM jobs WHERE id = 'j3' AND status = 'pending'").await, 1);
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox WHERE job_id = 'j3'").await, 2);
+    assert_eq!(h.scalar("SELECT cancel_job('j3')").await, 2);
+    assert_eq!(h.scalar("SELECT count(*) FROM jobs WHERE id = 'j3' AND status = 'canceled'").await, 1);
+}
+
+#[tokio::test]
+async fn dead_letter_columns_have_exactly_the_outbox_column_types() {
+    let h = Harness::new().await;
+    let columns = |table: &'static str| {
+        let db = h.db().clone();
+        async move {
+            let rows = db
+                .get()
+                .await
+                .expect("conn")
+                .fetch_all(
+                    "SELECT column_name::text, data_type::text, udt_name::text FROM information_schema.columns \
+                     WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
+                    &[(&table, Type::TEXT)],
+                )
+                .await
+                .expect("columns");
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), (r.get::<_, String>(1), r.get::<_, String>(2))))
+                .collect::<Vec<_>>()
+        }
+    };
+    let outbox = columns("task_outbox").await;
+    let dead: std::collections::BTreeMap<_, _> = columns("task_outbox_dead").await.into_iter().collect();
+    assert_eq!(outbox.len(), 9, "{outbox:?}");
+    for (name, ty) in &outbox {
+        assert_eq!(dead.get(name), Some(ty), "task_outbox_dead.{name} has the type of task_outbox.{name}");
+    }
+    assert_eq!(dead.get("original_id").map(|t| t.1.as_str()), Some("int8"));
+    assert_eq!(dead.get("dead_lettered_at").map(|t| t.1.as_str()), Some("timestamptz"));
+    assert_eq!(dead.len(), outbox.len() + 2, "only original_id and dead_lettered_at are added");
+}
+
+#[tokio::test]
+async fn the_claim_is_an_index_range_scan_in_run_at_id_order() {
+    let h = Harness::new().await;
+    h.enqueue(20_000, &["q"], None).await;
+    h.exec("ANALYZE task_outbox").await;
+    let plan: Vec<String> = h
+        .db()
+        .get()
+        .await
+        .expect("conn")
+        .fetch_all(&format!("EXPLAIN {}", worker::outbox::sweeper::CLAIM), &[(&500i64, Type::INT8)])
+        .await
+        .expect("explain")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index Scan using task_outbox_run_at_id_idx"), "{plan}");
+    assert!(!plan.contains("Sort"), "no sort over the due rows: {plan}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_wakes_a_running_sweeper_through_notify_long_before_its_interval() {
+    let mut h = Harness::new().await;
+    h.config.outbox.interval = Duration::from_secs(3600);
+    let metrics = Metrics::new();
+    let runtime = Runtime::new(
+        h.db().clone(),
+        Health::default(),
+        &metrics.meter(),
+        RuntimeConfig { jitter: 0.0, ..RuntimeConfig::default() },
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    runtime.spawn(h.sweeper(&metrics.meter()), &tracker, shutdown.clone());
+    let stats = worker::listen::spawn(
+        h.test_db.url.clone(),
+        runtime.wakes().clone(),
+        runtime.health.clone(),
+        shutdown.clone(),
+    );
+    let mut connects = stats.connects.clone();
+    tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1)).await.expect("listening").expect("watch");
+    // The first tick (at start) and the wake-on-connect tick find nothing; after them the next
+    // tick is an hour away unless the NOTIFY wakes the loop.
+    let ticks = |health: &Health| health.readiness(Ok(())).loops.iter().map(|l| l.ticks).sum::<u64>();
+    common::eventually(LIMIT, "the start and wake-on-connect ticks", || {
+        let health = runtime.health.clone();
+        async move { ticks(&health) >= 2 }
+    })
+    .await;
+    let mut received = stats.received.clone();
+    let seen = *received.borrow();
+
+    h.exec("SELECT enqueue_task('woken', 'q', '{}')").await;
+    tokio::time::timeout(LIMIT, received.wait_for(|n| *n > seen)).await.expect("notified").expect("watch");
+    let key = worker::redis::key(h.prefix(), "sched", "q");
+    let started = Instant::now();
+    common::eventually(LIMIT, "the task in its sorted set", || {
+        let redis = h.redis.clone();
+        let key = key.clone();
+        async move { redis.zscore::<Option<f64>, _, _>(key, "woken").await.ok().flatten().is_some() }
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(ticks(&runtime.health), 3, "exactly one tick, woken by the NOTIFY");
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+}

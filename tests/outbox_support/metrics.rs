@@ -1,0 +1,98 @@
+//! Reads every kind of instrument the outbox and counters loops record (counters, gauges,
+//! histograms) from an in-memory meter provider.
+
+use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+
+pub struct Metrics {
+    provider: SdkMeterProvider,
+    exporter: InMemoryMetricExporter,
+}
+
+/// One histogram's data point (summed over attribute sets).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct HistogramPoint {
+    pub count: u64,
+    pub sum: u64,
+    pub max: u64,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let exporter = InMemoryMetricExporter::default();
+        let reader = PeriodicReader::builder(exporter.clone()).build();
+        Self { provider: SdkMeterProvider::builder().with_reader(reader).build(), exporter }
+    }
+
+    pub fn meter(&self) -> Meter {
+        self.provider.meter("outbox-tests")
+    }
+
+    async fn with_last<T>(&self, read: impl FnOnce(&ResourceMetrics) -> T) -> Option<T> {
+        let provider = self.provider.clone();
+        tokio::task::spawn_blocking(move || provider.force_flush()).await.expect("join").expect("flush");
+        let finished = self.exporter.get_finished_metrics().expect("finished metrics");
+        finished.last().map(read)
+    }
+
+    /// Cumulative value of u64 counter `name` over the points carrying `attribute` (key, value).
+    pub async fn counter(&self, name: &str, attribute: (&str, &str)) -> u64 {
+        self.with_last(|rm| {
+            let mut total = 0;
+            for m in rm.scope_metrics().flat_map(|s| s.metrics()).filter(|m| m.name() == name) {
+                if let AggregatedMetrics::U64(MetricData::Sum(sum)) = m.data() {
+                    total += sum
+                        .data_points()
+                        .filter(|p| {
+                            p.attributes()
+                                .any(|kv| kv.key.as_str() == attribute.0 && kv.value.as_str() == attribute.1)
+                        })
+                        .map(|p| p.value())
+                        .sum::<u64>();
+                }
+            }
+            total
+        })
+        .await
+        .unwrap_or(0)
+    }
+
+    /// The value of a gauge (u64 or f64, as f64), if it was observed.
+    pub async fn gauge(&self, name: &str) -> Option<f64> {
+        self.with_last(|rm| {
+            rm.scope_metrics().flat_map(|s| s.metrics()).filter(|m| m.name() == name).find_map(|m| {
+                match m.data() {
+                    AggregatedMetrics::U64(MetricData::Gauge(g)) => {
+                        g.data_points().next().map(|p| p.value() as f64)
+                    }
+                    AggregatedMetrics::F64(MetricData::Gauge(g)) => g.data_points().next().map(|p| p.value()),
+                    _ => None,
+                }
+            })
+        })
+        .await
+        .flatten()
+    }
+
+    /// The u64 histogram `name`; also reports whether any point carries an attribute.
+    pub async fn histogram(&self, name: &str) -> (HistogramPoint, bool) {
+        self.with_last(|rm| {
+            let mut point = HistogramPoint::default();
+            let mut attributed = false;
+            for m in rm.scope_metrics().flat_map(|s| s.metrics()).filter(|m| m.name() == name) {
+                if let AggregatedMetrics::U64(MetricData::Histogram(h)) = m.data() {
+                    for p in h.data_points() {
+                        point.count += p.count();
+                        point.sum += p.sum();
+                        point.max = point.max.max(p.max().unwrap_or(0));
+                        attributed |= p.attributes().next().is_some();
+                    }
+                }
+            }
+            (point, attributed)
+        })
+        .await
+        .unwrap_or_default()
+    }
+}
