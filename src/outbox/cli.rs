@@ -14,6 +14,7 @@ use crate::db::{Db, DbError};
 pub enum OutboxCommand {
     /// Backlog per queue: rows, due now, retrying, age of the oldest due row, dead letters.
     Stats {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -31,6 +32,7 @@ pub enum DeadCommand {
         /// Only this queue.
         #[arg(long)]
         queue: Option<String>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -42,6 +44,7 @@ pub enum DeadCommand {
         /// Every dead letter.
         #[arg(long)]
         all: bool,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -49,6 +52,7 @@ pub enum DeadCommand {
     Purge {
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         older_than: Duration,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },

@@ -1,0 +1,145 @@
+//! The counters loop against real PostgreSQL and Redis: which jobs it writes, clamping, jobs
+//! missing from the hash, the skew histogram, and two replicas behind pgbouncer in transaction
+//! mode.
+
+mod common;
+mod outbox_support;
+
+use std::collections::BTreeMap;
+
+use common::TestDb;
+use common::pgbouncer::PgBouncer;
+use fred::prelude::{HashesInterface, KeysInterface};
+use outbox_support::metrics::Metrics;
+use outbox_support::{Harness, connected};
+use worker::counters::Counters;
+use worker::db::{Db, Exec};
+use worker::runtime::{Loop, Progress, Tick};
+
+fn counters(
+    h: &Harness,
+    db: Db,
+    redis: worker::redis::Client,
+    meter: &opentelemetry::metrics::Meter,
+) -> Counters {
+    Counters::new(db, redis, h.prefix(), h.config.counters.clone(), meter)
+}
+
+async fn running_tasks(db: &Db) -> BTreeMap<String, i32> {
+    let rows = db
+        .get()
+        .await
+        .expect("conn")
+        .fetch_all("SELECT id, running_tasks FROM jobs ORDER BY id", &[])
+        .await
+        .expect("jobs");
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+#[tokio::test]
+async fn hash_values_land_in_running_tasks_of_active_jobs_only() {
+    let h = Harness::new().await;
+    let metrics = Metrics::new();
+    let sync = counters(&h, h.db().clone(), h.redis.clone(), &metrics.meter());
+    h.exec(
+        "INSERT INTO jobs (id, status, running_tasks) VALUES \
+         ('a', 'running', 0), ('b', 'pending', 4), ('c', 'completed', 1), ('d', 'running', 5), \
+         ('e', 'running', 2), ('f', 'canceled', 2), ('g', 'pending', 0), ('h', 'failed', 3)",
+    )
+    .await;
+    h.exec("UPDATE jobs SET updated_at = now() - interval '1 hour'").await;
+    let key = format!("{}:running", h.prefix());
+    let _: () = h
+        .redis
+        .hset(
+            &key,
+            vec![
+                ("a", "3"),
+                ("b", "-2"),          // negative: clamped to 0
+                ("c", "7"),           // completed: never touched
+                ("e", "lots"),        // unreadable: that job keeps its count
+                ("g", "99999999999"), // beyond int4: clamped
+                ("h", "1"),           // failed: never touched
+                ("ghost", "5"),       // no such job
+            ],
+        )
+        .await
+        .expect("hset");
+    // d is active and missing from the hash: back to 0.
+
+    assert_eq!(sync.tick(&Tick::detached()).await.expect("tick"), Progress::Done);
+    let expected: BTreeMap<String, i32> =
+        [("a", 3), ("b", 0), ("c", 1), ("d", 0), ("e", 2), ("f", 2), ("g", i32::MAX), ("h", 3)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+    assert_eq!(running_tasks(h.db()).await, expected);
+    assert_eq!(
+        h.scalar("SELECT count(*) FROM jobs WHERE updated_at > now() - interval '1 minute'").await,
+        4,
+        "only the changed jobs (a, b, d, g) are written"
+    );
+
+    // Skew per active job (a 3, b 4, d 5, e 0, g i32::MAX), with no job-id attribute.
+    let (skew, attributed) = metrics.histogram("counters.skew").await;
+    assert_eq!(skew.count, 5);
+    assert_eq!(skew.max, i32::MAX as u64);
+    assert_eq!(skew.sum, 3 + 4 + 5 + i32::MAX as u64);
+    assert!(!attributed, "the skew histogram carries no attributes (no job id)");
+
+    let again = sync.sync().await.expect("sync");
+    assert_eq!(
+        (again.active_jobs, again.updated, again.max_skew),
+        (5, 0, 0),
+        "a second sync changes nothing"
+    );
+    assert_eq!(again.unreadable, 1);
+}
+
+#[tokio::test]
+async fn an_empty_hash_zeroes_every_active_job() {
+    let h = Harness::new().await;
+    let sync = counters(&h, h.db().clone(), h.redis.clone(), &Metrics::new().meter());
+    h.exec("INSERT INTO jobs (id, status, running_tasks) VALUES ('a', 'running', 3), ('b', 'completed', 2)")
+        .await;
+    let report = sync.sync().await.expect("sync");
+    assert_eq!((report.entries, report.updated), (0, 1));
+    assert_eq!(running_tasks(h.db()).await, BTreeMap::from([("a".into(), 0), ("b".into(), 2)]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sync_through_pgbouncer_transaction_mode_without_errors() {
+    let h = Harness::new().await;
+    let bouncer = PgBouncer::start(2).await;
+    let bounced = || Db::new(&TestDb::database_config_for(&bouncer.url(&h.test_db.name), 4)).expect("pool");
+    h.exec(
+        "INSERT INTO jobs (id, status) SELECT 'job-' || lpad(g::text, 4, '0'), 'running' \
+         FROM generate_series(1, 500) g",
+    )
+    .await;
+    let key = format!("{}:running", h.prefix());
+    let replicas = [
+        counters(&h, bounced(), connected(&h.config.redis).await, &Metrics::new().meter()),
+        counters(&h, bounced(), connected(&h.config.redis).await, &Metrics::new().meter()),
+    ];
+    for round in 0..20i64 {
+        // Every job in the hash except one that rotates out (→ 0).
+        let values: Vec<(String, String)> = (1..=500i64)
+            .filter(|g| g % 50 != round % 50)
+            .map(|g| (format!("job-{g:04}"), ((g + round) % 7 - 1).to_string()))
+            .collect();
+        let _: i64 = h.redis.del(&key).await.expect("del");
+        let _: () = h.redis.hset(&key, values).await.expect("hset");
+        let (a, b) = tokio::join!(replicas[0].sync(), replicas[1].sync());
+        a.expect("replica 1 through pgbouncer");
+        b.expect("replica 2 through pgbouncer");
+    }
+    let last = 19i64;
+    let expected: BTreeMap<String, i32> = (1..=500i64)
+        .map(|g| {
+            let n = if g % 50 == last % 50 { 0 } else { ((g + last) % 7 - 1).max(0) as i32 };
+            (format!("job-{g:04}"), n)
+        })
+        .collect();
+    assert_eq!(running_tasks(h.db()).await, expected);
+}
