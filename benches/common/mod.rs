@@ -1,0 +1,163 @@
+//! Shared pieces of the benchmarks (`scripts/bench.sh`): a throwaway migrated database, Redis
+//! key cleanup, timing and markdown tables. Each benchmark is a `harness = false` target that
+//! prints its tables to stdout; `scripts/bench.sh` adds the machine description.
+#![allow(dead_code)] // each bench target uses a different subset
+
+use std::time::Duration;
+
+use fred::prelude::{Client, ClientLike, KeysInterface};
+use worker::config::{DatabaseConfig, RedisConfig};
+use worker::db::Db;
+
+pub fn admin_url() -> String {
+    std::env::var("WORKER_BENCH_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("WORKER_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A migrated database of its own, dropped by [`BenchDb::drop_now`].
+pub struct BenchDb {
+    pub name: String,
+    pub url: String,
+    pub db: Db,
+    admin: tokio_postgres::Client,
+}
+
+impl BenchDb {
+    pub async fn create(pool_size: usize) -> anyhow::Result<Self> {
+        let admin = worker::db::connect_direct(&admin_url(), "worker-bench").await?;
+        let name = format!("worker_bench_{}", uuid::Uuid::new_v4().simple());
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+        let mut url = url::Url::parse(&admin_url())?;
+        url.set_path(&format!("/{name}"));
+        let url = url.to_string();
+        worker::migrate::run(&url).await?;
+        let config = DatabaseConfig { url: url.clone(), pool_size, ..DatabaseConfig::default() };
+        Ok(Self { name, url, db: Db::new(&config)?, admin })
+    }
+
+    /// A direct connection for maintenance statements (VACUUM cannot run in a transaction).
+    pub async fn direct(&self) -> anyhow::Result<tokio_postgres::Client> {
+        Ok(worker::db::connect_direct(&self.url, "worker-bench").await?)
+    }
+
+    pub async fn drop_now(self) -> anyhow::Result<()> {
+        let Self { name, db, admin, .. } = self;
+        drop(db);
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+        Ok(())
+    }
+}
+
+pub async fn redis(prefix: &str) -> anyhow::Result<(Client, RedisConfig)> {
+    let config = RedisConfig { url: redis_url(), prefix: prefix.to_owned() };
+    let client = worker::redis::build(&config)?;
+    client.init().await?;
+    Ok((client, config))
+}
+
+/// Deletes `{prefix}:{kind}:{queue}` for the given kinds and queues.
+pub async fn delete_keys(
+    client: &Client,
+    prefix: &str,
+    kinds: &[&str],
+    queues: &[String],
+) -> anyhow::Result<()> {
+    for kind in kinds {
+        for queue in queues {
+            let _: i64 = client.del(worker::redis::key(prefix, kind, queue)).await?;
+        }
+    }
+    Ok(())
+}
+
+pub fn rate(rows: u64, elapsed: Duration) -> f64 {
+    rows as f64 / elapsed.as_secs_f64().max(f64::EPSILON)
+}
+
+/// The `q`-th quantile (0..=1) of sorted durations.
+pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// Prints a markdown table.
+pub fn table(title: &str, header: &[&str], rows: &[Vec<String>]) {
+    println!("\n### {title}\n");
+    println!("| {} |", header.join(" | "));
+    println!("|{}|", header.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+    for row in rows {
+        println!("| {} |", row.join(" | "));
+    }
+}
+
+/// CPU seconds consumed so far: the whole machine (busy time over all cores), this process, and
+/// the redis-server listening on `redis_port`; PostgreSQL is most of the rest.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu {
+    pub machine: f64,
+    pub own: f64,
+    pub redis: f64,
+}
+
+/// `sysconf(_SC_CLK_TCK)` on every Linux this runs on.
+const TICKS_PER_SEC: f64 = 100.0;
+
+fn proc_stat_cpu(path: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesised command name: state is field 3; utime, stime are 14, 15.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_SEC)
+}
+
+fn redis_pid(port: u16) -> Option<String> {
+    let needle = format!(":{port}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+        (comm.trim() == "redis-server" && cmdline.contains(&needle)).then_some(pid)
+    })
+}
+
+impl Cpu {
+    pub fn now(redis_port: u16) -> Self {
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|text| {
+                let line = text.lines().next()?.to_owned();
+                let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+                // user nice system idle iowait irq softirq steal
+                Some([0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum::<f64>() / TICKS_PER_SEC)
+            })
+            .unwrap_or(0.0);
+        let redis =
+            redis_pid(redis_port).and_then(|pid| proc_stat_cpu(&format!("/proc/{pid}/stat"))).unwrap_or(0.0);
+        Self { machine, own: proc_stat_cpu("/proc/self/stat").unwrap_or(0.0), redis }
+    }
+
+    pub fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            machine: self.machine - before.machine,
+            own: self.own - before.own,
+            redis: self.redis - before.redis,
+        }
+    }
+}
+
+pub fn redis_port() -> u16 {
+    url::Url::parse(&redis_url()).ok().and_then(|u| u.port()).unwrap_or(6379)
+}

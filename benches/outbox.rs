@@ -1,0 +1,408 @@
+//! Outbox benchmarks (SPEC §10), against the real PostgreSQL and Redis, every baseline measured in
+//! the same run:
+//!
+//! 1. Drain N due rows (default 200,000): the sweeper (one and two replicas) versus the per-row
+//!    baseline (claim one row, HSET, ZADD, DELETE, commit) and versus the SQL-only limit (the
+//!    same claim + delete statements in batches, no Redis); plus Redis alone (the same pipelines,
+//!    no SQL) to show which side limits.
+//! 2. Latency from `enqueue_task` to the task being in its sorted set, p50/p99 over single
+//!    enqueues at a steady rate, with the NOTIFY wake and with polling only.
+//!
+//! `cargo bench --bench outbox -- [--rows N] [--baseline-rows N] [--batch N] [--samples N]
+//! [--rate PER_SEC]`; `scripts/bench.sh` runs it and prints the machine it ran on.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use common::{BenchDb, Cpu, ms, quantile, rate, table};
+use fred::prelude::{Client, HashesInterface, SortedSetsInterface};
+use tokio_postgres::types::Type;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use worker::config::{OutboxConfig, RuntimeConfig};
+use worker::db::{self, Db, Exec};
+use worker::health::Health;
+use worker::outbox::Sweeper;
+use worker::outbox::scheduler;
+use worker::outbox::sweeper::{CLAIM, Claimed, DELETE_DISPATCHED};
+use worker::runtime::Runtime;
+
+const QUEUES: usize = 4;
+
+struct Args {
+    rows: i64,
+    baseline_rows: i64,
+    batch: u32,
+    samples: usize,
+    rate: u32,
+}
+
+impl Args {
+    fn parse() -> anyhow::Result<Self> {
+        let mut args = Args { rows: 200_000, baseline_rows: 5_000, batch: 500, samples: 1_000, rate: 100 };
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+            match flag.as_str() {
+                "--rows" => args.rows = value()?.parse()?,
+                "--baseline-rows" => args.baseline_rows = value()?.parse()?,
+                "--batch" => args.batch = value()?.parse()?,
+                "--samples" => args.samples = value()?.parse()?,
+                "--rate" => args.rate = value()?.parse()?,
+                _ => {} // cargo bench passes --bench
+            }
+        }
+        Ok(args)
+    }
+}
+
+fn queues() -> Vec<String> {
+    (0..QUEUES).map(|q| format!("q{q}")).collect()
+}
+
+/// `rows` due rows over the queues, with a ~100-byte payload; then VACUUM ANALYZE so every
+/// variant starts from the same clean table.
+async fn fill(bench: &BenchDb, rows: i64) -> anyhow::Result<()> {
+    let direct = bench.direct().await?;
+    direct.batch_execute("TRUNCATE task_outbox").await?;
+    let queues = QUEUES as i64;
+    direct
+        .exec(
+            "INSERT INTO task_outbox (task_id, queue, payload, run_at) \
+             SELECT 'task-' || g, 'q' || (g % $2), \
+                    jsonb_build_object('n', g, 'kind', 'benchmark', 'body', repeat('x', 64)), \
+                    now() - interval '1 hour' + g * interval '1 microsecond' \
+             FROM generate_series(1, $1) AS g",
+            &[(&rows, Type::INT8), (&queues, Type::INT8)],
+        )
+        .await?;
+    direct.batch_execute("VACUUM ANALYZE task_outbox").await?;
+    Ok(())
+}
+
+async fn remaining(db: &Db) -> anyhow::Result<i64> {
+    Ok(db.get().await?.fetch_one("SELECT count(*) FROM task_outbox", &[]).await?.get(0))
+}
+
+/// Runs `work`, returning its result, wall time and the CPU it cost the machine.
+async fn measured<T>(work: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<(T, Duration, Cpu)> {
+    let port = common::redis_port();
+    let before = Cpu::now(port);
+    let started = Instant::now();
+    let value = work.await?;
+    let elapsed = started.elapsed();
+    Ok((value, elapsed, Cpu::now(port).since(before)))
+}
+
+/// The SQL-only limit: the sweeper's claim and delete statements in its transaction shape.
+async fn sql_only(db: &Db, batch: u32) -> anyhow::Result<u64> {
+    let limit = i64::from(batch);
+    let mut total = 0;
+    loop {
+        let mut conn = db.get().await?;
+        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let ids: Vec<i64> =
+            tx.fetch_all(CLAIM, &[(&limit, Type::INT8)]).await?.iter().map(|r| r.get(0)).collect();
+        if ids.is_empty() {
+            return Ok(total);
+        }
+        tx.exec(DELETE_DISPATCHED, &[(&ids, Type::INT8_ARRAY)]).await?;
+        tx.commit().await?;
+        total += ids.len() as u64;
+    }
+}
+
+/// The per-row baseline: one transaction per row, each Redis command awaited on its own.
+async fn per_row(db: &Db, redis: &Client, prefix: &str) -> anyhow::Result<u64> {
+    let one = 1i64;
+    let mut total = 0;
+    loop {
+        let mut conn = db.get().await?;
+        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let Some(row) = tx.fetch_opt(CLAIM, &[(&one, Type::INT8)]).await? else { return Ok(total) };
+        let (id, task_id, queue, payload, score): (i64, String, String, String, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let _: i64 =
+            redis.hset(worker::redis::key(prefix, "payload", &queue), (task_id.as_str(), payload)).await?;
+        let _: i64 = redis
+            .zadd(
+                worker::redis::key(prefix, "sched", &queue),
+                None,
+                None,
+                false,
+                false,
+                (score as f64, task_id),
+            )
+            .await?;
+        tx.exec(DELETE_DISPATCHED, &[(&vec![id], Type::INT8_ARRAY)]).await?;
+        tx.commit().await?;
+        total += 1;
+    }
+}
+
+/// Redis alone: the sweeper's pipelines for `rows` in-memory rows, no SQL; `per_row` sends one
+/// HSET/ZADD pair per row instead of one per queue chunk.
+async fn redis_only(
+    redis: &Client,
+    prefix: &str,
+    rows: i64,
+    batch: u32,
+    per_row: bool,
+) -> anyhow::Result<u64> {
+    let mut total = 0;
+    let mut next = 1i64;
+    while next <= rows {
+        let end = (next + i64::from(batch)).min(rows + 1);
+        let claimed: Vec<Claimed> = (next..end)
+            .map(|g| Claimed {
+                id: g,
+                task_id: format!("task-{g}"),
+                queue: format!("q{}", g % QUEUES as i64),
+                payload: format!(r#"{{"n": {g}, "body": "{}", "kind": "benchmark"}}"#, "x".repeat(64)),
+                run_at_ms: 1_700_000_000_000 + g,
+                attempts: 0,
+            })
+            .collect();
+        let outcomes = if per_row {
+            scheduler::dispatch_per_row(redis, prefix, &claimed).await?
+        } else {
+            scheduler::dispatch(redis, prefix, &claimed, Duration::from_secs(10)).await?
+        };
+        anyhow::ensure!(
+            outcomes.iter().all(|o| *o == scheduler::RowOutcome::Written),
+            "redis refused writes"
+        );
+        total += outcomes.len() as u64;
+        next = end;
+    }
+    Ok(total)
+}
+
+/// `replicas` sweepers (separate pools and Redis clients) side by side until the outbox is empty.
+async fn sweepers(bench: &BenchDb, prefix: &str, replicas: usize, batch: u32) -> anyhow::Result<u64> {
+    let config = OutboxConfig { batch_size: batch, ..OutboxConfig::default() };
+    let meter = opentelemetry::global::meter("bench");
+    let mut sweepers = Vec::new();
+    for _ in 0..replicas {
+        let db = Db::new(&worker::config::DatabaseConfig {
+            url: bench.url.clone(),
+            pool_size: 2,
+            ..Default::default()
+        })?;
+        let (redis, _) = common::redis(prefix).await?;
+        sweepers.push(Sweeper::new(db, redis, prefix, config.clone(), &meter));
+    }
+    let runs = sweepers.into_iter().map(|sweeper| {
+        tokio::spawn(async move {
+            let mut total = 0u64;
+            loop {
+                let report = sweeper.sweep().await?;
+                anyhow::ensure!(
+                    report.untouched == 0 && report.retried == 0,
+                    "unexpected failures: {report:?}"
+                );
+                if report.claimed == 0 {
+                    return Ok(total);
+                }
+                total += report.dispatched.len() as u64;
+            }
+        })
+    });
+    let mut total = 0;
+    for run in futures_util::future::join_all(runs).await {
+        total += run??;
+    }
+    Ok(total)
+}
+
+async fn throughput(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
+    let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
+    let (redis, _) = common::redis(&prefix).await?;
+    let kinds = ["payload", "sched"];
+    let mut results: Vec<(String, u64, Duration, Cpu)> = Vec::new();
+
+    fill(bench, args.baseline_rows).await?;
+    let (n, elapsed, cpu) = measured(per_row(&bench.db, &redis, &prefix)).await?;
+    results.push(("per-row baseline: claim 1, HSET, ZADD, DELETE, commit".into(), n, elapsed, cpu));
+    common::delete_keys(&redis, &prefix, &kinds, &queues()).await?;
+
+    fill(bench, args.rows).await?;
+    let (n, elapsed, cpu) = measured(sql_only(&bench.db, args.batch)).await?;
+    results.push((
+        format!("SQL-only limit: claim + delete, batch {}, no Redis", args.batch),
+        n,
+        elapsed,
+        cpu,
+    ));
+
+    for per_row in [true, false] {
+        let (n, elapsed, cpu) = measured(redis_only(&redis, &prefix, args.rows, args.batch, per_row)).await?;
+        let shape = if per_row { "one HSET + ZADD per row" } else { "one HSET + ZADD per queue chunk" };
+        results.push((
+            format!("Redis only: pipelines of {} rows, {shape}, no SQL", args.batch),
+            n,
+            elapsed,
+            cpu,
+        ));
+        common::delete_keys(&redis, &prefix, &kinds, &queues()).await?;
+    }
+
+    for replicas in [1, 2] {
+        fill(bench, args.rows).await?;
+        let (n, elapsed, cpu) = measured(sweepers(bench, &prefix, replicas, args.batch)).await?;
+        anyhow::ensure!(remaining(&bench.db).await? == 0, "the sweepers left rows behind");
+        let mut in_redis = 0u64;
+        for queue in queues() {
+            in_redis += redis.zcard::<u64, _>(worker::redis::key(&prefix, "sched", &queue)).await?;
+        }
+        anyhow::ensure!(in_redis == n, "{in_redis} tasks in Redis after dispatching {n}");
+        let label = format!(
+            "sweeper, {replicas} replica{}, batch {}",
+            if replicas > 1 { "s" } else { "" },
+            args.batch
+        );
+        results.push((label, n, elapsed, cpu));
+        common::delete_keys(&redis, &prefix, &kinds, &queues()).await?;
+    }
+
+    let per_row_rate = rate(results[0].1, results[0].2);
+    let sql_rate = rate(results[1].1, results[1].2);
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|(label, n, elapsed, _)| {
+            let r = rate(*n, *elapsed);
+            vec![
+                label.clone(),
+                n.to_string(),
+                format!("{:.2}", elapsed.as_secs_f64()),
+                format!("{r:.0}"),
+                format!("{:.1}×", r / per_row_rate),
+                format!("{:.2}", r / sql_rate),
+            ]
+        })
+        .collect();
+    table(
+        "Outbox drain (rows/s)",
+        &["variant", "rows", "seconds", "rows/s", "vs per-row", "vs SQL-only"],
+        &rows,
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|(label, _, elapsed, cpu)| {
+            let wall = elapsed.as_secs_f64();
+            let rest = (cpu.machine - cpu.own - cpu.redis).max(0.0);
+            vec![
+                label.clone(),
+                format!("{:.0}%", 100.0 * cpu.machine / (wall * cores)),
+                format!("{:.2}", cpu.own),
+                format!("{:.2}", cpu.redis),
+                format!("{rest:.2}"),
+            ]
+        })
+        .collect();
+    table(
+        &format!("Where the CPU went (seconds of CPU; {cores} cores, all processes on this machine)"),
+        &["variant", "machine busy", "benchmark process", "redis-server", "rest (PostgreSQL, kernel)"],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Enqueue → visible in the sorted set. A watcher blocks in BZPOPMIN on the queue, so the time a
+/// task becomes visible is taken without polling.
+async fn latency(bench: &BenchDb, args: &Args, wake: bool) -> anyhow::Result<Vec<Duration>> {
+    let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
+    let (redis, _) = common::redis(&prefix).await?;
+    let (watcher, _) = common::redis(&prefix).await?;
+    let meter = opentelemetry::global::meter("bench");
+    let runtime = Runtime::new(bench.db.clone(), Health::default(), &meter, RuntimeConfig::default());
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let sweeper = Sweeper::new(bench.db.clone(), redis, &prefix, OutboxConfig::default(), &meter);
+    runtime.spawn(sweeper, &tracker, shutdown.clone());
+    if wake {
+        let stats = worker::listen::spawn(
+            bench.url.clone(),
+            runtime.wakes().clone(),
+            runtime.health.clone(),
+            shutdown.clone(),
+        );
+        let mut connects = stats.connects.clone();
+        tokio::time::timeout(Duration::from_secs(10), connects.wait_for(|n| *n >= 1)).await??;
+    }
+
+    let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let key = worker::redis::key(&prefix, "sched", "latency");
+    let samples = args.samples;
+    let watch = {
+        let started = started.clone();
+        tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(samples);
+            while latencies.len() < samples {
+                let popped: Option<(String, String, f64)> = watcher.bzpopmin(&key, 10.0).await?;
+                let (_, task, _) = popped.context("no task became visible within 10s")?;
+                let at = Instant::now();
+                let since = started.lock().unwrap_or_else(|e| e.into_inner()).remove(&task);
+                latencies.push(at - since.context("popped a task that was never enqueued")?);
+            }
+            anyhow::Ok(latencies)
+        })
+    };
+
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / args.rate);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let conn = bench.db.get().await?;
+    for i in 0..samples {
+        ticker.tick().await;
+        let task = format!("lat-{}-{i}", if wake { "wake" } else { "poll" });
+        started.lock().unwrap_or_else(|e| e.into_inner()).insert(task.clone(), Instant::now());
+        conn.fetch_one("SELECT enqueue_task($1, 'latency', '{}')", &[(&task, Type::TEXT)]).await?;
+    }
+    let mut latencies = watch.await??;
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    latencies.sort();
+    Ok(latencies)
+}
+
+async fn latencies(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for wake in [true, false] {
+        let l = latency(bench, args, wake).await?;
+        rows.push(vec![
+            if wake { "NOTIFY wake + 200ms poll" } else { "200ms poll only (±10% jitter)" }.to_owned(),
+            l.len().to_string(),
+            ms(quantile(&l, 0.5)),
+            ms(quantile(&l, 0.99)),
+            ms(l.last().copied().unwrap_or_default()),
+        ]);
+    }
+    table(
+        &format!(
+            "enqueue_task → visible in the sorted set, {} single enqueues at {}/s",
+            args.samples, args.rate
+        ),
+        &["mode", "samples", "p50 ms", "p99 ms", "max ms"],
+        &rows,
+    );
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse()?;
+    let bench = BenchDb::create(8).await?;
+    let result = async {
+        throughput(&bench, &args).await?;
+        latencies(&bench, &args).await
+    }
+    .await;
+    bench.drop_now().await?;
+    result
+}
