@@ -6,6 +6,7 @@ mod common;
 mod outbox_support;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use common::TestDb;
 use common::pgbouncer::PgBouncer;
@@ -142,4 +143,21 @@ async fn two_replicas_sync_through_pgbouncer_transaction_mode_without_errors() {
         })
         .collect();
     assert_eq!(running_tasks(h.db()).await, expected);
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_fails_the_tick_and_zeroes_nothing() {
+    let mut h = Harness::new().await;
+    h.config.redis.url = outbox_support::redis_server::url_for(outbox_support::redis_server::free_port());
+    h.config.counters.tick_timeout = Duration::from_millis(600);
+    let redis = worker::redis::connect(&h.config.redis).expect("client");
+    let sync = counters(&h, h.db().clone(), redis, &Metrics::new().meter());
+    h.exec("INSERT INTO jobs (id, status, running_tasks) VALUES ('a', 'running', 3)").await;
+    let error = sync.tick(&Tick::detached()).await.expect_err("no redis: the tick fails");
+    assert!(error.to_string().contains("HGETALL"), "{error}");
+    assert_eq!(
+        running_tasks(h.db()).await,
+        BTreeMap::from([("a".into(), 3)]),
+        "no answer is not an empty hash"
+    );
 }

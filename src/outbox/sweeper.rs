@@ -157,13 +157,14 @@ impl Sweeper {
         for (row, outcome) in rows.iter().zip(outcomes) {
             plan.add(row, settle::settle(row.attempts, outcome, self.config.max_attempts), &self.config);
         }
+        let first_error = plan.retry_errors.first().or(plan.dead_errors.first()).cloned();
         let report = plan.apply(&tx, rows.len()).await?;
         tx.commit().await?;
-        self.record(&report);
+        self.record(&report, first_error.as_deref());
         Ok(report)
     }
 
-    fn record(&self, report: &SweepReport) {
+    fn record(&self, report: &SweepReport, first_error: Option<&str>) {
         for (outcome, n) in [
             ("dispatched", report.dispatched.len() as u64),
             ("retried", report.retried),
@@ -173,8 +174,9 @@ impl Sweeper {
                 self.rows.add(n, &[KeyValue::new("outcome", outcome)]);
             }
         }
-        if report.retried > 0 || report.dead_lettered > 0 {
+        if let Some(error) = first_error {
             tracing::warn!(
+                error,
                 claimed = report.claimed,
                 dispatched = report.dispatched.len(),
                 retried = report.retried,
