@@ -44,7 +44,11 @@ pub fn connect(config: &RedisConfig) -> Result<Client, RedisError> {
 
 /// Builds a client without connecting (the caller decides when: `connect` or `init`).
 pub fn build(config: &RedisConfig) -> Result<Client, RedisError> {
-    let redacted = crate::config::redact_url(&config.url);
+    // Never echo a password: an unparseable URL cannot be redacted, so it is not shown at all.
+    let redacted = match url::Url::parse(&config.url) {
+        Ok(_) => crate::config::redact_url(&config.url),
+        Err(_) => "<unparseable>".to_owned(),
+    };
     let mut fred_config =
         Config::from_url(&config.url).map_err(|source| RedisError::Url { url: redacted, source })?;
     // fred's default (`true`) ends the connection task for good when the FIRST connection fails,
@@ -84,12 +88,16 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_url_is_an_error_naming_the_redacted_url() {
-        let config = RedisConfig { url: "redis://user:secret@[::1".into(), prefix: "p".into() };
-        let error = build(&config).expect_err("bad url");
-        let text = error.to_string();
-        assert!(!text.contains("secret"), "{text}");
-        assert!(text.contains("redis.url"), "{text}");
+    fn a_bad_url_is_an_error_naming_the_key_and_never_the_password() {
+        for (url, shown) in [
+            ("redis://user:secret@[::1", "<unparseable>"),
+            ("redis://user:secret@127.0.0.1:6379/not-a-db", "redis://user:***@127.0.0.1:6379/not-a-db"),
+        ] {
+            let config = RedisConfig { url: url.into(), prefix: "p".into() };
+            let text = build(&config).expect_err("bad url").to_string();
+            assert!(!text.contains("secret"), "{text}");
+            assert!(text.contains("redis.url") && text.contains(shown), "{text}");
+        }
     }
 
     #[test]
