@@ -2,8 +2,9 @@
 //!
 //! A tick: `BEGIN; SET LOCAL statement_timeout`; claim up to `batch_size` due rows
 //! `ORDER BY run_at, id FOR UPDATE SKIP LOCKED` (replicas sweep side by side, never the same
-//! row); send them in one Redis pipeline under `outbox.redis_timeout` (inside the tick timeout,
-//! so time is left to settle); settle each row by its own answer — delete the dispatched, bump
+//! row); send them in one Redis pipeline (an HSET/ZADD pair per queue chunk, see
+//! [`scheduler`]) under `outbox.redis_timeout` (inside the tick timeout, so
+//! time is left to settle); settle each row by its own answer — delete the dispatched, bump
 //! the failed with a backoff and their own error, move the exhausted to `task_outbox_dead` —
 //! with at most three statements; `COMMIT`. A full batch asks the runner to tick again at once.
 //!
@@ -13,7 +14,7 @@
 //! `kill -9` at any point loses nothing: before COMMIT every row is still in the outbox (maybe
 //! also in Redis, which the idempotent re-send absorbs).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -101,7 +102,7 @@ pub struct SweepReport {
 #[derive(Default)]
 struct Probe {
     last: Mutex<Option<Instant>>,
-    measured: std::sync::atomic::AtomicBool,
+    measured: AtomicBool,
     due: AtomicU64,
     oldest_due_age_bits: AtomicU64,
     dead: AtomicU64,
