@@ -697,14 +697,20 @@ fn leaf_keys(config: &Config) -> Vec<String> {
     keys
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`. A URL that does not parse
+/// has everything between `://` and the last `@` masked, so a password is never echoed.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("***"));
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            }
             url.to_string()
         }
-        _ => raw.to_owned(),
+        Err(_) => match (raw.find("://"), raw.rfind('@')) {
+            (Some(start), Some(at)) if at > start + 3 => format!("{}***{}", &raw[..start + 3], &raw[at..]),
+            _ => raw.to_owned(),
+        },
     }
 }
 
@@ -828,6 +834,25 @@ mod tests {
         assert!(text.contains("postgres://u:***@db/app"), "{text}");
         assert!(text.contains("# env DATABASE_URL"), "{text}");
         assert!(text.contains("pool_size = 10  # built-in default"), "{text}");
+    }
+
+    #[test]
+    fn redaction_never_echoes_a_password() {
+        assert_eq!(redact_url("postgres://u:pw@db/app"), "postgres://u:***@db/app");
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact_url("redis://user:secret@[::1"), "redis://***@[::1");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn an_invalid_url_error_does_not_echo_its_password() {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("DATABASE_URL".into(), "mysql://u:hunter2@db/app".into());
+        let err = load(&inputs).expect_err("wrong scheme");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        inputs.env.insert("DATABASE_URL".into(), "postgres://u:hunter2@[::1".into());
+        let err = load(&inputs).expect_err("unparseable");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::TestDb;
+use common::metrics::MetricsProbe;
 use common::pgbouncer::PgBouncer;
 use fred::prelude::{HashesInterface, KeysInterface};
-use outbox_support::metrics::Metrics;
 use outbox_support::{Harness, connected};
 use worker::counters::Counters;
 use worker::db::{Db, Exec};
@@ -40,7 +40,7 @@ async fn running_tasks(db: &Db) -> BTreeMap<String, i32> {
 #[tokio::test]
 async fn hash_values_land_in_running_tasks_of_active_jobs_only() {
     let h = Harness::new().await;
-    let metrics = Metrics::new();
+    let metrics = MetricsProbe::new();
     let sync = counters(&h, h.db().clone(), h.redis.clone(), &metrics.meter());
     h.exec(
         "INSERT INTO jobs (id, status, running_tasks) VALUES \
@@ -100,7 +100,7 @@ async fn hash_values_land_in_running_tasks_of_active_jobs_only() {
 #[tokio::test]
 async fn an_empty_hash_zeroes_every_active_job() {
     let h = Harness::new().await;
-    let sync = counters(&h, h.db().clone(), h.redis.clone(), &Metrics::new().meter());
+    let sync = counters(&h, h.db().clone(), h.redis.clone(), &MetricsProbe::new().meter());
     h.exec("INSERT INTO jobs (id, status, running_tasks) VALUES ('a', 'running', 3), ('b', 'completed', 2)")
         .await;
     let report = sync.sync().await.expect("sync");
@@ -120,8 +120,8 @@ async fn two_replicas_sync_through_pgbouncer_transaction_mode_without_errors() {
     .await;
     let key = format!("{}:running", h.prefix());
     let replicas = [
-        counters(&h, bounced(), connected(&h.config.redis).await, &Metrics::new().meter()),
-        counters(&h, bounced(), connected(&h.config.redis).await, &Metrics::new().meter()),
+        counters(&h, bounced(), connected(&h.config.redis).await, &MetricsProbe::new().meter()),
+        counters(&h, bounced(), connected(&h.config.redis).await, &MetricsProbe::new().meter()),
     ];
     for round in 0..20i64 {
         // Every job in the hash except one that rotates out (→ 0).
@@ -151,7 +151,7 @@ async fn an_unreachable_redis_fails_the_tick_and_zeroes_nothing() {
     h.config.redis.url = outbox_support::redis_server::url_for(outbox_support::redis_server::free_port());
     h.config.counters.tick_timeout = Duration::from_millis(600);
     let redis = worker::redis::connect(&h.config.redis).expect("client");
-    let sync = counters(&h, h.db().clone(), redis, &Metrics::new().meter());
+    let sync = counters(&h, h.db().clone(), redis, &MetricsProbe::new().meter());
     h.exec("INSERT INTO jobs (id, status, running_tasks) VALUES ('a', 'running', 3)").await;
     let error = sync.tick(&Tick::detached()).await.expect_err("no redis: the tick fails");
     assert!(error.to_string().contains("HGETALL"), "{error}");

@@ -8,8 +8,8 @@ mod outbox_support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use common::metrics::MetricsProbe;
 use fred::prelude::{KeysInterface, SortedSetsInterface};
-use outbox_support::metrics::Metrics;
 use outbox_support::redis_server::{self, RedisServer};
 use outbox_support::{Harness, connected};
 use tokio_postgres::types::Type;
@@ -36,7 +36,7 @@ async fn drain(sweeper: &Sweeper) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tasks_over_several_queues_all_land_in_redis() {
     let h = Harness::new().await;
-    let metrics = Metrics::new();
+    let metrics = MetricsProbe::new();
     let sweeper = h.sweeper(&metrics.meter());
     let queues = ["emails", "builds", "webhooks", "reports"];
     h.enqueue(10_000, &queues, None).await;
@@ -56,15 +56,15 @@ async fn ten_thousand_tasks_over_several_queues_all_land_in_redis() {
     }
     assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0, "the outbox is empty");
     assert_eq!(h.scalar("SELECT count(*) FROM task_outbox_dead").await, 0);
-    assert_eq!(metrics.counter("outbox.sweep.rows", ("outcome", "dispatched")).await, 10_000);
-    assert_eq!(metrics.counter("outbox.sweep.rows", ("outcome", "retried")).await, 0);
+    assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "dispatched")]).await, 10_000);
+    assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "retried")]).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_brings_it_back() {
     let mut h = Harness::new().await;
     h.config.outbox.max_attempts = 4;
-    let metrics = Metrics::new();
+    let metrics = MetricsProbe::new();
     let sweeper = h.sweeper(&metrics.meter());
     let bad_key = worker::redis::key(h.prefix(), "sched", "bad");
     let _: () = h.redis.set(&bad_key, "not a sorted set", None, None, false).await.expect("set");
@@ -119,9 +119,9 @@ async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_b
         assert!(r.get::<_, String>(1).contains("WRONGTYPE"));
         assert_eq!(r.get::<_, String>(2), "bad");
     }
-    assert_eq!(metrics.counter("outbox.sweep.rows", ("outcome", "dead_lettered")).await, 30);
-    assert_eq!(metrics.counter("outbox.sweep.rows", ("outcome", "retried")).await, 90);
-    assert_eq!(metrics.counter("outbox.sweep.rows", ("outcome", "dispatched")).await, 60);
+    assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "dead_lettered")]).await, 30);
+    assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "retried")]).await, 90);
+    assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "dispatched")]).await, 60);
 
     let report =
         worker::outbox::dead::requeue(h.db(), &worker::outbox::dead::Selection::All).await.expect("requeue");
@@ -182,7 +182,7 @@ async fn an_unreachable_redis_consumes_no_attempts_and_everything_drains_when_it
     h.config.outbox.max_attempts = 1; // one counted failure would dead-letter at once
     // Nothing listens on the port yet: the worker starts during an outage.
     h.redis = worker::redis::connect(&h.config.redis).expect("client");
-    let sweeper = h.sweeper(&Metrics::new().meter());
+    let sweeper = h.sweeper(&MetricsProbe::new().meter());
     h.enqueue(50, &["a", "b"], None).await;
     ticks_fail_without_consuming_attempts(&h, &sweeper).await;
 
@@ -213,10 +213,10 @@ async fn a_hanging_redis_is_bounded_by_the_sub_deadline_and_the_rows_are_release
     let runtime = Runtime::new(
         h.db().clone(),
         Health::default(),
-        &Metrics::new().meter(),
+        &MetricsProbe::new().meter(),
         RuntimeConfig { jitter: 0.0, ..RuntimeConfig::default() },
     );
-    let mut runner = runtime.runner(h.sweeper(&Metrics::new().meter()));
+    let mut runner = runtime.runner(h.sweeper(&MetricsProbe::new().meter()));
 
     server.freeze();
     let started = Instant::now();
@@ -257,7 +257,7 @@ async fn three_sweepers_dispatch_twenty_thousand_tasks_each_exactly_once() {
             redis,
             h.prefix(),
             h.config.outbox.clone(),
-            &Metrics::new().meter(),
+            &MetricsProbe::new().meter(),
         );
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
@@ -299,7 +299,7 @@ async fn three_sweepers_dispatch_twenty_thousand_tasks_each_exactly_once() {
 #[tokio::test]
 async fn a_row_locked_by_another_transaction_is_skipped_not_waited_for() {
     let h = Harness::new().await;
-    let sweeper = h.sweeper(&Metrics::new().meter());
+    let sweeper = h.sweeper(&MetricsProbe::new().meter());
     h.enqueue(5, &["q"], None).await;
     let mut conn = h.test_db.another_pool().get().await.expect("conn");
     let tx = db::begin(&mut conn, Duration::from_secs(30)).await.expect("begin");
@@ -323,7 +323,7 @@ async fn a_row_locked_by_another_transaction_is_skipped_not_waited_for() {
 async fn a_full_batch_asks_for_another_tick_at_once_and_a_short_one_does_not() {
     let mut h = Harness::new().await;
     h.config.outbox.batch_size = 10;
-    let sweeper = h.sweeper(&Metrics::new().meter());
+    let sweeper = h.sweeper(&MetricsProbe::new().meter());
     h.enqueue(11, &["q"], None).await;
     assert_eq!(sweeper.tick(&Tick::detached()).await.expect("tick"), Progress::More);
     assert_eq!(sweeper.tick(&Tick::detached()).await.expect("tick"), Progress::Done);
@@ -333,7 +333,7 @@ async fn a_full_batch_asks_for_another_tick_at_once_and_a_short_one_does_not() {
 #[tokio::test]
 async fn rows_that_are_not_due_yet_stay_in_the_outbox() {
     let h = Harness::new().await;
-    let sweeper = h.sweeper(&Metrics::new().meter());
+    let sweeper = h.sweeper(&MetricsProbe::new().meter());
     h.exec("SELECT enqueue_task('later', 'q', '{}', now() + interval '1 hour')").await;
     h.exec("SELECT enqueue_task('now', 'q', '{}')").await;
     let report = sweeper.sweep().await.expect("sweep");
@@ -348,7 +348,7 @@ async fn rows_that_are_not_due_yet_stay_in_the_outbox() {
 async fn the_probe_reports_backlog_oldest_due_age_and_dead_letters() {
     let mut h = Harness::new().await;
     h.config.outbox.batch_size = 2;
-    let metrics = Metrics::new();
+    let metrics = MetricsProbe::new();
     let sweeper = h.sweeper(&metrics.meter());
     h.enqueue(5, &["q"], None).await;
     h.exec("UPDATE task_outbox SET created_at = now() - interval '90 seconds' WHERE task_id = 't1'").await;
@@ -477,7 +477,7 @@ async fn the_claim_is_an_index_range_scan_in_run_at_id_order() {
 async fn enqueue_wakes_a_running_sweeper_through_notify_long_before_its_interval() {
     let mut h = Harness::new().await;
     h.config.outbox.interval = Duration::from_secs(3600);
-    let metrics = Metrics::new();
+    let metrics = MetricsProbe::new();
     let runtime = Runtime::new(
         h.db().clone(),
         Health::default(),

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::db::{Db, DbError, Exec};
+use crate::db::{self, Db, DbError, Exec};
 
 /// One statement; the due rows are read through the (run_at, id) index.
 const BACKLOG: &str = "SELECT due.n, due.age, (SELECT count(*) FROM task_outbox_dead) \
@@ -32,8 +32,11 @@ pub struct Backlog {
 }
 
 pub async fn backlog(db: &Db) -> Result<Backlog, DbError> {
-    let conn = db.get().await?;
-    let row = conn.fetch_one(BACKLOG, &[]).await?;
+    let mut conn = db.get().await?;
+    // Runs inside the sweeper's tick: bounded by the statement timeout like every tick statement.
+    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+    let row = tx.fetch_one(BACKLOG, &[]).await?;
+    tx.commit().await?;
     Ok(Backlog {
         due: count(row.get(0)),
         oldest_due_age_secs: row.get::<_, f64>(1).max(0.0),

@@ -1,12 +1,21 @@
-//! An in-memory meter provider for asserting on instruments without an OTLP collector.
+//! An in-memory meter provider for asserting on instruments (counters, gauges, histograms)
+//! without an OTLP collector.
 
 use opentelemetry::metrics::{Meter, MeterProvider as _};
-use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 
 pub struct MetricsProbe {
     provider: SdkMeterProvider,
     exporter: InMemoryMetricExporter,
+}
+
+/// One histogram's data point (summed over attribute sets).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct HistogramPoint {
+    pub count: u64,
+    pub sum: u64,
+    pub max: u64,
 }
 
 impl MetricsProbe {
@@ -20,26 +29,72 @@ impl MetricsProbe {
         self.provider.meter("test")
     }
 
-    /// The cumulative value of u64 counter `name` at the data point whose attributes include
-    /// every `(key, value)` of `attributes` (summed over matching points).
-    pub async fn counter(&self, name: &str, attributes: &[(&str, &str)]) -> u64 {
+    async fn with_last<T>(&self, read: impl FnOnce(&ResourceMetrics) -> T) -> Option<T> {
         let provider = self.provider.clone();
         tokio::task::spawn_blocking(move || provider.force_flush()).await.expect("join").expect("flush");
         let finished = self.exporter.get_finished_metrics().expect("finished metrics");
-        let Some(last) = finished.last() else { return 0 };
-        let mut total = 0;
-        for metric in last.scope_metrics().flat_map(|s| s.metrics()).filter(|m| m.name() == name) {
-            if let AggregatedMetrics::U64(MetricData::Sum(sum)) = metric.data() {
-                for point in sum.data_points() {
-                    let matches = attributes.iter().all(|(k, v)| {
-                        point.attributes().any(|kv| kv.key.as_str() == *k && kv.value.as_str() == *v)
-                    });
-                    if matches {
-                        total += point.value();
+        finished.last().map(read)
+    }
+
+    /// Cumulative value of u64 counter `name`, summed over the data points whose attributes
+    /// include every `(key, value)` of `attributes`.
+    pub async fn counter(&self, name: &str, attributes: &[(&str, &str)]) -> u64 {
+        self.with_last(|rm| {
+            let mut total = 0;
+            for m in rm.scope_metrics().flat_map(|s| s.metrics()).filter(|m| m.name() == name) {
+                if let AggregatedMetrics::U64(MetricData::Sum(sum)) = m.data() {
+                    total += sum
+                        .data_points()
+                        .filter(|p| {
+                            attributes.iter().all(|(k, v)| {
+                                p.attributes().any(|kv| kv.key.as_str() == *k && kv.value.as_str() == *v)
+                            })
+                        })
+                        .map(|p| p.value())
+                        .sum::<u64>();
+                }
+            }
+            total
+        })
+        .await
+        .unwrap_or(0)
+    }
+
+    /// The value of a gauge (u64 or f64, as f64), if it was observed.
+    pub async fn gauge(&self, name: &str) -> Option<f64> {
+        self.with_last(|rm| {
+            rm.scope_metrics().flat_map(|s| s.metrics()).filter(|m| m.name() == name).find_map(|m| {
+                match m.data() {
+                    AggregatedMetrics::U64(MetricData::Gauge(g)) => {
+                        g.data_points().next().map(|p| p.value() as f64)
+                    }
+                    AggregatedMetrics::F64(MetricData::Gauge(g)) => g.data_points().next().map(|p| p.value()),
+                    _ => None,
+                }
+            })
+        })
+        .await
+        .flatten()
+    }
+
+    /// The u64 histogram `name`; also reports whether any point carries an attribute.
+    pub async fn histogram(&self, name: &str) -> (HistogramPoint, bool) {
+        self.with_last(|rm| {
+            let mut point = HistogramPoint::default();
+            let mut attributed = false;
+            for m in rm.scope_metrics().flat_map(|s| s.metrics()).filter(|m| m.name() == name) {
+                if let AggregatedMetrics::U64(MetricData::Histogram(h)) = m.data() {
+                    for p in h.data_points() {
+                        point.count += p.count();
+                        point.sum += p.sum();
+                        point.max = point.max.max(p.max().unwrap_or(0));
+                        attributed |= p.attributes().next().is_some();
                     }
                 }
             }
-        }
-        total
+            (point, attributed)
+        })
+        .await
+        .unwrap_or_default()
     }
 }

@@ -2,7 +2,6 @@
 //! their own, clients, and helpers to enqueue and to read state back.
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
-pub mod metrics;
 pub mod redis_server;
 
 use std::collections::{BTreeMap, HashMap};
