@@ -7,21 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::process::{BIN, free_port, inherited_overrides, readyz, repo_path};
 use common::{TestDb, eventually};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio_postgres::types::Type;
 use worker::db::Exec;
-
-const BIN: &str = env!("CARGO_BIN_EXE_worker");
-
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
 
 /// A config file for one test: its database, a private Redis prefix and health port.
 fn write_config(dir: &Path, database_url: &str, health_port: u16, shutdown_timeout: &str) -> PathBuf {
@@ -37,18 +28,6 @@ fn write_config(dir: &Path, database_url: &str, health_port: u16, shutdown_timeo
     path
 }
 
-/// Environment variables that would override a test's config file.
-fn inherited_overrides() -> Vec<String> {
-    std::env::vars()
-        .map(|(k, _)| k)
-        .filter(|k| {
-            k.starts_with("WORKER")
-                || k.starts_with("OTEL_")
-                || ["DATABASE_URL", "REDIS_URL", "APP_ENV"].contains(&k.as_str())
-        })
-        .collect()
-}
-
 /// Runs `worker ARGS` to completion with only `env` as configuration from the environment.
 fn worker(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(BIN);
@@ -57,12 +36,6 @@ fn worker(args: &[&str], env: &[(&str, &str)]) -> Output {
         command.env_remove(key);
     }
     command.envs(env.iter().copied()).output().expect("run worker")
-}
-
-async fn readyz(port: u16) -> Option<(u16, serde_json::Value)> {
-    let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.json().await.ok()?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::process::{BIN, free_port, inherited_overrides, readyz, repo_path};
 use common::{TestDb, eventually};
 use fred::prelude::{ClientLike, HashesInterface, SortedSetsInterface};
 use nix::sys::signal::{Signal, kill};
@@ -14,26 +14,7 @@ use nix::unistd::Pid;
 use worker::config::RedisConfig;
 use worker::db::Exec;
 
-const BIN: &str = env!("CARGO_BIN_EXE_worker");
 const LIMIT: Duration = Duration::from_secs(10);
-
-/// Environment variables that would override the test's config file.
-fn inherited_overrides() -> Vec<String> {
-    std::env::vars()
-        .map(|(k, _)| k)
-        .filter(|k| {
-            k.starts_with("WORKER")
-                || k.starts_with("OTEL_")
-                || ["DATABASE_URL", "REDIS_URL", "APP_ENV"].contains(&k.as_str())
-        })
-        .collect()
-}
-
-async fn readyz(port: u16) -> Option<(u16, serde_json::Value)> {
-    let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.json().await.ok()?))
-}
 
 fn loop_field(body: &serde_json::Value, name: &str, field: &str) -> serde_json::Value {
     body["loops"]
@@ -50,7 +31,7 @@ async fn the_daemon_sweeps_enqueued_tasks_at_once_and_syncs_counters() {
     let redis = worker::redis::build(&redis_config).expect("client");
     redis.init().await.expect("redis");
     let dir = tempfile::tempdir().expect("dir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = free_port();
     let config = dir.path().join("worker.toml");
     // The outbox polls hourly: a task that arrives in seconds was woken by NOTIFY.
     std::fs::write(
@@ -71,7 +52,7 @@ async fn the_daemon_sweeps_enqueued_tasks_at_once_and_syncs_counters() {
     }
     let mut child = command
         .args(["run", "--config", config.to_str().expect("utf-8 path")])
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+        .current_dir(repo_path(""))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("log file"))
         .kill_on_drop(true)

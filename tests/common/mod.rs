@@ -5,6 +5,7 @@
 
 pub mod metrics;
 pub mod pgbouncer;
+pub mod process;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};

@@ -1,0 +1,35 @@
+//! Starting the real `worker` binary from tests: its path, a clean environment, a free port and
+//! a `/readyz` probe.
+
+use std::path::{Path, PathBuf};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_worker");
+
+/// A path inside the repository (the binary runs with the repository as working directory).
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Environment variables of the test process that would override a test's config file; remove
+/// them from every child so a developer's shell cannot change what a test checks.
+pub fn inherited_overrides() -> Vec<String> {
+    std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            k.starts_with("WORKER")
+                || k.starts_with("OTEL_")
+                || ["DATABASE_URL", "REDIS_URL", "APP_ENV"].contains(&k.as_str())
+        })
+        .collect()
+}
+
+/// `/readyz` status and body, or `None` while nothing answers.
+pub async fn readyz(port: u16) -> Option<(u16, serde_json::Value)> {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.ok()?))
+}
