@@ -167,19 +167,38 @@ async fn redis_only(
                 attempts: 0,
             })
             .collect();
-        let outcomes = if per_row {
-            scheduler::dispatch_per_row(redis, prefix, &claimed).await?
+        if per_row {
+            one_pair_per_row(redis, prefix, &claimed).await?;
         } else {
-            scheduler::dispatch(redis, prefix, &claimed, Duration::from_secs(10)).await?
-        };
-        anyhow::ensure!(
-            outcomes.iter().all(|o| *o == scheduler::RowOutcome::Written),
-            "redis refused writes"
-        );
-        total += outcomes.len() as u64;
+            let outcomes = scheduler::dispatch(redis, prefix, &claimed, Duration::from_secs(10)).await?;
+            anyhow::ensure!(
+                outcomes.iter().all(|o| *o == scheduler::RowOutcome::Written),
+                "redis refused writes"
+            );
+        }
+        total += claimed.len() as u64;
         next = end;
     }
     Ok(total)
+}
+
+/// The shape the sweeper does not use: one HSET + ZADD pair per row in one pipeline.
+async fn one_pair_per_row(redis: &Client, prefix: &str, rows: &[Claimed]) -> anyhow::Result<()> {
+    let pipeline = redis.pipeline();
+    for row in rows {
+        let payload_key = worker::redis::key(prefix, "payload", &row.queue);
+        let sched_key = worker::redis::key(prefix, "sched", &row.queue);
+        let _: Result<(), _> = pipeline.hset(payload_key, (row.task_id.as_str(), row.payload.as_str())).await;
+        let _: Result<(), _> = pipeline
+            .zadd(sched_key, None, None, false, false, (row.run_at_ms as f64, row.task_id.as_str()))
+            .await;
+    }
+    let answers = pipeline.try_all::<fred::prelude::Value>().await;
+    anyhow::ensure!(answers.len() == rows.len() * 2, "short pipeline answer");
+    for answer in answers {
+        answer.context("redis refused a write")?;
+    }
+    Ok(())
 }
 
 /// `replicas` sweepers (separate pools and Redis clients) side by side until the outbox is empty.

@@ -14,15 +14,17 @@
 //! transaction mode is fine.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use fred::prelude::{HashesInterface, Value};
+use fred::prelude::{ClientLike, HashesInterface, Value};
 use opentelemetry::metrics::{Histogram, Meter};
 use tokio_postgres::types::Type;
 
 use crate::config::CountersConfig;
 use crate::db::{self, Db, DbError, Exec};
 use crate::redis::Client;
-use crate::runtime::{Loop, Progress, Schedule, Tick};
+use crate::runtime::{ErrorLog, Loop, Progress, Schedule, Tick};
 
 pub const NAME: &str = "counters";
 
@@ -54,7 +56,9 @@ pub enum CountersError {
     #[error("cannot read the running-task counters from redis: {0}")]
     Redis(#[from] fred::error::Error),
     #[error("redis did not answer HGETALL within {0:?}")]
-    RedisTimeout(std::time::Duration),
+    RedisTimeout(Duration),
+    #[error("redis is not connected (reconnecting)")]
+    RedisDisconnected,
 }
 
 impl From<tokio_postgres::Error> for CountersError {
@@ -84,6 +88,8 @@ pub struct Counters {
     key: String,
     config: CountersConfig,
     skew: Histogram<u64>,
+    /// Unreadable values are reported once per minute, not every tick.
+    unreadable_log: Mutex<ErrorLog>,
 }
 
 impl Counters {
@@ -93,24 +99,32 @@ impl Counters {
             .with_description("Per active job at each sync: |Redis running count − jobs.running_tasks|")
             .with_boundaries(vec![0.0, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 1000.0])
             .build();
-        Self { db, redis, key: format!("{prefix}:running"), config, skew }
+        let unreadable_log = Mutex::new(ErrorLog::new(Duration::from_secs(60)));
+        Self { db, redis, key: format!("{prefix}:running"), config, skew, unreadable_log }
     }
 
     /// One sync: read the hash, write every active job's count in one statement.
     pub async fn sync(&self) -> Result<SyncReport, CountersError> {
         // Half the tick for Redis leaves the other half for the statement.
+        if !self.redis.is_connected() {
+            return Err(CountersError::RedisDisconnected);
+        }
         let deadline = self.config.tick_timeout / 2;
         let hash: HashMap<String, Value> = tokio::time::timeout(deadline, self.redis.hgetall(&self.key))
             .await
             .map_err(|_| CountersError::RedisTimeout(deadline))??;
         let parsed = parse_counts(hash);
         if let Some(example) = parsed.unreadable.first() {
-            tracing::warn!(
-                key = %self.key,
-                unreadable = parsed.unreadable.len(),
-                example_job_id = %example,
-                "running-task counters that are not integers were skipped"
-            );
+            let mut log = self.unreadable_log.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(repeated) = log.should_log("unreadable running-task counters", Instant::now()) {
+                tracing::warn!(
+                    key = %self.key,
+                    unreadable = parsed.unreadable.len(),
+                    example_job_id = %example,
+                    repeated,
+                    "running-task counters that are not integers were skipped"
+                );
+            }
         }
 
         let mut conn = self.db.get().await?;

@@ -4,9 +4,11 @@
 //! reconnect policy, so a dropped connection would stay dropped; here it reconnects forever with
 //! capped exponential backoff, also when Redis is down at start-up (the daemon must come up and
 //! recover by itself; that takes `Config::fail_fast = false`, whose default `true` silently gives
-//! up after a failed first connection — measured here). Commands sent while disconnected wait for the reconnect, bounded by the
-//! caller's own deadline; a command that timed out is NOT cancelled and may still run later, so
-//! everything written through this client must be idempotent. `redis-cluster://` URLs give a
+//! //! up after a failed first connection — measured here). Callers check `is_connected()` before
+//! writing (commands queued while disconnected would run when Redis returns), in-flight commands
+//! are not retried on a new connection, and the queue is bounded; still, a command that timed out
+//! is NOT cancelled and may run later, so everything written through this client must be
+//! idempotent. `redis-cluster://` URLs give a
 //! cluster client that routes each command to its slot.
 
 use std::time::Duration;
@@ -21,6 +23,8 @@ pub use fred::prelude::Client;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Backstop for any command without a deadline of its own.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Commands that may wait in the client's queue (e.g. while reconnecting).
+const MAX_QUEUED_COMMANDS: usize = 10_000;
 /// Reconnect backoff: from 100 ms doubling up to 2 s, forever (0 = unlimited attempts).
 const RECONNECT_MIN_MS: u32 = 100;
 const RECONNECT_MAX_MS: u32 = 2_000;
@@ -55,6 +59,11 @@ pub fn build(config: &RedisConfig) -> Result<Client, RedisError> {
             c.connection_timeout = CONNECT_TIMEOUT;
             c.internal_command_timeout = CONNECT_TIMEOUT;
             c.tcp.nodelay = Some(true);
+            // A command in flight when the connection drops fails (outcome unknown) instead of
+            // being replayed after the reconnect, long after its sweep rolled back.
+            c.max_command_attempts = 1;
+            // Bounded queue: past it commands fail at once (backpressure) instead of piling up.
+            c.max_command_buffer_len = MAX_QUEUED_COMMANDS;
         })
         .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
         .set_policy(ReconnectPolicy::new_exponential(0, RECONNECT_MIN_MS, RECONNECT_MAX_MS, 2))

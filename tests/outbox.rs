@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::metrics::MetricsProbe;
-use fred::prelude::{KeysInterface, SortedSetsInterface};
+use fred::prelude::{ClientLike, KeysInterface, SortedSetsInterface};
 use outbox_support::redis_server::{self, RedisServer};
 use outbox_support::{Harness, connected};
 use tokio_postgres::types::Type;
@@ -134,6 +134,23 @@ async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_b
 }
 
 /// Attempts, errors and due times of every row, to compare before and after.
+#[tokio::test]
+async fn a_task_whose_payload_was_refused_is_never_scheduled() {
+    let h = Harness::new().await;
+    let sweeper = h.sweeper(&MetricsProbe::new().meter());
+    let bad_payload_key = worker::redis::key(h.prefix(), "payload", "bad");
+    let _: () = h.redis.set(&bad_payload_key, "not a hash", None, None, false).await.expect("set");
+    h.enqueue(6, &["good", "bad"], None).await;
+
+    let report = sweeper.sweep().await.expect("sweep");
+    assert_eq!((report.dispatched.len(), report.retried), (3, 3));
+    assert_eq!(h.scheduled("good").await.len(), 3);
+    // A pipeline runs every command whatever the previous one answered: without the two-phase
+    // send these three would sit in the sorted set with no payload for a consumer to read.
+    let scheduled: i64 = h.redis.zcard(worker::redis::key(h.prefix(), "sched", "bad")).await.expect("zcard");
+    assert_eq!(scheduled, 0, "tasks scheduled without their payload");
+}
+
 async fn row_states(db: &Db) -> Vec<(i64, i32, Option<String>, String)> {
     let rows = db
         .get()
@@ -187,6 +204,12 @@ async fn an_unreachable_redis_consumes_no_attempts_and_everything_drains_when_it
     ticks_fail_without_consuming_attempts(&h, &sweeper).await;
 
     let server = RedisServer::start_on(port).await;
+    common::eventually(LIMIT, "the sweeper's client to reconnect", || async { h.redis.is_connected() }).await;
+    // Nothing was queued while disconnected, so nothing is replayed now that Redis is back.
+    let fresh = connected(&h.config.redis).await;
+    let stats: String =
+        fresh.custom(fred::cmd!("INFO"), vec!["commandstats"]).await.expect("INFO commandstats");
+    assert!(!stats.contains("cmdstat_hset") && !stats.contains("cmdstat_zadd"), "replayed writes: {stats}");
     drain_when_back(&h, &sweeper).await;
     assert_eq!(h.scheduled("a").await.len() + h.scheduled("b").await.len(), 50);
 
@@ -241,6 +264,33 @@ async fn a_hanging_redis_is_bounded_by_the_sub_deadline_and_the_rows_are_release
     let report = runner.tick_once().await;
     assert_eq!(report.outcome, Outcome::Ok);
     assert_eq!(h.scheduled("q").await.len(), 20);
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_timeout_halves_the_batch_and_success_grows_it_back() {
+    let mut h = Harness::new().await;
+    let server = RedisServer::start_on(redis_server::free_port()).await;
+    h.config.redis.url = server.url();
+    h.config.outbox.redis_timeout = Duration::from_millis(300);
+    h.config.outbox.batch_size = 8;
+    h.redis = connected(&h.config.redis).await;
+    h.enqueue(20, &["q"], None).await;
+    let sweeper = h.sweeper(&MetricsProbe::new().meter());
+
+    server.freeze();
+    for expected in [4, 2] {
+        let error = sweeper.sweep().await.expect_err("redis is frozen");
+        assert!(error.to_string().contains("did not answer"), "{error}");
+        assert_eq!(sweeper.batch_limit(), expected, "a batch too slow to send shrinks");
+    }
+    server.thaw();
+    let report = sweeper.sweep().await.expect("sweep");
+    assert_eq!(report.claimed, 2, "the next sweep claims the smaller batch");
+    assert_eq!(sweeper.batch_limit(), 4, "and each success doubles it back");
+    assert_eq!(sweeper.sweep().await.expect("sweep").claimed, 4);
+    assert_eq!(sweeper.batch_limit(), 8);
+    drain(&sweeper).await;
     assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
 }
 
@@ -517,6 +567,12 @@ async fn enqueue_wakes_a_running_sweeper_through_notify_long_before_its_interval
     })
     .await;
     assert!(started.elapsed() < Duration::from_secs(5));
+    // The task is in Redis before its tick commits and records itself: wait for the record.
+    common::eventually(LIMIT, "the woken tick to be recorded", || {
+        let health = runtime.health.clone();
+        async move { ticks(&health) >= 3 }
+    })
+    .await;
     assert_eq!(ticks(&runtime.health), 3, "exactly one tick, woken by the NOTIFY");
     shutdown.cancel();
     tracker.close();

@@ -1,38 +1,38 @@
-//! The Redis side of a sweep: one pipeline per batch, one answer per row.
+//! The Redis side of a sweep: two pipelined round trips per batch, one answer per row.
 //!
-//! For each queue in the batch, in this order: `HSET {prefix}:payload:{queue} task_id payload …`,
-//! then `ZADD {prefix}:sched:{queue} run_at_ms task_id …` — one command pair per queue chunk
-//! (at most [`MAX_CHUNK_ROWS`] rows / [`MAX_CHUNK_BYTES`] of payload), carrying every row of
-//! that queue. The payload is written before the schedule entry, so a consumer that sees a task
-//! in the sorted set finds its payload. Both writes are idempotent (stable member and field),
-//! which is what makes "outcome unknown" safe: a re-send after a timeout, or two replicas racing
-//! after a rollback, converge on the same state.
+//! Per queue chunk (at most [`MAX_CHUNK_ROWS`] rows / [`MAX_CHUNK_BYTES`] of payload of one
+//! queue): first `HSET {prefix}:payload:{queue} task_id payload …` for every chunk in one
+//! pipeline, then `ZADD {prefix}:sched:{queue} run_at_ms task_id …` in a second pipeline, only
+//! for the chunks whose HSET succeeded. A pipeline runs every command whatever the previous one
+//! answered (and in a cluster the two keys live on different slots), so this is what guarantees
+//! that a task is never scheduled without its payload. Both writes are idempotent (stable field
+//! and member), which makes "outcome unknown" safe: a re-send after a timeout, or two replicas
+//! racing after a rollback, converge on the same state.
 //!
 //! Why chunks and not one command pair per row: fred 10.1 flushes each command of a pipeline in
 //! its own socket write when nothing else is queued (`Counters::should_send`), so a 500-row batch
-//! as 1,000 commands costs 1,000 writes — measured at ~45k rows/s for Redis alone on 2 cores,
+//! as 1,000 commands costs 1,000 writes — measured at ~51k rows/s for Redis alone on 2 cores,
 //! below the 50k rows/s target of the whole sweep (BENCHMARKS.md). A multi-field HSET and a
-//! multi-member ZADD are each atomic, so a chunk that succeeded wrote every row in it. A chunk
-//! refused for a reason that may be one row's fault is re-sent as one command pair per row
-//! (the same idempotent writes), so each row is still settled by its own answer and one bad row
-//! never costs its neighbours an attempt.
+//! multi-member ZADD are each atomic, and the errors Redis can return for them (WRONGTYPE,
+//! OOM, …) are about the key or the server, never about one field: the answer for a chunk is
+//! the answer for each of its rows.
 //!
-//! fred's `try_all` answers with one result per command, or with a single error when the pipeline
-//! could not run at all (Redis down, timed out). Every chunk has two commands, so a correct answer
-//! is never one result long and the length check cannot confuse the two.
+//! fred's `try_all` answers with one result per command, or with a single error when the
+//! pipeline could not run at all; the length check tells the two apart only for pipelines of
+//! more than one command, so a one-chunk batch's single error is judged by its kind (an outage
+//! is never a row's fault). Nothing is sent while the client is disconnected: commands queued
+//! during an outage would be replayed when Redis returns, long after their sweep rolled back.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use fred::error::{Error as FredError, ErrorKind};
-use fred::prelude::{Client, HashesInterface, Key, SortedSetsInterface, Value};
+use fred::prelude::{Client, ClientLike, HashesInterface, SortedSetsInterface, Value};
 use tokio::time::Instant;
 
 use super::sweeper::Claimed;
 use crate::redis::key;
 
-/// Commands sent per chunk (HSET + ZADD).
-const COMMANDS_PER_CHUNK: usize = 2;
 /// Rows carried by one HSET/ZADD pair at most.
 pub const MAX_CHUNK_ROWS: usize = 256;
 /// Payload bytes carried by one HSET at most (a single larger payload gets a chunk of its own).
@@ -67,36 +67,24 @@ pub enum ErrorClass {
     Server,
 }
 
-/// Error replies that describe the server's state, not the command (Redis reply prefixes).
-const SERVER_STATE_REPLIES: &[&str] = &[
-    "OOM",
-    "LOADING",
-    "READONLY",
-    "MISCONF",
-    "BUSY",
-    "MASTERDOWN",
-    "NOREPLICAS",
-    "TRYAGAIN",
-    "CLUSTERDOWN",
-    "NOAUTH",
-    "WRONGPASS",
-    "NOPERM",
+/// Error replies that are the command's own fault — the same command would fail again, so
+/// they cost the rows an attempt. Every other error (connection, timeout, server state such as
+/// OOM/LOADING/READONLY, and replies not recognised here, e.g. a proxy's "upstream failure")
+/// leaves the outcome unknown: an outage must never consume attempts or dead-letter anything.
+const ROW_FAULT_REPLIES: &[&str] = &[
+    "WRONGTYPE",
+    "ERR value is not a valid float",
+    "ERR string exceeds maximum allowed size",
+    "ERR Protocol error",
 ];
 
-/// Classifies one command error. Only errors the server returned about this command (e.g.
-/// WRONGTYPE) are the row's; connection, timeout and server-state errors are not.
+/// Classifies one command error: only a reply known to be about the command itself, or a
+/// command this client could not even build, is the row's fault.
 pub fn classify(kind: &ErrorKind, details: &str) -> ErrorClass {
-    match kind {
-        ErrorKind::InvalidArgument | ErrorKind::InvalidCommand => ErrorClass::Row,
-        ErrorKind::Unknown => {
-            let first = details.split_whitespace().next().unwrap_or("");
-            if first.is_empty() || SERVER_STATE_REPLIES.contains(&first) {
-                ErrorClass::Server
-            } else {
-                ErrorClass::Row
-            }
-        }
-        _ => ErrorClass::Server,
+    if matches!(kind, ErrorKind::InvalidCommand) || ROW_FAULT_REPLIES.iter().any(|p| details.starts_with(p)) {
+        ErrorClass::Row
+    } else {
+        ErrorClass::Server
     }
 }
 
@@ -138,107 +126,85 @@ pub async fn dispatch(
     rows: &[Claimed],
     deadline: Duration,
 ) -> Result<Vec<RowOutcome>, DispatchError> {
+    if !client.is_connected() {
+        return Err(DispatchError::Unavailable("not connected (reconnecting)".to_owned()));
+    }
     let deadline_at = Instant::now() + deadline;
     let chunks = chunks(rows);
-    // A new pipeline per batch: a pipeline keeps its buffer and would re-send it.
+
+    // Phase 1: every payload. A new pipeline per phase: a pipeline keeps its buffer and would
+    // re-send it.
     let pipeline = client.pipeline();
     for chunk in &chunks {
         let fields: Vec<(&str, &str)> =
             chunk.rows.iter().map(|&i| (rows[i].task_id.as_str(), rows[i].payload.as_str())).collect();
-        let members: Vec<(f64, &str)> =
-            chunk.rows.iter().map(|&i| (rows[i].run_at_ms as f64, rows[i].task_id.as_str())).collect();
-        // Queuing only buffers the command; an argument conversion error (which these plain
-        // strings cannot cause) would surface as a short answer below.
+        // Queuing only buffers the command; a conversion error (which these plain strings cannot
+        // cause) would surface as a short answer below.
         let _: Result<(), _> = pipeline.hset(key(prefix, "payload", &chunk.queue), fields).await;
-        let _: Result<(), _> =
-            pipeline.zadd(key(prefix, "sched", &chunk.queue), None, None, false, false, members).await;
     }
-    let results = tokio::time::timeout_at(deadline_at, pipeline.try_all::<Value>())
+    let answers = tokio::time::timeout_at(deadline_at, pipeline.try_all::<Value>())
         .await
         .map_err(|_| DispatchError::TimedOut(deadline))?;
-    let chunk_outcomes = pair_outcomes(prefix, chunks.iter().map(|c| c.queue.as_str()), results)?;
+    let mut chunk_outcomes = command_outcomes("HSET", "payload", prefix, &chunks, answers)?;
 
-    let mut outcomes = vec![RowOutcome::Written; rows.len()];
-    let mut resend = Vec::new();
-    for (chunk, outcome) in chunks.iter().zip(chunk_outcomes) {
-        match outcome {
-            RowOutcome::Written => {}
-            RowOutcome::Rejected(_) => resend.extend(chunk.rows.iter().copied()),
-            unknown @ RowOutcome::Unknown(_) => {
-                chunk.rows.iter().for_each(|&i| outcomes[i] = unknown.clone())
-            }
+    // Phase 2: schedule entries, only where the payload is in place.
+    let written: Vec<usize> =
+        (0..chunks.len()).filter(|&c| chunk_outcomes[c] == RowOutcome::Written).collect();
+    if !written.is_empty() {
+        let pipeline = client.pipeline();
+        let scheduled: Vec<Chunk> = written.iter().map(|&c| chunks[c].clone()).collect();
+        for chunk in &scheduled {
+            let members: Vec<(f64, &str)> =
+                chunk.rows.iter().map(|&i| (rows[i].run_at_ms as f64, rows[i].task_id.as_str())).collect();
+            let _: Result<(), _> =
+                pipeline.zadd(key(prefix, "sched", &chunk.queue), None, None, false, false, members).await;
+        }
+        let answers = tokio::time::timeout_at(deadline_at, pipeline.try_all::<Value>())
+            .await
+            .map_err(|_| DispatchError::TimedOut(deadline))?;
+        let outcomes = command_outcomes("ZADD", "sched", prefix, &scheduled, answers)?;
+        for (c, outcome) in written.into_iter().zip(outcomes) {
+            chunk_outcomes[c] = outcome;
         }
     }
-    if !resend.is_empty() {
-        let subset: Vec<Claimed> = resend.iter().map(|&i| rows[i].clone()).collect();
-        let answers = match tokio::time::timeout_at(deadline_at, dispatch_per_row(client, prefix, &subset))
-            .await
-        {
-            Ok(Ok(answers)) => answers,
-            Ok(Err(error)) => vec![RowOutcome::Unknown(error.to_string()); subset.len()],
-            Err(_) => vec![RowOutcome::Unknown(DispatchError::TimedOut(deadline).to_string()); subset.len()],
-        };
-        for (i, outcome) in resend.into_iter().zip(answers) {
-            outcomes[i] = outcome;
+
+    let mut outcomes = vec![RowOutcome::Written; rows.len()];
+    for (chunk, outcome) in chunks.iter().zip(chunk_outcomes) {
+        for &i in &chunk.rows {
+            outcomes[i] = outcome.clone();
         }
     }
     Ok(outcomes)
 }
 
-/// One HSET/ZADD pair per row in one pipeline (no deadline of its own): the fallback for chunks
-/// refused for a row reason, and the benchmark's per-row pipeline.
-pub async fn dispatch_per_row(
-    client: &Client,
+/// Turns a pipeline's answers (one `command` on `{prefix}:{kind}:{queue}` per chunk, in order)
+/// into one outcome per chunk; `Err` when the pipeline as a whole got no answer.
+pub fn command_outcomes(
+    command: &str,
+    kind: &str,
     prefix: &str,
-    rows: &[Claimed],
+    chunks: &[Chunk],
+    answers: Vec<Result<Value, FredError>>,
 ) -> Result<Vec<RowOutcome>, DispatchError> {
-    let pipeline = client.pipeline();
-    let mut keys: HashMap<&str, (Key, Key)> = HashMap::new();
-    for row in rows {
-        let (payload_key, sched_key) = keys
-            .entry(row.queue.as_str())
-            .or_insert_with(|| {
-                (key(prefix, "payload", &row.queue).into(), key(prefix, "sched", &row.queue).into())
-            })
-            .clone();
-        let _: Result<(), _> = pipeline.hset(payload_key, (row.task_id.as_str(), row.payload.as_str())).await;
-        let _: Result<(), _> = pipeline
-            .zadd(sched_key, None, None, false, false, (row.run_at_ms as f64, row.task_id.as_str()))
-            .await;
-    }
-    let results = pipeline.try_all::<Value>().await;
-    pair_outcomes(prefix, rows.iter().map(|r| r.queue.as_str()), results)
-}
-
-/// Turns a pipeline's answers (an HSET/ZADD pair per unit — a chunk or a row — in order, each
-/// unit named by its queue) into one outcome per unit.
-pub fn pair_outcomes<'a>(
-    prefix: &str,
-    queues: impl ExactSizeIterator<Item = &'a str>,
-    results: Vec<Result<Value, FredError>>,
-) -> Result<Vec<RowOutcome>, DispatchError> {
-    if results.len() != queues.len() * COMMANDS_PER_CHUNK {
-        let reason = results
+    if answers.len() != chunks.len() {
+        let reason = answers
             .into_iter()
             .find_map(Result::err)
             .map_or_else(|| "short pipeline answer".to_owned(), |e| describe(&e));
         return Err(DispatchError::Unavailable(reason));
     }
-    let mut results = results.into_iter();
-    let outcomes = queues
-        .map(|queue| {
-            let hset = results.next().unwrap_or(Ok(Value::Null));
-            let zadd = results.next().unwrap_or(Ok(Value::Null));
-            let mut unknown = None;
-            for (command, kind, result) in [("HSET", "payload", hset), ("ZADD", "sched", zadd)] {
-                let Err(error) = result else { continue };
-                let message = format!("{command} {}: {}", key(prefix, kind, queue), describe(&error));
+    let outcomes = chunks
+        .iter()
+        .zip(answers)
+        .map(|(chunk, answer)| match answer {
+            Ok(_) => RowOutcome::Written,
+            Err(error) => {
+                let message = format!("{command} {}: {}", key(prefix, kind, &chunk.queue), describe(&error));
                 match classify(error.kind(), error.details()) {
-                    ErrorClass::Row => return RowOutcome::Rejected(message),
-                    ErrorClass::Server => unknown = unknown.or(Some(message)),
+                    ErrorClass::Row => RowOutcome::Rejected(message),
+                    ErrorClass::Server => RowOutcome::Unknown(message),
                 }
             }
-            unknown.map_or(RowOutcome::Written, RowOutcome::Unknown)
         })
         .collect();
     Ok(outcomes)
@@ -274,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn errors_are_the_rows_only_when_the_server_refused_that_command() {
+    fn only_replies_known_to_be_about_the_command_are_the_rows_fault() {
         let cases: &[(ErrorKind, &str, ErrorClass)] = &[
             (ErrorKind::InvalidArgument, "WRONGTYPE Operation against a key", ErrorClass::Row),
             (ErrorKind::Unknown, "ERR value is not a valid float", ErrorClass::Row),
@@ -293,46 +259,43 @@ mod tests {
             (ErrorKind::Cluster, "CLUSTERDOWN The cluster is down", ErrorClass::Server),
             (ErrorKind::Auth, "NOAUTH Authentication required.", ErrorClass::Server),
             (ErrorKind::Backpressure, "", ErrorClass::Server),
+            (ErrorKind::Unknown, "ERR upstream failure", ErrorClass::Server),
+            (ErrorKind::InvalidArgument, "no upstream host", ErrorClass::Server),
         ];
         for (kind, details, expected) in cases {
             assert_eq!(classify(kind, details), *expected, "{kind:?} {details}");
         }
     }
 
-    fn queues(rows: &[Claimed]) -> impl ExactSizeIterator<Item = &str> {
-        rows.iter().map(|r| r.queue.as_str())
+    fn chunk(queue: &str, rows: Vec<usize>) -> Chunk {
+        Chunk { queue: queue.into(), rows }
     }
 
     #[test]
-    fn each_unit_gets_its_own_answer() {
-        let rows = [row(1, "a"), row(2, "bad"), row(3, "a")];
-        let results = vec![
-            Ok(Value::Integer(1)),
-            Ok(Value::Integer(1)),
-            Ok(Value::Integer(1)),
-            Err(wrongtype()),
-            Ok(Value::Integer(0)),
-            Ok(Value::Integer(0)),
-        ];
-        let outcomes = pair_outcomes("p", queues(&rows), results).expect("full answer");
+    fn each_chunk_gets_its_own_answer() {
+        let chunks = [chunk("a", vec![0, 2]), chunk("bad", vec![1]), chunk("busy", vec![3])];
+        let oom =
+            FredError::new(ErrorKind::Unknown, "OOM command not allowed when used memory > 'maxmemory'");
+        let answers = vec![Ok(Value::Integer(2)), Err(wrongtype()), Err(oom)];
+        let outcomes = command_outcomes("ZADD", "sched", "p", &chunks, answers).expect("full answer");
         assert_eq!(outcomes[0], RowOutcome::Written);
-        assert_eq!(outcomes[2], RowOutcome::Written, "re-sending an existing member is still a success");
-        match &outcomes[1] {
-            RowOutcome::Rejected(message) => {
-                assert!(message.starts_with("ZADD p:sched:bad: WRONGTYPE"), "{message}")
-            }
-            other => panic!("expected a rejection, got {other:?}"),
-        }
+        assert!(
+            matches!(&outcomes[1], RowOutcome::Rejected(m) if m.starts_with("ZADD p:sched:bad: WRONGTYPE")),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(&outcomes[2], RowOutcome::Unknown(m) if m.starts_with("ZADD p:sched:busy: OOM")),
+            "{outcomes:?}"
+        );
     }
 
     #[test]
-    fn a_row_error_wins_over_an_unknown_outcome() {
-        let rows = [row(1, "a"), row(2, "a")];
-        let timeout = || FredError::new(ErrorKind::Timeout, "Request timed out.");
-        let results = vec![Err(timeout()), Err(wrongtype()), Ok(Value::Integer(1)), Err(timeout())];
-        let outcomes = pair_outcomes("p", queues(&rows), results).expect("full answer");
-        assert!(matches!(&outcomes[0], RowOutcome::Rejected(m) if m.contains("WRONGTYPE")), "{outcomes:?}");
-        assert!(matches!(&outcomes[1], RowOutcome::Unknown(m) if m.starts_with("ZADD")), "{outcomes:?}");
+    fn an_unrecognised_error_reply_is_never_the_rows_fault() {
+        // e.g. a proxy in front of Redis reporting its own backend outage per command.
+        let chunks = [chunk("a", vec![0])];
+        let proxy = FredError::new(ErrorKind::Unknown, "ERR upstream failure");
+        let outcomes = command_outcomes("HSET", "payload", "p", &chunks, vec![Err(proxy)]).expect("answer");
+        assert!(matches!(&outcomes[0], RowOutcome::Unknown(_)), "{outcomes:?}");
     }
 
     #[test]
@@ -359,15 +322,22 @@ mod tests {
     }
 
     #[test]
-    fn a_single_error_for_the_whole_pipeline_means_unavailable() {
+    fn a_short_answer_means_the_pipeline_did_not_run() {
         // fred with Redis down: ONE Err(Timeout) for a many-command pipeline.
-        let rows = [row(1, "a")];
-        let results = vec![Err(FredError::new(ErrorKind::Timeout, "Request timed out."))];
+        let chunks = [chunk("a", vec![0]), chunk("b", vec![1])];
+        let timeout = || FredError::new(ErrorKind::Timeout, "Request timed out.");
         assert_eq!(
-            pair_outcomes("p", queues(&rows), results),
+            command_outcomes("HSET", "payload", "p", &chunks, vec![Err(timeout())]),
             Err(DispatchError::Unavailable("Request timed out.".into()))
         );
         let short = vec![Ok(Value::Integer(1))];
-        assert!(matches!(pair_outcomes("p", queues(&rows), short), Err(DispatchError::Unavailable(_))));
+        assert!(matches!(
+            command_outcomes("HSET", "payload", "p", &chunks, short),
+            Err(DispatchError::Unavailable(_))
+        ));
+        // A one-command pipeline's single error is judged by its kind: a timeout is unknown.
+        let one = [chunk("a", vec![0])];
+        let outcomes = command_outcomes("HSET", "payload", "p", &one, vec![Err(timeout())]).expect("answer");
+        assert!(matches!(&outcomes[0], RowOutcome::Unknown(_)), "{outcomes:?}");
     }
 }

@@ -14,9 +14,9 @@
 //! `kill -9` at any point loses nothing: before COMMIT every row is still in the outbox (maybe
 //! also in Redis, which the idempotent re-send absorbs).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Meter};
@@ -28,13 +28,15 @@ use super::stats;
 use crate::config::OutboxConfig;
 use crate::db::{self, Db, DbError, Exec, Transaction};
 use crate::redis::Client;
-use crate::runtime::{Loop, Progress, Schedule, Tick};
+use crate::runtime::{ErrorLog, Loop, Progress, Schedule, Tick};
 
 pub const NAME: &str = "outbox";
 /// NOTIFY channel of `enqueue_task`; wakes the sweeper before its interval.
 pub const WAKE_CHANNEL: &str = "task_outbox";
 /// Longest `last_error` stored (Redis error replies are short; this bounds a pathological one).
 const MAX_ERROR_LEN: usize = 1000;
+/// Identical dispatch failures are logged once per this window (SPEC §6).
+const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(60);
 
 /// Due rows, oldest first, skipping rows another sweeper (or a producer) holds. Public for the
 /// benchmark's baselines, which must run the very same statements.
@@ -71,10 +73,10 @@ pub enum SweepError {
     Db(#[from] DbError),
     #[error("{0}; nothing settled, no attempts consumed")]
     Redis(#[from] DispatchError),
-    #[error(
-        "{untouched} of {claimed} rows got no definite answer from redis and were left as they were: {error}"
-    )]
-    Undetermined { untouched: usize, claimed: usize, error: String },
+    /// The message stays the same from tick to tick (no counts in it), so the runner's
+    /// once-a-minute error log can fold repeats.
+    #[error("some rows got no definite answer from redis and were left as they were: {error}")]
+    Undetermined { error: String },
 }
 
 impl From<tokio_postgres::Error> for SweepError {
@@ -95,6 +97,8 @@ pub struct SweepReport {
     pub untouched: usize,
     /// The first error among untouched rows.
     pub untouched_error: Option<String>,
+    /// The sweep claimed as many rows as it was allowed to: more may be due.
+    pub full: bool,
 }
 
 /// Backlog gauges (`outbox.backlog.*`, `outbox.dead_letters`), refreshed at most every
@@ -116,6 +120,17 @@ pub struct Sweeper {
     config: OutboxConfig,
     rows: Counter<u64>,
     probe: Arc<Probe>,
+    /// Rows claimed per sweep: `batch_size`, halved after each Redis timeout so a batch too big
+    /// to send within `redis_timeout` cannot wedge the loop, doubled back after each success.
+    batch_limit: AtomicU32,
+    /// Dispatch failures are logged once per minute per distinct error, with a count.
+    failure_log: Mutex<ErrorLog>,
+}
+
+/// The next sweep's batch limit (see [`Sweeper`]): halve on a Redis timeout, grow back by
+/// doubling after a sweep that got its answers, never below 1 or above `configured`.
+pub fn next_batch_limit(current: u32, configured: u32, redis_timed_out: bool) -> u32 {
+    if redis_timed_out { (current / 2).max(1) } else { current.saturating_mul(2).min(configured) }
 }
 
 impl Sweeper {
@@ -126,14 +141,35 @@ impl Sweeper {
             .u64_counter("outbox.sweep.rows")
             .with_description("Outbox rows settled by a sweep, by outcome (dispatched|retried|dead_lettered)")
             .build();
-        Self { db, redis, prefix: prefix.to_owned(), config, rows, probe }
+        let batch_limit = AtomicU32::new(config.batch_size);
+        let failure_log = Mutex::new(ErrorLog::new(FAILURE_LOG_WINDOW));
+        Self { db, redis, prefix: prefix.to_owned(), config, rows, probe, batch_limit, failure_log }
+    }
+
+    /// Rows the next sweep claims at most.
+    pub fn batch_limit(&self) -> u32 {
+        self.batch_limit.load(Ordering::Relaxed)
+    }
+
+    fn adapt_batch_limit(&self, redis_timed_out: bool) {
+        let current = self.batch_limit();
+        let next = next_batch_limit(current, self.config.batch_size, redis_timed_out);
+        if next != current {
+            self.batch_limit.store(next, Ordering::Relaxed);
+            if redis_timed_out {
+                tracing::warn!(from = current, to = next, "redis timed out; outbox batch limit lowered");
+            } else {
+                tracing::debug!(from = current, to = next, "outbox batch limit raised");
+            }
+        }
     }
 
     /// One sweep: claim, dispatch, settle, commit. `Err` means nothing was settled (rolled back).
     pub async fn sweep(&self) -> Result<SweepReport, SweepError> {
         let mut conn = self.db.get().await?;
         let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
-        let limit = i64::from(self.config.batch_size);
+        let batch_limit = self.batch_limit();
+        let limit = i64::from(batch_limit);
         let rows: Vec<Claimed> = tx
             .fetch_all(CLAIM, &[(&limit, Type::INT8)])
             .await?
@@ -152,14 +188,21 @@ impl Sweeper {
             return Ok(SweepReport::default());
         }
         // Dropping `tx` on the error path rolls back: no row changes, locks released.
-        let outcomes =
-            scheduler::dispatch(&self.redis, &self.prefix, &rows, self.config.redis_timeout).await?;
+        let dispatched =
+            scheduler::dispatch(&self.redis, &self.prefix, &rows, self.config.redis_timeout).await;
+        match &dispatched {
+            Ok(_) => self.adapt_batch_limit(false),
+            Err(DispatchError::TimedOut(_)) => self.adapt_batch_limit(true),
+            Err(DispatchError::Unavailable(_)) => {}
+        }
+        let outcomes = dispatched?;
         let mut plan = Plan::default();
         for (row, outcome) in rows.iter().zip(outcomes) {
             plan.add(row, settle::settle(row.attempts, outcome, self.config.max_attempts), &self.config);
         }
         let first_error = plan.retry_errors.first().or(plan.dead_errors.first()).cloned();
-        let report = plan.apply(&tx, rows.len()).await?;
+        let mut report = plan.apply(&tx, rows.len()).await?;
+        report.full = rows.len() >= batch_limit as usize;
         tx.commit().await?;
         self.record(&report, first_error.as_deref());
         Ok(report)
@@ -175,9 +218,12 @@ impl Sweeper {
                 self.rows.add(n, &[KeyValue::new("outcome", outcome)]);
             }
         }
-        if let Some(error) = first_error {
+        let Some(error) = first_error else { return };
+        let mut log = self.failure_log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(repeated) = log.should_log(error, Instant::now()) {
             tracing::warn!(
                 error,
+                repeated,
                 claimed = report.claimed,
                 dispatched = report.dispatched.len(),
                 retried = report.retried,
@@ -308,6 +354,7 @@ impl Plan {
             dead_lettered,
             untouched: self.untouched,
             untouched_error: self.untouched_error,
+            full: false,
         })
     }
 }
@@ -338,20 +385,25 @@ impl Loop for Sweeper {
         self.probe_if_due().await?;
         let report = self.sweep().await?;
         if let Some(error) = report.untouched_error {
-            return Err(SweepError::Undetermined {
-                untouched: report.untouched,
-                claimed: report.claimed,
-                error,
-            });
+            tracing::debug!(untouched = report.untouched, claimed = report.claimed, "rows left undetermined");
+            return Err(SweepError::Undetermined { error });
         }
-        let full = report.claimed >= self.config.batch_size as usize;
-        Ok(if full { Progress::More } else { Progress::Done })
+        Ok(if report.full { Progress::More } else { Progress::Done })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_batch_limit_halves_on_a_redis_timeout_and_grows_back() {
+        assert_eq!(next_batch_limit(500, 500, true), 250);
+        assert_eq!(next_batch_limit(1, 500, true), 1, "never below one row");
+        assert_eq!(next_batch_limit(250, 500, false), 500);
+        assert_eq!(next_batch_limit(300, 500, false), 500, "never above the configured size");
+        assert_eq!(next_batch_limit(500, 500, false), 500);
+    }
 
     #[test]
     fn long_errors_are_truncated_on_a_char_boundary() {
