@@ -61,6 +61,11 @@ CREATE INDEX task_outbox_dead_task_id_idx ON task_outbox_dead (task_id);
 -- call returns the first row's id and changes nothing). A task that is due now wakes the sweepers
 -- through NOTIFY task_outbox, delivered at commit and coalesced per transaction, so it reaches
 -- Redis in milliseconds instead of at the next poll.
+-- Returns NULL when the task was already dispatched: the INSERT conflicted with an existing row,
+-- and a concurrent sweep committed that row's dispatch (its DELETE) before the SELECT below read
+-- it back (each statement takes a new snapshot under READ COMMITTED). Nothing is enqueued then;
+-- callers must accept NULL. (The same happens if that row was dead-lettered or removed by
+-- cancel_job in that window.)
 CREATE FUNCTION enqueue_task(
     p_task_id text,
     p_queue   text,
@@ -88,8 +93,14 @@ END;
 $$;
 
 -- Marks a job canceled (unless it already finished) and deletes its outbox rows, atomically: the
--- function runs in the caller's transaction. Rows a sweeper is dispatching at this moment are
--- locked; the DELETE waits for that sweep to commit, after which they are in Redis, not here.
+-- function runs in the caller's transaction. Rows a sweeper is claiming at this moment are locked;
+-- the DELETE waits for that sweep to end and then acts on what it left: a dispatched row is gone
+-- (the task is in Redis, which this function does not touch); a retried row is still here and is
+-- deleted; a row the sweep left unchanged (rolled back, or Redis outcome unknown) is deleted, but
+-- its Redis write may still land (a timed-out command is not cancelled); a dead-lettered row is in
+-- task_outbox_dead, which this function never touches: dead letters are the record of what
+-- failed, and `worker outbox dead requeue` skips those of a job that is no longer
+-- pending/running.
 -- Returns the number of outbox rows deleted.
 CREATE FUNCTION cancel_job(p_job_id text) RETURNS bigint
 LANGUAGE plpgsql AS $$

@@ -134,6 +134,56 @@ async fn dead_requeue_by_id_or_all_resets_attempts_and_makes_rows_due_now() {
     assert_eq!(both.status.code(), Some(2), "--id and --all together is a usage error");
 }
 
+/// Two copies of one task (the newest comes back, the older is removed) and dead letters of jobs
+/// that are over (kept, and the output says so and why).
+#[tokio::test]
+async fn dead_requeue_reports_superseded_copies_and_skipped_dead_letters_of_finished_jobs() {
+    let test_db = TestDb::new().await;
+    let seed = "INSERT INTO jobs (id, status) VALUES ('live', 'running'), ('gone', 'running'), ('done', 'completed'); \
+         INSERT INTO task_outbox_dead (id, original_id, task_id, job_id, queue, payload, run_at, attempts, \
+         last_error, created_at) VALUES \
+         (1, 1, 't', 'live', 'q', '{\"v\": \"old\"}', now(), 10, 'WRONGTYPE', now()), \
+         (2, 2, 't', 'live', 'q', '{\"v\": \"new\"}', now(), 10, 'WRONGTYPE', now()), \
+         (3, 3, 'g1', 'gone', 'q', '{}', now(), 10, 'WRONGTYPE', now()), \
+         (4, 4, 'g2', 'gone', 'q', '{}', now(), 10, 'WRONGTYPE', now()), \
+         (5, 5, 'd1', 'done', 'q', '{}', now(), 10, 'WRONGTYPE', now()); \
+         SELECT cancel_job('gone')";
+    for statement in seed.split("; ") {
+        exec(&test_db, statement).await;
+    }
+
+    let out = stdout(&worker(&test_db, &["outbox", "dead", "requeue", "--id", "1", "2", "3", "5"]));
+    assert!(out.contains("requeued 1 dead letter"), "{out}");
+    assert!(out.contains("removed 1 older dead letter(s) superseded by a newer copy"), "{out}");
+    assert!(
+        out.contains(
+            "skipped 2 dead letter(s) whose job is over (canceled: 1, completed: 1); kept as dead letters"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("not found"), "a skipped id is not 'not found': {out}");
+    assert_eq!(
+        scalar(&test_db, "SELECT count(*) FROM task_outbox WHERE task_id = 't' AND payload->>'v' = 'new'")
+            .await,
+        1
+    );
+    assert_eq!(scalar(&test_db, "SELECT sum(id)::int8 FROM task_outbox_dead").await, 3 + 4 + 5);
+
+    let report = json(&worker(&test_db, &["outbox", "dead", "requeue", "--all", "--json"]));
+    assert_eq!(report["removed"], 0, "{report}");
+    assert_eq!(report["requeued"], 0, "{report}");
+    assert_eq!(report["superseded"], 0, "{report}");
+    assert_eq!(report["already_pending"], 0, "{report}");
+    assert_eq!(report["skipped"], 3, "{report}");
+    assert_eq!(
+        report["skipped_by_job_status"],
+        serde_json::json!({ "canceled": 2, "completed": 1 }),
+        "{report}"
+    );
+    assert_eq!(report["not_found"], serde_json::json!([]), "{report}");
+    assert_eq!(scalar(&test_db, "SELECT count(*) FROM task_outbox_dead").await, 3);
+}
+
 #[tokio::test]
 async fn dead_purge_deletes_only_dead_letters_older_than_the_duration() {
     let test_db = TestDb::new().await;

@@ -36,7 +36,9 @@ pub enum DeadCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Put dead letters back into the outbox: attempts reset, due now.
+    /// Put dead letters back into the outbox: attempts reset, due now. Of several chosen copies
+    /// of one task the newest comes back and the older ones are removed; dead letters of a job
+    /// that is over (canceled, completed, failed) are skipped and kept.
     Requeue {
         /// Dead-letter ids (from `dead list`); repeat or list several: `--id 3 7 9`.
         #[arg(long = "id", value_name = "ID", num_args = 1.., required_unless_present = "all", conflicts_with = "all")]
@@ -138,11 +140,28 @@ pub async fn run(db: &Db, command: &OutboxCommand, out: &mut impl Write) -> Resu
                 return write_json(out, &report);
             }
             writeln!(out, "requeued {} dead letter(s) (attempts reset, due now)", report.requeued)?;
-            if report.already_pending() > 0 {
+            if report.superseded > 0 {
+                writeln!(
+                    out,
+                    "removed {} older dead letter(s) superseded by a newer copy of the same task, requeued instead",
+                    report.superseded
+                )?;
+            }
+            if report.already_pending > 0 {
                 writeln!(
                     out,
                     "removed {} dead letter(s) whose task is already back in the outbox",
-                    report.already_pending()
+                    report.already_pending
+                )?;
+            }
+            if report.skipped > 0 {
+                let why: Vec<String> =
+                    report.skipped_by_job_status.iter().map(|(status, n)| format!("{status}: {n}")).collect();
+                writeln!(
+                    out,
+                    "skipped {} dead letter(s) whose job is over ({}); kept as dead letters",
+                    report.skipped,
+                    why.join(", ")
                 )?;
             }
             if !report.not_found.is_empty() {

@@ -1,7 +1,9 @@
 //! Dead letters: rows that failed `outbox.max_attempts` times, moved to `task_outbox_dead` by the
 //! sweeper in the same transaction that recorded their last failure. Operators list them, requeue
-//! them (attempts reset, due now) or purge old ones (`worker outbox dead …`).
+//! them (attempts reset, due now; never those of a job that is over) or purge old ones
+//! (`worker outbox dead …`).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,18 +18,47 @@ const LIST: &str = "SELECT id, original_id, task_id, job_id, queue, payload, run
      WHERE $1::text IS NULL OR queue = $1 ORDER BY dead_lettered_at DESC, id DESC LIMIT $2";
 
 /// Moves the chosen dead letters back (new outbox ids, attempts 0, due now; `created_at` and the
-/// last error are kept). A task whose id is already back in the outbox (re-enqueued meanwhile)
-/// keeps that row: its dead copy is just removed. `$1` NULL = all.
-const REQUEUE: &str = "WITH moved AS (\
-       DELETE FROM task_outbox_dead WHERE $1::int8[] IS NULL OR id = ANY($1) \
+/// last error are kept), in one statement. `$1` NULL = all. Per chosen dead letter, in this order:
+/// - its `job_id` names a job that is over (not `pending`/`running`: canceled, completed, failed):
+///   skipped, and kept in `task_outbox_dead` as the record of what failed. A dead letter without a
+///   job, or whose job is not in `jobs`, is requeued. The jobs are locked `FOR SHARE` in id order
+///   and their status is read from the locked (latest) row versions, so a `cancel_job` that
+///   commits while this runs is seen, and one that starts after waits for this transaction and
+///   then deletes what it requeued (its DELETE takes a new snapshot under READ COMMITTED).
+/// - several chosen copies of one task (dead-lettered, requeued, dead-lettered again): the newest
+///   (highest id) is requeued and the older ones are removed as superseded, so a later
+///   `requeue --all` cannot bring a stale payload back. Copies that were not chosen stay.
+/// - the task is already back in the outbox (re-enqueued meanwhile): that row is kept and the
+///   dead copies are just removed.
+///
+/// Columns: removed, requeued, superseded, already pending, skipped job statuses and their counts
+/// (by status), requested ids that are not dead letters.
+const REQUEUE: &str = "WITH chosen AS MATERIALIZED (\
+       SELECT id, job_id FROM task_outbox_dead WHERE $1::int8[] IS NULL OR id = ANY($1)), \
+     job_status AS MATERIALIZED (\
+       SELECT id, status FROM jobs WHERE id IN (SELECT job_id FROM chosen) ORDER BY id FOR SHARE), \
+     skipped AS MATERIALIZED (\
+       SELECT c.id, j.status FROM chosen c JOIN job_status j ON j.id = c.job_id \
+       WHERE j.status NOT IN ('pending', 'running')), \
+     moved AS (\
+       DELETE FROM task_outbox_dead WHERE id IN (SELECT id FROM chosen) AND id NOT IN (SELECT id FROM skipped) \
        RETURNING id, task_id, job_id, queue, payload, last_error, created_at), \
+     newest AS (\
+       SELECT DISTINCT ON (task_id) id, task_id, job_id, queue, payload, last_error, created_at \
+       FROM moved ORDER BY task_id, id DESC), \
      inserted AS (\
        INSERT INTO task_outbox (task_id, job_id, queue, payload, run_at, attempts, last_error, created_at) \
-       SELECT task_id, job_id, queue, payload, now(), 0, last_error, created_at FROM moved ORDER BY id \
-       ON CONFLICT (task_id) DO NOTHING RETURNING 1) \
+       SELECT task_id, job_id, queue, payload, now(), 0, last_error, created_at FROM newest ORDER BY id \
+       ON CONFLICT (task_id) DO NOTHING RETURNING task_id), \
+     skipped_by_status AS (SELECT status, count(*) AS n FROM skipped GROUP BY status) \
      SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM inserted), \
-            coalesce((SELECT array_agg(x ORDER BY x) FROM unnest($1::int8[]) AS x \
-                      WHERE x NOT IN (SELECT id FROM moved)), '{}')";
+            (SELECT count(*) FROM moved WHERE task_id IN (SELECT task_id FROM inserted)) \
+              - (SELECT count(*) FROM inserted), \
+            (SELECT count(*) FROM moved WHERE task_id NOT IN (SELECT task_id FROM inserted)), \
+            coalesce((SELECT array_agg(status ORDER BY status) FROM skipped_by_status), '{}'), \
+            coalesce((SELECT array_agg(n ORDER BY status) FROM skipped_by_status), '{}'), \
+            coalesce((SELECT array_agg(DISTINCT x ORDER BY x) FROM unnest($1::int8[]) AS x \
+                      WHERE x NOT IN (SELECT id FROM chosen)), '{}')";
 const NOTIFY: &str = "SELECT 1::int4 FROM pg_notify($1, '')";
 const PURGE: &str = "DELETE FROM task_outbox_dead WHERE dead_lettered_at < now() - make_interval(secs => $1)";
 
@@ -55,19 +86,21 @@ pub enum Selection {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RequeueReport {
-    /// Dead letters removed from `task_outbox_dead`.
+    /// Dead letters removed from `task_outbox_dead`: `requeued + superseded + already_pending`.
     pub removed: u64,
-    /// Of those, rows put back into the outbox.
+    /// Tasks put back into the outbox (the newest chosen copy of each).
     pub requeued: u64,
+    /// Older chosen copies of a requeued task, removed: the newest copy came back instead.
+    pub superseded: u64,
+    /// Chosen copies of tasks already back in the outbox (re-enqueued meanwhile), removed; the
+    /// outbox row is kept as it is.
+    pub already_pending: u64,
+    /// Chosen dead letters kept because their job is over; they stay in `task_outbox_dead`.
+    pub skipped: u64,
+    /// `skipped` by the status of their job (`canceled`, `completed`, `failed`).
+    pub skipped_by_job_status: BTreeMap<String, u64>,
     /// Requested ids that are not (or no longer) dead letters.
     pub not_found: Vec<i64>,
-}
-
-impl RequeueReport {
-    /// Removed but not requeued: their task id was already back in the outbox.
-    pub fn already_pending(&self) -> u64 {
-        self.removed.saturating_sub(self.requeued)
-    }
 }
 
 /// The newest dead letters first, optionally of one queue.
@@ -101,10 +134,19 @@ pub async fn requeue(db: &Db, selection: &Selection) -> Result<RequeueReport, Db
     let mut conn = db.get().await?;
     let tx = db::begin(&mut conn, db.statement_timeout()).await?;
     let row = tx.fetch_one(REQUEUE, &[(&ids, Type::INT8_ARRAY)]).await?;
+    let count = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+    let statuses: Vec<String> = row.get(4);
+    let counts: Vec<i64> = row.get(5);
+    let skipped_by_job_status: BTreeMap<String, u64> =
+        statuses.into_iter().zip(counts.into_iter().map(|n| u64::try_from(n).unwrap_or(0))).collect();
     let report = RequeueReport {
-        removed: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
-        requeued: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
-        not_found: row.get(2),
+        removed: count(0),
+        requeued: count(1),
+        superseded: count(2),
+        already_pending: count(3),
+        skipped: skipped_by_job_status.values().sum(),
+        skipped_by_job_status,
+        not_found: row.get(6),
     };
     if report.requeued > 0 {
         tx.fetch_one(NOTIFY, &[(&WAKE_CHANNEL, Type::TEXT)]).await?;
