@@ -1,16 +1,18 @@
 //! The `outbox` loop: due `task_outbox` rows → Redis sorted sets, one transaction per tick.
 //!
-//! A tick: `BEGIN; SET LOCAL statement_timeout`; claim up to `batch_size` due rows
+//! A tick: `BEGIN; SET LOCAL statement_timeout`; claim up to the batch limit of due rows
 //! `ORDER BY run_at, id FOR UPDATE SKIP LOCKED` (replicas sweep side by side, never the same
-//! row); send them in one Redis pipeline (an HSET/ZADD pair per queue chunk, see
-//! [`scheduler`]) under `outbox.redis_timeout` (inside the tick timeout, so
+//! row); send them to Redis (an HSET pipeline, then a ZADD pipeline for the chunks whose payload
+//! is in place, see [`scheduler`]) under `outbox.redis_timeout` (inside the tick timeout, so
 //! time is left to settle); settle each row by its own answer — delete the dispatched, bump
 //! the failed with a backoff and their own error, move the exhausted to `task_outbox_dead` —
 //! with at most three statements; `COMMIT`. A full batch asks the runner to tick again at once.
 //!
-//! When Redis gives no answer for the pipeline (down, timed out) the transaction rolls back and
-//! the tick fails: an outage consumes no attempts and dead-letters nothing, and the runner backs
-//! off. Rows whose own answer is unknown are left untouched while the others are settled.
+//! When Redis gives no answer (disconnected, timed out) the transaction rolls back and the tick
+//! fails: an outage consumes no attempts and dead-letters nothing, and the runner backs off; a
+//! timeout also halves the batch limit (doubled back after each success), so a batch too big to
+//! send in time cannot wedge the loop. Rows whose own answer is unknown are left untouched while
+//! the others are settled.
 //! `kill -9` at any point loses nothing: before COMMIT every row is still in the outbox (maybe
 //! also in Redis, which the idempotent re-send absorbs).
 
