@@ -260,7 +260,11 @@ async fn throughput(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
 
     for per_row in [true, false] {
         let (n, elapsed, cpu) = measured(redis_only(&redis, &prefix, args.rows, args.batch, per_row)).await?;
-        let shape = if per_row { "one HSET + ZADD per row" } else { "one HSET + ZADD per queue chunk" };
+        let shape = if per_row {
+            "one HSET + ZADD per row"
+        } else {
+            "the sweeper's HSET then ZADD pipelines, a command per queue chunk"
+        };
         results.push((
             format!("Redis only: pipelines of {} rows, {shape}, no SQL", args.batch),
             n,
