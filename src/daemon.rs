@@ -67,9 +67,11 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
             shutdown.clone(),
         );
     }
-    let redis = (config.outbox.enabled || config.counters.enabled)
-        .then(|| crate::redis::connect(&config.redis))
-        .transpose()?;
+    let redis = if config.outbox.enabled || config.counters.enabled {
+        Some(crate::redis::connect_and_wait(&config.redis).await?)
+    } else {
+        None
+    };
     if let Some(redis) = redis.as_ref().filter(|_| config.outbox.enabled) {
         let sweeper =
             Sweeper::new(db.clone(), redis.clone(), &config.redis.prefix, config.outbox.clone(), &meter);

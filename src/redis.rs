@@ -46,6 +46,25 @@ pub fn connect(config: &RedisConfig) -> Result<Client, RedisError> {
     Ok(client)
 }
 
+/// Like [`connect`], then waits up to the connect timeout for the first connection, so loops do
+/// not start their first tick (and their failure backoff) a few milliseconds before Redis
+/// answers. A Redis that is down at start is not fatal: the client keeps reconnecting and the
+/// loops report errors until it is back.
+pub async fn connect_and_wait(config: &RedisConfig) -> Result<Client, RedisError> {
+    let client = connect(config)?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, client.wait_for_connect()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "redis is not reachable at start; retrying in the background")
+        }
+        Err(_) => tracing::warn!(
+            waited_ms = CONNECT_TIMEOUT.as_millis() as u64,
+            "redis is not reachable at start; retrying in the background"
+        ),
+    }
+    Ok(client)
+}
+
 /// Builds a client without connecting (the caller decides when: `connect` or `init`).
 pub fn build(config: &RedisConfig) -> Result<Client, RedisError> {
     let redacted = crate::config::redact_url(&config.url);
