@@ -16,7 +16,7 @@
 //! `kill -9` at any point loses nothing: before COMMIT every row is still in the outbox (maybe
 //! also in Redis, which the idempotent re-send absorbs).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -108,10 +108,14 @@ pub struct SweepReport {
 #[derive(Default)]
 struct Probe {
     last: Mutex<Option<Instant>>,
-    measured: AtomicBool,
-    due: AtomicU64,
-    oldest_due_age_bits: AtomicU64,
-    dead: AtomicU64,
+    /// `None` until the first measurement: nothing is observed before it.
+    backlog: Mutex<Option<stats::Backlog>>,
+}
+
+impl Probe {
+    fn read(&self) -> Option<stats::Backlog> {
+        *self.backlog.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The outbox sweeper loop.
@@ -245,10 +249,7 @@ impl Sweeper {
             *last = Some(Instant::now());
         }
         let backlog = stats::backlog(&self.db).await?;
-        self.probe.due.store(backlog.due, Ordering::Relaxed);
-        self.probe.oldest_due_age_bits.store(backlog.oldest_due_age_secs.to_bits(), Ordering::Relaxed);
-        self.probe.dead.store(backlog.dead, Ordering::Relaxed);
-        self.probe.measured.store(true, Ordering::Relaxed);
+        *self.probe.backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(backlog);
         Ok(())
     }
 }
@@ -258,32 +259,20 @@ fn register_gauges(meter: &Meter, probe: &Arc<Probe>) {
     meter
         .u64_observable_gauge("outbox.backlog.due")
         .with_description("Outbox rows due now (run_at <= now())")
-        .with_callback(move |o| {
-            if p.measured.load(Ordering::Relaxed) {
-                o.observe(p.due.load(Ordering::Relaxed), &[]);
-            }
-        })
+        .with_callback(move |o| p.read().into_iter().for_each(|b| o.observe(b.due, &[])))
         .build();
     let p = probe.clone();
     meter
         .f64_observable_gauge("outbox.backlog.oldest_due_age")
         .with_unit("s")
         .with_description("Age (from created_at) of the oldest due outbox row; 0 when none is due")
-        .with_callback(move |o| {
-            if p.measured.load(Ordering::Relaxed) {
-                o.observe(f64::from_bits(p.oldest_due_age_bits.load(Ordering::Relaxed)), &[]);
-            }
-        })
+        .with_callback(move |o| p.read().into_iter().for_each(|b| o.observe(b.oldest_due_age_secs, &[])))
         .build();
     let p = probe.clone();
     meter
         .u64_observable_gauge("outbox.dead_letters")
         .with_description("Rows in task_outbox_dead")
-        .with_callback(move |o| {
-            if p.measured.load(Ordering::Relaxed) {
-                o.observe(p.dead.load(Ordering::Relaxed), &[]);
-            }
-        })
+        .with_callback(move |o| p.read().into_iter().for_each(|b| o.observe(b.dead, &[])))
         .build();
 }
 
