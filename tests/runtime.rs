@@ -143,6 +143,14 @@ impl Loop for Probe {
     }
 }
 
+/// A fresh database, an in-memory meter, and a runtime over both.
+async fn setup() -> (TestDb, MetricsProbe, Runtime) {
+    let test_db = TestDb::new().await;
+    let metrics = MetricsProbe::new();
+    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    (test_db, metrics, rt)
+}
+
 fn runtime_for(db: Db, meter: &opentelemetry::metrics::Meter) -> Runtime {
     let settings = RuntimeConfig { jitter: 0.0, ..RuntimeConfig::default() };
     Runtime::new(db, Health::default(), meter, settings)
@@ -183,9 +191,7 @@ fn probe(name: &'static str, schedule: Schedule, behaviour: Behaviour) -> (Probe
 
 #[tokio::test]
 async fn ticks_never_overlap_even_when_a_tick_outlasts_the_interval() {
-    let test_db = TestDb::new().await;
-    let metrics = MetricsProbe::new();
-    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    let (_test_db, _metrics, rt) = setup().await;
     let schedule = Schedule::every(Duration::from_millis(1), Duration::from_secs(30));
     let (job, state) = probe("overlap", schedule, Behaviour::Gated);
     let background = Background::start(&rt, job);
@@ -203,9 +209,7 @@ async fn ticks_never_overlap_even_when_a_tick_outlasts_the_interval() {
 
 #[tokio::test]
 async fn a_full_batch_ticks_again_at_once_instead_of_waiting_for_the_interval() {
-    let test_db = TestDb::new().await;
-    let metrics = MetricsProbe::new();
-    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    let (_test_db, _metrics, rt) = setup().await;
     // An hour-long interval: only drain mode can produce ticks 2..=6.
     let schedule = Schedule::every(Duration::from_secs(3600), Duration::from_secs(30));
     let (job, state) = probe("drainer", schedule, Behaviour::FullBatches(5));
@@ -217,9 +221,7 @@ async fn a_full_batch_ticks_again_at_once_instead_of_waiting_for_the_interval() 
 
 #[tokio::test]
 async fn a_tick_running_past_its_timeout_is_cancelled_and_counted_as_timeout() {
-    let test_db = TestDb::new().await;
-    let metrics = MetricsProbe::new();
-    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    let (_test_db, metrics, rt) = setup().await;
     let schedule = Schedule::every(Duration::from_secs(3600), Duration::from_millis(100));
     let (job, state) = probe("slowpoke", schedule, Behaviour::Hang);
     let mut runner = rt.runner(job);
@@ -243,9 +245,7 @@ async fn a_tick_running_past_its_timeout_is_cancelled_and_counted_as_timeout() {
 
 #[tokio::test]
 async fn the_interval_is_independent_of_the_tick_timeout() {
-    let test_db = TestDb::new().await;
-    let metrics = MetricsProbe::new();
-    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    let (_test_db, _metrics, rt) = setup().await;
 
     // A tick longer than its interval but within its timeout completes normally.
     let schedule = Schedule::every(Duration::from_millis(20), Duration::from_secs(10));
@@ -304,9 +304,7 @@ async fn two_runners_of_a_leader_only_loop_never_tick_together() {
 
 #[tokio::test]
 async fn shutdown_waits_for_an_in_flight_tick_and_starts_no_new_one() {
-    let test_db = TestDb::new().await;
-    let metrics = MetricsProbe::new();
-    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    let (_test_db, _metrics, rt) = setup().await;
     let schedule = Schedule::every(Duration::from_millis(1), Duration::from_secs(30));
     let (job, state) = probe("drain", schedule, Behaviour::Gated);
     let background = Background::start(&rt, job);
@@ -340,9 +338,7 @@ async fn notify(db: &Db, sql: &str) {
 
 #[tokio::test]
 async fn a_burst_of_notifies_wakes_a_loop_a_handful_of_times() {
-    let test_db = TestDb::new().await;
-    let metrics = MetricsProbe::new();
-    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    let (test_db, _metrics, rt) = setup().await;
     let schedule = Schedule::every(Duration::from_secs(3600), Duration::from_secs(30)).woken_by("burst_test");
     let (job, state) = probe("burst", schedule, Behaviour::Gated);
     let background = Background::start(&rt, job);
@@ -381,9 +377,7 @@ async fn a_burst_of_notifies_wakes_a_loop_a_handful_of_times() {
 
 #[tokio::test]
 async fn a_dropped_listen_connection_is_re_established() {
-    let test_db = TestDb::new().await;
-    let metrics = MetricsProbe::new();
-    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    let (test_db, _metrics, rt) = setup().await;
     let schedule =
         Schedule::every(Duration::from_secs(3600), Duration::from_secs(30)).woken_by("relisten_test");
     let (job, state) = probe("relisten", schedule, Behaviour::Return);
@@ -470,9 +464,7 @@ async fn a_paused_loop_stops_ticking_on_two_replicas_and_resumes() {
 
 #[tokio::test]
 async fn a_loop_recovers_by_itself_after_its_database_connections_are_killed() {
-    let test_db = TestDb::new().await;
-    let metrics = MetricsProbe::new();
-    let rt = runtime_for(test_db.db.clone(), &metrics.meter());
+    let (test_db, _metrics, rt) = setup().await;
     let schedule = Schedule::every(Duration::from_secs(3600), Duration::from_secs(10));
     let (job, _) = probe("survivor", schedule, Behaviour::Return);
     let mut runner = rt.runner(job);
