@@ -22,10 +22,10 @@ use common::{BenchDb, Cpu, ms, quantile, rate, table};
 use fred::prelude::{Client, HashesInterface, SortedSetsInterface};
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use worker::config::{OutboxConfig, RuntimeConfig};
+use worker::config::RuntimeConfig;
 use worker::db::{self, Db, Exec};
 use worker::health::Health;
+use worker::outbox::OutboxConfig;
 use worker::outbox::Sweeper;
 use worker::outbox::scheduler;
 use worker::outbox::sweeper::{CLAIM, Claimed, DELETE_DISPATCHED};
@@ -345,16 +345,10 @@ async fn latency(bench: &BenchDb, args: &Args, wake: bool) -> anyhow::Result<Vec
     let meter = opentelemetry::global::meter("bench");
     let runtime = Runtime::new(bench.db.clone(), Health::default(), &meter, RuntimeConfig::default());
     let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
     let sweeper = Sweeper::new(bench.db.clone(), redis, &prefix, OutboxConfig::default(), &meter);
-    runtime.spawn(sweeper, &tracker, shutdown.clone());
+    runtime.spawn(sweeper);
     if wake {
-        let stats = worker::listen::spawn(
-            bench.url.clone(),
-            runtime.wakes().clone(),
-            runtime.health.clone(),
-            shutdown.clone(),
-        );
+        let stats = runtime.listener().start(bench.url.clone(), runtime.health.clone(), shutdown.clone());
         let mut connects = stats.connects.clone();
         tokio::time::timeout(Duration::from_secs(10), connects.wait_for(|n| *n >= 1)).await??;
     }
@@ -388,8 +382,8 @@ async fn latency(bench: &BenchDb, args: &Args, wake: bool) -> anyhow::Result<Vec
     }
     let mut latencies = watch.await??;
     shutdown.cancel();
-    tracker.close();
-    tracker.wait().await;
+    runtime.begin_shutdown();
+    runtime.drained().await;
     latencies.sort();
     Ok(latencies)
 }

@@ -42,9 +42,9 @@ pub struct Config {
     pub health: HealthConfig,
     pub telemetry: TelemetryConfig,
     pub runtime: RuntimeConfig,
-    pub workers: WorkersConfig,
-    pub outbox: OutboxConfig,
-    pub counters: CountersConfig,
+    pub workers: crate::workers::WorkersConfig,
+    pub outbox: crate::outbox::OutboxConfig,
+    pub counters: crate::counters::CountersConfig,
     pub gitsync: GitsyncConfig,
     pub prebuilds: PrebuildsConfig,
 }
@@ -202,92 +202,20 @@ pub struct RuntimeConfig {
     /// Identical errors of one loop are logged once per this window, with a count.
     #[serde(with = "humantime_serde")]
     pub error_log_interval: Duration,
+    /// How stale the process's view of `loop_controls` (paused loops) may be: it is read at most
+    /// once per this interval, whatever the number of loops. 0s reads it before every tick.
+    #[serde(with = "humantime_serde")]
+    pub controls_refresh: Duration,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { jitter: 0.1, max_drain_ticks: 50, error_log_interval: Duration::from_secs(60) }
-    }
-}
-
-/// The `workers` loop: this process's lease row in `workers`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct WorkersConfig {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub tick_timeout: Duration,
-    /// Worker rows unseen for longer than this are deleted.
-    #[serde(with = "humantime_serde")]
-    pub retention: Duration,
-}
-
-impl Default for WorkersConfig {
-    fn default() -> Self {
         Self {
-            enabled: true,
-            interval: Duration::from_secs(10),
-            tick_timeout: Duration::from_secs(5),
-            retention: Duration::from_secs(24 * 3600),
+            jitter: 0.1,
+            max_drain_ticks: 50,
+            error_log_interval: Duration::from_secs(60),
+            controls_refresh: Duration::from_secs(1),
         }
-    }
-}
-
-/// The outbox sweeper: `task_outbox` → Redis sorted sets.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct OutboxConfig {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub tick_timeout: Duration,
-    /// Deadline of the Redis pipeline inside a tick, leaving time to settle the rows.
-    #[serde(with = "humantime_serde")]
-    pub redis_timeout: Duration,
-    pub batch_size: u32,
-    pub max_attempts: u32,
-    #[serde(with = "humantime_serde")]
-    pub backoff_base: Duration,
-    #[serde(with = "humantime_serde")]
-    pub backoff_max: Duration,
-    /// How often the backlog gauges are refreshed.
-    #[serde(with = "humantime_serde")]
-    pub probe_interval: Duration,
-}
-
-impl Default for OutboxConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_millis(200),
-            tick_timeout: Duration::from_secs(10),
-            redis_timeout: Duration::from_secs(3),
-            batch_size: 500,
-            max_attempts: 10,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(300),
-            probe_interval: Duration::from_secs(15),
-        }
-    }
-}
-
-/// Redis running-task counters → `jobs.running_tasks`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct CountersConfig {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub tick_timeout: Duration,
-}
-
-impl Default for CountersConfig {
-    fn default() -> Self {
-        Self { enabled: true, interval: Duration::from_secs(5), tick_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -429,13 +357,14 @@ pub fn load(inputs: &ConfigInputs) -> Result<Loaded, ConfigError> {
         figment = figment.merge(Serialized::default(&over.key, value));
     }
 
-    let locate = |key: &str| locate(key, &overrides, file.as_ref());
+    let lines = file.as_ref().map(|(path, text)| (path.clone(), KeyLines::parse(text)));
+    let locate = |key: &str| locate(key, &overrides, lines.as_ref());
     let config: Config = figment.extract().map_err(|error| {
         let (key, problem, expected) = describe_figment_error(&error);
         ConfigError::Invalid { origin: locate(&key), key, problem, expected }
     })?;
-    if let Err((key, problem, expected)) = config.validate() {
-        return Err(ConfigError::Invalid { origin: locate(key), key: key.to_owned(), problem, expected });
+    if let Err(Violation { key, problem, expected }) = config.validate() {
+        return Err(ConfigError::Invalid { origin: locate(&key), key, problem, expected });
     }
 
     let sources = leaf_keys(&config).into_iter().map(|key| {
@@ -480,45 +409,80 @@ impl Overrides {
     }
 }
 
-fn locate(key: &str, overrides: &Overrides, file: Option<&(PathBuf, String)>) -> Source {
+fn locate(key: &str, overrides: &Overrides, file: Option<&(PathBuf, KeyLines)>) -> Source {
     if let Some(over) =
         overrides.0.iter().rev().find(|o| o.key == key || key.starts_with(&format!("{}.", o.key)))
     {
         return over.source.clone();
     }
-    if let Some((path, text)) = file
-        && let Some(line) = toml_key_line(text, key)
+    if let Some((path, lines)) = file
+        && let Some(line) = lines.line_of(key)
     {
         return Source::File { path: path.clone(), line };
     }
     Source::Default
 }
 
-/// The 1-based line on which `section.key` is set in a TOML text (tables, dotted keys and
-/// `[section]` headers; good enough for a flat two-level config).
-fn toml_key_line(text: &str, dotted: &str) -> Option<usize> {
-    let mut table = String::new();
-    let mut table_line = None;
-    for (index, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
-            table = header.trim().replace([' ', '"'], "");
-            if table == dotted {
-                table_line = Some(index + 1);
-            }
-            continue;
+/// The line of every key, table header and array-of-tables element of a TOML text, under its
+/// dotted path (`chats.runner.command`; elements of `[[gitsync.providers]]` as
+/// `gitsync.providers.0`, their keys as `gitsync.providers.0.id`), taken from the parser's
+/// spans so nested tables, dotted keys, inline tables and arrays of tables all resolve.
+#[derive(Debug, Default)]
+struct KeyLines(BTreeMap<String, usize>);
+
+impl KeyLines {
+    fn parse(text: &str) -> Self {
+        let mut lines = Self::default();
+        // The text was syntax-checked already; an unparsable one simply has no lines.
+        if let Ok(table) = toml::de::DeTable::parse(text) {
+            let line_at = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+            lines.table("", table.get_ref(), &line_at);
         }
-        let Some((lhs, _)) = line.split_once('=') else { continue };
-        if line.starts_with('#') {
-            continue;
-        }
-        let lhs = lhs.trim().replace([' ', '"'], "");
-        let full = if table.is_empty() { lhs } else { format!("{table}.{lhs}") };
-        if full == dotted {
-            return Some(index + 1);
+        lines
+    }
+
+    fn table(&mut self, prefix: &str, table: &toml::de::DeTable<'_>, line_at: &dyn Fn(usize) -> usize) {
+        for (key, value) in table {
+            let path = join(prefix, key.get_ref());
+            self.0.entry(path.clone()).or_insert(line_at(key.span().start));
+            self.value(&path, value, line_at);
         }
     }
-    table_line
+
+    fn value(
+        &mut self,
+        path: &str,
+        value: &toml::Spanned<toml::de::DeValue<'_>>,
+        line_at: &dyn Fn(usize) -> usize,
+    ) {
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) => self.table(path, inner, line_at),
+            toml::de::DeValue::Array(items) => {
+                for (index, item) in items.iter().enumerate() {
+                    let element = format!("{path}.{index}");
+                    self.0.entry(element.clone()).or_insert(line_at(item.span().start));
+                    self.value(&element, item, line_at);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The line of `key`, else of the closest enclosing table or element that the file has (an
+    /// unknown key inside a table is reported at that table when its own line is unknown).
+    fn line_of(&self, key: &str) -> Option<usize> {
+        let mut candidate = key;
+        loop {
+            if let Some(line) = self.0.get(candidate) {
+                return Some(*line);
+            }
+            candidate = &candidate[..candidate.rfind('.')?];
+        }
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") }
 }
 
 fn check_toml_syntax(path: &Path, text: &str) -> Result<(), ConfigError> {
@@ -551,29 +515,57 @@ fn describe_figment_error(error: &figment::Error) -> (String, String, String) {
     (error.path.join("."), problem, expected)
 }
 
-type Violation = (&'static str, String, String);
+/// A value a loop's (or section's) `validate` refused; `key` is relative to the table that
+/// validated it until [`Violation::under`] puts the table in front.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub key: String,
+    pub problem: String,
+    pub expected: String,
+}
 
-fn check(ok: bool, key: &'static str, actual: impl fmt::Display, expected: &str) -> Result<(), Violation> {
-    if ok { Ok(()) } else { Err((key, format!("out of range: {actual}"), expected.to_owned())) }
+impl Violation {
+    pub fn new(key: &str, problem: impl Into<String>, expected: impl Into<String>) -> Self {
+        Self { key: key.to_owned(), problem: problem.into(), expected: expected.into() }
+    }
+
+    /// The same violation with `table.` in front of its key.
+    #[must_use]
+    pub fn under(mut self, table: &str) -> Self {
+        self.key = format!("{table}.{}", self.key);
+        self
+    }
+}
+
+/// `Err` naming `key`, the value and what was expected, unless `ok`.
+pub fn check(ok: bool, key: &str, actual: impl fmt::Display, expected: &str) -> Result<(), Violation> {
+    if ok { Ok(()) } else { Err(Violation::new(key, format!("out of range: {actual}"), expected)) }
+}
+
+/// A duration that must not be zero.
+pub fn positive(key: &str, value: Duration) -> Result<(), Violation> {
+    check(!value.is_zero(), key, humantime::format_duration(value), "a duration > 0")
 }
 
 /// A URL the PostgreSQL driver accepts, checked at load time so a bad deploy fails
 /// `config check` instead of every tick. TLS to PostgreSQL is not built in yet: `sslmode=require`
 /// is refused here with that reason rather than failing at the first connection.
-fn check_postgres_url(key: &'static str, url: &str) -> Result<(), Violation> {
+fn check_postgres_url(key: &str, url: &str) -> Result<(), Violation> {
     let shown = redact_url(url);
     check(url_scheme(url, &["postgres", "postgresql"]), key, &shown, "a postgres:// URL")?;
     match url.parse::<tokio_postgres::Config>() {
-        Err(error) => Err((
+        Err(error) => Err(Violation::new(
             key,
             format!("not accepted by the PostgreSQL driver ({error}): {shown}"),
-            "a postgres:// URL with sslmode=disable|prefer and no libpq-only options".to_owned(),
+            "a postgres:// URL with sslmode=disable|prefer and no libpq-only options",
         )),
-        Ok(parsed) if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require => Err((
-            key,
-            format!("sslmode=require, but this build has no TLS to PostgreSQL: {shown}"),
-            "sslmode=disable or prefer (terminate TLS in a sidecar or pgbouncer)".to_owned(),
-        )),
+        Ok(parsed) if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
+            Err(Violation::new(
+                key,
+                format!("sslmode=require, but this build has no TLS to PostgreSQL: {shown}"),
+                "sslmode=disable or prefer (terminate TLS in a sidecar or pgbouncer)",
+            ))
+        }
         Ok(_) => Ok(()),
     }
 }
@@ -585,7 +577,6 @@ fn url_scheme(url: &str, schemes: &[&str]) -> bool {
 impl Config {
     /// Range checks serde cannot express. Returns the first violation as (key, problem, expected).
     fn validate(&self) -> Result<(), Violation> {
-        let pos = |d: Duration| !d.is_zero();
         let db = &self.database;
         check_postgres_url("database.url", &db.url)?;
         if let Some(url) = &db.listen_url {
@@ -595,9 +586,9 @@ impl Config {
             check_postgres_url("database.migrate_url", url)?;
         }
         check((1..=1000).contains(&db.pool_size), "database.pool_size", db.pool_size, "1..=1000")?;
-        check(pos(db.statement_timeout), "database.statement_timeout", "0s", "a duration > 0")?;
-        check(pos(db.connect_timeout), "database.connect_timeout", "0s", "a duration > 0")?;
-        check(pos(db.acquire_timeout), "database.acquire_timeout", "0s", "a duration > 0")?;
+        positive("database.statement_timeout", db.statement_timeout)?;
+        positive("database.connect_timeout", db.connect_timeout)?;
+        positive("database.acquire_timeout", db.acquire_timeout)?;
         check(
             url_scheme(&self.redis.url, &["redis", "rediss", "redis-cluster"]),
             "redis.url",
@@ -605,9 +596,9 @@ impl Config {
             "a redis:// URL",
         )?;
         check(!self.redis.prefix.is_empty(), "redis.prefix", "\"\"", "a non-empty key prefix")?;
-        check(pos(self.app.shutdown_timeout), "app.shutdown_timeout", "0s", "a duration > 0")?;
+        positive("app.shutdown_timeout", self.app.shutdown_timeout)?;
         check(!self.app.env.is_empty(), "app.env", "\"\"", "a non-empty environment name")?;
-        check(pos(self.telemetry.export_interval), "telemetry.export_interval", "0s", "a duration > 0")?;
+        positive("telemetry.export_interval", self.telemetry.export_interval)?;
         let rt = &self.runtime;
         check((0.0..=0.5).contains(&rt.jitter), "runtime.jitter", rt.jitter, "0.0..=0.5")?;
         check(
@@ -616,38 +607,10 @@ impl Config {
             rt.max_drain_ticks,
             "1..=10000",
         )?;
-        check(pos(rt.error_log_interval), "runtime.error_log_interval", "0s", "a duration > 0")?;
-        let w = &self.workers;
-        check(pos(w.interval), "workers.interval", "0s", "a duration > 0")?;
-        check(pos(w.tick_timeout), "workers.tick_timeout", "0s", "a duration > 0")?;
-        check(
-            w.retention > w.interval * 3,
-            "workers.retention",
-            humantime::format_duration(w.retention),
-            "more than 3 × workers.interval",
-        )?;
-        let o = &self.outbox;
-        check(pos(o.interval), "outbox.interval", "0s", "a duration > 0")?;
-        check(pos(o.tick_timeout), "outbox.tick_timeout", "0s", "a duration > 0")?;
-        check(
-            pos(o.redis_timeout) && o.redis_timeout < o.tick_timeout,
-            "outbox.redis_timeout",
-            humantime::format_duration(o.redis_timeout),
-            "a duration > 0 and below outbox.tick_timeout",
-        )?;
-        check((1..=10_000).contains(&o.batch_size), "outbox.batch_size", o.batch_size, "1..=10000")?;
-        check((1..=1000).contains(&o.max_attempts), "outbox.max_attempts", o.max_attempts, "1..=1000")?;
-        check(pos(o.backoff_base), "outbox.backoff_base", "0s", "a duration > 0")?;
-        check(
-            o.backoff_max >= o.backoff_base,
-            "outbox.backoff_max",
-            humantime::format_duration(o.backoff_max),
-            "at least outbox.backoff_base",
-        )?;
-        check(pos(o.probe_interval), "outbox.probe_interval", "0s", "a duration > 0")?;
-        let c = &self.counters;
-        check(pos(c.interval), "counters.interval", "0s", "a duration > 0")?;
-        check(pos(c.tick_timeout), "counters.tick_timeout", "0s", "a duration > 0")?;
+        positive("runtime.error_log_interval", rt.error_log_interval)?;
+        self.workers.validate().map_err(|v| v.under("workers"))?;
+        self.outbox.validate().map_err(|v| v.under("outbox"))?;
+        self.counters.validate().map_err(|v| v.under("counters"))?;
         check(
             (1..=1000).contains(&self.gitsync.concurrency),
             "gitsync.concurrency",
@@ -663,44 +626,97 @@ impl Config {
         Ok(())
     }
 
-    /// The effective config as TOML with secrets redacted, each value annotated with its source.
+    /// The effective config as TOML with secrets redacted, each value annotated with its source
+    /// (nested tables and arrays of tables included).
     pub fn render(&self, sources: &BTreeMap<String, Source>) -> String {
         let mut redacted = self.clone();
         redacted.database.url = redact_url(&redacted.database.url);
         redacted.database.listen_url = redacted.database.listen_url.as_deref().map(redact_url);
         redacted.database.migrate_url = redacted.database.migrate_url.as_deref().map(redact_url);
         redacted.redis.url = redact_url(&redacted.redis.url);
-        let text = toml::to_string(&redacted).unwrap_or_else(|e| format!("# cannot render config: {e}\n"));
-        let mut out = String::new();
-        let mut table = String::new();
-        for line in text.lines() {
-            if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-                table = header.to_owned();
+        match toml::Table::try_from(&redacted) {
+            Ok(table) => {
+                let mut out = String::new();
+                render_table(&mut out, "", &table, sources, None);
+                out
             }
-            out.push_str(line);
-            if let Some((lhs, _)) = line.split_once(" = ") {
-                let key = format!("{table}.{}", lhs.trim());
-                if let Some(source) = sources.get(&key) {
-                    out.push_str(&format!("  # {source}"));
-                }
-            }
-            out.push('\n');
+            Err(e) => format!("# cannot render config: {e}\n"),
         }
-        out
     }
 }
 
-/// Every dotted leaf key of a config (from its serialized form).
-fn leaf_keys(config: &Config) -> Vec<String> {
-    let Ok(toml::Value::Table(table)) = toml::Value::try_from(config) else { return Vec::new() };
-    let mut keys = Vec::new();
-    for (section, value) in table {
+/// Writes `table`'s plain keys (annotated), then its sub-tables as `[path]` and its arrays of
+/// tables as `[[path]]` sections, recursively. `header` is the section line to write first.
+fn render_table(
+    out: &mut String,
+    path: &str,
+    table: &toml::Table,
+    sources: &BTreeMap<String, Source>,
+    header: Option<String>,
+) {
+    let is_section = |v: &toml::Value| match v {
+        toml::Value::Table(_) => true,
+        toml::Value::Array(items) => !items.is_empty() && items.iter().all(toml::Value::is_table),
+        _ => false,
+    };
+    let plain: Vec<_> = table.iter().filter(|(_, v)| !is_section(v)).collect();
+    if let Some(header) = header
+        && (!plain.is_empty() || path.matches('.').count() == 0 || path.ends_with(char::is_numeric))
+    {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&header);
+        out.push('\n');
+    }
+    for (key, value) in plain {
+        let full = join(path, key);
+        let mut line = format!("{key} = {value}");
+        if let Some(source) = sources.get(&full) {
+            line.push_str(&format!("  # {source}"));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    for (key, value) in table.iter().filter(|(_, v)| is_section(v)) {
+        let full = join(path, key);
         match value {
-            toml::Value::Table(inner) => keys.extend(inner.keys().map(|k| format!("{section}.{k}"))),
-            _ => keys.push(section),
+            toml::Value::Table(inner) => render_table(out, &full, inner, sources, Some(format!("[{full}]"))),
+            toml::Value::Array(items) => {
+                for (index, item) in items.iter().enumerate() {
+                    if let toml::Value::Table(inner) = item {
+                        let element = format!("{full}.{index}");
+                        render_table(out, &element, inner, sources, Some(format!("[[{full}]]")));
+                    }
+                }
+            }
+            _ => {}
         }
     }
+}
+
+/// Every dotted leaf key of a config (from its serialized form), array-of-tables elements as
+/// `table.array.N.key`.
+fn leaf_keys(config: &Config) -> Vec<String> {
+    let mut keys = Vec::new();
+    if let Ok(table) = toml::Table::try_from(config) {
+        collect_leaves("", &toml::Value::Table(table), &mut keys);
+    }
     keys
+}
+
+fn collect_leaves(path: &str, value: &toml::Value, keys: &mut Vec<String>) {
+    match value {
+        toml::Value::Table(table) => {
+            table.iter().for_each(|(key, inner)| collect_leaves(&join(path, key), inner, keys));
+        }
+        toml::Value::Array(items) if !items.is_empty() && items.iter().all(toml::Value::is_table) => {
+            for (index, item) in items.iter().enumerate() {
+                collect_leaves(&format!("{path}.{index}"), item, keys);
+            }
+        }
+        _ => keys.push(path.to_owned()),
+    }
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`. A URL that does not parse
@@ -878,6 +894,40 @@ mod tests {
         inputs.env.insert("DATABASE_URL".into(), "postgres://u:hunter2@[::1".into());
         let err = load(&inputs).expect_err("unparseable");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn key_lines_resolve_nested_tables_dotted_keys_and_arrays_of_tables() {
+        let text = "[app]\nenv = \"x\"\n\n[chats]\nenabled = true\n\n[chats.runner]\n# why\ncommand = [\"a\"]\n\
+                    \n[[gitsync.providers]]\nid = \"github\"\n\n[[gitsync.providers]]\nid = \"ghe\"\n\
+                    origin_host = \"git.example.com\"\n[outbox]\nlimits.batch = 3\n";
+        let lines = KeyLines::parse(text);
+        assert_eq!(lines.line_of("app.env"), Some(2));
+        assert_eq!(lines.line_of("chats.runner.command"), Some(9));
+        assert_eq!(lines.line_of("gitsync.providers.0.id"), Some(12));
+        assert_eq!(lines.line_of("gitsync.providers.1.origin_host"), Some(16));
+        assert_eq!(lines.line_of("outbox.limits.batch"), Some(18));
+        assert_eq!(lines.line_of("chats.runner.unknown"), Some(7), "falls back to the table header");
+        assert_eq!(lines.line_of("gitsync.providers.1.missing"), Some(14), "falls back to the element");
+        assert_eq!(lines.line_of("nothing.here"), None);
+    }
+
+    #[test]
+    fn render_writes_nested_tables_and_arrays_of_tables_with_sources() {
+        let table: toml::Table =
+            toml::from_str("[a]\nx = 1\n[a.inner]\ny = 2\n[[a.list]]\nid = \"p\"\n[[a.list]]\nid = \"q\"\n")
+                .expect("toml");
+        let path = PathBuf::from("f.toml");
+        let sources = BTreeMap::from([
+            ("a.inner.y".to_owned(), Source::File { path: path.clone(), line: 4 }),
+            ("a.list.1.id".to_owned(), Source::File { path, line: 8 }),
+        ]);
+        let mut out = String::new();
+        render_table(&mut out, "", &table, &sources, None);
+        assert!(out.contains("[a.inner]\ny = 2  # f.toml:4\n"), "{out}");
+        assert!(out.contains("[[a.list]]\nid = \"q\"  # f.toml:8\n"), "{out}");
+        let back: toml::Table = toml::from_str(&out).expect("the rendering is TOML again");
+        assert_eq!(back, table);
     }
 
     #[test]

@@ -1,14 +1,13 @@
 //! Operator controls over loops on every replica (`worker loop pause|resume|list`).
 //!
-//! The runner reads `loop_controls` at each tick, so a pause takes effect on every replica
-//! within one interval, with no restart and no signal to deliver.
+//! The runtime reads `loop_controls` at most once per `runtime.controls_refresh` per process
+//! (see [`crate::runtime::pauses`]), so a pause takes effect on every replica within that plus
+//! one interval, with no restart and no signal to deliver.
 
 use tokio_postgres::types::Type;
 
 use crate::db::{Db, DbError, Exec};
-
-/// Every loop name this binary knows, for validating operator input.
-pub const LOOP_NAMES: &[&str] = &[crate::workers::NAME, crate::outbox::NAME, crate::counters::NAME];
+use crate::loops;
 
 const SET_PAUSED: &str = "INSERT INTO loop_controls (loop_name, paused, reason, updated_by) \
      VALUES ($1, $2, $3, $4) ON CONFLICT (loop_name) DO UPDATE \
@@ -18,7 +17,7 @@ const LIST: &str = "SELECT loop_name, paused, coalesce(reason, ''), coalesce(upd
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("unknown loop `{name}`; known loops: {}", LOOP_NAMES.join(", "))]
+    #[error("unknown loop `{name}`; known loops: {}", loops::names().join(", "))]
     UnknownLoop { name: String },
     #[error(transparent)]
     Db(#[from] DbError),
@@ -40,7 +39,7 @@ pub async fn set_paused(
     reason: Option<&str>,
     who: &str,
 ) -> Result<(), ControlError> {
-    if !LOOP_NAMES.contains(&name) {
+    if loops::find(name).is_none() {
         return Err(ControlError::UnknownLoop { name: name.to_owned() });
     }
     let conn = db.get().await?;
@@ -48,8 +47,7 @@ pub async fn set_paused(
         SET_PAUSED,
         &[(&name, Type::TEXT), (&paused, Type::BOOL), (&reason, Type::TEXT), (&who, Type::TEXT)],
     )
-    .await
-    .map_err(DbError::from)?;
+    .await?;
     Ok(())
 }
 

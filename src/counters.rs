@@ -19,14 +19,43 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::{ClientLike, HashesInterface, Value};
 use opentelemetry::metrics::{Histogram, Meter};
+use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
 
-use crate::config::CountersConfig;
+use crate::config::{Violation, positive};
 use crate::db::{self, Db, DbError, Exec};
 use crate::redis::Client;
-use crate::runtime::{ErrorLog, Loop, Progress, Schedule, Tick};
+use crate::runtime::{ErrorLog, Loop, LoopError, Progress, Schedule, Tick};
 
 pub const NAME: &str = "counters";
+
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_TICK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `[counters]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CountersConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tick_timeout: Duration,
+}
+
+impl Default for CountersConfig {
+    fn default() -> Self {
+        Self { enabled: true, interval: DEFAULT_INTERVAL, tick_timeout: DEFAULT_TICK_TIMEOUT }
+    }
+}
+
+impl CountersConfig {
+    /// Keys are relative to `[counters]`.
+    pub fn validate(&self) -> Result<(), Violation> {
+        positive("interval", self.interval)?;
+        positive("tick_timeout", self.tick_timeout)
+    }
+}
 
 /// `$1` job ids, `$2` their counts (NULL = unreadable: keep the current count). Returns
 /// `(skew, jobs with that skew, jobs updated with that skew)`.
@@ -61,9 +90,14 @@ pub enum CountersError {
     RedisDisconnected,
 }
 
-impl From<tokio_postgres::Error> for CountersError {
-    fn from(error: tokio_postgres::Error) -> Self {
-        CountersError::Db(error.into())
+impl LoopError for CountersError {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            CountersError::Db(e) => e.metric_label(),
+            CountersError::Redis(_) => "redis_error",
+            CountersError::RedisTimeout(_) => "redis_timeout",
+            CountersError::RedisDisconnected => "redis_unavailable",
+        }
     }
 }
 
@@ -103,13 +137,18 @@ impl Counters {
         Self { db, redis, key: format!("{prefix}:running"), config, skew, unreadable_log }
     }
 
-    /// One sync: read the hash, write every active job's count in one statement.
+    /// One sync: read the hash, write every active job's count in one statement. Redis gets
+    /// half the tick timeout, leaving the other half for the statement.
     pub async fn sync(&self) -> Result<SyncReport, CountersError> {
-        // Half the tick for Redis leaves the other half for the statement.
+        self.sync_within(self.config.tick_timeout / 2).await
+    }
+
+    /// [`Counters::sync`] with the time Redis may take given by the caller (the tick's budget).
+    pub async fn sync_within(&self, redis_budget: Duration) -> Result<SyncReport, CountersError> {
         if !self.redis.is_connected() {
             return Err(CountersError::RedisDisconnected);
         }
-        let deadline = self.config.tick_timeout / 2;
+        let deadline = redis_budget;
         let hash: HashMap<String, Value> = tokio::time::timeout(deadline, self.redis.hgetall(&self.key))
             .await
             .map_err(|_| CountersError::RedisTimeout(deadline))??;
@@ -132,7 +171,7 @@ impl Counters {
         let rows = tx
             .fetch_all(SYNC, &[(&parsed.ids, Type::TEXT_ARRAY), (&parsed.counts, Type::INT8_ARRAY)])
             .await?;
-        tx.commit().await?;
+        db::commit(tx).await?;
 
         let mut report = SyncReport {
             entries: parsed.ids.len(),
@@ -199,8 +238,8 @@ impl Loop for Counters {
         Schedule::every(self.config.interval, self.config.tick_timeout)
     }
 
-    async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, CountersError> {
-        self.sync().await?;
+    async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, CountersError> {
+        self.sync_within(tick.budget(tick.remaining())).await?;
         Ok(Progress::Done)
     }
 }

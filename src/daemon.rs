@@ -1,24 +1,31 @@
 //! `worker run`: wires config, database, telemetry, loops and the health endpoint together,
-//! then drains on the first SIGTERM/SIGINT (a second one exits at once).
+//! then drains on the first SIGTERM/SIGINT.
+//!
+//! Shutdown order: stop starting ticks and cancel every supervised task (chat runners return
+//! their chats) → wait for both, within `app.shutdown_timeout` → only if everything drained,
+//! remove this worker's row; otherwise leave it, so the other replicas recover whatever this
+//! worker still held once its lease is older than `stale_after` (removing it would hand that
+//! work out while it may still be running here). A second signal exits at once (130) in every
+//! phase, the deregister and the metrics flush included.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Meter;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{Concurrency, Config};
 use crate::counters::Counters;
 use crate::db::Db;
 use crate::health::Health;
+use crate::identity::WorkerIdentity;
+use crate::migrate;
 use crate::outbox::Sweeper;
 use crate::runtime::Runtime;
 use crate::telemetry::{Identity, Metrics};
-use crate::workers::{WorkerIdentity, WorkerLease};
-use crate::{listen, migrate};
+use crate::workers::WorkerLease;
 
 /// Exit code after a second signal forced the exit.
 pub const EXIT_FORCED: i32 = 130;
@@ -27,7 +34,7 @@ pub const EXIT_DRAIN_TIMEOUT: i32 = 1;
 
 /// Runs the daemon until a signal; returns the process exit code.
 pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Result<i32> {
-    let me = WorkerIdentity::new();
+    let me = WorkerIdentity::generate();
     let identity = Identity { worker_id: me.id, environment: config.app.env.clone() };
     let metrics = Metrics::init(&config.telemetry, &identity, &env)?;
     let meter = metrics.meter();
@@ -57,15 +64,11 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     health.set_info("concurrency", serde_json::to_value(concurrency)?);
     register_gauges(&meter, &db, concurrency);
 
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let runtime = Runtime::new(db.clone(), health.clone(), &meter, config.runtime.clone());
+    let runtime = Runtime::for_worker(db.clone(), health.clone(), &meter, config.runtime.clone(), me.clone());
     if config.workers.enabled {
-        runtime.spawn(
-            WorkerLease::new(db.clone(), me.clone(), config.workers.clone()),
-            &tracker,
-            shutdown.clone(),
-        );
+        let lease_loop = WorkerLease::new(db.clone(), me.clone(), config.workers.clone())
+            .publishing_to(runtime.lease_publisher());
+        runtime.spawn(lease_loop);
     }
     let redis = if config.outbox.enabled || config.counters.enabled {
         Some(crate::redis::connect_and_wait(&config.redis).await?)
@@ -75,21 +78,16 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     if let Some(redis) = redis.as_ref().filter(|_| config.outbox.enabled) {
         let sweeper =
             Sweeper::new(db.clone(), redis.clone(), &config.redis.prefix, config.outbox.clone(), &meter);
-        runtime.spawn(sweeper, &tracker, shutdown.clone());
+        runtime.spawn(sweeper);
     }
     if let Some(redis) = redis.as_ref().filter(|_| config.counters.enabled) {
         let counters =
             Counters::new(db.clone(), redis.clone(), &config.redis.prefix, config.counters.clone(), &meter);
-        runtime.spawn(counters, &tracker, shutdown.clone());
+        runtime.spawn(counters);
     }
-    tracker.close();
 
-    listen::spawn(
-        config.database.listen_url().to_owned(),
-        runtime.wakes().clone(),
-        health.clone(),
-        shutdown.clone(),
-    );
+    let listener_stop = CancellationToken::new();
+    runtime.listener().start(config.database.listen_url().to_owned(), health.clone(), listener_stop.clone());
     let server_stop = CancellationToken::new();
     let server =
         crate::health::serve(config.health.listen, health.clone(), db.clone(), server_stop.clone()).await?;
@@ -100,6 +98,7 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
+    tokio::spawn(exit_on_second_signal(term, int));
     let deadline = Instant::now() + config.app.shutdown_timeout;
     tracing::info!(
         signal = signal_name,
@@ -107,22 +106,24 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
         "draining"
     );
     health.set_draining();
-    shutdown.cancel();
+    runtime.begin_shutdown();
 
-    let drained = tokio::select! {
-        drained = tokio::time::timeout(config.app.shutdown_timeout, tracker.wait()) => drained.is_ok(),
-        _ = term.recv() => force_exit("SIGTERM"),
-        _ = int.recv() => force_exit("SIGINT"),
-    };
-    if !drained {
-        tracing::error!("in-flight ticks did not finish within the shutdown timeout");
+    let drained = tokio::time::timeout(config.app.shutdown_timeout, runtime.drained()).await.is_ok();
+    if drained {
+        if let Err(error) = lease.deregister().await {
+            tracing::warn!(%error, "could not remove this worker's row; it goes stale and is reaped");
+        }
+    } else {
+        tracing::error!(
+            running_tasks = runtime.supervisor().len(),
+            "ticks or tasks did not finish within the shutdown timeout; leaving this worker's row \
+             so other replicas recover its work once the lease is stale"
+        );
     }
     if let Some(redis) = &redis {
         let _ = tokio::time::timeout(Duration::from_secs(1), fred::prelude::ClientLike::quit(redis)).await;
     }
-    if let Err(error) = lease.deregister().await {
-        tracing::warn!(%error, "could not remove this worker's row");
-    }
+    listener_stop.cancel();
     server_stop.cancel();
     let _ = server.await;
     // What is left of the budget goes to the last metrics export.
@@ -134,7 +135,12 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     Ok(if drained { 0 } else { EXIT_DRAIN_TIMEOUT })
 }
 
-fn force_exit(signal: &str) -> bool {
+/// After the first signal: the next one ends the process at once, whatever phase it is in.
+async fn exit_on_second_signal(mut term: Signal, mut int: Signal) {
+    let signal = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
     tracing::warn!(signal, "second signal: exiting now");
     std::process::exit(EXIT_FORCED);
 }

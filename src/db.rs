@@ -121,6 +121,11 @@ async fn set_local_statement_timeout(tx: &Transaction<'_>, timeout: Duration) ->
     Ok(())
 }
 
+/// Commits `tx`; the one place a commit error becomes a [`DbError`].
+pub async fn commit(tx: Transaction<'_>) -> Result<(), DbError> {
+    Ok(tx.commit().await?)
+}
+
 /// `pg_try_advisory_xact_lock(key)` inside `tx`: held until the transaction ends, never a
 /// session lock (which pgbouncer's transaction mode would leak to another client).
 pub async fn try_xact_lock(tx: &Transaction<'_>, key: i64) -> Result<bool, DbError> {
@@ -136,42 +141,35 @@ pub trait Exec: Sync {
         &self,
         sql: &str,
         params: &[Param<'_>],
-    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send;
+    ) -> impl Future<Output = Result<Vec<Row>, DbError>> + Send;
 
-    fn fetch_one(
-        &self,
-        sql: &str,
-        params: &[Param<'_>],
-    ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send;
+    fn fetch_one(&self, sql: &str, params: &[Param<'_>])
+    -> impl Future<Output = Result<Row, DbError>> + Send;
 
     fn fetch_opt(
         &self,
         sql: &str,
         params: &[Param<'_>],
-    ) -> impl Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send;
+    ) -> impl Future<Output = Result<Option<Row>, DbError>> + Send;
 
     /// Runs a statement and returns the number of rows it affected.
-    fn exec(
-        &self,
-        sql: &str,
-        params: &[Param<'_>],
-    ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send;
+    fn exec(&self, sql: &str, params: &[Param<'_>]) -> impl Future<Output = Result<u64, DbError>> + Send;
 }
 
 macro_rules! impl_exec {
     ($($ty:ty),*) => {$(
         impl Exec for $ty {
-            async fn fetch_all(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, tokio_postgres::Error> {
-                self.query_typed(sql, params).await
+            async fn fetch_all(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
+                Ok(self.query_typed(sql, params).await?)
             }
-            async fn fetch_one(&self, sql: &str, params: &[Param<'_>]) -> Result<Row, tokio_postgres::Error> {
-                self.query_typed_one(sql, params).await
+            async fn fetch_one(&self, sql: &str, params: &[Param<'_>]) -> Result<Row, DbError> {
+                Ok(self.query_typed_one(sql, params).await?)
             }
-            async fn fetch_opt(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<Row>, tokio_postgres::Error> {
-                self.query_typed_opt(sql, params).await
+            async fn fetch_opt(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<Row>, DbError> {
+                Ok(self.query_typed_opt(sql, params).await?)
             }
-            async fn exec(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, tokio_postgres::Error> {
-                self.execute_typed(sql, params).await
+            async fn exec(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, DbError> {
+                Ok(self.execute_typed(sql, params).await?)
             }
         }
     )*};

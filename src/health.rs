@@ -15,20 +15,39 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Db;
-use crate::runtime::{Outcome, Schedule};
 
 /// How long `/readyz` waits for `SELECT 1`.
 const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What /readyz needs to know about a loop's schedule (the runtime fills it in).
+#[derive(Debug, Clone, Copy)]
+pub struct LoopFacts {
+    pub interval: Duration,
+    pub tick_timeout: Duration,
+    /// How long after its last completed tick the loop still counts as ready.
+    pub staleness_limit: Duration,
+    pub leader_only: bool,
+}
+
+/// One tick as /readyz records it.
+#[derive(Debug, Clone, Copy)]
+pub struct TickRecord<'a> {
+    /// The `outcome` label of `worker.loop.ticks` (`ok`, `error`, `timeout`, `paused`, …).
+    pub outcome: &'static str,
+    /// The loop did what it is supposed to do (ok, not leader, paused): it counts as alive.
+    pub completed: bool,
+    pub error: Option<&'a str>,
+}
+
+/// The `outcome` of a paused tick; shown as `paused: true` on /readyz.
+pub const PAUSED: &str = "paused";
+const OK: &str = "ok";
+
 #[derive(Debug, Clone)]
 struct LoopStatus {
-    interval: Duration,
-    tick_timeout: Duration,
-    staleness_limit: Duration,
-    concurrency: Option<usize>,
-    leader_only: bool,
+    facts: LoopFacts,
     ticks: u64,
-    last_outcome: Option<Outcome>,
+    last_outcome: Option<&'static str>,
     last_completed: Option<Instant>,
     last_success_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
@@ -56,13 +75,12 @@ pub struct LoopReport {
     pub paused: bool,
     pub leader_only: bool,
     pub ticks: u64,
-    pub last_outcome: Option<Outcome>,
+    pub last_outcome: Option<&'static str>,
     pub last_success_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
     pub interval_ms: u64,
     pub tick_timeout_ms: u64,
-    pub concurrency: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -81,15 +99,11 @@ impl Health {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn register(&self, name: &'static str, schedule: &Schedule) {
+    pub fn register(&self, name: &'static str, facts: LoopFacts) {
         self.lock().loops.insert(
             name,
             LoopStatus {
-                interval: schedule.interval,
-                tick_timeout: schedule.tick_timeout,
-                staleness_limit: schedule.staleness_limit(),
-                concurrency: schedule.concurrency,
-                leader_only: schedule.leader_key.is_some(),
+                facts,
                 ticks: 0,
                 last_outcome: None,
                 last_completed: None,
@@ -100,18 +114,18 @@ impl Health {
         );
     }
 
-    pub fn record(&self, name: &'static str, outcome: Outcome, error: Option<&str>) {
+    pub fn record(&self, name: &'static str, tick: TickRecord<'_>) {
         let mut state = self.lock();
         let Some(status) = state.loops.get_mut(name) else { return };
         status.ticks += 1;
-        status.last_outcome = Some(outcome);
-        if outcome.completed() {
+        status.last_outcome = Some(tick.outcome);
+        if tick.completed {
             status.last_completed = Some(Instant::now());
         }
-        if outcome == Outcome::Ok {
+        if tick.outcome == OK {
             status.last_success_at = Some(Utc::now());
         }
-        if let Some(error) = error {
+        if let Some(error) = tick.error {
             status.last_error = Some(error.to_owned());
             status.last_error_at = Some(Utc::now());
         }
@@ -139,17 +153,16 @@ impl Health {
             .iter()
             .map(|(name, s)| LoopReport {
                 name,
-                ready: s.last_completed.is_some_and(|at| now.duration_since(at) <= s.staleness_limit),
-                paused: s.last_outcome == Some(Outcome::Paused),
-                leader_only: s.leader_only,
+                ready: s.last_completed.is_some_and(|at| now.duration_since(at) <= s.facts.staleness_limit),
+                paused: s.last_outcome == Some(PAUSED),
+                leader_only: s.facts.leader_only,
                 ticks: s.ticks,
                 last_outcome: s.last_outcome,
                 last_success_at: s.last_success_at,
                 last_error: s.last_error.clone(),
                 last_error_at: s.last_error_at,
-                interval_ms: s.interval.as_millis() as u64,
-                tick_timeout_ms: s.tick_timeout.as_millis() as u64,
-                concurrency: s.concurrency,
+                interval_ms: s.facts.interval.as_millis() as u64,
+                tick_timeout_ms: s.facts.tick_timeout.as_millis() as u64,
             })
             .collect();
         let ready = database.is_ok() && !state.draining && loops.iter().all(|l| l.ready);
@@ -215,16 +228,22 @@ mod tests {
     #[test]
     fn a_loop_is_ready_only_after_a_completed_tick() {
         let health = Health::default();
-        health.register("a", &Schedule::every(Duration::from_secs(10), Duration::from_secs(5)));
+        let facts = LoopFacts {
+            interval: Duration::from_secs(10),
+            tick_timeout: Duration::from_secs(5),
+            staleness_limit: Duration::from_secs(30),
+            leader_only: false,
+        };
+        health.register("a", facts);
         assert!(!health.readiness(Ok(())).ready);
-        health.record("a", Outcome::Error, Some("boom"));
+        health.record("a", TickRecord { outcome: "error", completed: false, error: Some("boom") });
         let r = health.readiness(Ok(()));
         assert!(!r.ready);
         assert_eq!(r.loops[0].last_error.as_deref(), Some("boom"));
-        health.record("a", Outcome::SkippedNotLeader, None);
+        health.record("a", TickRecord { outcome: "skipped_not_leader", completed: true, error: None });
         assert!(health.readiness(Ok(())).ready);
         assert!(!health.readiness(Err("down".into())).ready, "database down is not ready");
-        health.record("a", Outcome::Paused, None);
+        health.record("a", TickRecord { outcome: PAUSED, completed: true, error: None });
         let r = health.readiness(Ok(()));
         assert!(r.ready && r.loops[0].paused);
         health.set_draining();

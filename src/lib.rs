@@ -6,9 +6,12 @@
 //!   name the key and where its value came from; concurrency sizing from the pool limit.
 //! - [`db`]: the pool, the pgbouncer-safe statement policy ([`db::Exec`]), tick transactions.
 //! - [`migrate`]: embedded refinery migrations, serialised across replicas.
-//! - [`runtime`]: the [`runtime::Loop`] trait and the one runner every loop plugs into.
-//! - [`listen`]: the shared LISTEN connection that wakes loops early.
+//! - [`runtime`]: the [`runtime::Loop`] trait and the one runner every loop plugs into; the tick
+//!   context, the supervisor of long-lived tasks, the lease state, the pause cache.
+//! - [`listen`]: the shared LISTEN connection: early wakes for loops, payload streams.
+//! - [`loops`]: the one list of loops (names, config tables).
 //! - [`controls`]: pause/resume of loops on every replica through `loop_controls`.
+//! - [`identity`]: who this process is (its `workers` id).
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`status`]: `worker status`, the fleet as the database sees it.
 //! - [`telemetry`]: tracing and the OTLP meter provider.
@@ -18,8 +21,9 @@
 //! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
 //! - [`daemon`]: wiring for `worker run`: start everything, drain on the first signal.
 //!
-//! Adding a loop: implement [`runtime::Loop`] in its own module, add its config table to
-//! [`config::Config`], its name to [`controls::LOOP_NAMES`] and one `spawn` line in [`daemon`].
+//! Adding a loop: implement [`runtime::Loop`] (and [`runtime::LoopError`] for its error) in its
+//! own module with its config struct beside it, add the table to [`config::Config`], one entry
+//! to [`loops::ALL`] and one `spawn` line in [`daemon`].
 
 pub mod config;
 pub mod controls;
@@ -27,7 +31,9 @@ pub mod counters;
 pub mod daemon;
 pub mod db;
 pub mod health;
+pub mod identity;
 pub mod listen;
+pub mod loops;
 pub mod migrate;
 pub mod outbox;
 pub mod redis;

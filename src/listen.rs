@@ -1,24 +1,54 @@
-//! One LISTEN connection per process, shared by every loop that has a wake channel.
+//! One LISTEN connection per process, shared by every loop and stream that needs NOTIFY.
 //!
 //! LISTEN is session state, so it needs a direct connection (`database.listen_url`), never
-//! pgbouncer. When the connection drops, it is re-established with backoff and every loop is
-//! woken once, because notifications sent while it was down are lost (polling stays the
-//! fallback either way).
+//! pgbouncer. Channels are subscribed and unsubscribed at run time (LISTEN/UNLISTEN on the live
+//! connection); subscriptions made before [`Listener::start`] are queued, so there is no order
+//! to get wrong between creating loops and starting the listener. Two kinds of subscriber:
+//!
+//! - a wake ([`Listener::wake_on`]): a `Notify` that stores at most one permit, so a burst of
+//!   10,000 notifications wakes a busy loop once;
+//! - a stream ([`Listener::subscribe`]): every payload, in order, plus
+//!   [`ListenEvent::Reconnected`] after the connection was re-established, because
+//!   notifications sent while it was down are lost and the subscriber must re-read.
+//!
+//! When the connection drops it is re-established with backoff, every channel is LISTENed
+//! again, every wake fires once and every stream is told.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
-use crate::runtime::Wakes;
 
 const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(100);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
 /// `application_name` of the LISTEN connection (visible in `pg_stat_activity`).
 pub const APPLICATION_NAME: &str = "worker-listen";
+
+/// What a stream subscriber receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenEvent {
+    /// One NOTIFY on the channel, with its payload.
+    Notification(String),
+    /// The connection was re-established: notifications may have been missed; re-read.
+    Reconnected,
+}
+
+enum Sink {
+    Wake(Arc<Notify>),
+    Events(mpsc::UnboundedSender<ListenEvent>),
+}
+
+enum Command {
+    Subscribe { channel: String, id: u64, sink: Sink, ack: Option<oneshot::Sender<()>> },
+    Unsubscribe { channel: String, id: u64 },
+}
 
 /// Counters a caller can await: connections made and notifications received.
 #[derive(Clone)]
@@ -27,23 +57,125 @@ pub struct ListenerStats {
     pub received: watch::Receiver<u64>,
 }
 
-/// Starts the listener task for every channel registered in `wakes` so far.
-pub fn spawn(url: String, wakes: Wakes, health: Health, shutdown: CancellationToken) -> ListenerStats {
-    let (connects_tx, connects) = watch::channel(0);
-    let (received_tx, received) = watch::channel(0);
-    let channels = wakes.channels();
-    tokio::spawn(async move {
-        if channels.is_empty() {
-            return;
+/// Handle to the process's LISTEN connection; cheap to clone.
+#[derive(Clone)]
+pub struct Listener {
+    commands: mpsc::UnboundedSender<Command>,
+    /// Taken by [`Listener::start`]; commands wait in the channel until then.
+    pending: Arc<Mutex<Option<mpsc::UnboundedReceiver<Command>>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        let (commands, pending) = mpsc::unbounded_channel();
+        Self { commands, pending: Arc::new(Mutex::new(Some(pending))), next_id: Arc::new(AtomicU64::new(0)) }
+    }
+}
+
+impl Listener {
+    /// A wake for `channel`, for the life of the process.
+    pub fn wake_on(&self, channel: &str) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let sink = Sink::Wake(notify.clone());
+        let _ = self.commands.send(Command::Subscribe { channel: channel.to_owned(), id, sink, ack: None });
+        notify
+    }
+
+    /// Every notification on `channel` from now on. Returns once the channel is LISTENed on a
+    /// live connection, so a caller that reads a snapshot after this misses nothing committed
+    /// after the snapshot (LISTEN before the snapshot). If the listener stops before that, the
+    /// subscription ends at once (`recv` returns `None`).
+    pub async fn subscribe(&self, channel: &str) -> Subscription {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (ack, acked) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let channel = channel.to_owned();
+        let command = Command::Subscribe {
+            channel: channel.clone(),
+            id,
+            sink: Sink::Events(events_tx),
+            ack: Some(ack),
+        };
+        let _ = self.commands.send(command);
+        let _ = acked.await;
+        Subscription { channel, id, events, commands: self.commands.clone() }
+    }
+
+    /// Starts the connection task (once; later calls return the same kind of stats but start
+    /// nothing). Runs until `shutdown`.
+    pub fn start(&self, url: String, health: Health, shutdown: CancellationToken) -> ListenerStats {
+        let (connects_tx, connects) = watch::channel(0);
+        let (received_tx, received) = watch::channel(0);
+        let taken = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(commands) = taken {
+            let task = ListenerTask {
+                url,
+                health,
+                commands,
+                channels: HashMap::new(),
+                connects: connects_tx,
+                received: received_tx,
+            };
+            tokio::spawn(task.run(shutdown));
         }
+        ListenerStats { connects, received }
+    }
+}
+
+/// A stream subscription; UNLISTENs its channel (if no one else listens) when dropped.
+pub struct Subscription {
+    channel: String,
+    id: u64,
+    events: mpsc::UnboundedReceiver<ListenEvent>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Subscription {
+    /// The next event; `None` once the listener has stopped.
+    pub async fn recv(&mut self) -> Option<ListenEvent> {
+        self.events.recv().await
+    }
+
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Unsubscribe { channel: self.channel.clone(), id: self.id });
+    }
+}
+
+struct Subscriber {
+    id: u64,
+    sink: Sink,
+}
+
+struct ListenerTask {
+    url: String,
+    health: Health,
+    commands: mpsc::UnboundedReceiver<Command>,
+    channels: HashMap<String, Vec<Subscriber>>,
+    connects: watch::Sender<u64>,
+    received: watch::Sender<u64>,
+}
+
+/// Acks held until the channel is LISTENed on a live connection.
+type Acks = Vec<oneshot::Sender<()>>;
+
+impl ListenerTask {
+    async fn run(mut self, shutdown: CancellationToken) {
         let mut delay = MIN_RECONNECT_DELAY;
+        let mut acks: Acks = Vec::new();
         loop {
-            let session = listen_once(&url, &channels, &wakes, &connects_tx, &received_tx, &health);
             let result = tokio::select! {
-                result = session => result,
+                result = self.session(&mut acks) => result,
                 _ = shutdown.cancelled() => return,
             };
-            health.set_listener_connected(false);
+            self.health.set_listener_connected(false);
             match result {
                 Ok(()) => {
                     tracing::warn!("LISTEN connection closed; reconnecting");
@@ -53,63 +185,155 @@ pub fn spawn(url: String, wakes: Wakes, health: Health, shutdown: CancellationTo
                     tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "LISTEN connection failed");
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => return,
+            // Keep taking subscriptions while waiting to reconnect; they are LISTENed (and
+            // acked) as soon as the connection is back.
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    _ = shutdown.cancelled() => return,
+                    command = self.commands.recv() => match command {
+                        Some(command) => { self.apply_offline(command, &mut acks); }
+                        None => return,
+                    },
+                }
             }
             delay = (delay * 2).min(MAX_RECONNECT_DELAY);
         }
-    });
-    ListenerStats { connects, received }
-}
+    }
 
-/// One connection's lifetime: connect, LISTEN, forward notifications until it closes.
-async fn listen_once(
-    url: &str,
-    channels: &[String],
-    wakes: &Wakes,
-    connects: &watch::Sender<u64>,
-    received: &watch::Sender<u64>,
-    health: &Health,
-) -> Result<(), tokio_postgres::Error> {
-    let mut pg: tokio_postgres::Config = url.parse()?;
-    pg.application_name(APPLICATION_NAME);
-    let (client, mut connection) = pg.connect(NoTls).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    if tx.send(n.channel().to_owned()).is_err() {
+    /// One connection's lifetime: connect, LISTEN every channel, then serve commands and
+    /// forward notifications until the connection closes.
+    async fn session(&mut self, acks: &mut Acks) -> Result<(), tokio_postgres::Error> {
+        let mut pg: tokio_postgres::Config = self.url.parse()?;
+        pg.application_name(APPLICATION_NAME);
+        let (client, mut connection) = pg.connect(NoTls).await?;
+        let (tx, mut notifications) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send((n.channel().to_owned(), n.payload().to_owned())).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::debug!(%error, "LISTEN connection error");
                         break;
                     }
                 }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::debug!(%error, "LISTEN connection error");
-                    break;
+            }
+        });
+        let result = self.serve(&client, &mut notifications, acks).await;
+        driver.abort();
+        result
+    }
+
+    async fn serve(
+        &mut self,
+        client: &tokio_postgres::Client,
+        notifications: &mut mpsc::UnboundedReceiver<(String, String)>,
+        acks: &mut Acks,
+    ) -> Result<(), tokio_postgres::Error> {
+        // Subscriptions queued before this connection (e.g. before `start`) are LISTENed below
+        // with the rest and get this connection's wake.
+        while let Ok(command) = self.commands.try_recv() {
+            self.apply_offline(command, acks);
+        }
+        let listen_all: String =
+            self.channels.keys().map(|c| format!("LISTEN {};", quote_ident(c))).collect();
+        if !listen_all.is_empty() {
+            client.batch_execute(&listen_all).await?;
+        }
+        let reconnect = *self.connects.borrow() > 0;
+        self.health.set_listener_connected(true);
+        self.connects.send_modify(|n| *n += 1);
+        tracing::debug!(channels = self.channels.len(), "listening");
+        // Anything notified while we were not listening is lost: every wake looks once, every
+        // stream that was already subscribed re-reads. Streams acked only now need not.
+        for subscriber in self.channels.values().flatten() {
+            match &subscriber.sink {
+                Sink::Wake(notify) => notify.notify_one(),
+                Sink::Events(events) if reconnect => {
+                    let _ = events.send(ListenEvent::Reconnected);
+                }
+                Sink::Events(_) => {}
+            }
+        }
+        acks.drain(..).for_each(|ack| {
+            let _ = ack.send(());
+        });
+        loop {
+            tokio::select! {
+                notification = notifications.recv() => {
+                    let Some((channel, payload)) = notification else { return Ok(()) };
+                    self.dispatch(&channel, payload);
+                    self.received.send_modify(|n| *n += 1);
+                }
+                command = self.commands.recv() => {
+                    let Some(command) = command else { return Ok(()) };
+                    self.apply_online(command, client).await?;
                 }
             }
         }
-    });
-    let listen_sql: String = channels.iter().map(|c| format!("LISTEN {};", quote_ident(c))).collect();
-    let listened = client.batch_execute(&listen_sql).await;
-    if let Err(error) = listened {
-        driver.abort();
-        return Err(error);
     }
-    tracing::debug!(channels = ?channels, "listening");
-    health.set_listener_connected(true);
-    connects.send_modify(|n| *n += 1);
-    // Anything notified while we were not listening is lost: let every loop look once.
-    wakes.wake_all();
-    while let Some(channel) = rx.recv().await {
-        wakes.wake(&channel);
-        received.send_modify(|n| *n += 1);
+
+    fn dispatch(&mut self, channel: &str, payload: String) {
+        let Some(subscribers) = self.channels.get(channel) else { return };
+        for subscriber in subscribers {
+            match &subscriber.sink {
+                Sink::Wake(notify) => notify.notify_one(),
+                Sink::Events(events) => {
+                    let _ = events.send(ListenEvent::Notification(payload.clone()));
+                }
+            }
+        }
     }
-    drop(client);
-    Ok(())
+
+    /// Records the command; returns the SQL to run on a live connection, if any.
+    fn record(&mut self, command: Command, acks: &mut Acks) -> Option<String> {
+        match command {
+            Command::Subscribe { channel, id, sink, ack } => {
+                acks.extend(ack);
+                let subscribers = self.channels.entry(channel.clone()).or_default();
+                subscribers.push(Subscriber { id, sink });
+                (subscribers.len() == 1).then(|| format!("LISTEN {}", quote_ident(&channel)))
+            }
+            Command::Unsubscribe { channel, id } => {
+                let subscribers = self.channels.get_mut(&channel)?;
+                subscribers.retain(|s| s.id != id);
+                if !subscribers.is_empty() {
+                    return None;
+                }
+                self.channels.remove(&channel);
+                Some(format!("UNLISTEN {}", quote_ident(&channel)))
+            }
+        }
+    }
+
+    fn apply_offline(&mut self, command: Command, acks: &mut Acks) {
+        let _ = self.record(command, acks);
+    }
+
+    async fn apply_online(
+        &mut self,
+        command: Command,
+        client: &tokio_postgres::Client,
+    ) -> Result<(), tokio_postgres::Error> {
+        let mut acks = Vec::new();
+        if let Some(sql) = self.record(command, &mut acks) {
+            // On failure the state already holds the change: the next connection applies it,
+            // and the ack (dropped here) lets the subscriber go on (it will see Reconnected).
+            client.batch_execute(&sql).await?;
+        }
+        acks.into_iter().for_each(|ack| {
+            let _ = ack.send(());
+        });
+        Ok(())
+    }
 }
 
 fn quote_ident(name: &str) -> String {

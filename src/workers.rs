@@ -7,12 +7,13 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
-use uuid::Uuid;
 
-use crate::config::WorkersConfig;
+use crate::config::{Violation, check, positive};
 use crate::db::{self, Db, DbError, Exec};
-use crate::runtime::{Loop, Progress, Schedule, Tick};
+use crate::identity::WorkerIdentity;
+use crate::runtime::{LeasePublisher, Loop, Progress, Schedule, Tick};
 
 pub const NAME: &str = "workers";
 
@@ -25,24 +26,47 @@ const REAP: &str = "DELETE FROM workers WHERE id IN (\
      ORDER BY last_seen_at LIMIT 100 FOR UPDATE SKIP LOCKED)";
 const DEREGISTER: &str = "DELETE FROM workers WHERE id = $1";
 
-/// Identity of this process, as recorded in `workers`.
-#[derive(Debug, Clone)]
-pub struct WorkerIdentity {
-    pub id: Uuid,
-    pub hostname: String,
-    pub version: String,
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_TICK_TIMEOUT: Duration = Duration::from_secs(5);
+/// A day: long enough to read a dead worker's row in an incident review.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// `[workers]`: this process's lease row.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tick_timeout: Duration,
+    /// Worker rows unseen for longer than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
-impl WorkerIdentity {
-    pub fn new() -> Self {
-        let hostname = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
-        Self { id: Uuid::new_v4(), hostname, version: env!("CARGO_PKG_VERSION").to_owned() }
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: DEFAULT_INTERVAL,
+            tick_timeout: DEFAULT_TICK_TIMEOUT,
+            retention: DEFAULT_RETENTION,
+        }
     }
 }
 
-impl Default for WorkerIdentity {
-    fn default() -> Self {
-        Self::new()
+impl WorkersConfig {
+    /// Keys are relative to `[workers]`.
+    pub fn validate(&self) -> Result<(), Violation> {
+        positive("interval", self.interval)?;
+        positive("tick_timeout", self.tick_timeout)?;
+        check(
+            self.retention > self.interval * 3,
+            "retention",
+            humantime::format_duration(self.retention),
+            "more than 3 × workers.interval",
+        )
     }
 }
 
@@ -50,11 +74,20 @@ pub struct WorkerLease {
     db: Db,
     me: WorkerIdentity,
     config: WorkersConfig,
+    lease: LeasePublisher,
 }
 
 impl WorkerLease {
     pub fn new(db: Db, me: WorkerIdentity, config: WorkersConfig) -> Self {
-        Self { db, me, config }
+        Self { db, me, config, lease: LeasePublisher::default() }
+    }
+
+    /// Publishes what each renewal finds to the runtime's lease state (the daemon's lease loop
+    /// does; a bare `WorkerLease` keeps it to itself).
+    #[must_use]
+    pub fn publishing_to(mut self, lease: LeasePublisher) -> Self {
+        self.lease = lease;
+        self
     }
 
     pub async fn register(&self) -> Result<(), DbError> {
@@ -66,10 +99,13 @@ impl WorkerLease {
     }
 
     /// Removes this worker's row on a graceful stop, so others need not wait for it to go stale.
+    /// Bounded by `database.statement_timeout` like every tick statement: a row lock held by
+    /// someone else must not hold the exit hostage.
     pub async fn deregister(&self) -> Result<(), DbError> {
-        let conn = self.db.get().await?;
-        conn.exec(DEREGISTER, &[(&self.me.id, Type::UUID)]).await?;
-        Ok(())
+        let mut conn = self.db.get().await?;
+        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        tx.exec(DEREGISTER, &[(&self.me.id, Type::UUID)]).await?;
+        db::commit(tx).await
     }
 }
 
@@ -85,18 +121,23 @@ impl Loop for WorkerLease {
     }
 
     async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, DbError> {
+        // Any way out but success (an error, the runner's timeout dropping this future) counts
+        // as a failed renewal.
+        let attempt = self.lease.attempt();
         let me = &self.me;
         let mut conn = self.db.get().await?;
         // A transaction, so SET LOCAL statement_timeout bounds even a lease write stuck on a lock.
         let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
         if tx.exec(RENEW, &[(&me.id, Type::UUID)]).await? == 0 {
             tracing::warn!(worker_id = %me.id, "worker row was missing (reaped as dead?); registering again");
+            self.lease.lost();
             tx.exec(REGISTER, &[(&me.id, Type::UUID), (&me.hostname, Type::TEXT), (&me.version, Type::TEXT)])
                 .await?;
         }
         let retention = secs(self.config.retention);
         let reaped = tx.exec(REAP, &[(&retention, Type::FLOAT8)]).await?;
-        tx.commit().await?;
+        db::commit(tx).await?;
+        attempt.succeeded();
         if reaped > 0 {
             tracing::info!(reaped, "deleted long-dead worker rows");
         }

@@ -68,7 +68,7 @@ async fn hash_values_land_in_running_tasks_of_active_jobs_only() {
         .expect("hset");
     // d is active and missing from the hash: back to 0.
 
-    assert_eq!(sync.tick(&Tick::detached()).await.expect("tick"), Progress::Done);
+    assert_eq!(sync.tick(&Tick::detached(h.db())).await.expect("tick"), Progress::Done);
     let expected: BTreeMap<String, i32> =
         [("a", 3), ("b", 0), ("c", 1), ("d", 0), ("e", 2), ("f", 2), ("g", i32::MAX), ("h", 3)]
             .into_iter()
@@ -153,7 +153,7 @@ async fn an_unreachable_redis_fails_the_tick_and_zeroes_nothing() {
     let redis = worker::redis::connect(&h.config.redis).expect("client");
     let sync = counters(&h, h.db().clone(), redis, &MetricsProbe::new().meter());
     h.exec("INSERT INTO jobs (id, status, running_tasks) VALUES ('a', 'running', 3)").await;
-    let error = sync.tick(&Tick::detached()).await.expect_err("no redis: the tick fails");
+    let error = sync.tick(&Tick::detached(h.db())).await.expect_err("no redis: the tick fails");
     assert!(error.to_string().contains("not connected"), "{error}");
     assert_eq!(
         running_tasks(h.db()).await,

@@ -199,58 +199,107 @@ fn config_check_exits_1_naming_the_key_and_source_and_0_on_the_shipped_config() 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_waits_for_the_in_flight_tick_and_a_second_signal_exits_at_once() {
-    let test_db = TestDb::new().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let port = free_port();
-    let config = write_config(dir.path(), &test_db.url, port, "20s");
+/// Starts `worker run` on `config` with extra `--set` overrides; its output is discarded.
+fn start_worker(config: &Path, overrides: &[&str]) -> tokio::process::Child {
     let mut command = tokio::process::Command::new(BIN);
     for key in inherited_overrides() {
         command.env_remove(key);
     }
-    // Long statement and tick timeouts: the blocked tick must outlast both signals.
-    let mut child = command
-        .args(["run", "--config", config.to_str().expect("utf-8")])
-        .args(["--set", "workers.tick_timeout=60s", "--set", "database.statement_timeout=60s"])
+    command.args(["run", "--config", config.to_str().expect("utf-8")]);
+    for assignment in overrides {
+        command.args(["--set", assignment]);
+    }
+    command
         .current_dir(repo_path(""))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("worker");
+        .expect("worker")
+}
+
+/// Waits until a statement matching `pattern` (SQL LIKE) waits on a lock in this database.
+async fn wait_for_lock_wait(test_db: &TestDb, pattern: &str, what: &str) {
+    let observer = test_db.db.get().await.expect("conn");
+    eventually(Duration::from_secs(10), what, || async {
+        observer
+            .fetch_one(
+                "SELECT count(*)::int8 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE $1",
+                &[(&pattern, Type::TEXT)],
+            )
+            .await
+            .expect("activity")
+            .get::<_, i64>(0)
+            >= 1
+    })
+    .await;
+}
+
+async fn worker_rows(test_db: &TestDb) -> i64 {
+    let conn = test_db.db.get().await.expect("conn");
+    conn.fetch_one("SELECT count(*)::int8 FROM workers", &[]).await.expect("count").get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_does_not_finish_leaves_the_worker_row_for_recovery() {
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let config = write_config(dir.path(), &test_db.url, port, "2s");
+    // Long statement and tick timeouts: the blocked tick outlasts the 2s shutdown timeout.
+    let mut child = start_worker(&config, &["outbox.tick_timeout=60s", "database.statement_timeout=60s"]);
+    eventually(Duration::from_secs(5), "/readyz 200", || async {
+        matches!(readyz(port).await, Some((200, _)))
+    })
+    .await;
+    assert_eq!(worker_rows(&test_db).await, 1);
+
+    // Block the outbox tick on a table lock that the deregister (DELETE FROM workers) does not
+    // touch: a shutdown that skipped the drain would remove the row at once.
+    let mut blocker = test_db.db.get().await.expect("conn");
+    let tx = blocker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE task_outbox IN ACCESS EXCLUSIVE MODE").await.expect("lock");
+    wait_for_lock_wait(&test_db, "%task_outbox%", "the outbox tick to block on the table lock").await;
+
+    let pid = Pid::from_raw(child.id().expect("pid") as i32);
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    eventually(Duration::from_secs(5), "/readyz to report draining", || async {
+        readyz(port).await.is_some_and(|(status, body)| status == 503 && body["draining"] == true)
+    })
+    .await;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after the shutdown timeout")
+        .expect("wait");
+    assert_eq!(status.code(), Some(worker::daemon::EXIT_DRAIN_TIMEOUT), "an unfinished drain exits 1");
+    assert_eq!(worker_rows(&test_db).await, 1, "the row stays, so other replicas recover its work");
+    tx.rollback().await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_a_hanging_deregister_exits_130_at_once() {
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let config = write_config(dir.path(), &test_db.url, port, "20s");
+    // One lease tick at start, then none: the row lock below holds up only the deregister.
+    let mut child = start_worker(
+        &config,
+        &["workers.interval=1h", "workers.retention=1d", "database.statement_timeout=60s"],
+    );
     eventually(Duration::from_secs(5), "/readyz 200", || async {
         matches!(readyz(port).await, Some((200, _)))
     })
     .await;
 
-    // Hold the worker's lease row locked so its next `workers` tick blocks mid-statement.
     let mut blocker = test_db.db.get().await.expect("conn");
     let tx = blocker.transaction().await.expect("begin");
     tx.batch_execute("SELECT * FROM workers FOR UPDATE").await.expect("lock rows");
-    let observer = test_db.db.get().await.expect("conn");
-    eventually(Duration::from_secs(5), "the workers tick to block on the row lock", || async {
-        observer
-            .fetch_one(
-                "SELECT count(*)::int8 FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock' AND query LIKE 'UPDATE workers%'",
-                &[],
-            )
-            .await
-            .expect("activity")
-            .get::<_, i64>(0)
-            == 1
-    })
-    .await;
-
     let pid = Pid::from_raw(child.id().expect("pid") as i32);
     kill(pid, Signal::SIGTERM).expect("first SIGTERM");
-    // Still alive and draining: /readyz answers 503 with draining = true.
-    eventually(Duration::from_secs(5), "/readyz to report draining", || async {
-        readyz(port).await.is_some_and(|(status, body)| status == 503 && body["draining"] == true)
-    })
-    .await;
-    assert!(child.try_wait().expect("try_wait").is_none(), "exited with a tick in flight");
+    wait_for_lock_wait(&test_db, "DELETE FROM workers%", "the deregister to block on the row lock").await;
+    assert!(child.try_wait().expect("try_wait").is_none(), "exited with the deregister in flight");
 
     let forced = Instant::now();
     kill(pid, Signal::SIGTERM).expect("second SIGTERM");

@@ -23,9 +23,10 @@ use worker::runtime::{Loop, Outcome, Progress, Runtime, Tick};
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// Ticks `sweeper` until a tick reports `Done`; returns the number of ticks.
-async fn drain(sweeper: &Sweeper) -> usize {
+async fn drain(sweeper: &Sweeper, db: &Db) -> usize {
+    let tick = Tick::detached(db);
     for ticks in 1..=10_000 {
-        match sweeper.tick(&Tick::detached()).await.expect("tick") {
+        match sweeper.tick(&tick).await.expect("tick") {
             Progress::More => continue,
             Progress::Done => return ticks,
         }
@@ -43,7 +44,7 @@ async fn ten_thousand_tasks_over_several_queues_all_land_in_redis() {
     let expected = h.expected().await;
     assert_eq!(expected.values().map(|q| q.len()).sum::<usize>(), 10_000);
 
-    let ticks = drain(&sweeper).await;
+    let ticks = drain(&sweeper, h.db()).await;
     assert_eq!(ticks, 10_000 / 500 + 1, "full batches drain back to back, then one empty tick");
 
     for queue in queues {
@@ -166,7 +167,7 @@ async fn row_states(db: &Db) -> Vec<(i64, i32, Option<String>, String)> {
 async fn drain_when_back(h: &Harness, sweeper: &Sweeper) {
     let deadline = Instant::now() + LIMIT;
     loop {
-        if let Ok(Progress::Done) = sweeper.tick(&Tick::detached()).await
+        if let Ok(Progress::Done) = sweeper.tick(&Tick::detached(h.db())).await
             && h.scalar("SELECT count(*) FROM task_outbox").await == 0
         {
             return;
@@ -182,7 +183,7 @@ async fn ticks_fail_without_consuming_attempts(h: &Harness, sweeper: &Sweeper) {
     assert!(!before.is_empty());
     for _ in 0..3 {
         let started = Instant::now();
-        let error = sweeper.tick(&Tick::detached()).await.expect_err("no redis: the tick fails");
+        let error = sweeper.tick(&Tick::detached(h.db())).await.expect_err("no redis: the tick fails");
         assert!(matches!(error, SweepError::Redis(_)), "{error}");
         assert!(started.elapsed() < Duration::from_secs(3), "bounded by the sub-deadline");
     }
@@ -290,7 +291,7 @@ async fn a_redis_timeout_halves_the_batch_and_success_grows_it_back() {
     assert_eq!(sweeper.batch_limit(), 4, "and each success doubles it back");
     assert_eq!(sweeper.sweep().await.expect("sweep").claimed, 4);
     assert_eq!(sweeper.batch_limit(), 8);
-    drain(&sweeper).await;
+    drain(&sweeper, h.db()).await;
     assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
 }
 
@@ -375,8 +376,8 @@ async fn a_full_batch_asks_for_another_tick_at_once_and_a_short_one_does_not() {
     h.config.outbox.batch_size = 10;
     let sweeper = h.sweeper(&MetricsProbe::new().meter());
     h.enqueue(11, &["q"], None).await;
-    assert_eq!(sweeper.tick(&Tick::detached()).await.expect("tick"), Progress::More);
-    assert_eq!(sweeper.tick(&Tick::detached()).await.expect("tick"), Progress::Done);
+    assert_eq!(sweeper.tick(&Tick::detached(h.db())).await.expect("tick"), Progress::More);
+    assert_eq!(sweeper.tick(&Tick::detached(h.db())).await.expect("tick"), Progress::Done);
     assert_eq!(h.scheduled("q").await.len(), 11);
 }
 
@@ -409,14 +410,14 @@ async fn the_probe_reports_backlog_oldest_due_age_and_dead_letters() {
     .await;
     assert_eq!(metrics.gauge("outbox.backlog.due").await, None, "nothing observed before the first probe");
 
-    sweeper.tick(&Tick::detached()).await.expect("tick"); // probes first, then sweeps 2 rows
+    sweeper.tick(&Tick::detached(h.db())).await.expect("tick"); // probes first, then sweeps 2 rows
     assert_eq!(metrics.gauge("outbox.backlog.due").await, Some(5.0));
     let age = metrics.gauge("outbox.backlog.oldest_due_age").await.expect("age observed");
     assert!((89.0..120.0).contains(&age), "oldest due age from created_at: {age}");
     assert_eq!(metrics.gauge("outbox.dead_letters").await, Some(2.0));
 
     // Within probe_interval (15s) the gauges are not refreshed: no query per tick.
-    sweeper.tick(&Tick::detached()).await.expect("tick");
+    sweeper.tick(&Tick::detached(h.db())).await.expect("tick");
     assert_eq!(metrics.gauge("outbox.backlog.due").await, Some(5.0));
 }
 
@@ -460,7 +461,7 @@ async fn cancel_job_removes_that_jobs_rows_atomically_and_leaves_other_jobs_alon
     tx.batch_execute("SET LOCAL lock_timeout = '200ms'").await.expect("lock timeout");
     let error =
         tx.fetch_one("SELECT cancel_job($1)", &[(&"j3", Type::TEXT)]).await.expect_err("lock timeout");
-    assert_eq!(error.code().map(|c| c.code()), Some("55P03"), "{error}");
+    assert_eq!(error.code(), Some("55P03"), "{error}");
     drop(tx);
     drop(hold);
     assert_eq!(h.scalar("SELECT count(*) FROM jobs WHERE id = 'j3' AND status = 'pending'").await, 1);
@@ -535,14 +536,8 @@ async fn enqueue_wakes_a_running_sweeper_through_notify_long_before_its_interval
         RuntimeConfig { jitter: 0.0, ..RuntimeConfig::default() },
     );
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let tracker = tokio_util::task::TaskTracker::new();
-    runtime.spawn(h.sweeper(&metrics.meter()), &tracker, shutdown.clone());
-    let stats = worker::listen::spawn(
-        h.test_db.url.clone(),
-        runtime.wakes().clone(),
-        runtime.health.clone(),
-        shutdown.clone(),
-    );
+    runtime.spawn(h.sweeper(&metrics.meter()));
+    let stats = runtime.listener().start(h.test_db.url.clone(), runtime.health.clone(), shutdown.clone());
     let mut connects = stats.connects.clone();
     tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1)).await.expect("listening").expect("watch");
     // The first tick (at start) and the wake-on-connect tick find nothing; after them the next
@@ -575,6 +570,6 @@ async fn enqueue_wakes_a_running_sweeper_through_notify_long_before_its_interval
     .await;
     assert_eq!(ticks(&runtime.health), 3, "exactly one tick, woken by the NOTIFY");
     shutdown.cancel();
-    tracker.close();
-    tracker.wait().await;
+    runtime.begin_shutdown();
+    runtime.drained().await;
 }

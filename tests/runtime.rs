@@ -1,5 +1,6 @@
 //! The shared tick runner, driven with a probe loop against a real database: overlap,
-//! timeouts, leader-only mode, shutdown, NOTIFY wakes and pause/resume across replicas.
+//! timeouts, leader-only mode (and its snapshot), shutdown of ticks and supervised tasks, NOTIFY
+//! wakes and payload streams, pause/resume across replicas and what the pause check costs.
 
 mod common;
 
@@ -12,15 +13,16 @@ use common::metrics::MetricsProbe;
 use tokio::sync::{Semaphore, watch};
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use worker::config::RuntimeConfig;
 use worker::db::{Db, Exec};
 use worker::health::Health;
-use worker::listen;
-use worker::runtime::{Loop, Outcome, Progress, Runtime, Schedule, Tick};
+use worker::listen::{self, ListenEvent};
+use worker::runtime::{Loop, LoopError, Outcome, Progress, Runtime, Schedule, Tick};
 
 /// Generous bound for conditions that should hold in milliseconds; reaching it is a failure.
 const LIMIT: Duration = Duration::from_secs(15);
+/// How long a drain that does not wait is given to show itself (it would resolve at once).
+const PREMATURE: Duration = Duration::from_millis(200);
 
 /// What a probe tick does after announcing that it started.
 #[derive(Clone, Copy)]
@@ -32,6 +34,10 @@ enum Behaviour {
     Hang,
     /// Take this long (simulated work).
     Take(Duration),
+    /// Wait for shutdown (the tick context's token), announce it, then wait for the gate.
+    UntilShutdownThenGated,
+    /// Fail with a [`ProbeError`] carrying this text.
+    Fail(&'static str),
     /// Report a full batch (`Progress::More`) for the first N ticks, then `Done`.
     FullBatches(u64),
 }
@@ -44,6 +50,7 @@ struct ProbeState {
     started: watch::Sender<u64>,
     finished: watch::Sender<u64>,
     cancelled: AtomicU64,
+    saw_shutdown: watch::Sender<bool>,
 }
 
 impl ProbeState {
@@ -56,6 +63,7 @@ impl ProbeState {
             started: watch::channel(0).0,
             finished: watch::channel(0).0,
             cancelled: AtomicU64::new(0),
+            saw_shutdown: watch::channel(false).0,
         })
     }
 
@@ -103,8 +111,14 @@ struct Probe {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("probe failed")]
-struct ProbeError;
+#[error("probe failed: {0}")]
+struct ProbeError(&'static str);
+
+impl LoopError for ProbeError {
+    fn metric_label(&self) -> &'static str {
+        "probe"
+    }
+}
 
 impl Loop for Probe {
     type Error = ProbeError;
@@ -117,7 +131,7 @@ impl Loop for Probe {
         self.schedule.clone()
     }
 
-    async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, ProbeError> {
+    async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, ProbeError> {
         let state = &self.state;
         let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         state.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -135,6 +149,15 @@ impl Loop for Probe {
             Behaviour::Gated => state.gate.acquire().await.expect("gate").forget(),
             Behaviour::Hang => std::future::pending::<()>().await,
             Behaviour::Take(d) => tokio::time::sleep(d).await,
+            Behaviour::Fail(message) => {
+                guard.1 = true;
+                return Err(ProbeError(message));
+            }
+            Behaviour::UntilShutdownThenGated => {
+                tick.shutdown().cancelled().await;
+                state.saw_shutdown.send_replace(true);
+                state.gate.acquire().await.expect("gate").forget();
+            }
         }
         guard.1 = true;
         drop(guard);
@@ -151,20 +174,23 @@ async fn setup() -> (TestDb, MetricsProbe, Runtime) {
     (test_db, metrics, rt)
 }
 
+/// A runtime that reads `loop_controls` before every tick (tests flip pauses and tick at once).
 fn runtime_for(db: Db, meter: &opentelemetry::metrics::Meter) -> Runtime {
-    let settings = RuntimeConfig { jitter: 0.0, ..RuntimeConfig::default() };
+    let settings =
+        RuntimeConfig { jitter: 0.0, controls_refresh: Duration::ZERO, ..RuntimeConfig::default() };
     Runtime::new(db, Health::default(), meter, settings)
 }
 
-/// Runners ticking in the background until `stop`.
+/// Runners ticking in the background (on one or more runtimes) until `stop`.
 struct Background {
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    runtimes: std::sync::Mutex<Vec<Runtime>>,
+    /// Stops the listener, if a test started one.
+    listener: CancellationToken,
 }
 
 impl Background {
     fn new() -> Self {
-        Self { shutdown: CancellationToken::new(), tracker: TaskTracker::new() }
+        Self { runtimes: std::sync::Mutex::new(Vec::new()), listener: CancellationToken::new() }
     }
 
     fn start<L: Loop>(rt: &Runtime, job: L) -> Self {
@@ -174,13 +200,19 @@ impl Background {
     }
 
     fn add<L: Loop>(&self, rt: &Runtime, job: L) {
-        rt.spawn(job, &self.tracker, self.shutdown.clone());
+        rt.spawn(job);
+        self.runtimes.lock().unwrap().push(rt.clone());
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
+        self.listener.cancel();
+        let runtimes = std::mem::take(&mut *self.runtimes.lock().unwrap());
+        for rt in &runtimes {
+            rt.begin_shutdown();
+        }
+        for rt in &runtimes {
+            tokio::time::timeout(LIMIT, rt.drained()).await.expect("runners stopped");
+        }
     }
 }
 
@@ -201,7 +233,7 @@ async fn ticks_never_overlap_even_when_a_tick_outlasts_the_interval() {
         assert_eq!(state.in_flight.load(Ordering::SeqCst), 1, "tick {n}: another tick started meanwhile");
         state.gate.add_permits(1);
     }
-    background.shutdown.cancel();
+    rt.begin_shutdown();
     state.gate.add_permits(1000);
     background.stop().await;
     assert_eq!(state.max_in_flight.load(Ordering::SeqCst), 1);
@@ -303,33 +335,76 @@ async fn two_runners_of_a_leader_only_loop_never_tick_together() {
 }
 
 #[tokio::test]
-async fn shutdown_waits_for_an_in_flight_tick_and_starts_no_new_one() {
+async fn shutdown_is_seen_by_the_tick_in_flight_which_finishes_and_no_new_tick_starts() {
     let (_test_db, _metrics, rt) = setup().await;
     let schedule = Schedule::every(Duration::from_millis(1), Duration::from_secs(30));
-    let (job, state) = probe("drain", schedule, Behaviour::Gated);
+    let (job, state) = probe("drain", schedule, Behaviour::UntilShutdownThenGated);
     let background = Background::start(&rt, job);
     state.wait_started(1).await;
 
-    let Background { shutdown, tracker } = background;
-    shutdown.cancel();
-    tracker.close();
-    let done = Arc::new(AtomicBool::new(false));
-    let waiter = {
-        let (tracker, done) = (tracker.clone(), done.clone());
-        tokio::spawn(async move {
-            tracker.wait().await;
-            done.store(true, Ordering::SeqCst);
-        })
-    };
-    tokio::task::yield_now().await;
-    assert!(!done.load(Ordering::SeqCst), "shutdown finished with a tick in flight");
-    assert_eq!(tracker.len(), 1, "the runner task is still draining");
+    rt.begin_shutdown();
+    let mut saw = state.saw_shutdown.subscribe();
+    tokio::time::timeout(LIMIT, saw.wait_for(|s| *s))
+        .await
+        .expect("the tick in flight never saw shutdown through its context")
+        .expect("watch");
+    // The tick is parked on the gate; a drain that did not wait for it would resolve now.
+    let mut drained = tokio::spawn({
+        let (rt, state) = (rt.clone(), state.clone());
+        async move {
+            rt.drained().await;
+            *state.finished.borrow()
+        }
+    });
+    assert!(tokio::time::timeout(PREMATURE, &mut drained).await.is_err(), "drained with a tick in flight");
 
     state.gate.add_permits(1);
-    tokio::time::timeout(LIMIT, waiter).await.expect("drained").expect("join");
-    assert_eq!(state.finished.borrow().to_owned(), 1, "the in-flight tick completed");
+    let finished_when_drained = tokio::time::timeout(LIMIT, drained).await.expect("drained").expect("join");
+    assert_eq!(finished_when_drained, 1, "the in-flight tick completed before the drain did");
     assert_eq!(state.cancelled.load(Ordering::SeqCst), 0, "the in-flight tick was not cut short");
     assert_eq!(state.started(), 1, "no tick started after shutdown");
+    background.stop().await;
+}
+
+#[tokio::test]
+async fn a_supervised_task_is_cancelled_at_shutdown_and_awaited_before_the_runtime_drains() {
+    let (_test_db, _metrics, rt) = setup().await;
+    let runners: worker::runtime::TaskSet<u32, i64> = rt.supervisor().task_set("test_runners");
+    let gate = Arc::new(Semaphore::new(0));
+    let cleaned = Arc::new(AtomicBool::new(false));
+    let (saw_cancel_tx, mut saw_cancel) = watch::channel(false);
+    runners
+        .start(7, 1, {
+            let (gate, cleaned) = (gate.clone(), cleaned.clone());
+            move |token| async move {
+                token.cancelled().await;
+                saw_cancel_tx.send_replace(true);
+                // Cleanup that takes a while (a chat runner returning its chat).
+                gate.acquire().await.expect("gate").forget();
+                cleaned.store(true, Ordering::SeqCst);
+            }
+        })
+        .expect("task starts");
+    assert_eq!(runners.snapshot(), vec![(7, 1)]);
+
+    rt.begin_shutdown();
+    tokio::time::timeout(LIMIT, saw_cancel.wait_for(|s| *s)).await.expect("task cancelled").expect("watch");
+    let mut drained = tokio::spawn({
+        let (rt, cleaned) = (rt.clone(), cleaned.clone());
+        async move {
+            rt.drained().await;
+            cleaned.load(Ordering::SeqCst)
+        }
+    });
+    assert!(
+        tokio::time::timeout(PREMATURE, &mut drained).await.is_err(),
+        "drained while a supervised task was still cleaning up"
+    );
+    assert_eq!(runners.start(8, 1, |_| async {}), Err(worker::runtime::StartError::ShuttingDown));
+    gate.add_permits(1);
+    let cleaned_when_drained = tokio::time::timeout(LIMIT, drained).await.expect("drained").expect("join");
+    assert!(cleaned_when_drained, "the drain finished before the task's cleanup");
+    assert!(runners.is_empty(), "the task left the registry when it ended");
 }
 
 async fn notify(db: &Db, sql: &str) {
@@ -344,12 +419,7 @@ async fn a_burst_of_notifies_wakes_a_loop_a_handful_of_times() {
     let background = Background::start(&rt, job);
     state.wait_started(1).await; // the first tick runs at start and waits on the gate
 
-    let stats = listen::spawn(
-        test_db.url.clone(),
-        rt.wakes().clone(),
-        rt.health.clone(),
-        background.shutdown.clone(),
-    );
+    let stats = rt.listener().start(test_db.url.clone(), rt.health.clone(), background.listener.clone());
     let mut connects = stats.connects.clone();
     tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1))
         .await
@@ -382,12 +452,7 @@ async fn a_dropped_listen_connection_is_re_established() {
         Schedule::every(Duration::from_secs(3600), Duration::from_secs(30)).woken_by("relisten_test");
     let (job, state) = probe("relisten", schedule, Behaviour::Return);
     let background = Background::start(&rt, job);
-    let stats = listen::spawn(
-        test_db.url.clone(),
-        rt.wakes().clone(),
-        rt.health.clone(),
-        background.shutdown.clone(),
-    );
+    let stats = rt.listener().start(test_db.url.clone(), rt.health.clone(), background.listener.clone());
     let mut connects = stats.connects.clone();
     tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1)).await.expect("connected").expect("watch");
 
@@ -488,4 +553,148 @@ async fn a_loop_recovers_by_itself_after_its_database_connections_are_killed() {
     let second = runner.tick_once().await.outcome;
     assert!(first == Outcome::Ok || second == Outcome::Ok, "no recovery: {first:?}, {second:?}");
     assert_eq!(runner.tick_once().await.outcome, Outcome::Ok);
+}
+
+#[tokio::test]
+async fn a_channel_subscribed_at_run_time_gets_payloads_and_is_told_of_a_reconnect() {
+    let (test_db, _metrics, rt) = setup().await;
+    let stop = CancellationToken::new();
+    let stats = rt.listener().start(test_db.url.clone(), rt.health.clone(), stop.clone());
+    let mut connects = stats.connects.clone();
+    tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1)).await.expect("connected").expect("watch");
+
+    // Subscribed after the listener is up; `subscribe` returns once the LISTEN is in place.
+    let mut sub = tokio::time::timeout(LIMIT, rt.listener().subscribe("chat_a-b")).await.expect("subscribed");
+    notify(&test_db.db, "SELECT pg_notify('chat_a-b', 'one')").await;
+    notify(&test_db.db, "SELECT pg_notify('chat_a-b', 'two')").await;
+    assert_eq!(next(&mut sub).await, ListenEvent::Notification("one".into()));
+    assert_eq!(next(&mut sub).await, ListenEvent::Notification("two".into()));
+
+    let terminated = test_db
+        .db
+        .get()
+        .await
+        .expect("conn")
+        .fetch_one(
+            "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
+             WHERE application_name = $1 AND datname = current_database()",
+            &[(&listen::APPLICATION_NAME, Type::TEXT)],
+        )
+        .await
+        .expect("terminate listener")
+        .get::<_, i64>(0);
+    assert_eq!(terminated, 1);
+    assert_eq!(next(&mut sub).await, ListenEvent::Reconnected, "the subscriber is told to re-read");
+    notify(&test_db.db, "SELECT pg_notify('chat_a-b', 'three')").await;
+    assert_eq!(next(&mut sub).await, ListenEvent::Notification("three".into()), "re-subscribed");
+
+    // Dropping the subscription UNLISTENs; a later subscriber on another channel still works.
+    drop(sub);
+    let mut other = rt.listener().subscribe("other").await;
+    notify(&test_db.db, "SELECT pg_notify('other', 'x')").await;
+    assert_eq!(next(&mut other).await, ListenEvent::Notification("x".into()));
+    stop.cancel();
+}
+
+async fn next(sub: &mut listen::Subscription) -> ListenEvent {
+    tokio::time::timeout(LIMIT, sub.recv()).await.expect("an event in time").expect("listener alive")
+}
+
+/// A leader-only loop that records what its transaction looks like from inside and outside.
+struct SnapshotProbe {
+    key: i64,
+    seen: watch::Sender<Option<(String, String, bool)>>,
+    db: Db,
+}
+
+impl Loop for SnapshotProbe {
+    type Error = ProbeError;
+
+    fn name(&self) -> &'static str {
+        "snapshot_probe"
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule::every(Duration::from_secs(3600), Duration::from_secs(30)).leader_snapshot(self.key)
+    }
+
+    async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, ProbeError> {
+        let tx = tick.leader_tx().expect("a leader-only loop gets its transaction");
+        let row = tx
+            .fetch_one(
+                "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')",
+                &[],
+            )
+            .await
+            .expect("settings");
+        // From another connection: the leader lock is held right now.
+        let other = self.db.get().await.expect("conn");
+        let free = other
+            .fetch_one("SELECT pg_try_advisory_xact_lock($1)", &[(&self.key, Type::INT8)])
+            .await
+            .expect("try lock")
+            .get::<_, bool>(0);
+        self.seen.send_replace(Some((row.get(0), row.get(1), !free)));
+        Ok(Progress::Done)
+    }
+}
+
+#[tokio::test]
+async fn a_leader_only_loop_asking_for_a_snapshot_reads_repeatable_read_read_only_under_the_lock() {
+    let (test_db, _metrics, rt) = setup().await;
+    let seen = watch::channel(None).0;
+    let probe = SnapshotProbe { key: 0x5a, seen: seen.clone(), db: test_db.another_pool() };
+    assert_eq!(rt.runner(probe).tick_once().await.outcome, Outcome::Ok);
+    let (isolation, read_only, lock_held) = seen.borrow().clone().expect("the tick ran");
+    assert_eq!(isolation, "repeatable read");
+    assert_eq!(read_only, "on");
+    assert!(lock_held, "the leader lock was not held during the tick");
+}
+
+#[tokio::test]
+async fn five_loops_at_200ms_read_loop_controls_about_once_a_second() {
+    let test_db = TestDb::new().await;
+    let metrics = MetricsProbe::new();
+    let settings = RuntimeConfig { jitter: 0.0, ..RuntimeConfig::default() };
+    assert_eq!(settings.controls_refresh, Duration::from_secs(1), "the default under test");
+    let rt = Runtime::new(test_db.db.clone(), Health::default(), &metrics.meter(), settings);
+    let names = ["p1", "p2", "p3", "p4", "p5"];
+    let background = Background::new();
+    let mut states = Vec::new();
+    let started = Instant::now();
+    for name in names {
+        let (job, state) = probe(
+            name,
+            Schedule::every(Duration::from_millis(200), Duration::from_secs(5)),
+            Behaviour::Return,
+        );
+        background.add(&rt, job);
+        states.push(state);
+    }
+    // ~2.5 s of ticking: 13 ticks per loop at 200 ms.
+    for state in &states {
+        state.wait_finished(13).await;
+    }
+    let elapsed = started.elapsed();
+    background.stop().await;
+    let ticks: u64 = states.iter().map(|s| s.started()).sum();
+    let reads = rt.pauses().reads();
+    let allowed = elapsed.as_secs() + 2;
+    assert!(ticks >= 65, "{ticks} ticks");
+    assert!(reads <= allowed, "{reads} reads of loop_controls in {elapsed:?} for {ticks} ticks");
+}
+
+#[tokio::test]
+async fn a_failed_tick_is_labelled_by_the_loops_error_policy_and_keeps_its_full_message() {
+    let (_test_db, metrics, rt) = setup().await;
+    let schedule = Schedule::every(Duration::from_secs(3600), Duration::from_secs(5));
+    let (job, state) = probe("failing", schedule, Behaviour::Fail("row 17 had a bad payload"));
+    let mut runner = rt.runner(job);
+    assert_eq!(runner.tick_once().await.outcome, Outcome::Error);
+    state.set(Behaviour::Fail("row 18 had a bad payload"));
+    assert_eq!(runner.tick_once().await.outcome, Outcome::Error);
+    let labelled = [("loop", "failing"), ("outcome", "error"), ("error", "probe")];
+    assert_eq!(metrics.counter("worker.loop.ticks", &labelled).await, 2, "one fixed label per variant");
+    let readiness = rt.health.readiness(Ok(()));
+    assert_eq!(readiness.loops[0].last_error.as_deref(), Some("probe failed: row 18 had a bad payload"));
 }

@@ -21,9 +21,10 @@ use prost::Message;
 use tokio::sync::mpsc;
 use worker::config::{OtlpProtocol, TelemetryConfig};
 use worker::health::Health;
+use worker::identity::WorkerIdentity;
 use worker::runtime::{Outcome, Runtime};
 use worker::telemetry::{Identity, Metrics};
-use worker::workers::{WorkerIdentity, WorkerLease};
+use worker::workers::WorkerLease;
 
 /// Starts a receiver for `POST /v1/metrics`; returns its base URL and the decoded requests.
 async fn otlp_http_receiver() -> (String, mpsc::UnboundedReceiver<ExportMetricsServiceRequest>) {
@@ -66,7 +67,7 @@ async fn loop_ticks_are_exported_over_otlp_http_with_service_identity() {
         export_interval: Duration::from_secs(3600),
         service_name: "worker".into(),
     };
-    let me = WorkerIdentity::new();
+    let me = WorkerIdentity::generate();
     let identity = Identity { worker_id: me.id, environment: "test".into() };
     let metrics = Metrics::init(&config, &identity, &BTreeMap::new()).expect("metrics");
     assert!(metrics.exporting());
@@ -140,7 +141,7 @@ async fn loop_ticks_are_exported_over_otlp_grpc() {
         export_interval: Duration::from_secs(3600),
         service_name: "worker".into(),
     };
-    let me = WorkerIdentity::new();
+    let me = WorkerIdentity::generate();
     let identity = Identity { worker_id: me.id, environment: "test".into() };
     let metrics = Metrics::init(&config, &identity, &BTreeMap::new()).expect("metrics");
     let rt = Runtime::new(test_db.db.clone(), Health::default(), &metrics.meter(), Default::default());

@@ -5,10 +5,10 @@ mod common;
 
 use common::TestDb;
 use tokio_postgres::types::Type;
-use worker::config::WorkersConfig;
 use worker::db::{Db, Exec};
-use worker::runtime::{Loop, Progress, Tick};
-use worker::workers::{WorkerIdentity, WorkerLease};
+use worker::identity::WorkerIdentity;
+use worker::runtime::{LeasePublisher, LeaseState, LeaseStatus, Loop, Progress, Tick};
+use worker::workers::{WorkerLease, WorkersConfig};
 
 async fn seconds_since_seen(db: &Db, id: uuid::Uuid) -> Option<f64> {
     let conn = db.get().await.expect("conn");
@@ -28,31 +28,31 @@ async fn run(db: &Db, sql: &str) {
 #[tokio::test]
 async fn a_tick_renews_the_lease_with_the_database_clock() {
     let test_db = TestDb::new().await;
-    let me = WorkerIdentity::new();
+    let me = WorkerIdentity::generate();
     let lease = WorkerLease::new(test_db.db.clone(), me.clone(), WorkersConfig::default());
     lease.register().await.expect("register");
     run(&test_db.db, "UPDATE workers SET last_seen_at = now() - interval '1 hour'").await;
     assert!(seconds_since_seen(&test_db.db, me.id).await.expect("row") >= 3600.0);
 
-    assert_eq!(lease.tick(&Tick::detached()).await.expect("tick"), Progress::Done);
+    assert_eq!(lease.tick(&Tick::detached(&test_db.db)).await.expect("tick"), Progress::Done);
     assert!(seconds_since_seen(&test_db.db, me.id).await.expect("row") < 60.0, "lease renewed");
 }
 
 #[tokio::test]
 async fn a_reaped_worker_registers_again_on_its_next_tick() {
     let test_db = TestDb::new().await;
-    let me = WorkerIdentity::new();
+    let me = WorkerIdentity::generate();
     let lease = WorkerLease::new(test_db.db.clone(), me.clone(), WorkersConfig::default());
     lease.register().await.expect("register");
     run(&test_db.db, "DELETE FROM workers").await;
-    lease.tick(&Tick::detached()).await.expect("tick");
+    lease.tick(&Tick::detached(&test_db.db)).await.expect("tick");
     assert!(seconds_since_seen(&test_db.db, me.id).await.is_some(), "registered again");
 }
 
 #[tokio::test]
 async fn rows_unseen_past_the_retention_are_deleted_and_others_kept() {
     let test_db = TestDb::new().await;
-    let me = WorkerIdentity::new();
+    let me = WorkerIdentity::generate();
     let lease = WorkerLease::new(test_db.db.clone(), me.clone(), WorkersConfig::default());
     lease.register().await.expect("register");
     run(
@@ -62,7 +62,7 @@ async fn rows_unseen_past_the_retention_are_deleted_and_others_kept() {
          ('00000000-0000-0000-0000-000000000002', 'stale', 'x', now() - interval '23 hours')",
     )
     .await;
-    lease.tick(&Tick::detached()).await.expect("tick");
+    lease.tick(&Tick::detached(&test_db.db)).await.expect("tick");
     let conn = test_db.db.get().await.expect("conn");
     let rows = conn.fetch_all("SELECT hostname FROM workers ORDER BY hostname", &[]).await.expect("rows");
     let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
@@ -74,7 +74,7 @@ async fn rows_unseen_past_the_retention_are_deleted_and_others_kept() {
 #[tokio::test]
 async fn deregistering_removes_only_this_workers_row() {
     let test_db = TestDb::new().await;
-    let (a, b) = (WorkerIdentity::new(), WorkerIdentity::new());
+    let (a, b) = (WorkerIdentity::generate(), WorkerIdentity::generate());
     let lease_a = WorkerLease::new(test_db.db.clone(), a.clone(), WorkersConfig::default());
     let lease_b = WorkerLease::new(test_db.db.clone(), b.clone(), WorkersConfig::default());
     lease_a.register().await.expect("register a");
@@ -82,4 +82,33 @@ async fn deregistering_removes_only_this_workers_row() {
     lease_a.deregister().await.expect("deregister");
     assert!(seconds_since_seen(&test_db.db, a.id).await.is_none());
     assert!(seconds_since_seen(&test_db.db, b.id).await.is_some());
+}
+
+#[tokio::test]
+async fn the_lease_state_goes_failing_on_an_error_and_lost_then_healthy_when_reaped() {
+    let test_db = TestDb::new().await;
+    let me = WorkerIdentity::generate();
+    let publisher = LeasePublisher::default();
+    let watch = publisher.watch();
+    let lease = WorkerLease::new(test_db.db.clone(), me.clone(), WorkersConfig::default())
+        .publishing_to(publisher.clone());
+    lease.register().await.expect("register");
+    let tick = Tick::detached(&test_db.db);
+    lease.tick(&tick).await.expect("tick");
+    assert_eq!(watch.current(), LeaseState { status: LeaseStatus::Healthy, epoch: 0 });
+
+    // Reaped as dead by another replica: the tick registers again under a new epoch, so whatever
+    // this worker ran under epoch 0 knows it was lost even though the lease is healthy again.
+    run(&test_db.db, "DELETE FROM workers").await;
+    lease.tick(&tick).await.expect("tick");
+    assert_eq!(watch.current(), LeaseState { status: LeaseStatus::Healthy, epoch: 1 });
+    assert!(seconds_since_seen(&test_db.db, me.id).await.is_some(), "registered again");
+
+    // A renewal that fails (here: the table is gone) marks the lease failing.
+    run(&test_db.db, "ALTER TABLE workers RENAME TO workers_gone").await;
+    lease.tick(&tick).await.expect_err("no table, no renewal");
+    assert!(matches!(watch.current().status, LeaseStatus::Failing { .. }), "{:?}", watch.current());
+    run(&test_db.db, "ALTER TABLE workers_gone RENAME TO workers").await;
+    lease.tick(&tick).await.expect("tick");
+    assert_eq!(watch.current().status, LeaseStatus::Healthy);
 }

@@ -151,7 +151,7 @@ pub async fn requeue(db: &Db, selection: &Selection) -> Result<RequeueReport, Db
     if report.requeued > 0 {
         tx.fetch_one(NOTIFY, &[(&WAKE_CHANNEL, Type::TEXT)]).await?;
     }
-    tx.commit().await?;
+    db::commit(tx).await?;
     Ok(report)
 }
 
@@ -159,5 +159,5 @@ pub async fn requeue(db: &Db, selection: &Selection) -> Result<RequeueReport, Db
 pub async fn purge(db: &Db, older_than: Duration) -> Result<u64, DbError> {
     let conn = db.get().await?;
     let secs = older_than.as_secs_f64();
-    Ok(conn.exec(PURGE, &[(&secs, Type::FLOAT8)]).await?)
+    conn.exec(PURGE, &[(&secs, Type::FLOAT8)]).await
 }

@@ -10,13 +10,16 @@
 //! - [`settle`]: pure decisions — dispatched / retry with backoff / dead letter / untouched.
 //! - [`dead`]: dead-letter list, requeue, purge.
 //! - [`stats`]: backlog probe (gauges) and per-queue stats.
+//! - [`config`]: the `[outbox]` table.
 //! - [`cli`]: `worker outbox stats | dead list | dead requeue | dead purge`.
 
 pub mod cli;
+pub mod config;
 pub mod dead;
 pub mod scheduler;
 pub mod settle;
 pub mod stats;
 pub mod sweeper;
 
+pub use config::OutboxConfig;
 pub use sweeper::{NAME, SweepError, SweepReport, Sweeper, WAKE_CHANNEL};

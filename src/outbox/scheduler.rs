@@ -30,7 +30,6 @@ use fred::error::{Error as FredError, ErrorKind};
 use fred::prelude::{Client, ClientLike, HashesInterface, SortedSetsInterface, Value};
 use tokio::time::Instant;
 
-use super::sweeper::Claimed;
 use crate::redis::key;
 
 /// Rows carried by one HSET/ZADD pair at most.
@@ -49,6 +48,19 @@ pub enum RowOutcome {
     /// No definite answer for this row (connection dropped, server busy/loading/OOM, timed out):
     /// the write may or may not have happened. Costs no attempt; the row is left as it was.
     Unknown(String),
+}
+
+/// One claimed row, as sent to Redis.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub task_id: String,
+    pub queue: String,
+    /// The jsonb payload as text (Postgres' canonical form), sent to Redis as is.
+    pub payload: String,
+    /// `run_at` in milliseconds since the epoch: the sorted-set score.
+    pub run_at_ms: i64,
+    pub attempts: i32,
 }
 
 /// The pipeline as a whole got no answer: nothing can be settled.

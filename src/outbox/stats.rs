@@ -36,7 +36,7 @@ pub async fn backlog(db: &Db) -> Result<Backlog, DbError> {
     // Runs inside the sweeper's tick: bounded by the statement timeout like every tick statement.
     let tx = db::begin(&mut conn, db.statement_timeout()).await?;
     let row = tx.fetch_one(BACKLOG, &[]).await?;
-    tx.commit().await?;
+    db::commit(tx).await?;
     Ok(Backlog {
         due: count(row.get(0)),
         oldest_due_age_secs: row.get::<_, f64>(1).max(0.0),

@@ -24,13 +24,14 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Meter};
 use tokio_postgres::types::Type;
 
+use super::config::OutboxConfig;
+pub use super::scheduler::Claimed;
 use super::scheduler::{self, DispatchError};
 use super::settle::{self, Settlement};
 use super::stats;
-use crate::config::OutboxConfig;
 use crate::db::{self, Db, DbError, Exec, Transaction};
 use crate::redis::Client;
-use crate::runtime::{ErrorLog, Loop, Progress, Schedule, Tick};
+use crate::runtime::{ErrorLog, Loop, LoopError, Progress, Schedule, Tick};
 
 pub const NAME: &str = "outbox";
 /// NOTIFY channel of `enqueue_task`; wakes the sweeper before its interval.
@@ -56,19 +57,6 @@ const DEAD_LETTER: &str = "WITH moved AS (\
      (original_id, task_id, job_id, queue, payload, run_at, attempts, last_error, created_at) \
      SELECT id, task_id, job_id, queue, payload, run_at, attempts + 1, error, created_at FROM moved";
 
-/// One claimed row, as sent to Redis.
-#[derive(Debug, Clone)]
-pub struct Claimed {
-    pub id: i64,
-    pub task_id: String,
-    pub queue: String,
-    /// The jsonb payload as text (Postgres' canonical form), sent to Redis as is.
-    pub payload: String,
-    /// `run_at` in milliseconds since the epoch: the sorted-set score.
-    pub run_at_ms: i64,
-    pub attempts: i32,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
     #[error(transparent)]
@@ -81,9 +69,14 @@ pub enum SweepError {
     Undetermined { error: String },
 }
 
-impl From<tokio_postgres::Error> for SweepError {
-    fn from(error: tokio_postgres::Error) -> Self {
-        SweepError::Db(error.into())
+impl LoopError for SweepError {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            SweepError::Db(e) => e.metric_label(),
+            SweepError::Redis(DispatchError::Unavailable(_)) => "redis_unavailable",
+            SweepError::Redis(DispatchError::TimedOut(_)) => "redis_timeout",
+            SweepError::Undetermined { .. } => "redis_undetermined",
+        }
     }
 }
 
@@ -171,7 +164,13 @@ impl Sweeper {
     }
 
     /// One sweep: claim, dispatch, settle, commit. `Err` means nothing was settled (rolled back).
+    /// Redis gets `outbox.redis_timeout`.
     pub async fn sweep(&self) -> Result<SweepReport, SweepError> {
+        self.sweep_within(self.config.redis_timeout).await
+    }
+
+    /// [`Sweeper::sweep`] with the time Redis may take given by the caller (the tick's budget).
+    pub async fn sweep_within(&self, redis_budget: Duration) -> Result<SweepReport, SweepError> {
         let mut conn = self.db.get().await?;
         let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
         let batch_limit = self.batch_limit();
@@ -190,12 +189,11 @@ impl Sweeper {
             })
             .collect();
         if rows.is_empty() {
-            tx.commit().await?;
+            db::commit(tx).await?;
             return Ok(SweepReport::default());
         }
         // Dropping `tx` on the error path rolls back: no row changes, locks released.
-        let dispatched =
-            scheduler::dispatch(&self.redis, &self.prefix, &rows, self.config.redis_timeout).await;
+        let dispatched = scheduler::dispatch(&self.redis, &self.prefix, &rows, redis_budget).await;
         match &dispatched {
             Ok(_) => self.adapt_batch_limit(false),
             Err(DispatchError::TimedOut(_)) => self.adapt_batch_limit(true),
@@ -209,7 +207,7 @@ impl Sweeper {
         let first_error = plan.retry_errors.first().or(plan.dead_errors.first()).cloned();
         let mut report = plan.apply(&tx, rows.len()).await?;
         report.full = rows.len() >= batch_limit as usize;
-        tx.commit().await?;
+        db::commit(tx).await?;
         self.record(&report, first_error.as_deref());
         Ok(report)
     }
@@ -372,9 +370,9 @@ impl Loop for Sweeper {
         Schedule::every(self.config.interval, self.config.tick_timeout).woken_by(WAKE_CHANNEL)
     }
 
-    async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, SweepError> {
+    async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, SweepError> {
         self.probe_if_due().await?;
-        let report = self.sweep().await?;
+        let report = self.sweep_within(tick.budget(self.config.redis_timeout)).await?;
         if let Some(error) = report.untouched_error {
             tracing::debug!(untouched = report.untouched, claimed = report.claimed, "rows left undetermined");
             return Err(SweepError::Undetermined { error });

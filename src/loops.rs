@@ -1,0 +1,50 @@
+//! The one list of the loops this binary runs: their names (what `worker loop pause NAME`
+//! accepts, the `loop` attribute of every metric) and the config table each is set up by.
+//! Adding a loop adds one entry here; nothing else keeps a list of loops.
+
+use crate::{counters, outbox, workers};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LoopInfo {
+    pub name: &'static str,
+    /// The config table with this loop's `enabled`, interval and limits.
+    pub config_table: &'static str,
+    pub about: &'static str,
+}
+
+pub const ALL: &[LoopInfo] = &[
+    LoopInfo { name: workers::NAME, config_table: "workers", about: "this worker's lease row in `workers`" },
+    LoopInfo { name: outbox::NAME, config_table: "outbox", about: "task_outbox rows into Redis sorted sets" },
+    LoopInfo {
+        name: counters::NAME,
+        config_table: "counters",
+        about: "Redis running-task counters into jobs.running_tasks",
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static LoopInfo> {
+    ALL.iter().find(|info| info.name == name)
+}
+
+pub fn names() -> Vec<&'static str> {
+    ALL.iter().map(|info| info.name).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_loop_has_its_own_config_table_with_an_enabled_switch() {
+        let config = toml::Table::try_from(crate::config::Config::default()).expect("config serializes");
+        for info in ALL {
+            let table = config.get(info.config_table).and_then(toml::Value::as_table);
+            let enabled = table.and_then(|t| t.get("enabled")).and_then(toml::Value::as_bool);
+            assert!(enabled.is_some(), "[{}] has no `enabled` for loop {}", info.config_table, info.name);
+        }
+        let mut names = names();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len(), "loop names are unique");
+    }
+}

@@ -1,0 +1,163 @@
+//! This worker's lease, as the lease loop last saw it, published to every loop that must stop
+//! acquiring work (or stop the work it runs) when the lease fails or was lost.
+//!
+//! The lease is the `workers` row: other replicas recover this worker's chats once its
+//! `last_seen_at` is older than `stale_after`. So a worker whose renewals fail must assume, after
+//! a while, that its work may already run elsewhere; and a worker whose row was deleted (reaped
+//! as dead) has lost everything it owned. The `epoch` counts registrations: work started under
+//! one epoch must stop when the epoch changes, even if the status has meanwhile gone back to
+//! healthy (a watch channel keeps only the latest value, so a brief `Lost` could be missed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// What the last renewal attempts said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// The last renewal succeeded.
+    Healthy,
+    /// Renewals have failed since this instant (the first failure after a success).
+    Failing { since: Instant },
+    /// The row was gone (reaped as dead) and could not be registered again yet.
+    Lost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseState {
+    pub status: LeaseStatus,
+    /// Incremented each time the row had to be registered again after it was lost.
+    pub epoch: u64,
+}
+
+impl LeaseState {
+    /// How long renewals have been failing at `now` (zero when healthy, forever when lost).
+    pub fn failing_for(&self, now: Instant) -> Duration {
+        match self.status {
+            LeaseStatus::Healthy => Duration::ZERO,
+            LeaseStatus::Failing { since } => now.saturating_duration_since(since),
+            LeaseStatus::Lost => Duration::MAX,
+        }
+    }
+}
+
+/// Read side: any number of loops.
+#[derive(Debug, Clone)]
+pub struct LeaseWatch(watch::Receiver<LeaseState>);
+
+impl LeaseWatch {
+    pub fn current(&self) -> LeaseState {
+        *self.0.borrow()
+    }
+
+    /// Waits for the next change (returns at once if one is unseen).
+    pub async fn changed(&mut self) -> LeaseState {
+        // The sender lives in the runtime as long as any loop can run; if it is gone, nothing
+        // will change any more and the current value stands.
+        let _ = self.0.changed().await;
+        *self.0.borrow_and_update()
+    }
+}
+
+/// Write side: the lease loop only.
+#[derive(Debug, Clone)]
+pub struct LeasePublisher(Arc<watch::Sender<LeaseState>>);
+
+impl Default for LeasePublisher {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(LeaseState { status: LeaseStatus::Healthy, epoch: 0 }).0))
+    }
+}
+
+impl LeasePublisher {
+    pub fn watch(&self) -> LeaseWatch {
+        LeaseWatch(self.0.subscribe())
+    }
+
+    pub fn current(&self) -> LeaseState {
+        *self.0.borrow()
+    }
+
+    /// A renewal (or re-registration) succeeded.
+    pub fn renewed(&self) {
+        self.0.send_if_modified(|state| {
+            let changed = state.status != LeaseStatus::Healthy;
+            state.status = LeaseStatus::Healthy;
+            changed
+        });
+    }
+
+    /// A renewal failed (or never finished). Keeps the instant of the first failure.
+    pub fn failed(&self) {
+        self.0.send_if_modified(|state| match state.status {
+            LeaseStatus::Healthy => {
+                state.status = LeaseStatus::Failing { since: Instant::now() };
+                true
+            }
+            LeaseStatus::Failing { .. } | LeaseStatus::Lost => false,
+        });
+    }
+
+    /// The row was gone: everything owned under the current epoch is lost.
+    pub fn lost(&self) {
+        self.0.send_modify(|state| {
+            state.status = LeaseStatus::Lost;
+            state.epoch += 1;
+        });
+    }
+
+    /// A guard for one renewal attempt: dropped without [`LeaseAttempt::succeeded`] (an error,
+    /// or the tick cut off by its timeout) it records a failure.
+    pub fn attempt(&self) -> LeaseAttempt<'_> {
+        LeaseAttempt { publisher: self, done: false }
+    }
+}
+
+pub struct LeaseAttempt<'a> {
+    publisher: &'a LeasePublisher,
+    done: bool,
+}
+
+impl LeaseAttempt<'_> {
+    pub fn succeeded(mut self) {
+        self.done = true;
+        self.publisher.renewed();
+    }
+}
+
+impl Drop for LeaseAttempt<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.publisher.failed();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_keep_their_first_instant_and_a_success_heals() {
+        let publisher = LeasePublisher::default();
+        let watch = publisher.watch();
+        drop(publisher.attempt());
+        let LeaseStatus::Failing { since } = watch.current().status else { panic!("not failing") };
+        drop(publisher.attempt());
+        assert_eq!(watch.current().status, LeaseStatus::Failing { since }, "first failure kept");
+        publisher.attempt().succeeded();
+        assert_eq!(watch.current(), LeaseState { status: LeaseStatus::Healthy, epoch: 0 });
+    }
+
+    #[test]
+    fn a_lost_lease_bumps_the_epoch_so_a_quick_recovery_is_still_seen() {
+        let publisher = LeasePublisher::default();
+        let watch = publisher.watch();
+        publisher.lost();
+        assert_eq!(watch.current().failing_for(Instant::now()), Duration::MAX);
+        publisher.renewed();
+        assert_eq!(watch.current(), LeaseState { status: LeaseStatus::Healthy, epoch: 1 });
+    }
+}

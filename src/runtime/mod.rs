@@ -1,0 +1,700 @@
+//! The tick-loop runner shared by every loop, and the rest of what loops run on.
+//!
+//! A loop implements [`Loop`] (a name, a [`Schedule`] and `tick`); [`Runner`] gives it
+//! everything else: non-overlapping ticks, a tick timeout separate from the interval, ±jitter,
+//! drain mode (tick again at once after a full batch, up to a bound), error backoff, an optional
+//! leader-only mode (`pg_try_advisory_xact_lock` in a transaction held for the whole tick, with
+//! the isolation the loop asks for), early wakes from a NOTIFY channel (see [`crate::listen`]),
+//! pause/resume through `loop_controls` ([`pauses`]), per-loop metrics labelled by the loop's own
+//! error policy ([`LoopError`]), health state and rate-limited error logs. No loop spawns its own
+//! ticker.
+//!
+//! - [`tick`]: the [`Tick`] context every tick receives.
+//! - [`supervisor`]: long-lived tasks that outlive a tick (chat runners), drained at shutdown.
+//! - [`lease`]: this worker's lease state, published by the lease loop to the others.
+//! - [`pauses`]: the `loop_controls` cache.
+//!
+//! Shutdown ([`Runtime::begin_shutdown`]) stops new ticks and cancels every supervised task at
+//! once; [`Runtime::drained`] resolves when both in-flight ticks and tasks have ended.
+
+pub mod lease;
+pub mod pauses;
+pub mod supervisor;
+pub mod tick;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use self::lease::{LeasePublisher, LeaseState, LeaseStatus, LeaseWatch};
+pub use self::supervisor::{StartError, Supervisor, TaskSet};
+pub use self::tick::Tick;
+use crate::config::RuntimeConfig;
+use crate::db::{self, Db, DbError, Transaction};
+use crate::health::{self, Health, LoopFacts, TickRecord};
+use crate::identity::WorkerIdentity;
+use crate::listen::Listener;
+
+/// Ceiling of the delay after repeated failed ticks (never below the loop's own interval).
+pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How a leader-only loop's tick transaction reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// READ COMMITTED, read-write: the lock-holding transaction itself.
+    ReadCommitted,
+    /// REPEATABLE READ, read-only: one consistent snapshot for the whole tick, taken after the
+    /// leader lock is held (see [`Runner`] for why that takes a second connection).
+    Snapshot,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leader {
+    pub key: i64,
+    pub isolation: Isolation,
+}
+
+/// When and how a loop ticks.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub interval: Duration,
+    /// Bounds one tick; independent of the interval (a 10s loop may have a 30s timeout).
+    pub tick_timeout: Duration,
+    /// Leader-only loops name an advisory lock key; at most one replica ticks at a time.
+    pub leader: Option<Leader>,
+    /// A NOTIFY channel whose notifications wake the loop before its interval.
+    pub wake_channel: Option<&'static str>,
+}
+
+impl Schedule {
+    pub fn every(interval: Duration, tick_timeout: Duration) -> Self {
+        Self { interval, tick_timeout, leader: None, wake_channel: None }
+    }
+
+    /// Leader only, working in the lock-holding READ COMMITTED transaction.
+    #[must_use]
+    pub fn leader_only(mut self, key: i64) -> Self {
+        self.leader = Some(Leader { key, isolation: Isolation::ReadCommitted });
+        self
+    }
+
+    /// Leader only, reading one REPEATABLE READ, read-only snapshot taken under the lock.
+    #[must_use]
+    pub fn leader_snapshot(mut self, key: i64) -> Self {
+        self.leader = Some(Leader { key, isolation: Isolation::Snapshot });
+        self
+    }
+
+    #[must_use]
+    pub fn woken_by(mut self, channel: &'static str) -> Self {
+        self.wake_channel = Some(channel);
+        self
+    }
+
+    /// How long after its last completed tick a loop still counts as healthy.
+    pub fn staleness_limit(&self) -> Duration {
+        (self.interval * 3).max(self.tick_timeout + self.interval)
+    }
+
+    fn facts(&self) -> LoopFacts {
+        LoopFacts {
+            interval: self.interval,
+            tick_timeout: self.tick_timeout,
+            staleness_limit: self.staleness_limit(),
+            leader_only: self.leader.is_some(),
+        }
+    }
+}
+
+/// What a successful tick found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Nothing more to do now: wait for the interval (or a wake).
+    Done,
+    /// A full batch was processed: tick again at once (bounded by `runtime.max_drain_ticks`).
+    More,
+}
+
+/// A loop's error policy, kept apart from the work (as kube-rs keeps `error_policy` apart from
+/// `reconcile`).
+pub trait LoopError: std::error::Error + Send + Sync + 'static {
+    /// A fixed string per variant: the `error` attribute of `worker.loop.ticks` and the key on
+    /// which repeated failures are folded in the log. Never built from `Debug` or message text
+    /// (that would mint a label value per row id or timestamp), so `Display` can say everything.
+    fn metric_label(&self) -> &'static str;
+
+    /// Whether trying again later can succeed without anyone acting (a database restart, a
+    /// Redis outage). Transient failures are logged as warnings, the others as errors.
+    fn is_transient(&self) -> bool {
+        true
+    }
+}
+
+impl LoopError for DbError {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            DbError::Url(_) => "db_config",
+            DbError::Pool(_) => "db_pool",
+            DbError::Postgres(e) if e.is_closed() => "db_connection",
+            DbError::Postgres(_) => match self.code() {
+                Some("57014") => "db_statement_timeout",
+                Some("40001" | "40P01") => "db_conflict",
+                Some(code) if code.starts_with("08") || code.starts_with("57P") => "db_connection",
+                Some(_) => "db_statement",
+                None => "db_connection",
+            },
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        !matches!(self, DbError::Url(_))
+    }
+}
+
+/// One background loop.
+pub trait Loop: Send + Sync + 'static {
+    type Error: LoopError;
+
+    fn name(&self) -> &'static str;
+
+    fn schedule(&self) -> Schedule;
+
+    /// One unit of work. Must not block the thread; bounded by `schedule().tick_timeout`.
+    fn tick(&self, tick: &Tick<'_>) -> impl Future<Output = Result<Progress, Self::Error>> + Send;
+}
+
+/// How a tick ended, as reported in metrics and /readyz.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    Error,
+    Timeout,
+    SkippedNotLeader,
+    Paused,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+            Outcome::SkippedNotLeader => "skipped_not_leader",
+            Outcome::Paused => health::PAUSED,
+        }
+    }
+
+    /// Whether the loop did what it is supposed to do this tick (for readiness).
+    pub fn completed(self) -> bool {
+        matches!(self, Outcome::Ok | Outcome::SkippedNotLeader | Outcome::Paused)
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Result of one tick, as the runner saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TickReport {
+    pub outcome: Outcome,
+    pub progress: Progress,
+}
+
+/// Per-loop instruments (`worker.loop.*`), shared by every runner of a process.
+#[derive(Clone)]
+pub struct LoopMetrics {
+    ticks: Counter<u64>,
+    duration: Histogram<f64>,
+}
+
+impl LoopMetrics {
+    pub fn new(meter: &Meter) -> Self {
+        Self {
+            ticks: meter
+                .u64_counter("worker.loop.ticks")
+                .with_description("Ticks by loop and outcome (and error kind, for failed ticks)")
+                .build(),
+            duration: meter
+                .f64_histogram("worker.loop.tick.duration")
+                .with_unit("s")
+                .with_description("Wall time of one tick")
+                .build(),
+        }
+    }
+}
+
+/// What every runner of a process shares.
+#[derive(Clone)]
+pub struct Runtime {
+    pub db: Db,
+    pub health: Health,
+    metrics: LoopMetrics,
+    settings: RuntimeConfig,
+    worker: Arc<WorkerIdentity>,
+    listener: Listener,
+    pauses: pauses::Pauses,
+    lease: LeasePublisher,
+    supervisor: Supervisor,
+    /// Stops the tick loops (not the supervised tasks: see [`Runtime::begin_shutdown`]).
+    shutdown: CancellationToken,
+    loops: TaskTracker,
+}
+
+impl Runtime {
+    /// A runtime for a fresh worker identity (tests); the daemon passes its own with
+    /// [`Runtime::for_worker`].
+    pub fn new(db: Db, health: Health, meter: &Meter, settings: RuntimeConfig) -> Self {
+        Self::for_worker(db, health, meter, settings, WorkerIdentity::generate())
+    }
+
+    pub fn for_worker(
+        db: Db,
+        health: Health,
+        meter: &Meter,
+        settings: RuntimeConfig,
+        worker: WorkerIdentity,
+    ) -> Self {
+        Self {
+            pauses: pauses::Pauses::new(db.clone(), settings.controls_refresh),
+            db,
+            health,
+            metrics: LoopMetrics::new(meter),
+            settings,
+            worker: Arc::new(worker),
+            listener: Listener::default(),
+            lease: LeasePublisher::default(),
+            supervisor: Supervisor::default(),
+            shutdown: CancellationToken::new(),
+            loops: TaskTracker::new(),
+        }
+    }
+
+    /// The process's LISTEN connection; loops subscribe through their [`Schedule`], streams
+    /// directly. Started by the daemon (subscriptions made before that wait for it).
+    pub fn listener(&self) -> &Listener {
+        &self.listener
+    }
+
+    pub fn worker(&self) -> &WorkerIdentity {
+        &self.worker
+    }
+
+    /// Where long-lived tasks are started.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// The lease state, for loops that must react to it outside a tick.
+    pub fn lease(&self) -> LeaseWatch {
+        self.lease.watch()
+    }
+
+    /// For the lease loop only: where it publishes what its renewals found.
+    pub fn lease_publisher(&self) -> LeasePublisher {
+        self.lease.clone()
+    }
+
+    pub fn pauses(&self) -> &pauses::Pauses {
+        &self.pauses
+    }
+
+    pub fn runner<L: Loop>(&self, job: L) -> Runner<L> {
+        let schedule = job.schedule();
+        let name = job.name();
+        self.health.register(name, schedule.facts());
+        let wake = schedule.wake_channel.map(|channel| self.listener.wake_on(channel));
+        Runner {
+            job: Arc::new(job),
+            rt: self.clone(),
+            name_attr: KeyValue::new("loop", name),
+            errors: ErrorLog::new(self.settings.error_log_interval),
+            consecutive_failures: 0,
+            schedule,
+            wake,
+        }
+    }
+
+    /// Creates a runner for `job` and runs it until [`Runtime::begin_shutdown`].
+    pub fn spawn<L: Loop>(&self, job: L) {
+        let runner = self.runner(job);
+        self.loops.spawn(runner.run(self.shutdown.clone()));
+    }
+
+    /// Shutdown, first step: no tick starts any more (ticks in flight see [`Tick::shutdown`]
+    /// fire and may finish) and every supervised task is cancelled.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+        self.loops.close();
+        self.supervisor.cancel_all();
+    }
+
+    /// Resolves once, after [`Runtime::begin_shutdown`], every tick and every supervised task
+    /// has ended.
+    pub async fn drained(&self) {
+        tokio::join!(self.loops.wait(), self.supervisor.wait());
+    }
+
+    fn tick_context<'a>(
+        &self,
+        deadline: tokio::time::Instant,
+        leader: Option<&'a Transaction<'a>>,
+    ) -> Tick<'a> {
+        Tick {
+            db: self.db.clone(),
+            deadline,
+            shutdown: self.shutdown.clone(),
+            worker: self.worker.clone(),
+            lease: self.lease.watch(),
+            leader,
+        }
+    }
+}
+
+/// Why an attempt failed: the runtime's own statements, or the loop.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError<E> {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Loop(E),
+}
+
+impl<E: LoopError> AttemptError<E> {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            AttemptError::Db(e) => e.metric_label(),
+            AttemptError::Loop(e) => e.metric_label(),
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        match self {
+            AttemptError::Db(e) => e.is_transient(),
+            AttemptError::Loop(e) => e.is_transient(),
+        }
+    }
+}
+
+enum Attempt {
+    Ticked(Progress),
+    NotLeader,
+    Paused,
+}
+
+/// A failed tick as the runner logs it.
+struct Failure {
+    label: &'static str,
+    message: String,
+    transient: bool,
+}
+
+/// Drives one [`Loop`].
+///
+/// A leader-only loop that asks for a snapshot gets it on a second connection, begun after the
+/// lock is held: a REPEATABLE READ snapshot is taken by the transaction's first statement, so
+/// one taken by the lock statement itself could predate the previous leader's commit (the
+/// previous leader commits, then releases; our snapshot may be from just before) and a
+/// reconciler would act twice on the same state.
+pub struct Runner<L: Loop> {
+    job: Arc<L>,
+    rt: Runtime,
+    name_attr: KeyValue,
+    schedule: Schedule,
+    wake: Option<Arc<Notify>>,
+    errors: ErrorLog,
+    consecutive_failures: u32,
+}
+
+impl<L: Loop> Runner<L> {
+    pub fn name(&self) -> &'static str {
+        self.job.name()
+    }
+
+    /// One complete tick: pause check, leader lock, the loop's work under the tick timeout,
+    /// then metrics, health and logs. Dropping the future cancels the tick (and rolls back).
+    pub async fn tick_once(&mut self) -> TickReport {
+        let name = self.job.name();
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.schedule.tick_timeout;
+        let attempt = tokio::time::timeout_at(deadline, self.attempt(deadline)).await;
+        let elapsed = started.elapsed();
+
+        let (outcome, progress, failure) = match attempt {
+            Ok(Ok(Attempt::Ticked(progress))) => (Outcome::Ok, progress, None),
+            Ok(Ok(Attempt::NotLeader)) => (Outcome::SkippedNotLeader, Progress::Done, None),
+            Ok(Ok(Attempt::Paused)) => (Outcome::Paused, Progress::Done, None),
+            Ok(Err(error)) => {
+                let failure = Failure {
+                    label: error.metric_label(),
+                    message: error.to_string(),
+                    transient: error.is_transient(),
+                };
+                (Outcome::Error, Progress::Done, Some(failure))
+            }
+            Err(_) => {
+                let message = format!("tick exceeded its timeout of {:?}", self.schedule.tick_timeout);
+                (
+                    Outcome::Timeout,
+                    Progress::Done,
+                    Some(Failure { label: "timeout", message, transient: true }),
+                )
+            }
+        };
+
+        let mut attrs = vec![self.name_attr.clone(), KeyValue::new("outcome", outcome.as_str())];
+        if let Some(failure) = &failure {
+            attrs.push(KeyValue::new("error", failure.label));
+        }
+        self.rt.metrics.ticks.add(1, &attrs);
+        self.rt.metrics.duration.record(elapsed.as_secs_f64(), std::slice::from_ref(&self.name_attr));
+        let record = TickRecord {
+            outcome: outcome.as_str(),
+            completed: outcome.completed(),
+            error: failure.as_ref().map(|f| f.message.as_str()),
+        };
+        self.rt.health.record(name, record);
+        match failure {
+            None => {
+                self.consecutive_failures = 0;
+                if let Some(repeats) = self.errors.clear() {
+                    tracing::info!(target: "worker::runtime", loop_name = name, suppressed = repeats, "loop recovered");
+                }
+                tracing::trace!(target: "worker::runtime", loop_name = name, %outcome, elapsed_ms = elapsed.as_millis() as u64, "tick");
+            }
+            Some(failure) => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                if let Some(repeats) = self.errors.should_log(failure.label, Instant::now()) {
+                    log_failure(name, outcome, &failure, repeats, self.consecutive_failures);
+                }
+            }
+        }
+        TickReport { outcome, progress }
+    }
+
+    async fn attempt(&self, deadline: tokio::time::Instant) -> Result<Attempt, AttemptError<L::Error>> {
+        if self.rt.pauses.is_paused(self.job.name()).await? {
+            return Ok(Attempt::Paused);
+        }
+        let Some(leader) = self.schedule.leader else {
+            let tick = self.rt.tick_context(deadline, None);
+            let progress = self.job.tick(&tick).await.map_err(AttemptError::Loop)?;
+            return Ok(Attempt::Ticked(progress));
+        };
+        let db = &self.rt.db;
+        let mut lock_conn = db.get().await?;
+        let lock_tx = db::begin(&mut lock_conn, db.statement_timeout()).await?;
+        if !db::try_xact_lock(&lock_tx, leader.key).await? {
+            return Ok(Attempt::NotLeader);
+        }
+        let progress = match leader.isolation {
+            Isolation::ReadCommitted => {
+                let tick = self.rt.tick_context(deadline, Some(&lock_tx));
+                self.job.tick(&tick).await.map_err(AttemptError::Loop)?
+            }
+            Isolation::Snapshot => {
+                let mut snapshot_conn = db.get().await?;
+                let snapshot_tx = db::begin_snapshot(&mut snapshot_conn, db.statement_timeout()).await?;
+                let tick = self.rt.tick_context(deadline, Some(&snapshot_tx));
+                let progress = self.job.tick(&tick).await.map_err(AttemptError::Loop)?;
+                drop(tick);
+                db::commit(snapshot_tx).await?;
+                progress
+            }
+        };
+        db::commit(lock_tx).await?;
+        Ok(Attempt::Ticked(progress))
+    }
+
+    /// Ticks until `shutdown`. A tick in flight when shutdown starts is allowed to finish
+    /// (bounded by its timeout; it sees [`Tick::shutdown`] fire); no new tick starts after it.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let name = self.job.name();
+        tracing::info!(
+            loop_name = name,
+            interval_ms = self.schedule.interval.as_millis() as u64,
+            tick_timeout_ms = self.schedule.tick_timeout.as_millis() as u64,
+            leader_only = self.schedule.leader.is_some(),
+            wake_channel = self.schedule.wake_channel,
+            "loop started"
+        );
+        let mut drained = 0;
+        while !shutdown.is_cancelled() {
+            let report = self.tick_once().await;
+            if drain_again(report.progress, drained, self.rt.settings.max_drain_ticks) {
+                drained += 1;
+                tokio::task::yield_now().await;
+                continue;
+            }
+            drained = 0;
+            let delay = next_delay(
+                &self.schedule,
+                self.rt.settings.jitter,
+                self.consecutive_failures,
+                rand::random::<f64>(),
+            );
+            // While backing off from failures a wake must not cut the backoff short (its permit
+            // stays stored and is honoured by the next wait).
+            let wake = self.wake.clone().filter(|_| self.consecutive_failures == 0);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+                _ = wait_for(wake) => {}
+            }
+        }
+        tracing::info!(loop_name = name, "loop stopped");
+    }
+}
+
+fn log_failure(name: &'static str, outcome: Outcome, failure: &Failure, repeats: u64, consecutive: u32) {
+    let Failure { label, message, transient } = failure;
+    if *transient {
+        tracing::warn!(
+            target: "worker::runtime",
+            loop_name = name,
+            %outcome,
+            error_kind = label,
+            error = %message,
+            repeated = repeats,
+            consecutive_failures = consecutive,
+            "tick failed"
+        );
+    } else {
+        tracing::error!(
+            target: "worker::runtime",
+            loop_name = name,
+            %outcome,
+            error_kind = label,
+            error = %message,
+            repeated = repeats,
+            consecutive_failures = consecutive,
+            "tick failed; this will not fix itself"
+        );
+    }
+}
+
+async fn wait_for(wake: Option<Arc<Notify>>) {
+    match wake {
+        Some(notify) => notify.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether to tick again at once: after a full batch, while the drain budget lasts (so one busy
+/// loop cannot starve the others or spin forever on a batch that never shrinks).
+pub fn drain_again(progress: Progress, drained_so_far: u32, max_drain_ticks: u32) -> bool {
+    progress == Progress::More && drained_so_far < max_drain_ticks
+}
+
+/// The pause before the next tick: the interval ± jitter, doubled per consecutive failure up to
+/// [`MAX_ERROR_BACKOFF`] (or the interval, if that is longer). `unit` is a random number in
+/// [0, 1) so the function stays pure.
+pub fn next_delay(schedule: &Schedule, jitter: f64, consecutive_failures: u32, unit: f64) -> Duration {
+    let base = if consecutive_failures == 0 {
+        schedule.interval
+    } else {
+        let factor = 2u32.saturating_pow(consecutive_failures.min(16));
+        schedule.interval.saturating_mul(factor).min(MAX_ERROR_BACKOFF.max(schedule.interval))
+    };
+    let spread = (unit.clamp(0.0, 1.0) * 2.0 - 1.0) * jitter;
+    base.mul_f64((1.0 + spread).max(0.0))
+}
+
+/// Logs an error, then stays quiet about the same error for `window`, counting repeats.
+#[derive(Debug)]
+pub struct ErrorLog {
+    window: Duration,
+    last: Option<(String, Instant)>,
+    suppressed: u64,
+}
+
+impl ErrorLog {
+    pub fn new(window: Duration) -> Self {
+        Self { window, last: None, suppressed: 0 }
+    }
+
+    /// `Some(repeats since the last log line)` when this error should be logged now.
+    pub fn should_log(&mut self, message: &str, now: Instant) -> Option<u64> {
+        match &self.last {
+            Some((last, at)) if last == message && now.duration_since(*at) < self.window => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                let repeats = std::mem::take(&mut self.suppressed);
+                self.last = Some((message.to_owned(), now));
+                Some(repeats)
+            }
+        }
+    }
+
+    /// A success: forget the last error; `Some(suppressed count)` if repeats went unlogged.
+    pub fn clear(&mut self) -> Option<u64> {
+        self.last.take()?;
+        let repeats = std::mem::take(&mut self.suppressed);
+        (repeats > 0).then_some(repeats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_log_reports_an_error_once_per_window_with_a_count() {
+        let mut log = ErrorLog::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert_eq!(log.should_log("boom", t0), Some(0));
+        assert_eq!(log.should_log("boom", t0 + Duration::from_secs(1)), None);
+        assert_eq!(log.should_log("boom", t0 + Duration::from_secs(30)), None);
+        assert_eq!(log.should_log("boom", t0 + Duration::from_secs(61)), Some(2));
+        assert_eq!(log.should_log("other", t0 + Duration::from_secs(62)), Some(0));
+        assert_eq!(log.should_log("other", t0 + Duration::from_secs(63)), None);
+        assert_eq!(log.clear(), Some(1));
+        assert_eq!(log.clear(), None);
+    }
+
+    #[test]
+    fn full_batches_drain_at_once_up_to_the_bound() {
+        assert!(drain_again(Progress::More, 0, 3));
+        assert!(drain_again(Progress::More, 2, 3));
+        assert!(!drain_again(Progress::More, 3, 3), "the bound stops the drain");
+        assert!(!drain_again(Progress::Done, 0, 3));
+    }
+
+    #[test]
+    fn delay_is_the_interval_within_jitter() {
+        let s = Schedule::every(Duration::from_secs(10), Duration::from_secs(30));
+        assert_eq!(next_delay(&s, 0.1, 0, 0.5), Duration::from_secs(10));
+        assert_eq!(next_delay(&s, 0.1, 0, 0.0), Duration::from_secs(9));
+        assert!(next_delay(&s, 0.1, 0, 0.999_999) <= Duration::from_secs(11));
+        assert_eq!(next_delay(&s, 0.0, 0, 0.9), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_up_to_the_cap() {
+        let s = Schedule::every(Duration::from_millis(200), Duration::from_secs(5));
+        assert_eq!(next_delay(&s, 0.0, 1, 0.5), Duration::from_millis(400));
+        assert_eq!(next_delay(&s, 0.0, 3, 0.5), Duration::from_millis(1600));
+        assert_eq!(next_delay(&s, 0.0, 40, 0.5), MAX_ERROR_BACKOFF);
+        let slow = Schedule::every(Duration::from_secs(60), Duration::from_secs(5));
+        assert_eq!(next_delay(&slow, 0.0, 5, 0.5), Duration::from_secs(60), "never below the interval");
+    }
+
+    #[test]
+    fn staleness_limit_covers_a_slow_tick() {
+        let s = Schedule::every(Duration::from_secs(10), Duration::from_secs(30));
+        assert_eq!(s.staleness_limit(), Duration::from_secs(40));
+        let fast = Schedule::every(Duration::from_secs(10), Duration::from_secs(5));
+        assert_eq!(fast.staleness_limit(), Duration::from_secs(30));
+    }
+}

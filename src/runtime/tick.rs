@@ -1,0 +1,79 @@
+//! What a tick receives: the database, its deadline, the shutdown signal, who this worker is,
+//! the lease state and, for leader-only loops, the transaction that holds the leader lock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::lease::{LeasePublisher, LeaseState, LeaseWatch};
+use crate::db::{Db, Transaction};
+use crate::identity::WorkerIdentity;
+
+/// Passed to every tick.
+pub struct Tick<'a> {
+    pub(super) db: Db,
+    pub(super) deadline: Instant,
+    pub(super) shutdown: CancellationToken,
+    pub(super) worker: Arc<WorkerIdentity>,
+    pub(super) lease: LeaseWatch,
+    pub(super) leader: Option<&'a Transaction<'a>>,
+}
+
+impl<'a> Tick<'a> {
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// When the runner drops this tick's future (its `tick_timeout` from the start).
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Time left before the deadline.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// A budget for one outside call (Redis, HTTP) that leaves the tick time to record what the
+    /// call did: at most `cap`, and at most half of what is left.
+    pub fn budget(&self, cap: Duration) -> Duration {
+        cap.min(self.remaining() / 2)
+    }
+
+    /// Fires when shutdown starts. A tick that waits on something long should select on it
+    /// and finish cleanly (its work is either done or left as it was).
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    pub fn worker(&self) -> &WorkerIdentity {
+        &self.worker
+    }
+
+    /// This worker's lease as the lease loop last saw it.
+    pub fn lease(&self) -> LeaseState {
+        self.lease.current()
+    }
+
+    /// For leader-only loops: the transaction in which the loop works while the leader lock is
+    /// held (the lock-holding transaction itself, or the snapshot the loop asked for). Work
+    /// done in it commits with the tick.
+    pub fn leader_tx(&self) -> Option<&'a Transaction<'a>> {
+        self.leader
+    }
+
+    /// A tick outside any runner, for tests and tools that drive `tick` directly: a fresh
+    /// identity, no shutdown, a healthy lease, an hour until the deadline.
+    pub fn detached(db: &Db) -> Tick<'static> {
+        Tick {
+            db: db.clone(),
+            deadline: Instant::now() + Duration::from_secs(3600),
+            shutdown: CancellationToken::new(),
+            worker: Arc::new(WorkerIdentity::generate()),
+            lease: LeasePublisher::default().watch(),
+            leader: None,
+        }
+    }
+}
