@@ -437,6 +437,13 @@ async fn read_bounded_line(
     }
 }
 
+/// What ended one wait in [`AgentTurn::next_event`].
+enum Step {
+    Read(io::Result<LineRead>),
+    Exited(io::Result<ExitStatus>),
+    TimedOut,
+}
+
 /// `Ok(None)` for a blank line; `Err(reason)` names what is wrong and quotes the line's start.
 fn parse_event(line: &[u8]) -> Result<Option<AgentEvent>, String> {
     if line.iter().all(u8::is_ascii_whitespace) {
@@ -489,31 +496,52 @@ impl AgentTurn {
         self.stderr.lock().unwrap_or_else(PoisonError::into_inner).text()
     }
 
-    /// The next event, or `None` at EOF. Blank lines are skipped. On an error the agent has
+    /// The next event, or `None` at EOF. Blank lines are skipped. When the agent exits, whatever
+    /// it left running in its group is killed, so EOF follows its exit. On an error the agent has
     /// already been stopped (SIGTERM, SIGKILL after `kill_grace`) and no further event is
     /// delivered. Cancel-safe: dropping the future loses nothing.
     pub async fn next_event(&mut self) -> Result<Option<AgentEvent>, AgentError> {
         loop {
             let Some(stdout) = self.stdout.as_mut() else { return Ok(None) };
             let limit = self.limits.max_line_bytes;
-            let read =
-                tokio::time::timeout_at(self.deadline, read_bounded_line(stdout, &mut self.line, limit));
-            match read.await {
-                Err(_elapsed) => return Err(self.fail(self.timed_out()).await),
-                Ok(Err(source)) => {
+            let leader_running = self.exit.is_none();
+            let step = tokio::select! {
+                read = read_bounded_line(stdout, &mut self.line, limit) => Step::Read(read),
+                // Watched too because EOF alone can wait forever: a background process the agent
+                // started may hold stdout open after the agent exited.
+                waited = self.child.wait(), if leader_running => Step::Exited(waited),
+                () = tokio::time::sleep_until(self.deadline) => Step::TimedOut,
+            };
+            let read = match step {
+                Step::Read(read) => read,
+                Step::Exited(Ok(status)) => {
+                    // The turn is over: what the agent left behind goes, and so does its hold on
+                    // stdout; buffered lines are still read up to EOF.
+                    self.exit = Some(status);
+                    self.kill_leftovers();
+                    continue;
+                }
+                Step::Exited(Err(source)) => {
+                    let error = AgentError::Io { context: "waiting for the agent to exit", source };
+                    return Err(self.fail(|_| error).await);
+                }
+                Step::TimedOut => return Err(self.fail(self.timed_out()).await),
+            };
+            match read {
+                Err(source) => {
                     let error = AgentError::Io { context: "reading the agent's output", source };
                     return Err(self.fail(|_| error).await);
                 }
-                Ok(Ok(LineRead::Eof)) => {
+                Ok(LineRead::Eof) => {
                     self.stdout = None;
                     return Ok(None);
                 }
-                Ok(Ok(LineRead::TooLong)) => {
+                Ok(LineRead::TooLong) => {
                     let line_number = self.line_number + 1;
                     let error = |stderr_tail| AgentError::LineTooLong { limit, line_number, stderr_tail };
                     return Err(self.fail(error).await);
                 }
-                Ok(Ok(LineRead::Line)) => {
+                Ok(LineRead::Line) => {
                     self.line_number += 1;
                     let parsed = parse_event(&self.line);
                     self.line.clear();
