@@ -293,3 +293,90 @@ async fn the_demo_agent_fails_on_request_with_its_stderr() {
     assert!(matches!(&error, AgentError::Exited { status, .. } if status.code() == Some(5)), "{error:?}");
     assert!(error.to_string().contains("failing on purpose"), "{error}");
 }
+
+/// Set in the environment of this test binary when it is re-run as the worker stand-in below.
+const HELPER_ENV: &str = "CHATS_AGENT_TEST_HELPER";
+
+/// Not a test on its own: run by `an_agent_dies_with_a_worker_killed_by_sigkill` as a separate
+/// process (this binary, filtered to this test) that spawns an agent, prints its pid and waits.
+#[tokio::test]
+async fn helper_spawns_an_agent_and_waits_to_be_killed() {
+    if std::env::var_os(HELPER_ENV).is_none() {
+        return;
+    }
+    let turn = sh("exec sleep 1000").spawn(Uuid::new_v4(), 1, &json!({})).await.expect("spawn");
+    println!("AGENT_PID={}", turn.process_group_id());
+    std::future::pending::<()>().await;
+}
+
+/// Alive: present in /proc and not a zombie (the agent's new parent may never reap it).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().to_owned()))
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+#[tokio::test]
+async fn an_agent_dies_with_a_worker_killed_by_sigkill() {
+    use tokio::io::AsyncBufReadExt;
+
+    let mut worker = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "helper_spawns_an_agent_and_waits_to_be_killed", "--nocapture"])
+        .env(HELPER_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the worker stand-in");
+    let mut lines = tokio::io::BufReader::new(worker.stdout.take().expect("stdout")).lines();
+    let agent_pid = tokio::time::timeout(EXIT_WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read helper output") {
+            if let Some(pid) = line.strip_prefix("AGENT_PID=") {
+                return pid.parse::<i32>().expect("pid");
+            }
+        }
+        panic!("the worker stand-in exited without starting an agent");
+    })
+    .await
+    .expect("the worker stand-in did not report its agent in time");
+    assert!(alive(agent_pid), "the agent runs while its worker does");
+
+    worker.start_kill().expect("kill -9 the worker stand-in");
+    worker.wait().await.expect("reap the worker stand-in");
+    let deadline = Instant::now() + EXIT_WAIT;
+    while alive(agent_pid) {
+        assert!(
+            Instant::now() < deadline,
+            "agent {agent_pid} outlived its SIGKILLed worker: PDEATHSIG not set"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_outlives_the_thread_that_spawned_it() {
+    let marker = tempfile::tempdir().expect("tempdir");
+    let go = marker.path().join("go");
+    let script = format!(
+        r#"cat >/dev/null; while [ ! -e '{}' ]; do sleep 0.01; done; echo '{{"type":"title","title":"alive"}}'"#,
+        go.display()
+    );
+    let agent = sh(&script);
+    let runtime = tokio::runtime::Handle::current();
+    // PR_SET_PDEATHSIG fires when the forking *thread* exits; this thread is gone before the
+    // agent answers, which must not matter.
+    let short_lived =
+        std::thread::spawn(move || runtime.block_on(agent.spawn(Uuid::new_v4(), 1, &json!({}))));
+    let mut turn = tokio::task::spawn_blocking(move || short_lived.join())
+        .await
+        .expect("join task")
+        .expect("spawning thread")
+        .expect("spawn");
+    std::fs::write(&go, b"").expect("marker");
+    assert_eq!(
+        turn.next_event().await.expect("event"),
+        Some(AgentEvent::Title("alive".into())),
+        "the agent was killed when the thread that spawned it exited"
+    );
+    assert!(turn.finish().await.expect("exit 0").success());
+}

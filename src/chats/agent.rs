@@ -589,7 +589,8 @@ impl AgentTurn {
 
     /// Stops the agent: SIGTERM to its process group, SIGKILL to the group if the agent has not
     /// exited after `kill_grace`, then reaps it. Returns how it ended (at once if it already had).
-    /// The grace is the leader's: processes it started are SIGKILLed as soon as it is gone.
+    /// The grace is the leader's: processes it started are SIGKILLed as soon as it is gone. No
+    /// event is delivered after an interrupt.
     pub async fn interrupt(&mut self, kill_grace: Duration) -> Result<ExitStatus, AgentError> {
         if let Some(status) = self.exit {
             return Ok(status);
