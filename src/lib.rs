@@ -18,6 +18,8 @@
 //! - [`workers`]: the `workers` loop, this process's lease row.
 //! - [`redis`]: the shared Redis client (reconnect policy, timeouts, key spelling).
 //! - [`outbox`]: the `outbox` loop (task_outbox → Redis sorted sets), dead letters, its CLI.
+//! - [`chats`]: chat building blocks; so far [`chats::agent`], one agent turn as a subprocess
+//!   (the schema and `post_chat_message` are in `migrations/V3__chats.sql`).
 //! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
 //! - [`daemon`]: wiring for `worker run`: start everything, drain on the first signal.
 //!
@@ -25,6 +27,7 @@
 //! own module with its config struct beside it, add the table to [`config::Config`], one entry
 //! to [`loops::ALL`] and one `spawn` line in [`daemon`].
 
+pub mod chats;
 pub mod config;
 pub mod controls;
 pub mod counters;
