@@ -16,6 +16,8 @@
 //! - [`redis`]: the shared Redis client (reconnect policy, timeouts, key spelling).
 //! - [`outbox`]: the `outbox` loop (task_outbox → Redis sorted sets), dead letters, its CLI.
 //! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
+//! - [`prebuilds`]: prebuilt workspaces per preset; today the pure decision core
+//!   ([`prebuilds::actions`]), the loop comes next.
 //! - [`daemon`]: wiring for `worker run`: start everything, drain on the first signal.
 //!
 //! Adding a loop: implement [`runtime::Loop`] in its own module, add its config table to
@@ -30,6 +32,7 @@ pub mod health;
 pub mod listen;
 pub mod migrate;
 pub mod outbox;
+pub mod prebuilds;
 pub mod redis;
 pub mod runtime;
 pub mod status;
