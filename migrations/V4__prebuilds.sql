@@ -97,7 +97,7 @@ CREATE TABLE workspaces (
 -- The snapshot's running prebuilds: live workspaces of the system user, per preset. Led by
 -- owner_id because most preset workspaces in a busy deployment are claimed ones, which the
 -- snapshot must not scan.
-CREATE INDEX workspaces_prebuilds_idx ON workspaces (owner_id, preset_id, created_at)
+CREATE INDEX workspaces_prebuilds_idx ON workspaces (owner_id, preset_id)
     WHERE NOT deleted AND preset_id IS NOT NULL;
 
 CREATE TABLE workspace_builds (
