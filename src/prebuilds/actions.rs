@@ -150,7 +150,8 @@ impl PresetState {
 pub struct Actions {
     /// New prebuilds to create.
     pub create: u32,
-    /// Workspaces to delete: expired first, then extraneous oldest first.
+    /// Workspaces to delete. Active preset: expired ones, then extraneous ones oldest first;
+    /// inactive preset: every running prebuild.
     pub delete: Vec<Uuid>,
     /// Pending provisioner jobs to cancel.
     pub cancel_jobs: Vec<Uuid>,
