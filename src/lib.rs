@@ -21,6 +21,8 @@
 //! - [`chats`]: chat building blocks; so far [`chats::agent`], one agent turn as a subprocess
 //!   (the schema and `post_chat_message` are in `migrations/V3__chats.sql`).
 //! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
+//! - [`prebuilds`]: prebuilt workspaces per preset; today the pure decision core
+//!   ([`prebuilds::actions`]), the loop comes next.
 //! - [`daemon`]: wiring for `worker run`: start everything, drain on the first signal.
 //!
 //! Adding a loop: implement [`runtime::Loop`] (and [`runtime::LoopError`] for its error) in its
@@ -39,6 +41,7 @@ pub mod listen;
 pub mod loops;
 pub mod migrate;
 pub mod outbox;
+pub mod prebuilds;
 pub mod redis;
 pub mod runtime;
 pub mod status;
