@@ -15,6 +15,8 @@
 //! - [`workers`]: the `workers` loop, this process's lease row.
 //! - [`redis`]: the shared Redis client (reconnect policy, timeouts, key spelling).
 //! - [`outbox`]: the `outbox` loop (task_outbox → Redis sorted sets), dead letters, its CLI.
+//! - [`gitsync`]: pull-request status from GitHub: origin parsing, providers, the API client and
+//!   the pure derivations (approved, checks state, rate-limit waits).
 //! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
 //! - [`daemon`]: wiring for `worker run`: start everything, drain on the first signal.
 //!
@@ -26,6 +28,7 @@ pub mod controls;
 pub mod counters;
 pub mod daemon;
 pub mod db;
+pub mod gitsync;
 pub mod health;
 pub mod listen;
 pub mod migrate;
