@@ -135,6 +135,7 @@ async fn serve(State(fake): State<Arc<Fake>>, request: Request) -> Response {
 
 struct Bundle {
     github: GitHub,
+    addr: std::net::SocketAddr,
     fake: Arc<Fake>,
     origin: Origin,
 }
@@ -156,7 +157,7 @@ async fn setup(options: GitHubOptions) -> Bundle {
     let options = GitHubOptions { epoch_secs: || NOW, ..options };
     let github = GitHub::new(&config, options).expect("client");
     let origin = Origin::parse("git@github.com:octocat/Hello-World.git").expect("origin");
-    Bundle { github, fake, origin }
+    Bundle { github, addr, fake, origin }
 }
 
 async fn status_error(bundle: &Bundle) -> ProviderError {
@@ -396,4 +397,34 @@ async fn a_request_that_gets_no_answer_times_out_naming_the_url() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert_eq!(bundle.github.stats().count(StatusClass::Error), 1);
+}
+
+#[tokio::test]
+async fn a_renamed_repository_is_followed_and_the_token_never_leaves_the_api_host() {
+    let bundle = setup(GitHubOptions::default()).await;
+    let moved = "/repositories/1296269/pulls/1347";
+    let location = format!("http://{}{moved}", bundle.addr);
+    bundle.fake.answer(
+        PULL,
+        Answer::Raw { status: 301, headers: vec![("location", location)], body: String::new() },
+    );
+    bundle.fake.answer(moved, json("pull-request.json"));
+    let status = bundle.github.status(&bundle.origin, PrNumber(1347), TOKEN, TIMEOUT).await.expect("status");
+    assert_eq!(status.pr_number, PrNumber(1347));
+    let seen = bundle.fake.seen();
+    let followed = seen.iter().find(|s| s.path_and_query == moved).expect("redirect followed");
+    assert_eq!(followed.authorization.as_deref(), Some("Bearer ghp_test_token"));
+
+    // `localhost` is another host than `127.0.0.1` as far as the redirect policy can tell.
+    let elsewhere = "/elsewhere/pulls/1347";
+    let location = format!("http://localhost:{}{elsewhere}", bundle.addr.port());
+    bundle.fake.answer(
+        PULL,
+        Answer::Raw { status: 301, headers: vec![("location", location)], body: String::new() },
+    );
+    bundle.fake.answer(elsewhere, json("pull-request.json"));
+    bundle.github.status(&bundle.origin, PrNumber(1347), TOKEN, TIMEOUT).await.expect("status");
+    let seen = bundle.fake.seen();
+    let followed = seen.iter().find(|s| s.path_and_query == elsewhere).expect("redirect followed");
+    assert_eq!(followed.authorization, None, "the token was sent to another host");
 }

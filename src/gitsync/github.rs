@@ -43,6 +43,8 @@ pub const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(3600);
 /// The API version the response shapes below were written against.
 const API_VERSION: &str = "2022-11-28";
+/// Redirects followed per request (a rename chain is one or two hops).
+const MAX_REDIRECTS: usize = 3;
 /// Longest provider error message kept in [`ProviderError::Status`] (it ends up in `last_error`).
 const MAX_MESSAGE_CHARS: usize = 200;
 
@@ -512,8 +514,9 @@ impl GitHub {
         let http = reqwest::Client::builder()
             .user_agent(options.user_agent.clone())
             .connect_timeout(options.connect_timeout)
-            // The API never redirects a request we make; following one could send the token on.
-            .redirect(reqwest::redirect::Policy::none())
+            // GitHub answers 301 for a renamed or transferred repository; follow it. reqwest drops
+            // `Authorization` when a redirect leaves the host, so the token stays with the API.
+            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
             .build()?;
         let cache = Mutex::new(EtagCache::new(options.etag_cache_entries, options.etag_cache_bytes));
         Ok(GitHub { http, api, options, cache, stats: Arc::default() })

@@ -15,5 +15,5 @@ pub use github::{GitHub, GitHubOptions, HttpStats};
 pub use origin::{Origin, OriginError};
 pub use provider::{
     ChecksState, PrNumber, PrState, PrStatus, Provider, ProviderConfig, ProviderConfigError, ProviderError,
-    ProviderKind, provider_for,
+    ProviderKind, provider_for, validate_providers,
 };
