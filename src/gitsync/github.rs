@@ -341,8 +341,9 @@ impl StatusClass {
     }
 }
 
-/// Requests by [`StatusClass`] since the client was built; monotonic, so a metrics layer can
-/// export them as observable counters.
+/// Requests by [`StatusClass`] since the client was built, each request counted once (redirects
+/// followed are part of their request); monotonic, so a metrics layer can export them as
+/// observable counters.
 #[derive(Debug, Default)]
 pub struct HttpStats {
     counts: [AtomicU64; 5],
@@ -642,10 +643,8 @@ impl GitHub {
                     body.extend_from_slice(&chunk);
                 }
                 Ok(None) => return Ok(body),
-                Err(error) => {
-                    self.stats.record(StatusClass::Error);
-                    return Err(transport_error(url, timeout, error));
-                }
+                // Not counted as an `error` request: its status class is counted already.
+                Err(error) => return Err(transport_error(url, timeout, error)),
             }
         }
     }
