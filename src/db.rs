@@ -32,6 +32,14 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// The server's own message (e.g. a RAISE in a SQL function), when it sent one.
+    pub fn server_message(&self) -> Option<&str> {
+        match self {
+            DbError::Postgres(e) => e.as_db_error().map(|e| e.message()),
+            _ => None,
+        }
+    }
+
     /// The SQLSTATE, when the server sent one.
     pub fn code(&self) -> Option<&str> {
         match self {

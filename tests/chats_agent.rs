@@ -127,9 +127,10 @@ async fn a_non_zero_exit_is_an_error_carrying_the_stderr_tail() {
 
 #[tokio::test]
 async fn a_malformed_line_is_an_error_after_the_earlier_events_and_stops_the_agent() {
+    // stderr is written before the bad line: the worker stops the agent as soon as it reads it.
     let agent = sh(r#"echo '{"type":"message","role":"assistant","content":"fine"}'
-echo 'this is not json'
 echo 'agent: about to misbehave' >&2
+echo 'this is not json'
 sleep 1000"#);
     let mut turn = start(&agent).await;
     let pgid = turn.process_group_id();

@@ -80,7 +80,7 @@ async fn post(
     chat: Uuid,
     role: &str,
     content: serde_json::Value,
-) -> Result<i64, tokio_postgres::Error> {
+) -> Result<i64, worker::db::DbError> {
     let row = conn
         .fetch_one(
             "SELECT post_chat_message($1, $2, $3)",
@@ -165,7 +165,7 @@ async fn posting_to_an_unknown_chat_fails_with_a_clear_error() {
     let conn = test_db.db.get().await.expect("conn");
     let missing = Uuid::new_v4();
     let error = post(&conn, missing, "user", serde_json::json!("hello")).await.expect_err("must fail");
-    let message = error.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    let message = error.server_message().unwrap_or_default().to_owned();
     assert!(message.contains("does not exist") && message.contains(&missing.to_string()), "{error:?}");
     let count: i64 = conn.fetch_one("SELECT count(*) FROM chat_messages", &[]).await.expect("count").get(0);
     assert_eq!(count, 0);
@@ -191,7 +191,7 @@ async fn the_checks_reject_an_unknown_status_and_running_without_a_worker() {
         match (result, accepted) {
             (Ok(_), true) => {}
             (Err(e), false) => {
-                assert_eq!(e.code().map(|c| c.code()), Some("23514"), "check violation for {status}: {e:?}")
+                assert_eq!(e.code(), Some("23514"), "check violation for {status}: {e:?}")
             }
             (result, _) => panic!(
                 "status {status} with worker {worker_id:?}: expected accepted={accepted}, got {result:?}"
@@ -199,7 +199,7 @@ async fn the_checks_reject_an_unknown_status_and_running_without_a_worker() {
         }
     }
     let bad_role = post(&conn, new_chat(&conn, "waiting").await, "robot", serde_json::json!("x")).await;
-    assert_eq!(bad_role.expect_err("role check").code().map(|c| c.code()), Some("23514"));
+    assert_eq!(bad_role.expect_err("role check").code(), Some("23514"));
 }
 
 #[tokio::test]

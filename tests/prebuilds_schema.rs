@@ -45,8 +45,8 @@ async fn preset(conn: &Conn) -> (Uuid, Uuid, Uuid) {
     (template, version, preset)
 }
 
-fn sqlstate(result: Result<u64, tokio_postgres::Error>) -> Option<String> {
-    result.err().and_then(|e| e.code().map(|c| c.code().to_owned()))
+fn sqlstate(result: Result<u64, worker::db::DbError>) -> Option<String> {
+    result.err().and_then(|e| e.code().map(str::to_owned))
 }
 
 #[tokio::test]
