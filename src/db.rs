@@ -107,19 +107,63 @@ pub async fn begin(conn: &mut Conn, statement_timeout: Duration) -> Result<Trans
     Ok(tx)
 }
 
-/// Like [`begin`], REPEATABLE READ and read-only: one consistent snapshot for a whole tick.
-pub async fn begin_snapshot(
-    conn: &mut Conn,
-    statement_timeout: Duration,
-) -> Result<Transaction<'_>, DbError> {
-    let tx = conn
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
-    set_local_statement_timeout(&tx, statement_timeout).await?;
-    Ok(tx)
+/// A REPEATABLE READ, read-only transaction that owns its pooled connection: one consistent
+/// snapshot that the holder ends when it is done reading ([`Snapshot::finish`]), so a
+/// reconciler can read its state, give the connection back, and only then fan out its writes.
+/// Dropped without `finish` (an error, a cancelled tick), its connection is closed rather than
+/// returned to the pool mid-transaction; the server rolls the transaction back.
+pub struct Snapshot {
+    conn: Option<Conn>,
+}
+
+/// Begins a [`Snapshot`] bounded by the pool's statement timeout.
+pub async fn begin_snapshot(db: &Db) -> Result<Snapshot, DbError> {
+    let conn = db.get().await?;
+    // SET LOCAL takes no snapshot: the first query of the holder does.
+    let millis = db.statement_timeout().as_millis().max(1);
+    conn.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL statement_timeout = {millis}"
+    ))
+    .await?;
+    Ok(Snapshot { conn: Some(conn) })
+}
+
+impl Snapshot {
+    fn conn(&self) -> &Conn {
+        // Only `finish` (which consumes self) and `drop` take the connection out.
+        self.conn.as_ref().expect("a snapshot holds its connection until finished")
+    }
+
+    /// Ends the snapshot and returns the connection to the pool.
+    pub async fn finish(mut self) -> Result<(), DbError> {
+        if let Some(conn) = self.conn.take() {
+            conn.batch_execute("COMMIT").await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(deadpool_postgres::Object::take(conn));
+        }
+    }
+}
+
+impl Exec for Snapshot {
+    async fn fetch_all(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, DbError> {
+        self.conn().fetch_all(sql, params).await
+    }
+    async fn fetch_one(&self, sql: &str, params: &[Param<'_>]) -> Result<Row, DbError> {
+        self.conn().fetch_one(sql, params).await
+    }
+    async fn fetch_opt(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<Row>, DbError> {
+        self.conn().fetch_opt(sql, params).await
+    }
+    async fn exec(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, DbError> {
+        self.conn().exec(sql, params).await
+    }
 }
 
 async fn set_local_statement_timeout(tx: &Transaction<'_>, timeout: Duration) -> Result<(), DbError> {

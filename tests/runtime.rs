@@ -615,18 +615,20 @@ impl Loop for SnapshotProbe {
     }
 
     fn schedule(&self) -> Schedule {
-        Schedule::every(Duration::from_secs(3600), Duration::from_secs(30)).leader_snapshot(self.key)
+        Schedule::every(Duration::from_secs(3600), Duration::from_secs(30)).leader_only(self.key)
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, ProbeError> {
-        let tx = tick.leader_tx().expect("a leader-only loop gets its transaction");
-        let row = tx
+        assert!(tick.leader_tx().is_some(), "a leader-only loop gets its lock transaction");
+        let snapshot = tick.snapshot().await.expect("snapshot");
+        let row = snapshot
             .fetch_one(
                 "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')",
                 &[],
             )
             .await
             .expect("settings");
+        snapshot.finish().await.expect("end the snapshot");
         // From another connection: the leader lock is held right now.
         let other = self.db.get().await.expect("conn");
         let free = other

@@ -3,8 +3,8 @@
 //! A loop implements [`Loop`] (a name, a [`Schedule`] and `tick`); [`Runner`] gives it
 //! everything else: non-overlapping ticks, a tick timeout separate from the interval, ±jitter,
 //! drain mode (tick again at once after a full batch, up to a bound), error backoff, an optional
-//! leader-only mode (`pg_try_advisory_xact_lock` in a transaction held for the whole tick, with
-//! the isolation the loop asks for), early wakes from a NOTIFY channel (see [`crate::listen`]),
+//! leader-only mode (`pg_try_advisory_xact_lock` in a transaction held for the whole tick, and a
+//! REPEATABLE READ snapshot taken under it on demand), early wakes from a NOTIFY channel (see [`crate::listen`]),
 //! pause/resume through `loop_controls` ([`pauses`]), per-loop metrics labelled by the loop's own
 //! error policy ([`LoopError`]), health state and rate-limited error logs. No loop spawns its own
 //! ticker.
@@ -43,22 +43,6 @@ use crate::listen::Listener;
 /// Ceiling of the delay after repeated failed ticks (never below the loop's own interval).
 pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(30);
 
-/// How a leader-only loop's tick transaction reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isolation {
-    /// READ COMMITTED, read-write: the lock-holding transaction itself.
-    ReadCommitted,
-    /// REPEATABLE READ, read-only: one consistent snapshot for the whole tick, taken after the
-    /// leader lock is held (see [`Runner`] for why that takes a second connection).
-    Snapshot,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Leader {
-    pub key: i64,
-    pub isolation: Isolation,
-}
-
 /// When and how a loop ticks.
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -66,27 +50,22 @@ pub struct Schedule {
     /// Bounds one tick; independent of the interval (a 10s loop may have a 30s timeout).
     pub tick_timeout: Duration,
     /// Leader-only loops name an advisory lock key; at most one replica ticks at a time.
-    pub leader: Option<Leader>,
+    pub leader_key: Option<i64>,
     /// A NOTIFY channel whose notifications wake the loop before its interval.
     pub wake_channel: Option<&'static str>,
 }
 
 impl Schedule {
     pub fn every(interval: Duration, tick_timeout: Duration) -> Self {
-        Self { interval, tick_timeout, leader: None, wake_channel: None }
+        Self { interval, tick_timeout, leader_key: None, wake_channel: None }
     }
 
-    /// Leader only, working in the lock-holding READ COMMITTED transaction.
+    /// Leader only: the tick runs while this replica holds `pg_try_advisory_xact_lock(key)` in
+    /// a READ COMMITTED transaction ([`Tick::leader_tx`]); a loop that needs one consistent
+    /// view takes [`Tick::snapshot`] under that lock.
     #[must_use]
     pub fn leader_only(mut self, key: i64) -> Self {
-        self.leader = Some(Leader { key, isolation: Isolation::ReadCommitted });
-        self
-    }
-
-    /// Leader only, reading one REPEATABLE READ, read-only snapshot taken under the lock.
-    #[must_use]
-    pub fn leader_snapshot(mut self, key: i64) -> Self {
-        self.leader = Some(Leader { key, isolation: Isolation::Snapshot });
+        self.leader_key = Some(key);
         self
     }
 
@@ -106,7 +85,7 @@ impl Schedule {
             interval: self.interval,
             tick_timeout: self.tick_timeout,
             staleness_limit: self.staleness_limit(),
-            leader_only: self.leader.is_some(),
+            leader_only: self.leader_key.is_some(),
         }
     }
 }
@@ -398,12 +377,6 @@ struct Failure {
 }
 
 /// Drives one [`Loop`].
-///
-/// A leader-only loop that asks for a snapshot gets it on a second connection, begun after the
-/// lock is held: a REPEATABLE READ snapshot is taken by the transaction's first statement, so
-/// one taken by the lock statement itself could predate the previous leader's commit (the
-/// previous leader commits, then releases; our snapshot may be from just before) and a
-/// reconciler would act twice on the same state.
 pub struct Runner<L: Loop> {
     job: Arc<L>,
     rt: Runtime,
@@ -484,33 +457,21 @@ impl<L: Loop> Runner<L> {
         if self.rt.pauses.is_paused(self.job.name()).await? {
             return Ok(Attempt::Paused);
         }
-        let Some(leader) = self.schedule.leader else {
+        let Some(key) = self.schedule.leader_key else {
             let tick = self.rt.tick_context(deadline, None);
             let progress = self.job.tick(&tick).await.map_err(AttemptError::Loop)?;
             return Ok(Attempt::Ticked(progress));
         };
         let db = &self.rt.db;
-        let mut lock_conn = db.get().await?;
-        let lock_tx = db::begin(&mut lock_conn, db.statement_timeout()).await?;
-        if !db::try_xact_lock(&lock_tx, leader.key).await? {
+        let mut conn = db.get().await?;
+        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        if !db::try_xact_lock(&tx, key).await? {
             return Ok(Attempt::NotLeader);
         }
-        let progress = match leader.isolation {
-            Isolation::ReadCommitted => {
-                let tick = self.rt.tick_context(deadline, Some(&lock_tx));
-                self.job.tick(&tick).await.map_err(AttemptError::Loop)?
-            }
-            Isolation::Snapshot => {
-                let mut snapshot_conn = db.get().await?;
-                let snapshot_tx = db::begin_snapshot(&mut snapshot_conn, db.statement_timeout()).await?;
-                let tick = self.rt.tick_context(deadline, Some(&snapshot_tx));
-                let progress = self.job.tick(&tick).await.map_err(AttemptError::Loop)?;
-                drop(tick);
-                db::commit(snapshot_tx).await?;
-                progress
-            }
-        };
-        db::commit(lock_tx).await?;
+        let tick = self.rt.tick_context(deadline, Some(&tx));
+        let progress = self.job.tick(&tick).await.map_err(AttemptError::Loop)?;
+        drop(tick);
+        db::commit(tx).await?;
         Ok(Attempt::Ticked(progress))
     }
 
@@ -522,7 +483,7 @@ impl<L: Loop> Runner<L> {
             loop_name = name,
             interval_ms = self.schedule.interval.as_millis() as u64,
             tick_timeout_ms = self.schedule.tick_timeout.as_millis() as u64,
-            leader_only = self.schedule.leader.is_some(),
+            leader_only = self.schedule.leader_key.is_some(),
             wake_channel = self.schedule.wake_channel,
             "loop started"
         );

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::lease::{LeasePublisher, LeaseState, LeaseWatch};
-use crate::db::{Db, Transaction};
+use crate::db::{self, Db, DbError, Snapshot, Transaction};
 use crate::identity::WorkerIdentity;
 
 /// Passed to every tick.
@@ -57,11 +57,20 @@ impl<'a> Tick<'a> {
         self.lease.current()
     }
 
-    /// For leader-only loops: the transaction in which the loop works while the leader lock is
-    /// held (the lock-holding transaction itself, or the snapshot the loop asked for). Work
-    /// done in it commits with the tick.
+    /// For leader-only loops: the READ COMMITTED transaction that holds the leader lock. Work
+    /// done in it commits with the tick and is fenced by the lock.
     pub fn leader_tx(&self) -> Option<&'a Transaction<'a>> {
         self.leader
+    }
+
+    /// One REPEATABLE READ, read-only snapshot on a connection of its own. In a leader-only
+    /// loop it is taken after the lock is held (a snapshot taken by the lock statement itself
+    /// could predate the previous leader's last commit, and a reconciler would act twice on the
+    /// same state). The loop ends it when it is done reading ([`Snapshot::finish`]), so it
+    /// holds no connection while the loop fans out its writes: a reconciler then uses at most
+    /// its fan-out + the lock's connection.
+    pub async fn snapshot(&self) -> Result<Snapshot, DbError> {
+        db::begin_snapshot(&self.db).await
     }
 
     /// A tick outside any runner, for tests and tools that drive `tick` directly: a fresh
