@@ -45,6 +45,7 @@ pub struct Config {
     pub workers: crate::workers::WorkersConfig,
     pub outbox: crate::outbox::OutboxConfig,
     pub counters: crate::counters::CountersConfig,
+    pub chats: crate::chats::ChatsConfig,
     pub gitsync: GitsyncConfig,
     pub prebuilds: PrebuildsConfig,
 }
@@ -611,6 +612,7 @@ impl Config {
         self.workers.validate().map_err(|v| v.under("workers"))?;
         self.outbox.validate().map_err(|v| v.under("outbox"))?;
         self.counters.validate().map_err(|v| v.under("counters"))?;
+        self.chats.validate().map_err(|v| v.under("chats"))?;
         check(
             (1..=1000).contains(&self.gitsync.concurrency),
             "gitsync.concurrency",

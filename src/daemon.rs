@@ -16,6 +16,7 @@ use opentelemetry::metrics::Meter;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::chats::ChatLoops;
 use crate::config::{Concurrency, Config};
 use crate::counters::Counters;
 use crate::db::Db;
@@ -65,10 +66,16 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     register_gauges(&meter, &db, concurrency);
 
     let runtime = Runtime::for_worker(db.clone(), health.clone(), &meter, config.runtime.clone(), me.clone());
-    if config.workers.enabled {
-        let lease_loop = WorkerLease::new(db.clone(), me.clone(), config.workers.clone())
-            .publishing_to(runtime.lease_publisher());
-        runtime.spawn(lease_loop);
+    let publishing_lease =
+        || WorkerLease::new(db.clone(), me.clone(), config.workers.clone()).publishing_to(runtime.lease_publisher());
+    if config.chats.enabled {
+        // The chat heartbeat is the one loop that writes the lease.
+        let chats = ChatLoops::new(&runtime, config.chats.clone(), &meter)?;
+        runtime.spawn(chats.heartbeat(publishing_lease()));
+        runtime.spawn(chats.acquire());
+        runtime.spawn(chats.recover(config.workers.retention));
+    } else if config.workers.enabled {
+        runtime.spawn(publishing_lease());
     }
     let redis = if config.outbox.enabled || config.counters.enabled {
         Some(crate::redis::connect_and_wait(&config.redis).await?)

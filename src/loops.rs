@@ -2,6 +2,7 @@
 //! accepts, the `loop` attribute of every metric) and the config table each is set up by.
 //! Adding a loop adds one entry here; nothing else keeps a list of loops.
 
+use crate::chats::{acquire, heartbeat, recover};
 use crate::{counters, outbox, workers};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -13,7 +14,18 @@ pub struct LoopInfo {
 }
 
 pub const ALL: &[LoopInfo] = &[
-    LoopInfo { name: workers::NAME, config_table: "workers", about: "this worker's lease row in `workers`" },
+    LoopInfo {
+        name: workers::NAME,
+        config_table: "workers",
+        about: "this worker's lease row in `workers` (when chats are disabled)",
+    },
+    LoopInfo {
+        name: heartbeat::NAME,
+        config_table: "chats",
+        about: "the lease row plus the set difference of running and owned chats (chats enabled)",
+    },
+    LoopInfo { name: acquire::NAME, config_table: "chats", about: "claims pending chats and starts their runners" },
+    LoopInfo { name: recover::NAME, config_table: "chats", about: "returns running chats of dead workers to pending" },
     LoopInfo { name: outbox::NAME, config_table: "outbox", about: "task_outbox rows into Redis sorted sets" },
     LoopInfo {
         name: counters::NAME,

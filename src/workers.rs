@@ -4,6 +4,10 @@
 //! write per interval, whatever else the process does. Other loops judge liveness from this row
 //! with the database clock, so replicas with skewed clocks cannot declare each other dead.
 //! Rows unseen for `workers.retention` are deleted in small batches.
+//!
+//! With chats enabled this loop does not run: the chat heartbeat ([`crate::chats::heartbeat`])
+//! is the one loop that writes the lease (through [`WorkerLease::renew`]) and chat recovery
+//! reaps the dead rows, so there is still one lease row and one writer of it.
 
 use std::time::Duration;
 
@@ -99,6 +103,28 @@ impl WorkerLease {
     }
 
     /// Removes this worker's row on a graceful stop, so others need not wait for it to go stale.
+    /// Renews the lease: ONE write (`UPDATE workers SET last_seen_at = now() WHERE id = me`).
+    /// A missing row means this worker was reaped as dead: the lease state records the loss
+    /// (a new epoch, so everything run under the old one stops) and the row is registered
+    /// again. Any way out but success (an error, a timeout dropping this future) records a
+    /// failed renewal.
+    pub async fn renew(&self) -> Result<(), DbError> {
+        let attempt = self.lease.attempt();
+        let me = &self.me;
+        let mut conn = self.db.get().await?;
+        // A transaction, so SET LOCAL statement_timeout bounds even a lease write stuck on a lock.
+        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        if tx.exec(RENEW, &[(&me.id, Type::UUID)]).await? == 0 {
+            tracing::warn!(worker_id = %me.id, "worker row was missing (reaped as dead?); registering again");
+            self.lease.lost();
+            tx.exec(REGISTER, &[(&me.id, Type::UUID), (&me.hostname, Type::TEXT), (&me.version, Type::TEXT)])
+                .await?;
+        }
+        db::commit(tx).await?;
+        attempt.succeeded();
+        Ok(())
+    }
+
     /// Bounded by `database.statement_timeout` like every tick statement: a row lock held by
     /// someone else must not hold the exit hostage.
     pub async fn deregister(&self) -> Result<(), DbError> {
@@ -121,23 +147,8 @@ impl Loop for WorkerLease {
     }
 
     async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, DbError> {
-        // Any way out but success (an error, the runner's timeout dropping this future) counts
-        // as a failed renewal.
-        let attempt = self.lease.attempt();
-        let me = &self.me;
-        let mut conn = self.db.get().await?;
-        // A transaction, so SET LOCAL statement_timeout bounds even a lease write stuck on a lock.
-        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
-        if tx.exec(RENEW, &[(&me.id, Type::UUID)]).await? == 0 {
-            tracing::warn!(worker_id = %me.id, "worker row was missing (reaped as dead?); registering again");
-            self.lease.lost();
-            tx.exec(REGISTER, &[(&me.id, Type::UUID), (&me.hostname, Type::TEXT), (&me.version, Type::TEXT)])
-                .await?;
-        }
-        let retention = secs(self.config.retention);
-        let reaped = tx.exec(REAP, &[(&retention, Type::FLOAT8)]).await?;
-        db::commit(tx).await?;
-        attempt.succeeded();
+        self.renew().await?;
+        let reaped = reap(&self.db, self.config.retention).await?;
         if reaped > 0 {
             tracing::info!(reaped, "deleted long-dead worker rows");
         }
@@ -145,6 +156,12 @@ impl Loop for WorkerLease {
     }
 }
 
-fn secs(duration: Duration) -> f64 {
-    duration.as_secs_f64()
+/// Deletes worker rows unseen for longer than `retention` (a small batch per call).
+pub async fn reap(db: &Db, retention: Duration) -> Result<u64, DbError> {
+    let mut conn = db.get().await?;
+    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+    let retention = retention.as_secs_f64();
+    let reaped = tx.exec(REAP, &[(&retention, Type::FLOAT8)]).await?;
+    db::commit(tx).await?;
+    Ok(reaped)
 }

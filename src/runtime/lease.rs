@@ -52,11 +52,12 @@ impl LeaseWatch {
         *self.0.borrow()
     }
 
-    /// Waits for the next change (returns at once if one is unseen).
+    /// Waits for the next change (returns at once if one is unseen). If the publisher is gone
+    /// nothing will change any more: this then never returns.
     pub async fn changed(&mut self) -> LeaseState {
-        // The sender lives in the runtime as long as any loop can run; if it is gone, nothing
-        // will change any more and the current value stands.
-        let _ = self.0.changed().await;
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
         *self.0.borrow_and_update()
     }
 }

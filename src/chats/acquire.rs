@@ -1,0 +1,146 @@
+//! The `chats_acquire` loop: claims pending chats for this worker and starts their runners.
+//!
+//! Every second, and at once on NOTIFY `chat_pending`: claim up to
+//! `min(max_per_acquire, max_running - running)` pending, non-archived chats, oldest first,
+//! `FOR UPDATE SKIP LOCKED` (replicas claim side by side, never the same chat), setting
+//! `running`, `worker_id = me`, `generation = generation + 1` (the fencing token every later
+//! write checks). Then one runner per chat in the runtime's supervisor. Nothing is claimed while
+//! this worker's lease is not healthy (another replica may be recovering its chats) or while it
+//! shuts down.
+//!
+//! Claim and registration happen under the ownership lock the heartbeat also takes, so a
+//! heartbeat never sees a chat that is ours in the database but not yet registered here (it
+//! would hand it back) or the reverse.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::types::Type;
+
+use super::runner::{self, Claimed, RunnerContext, RunnerMeta, Runners};
+use crate::db::{self, DbError, Exec};
+use crate::runtime::{LeaseStatus, Loop, Progress, Schedule, StartError, Tick};
+
+pub const NAME: &str = "chats_acquire";
+/// NOTIFY channel of `post_chat_message` when a chat becomes pending.
+pub const WAKE_CHANNEL: &str = "chat_pending";
+const TICK_TIMEOUT: Duration = Duration::from_secs(10);
+
+const CLAIM: &str = "WITH picked AS (\
+       SELECT id FROM chats WHERE status = 'pending' AND NOT archived \
+       ORDER BY created_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     UPDATE chats AS c SET status = 'running', worker_id = $1, generation = c.generation + 1, \
+       started_at = now(), updated_at = now(), last_error = NULL \
+     FROM picked WHERE c.id = picked.id \
+     RETURNING c.id, c.generation, c.owner_id, c.workspace_id, c.title";
+
+pub struct Acquire {
+    pub(super) ctx: Arc<RunnerContext>,
+    pub(super) runners: Runners,
+    pub(super) ownership: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// How many chats to claim now: what the batch allows and what capacity is left.
+pub fn claim_limit(max_per_acquire: u32, max_running: u32, running: usize) -> u32 {
+    let running = u32::try_from(running).unwrap_or(u32::MAX);
+    max_per_acquire.min(max_running.saturating_sub(running))
+}
+
+impl Acquire {
+    async fn claim(&self, limit: u32) -> Result<Vec<Claimed>, DbError> {
+        let db = &self.ctx.db;
+        let mut conn = db.get().await?;
+        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let limit = i64::from(limit);
+        let rows = tx.fetch_all(CLAIM, &[(&self.ctx.worker_id, Type::UUID), (&limit, Type::INT8)]).await?;
+        db::commit(tx).await?;
+        Ok(rows
+            .iter()
+            .map(|r| Claimed {
+                id: r.get(0),
+                generation: r.get(1),
+                owner_id: r.get(2),
+                workspace_id: r.get(3),
+                title: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Starts the runner of a claimed chat; a chat that cannot start here goes back to pending.
+    async fn start(&self, chat: Claimed) -> Result<(), DbError> {
+        let meta = RunnerMeta::new(chat.generation);
+        let (id, generation) = (chat.id, chat.generation);
+        let ctx = self.ctx.clone();
+        let started = self.runners.start(id, meta.clone(), move |cancel| runner::run(ctx, chat, meta, cancel));
+        let reason = match started {
+            Ok(()) => return Ok(()),
+            // An earlier turn of this chat is still winding down here (interrupted, not yet
+            // gone): the next acquisition, on any worker, will run it.
+            Err(StartError::AlreadyRunning) => "an earlier turn is still stopping",
+            Err(StartError::ShuttingDown) => "shutting down",
+        };
+        tracing::info!(chat_id = %id, generation, reason, "claimed chat not started; returning it");
+        let db = &self.ctx.db;
+        let mut conn = db.get().await?;
+        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        tx.exec(
+            runner::RELEASE,
+            &[(&id, Type::UUID), (&self.ctx.worker_id, Type::UUID), (&generation, Type::INT8)],
+        )
+        .await?;
+        db::commit(tx).await
+    }
+}
+
+impl Loop for Acquire {
+    type Error = DbError;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule::every(self.ctx.config.acquire_interval, TICK_TIMEOUT).woken_by(WAKE_CHANNEL)
+    }
+
+    async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, DbError> {
+        if tick.shutdown().is_cancelled() {
+            return Ok(Progress::Done);
+        }
+        if self.ctx.lease.current().status != LeaseStatus::Healthy {
+            tracing::debug!("lease not healthy; acquiring nothing");
+            return Ok(Progress::Done);
+        }
+        let config = &self.ctx.config;
+        let _ownership = self.ownership.lock().await;
+        let limit = claim_limit(config.max_per_acquire, config.max_running, self.runners.len());
+        if limit == 0 {
+            return Ok(Progress::Done);
+        }
+        let claimed = self.claim(limit).await?;
+        let n = claimed.len();
+        self.ctx.metrics.acquired(n as u64);
+        for chat in claimed {
+            self.start(chat).await?;
+        }
+        if n > 0 {
+            tracing::debug!(claimed = n, running = self.runners.len(), "chats acquired");
+        }
+        // A full claim with room left: more may be pending.
+        let room_left = claim_limit(config.max_per_acquire, config.max_running, self.runners.len()) > 0;
+        Ok(if n as u32 == limit && room_left { Progress::More } else { Progress::Done })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_claim_is_bounded_by_the_batch_and_by_the_room_left() {
+        assert_eq!(claim_limit(5, 10, 0), 5);
+        assert_eq!(claim_limit(5, 10, 8), 2);
+        assert_eq!(claim_limit(5, 10, 10), 0);
+        assert_eq!(claim_limit(5, 10, 12), 0, "over capacity claims nothing");
+    }
+}

@@ -1,0 +1,207 @@
+//! The `chats_heartbeat` loop: this worker's lease, and the reconciliation of what runs here with
+//! what the database says this worker owns.
+//!
+//! Per tick, whatever the number of chats:
+//! 1. ONE write: `UPDATE workers SET last_seen_at = now() WHERE id = me` (the lease; 0 rows:
+//!    this worker was reaped as dead → every runner stops, the row is registered again).
+//! 2. ONE read: `SELECT id, generation FROM chats WHERE worker_id = me AND status = 'running'`.
+//! 3. The set difference, both ways: a runner whose chat is missing from the read (or has
+//!    another generation) is interrupted (stolen, canceled, finished elsewhere); a chat in the
+//!    read with no runner here is released to `pending`, fenced by its generation (a runner that
+//!    died without settling its chat, a claim whose runner never started).
+//! 4. One batched statement bumps the surviving chats' workspaces' `last_used_at`.
+//!
+//! Why not `UPDATE chats SET heartbeat_at = now() … RETURNING id` over every chat: at 100k
+//! chats that rewrites 100k rows each interval (WAL, bloat, vacuum) — see BENCHMARKS.md. Readers
+//! get each chat's heartbeat from the view `chat_liveness` (the owner's `last_seen_at`).
+//!
+//! A failed heartbeat interrupts nothing; runners stop themselves once renewals have failed for
+//! `stale_after - heartbeat_interval` (see [`super::runner`]), and acquisition stops at once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use super::runner::{InterruptCause, RunnerContext, Runners};
+use crate::db::{self, DbError, Exec};
+use crate::runtime::{Loop, Progress, Schedule, Tick};
+use crate::workers::WorkerLease;
+
+pub const NAME: &str = "chats_heartbeat";
+
+const OWNED: &str = "SELECT id, generation FROM chats WHERE worker_id = $1 AND status = 'running'";
+/// Owned here but not running here: back to the queue, fenced by (id, generation).
+const RELEASE_UNREGISTERED: &str = "UPDATE chats AS c \
+     SET status = 'pending', worker_id = NULL, updated_at = now() \
+     FROM unnest($2::uuid[], $3::int8[]) AS u(id, generation) \
+     WHERE c.id = u.id AND c.generation = u.generation AND c.worker_id = $1 AND c.status = 'running'";
+const TOUCH_WORKSPACES: &str = "UPDATE workspaces SET last_used_at = now() WHERE id IN (\
+     SELECT workspace_id FROM chats WHERE id = ANY($1) AND workspace_id IS NOT NULL) \
+     AND (last_used_at IS NULL OR last_used_at < now())";
+
+pub struct Heartbeat {
+    pub(super) ctx: Arc<RunnerContext>,
+    pub(super) runners: Runners,
+    pub(super) ownership: Arc<tokio::sync::Mutex<()>>,
+    pub(super) lease: WorkerLease,
+}
+
+/// What the set difference decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciliation {
+    /// Running here, not ours (or not this generation) in the database.
+    pub interrupt: Vec<Uuid>,
+    /// Ours in the database, not running here: (id, generation) to release.
+    pub release: Vec<(Uuid, i64)>,
+    /// Running here and ours: their workspaces are in use.
+    pub surviving: Vec<Uuid>,
+}
+
+/// The set difference of the heartbeat, both ways (pure).
+pub fn reconcile(registered: &[(Uuid, i64)], owned: &HashMap<Uuid, i64>) -> Reconciliation {
+    let mut result = Reconciliation::default();
+    let mut running_here = HashSet::with_capacity(registered.len());
+    for (id, generation) in registered {
+        running_here.insert(*id);
+        if owned.get(id) == Some(generation) {
+            result.surviving.push(*id);
+        } else {
+            result.interrupt.push(*id);
+        }
+    }
+    for (id, generation) in owned {
+        if !running_here.contains(id) {
+            result.release.push((*id, *generation));
+        }
+    }
+    result.interrupt.sort_unstable();
+    result.release.sort_unstable();
+    result.surviving.sort_unstable();
+    result
+}
+
+/// What one heartbeat did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HeartbeatReport {
+    pub owned: usize,
+    pub interrupted: usize,
+    pub released: u64,
+}
+
+impl Heartbeat {
+    /// One heartbeat (see the module doc).
+    pub async fn beat(&self) -> Result<HeartbeatReport, DbError> {
+        let started = Instant::now();
+        let epoch = self.ctx.lease.current().epoch;
+        self.lease.renew().await?;
+        if self.ctx.lease.current().epoch != epoch {
+            // Reaped: everything that ran under the old registration may run elsewhere now.
+            for (id, meta) in self.runners.snapshot() {
+                meta.set_cause(InterruptCause::Lease);
+                self.runners.cancel(&id);
+            }
+        }
+
+        let worker = self.ctx.worker_id;
+        let db = &self.ctx.db;
+        let mut conn = db.get().await?;
+        let (report, surviving) = {
+            // Under the ownership lock no claim is between its commit and its registration.
+            let _ownership = self.ownership.lock().await;
+            let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+            let owned: HashMap<Uuid, i64> = tx
+                .fetch_all(OWNED, &[(&worker, Type::UUID)])
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let running = self.runners.snapshot();
+            let registered: Vec<(Uuid, i64)> = running.iter().map(|(id, meta)| (*id, meta.generation)).collect();
+            let decided = reconcile(&registered, &owned);
+            let released = if decided.release.is_empty() {
+                0
+            } else {
+                let (ids, generations): (Vec<Uuid>, Vec<i64>) = decided.release.iter().copied().unzip();
+                tx.exec(
+                    RELEASE_UNREGISTERED,
+                    &[(&worker, Type::UUID), (&ids, Type::UUID_ARRAY), (&generations, Type::INT8_ARRAY)],
+                )
+                .await?
+            };
+            db::commit(tx).await?;
+            let metas: HashMap<Uuid, _> = running.into_iter().collect();
+            for id in &decided.interrupt {
+                if let Some(meta) = metas.get(id) {
+                    meta.set_cause(InterruptCause::Stolen);
+                }
+                self.runners.cancel(id);
+            }
+            let report =
+                HeartbeatReport { owned: owned.len(), interrupted: decided.interrupt.len(), released };
+            (report, decided.surviving)
+        };
+        if !surviving.is_empty() {
+            let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+            tx.exec(TOUCH_WORKSPACES, &[(&surviving, Type::UUID_ARRAY)]).await?;
+            db::commit(tx).await?;
+        }
+        self.ctx.metrics.released(report.released);
+        self.ctx.metrics.heartbeat(started.elapsed().as_secs_f64());
+        if report.interrupted > 0 || report.released > 0 {
+            tracing::info!(
+                owned = report.owned,
+                interrupted = report.interrupted,
+                released = report.released,
+                "heartbeat reconciled chat ownership"
+            );
+        }
+        Ok(report)
+    }
+}
+
+impl Loop for Heartbeat {
+    type Error = DbError;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn schedule(&self) -> Schedule {
+        // A heartbeat still running when the next is due has failed its purpose.
+        let interval = self.ctx.config.heartbeat_interval;
+        Schedule::every(interval, interval)
+    }
+
+    async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, DbError> {
+        self.beat().await?;
+        Ok(Progress::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_set_difference_interrupts_strangers_and_releases_orphans() {
+        let [a, b, c, d] = [Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3), Uuid::from_u128(4)];
+        // a: ours and running; b: running here but stolen; c: running here, re-acquired
+        // elsewhere and back to us under a newer generation; d: ours but not running here.
+        let registered = [(a, 1), (b, 1), (c, 1)];
+        let owned = HashMap::from([(a, 1), (c, 2), (d, 5)]);
+        let decided = reconcile(&registered, &owned);
+        assert_eq!(decided.surviving, vec![a]);
+        assert_eq!(decided.interrupt, vec![b, c]);
+        assert_eq!(decided.release, vec![(d, 5)]);
+    }
+
+    #[test]
+    fn nothing_to_do_when_both_sides_agree() {
+        let a = Uuid::from_u128(1);
+        let decided = reconcile(&[(a, 3)], &HashMap::from([(a, 3)]));
+        assert_eq!(decided, Reconciliation { surviving: vec![a], ..Reconciliation::default() });
+    }
+}

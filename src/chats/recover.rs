@@ -1,0 +1,85 @@
+//! The `chats_recover` loop: running chats of dead workers go back to `pending`.
+//!
+//! Every `recover_interval`, on every replica (no leader: the statement is safe to run side by
+//! side), ONE statement per batch moves running chats whose worker's lease is older than
+//! `stale_after` — or whose worker row is gone — to `pending` and clears their worker. Staleness
+//! is decided inside the statement, on the database clock, with the worker rows share-locked:
+//! a lease renewal in flight makes the statement wait and re-check the renewed row (READ
+//! COMMITTED re-evaluates a locked row's conditions), so a worker that renews meanwhile keeps
+//! its chats. Chats are taken `FOR UPDATE SKIP LOCKED`, in batches; a full batch ticks again.
+//! Worker rows unseen for `workers.retention` are deleted here too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::types::Type;
+
+use super::runner::RunnerContext;
+use crate::db::{self, DbError, Exec};
+use crate::runtime::{Loop, Progress, Schedule, Tick};
+use crate::workers;
+
+pub const NAME: &str = "chats_recover";
+const TICK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Chats recovered per statement.
+pub const BATCH: i64 = 500;
+
+/// `$1` stale_after in seconds, `$2` batch size.
+const RECOVER: &str = "WITH stale AS (\
+       SELECT c.id FROM chats AS c JOIN workers AS w ON w.id = c.worker_id \
+       WHERE c.status = 'running' AND w.last_seen_at < now() - make_interval(secs => $1) \
+       ORDER BY c.id LIMIT $2 FOR UPDATE OF c SKIP LOCKED FOR SHARE OF w), \
+     orphaned AS (\
+       SELECT c.id FROM chats AS c \
+       WHERE c.status = 'running' AND NOT EXISTS (SELECT 1 FROM workers AS w WHERE w.id = c.worker_id) \
+       ORDER BY c.id LIMIT $2 FOR UPDATE OF c SKIP LOCKED) \
+     UPDATE chats AS c SET status = 'pending', worker_id = NULL, updated_at = now() \
+     FROM (SELECT id FROM stale UNION SELECT id FROM orphaned) AS r \
+     WHERE c.id = r.id AND c.status = 'running' \
+     RETURNING c.id";
+
+pub struct Recover {
+    pub(super) ctx: Arc<RunnerContext>,
+    pub(super) retention: Duration,
+}
+
+impl Recover {
+    /// One batch; returns how many chats went back to `pending`.
+    pub async fn recover(&self) -> Result<u64, DbError> {
+        let db = &self.ctx.db;
+        let mut conn = db.get().await?;
+        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let stale_after = self.ctx.config.stale_after.as_secs_f64();
+        let rows = tx.fetch_all(RECOVER, &[(&stale_after, Type::FLOAT8), (&BATCH, Type::INT8)]).await?;
+        db::commit(tx).await?;
+        let recovered = rows.len() as u64;
+        if let Some(first) = rows.first() {
+            let first: uuid::Uuid = first.get(0);
+            tracing::info!(recovered, first_chat_id = %first, "chats of dead workers returned to pending");
+        }
+        self.ctx.metrics.recovered(recovered);
+        Ok(recovered)
+    }
+}
+
+impl Loop for Recover {
+    type Error = DbError;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule::every(self.ctx.config.recover_interval, TICK_TIMEOUT)
+    }
+
+    async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, DbError> {
+        let recovered = self.recover().await?;
+        let reaped = workers::reap(&self.ctx.db, self.retention).await?;
+        if reaped > 0 {
+            tracing::info!(reaped, "deleted long-dead worker rows");
+        }
+        // Either half of the union may have been full.
+        Ok(if recovered >= BATCH as u64 { Progress::More } else { Progress::Done })
+    }
+}

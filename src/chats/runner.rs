@@ -1,0 +1,387 @@
+//! One chat turn: the agent subprocess and every database write it causes, each fenced on
+//! `worker_id = me AND generation = g AND status = 'running'`.
+//!
+//! A runner is a long-lived task in the runtime's supervisor ([`Runners`], keyed by chat id,
+//! carrying the generation it runs), started by the acquire loop, read and interrupted by the
+//! heartbeat, cancelled at shutdown. It ends in exactly one of these ways:
+//!
+//! - the agent exits 0 → `waiting`, or `pending` if a user message arrived during the turn;
+//! - the agent fails (non-zero exit, malformed or over-long line, turn timeout, cannot start)
+//!   → `error` with a `last_error` naming the cause and the stderr tail; messages already
+//!   written are kept;
+//! - interrupted because the chat is no longer ours (stolen, canceled, recovered elsewhere):
+//!   the agent's group is stopped (SIGTERM, SIGKILL after `kill_grace`) and nothing is written;
+//! - interrupted by shutdown or by this worker's own lease failing: the agent is stopped and
+//!   the chat goes back to `pending` (fenced: a no-op if another worker has it by now).
+//!
+//! Any write that the fence rejects means the chat was taken from us: the agent is stopped at
+//! once and nothing more is written.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_postgres::types::Type;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::agent::{Agent, AgentError, AgentEvent, AgentTurn};
+use super::config::ChatsConfig;
+use super::metrics::ChatMetrics;
+use crate::db::{self, Db, DbError, Exec};
+use crate::runtime::{LeaseStatus, LeaseWatch, TaskSet};
+
+/// Longest `last_error` stored; the stderr tail is bounded already, this bounds the rest.
+const MAX_ERROR_LEN: usize = 8 * 1024;
+
+/// What the agent reads: every message the model may see, in id order.
+const MODEL_MESSAGES: &str = "SELECT id, role, content, created_at::text FROM chat_messages \
+     WHERE chat_id = $1 AND NOT deleted AND visibility IN ('model', 'both') ORDER BY id";
+
+/// An agent message, written only while the chat is ours (the chat row is share-locked so a
+/// steal waits for this insert), notified like `post_chat_message` does.
+const INSERT_MESSAGE: &str = "WITH owned AS (\
+       SELECT id FROM chats WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running' \
+       FOR SHARE), \
+     inserted AS (\
+       INSERT INTO chat_messages (chat_id, role, content) SELECT id, $4, $5 FROM owned RETURNING id, chat_id) \
+     SELECT id, pg_notify('chat_' || chat_id, json_build_object('after_message_id', id - 1)::text) IS NULL \
+     FROM inserted";
+const SET_TITLE: &str = "UPDATE chats SET title = $4, updated_at = now() \
+     WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running'";
+/// Step one of finishing a turn: lock our row. `post_chat_message` locks it too, so a user
+/// message either committed before this (and step two sees it) or waits and then finds the chat
+/// `waiting` and makes it `pending` itself.
+const LOCK_OWNED: &str = "SELECT 1::int4 FROM chats \
+     WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running' FOR UPDATE";
+/// Step two, a new statement (a new snapshot under READ COMMITTED): user messages newer than
+/// the turn's input make the chat `pending` again.
+const FINISH_TURN: &str = "UPDATE chats SET worker_id = NULL, last_error = NULL, updated_at = now(), \
+     status = CASE WHEN EXISTS (SELECT 1 FROM chat_messages m WHERE m.chat_id = $1 AND m.role = 'user' \
+                                AND NOT m.deleted AND m.id > $4) THEN 'pending' ELSE 'waiting' END \
+     WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running' RETURNING status";
+const FAIL_TURN: &str = "UPDATE chats SET status = 'error', worker_id = NULL, last_error = $4, updated_at = now() \
+     WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running'";
+/// Back to the queue (shutdown, lease trouble, a turn that could not start for a transient
+/// reason); the generation is kept and bumped by the next acquisition.
+pub(crate) const RELEASE: &str = "UPDATE chats SET status = 'pending', worker_id = NULL, updated_at = now() \
+     WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running'";
+
+/// Why a runner was told to stop; the `cause` label of `chats.interrupts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptCause {
+    /// The database says the chat is no longer ours (stolen, canceled, finished elsewhere).
+    Stolen,
+    /// This worker's lease failed for too long or was reaped.
+    Lease,
+    /// The worker is shutting down.
+    Shutdown,
+}
+
+impl InterruptCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterruptCause::Stolen => "stolen",
+            InterruptCause::Lease => "lease",
+            InterruptCause::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What the registry knows about a running chat.
+#[derive(Debug, Clone)]
+pub struct RunnerMeta {
+    pub generation: i64,
+    cause: Arc<OnceLock<InterruptCause>>,
+}
+
+impl RunnerMeta {
+    pub fn new(generation: i64) -> Self {
+        Self { generation, cause: Arc::default() }
+    }
+
+    /// Records why the runner is about to be cancelled (the first cause wins).
+    pub fn set_cause(&self, cause: InterruptCause) {
+        let _ = self.cause.set(cause);
+    }
+
+    fn cause(&self) -> InterruptCause {
+        // Cancelled with no cause recorded: the supervisor's shutdown.
+        self.cause.get().copied().unwrap_or(InterruptCause::Shutdown)
+    }
+}
+
+/// The chats running in this process, keyed by chat id.
+pub type Runners = TaskSet<Uuid, RunnerMeta>;
+
+/// A chat the acquire loop claimed for this worker.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: Uuid,
+    pub generation: i64,
+    pub owner_id: Uuid,
+    pub workspace_id: Option<Uuid>,
+    pub title: String,
+}
+
+/// What a runner needs, shared by every runner of the process.
+pub struct RunnerContext {
+    pub db: Db,
+    pub worker_id: Uuid,
+    pub agent: Agent,
+    pub config: ChatsConfig,
+    pub metrics: ChatMetrics,
+    pub lease: LeaseWatch,
+}
+
+/// The fence of every write: this chat, this worker, this generation.
+struct Fence {
+    chat: Uuid,
+    worker: Uuid,
+    generation: i64,
+}
+
+impl Fence {
+    async fn write(&self, db: &Db, sql: &str, extra: &[db::Param<'_>]) -> Result<u64, DbError> {
+        let mut conn = db.get().await?;
+        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let mut params: Vec<db::Param<'_>> =
+            vec![(&self.chat, Type::UUID), (&self.worker, Type::UUID), (&self.generation, Type::INT8)];
+        params.extend(extra.iter().cloned());
+        let n = tx.exec(sql, &params).await?;
+        db::commit(tx).await?;
+        Ok(n)
+    }
+}
+
+/// How a turn ended, for the log and the `outcome` label of `chats.turns`.
+#[derive(Debug)]
+enum Ending {
+    /// Exit 0; the chat is `waiting` or (a user message arrived) `pending`.
+    Finished { status: String },
+    Failed(AgentError),
+    Interrupted(InterruptCause),
+    /// A write found the chat no longer ours.
+    FencedOut,
+    /// The database failed us mid-turn; the chat is released if possible, else recovered.
+    Database(DbError),
+}
+
+impl Ending {
+    fn label(&self) -> &'static str {
+        match self {
+            Ending::Finished { status } if status == "pending" => "completed_followed_up",
+            Ending::Finished { .. } => "completed",
+            Ending::Failed(error) => error.metric_label(),
+            Ending::Interrupted(_) => "interrupted",
+            Ending::FencedOut => "fenced_out",
+            Ending::Database(_) => "db_error",
+        }
+    }
+}
+
+/// Runs one turn of `chat` until it ends or `cancel` fires. Never panics on agent output or
+/// database errors: whatever happens, the chat ends settled, released, or left for recovery.
+pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, meta: RunnerMeta, cancel: CancellationToken) {
+    let fence = Fence { chat: chat.id, worker: ctx.worker_id, generation: chat.generation };
+    let started_epoch = ctx.lease.current().epoch;
+    let ending = turn(&ctx, &chat, &fence, &meta, &cancel, started_epoch).await;
+    let settled = settle(&ctx, &fence, &ending).await;
+    ctx.metrics.turn(ending.label());
+    if let Ending::Interrupted(cause) = &ending {
+        ctx.metrics.interrupt(cause.as_str());
+    }
+    match (&ending, settled) {
+        (Ending::Finished { status }, Ok(())) => {
+            tracing::info!(chat_id = %chat.id, generation = chat.generation, %status, "turn finished");
+        }
+        (Ending::Database(error), Ok(())) => {
+            tracing::warn!(chat_id = %chat.id, generation = chat.generation, %error, "database failed mid-turn; chat returned to pending");
+        }
+        (Ending::Failed(error), Ok(())) => {
+            tracing::warn!(chat_id = %chat.id, generation = chat.generation, error_kind = error.metric_label(), %error, "turn failed");
+        }
+        (ending, Ok(())) => {
+            tracing::info!(chat_id = %chat.id, generation = chat.generation, outcome = ending.label(), "turn ended");
+        }
+        (ending, Err(error)) => {
+            tracing::warn!(
+                chat_id = %chat.id,
+                generation = chat.generation,
+                outcome = ending.label(),
+                %error,
+                "could not record how the turn ended; the heartbeat or recovery will return the chat"
+            );
+        }
+    }
+}
+
+async fn turn(
+    ctx: &RunnerContext,
+    chat: &Claimed,
+    fence: &Fence,
+    meta: &RunnerMeta,
+    cancel: &CancellationToken,
+    epoch: u64,
+) -> Ending {
+    let (input, last_seen) = match input_document(&ctx.db, chat).await {
+        Ok(input) => input,
+        Err(error) => return Ending::Database(error),
+    };
+    let mut agent = match ctx.agent.spawn(chat.id, chat.generation, &input).await {
+        Ok(agent) => agent,
+        Err(error) => return Ending::Failed(error),
+    };
+    let watchdog = lease_watchdog(ctx.lease.clone(), epoch, ctx.config.lease_tolerance());
+    tokio::pin!(watchdog);
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return stop(&mut agent, ctx, Ending::Interrupted(meta.cause())).await,
+            _ = &mut watchdog => return stop(&mut agent, ctx, Ending::Interrupted(InterruptCause::Lease)).await,
+            event = agent.next_event() => event,
+        };
+        let written = match event {
+            Ok(Some(AgentEvent::Message { role, content })) => {
+                let role = role.as_str();
+                fence.write(&ctx.db, INSERT_MESSAGE, &[(&role, Type::TEXT), (&content, Type::JSONB)]).await
+            }
+            Ok(Some(AgentEvent::Title(title))) => {
+                fence.write(&ctx.db, SET_TITLE, &[(&title, Type::TEXT)]).await
+            }
+            Ok(None) => break,
+            Err(error) => return Ending::Failed(error),
+        };
+        match written {
+            Ok(0) => return stop(&mut agent, ctx, Ending::FencedOut).await,
+            Ok(_) => {}
+            Err(error) => return stop(&mut agent, ctx, Ending::Database(error)).await,
+        }
+    }
+    match agent.finish().await {
+        Ok(_) => finish(ctx, fence, last_seen).await,
+        Err(error) => Ending::Failed(error),
+    }
+}
+
+/// Stops the agent (SIGTERM to its group, SIGKILL after `kill_grace`) and returns `ending`.
+async fn stop(agent: &mut AgentTurn, ctx: &RunnerContext, ending: Ending) -> Ending {
+    if let Err(error) = agent.interrupt(ctx.config.runner.kill_grace).await {
+        tracing::warn!(%error, "stopping the agent failed");
+    }
+    ending
+}
+
+/// Exit 0: `waiting`, or `pending` when a user message arrived during the turn (two statements
+/// under the row lock, see [`LOCK_OWNED`]).
+async fn finish(ctx: &RunnerContext, fence: &Fence, last_seen: i64) -> Ending {
+    let result: Result<Option<String>, DbError> = async {
+        let mut conn = ctx.db.get().await?;
+        let tx = db::begin(&mut conn, ctx.db.statement_timeout()).await?;
+        let owned = tx
+            .fetch_opt(
+                LOCK_OWNED,
+                &[(&fence.chat, Type::UUID), (&fence.worker, Type::UUID), (&fence.generation, Type::INT8)],
+            )
+            .await?;
+        if owned.is_none() {
+            return Ok(None);
+        }
+        let row = tx
+            .fetch_opt(
+                FINISH_TURN,
+                &[
+                    (&fence.chat, Type::UUID),
+                    (&fence.worker, Type::UUID),
+                    (&fence.generation, Type::INT8),
+                    (&last_seen, Type::INT8),
+                ],
+            )
+            .await?;
+        db::commit(tx).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+    .await;
+    match result {
+        Ok(Some(status)) => Ending::Finished { status },
+        Ok(None) => Ending::FencedOut,
+        Err(error) => Ending::Database(error),
+    }
+}
+
+/// Records how the turn ended, where that needs a write.
+async fn settle(ctx: &RunnerContext, fence: &Fence, ending: &Ending) -> Result<(), DbError> {
+    match ending {
+        Ending::Finished { .. } | Ending::FencedOut | Ending::Interrupted(InterruptCause::Stolen) => Ok(()),
+        Ending::Failed(error) => {
+            let message = truncate(error.to_string());
+            fence.write(&ctx.db, FAIL_TURN, &[(&message, Type::TEXT)]).await.map(drop)
+        }
+        Ending::Interrupted(InterruptCause::Shutdown | InterruptCause::Lease) | Ending::Database(_) => {
+            fence.write(&ctx.db, RELEASE, &[]).await.map(drop)
+        }
+    }
+}
+
+/// `{"chat": {...}, "messages": [...]}` and the highest message id in it.
+async fn input_document(db: &Db, chat: &Claimed) -> Result<(serde_json::Value, i64), DbError> {
+    let mut conn = db.get().await?;
+    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+    let rows = tx.fetch_all(MODEL_MESSAGES, &[(&chat.id, Type::UUID)]).await?;
+    db::commit(tx).await?;
+    let mut last_seen = 0;
+    let messages: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let id: i64 = r.get(0);
+            last_seen = last_seen.max(id);
+            let (role, content, created_at): (String, serde_json::Value, String) = (r.get(1), r.get(2), r.get(3));
+            json!({ "id": id, "role": role, "content": content, "created_at": created_at })
+        })
+        .collect();
+    let document = json!({
+        "chat": {
+            "id": chat.id,
+            "owner_id": chat.owner_id,
+            "workspace_id": chat.workspace_id,
+            "title": chat.title,
+            "generation": chat.generation,
+        },
+        "messages": messages,
+    });
+    Ok((document, last_seen))
+}
+
+/// Resolves when this worker must stop its runners on its own: the lease was lost (or
+/// re-registered: a new epoch), or renewals have failed for `tolerance`.
+async fn lease_watchdog(mut lease: LeaseWatch, epoch: u64, tolerance: Duration) {
+    loop {
+        let state = lease.current();
+        if state.epoch != epoch {
+            return;
+        }
+        match state.status {
+            LeaseStatus::Lost => return,
+            LeaseStatus::Healthy => {
+                lease.changed().await;
+            }
+            LeaseStatus::Failing { since } => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(since + tolerance) => return,
+                    _ = lease.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+fn truncate(mut text: String) -> String {
+    if text.len() > MAX_ERROR_LEN {
+        let mut end = MAX_ERROR_LEN;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
