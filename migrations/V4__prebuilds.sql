@@ -91,7 +91,10 @@ CREATE TABLE workspaces (
     preset_id   uuid        REFERENCES presets (id),
     name        text        NOT NULL CHECK (name <> ''),
     deleted     boolean     NOT NULL DEFAULT false,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- Bumped by the chat heartbeat for workspaces whose chats are running (one batched statement
+    -- per heartbeat), so idle-workspace policies can tell a workspace in use.
+    last_used_at timestamptz
 );
 
 -- The snapshot's running prebuilds: live workspaces of the system user, per preset. Led by

@@ -933,6 +933,41 @@ mod tests {
     }
 
     #[test]
+    fn a_nested_key_shows_its_line_and_an_unknown_nested_key_is_named_with_file_and_line() {
+        let file = write("[chats]\nenabled = true\n\n[chats.runner]\ncommand = [\"python3\", \"agent\"]\n");
+        let loaded = load(&inputs(&file)).expect("loads");
+        assert!(matches!(loaded.sources["chats.runner.command"], Source::File { line: 5, .. }));
+        let printed = loaded.config.render(&loaded.sources);
+        assert!(
+            printed.contains(&format!(
+                "[chats.runner]\ncommand = [\"python3\", \"agent\"]  # {}:5",
+                file.path().display()
+            )),
+            "{printed}"
+        );
+
+        let file = write("[chats]\nenabled = false\n\n[chats.runner]\n# the agent\ncomand = [\"x\"]\n");
+        let err = load(&inputs(&file)).expect_err("unknown nested key");
+        assert_eq!(err.key(), Some("chats.runner.comand"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("{}:6", file.path().display())), "{text}");
+        assert!(text.contains("command"), "lists the known keys: {text}");
+    }
+
+    #[test]
+    fn chats_config_rejects_a_stale_after_not_above_the_heartbeat_interval() {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("WORKER__CHATS__STALE_AFTER".into(), "30s".into());
+        let err = load(&inputs).expect_err("stale_after <= heartbeat_interval");
+        assert_eq!(err.key(), Some("chats.stale_after"), "{err}");
+        assert!(err.to_string().contains("env WORKER__CHATS__STALE_AFTER"), "{err}");
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("WORKER__CHATS__ENABLED".into(), "true".into());
+        let err = load(&inputs).expect_err("enabled without an agent");
+        assert_eq!(err.key(), Some("chats.runner.command"), "{err}");
+    }
+
+    #[test]
     fn concurrency_is_derived_from_the_pool_size() {
         let mut config = Config::default();
         assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 5, gitsync: 5 });

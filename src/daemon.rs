@@ -66,8 +66,10 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     register_gauges(&meter, &db, concurrency);
 
     let runtime = Runtime::for_worker(db.clone(), health.clone(), &meter, config.runtime.clone(), me.clone());
-    let publishing_lease =
-        || WorkerLease::new(db.clone(), me.clone(), config.workers.clone()).publishing_to(runtime.lease_publisher());
+    let publishing_lease = || {
+        WorkerLease::new(db.clone(), me.clone(), config.workers.clone())
+            .publishing_to(runtime.lease_publisher())
+    };
     if config.chats.enabled {
         // The chat heartbeat is the one loop that writes the lease.
         let chats = ChatLoops::new(&runtime, config.chats.clone(), &meter)?;

@@ -24,8 +24,16 @@ pub const ALL: &[LoopInfo] = &[
         config_table: "chats",
         about: "the lease row plus the set difference of running and owned chats (chats enabled)",
     },
-    LoopInfo { name: acquire::NAME, config_table: "chats", about: "claims pending chats and starts their runners" },
-    LoopInfo { name: recover::NAME, config_table: "chats", about: "returns running chats of dead workers to pending" },
+    LoopInfo {
+        name: acquire::NAME,
+        config_table: "chats",
+        about: "claims pending chats and starts their runners",
+    },
+    LoopInfo {
+        name: recover::NAME,
+        config_table: "chats",
+        about: "returns running chats of dead workers to pending",
+    },
     LoopInfo { name: outbox::NAME, config_table: "outbox", about: "task_outbox rows into Redis sorted sets" },
     LoopInfo {
         name: counters::NAME,

@@ -38,6 +38,7 @@ pub struct Acquire {
     pub(super) ctx: Arc<RunnerContext>,
     pub(super) runners: Runners,
     pub(super) ownership: Arc<tokio::sync::Mutex<()>>,
+    pub(super) after_claim: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// How many chats to claim now: what the batch allows and what capacity is left.
@@ -47,6 +48,14 @@ pub fn claim_limit(max_per_acquire: u32, max_running: u32, running: usize) -> u3
 }
 
 impl Acquire {
+    /// For tests that force an interleaving: each tick waits for a permit of `gate` between
+    /// committing its claim and registering the runners (still holding the ownership lock).
+    #[must_use]
+    pub fn gated_after_claim(mut self, gate: Arc<tokio::sync::Semaphore>) -> Self {
+        self.after_claim = Some(gate);
+        self
+    }
+
     async fn claim(&self, limit: u32) -> Result<Vec<Claimed>, DbError> {
         let db = &self.ctx.db;
         let mut conn = db.get().await?;
@@ -71,7 +80,8 @@ impl Acquire {
         let meta = RunnerMeta::new(chat.generation);
         let (id, generation) = (chat.id, chat.generation);
         let ctx = self.ctx.clone();
-        let started = self.runners.start(id, meta.clone(), move |cancel| runner::run(ctx, chat, meta, cancel));
+        let started =
+            self.runners.start(id, meta.clone(), move |cancel| runner::run(ctx, chat, meta, cancel));
         let reason = match started {
             Ok(()) => return Ok(()),
             // An earlier turn of this chat is still winding down here (interrupted, not yet
@@ -118,6 +128,10 @@ impl Loop for Acquire {
             return Ok(Progress::Done);
         }
         let claimed = self.claim(limit).await?;
+        if let Some(gate) = &self.after_claim {
+            // Tests hold the claim here, committed but not yet registered.
+            gate.acquire().await.map(|permit| permit.forget()).ok();
+        }
         let n = claimed.len();
         self.ctx.metrics.acquired(n as u64);
         for chat in claimed {

@@ -119,7 +119,8 @@ impl Heartbeat {
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
             let running = self.runners.snapshot();
-            let registered: Vec<(Uuid, i64)> = running.iter().map(|(id, meta)| (*id, meta.generation)).collect();
+            let registered: Vec<(Uuid, i64)> =
+                running.iter().map(|(id, meta)| (*id, meta.generation)).collect();
             let decided = reconcile(&registered, &owned);
             let released = if decided.release.is_empty() {
                 0

@@ -32,11 +32,15 @@ impl ChatMetrics {
                 .build(),
             turns: meter
                 .u64_counter("chats.turns")
-                .with_description("Agent turns by how they ended (completed, an agent error kind, interrupted, …)")
+                .with_description(
+                    "Agent turns by how they ended (completed, an agent error kind, interrupted, …)",
+                )
                 .build(),
             interrupts: meter
                 .u64_counter("chats.interrupts")
-                .with_description("Runners stopped before their turn ended, by cause (stolen, lease, shutdown)")
+                .with_description(
+                    "Runners stopped before their turn ended, by cause (stolen, lease, shutdown)",
+                )
                 .build(),
             recovered: meter
                 .u64_counter("chats.recovered")
@@ -44,7 +48,9 @@ impl ChatMetrics {
                 .build(),
             released: meter
                 .u64_counter("chats.released")
-                .with_description("Chats owned here in the database but not running here, returned to pending")
+                .with_description(
+                    "Chats owned here in the database but not running here, returned to pending",
+                )
                 .build(),
             heartbeat: meter
                 .f64_histogram("chats.heartbeat.duration")

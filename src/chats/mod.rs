@@ -65,7 +65,12 @@ impl ChatLoops {
     }
 
     pub fn acquire(&self) -> acquire::Acquire {
-        acquire::Acquire { ctx: self.ctx.clone(), runners: self.runners.clone(), ownership: self.ownership.clone() }
+        acquire::Acquire {
+            ctx: self.ctx.clone(),
+            runners: self.runners.clone(),
+            ownership: self.ownership.clone(),
+            after_claim: None,
+        }
     }
 
     /// The heartbeat renews `lease` (which must publish to the runtime's lease state).

@@ -158,7 +158,9 @@ impl Fence {
 #[derive(Debug)]
 enum Ending {
     /// Exit 0; the chat is `waiting` or (a user message arrived) `pending`.
-    Finished { status: String },
+    Finished {
+        status: String,
+    },
     Failed(AgentError),
     Interrupted(InterruptCause),
     /// A write found the chat no longer ours.
@@ -335,7 +337,8 @@ async fn input_document(db: &Db, chat: &Claimed) -> Result<(serde_json::Value, i
         .map(|r| {
             let id: i64 = r.get(0);
             last_seen = last_seen.max(id);
-            let (role, content, created_at): (String, serde_json::Value, String) = (r.get(1), r.get(2), r.get(3));
+            let (role, content, created_at): (String, serde_json::Value, String) =
+                (r.get(1), r.get(2), r.get(3));
             json!({ "id": id, "role": role, "content": content, "created_at": created_at })
         })
         .collect();
