@@ -86,6 +86,11 @@ pub async fn exec(db: &Db, sql: &str) {
     db.get().await.expect("conn").exec(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// The single int8 a query returns.
+pub async fn exec_count(db: &Db, sql: &str) -> i64 {
+    db.get().await.expect("conn").fetch_one(sql, &[]).await.expect(sql).get(0)
+}
+
 /// Runs DDL (several statements; the simple protocol, which only DDL may use).
 pub async fn ddl(db: &Db, sql: &str) {
     db.get().await.expect("conn").batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
