@@ -113,8 +113,11 @@ async fn kill_9_of_a_worker_leaves_no_agent_and_its_chats_run_on_the_survivor() 
     for id in &chats {
         let row = wait_status(&test_db.db, *id, "waiting").await;
         assert_eq!(row.generation, 2, "recovered once and run again on the survivor");
+        // The killed turn's first answer is kept if it was written before the kill (the agent
+        // records its pid right after printing it, so that is a race), then one full turn.
         let answers = chats_support::messages(&test_db.db, *id, "assistant").await;
-        assert_eq!(answers.len(), 3, "the killed turn's first answer is kept, then a full turn");
+        assert!((2..=3).contains(&answers.len()), "{answers:?}");
+        assert_eq!(answers.last(), Some(&serde_json::json!("done")), "{answers:?}");
     }
     kill(Pid::from_raw(b.id().expect("pid") as i32), Signal::SIGTERM).expect("SIGTERM");
     assert_eq!(b.wait().await.expect("wait").code(), Some(0));

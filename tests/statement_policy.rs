@@ -25,6 +25,9 @@ const FORBIDDEN: &[&str] = &[
     "SET SESSION",
 ];
 
+/// Look-alikes that are not database calls: removed from a line before it is checked.
+const NOT_DATABASE: &[(&str, &str)] = &[("url.query()", "url::Url's query string accessor")];
+
 /// The only files allowed to say what `FORBIDDEN` names, and why.
 const EXEMPT: &[(&str, &str)] = &[
     ("src/db.rs", "implements Exec on top of the *_typed calls"),
@@ -58,6 +61,8 @@ fn source_never_uses_named_statements_or_session_state() {
             if line.trim_start().starts_with("//") {
                 continue;
             }
+            let line =
+                NOT_DATABASE.iter().fold(line.to_owned(), |l, (look_alike, _)| l.replace(look_alike, ""));
             for needle in FORBIDDEN {
                 if line.contains(needle) {
                     offences.push(format!("{relative}:{}: `{needle}` in: {}", number + 1, line.trim()));

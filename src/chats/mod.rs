@@ -43,13 +43,36 @@ pub struct ChatLoops {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("chats.runner.command is empty: set the agent program, e.g. [\"python3\", \"scripts/demo-agent\"]")]
-pub struct NoAgentCommand;
+pub enum NoAgentCommand {
+    #[error(
+        "chats.runner.command is empty: set the agent program, e.g. [\"python3\", \"scripts/demo-agent\"]"
+    )]
+    Empty,
+    #[error("chats.runner.command: `{0}` is not an executable file (nor one on PATH)")]
+    NotExecutable(String),
+}
+
+/// Whether `program` names an executable file, directly (with a `/`) or on `PATH`: checked at
+/// start so a wrong path fails the deploy instead of putting every chat in `error`.
+fn executable(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let is_executable = |path: &std::path::Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return is_executable(std::path::Path::new(program));
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| is_executable(&dir.join(program))))
+}
 
 impl ChatLoops {
     /// Builds the loops on `rt` (its database, worker identity, lease state and supervisor).
     pub fn new(rt: &Runtime, config: ChatsConfig, meter: &Meter) -> Result<Self, NoAgentCommand> {
-        let command = config.runner.agent_command().ok_or(NoAgentCommand)?;
+        let command = config.runner.agent_command().ok_or(NoAgentCommand::Empty)?;
+        if !executable(&command.program) {
+            return Err(NoAgentCommand::NotExecutable(command.program));
+        }
         let agent = Agent::new(command, config.runner.limits());
         let runners: Runners = rt.supervisor().task_set("chat_runners");
         let metrics = ChatMetrics::new(meter, &runners);
@@ -91,5 +114,19 @@ impl ChatLoops {
     /// The chats running in this process.
     pub fn runners(&self) -> &Runners {
         &self.runners
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_program_must_be_an_executable_file_or_on_path() {
+        assert!(executable("sh"), "found on PATH");
+        assert!(executable("/bin/sh"));
+        assert!(!executable("/nonexistent/agent"));
+        assert!(!executable("no-such-agent-program-here"));
+        assert!(!executable("/etc/hostname"), "a file that is not executable");
     }
 }
