@@ -6,10 +6,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use worker::chats::cli::ChatCommand;
 use worker::config::{self, Config, ConfigInputs, Loaded};
 use worker::db::Db;
 use worker::outbox::cli::OutboxCommand;
-use worker::{controls, daemon, migrate, outbox, status, telemetry};
+use worker::{chats, controls, daemon, migrate, outbox, status, telemetry};
 
 #[derive(Parser, Debug)]
 #[command(name = "worker", version, about = "Control-plane daemon of the chat platform")]
@@ -58,6 +59,9 @@ enum OnlineCommand {
     /// Outbox backlog and dead letters.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// List, start, message and follow chats.
+    #[command(subcommand)]
+    Chat(ChatCommand),
     /// Registered workers (with the age of their lease) and paused loops.
     Status {
         #[arg(long)]
@@ -194,6 +198,14 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
         OnlineCommand::Outbox(command) => {
             let db = Db::new(&config.database)?;
             outbox::cli::run(&db, &command, &mut std::io::stdout().lock()).await?;
+            Ok(0)
+        }
+        OnlineCommand::Chat(command) => {
+            // Registered before any output, so a signal during `tail --follow` ends it cleanly.
+            let shutdown = chats::cli::interrupted()?;
+            let db = Db::new(&config.database)?;
+            let listen_url = config.database.listen_url();
+            chats::cli::run(&db, listen_url, &command, &mut std::io::stdout().lock(), shutdown).await?;
             Ok(0)
         }
         OnlineCommand::Status { json } => {

@@ -13,14 +13,19 @@
 //! - [`agent`]: the subprocess itself — spawn, bounded event lines, stderr tail, timeout and
 //!   process-group interrupt. No database.
 //! - [`config`]: `[chats]` and `[chats.runner]`; [`metrics`]: `chats.*`.
+//! - [`stream`]: following a chat's visible messages, each exactly once, even when writers
+//!   commit out of id order or the LISTEN connection drops (`chat tail --follow`).
+//! - [`cli`]: `worker chat list|create|send|tail`.
 
 pub mod acquire;
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod heartbeat;
 pub mod metrics;
 pub mod recover;
 pub mod runner;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,6 +132,10 @@ mod tests {
         assert!(executable("/bin/sh"));
         assert!(!executable("/nonexistent/agent"));
         assert!(!executable("no-such-agent-program-here"));
-        assert!(!executable("/etc/hostname"), "a file that is not executable");
+        let plain = tempfile::NamedTempFile::new().expect("temp file");
+        let path = plain.path().to_string_lossy().into_owned();
+        std::fs::set_permissions(plain.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .expect("chmod");
+        assert!(!executable(&path), "a file that is not executable");
     }
 }

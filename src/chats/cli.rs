@@ -1,0 +1,354 @@
+//! `worker chat …`: list chats, start one, post a user message, follow a chat's messages.
+//!
+//! Bad input (an unknown status, a malformed or unknown chat id) is an error naming the value,
+//! so the binary exits 1 with a message rather than clap's usage exit. `tail` prints one line
+//! per message and flushes it, so a pipe sees each message as it arrives; `tail --follow` ends
+//! cleanly (exit 0) when the `shutdown` future passed in completes (SIGTERM/SIGINT in `main`).
+
+use std::io::{self, Write};
+
+use chrono::{DateTime, Utc};
+use clap::Subcommand;
+use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_postgres::types::Type;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::stream::{self, DEFAULT_SETTLE_EVERY, Follower, Message};
+use crate::db::{self, Db, DbError, Exec};
+use crate::health::Health;
+use crate::listen::Listener;
+
+/// The chat statuses (the CHECK on `chats.status`).
+pub const STATUSES: [&str; 6] = ["waiting", "pending", "running", "paused", "completed", "error"];
+/// Longest `--limit` of `chat list`; a larger listing wants SQL, not a terminal.
+pub const MAX_LIST_LIMIT: i64 = 10_000;
+/// `last_error` is shown on one line of at most this many characters.
+const LAST_ERROR_CHARS: usize = 200;
+/// SQLSTATE `no_data_found`: `post_chat_message` raises it for an unknown chat.
+const NO_DATA_FOUND: &str = "P0002";
+
+const LIST: &str = "SELECT id, status, title, owner_id, worker_id, generation, updated_at, last_error \
+     FROM chats WHERE ($1::text IS NULL OR status = $1) \
+     ORDER BY created_at DESC, id DESC LIMIT $2";
+const CREATE: &str = "INSERT INTO chats (owner_id, title) VALUES ($1, $2) RETURNING id";
+const POST_USER_MESSAGE: &str = "SELECT post_chat_message($1, 'user', to_jsonb($2::text))";
+
+#[derive(Subcommand, Debug, Clone, PartialEq)]
+pub enum ChatCommand {
+    /// Chats, newest first.
+    List {
+        /// Only chats in this status (waiting, pending, running, paused, completed, error).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a chat (`waiting`; `pending` at once when a first message is given). Prints its id.
+    Create {
+        /// The chat's owner (default: the nil UUID, "nobody in particular").
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long, default_value = "")]
+        title: String,
+        /// A first user message.
+        text: Option<String>,
+    },
+    /// Post a user message (a JSON string) to a chat. Prints the message id.
+    Send { chat: String, text: String },
+    /// Print a chat's visible messages, each once; with --follow, keep printing new ones until
+    /// interrupted.
+    Tail {
+        chat: String,
+        /// Only messages with a larger id.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line (id, role, content, created_at) instead of `#id role: text`.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("invalid chat id `{0}`: expected a UUID")]
+    InvalidChatId(String),
+    #[error("invalid --owner `{0}`: expected a UUID")]
+    InvalidOwner(String),
+    #[error("unknown status `{0}`: expected one of waiting, pending, running, paused, completed, error")]
+    InvalidStatus(String),
+    #[error("invalid --limit {0}: expected 1..=10000")]
+    InvalidLimit(i64),
+    #[error("chat {0} does not exist")]
+    NoSuchChat(Uuid),
+    /// The database refused the request and said why (e.g. a RAISE in `post_chat_message`).
+    #[error("{0}")]
+    Refused(String),
+    #[error("the LISTEN connection stopped")]
+    ListenerStopped,
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("cannot write output: {0}")]
+    Io(#[from] io::Error),
+    #[error("cannot encode JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// One row of `chat list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatSummary {
+    pub id: Uuid,
+    pub status: String,
+    pub title: String,
+    pub owner_id: Uuid,
+    pub worker_id: Option<Uuid>,
+    pub generation: i64,
+    pub updated_at: DateTime<Utc>,
+    /// The first line, at most 200 characters.
+    pub last_error: Option<String>,
+}
+
+/// Runs one `worker chat` command, writing to `out`. `listen_url` is the direct connection
+/// `tail --follow` LISTENs on; `shutdown` ends a `tail --follow`.
+pub async fn run(
+    db: &Db,
+    listen_url: &str,
+    command: &ChatCommand,
+    out: &mut impl Write,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CliError> {
+    match command {
+        ChatCommand::List { status, limit, json } => {
+            if let Some(status) = status
+                && !STATUSES.contains(&status.as_str())
+            {
+                return Err(CliError::InvalidStatus(status.clone()));
+            }
+            if !(1..=MAX_LIST_LIMIT).contains(limit) {
+                return Err(CliError::InvalidLimit(*limit));
+            }
+            let chats = list(db, status.as_deref(), *limit).await?;
+            if *json {
+                serde_json::to_writer_pretty(&mut *out, &chats)?;
+                writeln!(out)?;
+            } else {
+                write_table(out, &chats)?;
+            }
+        }
+        ChatCommand::Create { owner, title, text } => {
+            let owner = match owner {
+                Some(owner) => Uuid::parse_str(owner).map_err(|_| CliError::InvalidOwner(owner.clone()))?,
+                None => Uuid::nil(),
+            };
+            let chat = create(db, owner, title, text.as_deref()).await?;
+            writeln!(out, "{chat}")?;
+        }
+        ChatCommand::Send { chat, text } => {
+            let id = send(db, parse_chat(chat)?, text).await?;
+            writeln!(out, "{id}")?;
+        }
+        ChatCommand::Tail { chat, after, follow, json } => {
+            let chat = parse_chat(chat)?;
+            if !stream::chat_exists(&db.get().await?, chat).await? {
+                return Err(CliError::NoSuchChat(chat));
+            }
+            let result = if *follow {
+                follow_chat(db, listen_url, chat, *after, *json, out, shutdown).await
+            } else {
+                print_snapshot(db, chat, *after, *json, out).await
+            };
+            // A reader that went away (`| head`) is the end of the tail, not a failure.
+            return match result {
+                Err(CliError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                other => other,
+            };
+        }
+    }
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT. The handlers are installed by this call, so a
+/// signal that arrives before the future is polled still ends it.
+pub fn interrupted() -> io::Result<impl Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+fn parse_chat(chat: &str) -> Result<Uuid, CliError> {
+    Uuid::parse_str(chat).map_err(|_| CliError::InvalidChatId(chat.to_owned()))
+}
+
+/// Chats newest first, optionally in one status.
+pub async fn list(db: &Db, status: Option<&str>, limit: i64) -> Result<Vec<ChatSummary>, DbError> {
+    let conn = db.get().await?;
+    let rows = conn.fetch_all(LIST, &[(&status, Type::TEXT), (&limit, Type::INT8)]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| ChatSummary {
+            id: r.get(0),
+            status: r.get(1),
+            title: r.get(2),
+            owner_id: r.get(3),
+            worker_id: r.get(4),
+            generation: r.get(5),
+            updated_at: r.get(6),
+            last_error: r.get::<_, Option<String>>(7).map(|e| one_line(&e, LAST_ERROR_CHARS)),
+        })
+        .collect())
+}
+
+/// Inserts a `waiting` chat and, when `text` is given, its first user message (which makes it
+/// `pending`), in one transaction.
+pub async fn create(db: &Db, owner: Uuid, title: &str, text: Option<&str>) -> Result<Uuid, DbError> {
+    let mut conn = db.get().await?;
+    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+    let chat: Uuid = tx.fetch_one(CREATE, &[(&owner, Type::UUID), (&title, Type::TEXT)]).await?.get(0);
+    if let Some(text) = text {
+        tx.fetch_one(POST_USER_MESSAGE, &[(&chat, Type::UUID), (&text, Type::TEXT)]).await?;
+    }
+    db::commit(tx).await?;
+    Ok(chat)
+}
+
+/// Posts a user message; its content is the JSON string `text`. Returns the message id.
+pub async fn send(db: &Db, chat: Uuid, text: &str) -> Result<i64, CliError> {
+    let conn = db.get().await?;
+    match conn.fetch_one(POST_USER_MESSAGE, &[(&chat, Type::UUID), (&text, Type::TEXT)]).await {
+        Ok(row) => Ok(row.get(0)),
+        Err(e) if e.code() == Some(NO_DATA_FOUND) => {
+            Err(CliError::Refused(e.server_message().unwrap_or("chat does not exist").to_owned()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn print_snapshot(
+    db: &Db,
+    chat: Uuid,
+    mut after: i64,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let conn = db.get().await?;
+    loop {
+        let page = stream::visible_after(&conn, chat, after, stream::PAGE_SIZE).await?;
+        print_messages(out, &page, json)?;
+        match page.last() {
+            Some(last) if page.len() as i64 == stream::PAGE_SIZE => after = last.id,
+            _ => return Ok(()),
+        }
+    }
+}
+
+async fn follow_chat(
+    db: &Db,
+    listen_url: &str,
+    chat: Uuid,
+    after: i64,
+    json: bool,
+    out: &mut impl Write,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CliError> {
+    let listener = Listener::default();
+    let stop = CancellationToken::new();
+    listener.start(listen_url.to_owned(), Health::default(), stop.clone());
+    let _stop_listener = stop.drop_guard();
+    tokio::pin!(shutdown);
+    let started = tokio::select! {
+        started = Follower::start(db.clone(), &listener, chat, after, DEFAULT_SETTLE_EVERY) => started?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let (mut follower, snapshot) = started;
+    print_messages(out, &snapshot, json)?;
+    loop {
+        tokio::select! {
+            next = follower.next() => match next? {
+                Some(messages) => print_messages(out, &messages, json)?,
+                None => return Err(CliError::ListenerStopped),
+            },
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+/// One line per message, flushed: `tail` output is read through pipes as it comes.
+fn print_messages(out: &mut impl Write, messages: &[Message], json: bool) -> Result<(), CliError> {
+    for message in messages {
+        if json {
+            serde_json::to_writer(&mut *out, message)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "#{} {}: {}", message.id, message.role, message.text())?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn write_table(out: &mut impl Write, chats: &[ChatSummary]) -> io::Result<()> {
+    writeln!(
+        out,
+        "{:<36} {:<9} {:>4} {:<20} {:<36} {:<36} TITLE / LAST ERROR",
+        "ID", "STATUS", "GEN", "UPDATED", "OWNER", "WORKER"
+    )?;
+    for c in chats {
+        let worker = c.worker_id.map(|w| w.to_string()).unwrap_or_else(|| "-".into());
+        let mut about = c.title.clone();
+        if let Some(error) = &c.last_error {
+            about = format!("{about} / {error}");
+        }
+        writeln!(
+            out,
+            "{:<36} {:<9} {:>4} {:<20} {:<36} {:<36} {}",
+            c.id,
+            c.status,
+            c.generation,
+            c.updated_at.format("%Y-%m-%d %H:%M:%S"),
+            c.owner_id,
+            worker,
+            about
+        )?;
+    }
+    if chats.is_empty() {
+        writeln!(out, "(no chats)")?;
+    }
+    Ok(())
+}
+
+/// The first line of `text`, at most `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("");
+    match line.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &line[..end]),
+        None => line.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_errors_are_shown_on_one_bounded_line() {
+        assert_eq!(one_line("exit 1\nTraceback", 200), "exit 1");
+        assert_eq!(one_line("abcdef", 3), "abc…");
+    }
+
+    #[test]
+    fn a_malformed_chat_id_is_an_error_naming_it() {
+        let error = parse_chat("not-a-uuid").expect_err("rejected");
+        assert_eq!(error.to_string(), "invalid chat id `not-a-uuid`: expected a UUID");
+    }
+}
