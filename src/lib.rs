@@ -18,8 +18,8 @@
 //! - [`workers`]: the `workers` loop, this process's lease row.
 //! - [`redis`]: the shared Redis client (reconnect policy, timeouts, key spelling).
 //! - [`outbox`]: the `outbox` loop (task_outbox → Redis sorted sets), dead letters, its CLI.
-//! - [`chats`]: chat building blocks; so far [`chats::agent`], one agent turn as a subprocess
-//!   (the schema and `post_chat_message` are in `migrations/V3__chats.sql`).
+//! - [`chats`]: the chat loops (`chats_acquire`, `chats_heartbeat`, `chats_recover`), the
+//!   supervised agent runners, the exactly-once message stream and `worker chat …`.
 //! - [`gitsync`]: pull-request status from GitHub: origin parsing, providers, the API client and
 //!   the pure derivations (approved, checks state, rate-limit waits).
 //! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
