@@ -9,9 +9,12 @@ use tokio_postgres::types::Type;
 use crate::db::{Db, DbError, Exec};
 use crate::loops;
 
-const SET_PAUSED: &str = "INSERT INTO loop_controls (loop_name, paused, reason, updated_by) \
-     VALUES ($1, $2, $3, $4) ON CONFLICT (loop_name) DO UPDATE \
-     SET paused = EXCLUDED.paused, reason = EXCLUDED.reason, updated_by = EXCLUDED.updated_by, updated_at = now()";
+/// The change and its NOTIFY (delivered at commit) in one statement.
+const SET_PAUSED: &str = "WITH changed AS (\
+       INSERT INTO loop_controls (loop_name, paused, reason, updated_by) VALUES ($1, $2, $3, $4) \
+       ON CONFLICT (loop_name) DO UPDATE SET paused = EXCLUDED.paused, reason = EXCLUDED.reason, \
+       updated_by = EXCLUDED.updated_by, updated_at = now() RETURNING loop_name) \
+     SELECT pg_notify($5, loop_name) IS NULL FROM changed";
 const LIST: &str = "SELECT loop_name, paused, coalesce(reason, ''), coalesce(updated_by, ''), \
      to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM loop_controls ORDER BY loop_name";
 
@@ -43,9 +46,16 @@ pub async fn set_paused(
         return Err(ControlError::UnknownLoop { name: name.to_owned() });
     }
     let conn = db.get().await?;
+    let channel = crate::runtime::pauses::CHANNEL;
     conn.exec(
         SET_PAUSED,
-        &[(&name, Type::TEXT), (&paused, Type::BOOL), (&reason, Type::TEXT), (&who, Type::TEXT)],
+        &[
+            (&name, Type::TEXT),
+            (&paused, Type::BOOL),
+            (&reason, Type::TEXT),
+            (&who, Type::TEXT),
+            (&channel, Type::TEXT),
+        ],
     )
     .await?;
     Ok(())

@@ -700,3 +700,42 @@ async fn a_failed_tick_is_labelled_by_the_loops_error_policy_and_keeps_its_full_
     let readiness = rt.health.readiness(Ok(()));
     assert_eq!(readiness.loops[0].last_error.as_deref(), Some("probe failed: row 18 had a bad payload"));
 }
+
+#[tokio::test]
+async fn a_pause_is_pushed_by_notify_and_takes_effect_at_the_next_tick_despite_the_cache() {
+    let test_db = TestDb::new().await;
+    let metrics = MetricsProbe::new();
+    // An hour-long cache: only the NOTIFY can make the runner see the pause.
+    let settings = RuntimeConfig {
+        jitter: 0.0,
+        controls_refresh: Duration::from_secs(3600),
+        ..RuntimeConfig::default()
+    };
+    let rt = Runtime::new(test_db.db.clone(), Health::default(), &metrics.meter(), settings);
+    let stop = CancellationToken::new();
+    let stats = rt.listener().start(test_db.url.clone(), rt.health.clone(), stop.clone());
+    let mut connects = stats.connects.clone();
+    tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1)).await.expect("connected").expect("watch");
+    // A name the CLI accepts (the registry's); the probe stands in for that loop.
+    let (job, state) = probe(
+        "outbox",
+        Schedule::every(Duration::from_secs(3600), Duration::from_secs(5)),
+        Behaviour::Return,
+    );
+    let mut runner = rt.runner(job);
+    assert_eq!(runner.tick_once().await.outcome, Outcome::Ok);
+    assert_eq!(runner.tick_once().await.outcome, Outcome::Ok);
+
+    let mut received = stats.received.clone();
+    let seen = *received.borrow();
+    worker::controls::set_paused(&test_db.db, "outbox", true, Some("test"), "tests").await.expect("pause");
+    tokio::time::timeout(LIMIT, received.wait_for(|n| *n > seen)).await.expect("notified").expect("watch");
+    assert_eq!(runner.tick_once().await.outcome, Outcome::Paused);
+
+    let seen = *received.borrow();
+    worker::controls::set_paused(&test_db.db, "outbox", false, None, "tests").await.expect("resume");
+    tokio::time::timeout(LIMIT, received.wait_for(|n| *n > seen)).await.expect("notified").expect("watch");
+    assert_eq!(runner.tick_once().await.outcome, Outcome::Ok);
+    assert_eq!(state.started(), 3);
+    stop.cancel();
+}

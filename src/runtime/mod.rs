@@ -242,14 +242,16 @@ impl Runtime {
         settings: RuntimeConfig,
         worker: WorkerIdentity,
     ) -> Self {
+        let listener = Listener::default();
+        let controls_changed = listener.wake_on(pauses::CHANNEL);
         Self {
-            pauses: pauses::Pauses::new(db.clone(), settings.controls_refresh),
+            pauses: pauses::Pauses::new(db.clone(), settings.controls_refresh, controls_changed),
             db,
             health,
             metrics: LoopMetrics::new(meter),
             settings,
             worker: Arc::new(worker),
-            listener: Listener::default(),
+            listener,
             lease: LeasePublisher::default(),
             supervisor: Supervisor::default(),
             shutdown: CancellationToken::new(),

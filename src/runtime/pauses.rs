@@ -1,18 +1,24 @@
 //! Which loops operators paused, read from `loop_controls` at most once per
 //! `runtime.controls_refresh` per process (not once per tick per loop: five loops at 200 ms
 //! would otherwise cost 25 pooled checkouts a second for a table that changes a few times a year).
+//! `worker loop pause|resume` also NOTIFYs [`CHANNEL`] in the same transaction; a notification
+//! (or a LISTEN reconnect) makes the next check read again at once, so a pause takes effect on
+//! every replica at its next tick, not a refresh later.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use futures_util::FutureExt;
+use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::db::{self, Db, DbError, Exec};
 
 const PAUSED_LOOPS: &str = "SELECT loop_name FROM loop_controls WHERE paused";
+/// NOTIFY channel of changes to `loop_controls`.
+pub const CHANNEL: &str = "loop_controls";
 
 /// The paused loop names and when they were read.
 type Cached = Option<(Instant, Arc<HashSet<String>>)>;
@@ -24,17 +30,23 @@ pub struct Pauses {
     refresh: Duration,
     /// Held across the read, so concurrent runners wait for one query instead of each sending one.
     cached: Arc<Mutex<Cached>>,
+    /// A stored permit means `loop_controls` changed since the last read.
+    changed: Arc<Notify>,
     reads: Arc<AtomicU64>,
 }
 
 impl Pauses {
-    pub fn new(db: Db, refresh: Duration) -> Self {
-        Self { db, refresh, cached: Arc::default(), reads: Arc::default() }
+    /// `changed` is the listener's wake for [`CHANNEL`].
+    pub fn new(db: Db, refresh: Duration, changed: Arc<Notify>) -> Self {
+        Self { db, refresh, cached: Arc::default(), changed, reads: Arc::default() }
     }
 
     pub async fn is_paused(&self, name: &str) -> Result<bool, DbError> {
         let mut cached = self.cached.lock().await;
-        if let Some((at, paused)) = cached.as_ref()
+        // Taking the permit under the lock: one runner re-reads, every runner sees the result.
+        let changed = self.changed.notified().now_or_never().is_some();
+        if !changed
+            && let Some((at, paused)) = cached.as_ref()
             && at.elapsed() < self.refresh
         {
             return Ok(paused.contains(name));
