@@ -60,7 +60,7 @@ impl Args {
             sizes: vec![1_000, 10_000, 100_000],
             samples: 15,
             per_chat_max: 10_000,
-            per_chat_samples: 3,
+            per_chat_samples: 1,
             acquire: 10_000,
             acquire_baseline: 10_000,
             batch: 500,
@@ -408,7 +408,7 @@ fn heartbeat_tables(results: &[HeartbeatResult]) {
             ms(r.beat.p95()),
             r.beat_writes.describe(),
             format!("{:.1}", r.beat.median_wal() as f64 / 1024.0),
-            format!("{:.0}×", r.batch.median().as_secs_f64() / beat),
+            format!("{:.1}×", r.batch.median().as_secs_f64() / beat),
             format!("{:.0}×", per_chat_median.as_secs_f64() / beat),
         ]);
         rows.push(vec![
