@@ -4,7 +4,7 @@
 # Record the output in BENCHMARKS.md.
 #
 #   scripts/bench.sh                     every benchmark
-#   scripts/bench.sh outbox              one of them
+#   scripts/bench.sh outbox              one of them (outbox, chats)
 #   scripts/bench.sh outbox -- --rows 50000 --samples 200   arguments for the benchmark
 #
 # A copy of the output is kept in target/bench/<bench>-<timestamp>.md. Each benchmark creates
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/services.sh
 
-BENCHES=(outbox)
+BENCHES=(outbox chats)
 
 selected=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do selected+=("$1"); shift; done
@@ -39,7 +39,7 @@ machine() {
   echo "## Machine"
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  echo "- CPU: $(nproc) × $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), memory $(free -g | awk '/^Mem:/ {print $2}') GiB, kernel $(uname -r)"
+  echo "- CPU: $(nproc) × $(uname -m) $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), memory $(free -g | awk '/^Mem:/ {print $2}') GiB, kernel $(uname -r)"
   echo "- $(psql -h 127.0.0.1 -U postgres -d postgres -tAc 'SELECT version()' | cut -d, -f1)," \
        "fsync=$(psql -h 127.0.0.1 -U postgres -d postgres -tAc 'SHOW fsync')," \
        "synchronous_commit=$(psql -h 127.0.0.1 -U postgres -d postgres -tAc 'SHOW synchronous_commit')," \

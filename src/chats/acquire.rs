@@ -26,7 +26,8 @@ pub const NAME: &str = "chats_acquire";
 pub const WAKE_CHANNEL: &str = "chat_pending";
 const TICK_TIMEOUT: Duration = Duration::from_secs(10);
 
-const CLAIM: &str = "WITH picked AS (\
+/// The claim (public for `benches/chats.rs`, which measures it on its own).
+pub const CLAIM: &str = "WITH picked AS (\
        SELECT id FROM chats WHERE status = 'pending' AND NOT archived \
        ORDER BY created_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
      UPDATE chats AS c SET status = 'running', worker_id = $1, generation = c.generation + 1, \
