@@ -9,7 +9,12 @@
 //!    another generation) is interrupted (stolen, canceled, finished elsewhere); a chat in the
 //!    read with no runner here is released to `pending`, fenced by its generation (a runner that
 //!    died without settling its chat, a claim whose runner never started).
-//! 4. One batched statement bumps the surviving chats' workspaces' `last_used_at`.
+//! 4. One batched statement bumps the `last_used_at` of the workspaces of the chats that are
+//!    ours and running, selected through the same partial index as the read (no ids are
+//!    shipped), and only where it is older than [`WORKSPACE_ACTIVITY_GRANULARITY`] — so a
+//!    workspace row is rewritten about once a minute, not on every heartbeat.
+//!
+//! Steps 2–4 are one transaction, after the lease's own: a failure there never costs the lease.
 //!
 //! Why not `UPDATE chats SET heartbeat_at = now() … RETURNING id` over every chat: at 100k
 //! chats that rewrites 100k rows each interval (WAL, bloat, vacuum) — see BENCHMARKS.md. Readers
@@ -18,9 +23,9 @@
 //! A failed heartbeat interrupts nothing; runners stop themselves once renewals have failed for
 //! `stale_after - heartbeat_interval` (see [`super::runner`]), and acquisition stops at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
 use uuid::Uuid;
@@ -32,15 +37,20 @@ use crate::workers::WorkerLease;
 
 pub const NAME: &str = "chats_heartbeat";
 
-const OWNED: &str = "SELECT id, generation FROM chats WHERE worker_id = $1 AND status = 'running'";
+/// How fresh `workspaces.last_used_at` is kept for workspaces in use.
+pub const WORKSPACE_ACTIVITY_GRANULARITY: Duration = Duration::from_secs(60);
+
+/// One row of two arrays: decoding 100k ids this way costs a fraction of 100k `Row`s.
+const OWNED: &str = "SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(generation), '{}') \
+     FROM chats WHERE worker_id = $1 AND status = 'running'";
 /// Owned here but not running here: back to the queue, fenced by (id, generation).
 const RELEASE_UNREGISTERED: &str = "UPDATE chats AS c \
      SET status = 'pending', worker_id = NULL, updated_at = now() \
      FROM unnest($2::uuid[], $3::int8[]) AS u(id, generation) \
      WHERE c.id = u.id AND c.generation = u.generation AND c.worker_id = $1 AND c.status = 'running'";
 const TOUCH_WORKSPACES: &str = "UPDATE workspaces SET last_used_at = now() WHERE id IN (\
-     SELECT workspace_id FROM chats WHERE id = ANY($1) AND workspace_id IS NOT NULL) \
-     AND (last_used_at IS NULL OR last_used_at < now())";
+       SELECT workspace_id FROM chats WHERE worker_id = $1 AND status = 'running' AND workspace_id IS NOT NULL) \
+     AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => $2))";
 
 pub struct Heartbeat {
     pub(super) ctx: Arc<RunnerContext>,
@@ -56,30 +66,23 @@ pub struct Reconciliation {
     pub interrupt: Vec<Uuid>,
     /// Ours in the database, not running here: (id, generation) to release.
     pub release: Vec<(Uuid, i64)>,
-    /// Running here and ours: their workspaces are in use.
-    pub surviving: Vec<Uuid>,
 }
 
-/// The set difference of the heartbeat, both ways (pure).
-pub fn reconcile(registered: &[(Uuid, i64)], owned: &HashMap<Uuid, i64>) -> Reconciliation {
+/// The set difference of the heartbeat, both ways (pure). `registered` is consumed: what is
+/// left of it after matching the owned chats is what runs here without being ours.
+pub fn reconcile(mut registered: HashMap<Uuid, i64>, owned: &[(Uuid, i64)]) -> Reconciliation {
     let mut result = Reconciliation::default();
-    let mut running_here = HashSet::with_capacity(registered.len());
-    for (id, generation) in registered {
-        running_here.insert(*id);
-        if owned.get(id) == Some(generation) {
-            result.surviving.push(*id);
-        } else {
-            result.interrupt.push(*id);
-        }
-    }
     for (id, generation) in owned {
-        if !running_here.contains(id) {
-            result.release.push((*id, *generation));
+        match registered.remove(id) {
+            Some(running) if running == *generation => {}
+            // Running here under another generation: the chat moved on without us.
+            Some(_) => result.interrupt.push(*id),
+            None => result.release.push((*id, *generation)),
         }
     }
+    result.interrupt.extend(registered.into_keys());
     result.interrupt.sort_unstable();
     result.release.sort_unstable();
-    result.surviving.sort_unstable();
     result
 }
 
@@ -108,20 +111,18 @@ impl Heartbeat {
         let worker = self.ctx.worker_id;
         let db = &self.ctx.db;
         let mut conn = db.get().await?;
-        let (report, surviving) = {
+        let granularity = WORKSPACE_ACTIVITY_GRANULARITY.as_secs_f64();
+        let report = {
             // Under the ownership lock no claim is between its commit and its registration.
             let _ownership = self.ownership.lock().await;
             let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-            let owned: HashMap<Uuid, i64> = tx
-                .fetch_all(OWNED, &[(&worker, Type::UUID)])
-                .await?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
+            let row = tx.fetch_one(OWNED, &[(&worker, Type::UUID)]).await?;
+            let (ids, generations): (Vec<Uuid>, Vec<i64>) = (row.get(0), row.get(1));
+            let owned: Vec<(Uuid, i64)> = ids.into_iter().zip(generations).collect();
             let running = self.runners.snapshot();
-            let registered: Vec<(Uuid, i64)> =
+            let registered: HashMap<Uuid, i64> =
                 running.iter().map(|(id, meta)| (*id, meta.generation)).collect();
-            let decided = reconcile(&registered, &owned);
+            let decided = reconcile(registered, &owned);
             let released = if decided.release.is_empty() {
                 0
             } else {
@@ -132,23 +133,19 @@ impl Heartbeat {
                 )
                 .await?
             };
+            tx.exec(TOUCH_WORKSPACES, &[(&worker, Type::UUID), (&granularity, Type::FLOAT8)]).await?;
             db::commit(tx).await?;
-            let metas: HashMap<Uuid, _> = running.into_iter().collect();
-            for id in &decided.interrupt {
-                if let Some(meta) = metas.get(id) {
-                    meta.set_cause(InterruptCause::Stolen);
+            if !decided.interrupt.is_empty() {
+                let metas: HashMap<Uuid, _> = running.into_iter().collect();
+                for id in &decided.interrupt {
+                    if let Some(meta) = metas.get(id) {
+                        meta.set_cause(InterruptCause::Stolen);
+                    }
+                    self.runners.cancel(id);
                 }
-                self.runners.cancel(id);
             }
-            let report =
-                HeartbeatReport { owned: owned.len(), interrupted: decided.interrupt.len(), released };
-            (report, decided.surviving)
+            HeartbeatReport { owned: owned.len(), interrupted: decided.interrupt.len(), released }
         };
-        if !surviving.is_empty() {
-            let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-            tx.exec(TOUCH_WORKSPACES, &[(&surviving, Type::UUID_ARRAY)]).await?;
-            db::commit(tx).await?;
-        }
         self.ctx.metrics.released(report.released);
         self.ctx.metrics.heartbeat(started.elapsed().as_secs_f64());
         if report.interrupted > 0 || report.released > 0 {
@@ -191,10 +188,9 @@ mod tests {
         let [a, b, c, d] = [Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3), Uuid::from_u128(4)];
         // a: ours and running; b: running here but stolen; c: running here, re-acquired
         // elsewhere and back to us under a newer generation; d: ours but not running here.
-        let registered = [(a, 1), (b, 1), (c, 1)];
-        let owned = HashMap::from([(a, 1), (c, 2), (d, 5)]);
-        let decided = reconcile(&registered, &owned);
-        assert_eq!(decided.surviving, vec![a]);
+        let registered = HashMap::from([(a, 1), (b, 1), (c, 1)]);
+        let owned = [(a, 1), (c, 2), (d, 5)];
+        let decided = reconcile(registered, &owned);
         assert_eq!(decided.interrupt, vec![b, c]);
         assert_eq!(decided.release, vec![(d, 5)]);
     }
@@ -202,7 +198,6 @@ mod tests {
     #[test]
     fn nothing_to_do_when_both_sides_agree() {
         let a = Uuid::from_u128(1);
-        let decided = reconcile(&[(a, 3)], &HashMap::from([(a, 3)]));
-        assert_eq!(decided, Reconciliation { surviving: vec![a], ..Reconciliation::default() });
+        assert_eq!(reconcile(HashMap::from([(a, 3)]), &[(a, 3)]), Reconciliation::default());
     }
 }
