@@ -8,8 +8,9 @@ use clap::{Args, Parser, Subcommand};
 
 use worker::config::{self, Config, ConfigInputs, Loaded};
 use worker::db::Db;
+use worker::gitsync::cli::GitsyncCommand;
 use worker::outbox::cli::OutboxCommand;
-use worker::{controls, daemon, migrate, outbox, status, telemetry};
+use worker::{controls, daemon, gitsync, migrate, outbox, status, telemetry};
 
 #[derive(Parser, Debug)]
 #[command(name = "worker", version, about = "Control-plane daemon of the chat platform")]
@@ -58,6 +59,9 @@ enum OnlineCommand {
     /// Outbox backlog and dead letters.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Pull-request status refresh: backlog, or mark one chat due now.
+    #[command(subcommand)]
+    Gitsync(GitsyncCommand),
     /// Registered workers (with the age of their lease) and paused loops.
     Status {
         #[arg(long)]
@@ -194,6 +198,11 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
         OnlineCommand::Outbox(command) => {
             let db = Db::new(&config.database)?;
             outbox::cli::run(&db, &command, &mut std::io::stdout().lock()).await?;
+            Ok(0)
+        }
+        OnlineCommand::Gitsync(command) => {
+            let db = Db::new(&config.database)?;
+            gitsync::cli::run(&db, &command, &mut std::io::stdout().lock()).await?;
             Ok(0)
         }
         OnlineCommand::Status { json } => {
