@@ -75,7 +75,11 @@ impl Default for GitsyncConfig {
 impl GitsyncConfig {
     /// The providers in effect: the configured ones, or github.com alone when none is.
     pub fn effective_providers(&self) -> Vec<ProviderConfig> {
-        if self.providers.is_empty() { vec![ProviderConfig::github_default()] } else { self.providers.clone() }
+        if self.providers.is_empty() {
+            vec![ProviderConfig::github_default()]
+        } else {
+            self.providers.clone()
+        }
     }
 
     /// Keys are relative to `[gitsync]`.
@@ -114,7 +118,10 @@ mod tests {
     fn defaults_are_valid_and_follow_the_spec() {
         let config = GitsyncConfig::default();
         assert_eq!(config.validate(), Ok(()));
-        assert_eq!((config.interval, config.tick_timeout), (Duration::from_secs(10), Duration::from_secs(30)));
+        assert_eq!(
+            (config.interval, config.tick_timeout),
+            (Duration::from_secs(10), Duration::from_secs(30))
+        );
         assert_eq!((config.batch_size, config.concurrency), (50, 10));
         assert_eq!(config.effective_providers(), vec![ProviderConfig::github_default()]);
     }

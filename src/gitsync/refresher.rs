@@ -230,7 +230,12 @@ pub struct Gitsync<P = GitHub> {
 impl Gitsync<GitHub> {
     /// The daemon's loop: one GitHub client per configured provider (`max_body_bytes` from the
     /// config), their request counts exported as `gitsync.http.requests{class}`.
-    pub fn new(db: Db, config: GitsyncConfig, concurrency: usize, meter: &Meter) -> Result<Self, GitHubBuildError> {
+    pub fn new(
+        db: Db,
+        config: GitsyncConfig,
+        concurrency: usize,
+        meter: &Meter,
+    ) -> Result<Self, GitHubBuildError> {
         let options = GitHubOptions { max_body_bytes: config.max_body_bytes, ..GitHubOptions::default() };
         let mut providers = Vec::new();
         for provider in config.effective_providers() {
@@ -382,7 +387,9 @@ impl<P: Provider> Gitsync<P> {
         report: &Mutex<RefreshReport>,
     ) {
         let (provider, origin, token) = match &group.access {
-            Access::Token { provider, origin, token } => (&self.providers[*provider].1, origin, token.as_str()),
+            Access::Token { provider, origin, token } => {
+                (&self.providers[*provider].1, origin, token.as_str())
+            }
             Access::Denied(found) => {
                 for row in &group.rows {
                     let Ok(_permit) = semaphore.acquire().await else { return };
@@ -499,7 +506,12 @@ impl<P: Provider> Gitsync<P> {
                 let backoff = self.config.no_pr_backoff.as_secs_f64();
                 tx.fetch_opt(
                     WRITE_NO_PR,
-                    &[(id, Type::UUID), (fence, Type::TIMESTAMPTZ), (&ttl, Type::FLOAT8), (&backoff, Type::FLOAT8)],
+                    &[
+                        (id, Type::UUID),
+                        (fence, Type::TIMESTAMPTZ),
+                        (&ttl, Type::FLOAT8),
+                        (&backoff, Type::FLOAT8),
+                    ],
                 )
                 .await?
             }
@@ -616,7 +628,10 @@ mod tests {
 
     #[test]
     fn a_rate_limit_keeps_its_wait_and_names_the_url() {
-        let err = ProviderError::RateLimited { url: "https://api.github.com/x".into(), wait: Duration::from_secs(7) };
+        let err = ProviderError::RateLimited {
+            url: "https://api.github.com/x".into(),
+            wait: Duration::from_secs(7),
+        };
         match found(Err(err)) {
             Found::RateLimited { wait, error } => {
                 assert_eq!(wait, Duration::from_secs(7));
