@@ -286,6 +286,11 @@ impl<P: Provider> Gitsync<P> {
         self.concurrency
     }
 
+    /// The configured providers with their clients.
+    pub fn providers(&self) -> &[(ProviderConfig, P)] {
+        &self.providers
+    }
+
     /// One tick's work: lease, resolve, refresh, write back.
     pub async fn refresh(&self, tick: &Tick<'_>) -> Result<RefreshReport, GitsyncError> {
         let started = Instant::now();
