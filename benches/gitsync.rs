@@ -220,7 +220,7 @@ async fn fan_out(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
             "refreshed/leased",
             "provider calls",
             "tick seconds",
-            "vs sequential (PRs known)",
+            "vs its sequential baseline",
         ],
         &rows,
     );
