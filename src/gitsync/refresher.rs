@@ -45,8 +45,9 @@ use super::config::GitsyncConfig;
 use super::github::{GitHub, GitHubBuildError, GitHubOptions, HttpStats, StatusClass};
 use super::origin::Origin;
 use super::provider::{PrNumber, PrStatus, Provider, ProviderConfig, ProviderError, provider_for};
-use crate::db::{self, Db, DbError, Exec};
+use crate::db::{self, Db, DbError, Exec, Transaction};
 use crate::runtime::{Loop, LoopError, Progress, Schedule, Tick};
+use tokio_postgres::Row;
 
 pub const NAME: &str = "gitsync";
 /// Added to a provider's rate-limit wait before a skipped row is due again (SPEC §7.2).
@@ -520,40 +521,41 @@ impl<P: Provider> Gitsync<P> {
                 )
                 .await?
             }
-            other => {
-                let (outcome, error, delay) = self.backoff(other);
-                let outcome = outcome.as_str().to_owned();
-                let error = truncate(error);
-                let delay = delay.as_secs_f64();
-                tx.fetch_opt(
-                    WRITE_BACKOFF,
-                    &[
-                        (id, Type::UUID),
-                        (fence, Type::TIMESTAMPTZ),
-                        (&outcome, Type::TEXT),
-                        (&error, Type::TEXT),
-                        (&delay, Type::FLOAT8),
-                    ],
-                )
-                .await?
+            Found::NoToken(error) => {
+                backoff(&tx, row, RefreshOutcome::NoToken, error, self.config.no_token_backoff).await?
             }
+            Found::RateLimited { wait, error } => {
+                backoff(&tx, row, RefreshOutcome::RateLimited, error, *wait + RATE_LIMIT_PADDING).await?
+            }
+            Found::Failed(error) => backoff(&tx, row, RefreshOutcome::Error, error, self.config.ttl).await?,
         };
         db::commit(tx).await?;
         Ok(written.and_then(|r| RefreshOutcome::parse(r.get::<_, &str>(0))))
     }
+}
 
-    /// Outcome, `last_error` and the delay until the row is due again, for the results that
-    /// are not a status.
-    fn backoff(&self, found: &Found) -> (RefreshOutcome, String, Duration) {
-        match found {
-            Found::NoToken(error) => (RefreshOutcome::NoToken, error.clone(), self.config.no_token_backoff),
-            Found::RateLimited { wait, error } => {
-                (RefreshOutcome::RateLimited, error.clone(), *wait + RATE_LIMIT_PADDING)
-            }
-            Found::Failed(error) => (RefreshOutcome::Error, error.clone(), self.config.ttl),
-            Found::Status(_) | Found::NoPr => (RefreshOutcome::Error, String::new(), self.config.ttl),
-        }
-    }
+/// Writes an outcome that is not a status: `last_error` and the delay until the row is due.
+async fn backoff(
+    tx: &Transaction<'_>,
+    row: &Leased,
+    outcome: RefreshOutcome,
+    error: &str,
+    delay: Duration,
+) -> Result<Option<Row>, DbError> {
+    let outcome = outcome.as_str().to_owned();
+    let error = truncate(error.to_owned());
+    let delay = delay.as_secs_f64();
+    tx.fetch_opt(
+        WRITE_BACKOFF,
+        &[
+            (&row.chat_id, Type::UUID),
+            (&row.lease_until, Type::TIMESTAMPTZ),
+            (&outcome, Type::TEXT),
+            (&error, Type::TEXT),
+            (&delay, Type::FLOAT8),
+        ],
+    )
+    .await
 }
 
 /// The row's PR: the stored number while its head is still the row's branch, else looked up
