@@ -46,7 +46,7 @@ pub struct Config {
     pub outbox: crate::outbox::OutboxConfig,
     pub counters: crate::counters::CountersConfig,
     pub chats: crate::chats::ChatsConfig,
-    pub gitsync: GitsyncConfig,
+    pub gitsync: crate::gitsync::GitsyncConfig,
     pub prebuilds: PrebuildsConfig,
 }
 
@@ -217,20 +217,6 @@ impl Default for RuntimeConfig {
             error_log_interval: Duration::from_secs(60),
             controls_refresh: Duration::from_secs(1),
         }
-    }
-}
-
-/// Only the fan-out limit is read so far; the gitsync loop itself lands with its own issue.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct GitsyncConfig {
-    /// Upper bound of concurrent GitHub calls; the pool size caps it further.
-    pub concurrency: usize,
-}
-
-impl Default for GitsyncConfig {
-    fn default() -> Self {
-        Self { concurrency: 10 }
     }
 }
 
@@ -613,12 +599,7 @@ impl Config {
         self.outbox.validate().map_err(|v| v.under("outbox"))?;
         self.counters.validate().map_err(|v| v.under("counters"))?;
         self.chats.validate().map_err(|v| v.under("chats"))?;
-        check(
-            (1..=1000).contains(&self.gitsync.concurrency),
-            "gitsync.concurrency",
-            self.gitsync.concurrency,
-            "1..=1000",
-        )?;
+        self.gitsync.validate().map_err(|v| v.under("gitsync"))?;
         check(
             self.prebuilds.concurrency <= 1000,
             "prebuilds.concurrency",

@@ -20,6 +20,7 @@ use crate::chats::ChatLoops;
 use crate::config::{Concurrency, Config};
 use crate::counters::Counters;
 use crate::db::Db;
+use crate::gitsync::Gitsync;
 use crate::health::Health;
 use crate::identity::WorkerIdentity;
 use crate::migrate;
@@ -93,6 +94,11 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
         let counters =
             Counters::new(db.clone(), redis.clone(), &config.redis.prefix, config.counters.clone(), &meter);
         runtime.spawn(counters);
+    }
+
+    if config.gitsync.enabled {
+        let gitsync = Gitsync::new(db.clone(), config.gitsync.clone(), concurrency.gitsync, &meter)?;
+        runtime.spawn(gitsync);
     }
 
     let listener_stop = CancellationToken::new();

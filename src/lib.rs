@@ -20,8 +20,9 @@
 //! - [`outbox`]: the `outbox` loop (task_outbox → Redis sorted sets), dead letters, its CLI.
 //! - [`chats`]: the chat loops (`chats_acquire`, `chats_heartbeat`, `chats_recover`), the
 //!   supervised agent runners, the exactly-once message stream and `worker chat …`.
-//! - [`gitsync`]: pull-request status from GitHub: origin parsing, providers, the API client and
-//!   the pure derivations (approved, checks state, rate-limit waits).
+//! - [`gitsync`]: the `gitsync` loop (due `chat_diff_statuses` rows → their PR's status from
+//!   GitHub), its CLI; origin parsing, providers, the API client and the pure derivations
+//!   (approved, checks state, rate-limit waits).
 //! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
 //! - [`prebuilds`]: prebuilt workspaces per preset; today the pure decision core
 //!   ([`prebuilds::actions`]), the loop comes next.

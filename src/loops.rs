@@ -3,7 +3,7 @@
 //! Adding a loop adds one entry here; nothing else keeps a list of loops.
 
 use crate::chats::{acquire, heartbeat, recover};
-use crate::{counters, outbox, workers};
+use crate::{counters, gitsync, outbox, workers};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct LoopInfo {
@@ -39,6 +39,11 @@ pub const ALL: &[LoopInfo] = &[
         name: counters::NAME,
         config_table: "counters",
         about: "Redis running-task counters into jobs.running_tasks",
+    },
+    LoopInfo {
+        name: gitsync::NAME,
+        config_table: "gitsync",
+        about: "pull-request status of each chat's branch into chat_diff_statuses",
     },
 ];
 

@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use worker::chats::cli::ChatCommand;
 use worker::config::{self, Config, ConfigInputs, Loaded};
 use worker::db::Db;
+use worker::gitsync::cli::GitsyncCommand;
 use worker::outbox::cli::OutboxCommand;
-use worker::{chats, controls, daemon, migrate, outbox, status, telemetry};
+use worker::{chats, controls, daemon, gitsync, migrate, outbox, status, telemetry};
 
 #[derive(Parser, Debug)]
 #[command(name = "worker", version, about = "Control-plane daemon of the chat platform")]
@@ -62,6 +63,9 @@ enum OnlineCommand {
     /// List, start, message and follow chats.
     #[command(subcommand)]
     Chat(ChatCommand),
+    /// Pull-request status refresh: backlog, or mark one chat due now.
+    #[command(subcommand)]
+    Gitsync(GitsyncCommand),
     /// Registered workers (with the age of their lease) and paused loops.
     Status {
         #[arg(long)]
@@ -206,6 +210,11 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
             let db = Db::new(&config.database)?;
             let listen_url = config.database.listen_url();
             chats::cli::run(&db, listen_url, &command, &mut std::io::stdout().lock(), shutdown).await?;
+            Ok(0)
+        }
+        OnlineCommand::Gitsync(command) => {
+            let db = Db::new(&config.database)?;
+            gitsync::cli::run(&db, &command, &mut std::io::stdout().lock()).await?;
             Ok(0)
         }
         OnlineCommand::Status { json } => {

@@ -41,7 +41,8 @@ impl Origin {
             if !matches!(url.scheme(), "https" | "http" | "ssh" | "git" | "git+ssh") {
                 return Err(fail("the scheme is not https, http, ssh or git"));
             }
-            if url.query().is_some() || url.fragment().is_some() {
+            // Anything after the path is a query or a fragment.
+            if !url[url::Position::AfterPath..].is_empty() {
                 return Err(fail("it has a query or fragment"));
             }
             let host = url.host_str().ok_or_else(|| fail("it has no host"))?.to_owned();

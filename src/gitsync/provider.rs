@@ -70,7 +70,8 @@ impl ProviderConfig {
         if url.cannot_be_a_base() || url.host_str().is_none() {
             return Err(fail("api_base_url", "has no host"));
         }
-        if url.query().is_some() || url.fragment().is_some() {
+        // Anything after the path is a query or a fragment.
+        if !url[url::Position::AfterPath..].is_empty() {
             return Err(fail("api_base_url", "must not have a query or fragment"));
         }
         let host = &self.origin_host;

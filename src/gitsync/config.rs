@@ -1,0 +1,164 @@
+//! `[gitsync]` and `[[gitsync.providers]]`: the refresher's schedule, lease, backoffs, fan-out
+//! and the git providers whose tokens it may use.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::github::DEFAULT_MAX_BODY_BYTES;
+use super::provider::{ProviderConfig, validate_providers};
+use crate::config::{Violation, check, positive};
+
+/// SPEC §7.2: every 10 s, with a 30 s tick timeout (separate from the interval).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_TICK_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_BATCH_SIZE: u32 = 50;
+/// How long leased rows stay away from other replicas; longer than any tick, so a row is never
+/// refreshed twice within one lease, and short enough that a crashed tick's rows come back soon.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
+/// A refreshed row is due again after this long.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(120);
+/// An owner without a usable token is asked about again after this long.
+pub const DEFAULT_NO_TOKEN_BACKOFF: Duration = Duration::from_secs(600);
+/// A recently marked branch without a PR yet is looked at again this soon (a PR usually follows
+/// a push within seconds).
+pub const DEFAULT_NO_PR_BACKOFF: Duration = Duration::from_secs(15);
+/// Upper bound of rows refreshed at once; `database.pool_size` caps it further (SPEC §4).
+pub const DEFAULT_CONCURRENCY: usize = 10;
+
+/// `[gitsync]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitsyncConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tick_timeout: Duration,
+    /// Rows leased per tick.
+    pub batch_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub no_token_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub no_pr_backoff: Duration,
+    /// Upper bound of rows refreshed at once; the effective value is
+    /// `min(concurrency, max(1, database.pool_size / 2))` ([`crate::config::Concurrency`]).
+    pub concurrency: usize,
+    /// Hard limit on any provider response body.
+    pub max_body_bytes: usize,
+    /// Empty means one `github` provider for `github.com` ([`ProviderConfig::github_default`]).
+    pub providers: Vec<ProviderConfig>,
+}
+
+impl Default for GitsyncConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: DEFAULT_INTERVAL,
+            tick_timeout: DEFAULT_TICK_TIMEOUT,
+            batch_size: DEFAULT_BATCH_SIZE,
+            lease: DEFAULT_LEASE,
+            ttl: DEFAULT_TTL,
+            no_token_backoff: DEFAULT_NO_TOKEN_BACKOFF,
+            no_pr_backoff: DEFAULT_NO_PR_BACKOFF,
+            concurrency: DEFAULT_CONCURRENCY,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            providers: Vec::new(),
+        }
+    }
+}
+
+impl GitsyncConfig {
+    /// The providers in effect: the configured ones, or github.com alone when none is.
+    pub fn effective_providers(&self) -> Vec<ProviderConfig> {
+        if self.providers.is_empty() {
+            vec![ProviderConfig::github_default()]
+        } else {
+            self.providers.clone()
+        }
+    }
+
+    /// Keys are relative to `[gitsync]`.
+    pub fn validate(&self) -> Result<(), Violation> {
+        positive("interval", self.interval)?;
+        positive("tick_timeout", self.tick_timeout)?;
+        check((1..=1000).contains(&self.batch_size), "batch_size", self.batch_size, "1..=1000")?;
+        check(
+            self.lease > self.tick_timeout,
+            "lease",
+            humantime::format_duration(self.lease),
+            "longer than gitsync.tick_timeout (a lease must outlive the tick that holds it)",
+        )?;
+        positive("ttl", self.ttl)?;
+        positive("no_token_backoff", self.no_token_backoff)?;
+        positive("no_pr_backoff", self.no_pr_backoff)?;
+        check((1..=1000).contains(&self.concurrency), "concurrency", self.concurrency, "1..=1000")?;
+        check(
+            (1024..=(1 << 30)).contains(&self.max_body_bytes),
+            "max_body_bytes",
+            self.max_body_bytes,
+            "1024..=1073741824",
+        )?;
+        validate_providers(&self.providers).map_err(|e| {
+            let index = self.providers.iter().position(|p| p.id == e.id).unwrap_or_default();
+            Violation::new(&format!("providers.{index}.{}", e.field), e.to_string(), "a valid provider entry")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_follow_the_spec() {
+        let config = GitsyncConfig::default();
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(
+            (config.interval, config.tick_timeout),
+            (Duration::from_secs(10), Duration::from_secs(30))
+        );
+        assert_eq!((config.batch_size, config.concurrency), (50, 10));
+        assert_eq!(config.effective_providers(), vec![ProviderConfig::github_default()]);
+    }
+
+    #[test]
+    fn validate_names_the_bad_key() {
+        type Spoil = fn(&mut GitsyncConfig);
+        let cases: [(Spoil, &str); 6] = [
+            (|c| c.interval = Duration::ZERO, "interval"),
+            (|c| c.batch_size = 0, "batch_size"),
+            (|c| c.lease = c.tick_timeout, "lease"),
+            (|c| c.concurrency = 0, "concurrency"),
+            (|c| c.max_body_bytes = 10, "max_body_bytes"),
+            (
+                |c| {
+                    let mut bad = ProviderConfig::github_default();
+                    bad.origin_host = "https://github.com".into();
+                    c.providers = vec![bad];
+                },
+                "providers.0.origin_host",
+            ),
+        ];
+        for (spoil, key) in cases {
+            let mut config = GitsyncConfig::default();
+            spoil(&mut config);
+            assert_eq!(config.validate().expect_err(key).key, key);
+        }
+    }
+
+    #[test]
+    fn configured_providers_replace_the_default() {
+        let config: GitsyncConfig = toml::from_str(
+            "[[providers]]\nid = \"ghe\"\nkind = \"github\"\napi_base_url = \"https://ghe.example.com/api/v3\"\n\
+             origin_host = \"ghe.example.com\"",
+        )
+        .expect("parses");
+        let ids: Vec<_> = config.effective_providers().into_iter().map(|p| p.id).collect();
+        assert_eq!(ids, ["ghe"]);
+    }
+}

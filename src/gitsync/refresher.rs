@@ -1,0 +1,656 @@
+//! The `gitsync` loop: due `chat_diff_statuses` rows → their pull request's status (SPEC §7.2).
+//!
+//! A tick:
+//!
+//! 1. **Lease** up to `batch_size` due rows (`stale_at <= now()`, non-empty origin and branch,
+//!    chat not archived), oldest first, `FOR UPDATE SKIP LOCKED`, moving `stale_at` a lease
+//!    ahead in the same statement, which commits at once. Every replica runs this loop; SKIP
+//!    LOCKED plus the moved `stale_at` hand each row to one replica per lease.
+//! 2. **Resolve** a provider and a token once per (owner, origin) group, sequentially (DB only):
+//!    the provider is the one whose `origin_host` is the origin's host ([`provider_for`]) and the
+//!    token the owner's `external_auth_links` row for that provider's id, never another's. An
+//!    expired token without a refresh token counts as none (one with a refresh token is still
+//!    sent: the API tier refreshes tokens, a 401 then shows up as an ordinary error).
+//! 3. **Refresh** under one semaphore of the effective concurrency (permits are per row: a row's
+//!    calls, reviews and checks fetched together, and its write-back). Each group sends its first
+//!    row alone and releases the others only once that answer is not a rate limit, so a group
+//!    whose token is rate-limited costs exactly one HTTP call; a rate limit seen later flags the
+//!    group and its rows not yet started are skipped without a call. Other groups carry on.
+//! 4. **Write back** each row in its own short transaction; a failed write leaves that row
+//!    leased (retried after the lease) and the others go on. Every write is fenced on the
+//!    `stale_at` its lease set: a row re-marked by `mark_diff_stale` meanwhile (or re-leased after
+//!    an expired lease) is left alone, so an answer about an old branch never overwrites a newer
+//!    mark; the re-marked row is simply refreshed again by the next tick.
+//!
+//! Each HTTP request is bounded by [`Tick::budget`] at the moment its row starts, so the fan-out
+//! ends inside the tick. If the runner drops the tick at its timeout anyway, rows not written
+//! keep their lease and come back once it expires: nothing is lost.
+//!
+//! `updated_at` is when the row was last *marked*; the no-PR backoff is short only while that is
+//! recent (a PR usually follows a push), else the row waits a full `ttl`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Meter};
+use tokio::sync::Semaphore;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use super::config::GitsyncConfig;
+use super::github::{GitHub, GitHubBuildError, GitHubOptions, HttpStats, StatusClass};
+use super::origin::Origin;
+use super::provider::{PrNumber, PrStatus, Provider, ProviderConfig, ProviderError, provider_for};
+use crate::db::{self, Db, DbError, Exec, Transaction};
+use crate::runtime::{Loop, LoopError, Progress, Schedule, Tick};
+use tokio_postgres::Row;
+
+pub const NAME: &str = "gitsync";
+/// Added to a provider's rate-limit wait before a skipped row is due again (SPEC §7.2).
+pub const RATE_LIMIT_PADDING: Duration = Duration::from_secs(300);
+/// Longest single HTTP request; [`Tick::budget`] shortens it as the tick runs out.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A row whose request could get less than this is not started (it keeps its lease).
+const MIN_REQUEST_TIMEOUT: Duration = Duration::from_millis(50);
+/// Longest `last_error` stored.
+const MAX_ERROR_LEN: usize = 500;
+
+/// `$1` batch size, `$2` lease in seconds. Returns what a refresh needs, with the chat's owner
+/// and the `stale_at` the lease set (the fence of the write-back).
+pub const LEASE: &str = "UPDATE chat_diff_statuses AS d \
+     SET stale_at = now() + make_interval(secs => $2), leased_at = now() \
+     FROM chats AS c \
+     WHERE c.id = d.chat_id AND d.chat_id IN (\
+       SELECT s.chat_id FROM chat_diff_statuses AS s JOIN chats AS sc ON sc.id = s.chat_id \
+       WHERE s.stale_at <= now() AND s.git_remote_origin <> '' AND s.git_branch <> '' \
+         AND NOT sc.archived \
+       ORDER BY s.stale_at LIMIT $1 FOR UPDATE OF s SKIP LOCKED) \
+     RETURNING d.chat_id, c.owner_id, d.git_remote_origin, d.git_branch, d.pr_number, d.stale_at";
+
+/// `$1` owner, `$2` provider id. An expired token counts only with a refresh token beside it.
+const TOKEN: &str = "SELECT access_token FROM external_auth_links \
+     WHERE user_id = $1 AND provider_id = $2 \
+       AND (expires_at IS NULL OR expires_at > now() OR refresh_token IS NOT NULL)";
+
+/// `$1` chat, `$2` the lease's stale_at, `$3..$19` the PR fields, `$20` ttl in seconds. The
+/// outcome is `not_modified` when every field equals what was stored (SET sees the old values).
+const WRITE_OK: &str = "UPDATE chat_diff_statuses SET \
+     last_outcome = CASE WHEN last_error IS NULL AND ROW(url, pr_number, pull_request_state, title, \
+       draft, additions, deletions, changed_files, commits, approved, changes_requested, \
+       reviewer_count, checks_state, author_login, base_branch, head_branch, head_sha) \
+       IS NOT DISTINCT FROM ROW($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+       $18, $19) THEN 'not_modified' ELSE 'ok' END, \
+     url = $3, pr_number = $4, pull_request_state = $5, title = $6, draft = $7, additions = $8, \
+     deletions = $9, changed_files = $10, commits = $11, approved = $12, changes_requested = $13, \
+     reviewer_count = $14, checks_state = $15, author_login = $16, base_branch = $17, \
+     head_branch = $18, head_sha = $19, last_error = NULL, refreshed_at = now(), \
+     stale_at = now() + make_interval(secs => $20), leased_at = NULL \
+     WHERE chat_id = $1 AND stale_at = $2 RETURNING last_outcome";
+
+/// `$1` chat, `$2` the lease's stale_at, `$3` ttl, `$4` no-PR backoff (seconds).
+const WRITE_NO_PR: &str = "UPDATE chat_diff_statuses SET \
+     url = NULL, pr_number = NULL, pull_request_state = NULL, title = NULL, draft = NULL, \
+     additions = NULL, deletions = NULL, changed_files = NULL, commits = NULL, approved = NULL, \
+     changes_requested = NULL, reviewer_count = NULL, checks_state = NULL, author_login = NULL, \
+     base_branch = NULL, head_branch = NULL, head_sha = NULL, last_error = NULL, \
+     last_outcome = 'no_pr', refreshed_at = now(), leased_at = NULL, \
+     stale_at = now() + make_interval(secs => \
+       CASE WHEN updated_at > now() - make_interval(secs => $3) THEN $4 ELSE $3 END) \
+     WHERE chat_id = $1 AND stale_at = $2 RETURNING last_outcome";
+
+/// `$1` chat, `$2` the lease's stale_at, `$3` outcome, `$4` last_error, `$5` delay in seconds.
+const WRITE_BACKOFF: &str = "UPDATE chat_diff_statuses SET \
+     last_outcome = $3, last_error = $4, stale_at = now() + make_interval(secs => $5), leased_at = NULL \
+     WHERE chat_id = $1 AND stale_at = $2 RETURNING last_outcome";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitsyncError {
+    #[error("cannot lease gitsync rows: {0}")]
+    Db(#[from] DbError),
+}
+
+impl LoopError for GitsyncError {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            GitsyncError::Db(e) => e.metric_label(),
+        }
+    }
+}
+
+/// What a row's refresh came to (`chat_diff_statuses.last_outcome`, `gitsync.refreshes{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RefreshOutcome {
+    Ok,
+    /// Refreshed, and nothing changed.
+    NotModified,
+    NoPr,
+    NoToken,
+    RateLimited,
+    Error,
+}
+
+impl RefreshOutcome {
+    pub const ALL: [RefreshOutcome; 6] = [
+        RefreshOutcome::Ok,
+        RefreshOutcome::NotModified,
+        RefreshOutcome::NoPr,
+        RefreshOutcome::NoToken,
+        RefreshOutcome::RateLimited,
+        RefreshOutcome::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshOutcome::Ok => "ok",
+            RefreshOutcome::NotModified => "not_modified",
+            RefreshOutcome::NoPr => "no_pr",
+            RefreshOutcome::NoToken => "no_token",
+            RefreshOutcome::RateLimited => "rate_limited",
+            RefreshOutcome::Error => "error",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+/// What one tick did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefreshReport {
+    pub leased: usize,
+    /// Rows written back, by outcome.
+    pub outcomes: HashMap<RefreshOutcome, usize>,
+    /// Groups whose token hit a rate limit.
+    pub rate_limited_groups: usize,
+    /// Rows re-marked (or re-leased) while refreshed: their answer was discarded.
+    pub fenced: usize,
+    /// Rows not written (not started, write failed): they keep their lease.
+    pub left_leased: usize,
+}
+
+impl RefreshReport {
+    pub fn count(&self, outcome: RefreshOutcome) -> usize {
+        self.outcomes.get(&outcome).copied().unwrap_or_default()
+    }
+}
+
+/// A leased row.
+#[derive(Debug, Clone)]
+struct Leased {
+    chat_id: Uuid,
+    owner_id: Uuid,
+    origin: String,
+    branch: String,
+    pr_number: Option<i64>,
+    /// The `stale_at` the lease set: the write-back's fence.
+    lease_until: DateTime<Utc>,
+}
+
+/// What a row's refresh found, before it is written.
+#[derive(Debug, Clone)]
+enum Found {
+    Status(Box<PrStatus>),
+    NoPr,
+    NoToken(String),
+    RateLimited { wait: Duration, error: String },
+    Failed(String),
+}
+
+/// A group's way to the provider, or why there is none.
+enum Access {
+    Token { provider: usize, origin: Origin, token: String },
+    Denied(Found),
+}
+
+struct Group {
+    access: Access,
+    rows: Vec<Leased>,
+}
+
+/// Instruments of the loop.
+struct Metrics {
+    refreshes: Counter<u64>,
+    rate_limited_groups: Counter<u64>,
+}
+
+/// The gitsync loop over providers of type `P` (the daemon: [`GitHub`]).
+pub struct Gitsync<P = GitHub> {
+    db: Db,
+    config: GitsyncConfig,
+    concurrency: usize,
+    /// The configured providers, each with its client.
+    providers: Vec<(ProviderConfig, P)>,
+    metrics: Metrics,
+}
+
+impl Gitsync<GitHub> {
+    /// The daemon's loop: one GitHub client per configured provider (`max_body_bytes` from the
+    /// config), their request counts exported as `gitsync.http.requests{class}`.
+    pub fn new(
+        db: Db,
+        config: GitsyncConfig,
+        concurrency: usize,
+        meter: &Meter,
+    ) -> Result<Self, GitHubBuildError> {
+        let options = GitHubOptions { max_body_bytes: config.max_body_bytes, ..GitHubOptions::default() };
+        let mut providers = Vec::new();
+        for provider in config.effective_providers() {
+            let client = GitHub::new(&provider, options.clone())?;
+            providers.push((provider, client));
+        }
+        let stats: Vec<Arc<HttpStats>> = providers.iter().map(|(_, client)| client.stats()).collect();
+        meter
+            .u64_observable_counter("gitsync.http.requests")
+            .with_description("HTTP requests to git providers, by status class (2xx|3xx|4xx|5xx|error)")
+            .with_callback(move |observer| {
+                for class in StatusClass::ALL {
+                    let total = stats.iter().map(|s| s.count(class)).sum();
+                    observer.observe(total, &[KeyValue::new("class", class.label())]);
+                }
+            })
+            .build();
+        Ok(Self::with_providers(db, config, concurrency, meter, providers))
+    }
+}
+
+impl<P: Provider> Gitsync<P> {
+    /// The loop over given provider clients (tests and benchmarks pass fakes). `concurrency` is
+    /// the effective fan-out, `Concurrency::from_config(&config).gitsync`.
+    pub fn with_providers(
+        db: Db,
+        config: GitsyncConfig,
+        concurrency: usize,
+        meter: &Meter,
+        providers: Vec<(ProviderConfig, P)>,
+    ) -> Self {
+        let metrics = Metrics {
+            refreshes: meter
+                .u64_counter("gitsync.refreshes")
+                .with_description(
+                    "Diff-status rows refreshed, by outcome (ok|not_modified|no_pr|no_token|rate_limited|error)",
+                )
+                .build(),
+            rate_limited_groups: meter
+                .u64_counter("gitsync.rate_limited_groups")
+                .with_description("(owner, origin) groups whose remaining rows were skipped after a rate limit")
+                .build(),
+        };
+        Self { db, config, concurrency: concurrency.max(1), providers, metrics }
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    /// The configured providers with their clients.
+    pub fn providers(&self) -> &[(ProviderConfig, P)] {
+        &self.providers
+    }
+
+    /// One tick's work: lease, resolve, refresh, write back.
+    pub async fn refresh(&self, tick: &Tick<'_>) -> Result<RefreshReport, GitsyncError> {
+        let started = Instant::now();
+        let rows = self.lease().await?;
+        let report = Mutex::new(RefreshReport { leased: rows.len(), ..RefreshReport::default() });
+        if rows.is_empty() {
+            return Ok(report.into_inner().unwrap_or_else(|e| e.into_inner()));
+        }
+        let groups = self.resolve(rows).await;
+        let semaphore = Semaphore::new(self.concurrency);
+        join_all(groups.iter().map(|group| self.refresh_group(tick, &semaphore, group, &report))).await;
+        let report = report.into_inner().unwrap_or_else(|e| e.into_inner());
+        tracing::debug!(
+            leased = report.leased,
+            groups = groups.len(),
+            rate_limited_groups = report.rate_limited_groups,
+            fenced = report.fenced,
+            left_leased = report.left_leased,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "gitsync tick"
+        );
+        Ok(report)
+    }
+
+    async fn lease(&self) -> Result<Vec<Leased>, DbError> {
+        let mut conn = self.db.get().await?;
+        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        let limit = i64::from(self.config.batch_size);
+        let lease = self.config.lease.as_secs_f64();
+        let rows = tx
+            .fetch_all(LEASE, &[(&limit, Type::INT8), (&lease, Type::FLOAT8)])
+            .await?
+            .iter()
+            .map(|r| Leased {
+                chat_id: r.get(0),
+                owner_id: r.get(1),
+                origin: r.get(2),
+                branch: r.get(3),
+                pr_number: r.get(4),
+                lease_until: r.get(5),
+            })
+            .collect();
+        db::commit(tx).await?;
+        Ok(rows)
+    }
+
+    /// Groups the rows by (owner, origin) and finds each group's provider and token, one group
+    /// after the other.
+    async fn resolve(&self, rows: Vec<Leased>) -> Vec<Group> {
+        let mut by_key: HashMap<(Uuid, String), Vec<Leased>> = HashMap::new();
+        for row in rows {
+            by_key.entry((row.owner_id, row.origin.clone())).or_default().push(row);
+        }
+        let mut groups = Vec::with_capacity(by_key.len());
+        for ((owner, origin), rows) in by_key {
+            let access = self.access(owner, &origin).await;
+            groups.push(Group { access, rows });
+        }
+        groups
+    }
+
+    async fn access(&self, owner: Uuid, origin: &str) -> Access {
+        let origin = match Origin::parse(origin) {
+            Ok(origin) => origin,
+            Err(e) => return Access::Denied(Found::Failed(e.to_string())),
+        };
+        let configs: Vec<ProviderConfig> = self.providers.iter().map(|(c, _)| c.clone()).collect();
+        let Some(config) = provider_for(&configs, &origin) else {
+            return Access::Denied(Found::NoToken(format!(
+                "no [[gitsync.providers]] entry serves host {:?} (origin {origin})",
+                origin.host
+            )));
+        };
+        let provider = self.providers.iter().position(|(c, _)| c.id == config.id).unwrap_or_default();
+        match self.token(owner, &config.id).await {
+            Ok(Some(token)) => Access::Token { provider, origin, token },
+            Ok(None) => Access::Denied(Found::NoToken(format!(
+                "the chat's owner has no usable token for provider {:?}",
+                config.id
+            ))),
+            Err(e) => Access::Denied(Found::Failed(format!("cannot look up the owner's token: {e}"))),
+        }
+    }
+
+    async fn token(&self, owner: Uuid, provider_id: &str) -> Result<Option<String>, DbError> {
+        let mut conn = self.db.get().await?;
+        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        let provider_id = provider_id.to_owned();
+        let row = tx.fetch_opt(TOKEN, &[(&owner, Type::UUID), (&provider_id, Type::TEXT)]).await?;
+        db::commit(tx).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn refresh_group(
+        &self,
+        tick: &Tick<'_>,
+        semaphore: &Semaphore,
+        group: &Group,
+        report: &Mutex<RefreshReport>,
+    ) {
+        let (provider, origin, token) = match &group.access {
+            Access::Token { provider, origin, token } => {
+                (&self.providers[*provider].1, origin, token.as_str())
+            }
+            Access::Denied(found) => {
+                for row in &group.rows {
+                    let Ok(_permit) = semaphore.acquire().await else { return };
+                    self.settle(row, found.clone(), report).await;
+                }
+                return;
+            }
+        };
+        let limited: Mutex<Option<(Duration, String)>> = Mutex::new(None);
+        let refresh = |row| self.refresh_row(tick, semaphore, provider, origin, token, row, &limited, report);
+        let Some((first, rest)) = group.rows.split_first() else { return };
+        // The first row alone: a rate-limited token then costs this one call.
+        refresh(first).await;
+        join_all(rest.iter().map(refresh)).await;
+        if let Some((wait, error)) = limited.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            self.metrics.rate_limited_groups.add(1, &[]);
+            report.lock().unwrap_or_else(|e| e.into_inner()).rate_limited_groups += 1;
+            tracing::info!(
+                origin = %origin,
+                rows = group.rows.len(),
+                wait_s = wait.as_secs(),
+                %error,
+                "rate limited; the group's remaining rows wait for the reset"
+            );
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn refresh_row(
+        &self,
+        tick: &Tick<'_>,
+        semaphore: &Semaphore,
+        provider: &P,
+        origin: &Origin,
+        token: &str,
+        row: &Leased,
+        limited: &Mutex<Option<(Duration, String)>>,
+        report: &Mutex<RefreshReport>,
+    ) {
+        let Ok(_permit) = semaphore.acquire().await else { return };
+        let seen = limited.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let found = if let Some((wait, error)) = seen {
+            Found::RateLimited { wait, error }
+        } else {
+            let timeout = tick.budget(MAX_REQUEST_TIMEOUT);
+            if timeout < MIN_REQUEST_TIMEOUT || tick.shutdown().is_cancelled() {
+                report.lock().unwrap_or_else(|e| e.into_inner()).left_leased += 1;
+                return;
+            }
+            let found = found(fetch(provider, origin, row, token, timeout).await);
+            if let Found::RateLimited { wait, error } = &found {
+                limited.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((*wait, error.clone()));
+            }
+            found
+        };
+        self.settle(row, found, report).await;
+    }
+
+    /// Writes one row's result, fenced on its lease, and records the outcome.
+    async fn settle(&self, row: &Leased, found: Found, report: &Mutex<RefreshReport>) {
+        let written = self.write(row, &found).await;
+        let mut report = report.lock().unwrap_or_else(|e| e.into_inner());
+        match written {
+            Ok(Some(outcome)) => {
+                *report.outcomes.entry(outcome).or_default() += 1;
+                self.metrics.refreshes.add(1, &[KeyValue::new("outcome", outcome.as_str())]);
+            }
+            Ok(None) => report.fenced += 1,
+            Err(error) => {
+                report.left_leased += 1;
+                tracing::warn!(chat_id = %row.chat_id, %error, "cannot write a diff status; it stays leased");
+            }
+        }
+    }
+
+    async fn write(&self, row: &Leased, found: &Found) -> Result<Option<RefreshOutcome>, DbError> {
+        let mut conn = self.db.get().await?;
+        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        let (id, fence) = (&row.chat_id, &row.lease_until);
+        let ttl = self.config.ttl.as_secs_f64();
+        let written = match found {
+            Found::Status(status) => {
+                let s = status.as_ref();
+                let state = s.state.as_str().to_owned();
+                let checks = s.checks_state.as_str().to_owned();
+                tx.fetch_opt(
+                    WRITE_OK,
+                    &[
+                        (id, Type::UUID),
+                        (fence, Type::TIMESTAMPTZ),
+                        (&s.url, Type::TEXT),
+                        (&s.pr_number.0, Type::INT8),
+                        (&state, Type::TEXT),
+                        (&s.title, Type::TEXT),
+                        (&s.draft, Type::BOOL),
+                        (&s.additions, Type::INT8),
+                        (&s.deletions, Type::INT8),
+                        (&s.changed_files, Type::INT8),
+                        (&s.commits, Type::INT8),
+                        (&s.approved, Type::BOOL),
+                        (&s.changes_requested, Type::BOOL),
+                        (&s.reviewer_count, Type::INT8),
+                        (&checks, Type::TEXT),
+                        (&s.author_login, Type::TEXT),
+                        (&s.base_branch, Type::TEXT),
+                        (&s.head_branch, Type::TEXT),
+                        (&s.head_sha, Type::TEXT),
+                        (&ttl, Type::FLOAT8),
+                    ],
+                )
+                .await?
+            }
+            Found::NoPr => {
+                let backoff = self.config.no_pr_backoff.as_secs_f64();
+                tx.fetch_opt(
+                    WRITE_NO_PR,
+                    &[
+                        (id, Type::UUID),
+                        (fence, Type::TIMESTAMPTZ),
+                        (&ttl, Type::FLOAT8),
+                        (&backoff, Type::FLOAT8),
+                    ],
+                )
+                .await?
+            }
+            Found::NoToken(error) => {
+                backoff(&tx, row, RefreshOutcome::NoToken, error, self.config.no_token_backoff).await?
+            }
+            Found::RateLimited { wait, error } => {
+                backoff(&tx, row, RefreshOutcome::RateLimited, error, *wait + RATE_LIMIT_PADDING).await?
+            }
+            Found::Failed(error) => backoff(&tx, row, RefreshOutcome::Error, error, self.config.ttl).await?,
+        };
+        db::commit(tx).await?;
+        Ok(written.and_then(|r| RefreshOutcome::parse(r.get::<_, &str>(0))))
+    }
+}
+
+/// Writes an outcome that is not a status: `last_error` and the delay until the row is due.
+async fn backoff(
+    tx: &Transaction<'_>,
+    row: &Leased,
+    outcome: RefreshOutcome,
+    error: &str,
+    delay: Duration,
+) -> Result<Option<Row>, DbError> {
+    let outcome = outcome.as_str().to_owned();
+    let error = truncate(error.to_owned());
+    let delay = delay.as_secs_f64();
+    tx.fetch_opt(
+        WRITE_BACKOFF,
+        &[
+            (&row.chat_id, Type::UUID),
+            (&row.lease_until, Type::TIMESTAMPTZ),
+            (&outcome, Type::TEXT),
+            (&error, Type::TEXT),
+            (&delay, Type::FLOAT8),
+        ],
+    )
+    .await
+}
+
+/// The row's PR: the stored number while its head is still the row's branch, else looked up
+/// again by branch (SPEC §7.2). `None`: the branch has no open PR.
+async fn fetch<P: Provider>(
+    provider: &P,
+    origin: &Origin,
+    row: &Leased,
+    token: &str,
+    timeout: Duration,
+) -> Result<Option<PrStatus>, ProviderError> {
+    if let Some(number) = row.pr_number {
+        let status = provider.status(origin, PrNumber(number), token, timeout).await?;
+        if status.head_branch == row.branch {
+            return Ok(Some(status));
+        }
+    }
+    match provider.pull_request_by_branch(origin, &row.branch, token, timeout).await? {
+        Some(number) => provider.status(origin, number, token, timeout).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+fn found(result: Result<Option<PrStatus>, ProviderError>) -> Found {
+    match result {
+        Ok(Some(status)) => Found::Status(Box::new(status)),
+        Ok(None) => Found::NoPr,
+        Err(ProviderError::RateLimited { url, wait }) => {
+            let error = ProviderError::RateLimited { url, wait }.to_string();
+            Found::RateLimited { wait, error }
+        }
+        Err(error) => Found::Failed(error.to_string()),
+    }
+}
+
+fn truncate(mut error: String) -> String {
+    if error.len() > MAX_ERROR_LEN {
+        let mut end = MAX_ERROR_LEN;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
+    }
+    error
+}
+
+impl<P: Provider + 'static> Loop for Gitsync<P> {
+    type Error = GitsyncError;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule::every(self.config.interval, self.config.tick_timeout)
+    }
+
+    async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, GitsyncError> {
+        let report = self.refresh(tick).await?;
+        let full = report.leased >= self.config.batch_size as usize;
+        Ok(if full { Progress::More } else { Progress::Done })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_labels_match_the_check_constraint() {
+        let labels: Vec<_> = RefreshOutcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(labels, ["ok", "not_modified", "no_pr", "no_token", "rate_limited", "error"]);
+        for outcome in RefreshOutcome::ALL {
+            assert_eq!(RefreshOutcome::parse(outcome.as_str()), Some(outcome));
+        }
+    }
+
+    #[test]
+    fn a_rate_limit_keeps_its_wait_and_names_the_url() {
+        let err = ProviderError::RateLimited {
+            url: "https://api.github.com/x".into(),
+            wait: Duration::from_secs(7),
+        };
+        match found(Err(err)) {
+            Found::RateLimited { wait, error } => {
+                assert_eq!(wait, Duration::from_secs(7));
+                assert!(error.contains("https://api.github.com/x"), "{error}");
+            }
+            other => panic!("expected a rate limit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn long_errors_are_truncated_on_a_char_boundary() {
+        let cut = truncate("é".repeat(MAX_ERROR_LEN));
+        assert!(cut.len() <= MAX_ERROR_LEN && cut.chars().all(|c| c == 'é'));
+    }
+}

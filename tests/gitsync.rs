@@ -1,0 +1,641 @@
+//! The gitsync loop against real PostgreSQL and a local fake GitHub (tests/gitsync_support),
+//! driving `refresh`/`tick` directly: leasing, per-group tokens and rate limits, backoffs, the
+//! fan-out bound, ticks that are cut short, two replicas, ETags and bad answers.
+
+mod common;
+mod gitsync_support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::TestDb;
+use gitsync_support::{Answer, FakeGitHub, fixture};
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+use worker::config::{Concurrency, Config, RuntimeConfig};
+use worker::db::{Db, Exec};
+use worker::gitsync::cli::{self, GitsyncCommand};
+use worker::gitsync::{Gitsync, GitsyncConfig, ProviderConfig, ProviderKind, RefreshOutcome, RefreshReport};
+use worker::health::Health;
+use worker::runtime::{Outcome, Runtime, Tick};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Harness {
+    tdb: TestDb,
+    fake: FakeGitHub,
+    config: GitsyncConfig,
+    pool_size: usize,
+}
+
+/// A row as the refresher left it; times relative to the database's `now()`.
+#[derive(Debug)]
+struct Row {
+    outcome: Option<String>,
+    last_error: Option<String>,
+    stale_in_secs: f64,
+    /// `stale_at - refreshed_at`, when refreshed.
+    ttl_secs: Option<f64>,
+    leased: bool,
+    pr_number: Option<i64>,
+    state: Option<String>,
+    branch: String,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        Self::with_pool_size(10).await
+    }
+
+    async fn with_pool_size(pool_size: usize) -> Self {
+        let tdb = TestDb::with_pool_size(pool_size).await;
+        let fake = FakeGitHub::start().await;
+        let mut github = ProviderConfig::github_default();
+        github.api_base_url = fake.base_url.clone();
+        let config = GitsyncConfig { providers: vec![github], ..GitsyncConfig::default() };
+        Self { tdb, fake, config, pool_size }
+    }
+
+    fn db(&self) -> &Db {
+        &self.tdb.db
+    }
+
+    /// The effective concurrency for this harness's pool, as the daemon computes it.
+    fn concurrency(&self) -> usize {
+        let mut config = Config::default();
+        config.database.pool_size = self.pool_size;
+        config.gitsync = self.config.clone();
+        Concurrency::from_config(&config).gitsync
+    }
+
+    fn gitsync_on(&self, db: Db) -> Gitsync {
+        let meter = opentelemetry::global::meter("gitsync-test");
+        Gitsync::new(db, self.config.clone(), self.concurrency(), &meter).expect("gitsync")
+    }
+
+    fn gitsync(&self) -> Gitsync {
+        self.gitsync_on(self.db().clone())
+    }
+
+    async fn refresh(&self, gitsync: &Gitsync) -> RefreshReport {
+        gitsync.refresh(&Tick::detached(self.db())).await.expect("refresh")
+    }
+
+    /// A chat of `owner` whose diff status is marked for `origin` and `branch` (due now).
+    async fn row(&self, owner: Uuid, origin: &str, branch: &str) -> Uuid {
+        let chat: Uuid = self
+            .db()
+            .get()
+            .await
+            .expect("conn")
+            .fetch_one("INSERT INTO chats (owner_id) VALUES ($1) RETURNING id", &[(&owner, Type::UUID)])
+            .await
+            .expect("chat")
+            .get(0);
+        self.mark(chat, origin, branch).await;
+        chat
+    }
+
+    async fn mark(&self, chat: Uuid, origin: &str, branch: &str) {
+        let (origin, branch) = (origin.to_owned(), branch.to_owned());
+        self.db()
+            .get()
+            .await
+            .expect("conn")
+            .exec(
+                "SELECT mark_diff_stale($1, $2, $3)",
+                &[(&chat, Type::UUID), (&origin, Type::TEXT), (&branch, Type::TEXT)],
+            )
+            .await
+            .expect("mark_diff_stale");
+    }
+
+    /// `owner`'s token for `provider`, expiring in `expires_in_secs` (None = never).
+    async fn link(
+        &self,
+        owner: Uuid,
+        provider: &str,
+        token: &str,
+        expires_in_secs: Option<f64>,
+        refresh: Option<&str>,
+    ) {
+        let (provider, token, refresh) = (provider.to_owned(), token.to_owned(), refresh.map(str::to_owned));
+        self.db()
+            .get()
+            .await
+            .expect("conn")
+            .exec(
+                "INSERT INTO external_auth_links (user_id, provider_id, access_token, refresh_token, expires_at) \
+                 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+                &[
+                    (&owner, Type::UUID),
+                    (&provider, Type::TEXT),
+                    (&token, Type::TEXT),
+                    (&refresh, Type::TEXT),
+                    (&expires_in_secs, Type::FLOAT8),
+                ],
+            )
+            .await
+            .expect("link");
+    }
+
+    /// An owner with a github.com token.
+    async fn owner(&self) -> Uuid {
+        let owner = Uuid::new_v4();
+        self.link(owner, "github", &format!("tok-{owner}"), None, None).await;
+        owner
+    }
+
+    async fn sql(&self, sql: &str) {
+        self.db().get().await.expect("conn").exec(sql, &[]).await.expect(sql);
+    }
+
+    async fn get(&self, chat: Uuid) -> Row {
+        let r = self
+            .db()
+            .get()
+            .await
+            .expect("conn")
+            .fetch_one(
+                "SELECT last_outcome, last_error, extract(epoch FROM stale_at - now())::float8, \
+                 extract(epoch FROM stale_at - refreshed_at)::float8, leased_at IS NOT NULL, pr_number, \
+                 pull_request_state, git_branch FROM chat_diff_statuses WHERE chat_id = $1",
+                &[(&chat, Type::UUID)],
+            )
+            .await
+            .expect("row");
+        Row {
+            outcome: r.get(0),
+            last_error: r.get(1),
+            stale_in_secs: r.get(2),
+            ttl_secs: r.get(3),
+            leased: r.get(4),
+            pr_number: r.get(5),
+            state: r.get(6),
+            branch: r.get(7),
+        }
+    }
+}
+
+fn epoch_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs()
+}
+
+fn near(actual: f64, want: f64) -> bool {
+    (actual - want).abs() < 5.0
+}
+
+#[tokio::test]
+async fn a_due_row_gets_its_branch_pr_and_is_due_again_one_ttl_after_the_refresh() {
+    let h = Harness::new().await;
+    h.fake.pr("octocat", "Hello-World", "new-topic", 1347);
+    let owner = h.owner().await;
+    let chat = h.row(owner, "git@github.com:octocat/Hello-World.git", "new-topic").await;
+
+    let report = h.refresh(&h.gitsync()).await;
+    assert_eq!((report.leased, report.count(RefreshOutcome::Ok)), (1, 1), "{report:?}");
+    let row = h.get(chat).await;
+    assert_eq!(row.outcome.as_deref(), Some("ok"));
+    assert_eq!((row.pr_number, row.state.as_deref()), (Some(1347), Some("open")));
+    assert_eq!(row.last_error, None);
+    assert_eq!(row.ttl_secs, Some(120.0), "stale_at = refreshed_at + ttl");
+    assert!(!row.leased);
+    let stored = h
+        .db()
+        .get()
+        .await
+        .expect("conn")
+        .fetch_one(
+            "SELECT url, title, approved, reviewer_count, checks_state, author_login, head_sha \
+             FROM chat_diff_statuses WHERE chat_id = $1",
+            &[(&chat, Type::UUID)],
+        )
+        .await
+        .expect("row");
+    assert_eq!(stored.get::<_, String>(0), "https://github.com/octocat/Hello-World/pull/1347");
+    assert_eq!(stored.get::<_, String>(1), "Amazing new feature");
+    assert!(stored.get::<_, bool>(2));
+    assert_eq!(stored.get::<_, i64>(3), 1);
+    assert_eq!(stored.get::<_, String>(4), "success");
+    assert_eq!(stored.get::<_, String>(5), "octocat");
+    assert_eq!(stored.get::<_, String>(6), gitsync_support::HEAD_SHA);
+    let seen = h.fake.seen();
+    assert!(seen.iter().all(|s| s.authorization.as_deref() == Some(&*format!("Bearer tok-{owner}"))));
+
+    assert_eq!(h.refresh(&h.gitsync()).await.leased, 0, "not due again before the ttl");
+}
+
+#[tokio::test]
+async fn mark_diff_stale_on_another_branch_clears_the_pr_and_makes_the_row_due() {
+    let h = Harness::new().await;
+    h.fake.pr("o", "r", "a", 1);
+    let owner = h.owner().await;
+    let chat = h.row(owner, "https://github.com/o/r", "a").await;
+    h.refresh(&h.gitsync()).await;
+    assert_eq!(h.get(chat).await.pr_number, Some(1));
+
+    h.mark(chat, "https://github.com/o/r", "a").await;
+    let same = h.get(chat).await;
+    assert_eq!((same.pr_number, same.outcome.as_deref()), (Some(1), Some("ok")), "same branch keeps the PR");
+    assert!(same.stale_in_secs <= 0.0);
+
+    h.mark(chat, "https://github.com/o/r", "b").await;
+    let moved = h.get(chat).await;
+    assert_eq!((moved.pr_number, moved.outcome, moved.branch.as_str()), (None, None, "b"));
+    assert!(moved.stale_in_secs <= 0.0);
+}
+
+#[tokio::test]
+async fn the_fan_out_holds_exactly_the_effective_concurrency_in_flight() {
+    let h = Harness::with_pool_size(4).await;
+    assert_eq!(h.concurrency(), 2, "pool_size 4 → 2");
+    let mut chats = Vec::new();
+    for i in 0..6 {
+        let owner = h.owner().await;
+        h.fake.pr(&format!("o{i}"), "r", "b", 1);
+        chats.push(h.row(owner, &format!("https://github.com/o{i}/r"), "b").await);
+    }
+    let gate = h.fake.gate("/repos/");
+    let gitsync = h.gitsync();
+    let (report, ()) = tokio::join!(h.refresh(&gitsync), async {
+        gate.wait_held(2, WAIT).await;
+        // A window for an over-eager fan-out to send a third request; none may arrive.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(gate.held(), 2, "more requests in flight than the effective concurrency");
+        gate.open();
+    });
+    assert_eq!(gate.max_held(), 2);
+    assert_eq!(report.count(RefreshOutcome::Ok), 6, "{report:?}");
+}
+
+fn primary_rate_limit() -> Answer {
+    Answer::Raw {
+        status: 403,
+        headers: vec![
+            ("x-ratelimit-limit", "5000".into()),
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-reset", (epoch_secs() + 754).to_string()),
+            ("content-type", "application/json".into()),
+        ],
+        body: r#"{"message":"API rate limit exceeded"}"#.into(),
+    }
+}
+
+/// Three rows of one owner on `limited/r` and two of another owner on `good/r`.
+async fn two_groups(h: &Harness) -> (Vec<Uuid>, Vec<Uuid>) {
+    let (limited_owner, good_owner) = (h.owner().await, h.owner().await);
+    let mut limited = Vec::new();
+    let mut good = Vec::new();
+    for (i, branch) in ["b1", "b2", "b3"].into_iter().enumerate() {
+        h.fake.pr("limited", "r", branch, i as i64 + 1);
+        limited.push(h.row(limited_owner, "git@github.com:limited/r.git", branch).await);
+    }
+    for (i, branch) in ["b1", "b2"].into_iter().enumerate() {
+        h.fake.pr("good", "r", branch, i as i64 + 1);
+        good.push(h.row(good_owner, "https://github.com/good/r", branch).await);
+    }
+    (limited, good)
+}
+
+#[tokio::test]
+async fn a_primary_rate_limit_costs_its_group_one_call_and_waits_past_the_reset_while_others_refresh() {
+    let h = Harness::new().await;
+    let (limited, good) = two_groups(&h).await;
+    let reset = epoch_secs() + 754;
+    h.fake.answer("/repos/limited/", primary_rate_limit());
+
+    let report = h.refresh(&h.gitsync()).await;
+    assert_eq!(h.fake.requests_under("/repos/limited/"), 1, "one HTTP call for the rate-limited group");
+    assert_eq!(report.rate_limited_groups, 1);
+    assert_eq!(report.count(RefreshOutcome::RateLimited), 3, "{report:?}");
+    for chat in limited {
+        let row = h.get(chat).await;
+        assert_eq!(row.outcome.as_deref(), Some("rate_limited"));
+        let stale_at = epoch_secs() as f64 + row.stale_in_secs;
+        assert!(stale_at >= reset as f64, "stale_at {stale_at} before the reset {reset}");
+        assert!(row.last_error.as_deref().is_some_and(|e| e.contains("/repos/limited/r/pulls")), "{row:?}");
+    }
+    for chat in good {
+        assert_eq!(h.get(chat).await.outcome.as_deref(), Some("ok"), "the other group carried on");
+    }
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_skips_the_rest_of_its_group_likewise() {
+    let h = Harness::new().await;
+    let (limited, good) = two_groups(&h).await;
+    let headers = vec![("retry-after", "30".to_owned())];
+    h.fake.answer("/repos/limited/", Answer::Raw { status: 429, headers, body: String::new() });
+
+    let report = h.refresh(&h.gitsync()).await;
+    assert_eq!(h.fake.requests_under("/repos/limited/"), 1);
+    assert_eq!(report.rate_limited_groups, 1);
+    for chat in limited {
+        let row = h.get(chat).await;
+        assert_eq!(row.outcome.as_deref(), Some("rate_limited"));
+        assert!(near(row.stale_in_secs, 30.0 + 300.0), "retry-after + padding: {row:?}");
+    }
+    for chat in good {
+        assert_eq!(h.get(chat).await.outcome.as_deref(), Some("ok"));
+    }
+}
+
+#[tokio::test]
+async fn a_403_without_rate_limit_headers_is_an_ordinary_error_for_each_row() {
+    let h = Harness::new().await;
+    let (limited, good) = two_groups(&h).await;
+    let body = r#"{"message":"Resource not accessible by integration"}"#.to_owned();
+    let headers = vec![("content-type", "application/json".to_owned())];
+    h.fake.answer("/repos/limited/", Answer::Raw { status: 403, headers, body });
+
+    let report = h.refresh(&h.gitsync()).await;
+    assert_eq!(report.rate_limited_groups, 0);
+    assert_eq!(h.fake.requests_under("/repos/limited/"), 3, "no row was skipped");
+    for chat in limited {
+        let row = h.get(chat).await;
+        assert_eq!(row.outcome.as_deref(), Some("error"));
+        let error = row.last_error.expect("last_error");
+        assert!(error.contains("403") && error.contains("Resource not accessible"), "{error}");
+        assert!(near(row.stale_in_secs, 120.0), "{}", row.stale_in_secs);
+    }
+    for chat in good {
+        assert_eq!(h.get(chat).await.outcome.as_deref(), Some("ok"));
+    }
+}
+
+#[tokio::test]
+async fn an_owner_without_a_usable_token_backs_off_ten_minutes() {
+    let h = Harness::new().await;
+    h.fake.pr("o", "r", "b", 1);
+    let origin = "https://github.com/o/r";
+    let no_link = h.row(Uuid::new_v4(), origin, "b").await;
+    let expired_owner = Uuid::new_v4();
+    h.link(expired_owner, "github", "old", Some(-60.0), None).await;
+    let expired = h.row(expired_owner, origin, "b").await;
+    let refreshable_owner = Uuid::new_v4();
+    h.link(refreshable_owner, "github", "tok-r", Some(-60.0), Some("refresh")).await;
+    let refreshable = h.row(refreshable_owner, origin, "b").await;
+
+    let report = h.refresh(&h.gitsync()).await;
+    assert_eq!(report.count(RefreshOutcome::NoToken), 2, "{report:?}");
+    for chat in [no_link, expired] {
+        let row = h.get(chat).await;
+        assert_eq!(row.outcome.as_deref(), Some("no_token"));
+        assert!(near(row.stale_in_secs, 600.0), "{row:?}");
+        assert!(row.last_error.as_deref().is_some_and(|e| e.contains("\"github\"")), "{row:?}");
+    }
+    assert_eq!(h.get(refreshable).await.outcome.as_deref(), Some("ok"), "a refresh token keeps it usable");
+    assert!(h.fake.seen().iter().all(|s| s.authorization.as_deref() == Some("Bearer tok-r")));
+}
+
+#[tokio::test]
+async fn a_token_is_only_taken_from_a_link_to_the_provider_serving_the_origins_host() {
+    let mut h = Harness::new().await;
+    let ghe = ProviderConfig {
+        id: "ghe".into(),
+        kind: ProviderKind::Github,
+        api_base_url: h.fake.base_url.clone(),
+        origin_host: "ghe.example.com".into(),
+    };
+    h.config.providers.push(ghe);
+    h.fake.pr("o", "r", "b", 1);
+    let owner = Uuid::new_v4();
+    h.link(owner, "ghe", "tok-ghe", None, None).await;
+    let on_github = h.row(owner, "https://github.com/o/r", "b").await;
+    let on_ghe = h.row(owner, "git@ghe.example.com:o/r.git", "b").await;
+    let on_gitlab = h.row(owner, "https://gitlab.com/o/r", "b").await;
+
+    h.refresh(&h.gitsync()).await;
+    assert_eq!(h.get(on_github).await.outcome.as_deref(), Some("no_token"), "the ghe token is not github's");
+    assert_eq!(h.get(on_ghe).await.outcome.as_deref(), Some("ok"));
+    let gitlab = h.get(on_gitlab).await;
+    assert_eq!(gitlab.outcome.as_deref(), Some("no_token"));
+    assert!(gitlab.last_error.as_deref().is_some_and(|e| e.contains("gitlab.com")), "{gitlab:?}");
+    assert!(near(gitlab.stale_in_secs, 600.0));
+    let seen = h.fake.seen();
+    assert!(!seen.is_empty() && seen.iter().all(|s| s.authorization.as_deref() == Some("Bearer tok-ghe")));
+}
+
+#[tokio::test]
+async fn a_branch_without_a_pr_is_retried_in_15s_while_recently_marked_else_after_the_ttl() {
+    let h = Harness::new().await;
+    h.fake.pr("o", "r", "other", 1);
+    let owner = h.owner().await;
+    let chat = h.row(owner, "https://github.com/o/r", "no-pr-yet").await;
+
+    let report = h.refresh(&h.gitsync()).await;
+    assert_eq!(report.count(RefreshOutcome::NoPr), 1, "{report:?}");
+    let row = h.get(chat).await;
+    assert_eq!((row.outcome.as_deref(), row.pr_number), (Some("no_pr"), None));
+    assert!(near(row.stale_in_secs, 15.0), "{row:?}");
+
+    // The mark is now older than the ttl: the branch may never get a PR.
+    h.sql("UPDATE chat_diff_statuses SET updated_at = now() - interval '5 minutes', stale_at = now()").await;
+    h.refresh(&h.gitsync()).await;
+    let row = h.get(chat).await;
+    assert_eq!(row.outcome.as_deref(), Some("no_pr"));
+    assert!(near(row.stale_in_secs, 120.0), "{row:?}");
+}
+
+#[tokio::test]
+async fn a_provider_that_hangs_costs_its_rows_a_timeout_error_inside_the_tick_and_others_refresh() {
+    let mut h = Harness::new().await;
+    h.config.tick_timeout = Duration::from_secs(2);
+    h.fake.pr("hang", "r", "b", 1);
+    h.fake.pr("good", "r", "b", 1);
+    let hanging = h.row(h.owner().await, "https://github.com/hang/r", "b").await;
+    let good = h.row(h.owner().await, "https://github.com/good/r", "b").await;
+    h.fake.answer("/repos/hang/", Answer::Hang);
+
+    let meter = opentelemetry::global::meter("gitsync-test");
+    let runtime = Runtime::new(h.db().clone(), Health::default(), &meter, RuntimeConfig::default());
+    let report = runtime.runner(h.gitsync()).tick_once().await;
+    assert_eq!(report.outcome, Outcome::Ok, "the request budget ends the hang inside the tick");
+    let row = h.get(hanging).await;
+    assert_eq!(row.outcome.as_deref(), Some("error"));
+    assert!(row.last_error.as_deref().is_some_and(|e| e.contains("timed out") && e.contains("/repos/hang/")));
+    assert_eq!(h.get(good).await.outcome.as_deref(), Some("ok"));
+}
+
+#[tokio::test]
+async fn a_tick_cut_short_leaves_its_rows_leased_and_the_next_tick_refreshes_other_rows() {
+    let h = Harness::new().await;
+    h.fake.pr("hang", "r", "b1", 1);
+    h.fake.pr("hang", "r", "b2", 2);
+    let owner = h.owner().await;
+    let held = [
+        h.row(owner, "https://github.com/hang/r", "b1").await,
+        h.row(owner, "https://github.com/hang/r", "b2").await,
+    ];
+    let gate = h.fake.gate("/repos/hang/");
+    let gitsync = h.gitsync();
+    {
+        // The runner drops a tick at its timeout; dropping it here does the same.
+        let tick = Tick::detached(h.db());
+        let refresh = gitsync.refresh(&tick);
+        tokio::select! {
+            _ = refresh => panic!("the tick finished while its request was held"),
+            () = gate.wait_held(1, WAIT) => {}
+        }
+    }
+    for chat in held {
+        let row = h.get(chat).await;
+        assert!(row.leased && row.outcome.is_none(), "{row:?}");
+        assert!(near(row.stale_in_secs, 300.0), "leased for the lease length, not lost: {row:?}");
+    }
+
+    h.fake.pr("good", "r", "b", 1);
+    let good = h.row(h.owner().await, "https://github.com/good/r", "b").await;
+    let report = h.refresh(&gitsync).await;
+    assert_eq!(report.leased, 1, "only the other row is due: {report:?}");
+    assert_eq!(h.get(good).await.outcome.as_deref(), Some("ok"));
+
+    // Once the lease has run out the rows come back.
+    gate.open();
+    h.sql("UPDATE chat_diff_statuses SET stale_at = now() WHERE leased_at IS NOT NULL").await;
+    let report = h.refresh(&gitsync).await;
+    assert_eq!(report.count(RefreshOutcome::Ok), 2, "{report:?}");
+}
+
+#[tokio::test]
+async fn two_workers_never_refresh_the_same_row_within_one_lease() {
+    let h = Harness::new().await;
+    let mut chats = Vec::new();
+    for i in 0..6 {
+        h.fake.pr(&format!("o{i}"), "r", "b", 1);
+        chats.push(h.row(h.owner().await, &format!("https://github.com/o{i}/r"), "b").await);
+    }
+    let first = h.gitsync();
+    let second = h.gitsync_on(h.tdb.another_pool());
+    let gate = h.fake.gate("/repos/");
+    let (first_report, second_report) = tokio::join!(h.refresh(&first), async {
+        // The first worker holds its leased rows (its requests wait at the gate)...
+        gate.wait_held(h.concurrency(), WAIT).await;
+        // ...while the second ticks to the end.
+        let report = h.refresh(&second).await;
+        gate.open();
+        report
+    });
+    assert_eq!(second_report.leased, 0, "the second worker claimed leased rows: {second_report:?}");
+    assert_eq!((first_report.leased, first_report.count(RefreshOutcome::Ok)), (6, 6), "{first_report:?}");
+    for i in 0..6 {
+        let lookups = h
+            .fake
+            .seen()
+            .iter()
+            .filter(|s| s.path_and_query.starts_with(&format!("/repos/o{i}/r/pulls?")))
+            .count();
+        assert_eq!(lookups, 1, "row {i} was refreshed more than once");
+    }
+}
+
+#[tokio::test]
+async fn a_row_re_marked_during_its_refresh_keeps_the_new_mark() {
+    let h = Harness::new().await;
+    h.fake.pr("o", "r", "old", 1);
+    let chat = h.row(h.owner().await, "https://github.com/o/r", "old").await;
+    let gate = h.fake.gate("/repos/");
+    let gitsync = h.gitsync();
+    let (report, ()) = tokio::join!(h.refresh(&gitsync), async {
+        gate.wait_held(1, WAIT).await;
+        h.mark(chat, "https://github.com/o/r", "new").await;
+        gate.open();
+    });
+    assert_eq!(report.fenced, 1, "{report:?}");
+    let row = h.get(chat).await;
+    assert_eq!((row.branch.as_str(), row.pr_number, row.outcome.as_deref()), ("new", None, None));
+    assert!(row.stale_in_secs <= 0.0, "still due for the next tick: {row:?}");
+}
+
+#[tokio::test]
+async fn an_unchanged_pr_is_revalidated_with_its_etag_and_recorded_as_not_modified() {
+    let h = Harness::new().await;
+    h.fake.pr("octocat", "Hello-World", "new-topic", 1347);
+    let chat = h.row(h.owner().await, "https://github.com/octocat/Hello-World", "new-topic").await;
+    let gitsync = h.gitsync();
+    h.refresh(&gitsync).await;
+    let first = h.fake.seen().len();
+    assert!(h.fake.seen().iter().all(|s| s.if_none_match.is_none() && s.status == 200));
+
+    h.sql("UPDATE chat_diff_statuses SET stale_at = now()").await;
+    let report = h.refresh(&gitsync).await;
+    assert_eq!(report.count(RefreshOutcome::NotModified), 1, "{report:?}");
+    let again = &h.fake.seen()[first..];
+    assert_eq!(again.len(), 3, "the stored PR number is used: {again:?}");
+    for request in again {
+        assert!(request.if_none_match.is_some(), "{request:?}");
+        assert_eq!(request.status, 304, "{request:?}");
+    }
+    assert_eq!(h.get(chat).await.outcome.as_deref(), Some("not_modified"));
+}
+
+#[tokio::test]
+async fn bad_answers_are_recorded_per_row_and_the_tick_still_succeeds() {
+    let mut h = Harness::new().await;
+    h.config.max_body_bytes = 64 * 1024;
+    let mut rows = Vec::new();
+    for repo in ["html", "e500", "cut", "big", "good"] {
+        h.fake.pr(repo, "r", "b", 1);
+        rows.push(h.row(h.owner().await, &format!("https://github.com/{repo}/r"), "b").await);
+    }
+    let json = || vec![("content-type", "application/json".to_owned())];
+    let html = vec![("content-type", "text/html; charset=utf-8".to_owned())];
+    h.fake.answer(
+        "/repos/html/",
+        Answer::Raw { status: 200, headers: html, body: "<html>Unicorn!</html>".into() },
+    );
+    h.fake.answer("/repos/e500/", Answer::Raw { status: 500, headers: json(), body: "{}".into() });
+    let full = fixture("pull-request-simple-items.json");
+    h.fake.answer(
+        "/repos/cut/",
+        Answer::Raw { status: 200, headers: json(), body: full[..full.len() / 2].into() },
+    );
+    let big = format!("[{{\"padding\": \"{}\"}}]", "x".repeat(100 * 1024));
+    h.fake.answer("/repos/big/", Answer::Raw { status: 200, headers: json(), body: big });
+
+    let meter = opentelemetry::global::meter("gitsync-test");
+    let runtime = Runtime::new(h.db().clone(), Health::default(), &meter, RuntimeConfig::default());
+    assert_eq!(runtime.runner(h.gitsync()).tick_once().await.outcome, Outcome::Ok);
+    let wants = ["text/html", "HTTP 500", "EOF", "65536-byte limit"];
+    for ((chat, repo), want) in rows.iter().zip(["html", "e500", "cut", "big"]).zip(wants) {
+        let row = h.get(*chat).await;
+        assert_eq!(row.outcome.as_deref(), Some("error"), "{repo}: {row:?}");
+        let error = row.last_error.unwrap_or_default();
+        assert!(error.contains(want) && error.contains(&format!("/repos/{repo}/r/pulls")), "{repo}: {error}");
+    }
+    assert_eq!(h.get(rows[4]).await.outcome.as_deref(), Some("ok"));
+}
+
+#[tokio::test]
+async fn gitsync_stats_counts_rows_by_state_and_refresh_marks_one_due() {
+    let h = Harness::new().await;
+    h.fake.pr("o", "r", "b", 1);
+    let owner = h.owner().await;
+    let refreshed = h.row(owner, "https://github.com/o/r", "b").await;
+    h.refresh(&h.gitsync()).await;
+    let _due = h.row(owner, "https://github.com/o/r", "c").await;
+    let leased = h.row(owner, "https://github.com/o/r", "d").await;
+    h.sql(&format!(
+        "UPDATE chat_diff_statuses SET stale_at = now() + interval '5 minutes', leased_at = now() WHERE chat_id = '{leased}'"
+    ))
+    .await;
+    h.sql("UPDATE chat_diff_statuses SET stale_at = now() - interval '90 seconds' WHERE git_branch = 'c'")
+        .await;
+
+    let stats = cli::stats(h.db()).await.expect("stats");
+    assert_eq!((stats.rows, stats.due, stats.leased), (3, 1, 1), "{stats:?}");
+    assert!(near(stats.oldest_due_secs, 90.0), "{stats:?}");
+    assert_eq!(stats.by_outcome.get("ok"), Some(&1));
+    assert_eq!(stats.by_outcome.get("never"), Some(&2));
+    let mut out = Vec::new();
+    cli::run(h.db(), &GitsyncCommand::Stats { json: true }, &mut out).await.expect("stats --json");
+    let json: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(json["due"], 1);
+
+    let mut out = Vec::new();
+    cli::run(h.db(), &GitsyncCommand::Refresh { chat_id: refreshed }, &mut out).await.expect("refresh");
+    assert!(h.get(refreshed).await.stale_in_secs <= 0.0);
+    assert_eq!(cli::stats(h.db()).await.expect("stats").due, 2);
+    let unknown = Uuid::new_v4();
+    let err = cli::run(h.db(), &GitsyncCommand::Refresh { chat_id: unknown }, &mut Vec::new()).await;
+    assert!(err.is_err_and(|e| e.to_string().contains(&unknown.to_string())));
+}
