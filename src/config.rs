@@ -46,7 +46,7 @@ pub struct Config {
     pub outbox: crate::outbox::OutboxConfig,
     pub counters: crate::counters::CountersConfig,
     pub gitsync: GitsyncConfig,
-    pub prebuilds: PrebuildsConfig,
+    pub prebuilds: crate::prebuilds::PrebuildsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -231,14 +231,6 @@ impl Default for GitsyncConfig {
     fn default() -> Self {
         Self { concurrency: 10 }
     }
-}
-
-/// Only the fan-out limit is read so far; the reconciler lands with its own issue.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct PrebuildsConfig {
-    /// 0 = derive from the pool size (`max(1, pool_size / 2)`).
-    pub concurrency: usize,
 }
 
 /// Fan-out of the loops that fan out, derived from the pool limit in one place so the pool can
@@ -617,12 +609,7 @@ impl Config {
             self.gitsync.concurrency,
             "1..=1000",
         )?;
-        check(
-            self.prebuilds.concurrency <= 1000,
-            "prebuilds.concurrency",
-            self.prebuilds.concurrency,
-            "0..=1000 (0 = from pool size)",
-        )?;
+        self.prebuilds.validate().map_err(|v| v.under("prebuilds"))?;
         Ok(())
     }
 

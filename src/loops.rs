@@ -2,7 +2,7 @@
 //! accepts, the `loop` attribute of every metric) and the config table each is set up by.
 //! Adding a loop adds one entry here; nothing else keeps a list of loops.
 
-use crate::{counters, outbox, workers};
+use crate::{counters, outbox, prebuilds, workers};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct LoopInfo {
@@ -19,6 +19,11 @@ pub const ALL: &[LoopInfo] = &[
         name: counters::NAME,
         config_table: "counters",
         about: "Redis running-task counters into jobs.running_tasks",
+    },
+    LoopInfo {
+        name: prebuilds::NAME,
+        config_table: "prebuilds",
+        about: "keeps each preset's prebuilt workspaces at the desired count (leader only)",
     },
 ];
 

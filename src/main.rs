@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use worker::config::{self, Config, ConfigInputs, Loaded};
 use worker::db::Db;
 use worker::outbox::cli::OutboxCommand;
-use worker::{controls, daemon, migrate, outbox, status, telemetry};
+use worker::prebuilds::cli::PrebuildsCommand;
+use worker::{controls, daemon, migrate, outbox, prebuilds, status, telemetry};
 
 #[derive(Parser, Debug)]
 #[command(name = "worker", version, about = "Control-plane daemon of the chat platform")]
@@ -58,6 +59,9 @@ enum OnlineCommand {
     /// Outbox backlog and dead letters.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Prebuilds per preset, and what the reconciler's next cycle would do.
+    #[command(subcommand)]
+    Prebuilds(PrebuildsCommand),
     /// Registered workers (with the age of their lease) and paused loops.
     Status {
         #[arg(long)]
@@ -194,6 +198,11 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
         OnlineCommand::Outbox(command) => {
             let db = Db::new(&config.database)?;
             outbox::cli::run(&db, &command, &mut std::io::stdout().lock()).await?;
+            Ok(0)
+        }
+        OnlineCommand::Prebuilds(command) => {
+            let db = Db::new(&config.database)?;
+            prebuilds::cli::run(&db, &config.prebuilds, &command, &mut std::io::stdout().lock()).await?;
             Ok(0)
         }
         OnlineCommand::Status { json } => {
