@@ -382,6 +382,8 @@ pub struct CycleStats {
     pub failed: usize,
     pub slots_taken: usize,
     pub peak_in_flight: usize,
+    /// Reading the snapshot (from asking for it to ending it).
+    pub snapshot: Duration,
     pub elapsed: Duration,
 }
 
@@ -457,6 +459,7 @@ impl Reconciler {
         let loaded =
             snapshot::load(&snapshot, self.config.system_user_id, self.config.failure_window).await?;
         snapshot.finish().await?;
+        let snapshot_elapsed = started.elapsed();
 
         let plan = plan(loaded.presets, loaded.now, self.config.backoff_interval);
         for item in &plan.reconcile {
@@ -489,6 +492,7 @@ impl Reconciler {
             failed: report.failed,
             slots_taken: report.slots_taken,
             peak_in_flight: report.peak_in_flight,
+            snapshot: snapshot_elapsed,
             elapsed: started.elapsed(),
         };
         self.record(&stats);
@@ -521,6 +525,7 @@ impl Reconciler {
                     canceled = stats.canceled,
                     failed = stats.failed,
                     peak_in_flight = stats.peak_in_flight,
+                    snapshot_ms = stats.snapshot.as_millis() as u64,
                     elapsed_ms = stats.elapsed.as_millis() as u64,
                     "prebuilds cycle"
                 )
