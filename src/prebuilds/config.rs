@@ -67,3 +67,17 @@ impl PrebuildsConfig {
         check(self.concurrency <= 1000, "concurrency", self.concurrency, "0..=1000 (0 = from pool size)")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_validate_and_a_nil_system_user_or_zero_durations_do_not() {
+        assert!(PrebuildsConfig::default().validate().is_ok());
+        let nil = PrebuildsConfig { system_user_id: Uuid::nil(), ..PrebuildsConfig::default() };
+        assert_eq!(nil.validate().map_err(|v| v.key), Err("system_user_id".to_owned()));
+        let zero = PrebuildsConfig { backoff_interval: Duration::ZERO, ..PrebuildsConfig::default() };
+        assert_eq!(zero.validate().map_err(|v| v.key), Err("backoff_interval".to_owned()));
+    }
+}

@@ -46,29 +46,31 @@ pub const WAKE_CHANNEL: &str = "template_version_activated";
 pub const JOB_POSTED_CHANNEL: &str = "provisioner_job_posted";
 
 /// `$1` workspace id, `$2` owner (the system user), `$3` template, `$4` preset, `$5` name,
-/// `$6` template version. One statement: the workspace, its pending job, its first `start` build.
+/// `$6` template version. One statement: the workspace, its pending job, its first `start` build
+/// and the NOTIFY `provisioner_job_posted` of the job (delivered when the transaction commits,
+/// never for a rolled-back one).
 pub const CREATE: &str = "WITH w AS (\
        INSERT INTO workspaces (id, owner_id, template_id, preset_id, name) \
        VALUES ($1, $2, $3, $4, $5) RETURNING id), \
-     j AS (INSERT INTO provisioner_jobs (status) VALUES ('pending') RETURNING id) \
-     INSERT INTO workspace_builds \
+     j AS (INSERT INTO provisioner_jobs (status) VALUES ('pending') RETURNING id), \
+     b AS (INSERT INTO workspace_builds \
        (workspace_id, template_version_id, preset_id, transition, build_number, job_id, initiator_id) \
-     SELECT w.id, $6, $4, 'start', 1, j.id, $2 FROM w, j RETURNING job_id";
-/// `$1` job id as text. Delivered when the transaction commits, never for a rolled-back one.
-pub const NOTIFY_JOB_POSTED: &str = "SELECT pg_notify('provisioner_job_posted', $1)";
+       SELECT w.id, $6, $4, 'start', 1, j.id, $2 FROM w, j RETURNING job_id) \
+     SELECT b.job_id FROM b, LATERAL (SELECT pg_notify('provisioner_job_posted', b.job_id::text)) AS n";
 /// `$1` workspace id. Locks the row so a concurrent claim either finished before (and is seen
 /// here) or waits for this transaction.
 pub const LOCK_WORKSPACE: &str = "SELECT owner_id, deleted FROM workspaces WHERE id = $1 FOR UPDATE";
 /// `$1` workspace id, `$2` initiator (the system user). The `delete` build follows the latest
-/// build, on the same template version.
+/// build, on the same template version; its job is announced like a create's.
 pub const DELETE: &str = "WITH latest AS (\
        SELECT template_version_id, preset_id, build_number FROM workspace_builds \
        WHERE workspace_id = $1 ORDER BY build_number DESC LIMIT 1), \
-     j AS (INSERT INTO provisioner_jobs (status) SELECT 'pending' FROM latest RETURNING id) \
-     INSERT INTO workspace_builds \
+     j AS (INSERT INTO provisioner_jobs (status) SELECT 'pending' FROM latest RETURNING id), \
+     b AS (INSERT INTO workspace_builds \
        (workspace_id, template_version_id, preset_id, transition, build_number, job_id, initiator_id) \
-     SELECT $1, latest.template_version_id, latest.preset_id, 'delete', latest.build_number + 1, j.id, $2 \
-     FROM latest, j RETURNING job_id";
+       SELECT $1, latest.template_version_id, latest.preset_id, 'delete', latest.build_number + 1, j.id, $2 \
+       FROM latest, j RETURNING job_id) \
+     SELECT b.job_id FROM b, LATERAL (SELECT pg_notify('provisioner_job_posted', b.job_id::text)) AS n";
 /// `$1` job ids. Only jobs still pending: one a provisioner started in the meantime is its own.
 pub const CANCEL: &str = "UPDATE provisioner_jobs SET status = 'canceled', completed_at = now() \
      WHERE id = ANY($1) AND status = 'pending'";
@@ -193,7 +195,6 @@ pub async fn create_prebuild(
         )
         .await?
         .get(0);
-    tx.exec(NOTIFY_JOB_POSTED, &[(&job_id.to_string(), Type::TEXT)]).await?;
     db::commit(tx).await?;
     Ok((workspace_id, job_id))
 }
@@ -213,12 +214,10 @@ pub async fn delete_prebuild(
         return Ok(DeleteOutcome::Claimed);
     }
     let params: [db::Param<'_>; 2] = [(&workspace_id, Type::UUID), (&system_user_id, Type::UUID)];
-    let Some(row) = tx.fetch_opt(DELETE, &params).await? else {
+    if tx.fetch_opt(DELETE, &params).await?.is_none() {
         // No build at all: nothing a provisioner could tear down.
         return Ok(DeleteOutcome::Claimed);
-    };
-    let job_id: Uuid = row.get(0);
-    tx.exec(NOTIFY_JOB_POSTED, &[(&job_id.to_string(), Type::TEXT)]).await?;
+    }
     db::commit(tx).await?;
     Ok(DeleteOutcome::Deleted)
 }
