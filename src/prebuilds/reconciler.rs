@@ -442,10 +442,6 @@ impl Reconciler {
         Self { config, concurrency: concurrency.max(1), instruments, last: LastCycle::default() }
     }
 
-    pub fn concurrency(&self) -> usize {
-        self.concurrency
-    }
-
     /// A handle on the last cycle's stats that outlives handing the loop to a runner.
     pub fn last_cycle(&self) -> LastCycle {
         self.last.clone()
@@ -466,9 +462,10 @@ impl Reconciler {
                 tracing::warn!(
                     preset_id = %warning.preset_id,
                     preset = %warning.preset_name,
-                    problem = warning.problem.label(),
+                    kind = warning.problem.label(),
+                    problem = %warning.problem,
                     fallback = warning.fallback,
-                    "{warning}"
+                    "prebuilds: a preset's schedules cannot decide its desired count; using desired_instances"
                 );
             }
         }
