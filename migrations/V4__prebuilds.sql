@@ -92,8 +92,8 @@ CREATE TABLE workspaces (
     name        text        NOT NULL CHECK (name <> ''),
     deleted     boolean     NOT NULL DEFAULT false,
     created_at  timestamptz NOT NULL DEFAULT now(),
-    -- Bumped by the chat heartbeat for workspaces whose chats are running (one batched statement
-    -- per heartbeat), so idle-workspace policies can tell a workspace in use.
+    -- Last time someone used the workspace (the chat heartbeat bumps it); NULL = never used.
+    -- The prebuilds reconciler does not read it.
     last_used_at timestamptz
 );
 
@@ -119,3 +119,19 @@ CREATE TABLE workspace_builds (
     -- DESC), scanned backwards: a separate DESC index would be a duplicate.
     UNIQUE (workspace_id, build_number)
 );
+
+-- Activating a template version (or clearing it) changes which presets are active: wake the
+-- prebuilds reconciler at once instead of at its next interval. The payload is the template id.
+CREATE FUNCTION notify_template_version_activated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('template_version_activated', NEW.id::text);
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER templates_active_version_changed
+    AFTER UPDATE OF active_version_id ON templates
+    FOR EACH ROW
+    WHEN (OLD.active_version_id IS DISTINCT FROM NEW.active_version_id)
+    EXECUTE FUNCTION notify_template_version_activated();

@@ -47,7 +47,7 @@ pub struct Config {
     pub counters: crate::counters::CountersConfig,
     pub chats: crate::chats::ChatsConfig,
     pub gitsync: crate::gitsync::GitsyncConfig,
-    pub prebuilds: PrebuildsConfig,
+    pub prebuilds: crate::prebuilds::PrebuildsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -218,14 +218,6 @@ impl Default for RuntimeConfig {
             controls_refresh: Duration::from_secs(1),
         }
     }
-}
-
-/// Only the fan-out limit is read so far; the reconciler lands with its own issue.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct PrebuildsConfig {
-    /// 0 = derive from the pool size (`max(1, pool_size / 2)`).
-    pub concurrency: usize,
 }
 
 /// Fan-out of the loops that fan out, derived from the pool limit in one place so the pool can
@@ -600,12 +592,7 @@ impl Config {
         self.counters.validate().map_err(|v| v.under("counters"))?;
         self.chats.validate().map_err(|v| v.under("chats"))?;
         self.gitsync.validate().map_err(|v| v.under("gitsync"))?;
-        check(
-            self.prebuilds.concurrency <= 1000,
-            "prebuilds.concurrency",
-            self.prebuilds.concurrency,
-            "0..=1000 (0 = from pool size)",
-        )?;
+        self.prebuilds.validate().map_err(|v| v.under("prebuilds"))?;
         Ok(())
     }
 

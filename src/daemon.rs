@@ -25,6 +25,7 @@ use crate::health::Health;
 use crate::identity::WorkerIdentity;
 use crate::migrate;
 use crate::outbox::Sweeper;
+use crate::prebuilds::Reconciler;
 use crate::runtime::Runtime;
 use crate::telemetry::{Identity, Metrics};
 use crate::workers::WorkerLease;
@@ -94,6 +95,9 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
         let counters =
             Counters::new(db.clone(), redis.clone(), &config.redis.prefix, config.counters.clone(), &meter);
         runtime.spawn(counters);
+    }
+    if config.prebuilds.enabled {
+        runtime.spawn(Reconciler::new(config.prebuilds.clone(), concurrency.prebuilds, &meter));
     }
 
     if config.gitsync.enabled {

@@ -24,8 +24,8 @@
 //!   GitHub), its CLI; origin parsing, providers, the API client and the pure derivations
 //!   (approved, checks state, rate-limit waits).
 //! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
-//! - [`prebuilds`]: prebuilt workspaces per preset; today the pure decision core
-//!   ([`prebuilds::actions`]), the loop comes next.
+//! - [`prebuilds`]: the `prebuilds` loop (keeps each preset's prebuilt workspaces at its desired
+//!   count, leader only), its pure decision core ([`prebuilds::actions`]) and its CLI.
 //! - [`daemon`]: wiring for `worker run`: start everything, drain on the first signal.
 //!
 //! Adding a loop: implement [`runtime::Loop`] (and [`runtime::LoopError`] for its error) in its

@@ -3,7 +3,7 @@
 //! Adding a loop adds one entry here; nothing else keeps a list of loops.
 
 use crate::chats::{acquire, heartbeat, recover};
-use crate::{counters, gitsync, outbox, workers};
+use crate::{counters, gitsync, outbox, prebuilds, workers};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct LoopInfo {
@@ -44,6 +44,11 @@ pub const ALL: &[LoopInfo] = &[
         name: gitsync::NAME,
         config_table: "gitsync",
         about: "pull-request status of each chat's branch into chat_diff_statuses",
+    },
+    LoopInfo {
+        name: prebuilds::NAME,
+        config_table: "prebuilds",
+        about: "keeps each preset's prebuilt workspaces at the desired count (leader only)",
     },
 ];
 

@@ -11,7 +11,8 @@ use worker::config::{self, Config, ConfigInputs, Loaded};
 use worker::db::Db;
 use worker::gitsync::cli::GitsyncCommand;
 use worker::outbox::cli::OutboxCommand;
-use worker::{chats, controls, daemon, gitsync, migrate, outbox, status, telemetry};
+use worker::prebuilds::cli::PrebuildsCommand;
+use worker::{chats, controls, daemon, gitsync, migrate, outbox, prebuilds, status, telemetry};
 
 #[derive(Parser, Debug)]
 #[command(name = "worker", version, about = "Control-plane daemon of the chat platform")]
@@ -66,6 +67,9 @@ enum OnlineCommand {
     /// Pull-request status refresh: backlog, or mark one chat due now.
     #[command(subcommand)]
     Gitsync(GitsyncCommand),
+    /// Prebuilds per preset, and what the reconciler's next cycle would do.
+    #[command(subcommand)]
+    Prebuilds(PrebuildsCommand),
     /// Registered workers (with the age of their lease) and paused loops.
     Status {
         #[arg(long)]
@@ -215,6 +219,11 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
         OnlineCommand::Gitsync(command) => {
             let db = Db::new(&config.database)?;
             gitsync::cli::run(&db, &command, &mut std::io::stdout().lock()).await?;
+            Ok(0)
+        }
+        OnlineCommand::Prebuilds(command) => {
+            let db = Db::new(&config.database)?;
+            prebuilds::cli::run(&db, &config.prebuilds, &command, &mut std::io::stdout().lock()).await?;
             Ok(0)
         }
         OnlineCommand::Status { json } => {

@@ -94,6 +94,9 @@ pub struct RunningPrebuild {
 pub struct PresetState {
     pub id: Uuid,
     pub name: String,
+    /// Where new prebuilds come from: the preset's template and version.
+    pub template_id: Uuid,
+    pub template_version_id: Uuid,
     /// Its version is the template's active version and the template is neither deleted nor
     /// deprecated.
     pub active: bool,
@@ -327,6 +330,8 @@ mod tests {
         PresetState {
             id: id(0xAB),
             name: "small".into(),
+            template_id: id(0x7E),
+            template_version_id: id(0x7F),
             active: true,
             prebuild_status: PrebuildStatus::Healthy,
             desired_instances: 0,

@@ -3,8 +3,20 @@
 //!
 //! - [`actions`]: the pure decision per preset (what to create, delete and cancel given one
 //!   snapshot and `now`), including which cron schedule sets the desired count.
+//! - [`snapshot`]: every preset's state, read with a few set-based statements in one snapshot.
+//! - [`reconciler`]: the `prebuilds` loop — snapshot, plan (skip idle presets before they take a
+//!   slot), bounded concurrent execution, cycle stats and metrics.
+//! - [`config`]: the `[prebuilds]` table.
+//! - [`cli`]: `worker prebuilds status | plan`.
 //!
 //! Tables: `templates`, `template_versions`, `presets`, `preset_schedules`, `workspaces`,
 //! `workspace_builds`, `provisioner_jobs` (migration `V4__prebuilds.sql`).
 
 pub mod actions;
+pub mod cli;
+pub mod config;
+pub mod reconciler;
+pub mod snapshot;
+
+pub use config::PrebuildsConfig;
+pub use reconciler::{CycleStats, LEADER_KEY, NAME, ReconcileError, Reconciler, WAKE_CHANNEL};
