@@ -936,6 +936,28 @@ mod tests {
     }
 
     #[test]
+    fn a_key_inside_an_array_of_tables_shows_its_line_and_a_bad_one_is_named() {
+        let file = write(
+            "[gitsync]\nconcurrency = 4\n\n[[gitsync.providers]]\nid = \"github\"\nkind = \"github\"\n\
+             api_base_url = \"https://api.github.com\"\norigin_host = \"github.com\"\n\n\
+             [[gitsync.providers]]\nid = \"ghe\"\nkind = \"github\"\n\
+             api_base_url = \"https://ghe.example.com/api/v3\"\norigin_host = \"ghe.example.com\"\n",
+        );
+        let loaded = load(&inputs(&file)).expect("loads");
+        assert!(matches!(loaded.sources["gitsync.providers.1.origin_host"], Source::File { line: 14, .. }));
+        let printed = loaded.config.render(&loaded.sources);
+        let expected = format!("origin_host = \"ghe.example.com\"  # {}:14", file.path().display());
+        assert!(printed.contains(&expected), "{printed}");
+        assert_eq!(printed.matches("[[gitsync.providers]]").count(), 2, "{printed}");
+
+        let file = write("[[gitsync.providers]]\nid = \"x\"\nkind = \"github\"\nurl = \"https://x\"\n");
+        let err = load(&inputs(&file)).expect_err("unknown key in an array of tables");
+        let text = err.to_string();
+        assert_eq!(err.key(), Some("gitsync.providers.0.url"), "{text}");
+        assert!(text.contains(&format!("{}:4", file.path().display())), "{text}");
+    }
+
+    #[test]
     fn concurrency_is_derived_from_the_pool_size() {
         let mut config = Config::default();
         assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 5, gitsync: 5 });
