@@ -593,6 +593,14 @@ impl Config {
         self.chats.validate().map_err(|v| v.under("chats"))?;
         self.gitsync.validate().map_err(|v| v.under("gitsync"))?;
         self.prebuilds.validate().map_err(|v| v.under("prebuilds"))?;
+        // The reconciler holds the leader lock on one connection and reads its snapshot on a
+        // second: with one connection it could never tick.
+        check(
+            !self.prebuilds.enabled || self.database.pool_size >= 2,
+            "database.pool_size",
+            self.database.pool_size,
+            "at least 2 while prebuilds.enabled (leader lock + snapshot)",
+        )?;
         Ok(())
     }
 
@@ -955,6 +963,16 @@ mod tests {
         let text = err.to_string();
         assert_eq!(err.key(), Some("gitsync.providers.0.url"), "{text}");
         assert!(text.contains(&format!("{}:4", file.path().display())), "{text}");
+    }
+
+    #[test]
+    fn a_pool_of_one_is_refused_while_the_reconciler_needs_two_connections() {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("WORKER__DATABASE__POOL_SIZE".into(), "1".into());
+        let err = load(&inputs).expect_err("pool of one with prebuilds");
+        assert_eq!(err.key(), Some("database.pool_size"), "{err}");
+        inputs.env.insert("WORKER__PREBUILDS__ENABLED".into(), "false".into());
+        assert!(load(&inputs).is_ok(), "fine without the reconciler");
     }
 
     #[test]
