@@ -316,7 +316,7 @@ async fn settle(ctx: &RunnerContext, fence: &Fence, ending: &Ending) -> Result<(
     match ending {
         Ending::Finished { .. } | Ending::FencedOut | Ending::Interrupted(InterruptCause::Stolen) => Ok(()),
         Ending::Failed(error) => {
-            let message = truncate(error.to_string());
+            let message = db::clip(error.to_string(), MAX_ERROR_LEN);
             fence.write(&ctx.db, FAIL_TURN, &[(&message, Type::TEXT)]).await.map(drop)
         }
         Ending::Interrupted(InterruptCause::Shutdown | InterruptCause::Lease) | Ending::Database(_) => {
@@ -376,15 +376,4 @@ async fn lease_watchdog(mut lease: LeaseWatch, epoch: u64, tolerance: Duration) 
             }
         }
     }
-}
-
-fn truncate(mut text: String) -> String {
-    if text.len() > MAX_ERROR_LEN {
-        let mut end = MAX_ERROR_LEN;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }

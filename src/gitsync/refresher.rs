@@ -543,7 +543,7 @@ async fn backoff(
     delay: Duration,
 ) -> Result<Option<Row>, DbError> {
     let outcome = outcome.as_str().to_owned();
-    let error = truncate(error.to_owned());
+    let error = db::clip(error.to_owned(), MAX_ERROR_LEN);
     let delay = delay.as_secs_f64();
     tx.fetch_opt(
         WRITE_BACKOFF,
@@ -591,17 +591,6 @@ fn found(result: Result<Option<PrStatus>, ProviderError>) -> Found {
     }
 }
 
-fn truncate(mut error: String) -> String {
-    if error.len() > MAX_ERROR_LEN {
-        let mut end = MAX_ERROR_LEN;
-        while !error.is_char_boundary(end) {
-            end -= 1;
-        }
-        error.truncate(end);
-    }
-    error
-}
-
 impl<P: Provider + 'static> Loop for Gitsync<P> {
     type Error = GitsyncError;
 
@@ -646,11 +635,5 @@ mod tests {
             }
             other => panic!("expected a rate limit, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn long_errors_are_truncated_on_a_char_boundary() {
-        let cut = truncate("é".repeat(MAX_ERROR_LEN));
-        assert!(cut.len() <= MAX_ERROR_LEN && cut.chars().all(|c| c == 'é'));
     }
 }

@@ -299,12 +299,12 @@ impl Plan {
                     rand::random::<f64>(),
                 );
                 self.retry_ids.push(row.id);
-                self.retry_errors.push(truncate(error));
+                self.retry_errors.push(db::clip(error, MAX_ERROR_LEN));
                 self.retry_delays.push(delay.as_secs_f64());
             }
             Settlement::DeadLetter { error } => {
                 self.dead_ids.push(row.id);
-                self.dead_errors.push(truncate(error));
+                self.dead_errors.push(db::clip(error, MAX_ERROR_LEN));
             }
             Settlement::Untouched { error } => {
                 self.untouched += 1;
@@ -348,17 +348,6 @@ impl Plan {
     }
 }
 
-fn truncate(mut error: String) -> String {
-    if error.len() > MAX_ERROR_LEN {
-        let mut end = MAX_ERROR_LEN;
-        while !error.is_char_boundary(end) {
-            end -= 1;
-        }
-        error.truncate(end);
-    }
-    error
-}
-
 impl Loop for Sweeper {
     type Error = SweepError;
 
@@ -392,14 +381,5 @@ mod tests {
         assert_eq!(next_batch_limit(250, 500, false), 500);
         assert_eq!(next_batch_limit(300, 500, false), 500, "never above the configured size");
         assert_eq!(next_batch_limit(500, 500, false), 500);
-    }
-
-    #[test]
-    fn long_errors_are_truncated_on_a_char_boundary() {
-        assert_eq!(truncate("short".into()), "short");
-        let long = "é".repeat(MAX_ERROR_LEN);
-        let cut = truncate(long);
-        assert!(cut.len() <= MAX_ERROR_LEN);
-        assert!(cut.chars().all(|c| c == 'é'));
     }
 }
