@@ -31,8 +31,22 @@ pub enum DbError {
     Url(String),
     #[error("no database connection within the acquire timeout: {0}")]
     Pool(#[from] PoolError),
-    #[error(transparent)]
+    /// With its causes: tokio-postgres's own text is only the kind ("db error", "error
+    /// performing TLS handshake"); the server message or certificate problem is in the source.
+    #[error("{}", with_causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
+}
+
+/// `error: cause: cause…`, for errors whose own text says little.
+pub fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl DbError {

@@ -180,7 +180,7 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), String> 
         (TlsOptions { mode: SslMode::Prefer, root_cert: None, client_cert: None }, url.to_owned())
     };
     let config: tokio_postgres::Config =
-        driver_url.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
+        driver_url.parse().map_err(|e: tokio_postgres::Error| super::with_causes(&e))?;
     let tls = MakeRustls::new(&options)?;
     Ok((config, tls))
 }
@@ -189,7 +189,7 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), String> 
 /// must not depend on files that are mounted later).
 pub fn check(url: &str) -> Result<(), String> {
     let split = split_url(url)?;
-    split.driver_url.parse::<tokio_postgres::Config>().map_err(|e| e.to_string())?;
+    split.driver_url.parse::<tokio_postgres::Config>().map_err(|e| super::with_causes(&e))?;
     Ok(())
 }
 
@@ -335,6 +335,29 @@ fn refuse(message: String) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(Refused(message)))))
 }
 
+/// rustls lists presented names in their Debug form (`DnsName("db.example.com")`).
+fn presented_name(name: &str) -> &str {
+    match (name.find('"'), name.rfind('"')) {
+        (Some(start), Some(end)) if start < end => &name[start + 1..end],
+        _ => name,
+    }
+}
+
+/// The operator's wording of a refused certificate instead of rustls's Debug of its wrapper.
+fn reword(error: io::Error) -> io::Error {
+    let refused =
+        error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).and_then(|e| match e {
+            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+                other.0.downcast_ref::<Refused>().map(|r| r.0.clone())
+            }
+            _ => None,
+        });
+    match refused {
+        Some(message) => io::Error::new(error.kind(), message),
+        None => error,
+    }
+}
+
 fn server_name_text(name: &ServerName<'_>) -> String {
     match name {
         ServerName::DnsName(dns) => dns.as_ref().to_owned(),
@@ -364,7 +387,7 @@ impl ServerCertVerifier for Verify {
                 presented,
             })) => Err(refuse(format!(
                 "sslmode={mode}: certificate is for host {}, not {}",
-                presented.join(", "),
+                presented.iter().map(|name| presented_name(name)).collect::<Vec<_>>().join(", "),
                 server_name_text(&expected)
             ))),
             Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) => Err(refuse(
@@ -434,7 +457,8 @@ where
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
             let name = self.name.map_err(io::Error::other)?;
-            let tls = tokio_rustls::TlsConnector::from(self.config).connect(name, stream).await?;
+            let tls =
+                tokio_rustls::TlsConnector::from(self.config).connect(name, stream).await.map_err(reword)?;
             Ok(RustlsStream(Box::new(tls)))
         })
     }
