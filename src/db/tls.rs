@@ -556,6 +556,12 @@ mod tests {
     }
 
     #[test]
+    fn presented_names_lose_their_debug_wrapping() {
+        assert_eq!(presented_name("DnsName(\"db.example.com\")"), "db.example.com");
+        assert_eq!(presented_name("10.0.0.1"), "10.0.0.1");
+    }
+
+    #[test]
     fn an_unreadable_root_certificate_is_named_with_its_path() {
         let Err(err) = parse("postgres://db/app?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem") else {
             panic!("a missing CA file must fail");
