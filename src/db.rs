@@ -29,12 +29,20 @@ pub type Param<'a> = (&'a (dyn ToSql + Sync), Type);
 pub enum DbError {
     #[error("invalid database url: {0}")]
     Url(String),
-    #[error("no database connection within the acquire timeout: {0}")]
+    #[error("no database connection within the acquire timeout: {}", pool_text(.0))]
     Pool(#[from] PoolError),
     /// With its causes: tokio-postgres's own text is only the kind ("db error", "error
     /// performing TLS handshake"); the server message or certificate problem is in the source.
     #[error("{}", with_causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
+}
+
+/// A failed connect with its cause (deadpool shows only tokio-postgres's bare kind).
+fn pool_text(error: &PoolError) -> String {
+    match error {
+        PoolError::Backend(e) => format!("cannot connect: {}", with_causes(e)),
+        other => other.to_string(),
+    }
 }
 
 /// `error: cause: cause…`, for errors whose own text says little.

@@ -188,6 +188,9 @@ async fn verify_full_refuses_a_certificate_for_another_host_but_verify_ca_accept
     let url = url_with(&test_db, "127.0.0.1", &format!("sslmode=verify-full&{root}"));
     let err = encrypted_direct(&url).await.expect_err("the certificate is for localhost only");
     assert!(err.contains("sslmode=verify-full: certificate is for host localhost, not 127.0.0.1"), "{err}");
+    let pool = Db::new(&DatabaseConfig { url, pool_size: 1, ..DatabaseConfig::default() }).expect("pool");
+    let err = pool.get().await.expect_err("the pool refuses the same certificate").to_string();
+    assert!(err.contains("certificate is for host localhost, not 127.0.0.1"), "{err}");
 
     let url = url_with(&test_db, "127.0.0.1", &format!("sslmode=verify-ca&{root}"));
     assert_eq!(encrypted_direct(&url).await, Ok(true), "verify-ca checks the chain, not the name");
