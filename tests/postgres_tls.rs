@@ -215,3 +215,28 @@ async fn an_unreadable_ca_file_is_reported_with_the_option_that_named_it() {
     let err = encrypted_direct(&url).await.expect_err("missing CA file");
     assert!(err.contains("sslrootcert=/nonexistent/ca.pem: cannot read"), "{err}");
 }
+
+#[tokio::test]
+async fn a_client_certificate_is_loaded_and_a_missing_key_file_is_named() {
+    server_ca().await;
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let issuer = certificate_authority("client CA");
+    let key = KeyPair::generate().expect("client key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+    params.distinguished_name.push(DnType::CommonName, "postgres");
+    let cert = params.signed_by(&key, &issuer).expect("sign client certificate");
+    let (cert_path, key_path) = (dir.path().join("client.pem"), dir.path().join("client.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("write client certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write client key");
+
+    // This server does not ask for a client certificate (no ssl_ca_file), so the connection
+    // proves the files load and the handshake still completes.
+    let query = format!("sslmode=require&sslcert={}&sslkey={}", cert_path.display(), key_path.display());
+    assert_eq!(encrypted_direct(&url_with(&test_db, "127.0.0.1", &query)).await, Ok(true));
+
+    let missing = dir.path().join("missing.key");
+    let query = format!("sslmode=require&sslcert={}&sslkey={}", cert_path.display(), missing.display());
+    let err = encrypted_direct(&url_with(&test_db, "127.0.0.1", &query)).await.expect_err("no key file");
+    assert!(err.contains(&format!("sslkey={}: cannot read", missing.display())), "{err}");
+}
