@@ -6,13 +6,13 @@
 //! `tokio_postgres::Config` (with `verify-ca`/`verify-full` mapped to `require`), and keeps the
 //! real mode in the connector:
 //!
-//! | sslmode       | TLS                                   | certificate check          |
-//! |---------------|---------------------------------------|----------------------------|
-//! | `disable`     | never                                 | -                          |
-//! | `prefer`      | if the server offers it, else plain   | none                       |
-//! | `require`     | always                                | none (chain if sslrootcert is a file, as libpq) |
-//! | `verify-ca`   | always                                | chain to `sslrootcert`     |
-//! | `verify-full` | always                                | chain + host name          |
+//! | sslmode       | TLS                                 | certificate check                     |
+//! |---------------|-------------------------------------|---------------------------------------|
+//! | `disable`     | never                               | -                                     |
+//! | `prefer`      | if the server offers it, else plain | none                                  |
+//! | `require`     | always                              | none (chain if sslrootcert is a file) |
+//! | `verify-ca`   | always                              | chain to `sslrootcert`                |
+//! | `verify-full` | always                              | chain + host name                     |
 //!
 //! `sslrootcert` is a PEM file or `system` (the platform roots; as in libpq 16 it defaults
 //! sslmode to `verify-full` and refuses weaker modes). `sslcert` + `sslkey` (PEM) present a
