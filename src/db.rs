@@ -92,7 +92,11 @@ impl Db {
             pg.application_name("worker");
         }
         let manager =
-            Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            // Verified: an empty query before a pooled connection is handed out, so one the server
+            // closed (a restart, pg_terminate_backend, a pooler restart) is replaced instead of
+            // failing the next tick. One round trip per checkout; whether the client has noticed
+            // the close yet (what `Fast` relies on) is a race, more so over TLS.
+            Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Verified });
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
             .wait_timeout(Some(config.acquire_timeout))
