@@ -15,9 +15,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Meter, MeterProvider as _, NoopMeterProvider};
-use opentelemetry_otlp::{MetricExporter, WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::tonic_types::metadata::MetadataMap;
+use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+use opentelemetry_otlp::{MetricExporter, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use tracing_subscriber::EnvFilter;
@@ -90,14 +93,22 @@ impl Metrics {
         let headers = headers(env);
         let exporter = match config.otlp_protocol {
             OtlpProtocol::Grpc => {
-                let builder = MetricExporter::builder().with_tonic();
+                let tls = match &ca {
+                    Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.pem)),
+                    None => ClientTlsConfig::new().with_native_roots(),
+                };
+                // tonic uses the TLS configuration only for https:// endpoints.
+                let builder = MetricExporter::builder()
+                    .with_tonic()
+                    .with_tls_config(tls)
+                    .with_metadata(grpc_metadata(&headers));
                 match endpoint {
                     Some(e) => builder.with_endpoint(e).build()?,
                     None => builder.build()?,
                 }
             }
             OtlpProtocol::HttpProtobuf => {
-                let mut builder = MetricExporter::builder().with_http().with_headers(headers);
+                let mut builder = MetricExporter::builder().with_http().with_headers(headers.clone());
                 if let Some(ca) = ca {
                     builder = builder.with_http_client(http_client_trusting(ca)?);
                 }
@@ -198,6 +209,22 @@ fn parse_headers(list: &str) -> HashMap<String, String> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .filter(|(k, _)| !k.is_empty())
         .collect()
+}
+
+/// gRPC metadata from the header pairs, values percent-decoded (tonic's `with_metadata` does not
+/// decode); a pair that is not valid metadata is skipped with a warning.
+fn grpc_metadata(headers: &HashMap<String, String>) -> MetadataMap {
+    let mut map = HeaderMap::new();
+    for (key, value) in headers {
+        let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+        match (HeaderName::try_from(key.as_str()), HeaderValue::try_from(decoded.as_ref())) {
+            (Ok(key), Ok(value)) => {
+                map.insert(key, value);
+            }
+            _ => tracing::warn!(header = %key, "skipping an OTLP header that is not valid gRPC metadata"),
+        }
+    }
+    MetadataMap::from_headers(map)
 }
 
 /// The configured base endpoint gets the standard `/v1/metrics` path unless it has a path.

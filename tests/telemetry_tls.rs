@@ -1,6 +1,6 @@
 //! OTLP over TLS: in-test receivers with a certificate from a throwaway CA; the worker's exporter
 //! trusts that CA through `OTEL_EXPORTER_OTLP_CERTIFICATE` and sends the headers of
-//! `OTEL_EXPORTER_OTLP_HEADERS`.
+//! `OTEL_EXPORTER_OTLP_HEADERS`, over http/protobuf (HTTPS) and gRPC (TLS).
 
 mod tls_support;
 
@@ -13,6 +13,9 @@ use axum::http::HeaderMap;
 use axum::routing::post;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
@@ -140,6 +143,65 @@ async fn an_https_collector_signed_by_another_ca_receives_nothing() {
     let (endpoint, mut received) = otlp_https_receiver(&pki).await;
     let metrics = Metrics::init(&config(endpoint, OtlpProtocol::HttpProtobuf), &identity(), &env(&other))
         .expect("metrics");
+    export_one_counter(&metrics).await;
+    assert!(received.try_recv().is_err(), "the flush ended without an export reaching the receiver");
+    metrics.shutdown().await;
+}
+
+/// A gRPC `MetricsService` that forwards what it receives to the test.
+struct GrpcReceiver(mpsc::UnboundedSender<Received>);
+
+#[tonic::async_trait]
+impl MetricsService for GrpcReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let headers = request.metadata().clone().into_headers();
+        let _ = self.0.send(received(&headers, request.get_ref()));
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+/// A gRPC receiver over TLS; returns its `https://` endpoint and what it received.
+async fn otlp_grpc_tls_receiver(pki: &TestPki) -> (String, mpsc::UnboundedReceiver<Received>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let identity = tonic::transport::Identity::from_pem(&pki.cert_pem, &pki.key_pem);
+    let server = tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+        .expect("server TLS")
+        .add_service(MetricsServiceServer::new(GrpcReceiver(tx)));
+    let incoming = futures_util::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    });
+    tokio::spawn(server.serve_with_incoming(incoming));
+    (format!("https://localhost:{port}"), rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_reach_a_grpc_tls_collector_signed_by_the_configured_ca_with_the_configured_headers() {
+    let pki = TestPki::new("otlp test CA");
+    let (endpoint, mut received) = otlp_grpc_tls_receiver(&pki).await;
+    let metrics =
+        Metrics::init(&config(endpoint, OtlpProtocol::Grpc), &identity(), &env(&pki)).expect("metrics");
+    export_one_counter(&metrics).await;
+
+    let got = tokio::time::timeout(LIMIT, received.recv()).await.expect("an export").expect("receiver open");
+    assert!(got.metric_names.iter().any(|n| n == "tls.test.exports"), "{got:?}");
+    assert_eq!(got.api_key.as_deref(), Some("se cret"), "the header arrives as metadata, percent-decoded");
+    metrics.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_tls_collector_signed_by_another_ca_receives_nothing() {
+    let pki = TestPki::new("otlp test CA");
+    let other = TestPki::new("some other CA");
+    let (endpoint, mut received) = otlp_grpc_tls_receiver(&pki).await;
+    let metrics =
+        Metrics::init(&config(endpoint, OtlpProtocol::Grpc), &identity(), &env(&other)).expect("metrics");
     export_one_counter(&metrics).await;
     assert!(received.try_recv().is_err(), "the flush ended without an export reaching the receiver");
     metrics.shutdown().await;
