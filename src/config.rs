@@ -542,21 +542,14 @@ pub fn readable_file(key: &str, path: &Path) -> Result<(), Violation> {
 fn check_postgres_url(key: &str, url: &str) -> Result<(), Violation> {
     let shown = redact_url(url);
     check(url_scheme(url, &["postgres", "postgresql"]), key, &shown, "a postgres:// URL")?;
-    match url.parse::<tokio_postgres::Config>() {
-        Err(error) => Err(Violation::new(
+    crate::db::check_url(url).map_err(|problem| {
+        Violation::new(
             key,
-            format!("not accepted by the PostgreSQL driver ({error}): {shown}"),
-            "a postgres:// URL with sslmode=disable|prefer and no libpq-only options",
-        )),
-        Ok(parsed) if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
-            Err(Violation::new(
-                key,
-                format!("sslmode=require, but this build has no TLS to PostgreSQL: {shown}"),
-                "sslmode=disable or prefer (terminate TLS in a sidecar or pgbouncer)",
-            ))
-        }
-        Ok(_) => Ok(()),
-    }
+            format!("not accepted by the PostgreSQL driver ({problem}): {shown}"),
+            "a postgres:// URL; sslmode=disable|prefer|require|verify-ca|verify-full, \
+             sslrootcert=<file>|system, sslcert + sslkey",
+        )
+    })
 }
 
 fn url_scheme(url: &str, schemes: &[&str]) -> bool {
@@ -860,9 +853,11 @@ mod tests {
     #[test]
     fn database_urls_the_driver_rejects_fail_at_load_time() {
         for (url, needle) in [
-            ("postgres://u:pw@db/app?sslmode=verify-full", "driver"),
-            ("postgres://u:pw@db/app?sslrootcert=/x.pem", "driver"),
-            ("postgres://u:pw@db/app?sslmode=require", "no TLS"),
+            ("postgres://u:pw@db/app?sslmode=verify-full", "sslmode=verify-full needs sslrootcert"),
+            ("postgres://u:pw@db/app?sslmode=allow", "sslmode=allow is not supported"),
+            ("postgres://u:pw@db/app?sslmode=require&sslrootcert=system", "sslrootcert=system"),
+            ("postgres://u:pw@db/app?sslkey=/k.pem", "sslkey is set without sslcert"),
+            ("postgres://u:pw@db/app?gssencmode=require", "gssencmode"),
         ] {
             let mut inputs = ConfigInputs::default();
             inputs.env.insert("WORKER__DATABASE__MIGRATE_URL".into(), url.into());
@@ -874,6 +869,17 @@ mod tests {
         let mut inputs = ConfigInputs::default();
         inputs.env.insert("DATABASE_URL".into(), "postgres://u@db:6432/app?sslmode=disable".into());
         assert!(load(&inputs).is_ok());
+        // Certificate files are read when connecting, not at load (they may be mounted later).
+        for url in [
+            "postgres://u:pw@db/app?sslmode=require",
+            "postgres://u:pw@db/app?sslmode=verify-ca&sslrootcert=/x.pem",
+            "postgres://u:pw@db/app?sslmode=verify-full&sslrootcert=system",
+            "postgres://u:pw@db/app?sslrootcert=/x.pem&sslcert=/c.pem&sslkey=/k.pem",
+        ] {
+            let mut inputs = ConfigInputs::default();
+            inputs.env.insert("WORKER__DATABASE__MIGRATE_URL".into(), url.into());
+            assert!(load(&inputs).is_ok(), "{url}");
+        }
     }
 
     #[test]

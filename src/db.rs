@@ -11,10 +11,14 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{NoTls, Row};
 
 use crate::config::DatabaseConfig;
+
+mod tls;
+
+pub use tls::{MakeRustls, check as check_url};
 
 pub use deadpool_postgres::{Object as Conn, Transaction};
 
@@ -25,10 +29,32 @@ pub type Param<'a> = (&'a (dyn ToSql + Sync), Type);
 pub enum DbError {
     #[error("invalid database url: {0}")]
     Url(String),
-    #[error("no database connection within the acquire timeout: {0}")]
+    #[error("no database connection within the acquire timeout: {}", pool_text(.0))]
     Pool(#[from] PoolError),
-    #[error(transparent)]
+    /// With its causes: tokio-postgres's own text is only the kind ("db error", "error
+    /// performing TLS handshake"); the server message or certificate problem is in the source.
+    #[error("{}", with_causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
+}
+
+/// A failed connect with its cause (deadpool shows only tokio-postgres's bare kind).
+fn pool_text(error: &PoolError) -> String {
+    match error {
+        PoolError::Backend(e) => format!("cannot connect: {}", with_causes(e)),
+        other => other.to_string(),
+    }
+}
+
+/// `error: cause: cause…`, for errors whose own text says little.
+pub fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl DbError {
@@ -60,14 +86,13 @@ pub struct Db {
 impl Db {
     /// Builds the pool; connections are opened lazily, so this does not touch the network.
     pub fn new(config: &DatabaseConfig) -> Result<Self, DbError> {
-        let mut pg: tokio_postgres::Config =
-            config.url.parse().map_err(|e: tokio_postgres::Error| DbError::Url(e.to_string()))?;
+        let (mut pg, tls) = pg_config(&config.url)?;
         pg.connect_timeout(config.connect_timeout);
         if pg.get_application_name().is_none() {
             pg.application_name("worker");
         }
         let manager =
-            Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
             .wait_timeout(Some(config.acquire_timeout))
@@ -242,12 +267,19 @@ pub fn clip(mut text: String, max_bytes: usize) -> String {
     text
 }
 
+/// Reads a PostgreSQL URL with libpq's TLS options (`sslmode=disable|prefer|require|verify-ca|
+/// verify-full`, `sslrootcert=<file>|system`, `sslcert`, `sslkey`; see `db/tls.rs`): the
+/// driver's config and the TLS connector for it. The pool, the LISTEN connection and migrations
+/// all connect through this, so one URL means the same thing everywhere.
+pub fn pg_config(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), DbError> {
+    tls::parse(url).map_err(DbError::Url)
+}
+
 /// Opens one direct (unpooled) connection, driving it on a background task.
 pub async fn connect_direct(url: &str, application_name: &str) -> Result<tokio_postgres::Client, DbError> {
-    let mut pg: tokio_postgres::Config =
-        url.parse().map_err(|e: tokio_postgres::Error| DbError::Url(e.to_string()))?;
+    let (mut pg, tls) = pg_config(url)?;
     pg.application_name(application_name);
-    let (client, connection) = pg.connect(NoTls).await?;
+    let (client, connection) = pg.connect(tls).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "direct connection closed");

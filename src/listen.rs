@@ -21,9 +21,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::{self, DbError};
 use crate::health::Health;
 
 const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(100);
@@ -205,10 +206,10 @@ impl ListenerTask {
 
     /// One connection's lifetime: connect, LISTEN every channel, then serve commands and
     /// forward notifications until the connection closes.
-    async fn session(&mut self, acks: &mut Acks) -> Result<(), tokio_postgres::Error> {
-        let mut pg: tokio_postgres::Config = self.url.parse()?;
+    async fn session(&mut self, acks: &mut Acks) -> Result<(), DbError> {
+        let (mut pg, tls) = db::pg_config(&self.url)?;
         pg.application_name(APPLICATION_NAME);
-        let (client, mut connection) = pg.connect(NoTls).await?;
+        let (client, mut connection) = pg.connect(tls).await?;
         let (tx, mut notifications) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -229,7 +230,7 @@ impl ListenerTask {
         });
         let result = self.serve(&client, &mut notifications, acks).await;
         driver.abort();
-        result
+        Ok(result?)
     }
 
     async fn serve(

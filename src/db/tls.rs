@@ -1,0 +1,571 @@
+//! TLS to PostgreSQL with libpq's `sslmode` meanings, on rustls (the same rustls and aws-lc-rs
+//! provider reqwest already links).
+//!
+//! tokio-postgres knows only `sslmode=disable|prefer|require` and rejects libpq's certificate
+//! options, so [`parse`] reads them out of the URL first, hands the rest to
+//! `tokio_postgres::Config` (with `verify-ca`/`verify-full` mapped to `require`), and keeps the
+//! real mode in the connector:
+//!
+//! | sslmode       | TLS                                 | certificate check                     |
+//! |---------------|-------------------------------------|---------------------------------------|
+//! | `disable`     | never                               | -                                     |
+//! | `prefer`      | if the server offers it, else plain | none                                  |
+//! | `require`     | always                              | none (chain if sslrootcert is a file) |
+//! | `verify-ca`   | always                              | chain to `sslrootcert`                |
+//! | `verify-full` | always                              | chain + host name                     |
+//!
+//! `sslrootcert` is a PEM file or `system` (the platform roots; as in libpq 16 it defaults
+//! sslmode to `verify-full` and refuses weaker modes). `sslcert` + `sslkey` (PEM) present a
+//! client certificate. `sslmode=allow` is refused: tokio-postgres cannot try plain first.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
+
+/// libpq's `sslmode`, including the two modes tokio-postgres does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "disable" => Ok(Self::Disable),
+            "prefer" => Ok(Self::Prefer),
+            "require" => Ok(Self::Require),
+            "verify-ca" => Ok(Self::VerifyCa),
+            "verify-full" => Ok(Self::VerifyFull),
+            "allow" => Err("sslmode=allow is not supported (the driver cannot try plaintext first): \
+                            use sslmode=prefer or sslmode=disable"
+                .to_owned()),
+            other => Err(format!(
+                "sslmode={other} is unknown: expected disable, prefer, require, verify-ca or verify-full"
+            )),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+
+    /// What tokio-postgres is told: it negotiates TLS, the connector does the checking.
+    fn driver_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require | Self::VerifyCa | Self::VerifyFull => "require",
+        }
+    }
+}
+
+/// Where trusted CA certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RootCert {
+    File(String),
+    System,
+}
+
+impl RootCert {
+    fn option(&self) -> String {
+        match self {
+            Self::File(path) => format!("sslrootcert={path}"),
+            Self::System => "sslrootcert=system".to_owned(),
+        }
+    }
+}
+
+/// The TLS options of one URL, after libpq's defaults are applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TlsOptions {
+    mode: SslMode,
+    root_cert: Option<RootCert>,
+    client_cert: Option<(String, String)>,
+}
+
+/// The libpq TLS options read out of a URL, and the URL left for tokio-postgres.
+#[derive(Debug, PartialEq, Eq)]
+struct Split {
+    options: TlsOptions,
+    driver_url: String,
+}
+
+/// Reads `sslmode`, `sslrootcert`, `sslcert`, `sslkey` out of the query string (raw text of
+/// every other parameter is kept as written, so the driver decodes it as before).
+fn split_url(url: &str) -> Result<Split, String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, query),
+        None => (url, ""),
+    };
+    let mut mode = None;
+    let mut root_cert = None;
+    let mut cert = None;
+    let mut key = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let Some((name, value)) = url::form_urlencoded::parse(pair.as_bytes()).next() else {
+            continue;
+        };
+        match &*name {
+            "sslmode" => mode = Some(SslMode::parse(&value)?),
+            "sslrootcert" if value == "system" => root_cert = Some(RootCert::System),
+            "sslrootcert" => root_cert = Some(RootCert::File(value.into_owned())),
+            "sslcert" => cert = Some(value.into_owned()),
+            "sslkey" => key = Some(value.into_owned()),
+            _ => kept.push(pair),
+        }
+    }
+    let client_cert = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => return Err("sslcert is set without sslkey: give both or neither".to_owned()),
+        (None, Some(_)) => return Err("sslkey is set without sslcert: give both or neither".to_owned()),
+    };
+    let mode = match (mode, &root_cert) {
+        // libpq 16: sslrootcert=system defaults to verify-full and refuses anything weaker,
+        // since the public roots vouch for any host that bought a certificate.
+        (None | Some(SslMode::VerifyFull), Some(RootCert::System)) => SslMode::VerifyFull,
+        (Some(weak), Some(RootCert::System)) => {
+            return Err(format!(
+                "sslmode={} cannot be used with sslrootcert=system: use sslmode=verify-full",
+                weak.as_str()
+            ));
+        }
+        // libpq: require with a CA file behaves as verify-ca.
+        (Some(SslMode::Require), Some(RootCert::File(_))) => SslMode::VerifyCa,
+        (mode, _) => mode.unwrap_or(SslMode::Prefer),
+    };
+    if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
+        return Err(format!("sslmode={} needs sslrootcert=<CA file> or sslrootcert=system", mode.as_str()));
+    }
+    let mut driver_url = base.to_owned();
+    driver_url.push_str(&format!("?sslmode={}", mode.driver_str()));
+    for pair in kept {
+        driver_url.push('&');
+        driver_url.push_str(pair);
+    }
+    Ok(Split { options: TlsOptions { mode, root_cert, client_cert }, driver_url })
+}
+
+/// Parses a PostgreSQL URL (or key=value string) into the driver's config and the connector
+/// its TLS options ask for. Errors name the offending option.
+pub fn parse(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), String> {
+    // Key=value connection strings go to the driver unchanged (no libpq-only options there).
+    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let (options, driver_url) = if is_url {
+        let split = split_url(url)?;
+        (split.options, split.driver_url)
+    } else {
+        (TlsOptions { mode: SslMode::Prefer, root_cert: None, client_cert: None }, url.to_owned())
+    };
+    let config: tokio_postgres::Config =
+        driver_url.parse().map_err(|e: tokio_postgres::Error| super::with_causes(&e))?;
+    let tls = MakeRustls::new(&options)?;
+    Ok((config, tls))
+}
+
+/// Checks a URL the way [`parse`] reads it, without reading any certificate file (config load
+/// must not depend on files that are mounted later).
+pub fn check(url: &str) -> Result<(), String> {
+    let split = split_url(url)?;
+    split.driver_url.parse::<tokio_postgres::Config>().map_err(|e| super::with_causes(&e))?;
+    Ok(())
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn load_roots(root: &RootCert) -> Result<RootCertStore, String> {
+    let mut store = RootCertStore::empty();
+    match root {
+        RootCert::File(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect())
+                .map_err(|e| format!("sslrootcert={path}: cannot read: {e}"))?;
+            let (added, _) = store.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!("sslrootcert={path}: no usable CA certificate in the file"));
+            }
+        }
+        RootCert::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why =
+                    found.errors.first().map(|e| e.to_string()).unwrap_or_else(|| "none installed".into());
+                return Err(format!("sslrootcert=system: no platform CA certificates ({why})"));
+            }
+        }
+    }
+    Ok(store)
+}
+
+fn load_client_cert(
+    cert: &str,
+    key: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| format!("sslcert={cert}: cannot read: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!("sslcert={cert}: no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("sslkey={key}: cannot read: {e}"))?;
+    Ok((chain, key))
+}
+
+/// A `MakeTlsConnect` for tokio-postgres and deadpool built from one URL's TLS options.
+#[derive(Clone)]
+pub struct MakeRustls {
+    config: Arc<ClientConfig>,
+}
+
+impl MakeRustls {
+    fn new(options: &TlsOptions) -> Result<Self, String> {
+        let provider = provider();
+        let verifier: Arc<dyn ServerCertVerifier> = match &options.root_cert {
+            Some(root) if options.mode != SslMode::Prefer && options.mode != SslMode::Disable => {
+                let roots = load_roots(root)?;
+                let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| format!("{}: {e}", root.option()))?;
+                Arc::new(Verify { inner, mode: options.mode, root: root.option() })
+            }
+            _ => Arc::new(NoVerify { algorithms: provider.signature_verification_algorithms }),
+        };
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("sslmode={}: {e}", options.mode.as_str()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match &options.client_cert {
+            Some((cert, key)) => {
+                let (chain, key_der) = load_client_cert(cert, key)?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| format!("sslcert={cert}, sslkey={key}: {e}"))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        // What libpq 17 sends; required by servers accepting sslnegotiation=direct.
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(Self { config: Arc::new(config) })
+    }
+}
+
+/// `require` and `prefer`: encrypt, trust any certificate (but still check the handshake
+/// signature, so the session is bound to the certificate the server sent).
+#[derive(Debug)]
+struct NoVerify {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca` and `verify-full`: webpki's chain check; the host name check only for
+/// verify-full. Failures are reworded to name the option that asked for the check.
+#[derive(Debug)]
+struct Verify {
+    inner: Arc<WebPkiServerVerifier>,
+    mode: SslMode,
+    root: String,
+}
+
+/// A certificate failure worded for the operator; carried inside rustls's error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+fn refuse(message: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(Refused(message)))))
+}
+
+/// rustls lists presented names in their Debug form (`DnsName("db.example.com")`).
+fn presented_name(name: &str) -> &str {
+    match (name.find('"'), name.rfind('"')) {
+        (Some(start), Some(end)) if start < end => &name[start + 1..end],
+        _ => name,
+    }
+}
+
+/// The operator's wording of a refused certificate instead of rustls's Debug of its wrapper.
+fn reword(error: io::Error) -> io::Error {
+    let refused =
+        error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).and_then(|e| match e {
+            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+                other.0.downcast_ref::<Refused>().map(|r| r.0.clone())
+            }
+            _ => None,
+        });
+    match refused {
+        Some(message) => io::Error::new(error.kind(), message),
+        None => error,
+    }
+}
+
+fn server_name_text(name: &ServerName<'_>) -> String {
+    match name {
+        ServerName::DnsName(dns) => dns.as_ref().to_owned(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl ServerCertVerifier for Verify {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mode = self.mode.as_str();
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Ok(verified) => Ok(verified),
+            // webpki checks the name only after the chain, so a name error means the chain is good.
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if self.mode == SslMode::VerifyCa => Ok(ServerCertVerified::assertion()),
+            Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+                expected,
+                presented,
+            })) => Err(refuse(format!(
+                "sslmode={mode}: certificate is for host {}, not {}",
+                presented.iter().map(|name| presented_name(name)).collect::<Vec<_>>().join(", "),
+                server_name_text(&expected)
+            ))),
+            Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) => Err(refuse(
+                format!("sslmode={mode}: certificate is not for host {}", server_name_text(server_name)),
+            )),
+            Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+                Err(refuse(format!("sslmode={mode}: certificate is not signed by a CA in {}", self.root)))
+            }
+            Err(other) => Err(refuse(format!("sslmode={mode} ({}): {other}", self.root))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+impl<S> MakeTlsConnect<S> for MakeRustls
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = RustlsStream<S>;
+    type TlsConnect = RustlsConnect;
+    type Error = io::Error;
+
+    fn make_tls_connect(&mut self, host: &str) -> Result<RustlsConnect, io::Error> {
+        // A Unix socket has no host name ("" here) and never negotiates TLS: a bad name is
+        // only an error once a handshake is actually attempted.
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("host {host:?} cannot be checked against a certificate: {e}"));
+        Ok(RustlsConnect { config: self.config.clone(), name })
+    }
+}
+
+/// One connection attempt's TLS handshake.
+pub struct RustlsConnect {
+    config: Arc<ClientConfig>,
+    name: Result<ServerName<'static>, String>,
+}
+
+impl<S> TlsConnect<S> for RustlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = RustlsStream<S>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<RustlsStream<S>, io::Error>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move {
+            let name = self.name.map_err(io::Error::other)?;
+            let tls =
+                tokio_rustls::TlsConnector::from(self.config).connect(name, stream).await.map_err(reword)?;
+            Ok(RustlsStream(Box::new(tls)))
+        })
+    }
+}
+
+/// An established TLS session.
+pub struct RustlsStream<S>(Box<tokio_rustls::client::TlsStream<S>>);
+
+impl<S> tokio_postgres::tls::TlsStream for RustlsStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn channel_binding(&self) -> ChannelBinding {
+        // tls-server-end-point needs the hash named by the certificate's signature algorithm;
+        // without it SCRAM runs without channel binding (channel_binding=prefer, the default).
+        ChannelBinding::none()
+    }
+}
+
+impl<S> AsyncRead for RustlsStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S> AsyncWrite for RustlsStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(url: &str) -> Result<TlsOptions, String> {
+        split_url(url).map(|s| s.options)
+    }
+
+    #[test]
+    fn libpq_only_options_are_taken_out_and_the_rest_kept_as_written() {
+        let split = split_url(
+            "postgres://u:p@db:5432/app?application_name=a%20b&sslmode=verify-full&sslrootcert=/ca.pem&connect_timeout=5",
+        )
+        .expect("splits");
+        assert_eq!(
+            split.driver_url,
+            "postgres://u:p@db:5432/app?sslmode=require&application_name=a%20b&connect_timeout=5"
+        );
+        assert_eq!(split.options.mode, SslMode::VerifyFull);
+        assert_eq!(split.options.root_cert, Some(RootCert::File("/ca.pem".into())));
+    }
+
+    #[test]
+    fn sslmode_defaults_follow_libpq() {
+        assert_eq!(options("postgres://db/app").expect("ok").mode, SslMode::Prefer);
+        assert_eq!(options("postgres://db/app?sslrootcert=system").expect("ok").mode, SslMode::VerifyFull);
+        assert_eq!(
+            options("postgres://db/app?sslmode=require&sslrootcert=/ca.pem").expect("ok").mode,
+            SslMode::VerifyCa
+        );
+        assert_eq!(options("postgres://db/app?sslmode=require").expect("ok").mode, SslMode::Require);
+    }
+
+    #[test]
+    fn unsupported_or_incomplete_tls_options_are_refused_by_name() {
+        for (url, needle) in [
+            ("postgres://db/app?sslmode=allow", "sslmode=allow"),
+            ("postgres://db/app?sslmode=bogus", "sslmode=bogus"),
+            ("postgres://db/app?sslmode=verify-ca", "sslrootcert"),
+            ("postgres://db/app?sslmode=require&sslrootcert=system", "sslrootcert=system"),
+            ("postgres://db/app?sslcert=/c.pem", "sslkey"),
+        ] {
+            let err = options(url).expect_err(url);
+            assert!(err.contains(needle), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn presented_names_lose_their_debug_wrapping() {
+        assert_eq!(presented_name("DnsName(\"db.example.com\")"), "db.example.com");
+        assert_eq!(presented_name("10.0.0.1"), "10.0.0.1");
+    }
+
+    #[test]
+    fn an_unreadable_root_certificate_is_named_with_its_path() {
+        let Err(err) = parse("postgres://db/app?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem") else {
+            panic!("a missing CA file must fail");
+        };
+        assert!(err.starts_with("sslrootcert=/nonexistent/ca.pem: cannot read"), "{err}");
+    }
+}
