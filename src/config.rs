@@ -140,11 +140,14 @@ pub struct RedisConfig {
     pub url: String,
     /// Prefix of every key this worker writes (`{prefix}:sched:{queue}`, …).
     pub prefix: String,
+    /// PEM file of the CA(s) that sign the server certificate of a `rediss://` URL. Unset: the
+    /// platform's root certificates (what managed Redis services are signed by).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379".into(), prefix: "worker".into() }
+        Self { url: "redis://127.0.0.1:6379".into(), prefix: "worker".into(), ca_file: None }
     }
 }
 
@@ -526,6 +529,13 @@ pub fn positive(key: &str, value: Duration) -> Result<(), Violation> {
     check(!value.is_zero(), key, humantime::format_duration(value), "a duration > 0")
 }
 
+/// A file that must be readable now (a CA bundle, …), so a bad path fails `config check`.
+pub fn readable_file(key: &str, path: &Path) -> Result<(), Violation> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| Violation::new(key, format!("cannot read {}: {e}", path.display()), "a readable file"))
+}
+
 /// A URL the PostgreSQL driver accepts, checked at load time so a bad deploy fails
 /// `config check` instead of every tick. TLS to PostgreSQL is not built in yet: `sslmode=require`
 /// is refused here with that reason rather than failing at the first connection.
@@ -562,12 +572,15 @@ impl Config {
         positive("database.connect_timeout", db.connect_timeout)?;
         positive("database.acquire_timeout", db.acquire_timeout)?;
         check(
-            url_scheme(&self.redis.url, &["redis", "rediss", "redis-cluster"]),
+            url_scheme(&self.redis.url, &["redis", "rediss", "redis-cluster", "rediss-cluster"]),
             "redis.url",
             redact_url(&self.redis.url),
             "a redis:// URL",
         )?;
         check(!self.redis.prefix.is_empty(), "redis.prefix", "\"\"", "a non-empty key prefix")?;
+        if let Some(path) = &self.redis.ca_file {
+            readable_file("redis.ca_file", path)?;
+        }
         positive("app.shutdown_timeout", self.app.shutdown_timeout)?;
         check(!self.app.env.is_empty(), "app.env", "\"\"", "a non-empty environment name")?;
         positive("telemetry.export_interval", self.telemetry.export_interval)?;
@@ -785,6 +798,14 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains(&format!("{}:3", file.path().display())), "{text}");
         assert!(text.contains("1..=1000"), "{text}");
+    }
+
+    #[test]
+    fn an_unreadable_redis_ca_file_names_the_key_and_the_path() {
+        let file = write("[redis]\nurl = \"rediss://127.0.0.1:6380\"\nca_file = \"/nonexistent/ca.pem\"\n");
+        let err = load(&inputs(&file)).expect_err("unreadable CA file");
+        assert_eq!(err.key(), Some("redis.ca_file"), "{err}");
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
     }
 
     #[test]

@@ -10,10 +10,20 @@
 //! is NOT cancelled and may run later, so everything written through this client must be
 //! idempotent. `redis-cluster://` URLs give a
 //! cluster client that routes each command to its slot.
+//!
+//! TLS: `rediss://` (and `rediss-cluster://`) URLs connect over rustls (fred's `enable-rustls`,
+//! the aws-lc-rs provider reqwest already uses, so one crypto stack). The server certificate is
+//! checked against `redis.ca_file` when set, else the platform's roots.
 
 use std::time::Duration;
 
+use std::path::{Path, PathBuf};
+
 use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
+use fred::rustls::pki_types::CertificateDer;
+use fred::rustls::pki_types::pem::PemObject;
+use fred::rustls::{ClientConfig, RootCertStore};
+use fred::types::config::TlsConnector;
 
 use crate::config::RedisConfig;
 
@@ -35,6 +45,8 @@ pub enum RedisError {
     Url { url: String, source: fred::error::Error },
     #[error("cannot create the redis client: {0}")]
     Build(fred::error::Error),
+    #[error("redis.ca_file `{}`: {problem}", path.display())]
+    CaFile { path: PathBuf, problem: String },
 }
 
 /// Builds a client for `config.redis` and starts its connection task without waiting for it, so
@@ -73,6 +85,12 @@ pub fn build(config: &RedisConfig) -> Result<Client, RedisError> {
     // fred's default (`true`) ends the connection task for good when the FIRST connection fails,
     // reconnect policy or not: a worker started during a Redis outage would never recover.
     fred_config.fail_fast = false;
+    // fred gives a TLS URL the platform roots; a private CA replaces them.
+    if fred_config.tls.is_some()
+        && let Some(path) = &config.ca_file
+    {
+        fred_config.tls = Some(TlsConnector::from(client_config_trusting(path)?).into());
+    }
     Builder::from_config(fred_config)
         .with_connection_config(|c| {
             c.connection_timeout = CONNECT_TIMEOUT;
@@ -88,6 +106,21 @@ pub fn build(config: &RedisConfig) -> Result<Client, RedisError> {
         .set_policy(ReconnectPolicy::new_exponential(0, RECONNECT_MIN_MS, RECONNECT_MAX_MS, 2))
         .build()
         .map_err(RedisError::Build)
+}
+
+/// A rustls client configuration that trusts only the certificates in the PEM file at `path`.
+fn client_config_trusting(path: &Path) -> Result<ClientConfig, RedisError> {
+    let error = |problem: String| RedisError::CaFile { path: path.to_owned(), problem };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| error(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(e.to_string()))?;
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(error("no PEM certificate in it".into()));
+    }
+    Ok(ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
 }
 
 /// `{prefix}:{kind}:{name}`, the one spelling of every key this crate writes.
@@ -117,7 +150,7 @@ mod tests {
             ("redis://user:secret@[::1", "redis://***@[::1"),
             ("redis://user:secret@127.0.0.1:6379/not-a-db", "redis://user:***@127.0.0.1:6379/not-a-db"),
         ] {
-            let config = RedisConfig { url: url.into(), prefix: "p".into() };
+            let config = RedisConfig { url: url.into(), prefix: "p".into(), ca_file: None };
             let text = build(&config).expect_err("bad url").to_string();
             assert!(!text.contains("secret"), "{text}");
             assert!(text.contains("redis.url") && text.contains(shown), "{text}");

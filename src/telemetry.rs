@@ -4,12 +4,23 @@
 //! `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`), meters come from a no-op provider: instruments
 //! still work, nothing is exported and nothing is logged. (An SDK provider with no reader would
 //! log an error for every observable gauge.)
+//!
+//! HTTPS (http/protobuf over reqwest+rustls) and gRPC over TLS (tonic+rustls) check the collector
+//! against the platform roots, or only against the CA in `OTEL_EXPORTER_OTLP_(METRICS_)CERTIFICATE`
+//! (the exporter does not read that variable itself). `OTEL_EXPORTER_OTLP_(METRICS_)HEADERS`
+//! (`k=v,k2=v2`, values percent-decoded) are read here from the environment given to
+//! [`Metrics::init`] and sent with every export (the exporter reads the same variables too).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
 
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Meter, MeterProvider as _, NoopMeterProvider};
-use opentelemetry_otlp::{MetricExporter, WithExportConfig};
+use opentelemetry_otlp::tonic_types::metadata::MetadataMap;
+use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+use opentelemetry_otlp::{MetricExporter, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use tracing_subscriber::EnvFilter;
@@ -24,7 +35,12 @@ pub enum TelemetryError {
     Filter { filter: String, error: String },
     #[error("cannot build the OTLP metric exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("{var} `{}`: {problem}", path.display())]
+    Certificate { var: &'static str, path: PathBuf, problem: String },
 }
+
+/// Bound of one export request (the OTLP default).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Installs the global tracing subscriber. `RUST_LOG` wins over `log.level`.
 pub fn init_tracing(config: &LogConfig) -> Result<(), TelemetryError> {
@@ -73,16 +89,29 @@ impl Metrics {
         if endpoint.is_none() && !env_endpoint {
             return Ok(Self { provider: None });
         }
+        let ca = ca_file(env)?;
+        let headers = headers(env);
         let exporter = match config.otlp_protocol {
             OtlpProtocol::Grpc => {
-                let builder = MetricExporter::builder().with_tonic();
+                let tls = match &ca {
+                    Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.pem)),
+                    None => ClientTlsConfig::new().with_native_roots(),
+                };
+                // tonic uses the TLS configuration only for https:// endpoints.
+                let builder = MetricExporter::builder()
+                    .with_tonic()
+                    .with_tls_config(tls)
+                    .with_metadata(grpc_metadata(&headers));
                 match endpoint {
                     Some(e) => builder.with_endpoint(e).build()?,
                     None => builder.build()?,
                 }
             }
             OtlpProtocol::HttpProtobuf => {
-                let builder = MetricExporter::builder().with_http();
+                let mut builder = MetricExporter::builder().with_http().with_headers(headers.clone());
+                if let Some(ca) = ca {
+                    builder = builder.with_http_client(http_client_trusting(ca)?);
+                }
                 match endpoint {
                     Some(e) => builder.with_endpoint(http_metrics_url(e)).build()?,
                     None => builder.build()?,
@@ -129,6 +158,75 @@ impl Metrics {
     }
 }
 
+/// The first of the variables naming a CA file, and the file's bytes.
+struct CaFile {
+    var: &'static str,
+    path: PathBuf,
+    pem: Vec<u8>,
+}
+
+fn ca_file(env: &BTreeMap<String, String>) -> Result<Option<CaFile>, TelemetryError> {
+    let found = ["OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"]
+        .into_iter()
+        .find_map(|var| env.get(var).filter(|v| !v.is_empty()).map(|v| (var, PathBuf::from(v))));
+    let Some((var, path)) = found else { return Ok(None) };
+    match std::fs::read(&path) {
+        Ok(pem) => Ok(Some(CaFile { var, path, pem })),
+        Err(e) => Err(TelemetryError::Certificate { var, path, problem: e.to_string() }),
+    }
+}
+
+/// A blocking reqwest client that trusts only `ca`. Built on a thread of its own: the blocking
+/// client owns a runtime, which must not be created or dropped inside the caller's tokio runtime.
+fn http_client_trusting(ca: CaFile) -> Result<reqwest::blocking::Client, TelemetryError> {
+    let CaFile { var, path, pem } = ca;
+    let error = |problem: String| TelemetryError::Certificate { var, path: path.clone(), problem };
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(error("no PEM certificate in it".into()));
+    }
+    std::thread::spawn(move || {
+        reqwest::blocking::Client::builder().timeout(EXPORT_TIMEOUT).tls_certs_only(certs).build()
+    })
+    .join()
+    .map_err(|_| error("building the HTTP client panicked".into()))?
+    .map_err(|e| error(e.to_string()))
+}
+
+/// `OTEL_EXPORTER_OTLP_METRICS_HEADERS`, else `OTEL_EXPORTER_OTLP_HEADERS`: `k=v,k2=v2`, values
+/// percent-decoded (by the exporter's `with_headers`); entries without `=` are skipped.
+fn headers(env: &BTreeMap<String, String>) -> HashMap<String, String> {
+    ["OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"]
+        .into_iter()
+        .find_map(|var| env.get(var).filter(|v| !v.trim().is_empty()))
+        .map(|list| parse_headers(list))
+        .unwrap_or_default()
+}
+
+fn parse_headers(list: &str) -> HashMap<String, String> {
+    list.split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}
+
+/// gRPC metadata from the header pairs, values percent-decoded (tonic's `with_metadata` does not
+/// decode); a pair that is not valid metadata is skipped with a warning.
+fn grpc_metadata(headers: &HashMap<String, String>) -> MetadataMap {
+    let mut map = HeaderMap::new();
+    for (key, value) in headers {
+        let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+        match (HeaderName::try_from(key.as_str()), HeaderValue::try_from(decoded.as_ref())) {
+            (Ok(key), Ok(value)) => {
+                map.insert(key, value);
+            }
+            _ => tracing::warn!(header = %key, "skipping an OTLP header that is not valid gRPC metadata"),
+        }
+    }
+    MetadataMap::from_headers(map)
+}
+
 /// The configured base endpoint gets the standard `/v1/metrics` path unless it has a path.
 fn http_metrics_url(endpoint: &str) -> String {
     let trimmed = endpoint.trim_end_matches('/');
@@ -168,6 +266,31 @@ mod tests {
         assert_eq!(http_metrics_url("http://c:4318"), "http://c:4318/v1/metrics");
         assert_eq!(http_metrics_url("http://c:4318/"), "http://c:4318/v1/metrics");
         assert_eq!(http_metrics_url("http://c:4318/custom"), "http://c:4318/custom");
+    }
+
+    #[test]
+    fn headers_are_comma_separated_pairs_and_the_metrics_variable_wins() {
+        let parsed = parse_headers(" x-api-key = s%3Dcret ,broken, a=b=c,=v");
+        assert_eq!(parsed.len(), 2, "{parsed:?}");
+        assert_eq!(parsed["x-api-key"], "s%3Dcret", "percent-decoding is left to with_headers");
+        assert_eq!(parsed["a"], "b=c");
+        let mut env = BTreeMap::new();
+        env.insert("OTEL_EXPORTER_OTLP_HEADERS".to_owned(), "k=general".to_owned());
+        assert_eq!(headers(&env)["k"], "general");
+        env.insert("OTEL_EXPORTER_OTLP_METRICS_HEADERS".to_owned(), "k=metrics".to_owned());
+        assert_eq!(headers(&env)["k"], "metrics");
+    }
+
+    #[test]
+    fn an_unreadable_certificate_file_names_the_variable() {
+        let mut env = BTreeMap::new();
+        env.insert("OTEL_EXPORTER_OTLP_CERTIFICATE".to_owned(), "/nonexistent/ca.pem".to_owned());
+        let Err(error) = ca_file(&env) else { panic!("unreadable file accepted") };
+        let text = error.to_string();
+        assert!(
+            text.contains("OTEL_EXPORTER_OTLP_CERTIFICATE") && text.contains("/nonexistent/ca.pem"),
+            "{text}"
+        );
     }
 
     fn attr(resource: &Resource, key: &'static str) -> Option<String> {

@@ -27,7 +27,8 @@ fn loop_field(body: &serde_json::Value, name: &str, field: &str) -> serde_json::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_sweeps_enqueued_tasks_at_once_and_syncs_counters() {
     let test_db = TestDb::new().await;
-    let redis_config = RedisConfig { url: common::redis_url(), prefix: common::unique_prefix() };
+    let redis_config =
+        RedisConfig { url: common::redis_url(), prefix: common::unique_prefix(), ca_file: None };
     let redis = worker::redis::build(&redis_config).expect("client");
     redis.init().await.expect("redis");
     let dir = tempfile::tempdir().expect("dir");

@@ -53,7 +53,7 @@ impl BenchDb {
 }
 
 pub async fn redis(prefix: &str) -> anyhow::Result<(Client, RedisConfig)> {
-    let config = RedisConfig { url: redis_url(), prefix: prefix.to_owned() };
+    let config = RedisConfig { url: redis_url(), prefix: prefix.to_owned(), ca_file: None };
     let client = worker::redis::build(&config)?;
     client.init().await?;
     Ok((client, config))
