@@ -15,7 +15,7 @@ use uuid::Uuid;
 use worker::chats::stream::{self, Follower};
 use worker::db::Exec;
 use worker::health::Health;
-use worker::listen::{self, Listener};
+use worker::listen::Listener;
 
 /// How long a test waits for a message before failing.
 const LIMIT: Duration = Duration::from_secs(15);
@@ -146,21 +146,7 @@ impl Deliveries {
 }
 
 async fn terminate_listener(setup: &Setup) {
-    let terminated: i64 = setup
-        .test_db
-        .db
-        .get()
-        .await
-        .expect("conn")
-        .fetch_one(
-            "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
-             WHERE application_name = $1 AND datname = current_database()",
-            &[(&listen::APPLICATION_NAME, Type::TEXT)],
-        )
-        .await
-        .expect("terminate the LISTEN backend")
-        .get(0);
-    assert_eq!(terminated, 1, "one LISTEN connection");
+    assert_eq!(setup.test_db.terminate_listeners().await, 1, "one LISTEN connection");
 }
 
 #[tokio::test]

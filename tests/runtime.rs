@@ -456,19 +456,7 @@ async fn a_dropped_listen_connection_is_re_established() {
     let mut connects = stats.connects.clone();
     tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1)).await.expect("connected").expect("watch");
 
-    let terminated = test_db
-        .db
-        .get()
-        .await
-        .expect("conn")
-        .fetch_one(
-            "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
-             WHERE application_name = $1 AND datname = current_database()",
-            &[(&listen::APPLICATION_NAME, Type::TEXT)],
-        )
-        .await
-        .expect("terminate listener")
-        .get::<_, i64>(0);
+    let terminated = test_db.terminate_listeners().await;
     assert_eq!(terminated, 1, "exactly one LISTEN connection per process");
     tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 2)).await.expect("reconnected").expect("watch");
 
@@ -570,19 +558,7 @@ async fn a_channel_subscribed_at_run_time_gets_payloads_and_is_told_of_a_reconne
     assert_eq!(next(&mut sub).await, ListenEvent::Notification("one".into()));
     assert_eq!(next(&mut sub).await, ListenEvent::Notification("two".into()));
 
-    let terminated = test_db
-        .db
-        .get()
-        .await
-        .expect("conn")
-        .fetch_one(
-            "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
-             WHERE application_name = $1 AND datname = current_database()",
-            &[(&listen::APPLICATION_NAME, Type::TEXT)],
-        )
-        .await
-        .expect("terminate listener")
-        .get::<_, i64>(0);
+    let terminated = test_db.terminate_listeners().await;
     assert_eq!(terminated, 1);
     assert_eq!(next(&mut sub).await, ListenEvent::Reconnected, "the subscriber is told to re-read");
     notify(&test_db.db, "SELECT pg_notify('chat_a-b', 'three')").await;

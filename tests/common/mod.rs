@@ -155,6 +155,25 @@ impl Drop for TestDb {
     }
 }
 
+impl TestDb {
+    /// Terminates this database's LISTEN backends (as a failover or a proxy would drop them);
+    /// returns how many there were.
+    pub async fn terminate_listeners(&self) -> i64 {
+        self.db
+            .get()
+            .await
+            .expect("conn")
+            .fetch_one(
+                "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
+                 WHERE application_name = $1 AND datname = current_database()",
+                &[(&worker::listen::APPLICATION_NAME, tokio_postgres::types::Type::TEXT)],
+            )
+            .await
+            .expect("terminate the LISTEN backends")
+            .get(0)
+    }
+}
+
 /// A Redis key prefix no other test uses.
 pub fn unique_prefix() -> String {
     format!("test:{}", uuid::Uuid::new_v4().simple())
