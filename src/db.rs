@@ -258,19 +258,6 @@ macro_rules! impl_exec {
 
 impl_exec!(tokio_postgres::Client, tokio_postgres::Transaction<'_>, Conn, Transaction<'_>);
 
-/// `text` cut to at most `max_bytes` on a character boundary: what bounded text columns such as
-/// `last_error` store, so one pathological message cannot bloat a row.
-pub fn clip(mut text: String, max_bytes: usize) -> String {
-    if text.len() > max_bytes {
-        let mut end = max_bytes;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
-}
-
 /// Reads a PostgreSQL URL with libpq's TLS options (`sslmode=disable|prefer|require|verify-ca|
 /// verify-full`, `sslrootcert=<file>|system`, `sslcert`, `sslkey`; see `db/tls.rs`): the
 /// driver's config and the TLS connector for it. The pool, the LISTEN connection and migrations
@@ -290,16 +277,4 @@ pub async fn connect_direct(url: &str, application_name: &str) -> Result<tokio_p
         }
     });
     Ok(client)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn clip_cuts_on_a_char_boundary_and_leaves_short_text_alone() {
-        assert_eq!(clip("short".into(), 10), "short");
-        let cut = clip("é".repeat(10), 5);
-        assert_eq!(cut, "éé", "5 bytes hold two 2-byte characters");
-    }
 }

@@ -26,6 +26,7 @@
 //! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
 //! - [`prebuilds`]: the `prebuilds` loop (keeps each preset's prebuilt workspaces at its desired
 //!   count, leader only), its pure decision core ([`prebuilds::actions`]) and its CLI.
+//! - [`text`]: bounding text for columns (`clip`) and CLI tables (`one_line`).
 //! - [`daemon`]: wiring for `worker run`: start everything, drain on the first signal.
 //!
 //! Adding a loop: implement [`runtime::Loop`] (and [`runtime::LoopError`] for its error) in its
@@ -50,4 +51,5 @@ pub mod redis;
 pub mod runtime;
 pub mod status;
 pub mod telemetry;
+pub mod text;
 pub mod workers;

@@ -19,6 +19,7 @@ use super::stream::{self, DEFAULT_SETTLE_EVERY, Follower, Message};
 use crate::db::{self, Db, DbError, Exec};
 use crate::health::Health;
 use crate::listen::Listener;
+use crate::text::one_line;
 
 /// The chat statuses (the CHECK on `chats.status`).
 pub const STATUSES: [&str; 6] = ["waiting", "pending", "running", "paused", "completed", "error"];
@@ -327,24 +328,9 @@ fn write_table(out: &mut impl Write, chats: &[ChatSummary]) -> io::Result<()> {
     Ok(())
 }
 
-/// The first line of `text`, at most `max` characters.
-fn one_line(text: &str, max: usize) -> String {
-    let line = text.lines().next().unwrap_or("");
-    match line.char_indices().nth(max) {
-        Some((end, _)) => format!("{}…", &line[..end]),
-        None => line.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn last_errors_are_shown_on_one_bounded_line() {
-        assert_eq!(one_line("exit 1\nTraceback", 200), "exit 1");
-        assert_eq!(one_line("abcdef", 3), "abc…");
-    }
 
     #[test]
     fn a_malformed_chat_id_is_an_error_naming_it() {

@@ -30,6 +30,7 @@ use super::config::ChatsConfig;
 use super::metrics::ChatMetrics;
 use crate::db::{self, Db, DbError, Exec};
 use crate::runtime::{LeaseStatus, LeaseWatch, TaskSet};
+use crate::text;
 
 /// Longest `last_error` stored; the stderr tail is bounded already, this bounds the rest.
 const MAX_ERROR_LEN: usize = 8 * 1024;
@@ -316,7 +317,7 @@ async fn settle(ctx: &RunnerContext, fence: &Fence, ending: &Ending) -> Result<(
     match ending {
         Ending::Finished { .. } | Ending::FencedOut | Ending::Interrupted(InterruptCause::Stolen) => Ok(()),
         Ending::Failed(error) => {
-            let message = db::clip(error.to_string(), MAX_ERROR_LEN);
+            let message = text::clip(error.to_string(), MAX_ERROR_LEN);
             fence.write(&ctx.db, FAIL_TURN, &[(&message, Type::TEXT)]).await.map(drop)
         }
         Ending::Interrupted(InterruptCause::Shutdown | InterruptCause::Lease) | Ending::Database(_) => {

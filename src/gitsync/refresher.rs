@@ -47,6 +47,7 @@ use super::origin::Origin;
 use super::provider::{PrNumber, PrStatus, Provider, ProviderConfig, ProviderError, provider_for};
 use crate::db::{self, Db, DbError, Exec, Transaction};
 use crate::runtime::{Loop, LoopError, Progress, Schedule, Tick};
+use crate::text;
 use tokio_postgres::Row;
 
 pub const NAME: &str = "gitsync";
@@ -543,7 +544,7 @@ async fn backoff(
     delay: Duration,
 ) -> Result<Option<Row>, DbError> {
     let outcome = outcome.as_str().to_owned();
-    let error = db::clip(error.to_owned(), MAX_ERROR_LEN);
+    let error = text::clip(error.to_owned(), MAX_ERROR_LEN);
     let delay = delay.as_secs_f64();
     tx.fetch_opt(
         WRITE_BACKOFF,

@@ -9,6 +9,7 @@ use clap::Subcommand;
 use super::dead::{self, Selection};
 use super::stats;
 use crate::db::{Db, DbError};
+use crate::text::one_line;
 
 #[derive(Subcommand, Debug, Clone, PartialEq)]
 pub enum OutboxCommand {
@@ -198,15 +199,6 @@ fn age(secs: f64) -> String {
     humantime::format_duration(Duration::from_secs(secs.round() as u64)).to_string()
 }
 
-/// The first line of `text`, at most `max` characters.
-fn one_line(text: &str, max: usize) -> String {
-    let line = text.lines().next().unwrap_or("");
-    match line.char_indices().nth(max) {
-        Some((end, _)) => format!("{}…", &line[..end]),
-        None => line.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,12 +208,5 @@ mod tests {
         assert_eq!(age(0.0), "-");
         assert_eq!(age(0.4), "0s");
         assert_eq!(age(192.2), "3m 12s");
-    }
-
-    #[test]
-    fn errors_are_shown_on_one_bounded_line() {
-        assert_eq!(one_line("WRONGTYPE x\nsecond", 120), "WRONGTYPE x");
-        assert_eq!(one_line("abcdef", 3), "abc…");
-        assert_eq!(one_line("ééé", 3), "ééé");
     }
 }

@@ -32,6 +32,7 @@ use super::stats;
 use crate::db::{self, Db, DbError, Exec, Transaction};
 use crate::redis::Client;
 use crate::runtime::{ErrorLog, Loop, LoopError, Progress, Schedule, Tick};
+use crate::text;
 
 pub const NAME: &str = "outbox";
 /// NOTIFY channel of `enqueue_task`; wakes the sweeper before its interval.
@@ -299,12 +300,12 @@ impl Plan {
                     rand::random::<f64>(),
                 );
                 self.retry_ids.push(row.id);
-                self.retry_errors.push(db::clip(error, MAX_ERROR_LEN));
+                self.retry_errors.push(text::clip(error, MAX_ERROR_LEN));
                 self.retry_delays.push(delay.as_secs_f64());
             }
             Settlement::DeadLetter { error } => {
                 self.dead_ids.push(row.id);
-                self.dead_errors.push(db::clip(error, MAX_ERROR_LEN));
+                self.dead_errors.push(text::clip(error, MAX_ERROR_LEN));
             }
             Settlement::Untouched { error } => {
                 self.untouched += 1;

@@ -1,0 +1,43 @@
+//! Bounding text for storage and for the terminal.
+
+/// `text` cut to at most `max_bytes` on a character boundary: what bounded text columns such as
+/// `last_error` store, so one pathological message cannot bloat a row.
+pub fn clip(mut text: String, max_bytes: usize) -> String {
+    if text.len() > max_bytes {
+        let mut end = max_bytes;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// The first line of `text`, at most `max` characters (with `…` when cut): how CLI tables show
+/// multi-line errors.
+pub fn one_line(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("");
+    match line.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &line[..end]),
+        None => line.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_cuts_on_a_char_boundary_and_leaves_short_text_alone() {
+        assert_eq!(clip("short".into(), 10), "short");
+        let cut = clip("é".repeat(10), 5);
+        assert_eq!(cut, "éé", "5 bytes hold two 2-byte characters");
+    }
+
+    #[test]
+    fn one_line_keeps_the_first_line_and_bounds_it_in_characters() {
+        assert_eq!(one_line("WRONGTYPE x\nsecond", 120), "WRONGTYPE x");
+        assert_eq!(one_line("abcdef", 3), "abc…");
+        assert_eq!(one_line("ééé", 3), "ééé");
+    }
+}
