@@ -3,29 +3,14 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::TestDb;
+use common::process::{cli, json, stdout};
 use worker::db::Exec;
 
 fn worker(test_db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_worker"))
-        .arg("--database-url")
-        .arg(&test_db.url)
-        .args(args)
-        .env_remove("WORKER_CONFIG")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run worker")
-}
-
-fn stdout(output: &Output) -> String {
-    assert!(output.status.success(), "exit {:?}: {}", output.status, String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout.clone()).expect("utf-8")
-}
-
-fn json(output: &Output) -> serde_json::Value {
-    serde_json::from_str(&stdout(output)).expect("JSON output")
+    cli(&test_db.url, args)
 }
 
 async fn exec(test_db: &TestDb, sql: &str) {

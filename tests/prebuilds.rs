@@ -11,12 +11,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use common::metrics::MetricsProbe;
+use common::process::{cli, json, stdout};
 use common::{TestDb, eventually};
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
@@ -555,23 +556,7 @@ async fn activating_a_template_version_notifies_the_reconciler_channel() {
 // The CLI through the real binary; acceptance 6: `plan --json` is what the next cycle does
 
 fn worker_cli(test_db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_worker"))
-        .arg("--database-url")
-        .arg(&test_db.url)
-        .args(args)
-        .env_remove("WORKER_CONFIG")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run worker")
-}
-
-fn stdout(output: &Output) -> String {
-    assert!(output.status.success(), "exit {:?}: {}", output.status, String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout.clone()).expect("utf-8")
-}
-
-fn json(output: &Output) -> serde_json::Value {
-    serde_json::from_str(&stdout(output)).expect("JSON output")
+    cli(&test_db.url, args)
 }
 
 fn uuid_set(value: &serde_json::Value) -> BTreeSet<Uuid> {

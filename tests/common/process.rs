@@ -33,3 +33,26 @@ pub async fn readyz(port: u16) -> Option<(u16, serde_json::Value)> {
     let status = response.status().as_u16();
     Some((status, response.json().await.ok()?))
 }
+
+/// Runs a `worker` CLI command against `database_url` to completion (no config file, quiet log).
+pub fn cli(database_url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .arg("--database-url")
+        .arg(database_url)
+        .args(args)
+        .env_remove("WORKER_CONFIG")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run worker")
+}
+
+/// Stdout of a command that must have succeeded (the failure shows its stderr).
+pub fn stdout(output: &std::process::Output) -> String {
+    assert!(output.status.success(), "exit {:?}: {}", output.status, String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout.clone()).expect("utf-8")
+}
+
+/// Stdout of a successful command, parsed as one JSON document.
+pub fn json(output: &std::process::Output) -> serde_json::Value {
+    serde_json::from_str(&stdout(output)).expect("JSON output")
+}
