@@ -1,0 +1,259 @@
+//! Reliability suite, the outbox under faults (SPEC §11, `scripts/chaos.sh`):
+//! 1. three replicas draining 100k tasks while one of them is SIGKILLed and restarted every
+//!    second; 2. PostgreSQL restarted under a running worker; 3. Redis stopped for 30 s mid-drain.
+
+mod chaos_support;
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chaos_support::{LIMIT, Replica, StoppableRedis, WorkerConfig, report};
+use common::{TestDb, eventually};
+use fred::prelude::{Builder, ClientLike, Config as RedisConfig, HashesInterface, SortedSetsInterface};
+use worker::db::{Db, Exec};
+
+const QUEUES: [&str; 4] = ["q0", "q1", "q2", "q3"];
+
+async fn scalar(db: &Db, sql: &str) -> i64 {
+    db.get().await.expect("conn").fetch_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// Enqueues tasks `task-<from>` … `task-<to>` over the four queues, in one transaction.
+async fn enqueue(db: &Db, from: i64, to: i64) {
+    let conn = db.get().await.expect("conn");
+    conn.exec(
+        "SELECT count(enqueue_task('task-' || g, 'q' || (g % 4), jsonb_build_object('n', g))) \
+         FROM generate_series($1::int8, $2::int8) g",
+        &[(&from, tokio_postgres::types::Type::INT8), (&to, tokio_postgres::types::Type::INT8)],
+    )
+    .await
+    .expect("enqueue");
+}
+
+async fn redis_client(url: &str) -> fred::prelude::Client {
+    let client = Builder::from_config(RedisConfig::from_url(url).expect("redis url")).build().expect("client");
+    client.init().await.expect("redis connects");
+    client
+}
+
+/// What Redis holds: every scheduled member (with the queue it is in) and the payload count.
+struct InRedis {
+    members: Vec<String>,
+    payloads: i64,
+}
+
+async fn in_redis(redis: &fred::prelude::Client, prefix: &str) -> InRedis {
+    let mut members = Vec::new();
+    let mut payloads = 0;
+    for queue in QUEUES {
+        let sched = worker::redis::key(prefix, "sched", queue);
+        let queue_members: Vec<String> =
+            redis.zrange(sched, 0, -1, None, false, None, false).await.expect("zrange");
+        members.extend(queue_members);
+        let hlen: i64 = redis.hlen(worker::redis::key(prefix, "payload", queue)).await.expect("hlen");
+        payloads += hlen;
+    }
+    InRedis { members, payloads }
+}
+
+/// Checks tasks `task-1` … `task-n` are each scheduled exactly once (one member in one queue,
+/// one payload) and returns (lost, duplicated).
+fn lost_and_duplicated(redis: &InRedis, n: i64) -> (usize, usize) {
+    let expected: BTreeSet<String> = (1..=n).map(|g| format!("task-{g}")).collect();
+    let seen: BTreeSet<String> = redis.members.iter().cloned().collect();
+    let lost = expected.difference(&seen).count();
+    let duplicated = redis.members.len() - seen.len() + seen.difference(&expected).count();
+    (lost, duplicated)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_1_three_replicas_one_sigkilled_every_second_lose_and_repeat_nothing() {
+    const TASKS: i64 = 100_000;
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = WorkerConfig::for_test(&test_db).set("outbox.enabled", true);
+    let redis = redis_client(&common::redis_url()).await;
+    enqueue(&test_db.db, 1, TASKS).await;
+
+    let started = Instant::now();
+    let mut replicas: Vec<Replica> =
+        (0..3).map(|i| Replica::start(dir.path(), &format!("replica-{i}"), &config)).collect();
+    let mut kills = 0;
+    let mut next = 0;
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    every_second.tick().await;
+    loop {
+        every_second.tick().await;
+        if scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await == 0 {
+            break;
+        }
+        assert!(started.elapsed() < LIMIT * 3, "the outbox did not drain while replicas were killed");
+        let count = replicas.len();
+        let replica = &mut replicas[next % count];
+        replica.kill9().await;
+        replica.restart();
+        kills += 1;
+        next += 1;
+    }
+    let drained_in = started.elapsed();
+
+    let held = in_redis(&redis, &config.redis_prefix()).await;
+    let (lost, duplicated) = lost_and_duplicated(&held, TASKS);
+    let dead = scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox_dead").await;
+    report(
+        1,
+        "outbox-sigkill",
+        &[
+            ("replicas", "3".into()),
+            ("tasks", TASKS.to_string()),
+            ("sigkills", kills.to_string()),
+            ("drained_s", format!("{:.1}", drained_in.as_secs_f64())),
+            ("lost", lost.to_string()),
+            ("duplicated", duplicated.to_string()),
+            ("dead_lettered", dead.to_string()),
+        ],
+    );
+    assert!(kills >= 1, "no replica was killed while the outbox drained: the scenario injected nothing");
+    assert_eq!((lost, duplicated, dead), (0, 0, 0));
+    assert_eq!(held.members.len() as i64, TASKS, "one member per task");
+    assert_eq!(held.payloads, TASKS, "one payload per task");
+    for replica in &mut replicas {
+        assert_eq!(replica.sigterm(LIMIT).await.code(), Some(0), "{} drains on SIGTERM", replica.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_2_a_postgresql_restart_is_survived_without_restarting_the_process() {
+    const BEFORE: i64 = 20_000;
+    const AFTER: i64 = 5_000;
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = WorkerConfig::for_test(&test_db)
+        .set("outbox.enabled", true)
+        .set("counters.enabled", true)
+        .set("counters.interval", "200ms");
+    let redis = redis_client(&common::redis_url()).await;
+    let mut replica = Replica::start(dir.path(), "replica", &config);
+    replica.ready().await;
+    let pid = replica.pid();
+    enqueue(&test_db.db, 1, BEFORE).await;
+
+    // Watch /readyz through the restart: every status it answers, in order.
+    let statuses = Arc::new(Mutex::new(Vec::<u16>::new()));
+    let watcher = tokio::spawn({
+        let statuses = statuses.clone();
+        let port = replica.port;
+        async move {
+            loop {
+                let status = common::process::readyz(port).await.map_or(0, |(status, _)| status);
+                statuses.lock().expect("statuses").push(status);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let restart_started = Instant::now();
+    tokio::task::spawn_blocking(chaos_support::restart_postgres).await.expect("restart");
+    let restarted_in = restart_started.elapsed();
+    eventually(LIMIT, "/readyz 503 after the restart", || async {
+        statuses.lock().expect("statuses").contains(&503)
+    })
+    .await;
+    replica.ready().await;
+    let back_in = restart_started.elapsed();
+    watcher.abort();
+    replica.assert_alive();
+    assert_eq!(replica.pid(), pid, "the same process");
+
+    // The test's own pool lost its connections too; deadpool replaces them.
+    let fresh = test_db.another_pool();
+    enqueue(&fresh, BEFORE + 1, BEFORE + AFTER).await;
+    eventually(LIMIT, "the outbox to drain after the restart", || async {
+        scalar(&fresh, "SELECT count(*)::int8 FROM task_outbox").await == 0
+    })
+    .await;
+    let held = in_redis(&redis, &config.redis_prefix()).await;
+    let (lost, duplicated) = lost_and_duplicated(&held, BEFORE + AFTER);
+    let errors_reported = replica.problems().len();
+    let seen = statuses.lock().expect("statuses").clone();
+    let unready = seen.iter().filter(|s| **s != 200).count();
+    report(
+        2,
+        "postgres-restart",
+        &[
+            ("tasks", (BEFORE + AFTER).to_string()),
+            ("restarts", "1".into()),
+            ("restart_s", format!("{:.1}", restarted_in.as_secs_f64())),
+            ("ready_again_s", format!("{:.1}", back_in.as_secs_f64())),
+            ("readyz_not_200_samples", unready.to_string()),
+            ("errors_logged", errors_reported.to_string()),
+            ("process_restarts", "0".into()),
+            ("lost", lost.to_string()),
+            ("duplicated", duplicated.to_string()),
+        ],
+    );
+    assert!(errors_reported > 0, "the loops reported the outage in the log");
+    assert_eq!((lost, duplicated), (0, 0));
+    assert_eq!(replica.sigterm(LIMIT).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_3_redis_stopped_for_30s_consumes_no_attempt_and_everything_drains_after() {
+    const TASKS: i64 = 20_000;
+    const OUTAGE: Duration = Duration::from_secs(30);
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut redis_server = StoppableRedis::start().await;
+    // Slow the drain down (small batches, one per tick) so the outage lands in the middle of it.
+    let config = WorkerConfig::new(&test_db.url, &redis_server.url(), &common::unique_prefix())
+        .set("outbox.enabled", true)
+        .set("outbox.batch_size", 50)
+        .set("outbox.interval", "50ms")
+        .set("runtime.max_drain_ticks", 1);
+    enqueue(&test_db.db, 1, TASKS).await;
+    let mut replica = Replica::start(dir.path(), "replica", &config);
+    eventually(LIMIT, "the drain to start", || async {
+        scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await < TASKS - 500
+    })
+    .await;
+
+    redis_server.stop();
+    let left_at_stop = scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await;
+    tokio::time::sleep(OUTAGE).await;
+    replica.assert_alive();
+    let attempts = scalar(&test_db.db, "SELECT coalesce(sum(attempts), 0)::int8 FROM task_outbox").await;
+    let dead = scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox_dead").await;
+    let left_after_outage = scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await;
+
+    redis_server.start_again().await;
+    let back = Instant::now();
+    eventually(LIMIT * 2, "the outbox to drain after Redis returned", || async {
+        scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await == 0
+    })
+    .await;
+    let drained_in = back.elapsed();
+    let redis = redis_client(&redis_server.url()).await;
+    let held = in_redis(&redis, &config.redis_prefix()).await;
+    let (lost, duplicated) = lost_and_duplicated(&held, TASKS);
+    let dead_after = scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox_dead").await;
+    report(
+        3,
+        "redis-stopped",
+        &[
+            ("tasks", TASKS.to_string()),
+            ("outage_s", OUTAGE.as_secs().to_string()),
+            ("left_at_stop", left_at_stop.to_string()),
+            ("attempts_consumed", attempts.to_string()),
+            ("dead_lettered", (dead + dead_after).to_string()),
+            ("drained_after_s", format!("{:.1}", drained_in.as_secs_f64())),
+            ("lost", lost.to_string()),
+            ("duplicated", duplicated.to_string()),
+        ],
+    );
+    assert!(left_at_stop > 0, "Redis stopped after the drain ended: the scenario injected nothing");
+    assert_eq!(left_after_outage, left_at_stop, "nothing left the outbox while Redis was down");
+    assert_eq!((attempts, dead, dead_after), (0, 0, 0), "no attempt consumed, nothing dead-lettered");
+    assert_eq!((lost, duplicated), (0, 0));
+    assert_eq!(replica.sigterm(LIMIT).await.code(), Some(0));
+}

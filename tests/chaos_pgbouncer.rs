@@ -1,0 +1,4 @@
+//! Reliability suite: placeholder.
+
+mod chaos_support;
+mod common;

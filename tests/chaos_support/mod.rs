@@ -1,0 +1,458 @@
+//! The reliability suite's harness (SPEC §11, `scripts/chaos.sh`): real `worker` processes with
+//! a config of their own and a JSON log on disk, the faults an incident brings (SIGKILL,
+//! SIGTERM, a PostgreSQL restart, a Redis that goes away, a network path that freezes), and
+//! one line of figures per scenario.
+//!
+//! The chaos binaries are not part of `cargo test` (`test = false` in Cargo.toml): some of their
+//! faults (restarting the shared PostgreSQL) would break tests running beside them, so
+//! `scripts/chaos.sh` runs them one scenario at a time.
+#![allow(dead_code)] // each chaos binary uses a different subset
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use worker::db::Exec;
+
+use crate::common::process::{BIN, free_port, inherited_overrides, readyz, repo_path};
+use crate::common::{self, TestDb};
+
+/// How long any one wait of the suite may take before the scenario fails.
+pub const LIMIT: Duration = Duration::from_secs(60);
+
+/// Prints the scenario's one line of figures (`scripts/chaos.sh` collects these lines).
+pub fn report(scenario: u32, name: &str, figures: &[(&str, String)]) {
+    let figures: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let line = format!("chaos[{scenario}] {name}: {}", figures.join(" "));
+    println!("{line}");
+    // Also to a file when asked, so the script can print all lines together at the end.
+    if let Ok(path) = std::env::var("WORKER_CHAOS_FIGURES")
+        && let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path)
+    {
+        let _ = writeln!(file, "{line}");
+    }
+}
+
+/// A worker config as a TOML table: every loop off except the lease, a JSON log, the test's
+/// database and Redis prefix. Scenarios switch on what they exercise with [`WorkerConfig::set`].
+#[derive(Clone)]
+pub struct WorkerConfig(toml::Table);
+
+impl WorkerConfig {
+    pub fn new(database_url: &str, redis_url: &str, redis_prefix: &str) -> Self {
+        let text = format!(
+            "[app]\nenv = \"test\"\nshutdown_timeout = \"15s\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n\
+             [database]\nurl = \"{database_url}\"\npool_size = 4\nmigrate_on_start = false\n\n\
+             [redis]\nurl = \"{redis_url}\"\nprefix = \"{redis_prefix}\"\n\n\
+             [runtime]\njitter = 0.0\n\n\
+             [outbox]\nenabled = false\n\n[counters]\nenabled = false\n\n[chats]\nenabled = false\n\n\
+             [gitsync]\nenabled = false\n\n[prebuilds]\nenabled = false\n"
+        );
+        Self(toml::from_str(&text).expect("base config parses"))
+    }
+
+    /// The config of a test database with a Redis prefix of its own.
+    pub fn for_test(test_db: &TestDb) -> Self {
+        Self::new(&test_db.url, &common::redis_url(), &common::unique_prefix())
+    }
+
+    /// Sets `section.key` (dotted, any depth) to `value`.
+    pub fn set(mut self, path: &str, value: impl Into<toml::Value>) -> Self {
+        let mut table = &mut self.0;
+        let mut parts: Vec<&str> = path.split('.').collect();
+        let last = parts.pop().expect("a key");
+        for part in parts {
+            let entry = table.entry(part).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry.as_table_mut().unwrap_or_else(|| panic!("{path}: {part} is not a table"));
+        }
+        table.insert(last.to_owned(), value.into());
+        self
+    }
+
+    pub fn get(&self, path: &str) -> Option<&toml::Value> {
+        let mut value: Option<&toml::Value> = None;
+        let mut table = &self.0;
+        for part in path.split('.') {
+            value = table.get(part);
+            if let Some(toml::Value::Table(next)) = value {
+                table = next;
+            }
+        }
+        value
+    }
+
+    pub fn redis_prefix(&self) -> String {
+        self.get("redis.prefix").and_then(|v| v.as_str()).expect("redis.prefix").to_owned()
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.0).expect("config serialises")
+    }
+}
+
+/// A real `worker run` process: its config file, its health port and its log (stdout and
+/// stderr, appended across restarts).
+pub struct Replica {
+    pub name: String,
+    pub port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<tokio::process::Child>,
+    /// Processes this replica has been (one per start).
+    pub starts: usize,
+}
+
+impl Replica {
+    /// Writes `config` (with a health port of its own) into `dir` and starts the worker.
+    pub fn start(dir: &Path, name: &str, config: &WorkerConfig) -> Self {
+        Self::start_with_env(dir, name, config, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, name: &str, config: &WorkerConfig, env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let config = config.clone().set("health.listen", format!("127.0.0.1:{port}"));
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config.to_toml()).expect("write config");
+        let mut replica = Self {
+            name: name.to_owned(),
+            port,
+            config: path,
+            log: dir.join(format!("{name}.log")),
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            child: None,
+            starts: 0,
+        };
+        replica.spawn();
+        replica
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let mut command = tokio::process::Command::new(BIN);
+        for key in inherited_overrides() {
+            command.env_remove(key);
+        }
+        command
+            .args(["run", "--config", self.config.to_str().expect("utf-8")])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(repo_path(""))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .kill_on_drop(true);
+        self.child = Some(command.spawn().expect("start worker"));
+        self.starts += 1;
+    }
+
+    /// Starts the process again (after a kill or an exit) with the same config.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "{} still runs", self.name);
+        self.spawn();
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("running") as i32
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// `kill -9`, and reaps it.
+    pub async fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        kill(Pid::from_raw(child.id().expect("pid") as i32), Signal::SIGKILL).expect("SIGKILL");
+        child.wait().await.expect("reap");
+    }
+
+    /// SIGTERM, then waits for the exit (at most `limit`).
+    pub async fn sigterm(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        kill(Pid::from_raw(child.id().expect("pid") as i32), Signal::SIGTERM).expect("SIGTERM");
+        tokio::time::timeout(limit, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within {limit:?} of SIGTERM", self.name))
+            .expect("wait")
+    }
+
+    /// The process has not exited (a crash would fail the scenario here).
+    pub fn assert_alive(&mut self) {
+        let child = self.child.as_mut().expect("running");
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("{} exited ({status}); log:\n{}", self.name, self.log_tail(40));
+        }
+    }
+
+    pub async fn readyz(&self) -> Option<(u16, serde_json::Value)> {
+        readyz(self.port).await
+    }
+
+    /// Waits for `/readyz` 200.
+    pub async fn ready(&self) {
+        let what = format!("{} /readyz 200", self.name);
+        common::eventually(LIMIT, &what, || async { matches!(self.readyz().await, Some((200, _))) }).await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The log's JSON records at WARN or ERROR.
+    pub fn problems(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|record| matches!(record["level"].as_str(), Some("WARN" | "ERROR")))
+            .collect()
+    }
+}
+
+/// The pids whose parent is `parent` (an agent runs as a direct child of its worker).
+pub fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // Fields after the command (which may hold spaces and parentheses): state ppid …
+                let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+                let state = rest.next();
+                let ppid = rest.next().and_then(|p| p.parse::<i32>().ok());
+                state != Some("Z") && ppid == Some(parent)
+            })
+        })
+        .collect()
+}
+
+/// Server connections to database `name`, counted from an admin connection (not included).
+pub async fn backends(name: &str) -> i64 {
+    let admin = worker::db::connect_direct(&common::admin_url(), "worker-chaos").await.expect("admin");
+    admin
+        .fetch_one(
+            "SELECT count(*)::int8 FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[(&name, tokio_postgres::types::Type::TEXT)],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// `pg_ctlcluster … restart` of the local cluster (the one every test uses).
+pub fn restart_postgres() {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("/etc/postgresql: a Debian PostgreSQL cluster")
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .max()
+        .expect("a PostgreSQL version directory");
+    let mut command = if nix::unistd::Uid::effective().is_root() {
+        std::process::Command::new("pg_ctlcluster")
+    } else {
+        let mut sudo = std::process::Command::new("sudo");
+        sudo.args(["-n", "pg_ctlcluster"]);
+        sudo
+    };
+    let status = command
+        .args(["--skip-systemctl-redirect", &version, "main", "restart", "-m", "fast"])
+        .status()
+        .expect("run pg_ctlcluster");
+    assert!(status.success(), "pg_ctlcluster restart: {status}");
+}
+
+/// A redis-server of the scenario's own that can be stopped and started again on the same port
+/// with its data (SHUTDOWN SAVE, then a restart that loads the dump).
+pub struct StoppableRedis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl StoppableRedis {
+    pub async fn start() -> Self {
+        let mut redis = Self { port: free_port(), dir: tempfile::tempdir().expect("dir"), child: None };
+        redis.start_again().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "redis already runs");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let url = self.url();
+        common::eventually(LIMIT, "the private redis-server to answer", || async {
+            let client = fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("url"))
+                .build()
+                .expect("client");
+            let ok = tokio::time::timeout(Duration::from_secs(1), async {
+                use fred::prelude::{ClientLike, KeysInterface};
+                client.init().await.is_ok() && client.exists::<i64, _>("probe").await.is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            ok
+        })
+        .await;
+    }
+
+    /// SHUTDOWN SAVE: connections are refused until [`StoppableRedis::start_again`].
+    pub fn stop(&mut self) {
+        let status = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "shutdown", "save"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli");
+        assert!(status.success(), "redis-cli shutdown: {status}");
+        let mut child = self.child.take().expect("running");
+        child.wait().expect("reap redis-server");
+    }
+}
+
+impl Drop for StoppableRedis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A TCP proxy in front of an address that can freeze: while frozen it moves no byte either way
+/// and answers new connections with silence, and it closes nothing (no RST, no FIN) — a
+/// half-open network path. Thawed, it carries on where it stopped.
+pub struct FreezingProxy {
+    pub port: u16,
+    frozen: watch::Sender<bool>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    pub async fn start(upstream: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let (frozen, _) = watch::channel(false);
+        let connections = Arc::new(AtomicUsize::new(0));
+        let upstream = upstream.to_owned();
+        let task = tokio::spawn({
+            let frozen = frozen.clone();
+            let connections = connections.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    connections.fetch_add(1, Ordering::Relaxed);
+                    let upstream = upstream.clone();
+                    let frozen = frozen.subscribe();
+                    tokio::spawn(async move {
+                        wait_thawed(&mut frozen.clone()).await;
+                        let Ok(server) = TcpStream::connect(&upstream).await else { return };
+                        let (client_read, client_write) = client.into_split();
+                        let (server_read, server_write) = server.into_split();
+                        tokio::join!(
+                            pump(client_read, server_write, frozen.clone()),
+                            pump(server_read, client_write, frozen),
+                        );
+                    });
+                }
+            }
+        });
+        Self { port, frozen, connections, task }
+    }
+
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn wait_thawed(frozen: &mut watch::Receiver<bool>) {
+    let _ = frozen.wait_for(|frozen| !frozen).await;
+}
+
+/// Copies `from` to `to`, holding every byte while frozen (before reading and before writing).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        wait_thawed(&mut frozen).await;
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        wait_thawed(&mut frozen).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Samples `probe` every `every` until `done` resolves; returns the largest value seen.
+pub async fn peak_while<P, PF, D>(every: Duration, mut probe: P, done: D) -> i64
+where
+    P: FnMut() -> PF,
+    PF: Future<Output = i64>,
+    D: Future<Output = ()>,
+{
+    tokio::pin!(done);
+    let mut peak = 0;
+    loop {
+        peak = peak.max(probe().await);
+        tokio::select! {
+            _ = &mut done => return peak.max(probe().await),
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// A shell script agent in `dir` (see `tests/chats_support` for the protocol).
+pub fn agent(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write agent");
+    let mut permissions = std::fs::metadata(&path).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&path, permissions).expect("chmod");
+    path.to_string_lossy().into_owned()
+}
