@@ -21,14 +21,23 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 set +e
 cargo test --locked "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# The reliability suite runs after the rest, alone (it restarts PostgreSQL); not when the
+# arguments select particular tests.
+if [ "$#" -eq 0 ]; then
+  set +e
+  bash scripts/chaos.sh 2>&1 | tee -a "$log"
+  chaos_status=${PIPESTATUS[0]}
+  set -e
+  if [ "$status" -eq 0 ]; then status=$chaos_status; fi
+fi
 # One closing line for the whole run (cargo's own last line is the doc-test binary's).
-passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s += $1} END {print s + 0}')
-failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s += $1} END {print s + 0}')
-rm -f "$log"
+passed=$(grep -E '^test result:' "$log" | grep -Eo '[0-9]+ passed' | awk '{s += $1} END {print s + 0}')
+failed=$(grep -E '^test result:' "$log" | grep -Eo '[0-9]+ failed' | awk '{s += $1} END {print s + 0}')
 echo
 echo "total: ${passed} passed, ${failed} failed"
 exit "$status"

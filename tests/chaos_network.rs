@@ -1,4 +1,171 @@
-//! Reliability suite: placeholder.
+//! Reliability suite, scenario 6 (SPEC §11, `scripts/chaos.sh`): the network path to
+//! PostgreSQL freezes for 20 s — half-open, no RST, no FIN — under a worker running every loop
+//! that needs no outside service. Every tick stays bounded by its timeout, the pool recovers
+//! when the path thaws, and no loop wedges.
 
 mod chaos_support;
 mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chaos_support::{FreezingProxy, LIMIT, Replica, WorkerConfig, agent, report};
+use common::{TestDb, eventually};
+use worker::db::{Db, Exec};
+
+const FREEZE: Duration = Duration::from_secs(20);
+const TICK_TIMEOUT: &str = "5s";
+
+async fn scalar(db: &Db, sql: &str) -> i64 {
+    db.get().await.expect("conn").fetch_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// Each loop's tick count and last outcome, from /readyz.
+async fn loops(replica: &Replica) -> BTreeMap<String, (u64, String)> {
+    let (_, body) = replica.readyz().await.expect("/readyz answers");
+    body["loops"]
+        .as_array()
+        .expect("loops")
+        .iter()
+        .map(|l| {
+            let name = l["name"].as_str().expect("name").to_owned();
+            let ticks = l["ticks"].as_u64().expect("ticks");
+            let outcome = l["last_outcome"].as_str().unwrap_or("").to_owned();
+            (name, (ticks, outcome))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recovers() {
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let proxy = FreezingProxy::start("127.0.0.1:5432").await;
+    let through_proxy = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
+    let quick_agent = agent(
+        dir.path(),
+        "agent",
+        "cat >/dev/null\necho '{\"type\":\"message\",\"role\":\"assistant\",\"content\":\"hi\"}'",
+    );
+    let mut config = WorkerConfig::for_test(&test_db)
+        .set("database.url", through_proxy.as_str())
+        .set("database.listen_url", through_proxy.as_str())
+        .set("database.connect_timeout", "2s")
+        .set("database.acquire_timeout", "2s")
+        .set("database.statement_timeout", "2s")
+        .set("outbox.enabled", true)
+        .set("counters.enabled", true)
+        .set("counters.interval", "500ms")
+        .set("chats.enabled", true)
+        .set("chats.acquire_interval", "200ms")
+        .set("chats.heartbeat_interval", "1s")
+        .set("chats.recover_interval", "1s")
+        .set("chats.runner.command", vec![quick_agent])
+        .set("prebuilds.enabled", true)
+        .set("prebuilds.interval", "1s")
+        .set("gitsync.enabled", true)
+        .set("gitsync.interval", "1s");
+    for section in ["outbox", "counters", "chats", "prebuilds", "gitsync"] {
+        if section != "chats" {
+            config = config.set(&format!("{section}.tick_timeout"), TICK_TIMEOUT);
+        }
+    }
+    let mut replica = Replica::start(dir.path(), "replica", &config);
+    replica.ready().await;
+    let before = loops(&replica).await;
+
+    proxy.freeze();
+    let frozen_at = Instant::now();
+    // Work arrives during the freeze (straight to PostgreSQL, not through the frozen path).
+    test_db
+        .db
+        .get()
+        .await
+        .expect("conn")
+        .exec(
+            "SELECT count(enqueue_task('task-' || g, 'q', '{}'::jsonb)) FROM generate_series(1, 1000) g",
+            &[],
+        )
+        .await
+        .expect("enqueue");
+    let chat = {
+        let conn = test_db.db.get().await.expect("conn");
+        let id: uuid::Uuid = conn
+            .fetch_one("INSERT INTO chats (owner_id) VALUES (gen_random_uuid()) RETURNING id", &[])
+            .await
+            .expect("chat")
+            .get(0);
+        conn.exec(
+            "SELECT post_chat_message($1, 'user', '\"hello\"'::jsonb)",
+            &[(&id, tokio_postgres::types::Type::UUID)],
+        )
+        .await
+        .expect("post");
+        id
+    };
+    eventually(LIMIT, "/readyz to report the frozen database", || async {
+        matches!(replica.readyz().await, Some((503, _)))
+    })
+    .await;
+    let unready_after = frozen_at.elapsed();
+    // Ticks keep ending (by their timeout) while the path is frozen: a wedged loop's count stops.
+    let mid = loops(&replica).await;
+    tokio::time::sleep(FREEZE.saturating_sub(frozen_at.elapsed())).await;
+    let during = loops(&replica).await;
+    replica.assert_alive();
+    let wedged_during: Vec<&String> =
+        during.iter().filter(|(name, (ticks, _))| *ticks <= mid[*name].0).map(|(name, _)| name).collect();
+    let timeouts = during.values().filter(|(_, outcome)| outcome != "ok").count();
+
+    proxy.thaw();
+    let thawed_at = Instant::now();
+    replica.ready().await;
+    let ready_after = thawed_at.elapsed();
+    eventually(LIMIT, "the outbox to drain after the thaw", || async {
+        scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await == 0
+    })
+    .await;
+    eventually(LIMIT, "the chat sent during the freeze to be answered", || async {
+        let conn = test_db.db.get().await.expect("conn");
+        let status: String = conn
+            .fetch_one("SELECT status FROM chats WHERE id = $1", &[(&chat, tokio_postgres::types::Type::UUID)])
+            .await
+            .expect("chat")
+            .get(0);
+        status == "waiting"
+    })
+    .await;
+    let after = loops(&replica).await;
+    let stuck_after: Vec<&String> =
+        after.iter().filter(|(name, (ticks, _))| *ticks <= during[*name].0).map(|(name, _)| name).collect();
+    let dead = scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox_dead").await;
+    let lost = 1000 - outbox_in_redis(&config).await;
+    report(
+        6,
+        "network-freeze",
+        &[
+            ("loops", before.len().to_string()),
+            ("freeze_s", FREEZE.as_secs().to_string()),
+            ("proxy_connections", proxy.connections().to_string()),
+            ("unready_after_s", format!("{:.1}", unready_after.as_secs_f64())),
+            ("loops_not_ok_at_thaw", timeouts.to_string()),
+            ("wedged_during", wedged_during.len().to_string()),
+            ("wedged_after", stuck_after.len().to_string()),
+            ("ready_after_thaw_s", format!("{:.1}", ready_after.as_secs_f64())),
+            ("dead_lettered", dead.to_string()),
+            ("lost", lost.to_string()),
+        ],
+    );
+    assert!(wedged_during.is_empty(), "loops whose ticks stopped ending while frozen: {wedged_during:?}");
+    assert!(stuck_after.is_empty(), "loops that did not tick after the thaw: {stuck_after:?}");
+    assert_eq!((lost, dead), (0, 0));
+    assert_eq!(replica.sigterm(LIMIT).await.code(), Some(0));
+}
+
+/// Tasks of the scenario's queue that reached Redis.
+async fn outbox_in_redis(config: &WorkerConfig) -> i64 {
+    use fred::prelude::{Builder, ClientLike, Config, SortedSetsInterface};
+    let client = Builder::from_config(Config::from_url(&common::redis_url()).expect("url")).build().expect("client");
+    client.init().await.expect("redis");
+    client.zcard(worker::redis::key(&config.redis_prefix(), "sched", "q")).await.expect("zcard")
+}

@@ -73,7 +73,12 @@ async fn scenario_1_three_replicas_one_sigkilled_every_second_lose_and_repeat_no
     const TASKS: i64 = 100_000;
     let test_db = TestDb::new().await;
     let dir = tempfile::tempdir().expect("dir");
-    let config = WorkerConfig::for_test(&test_db).set("outbox.enabled", true);
+    // Small batches keep the drain going for several seconds, so the kills land mid-sweep.
+    let config = WorkerConfig::for_test(&test_db)
+        .set("outbox.enabled", true)
+        .set("outbox.batch_size", 100)
+        .set("outbox.interval", "20ms")
+        .set("runtime.max_drain_ticks", 2);
     let redis = redis_client(&common::redis_url()).await;
     enqueue(&test_db.db, 1, TASKS).await;
 
@@ -115,7 +120,7 @@ async fn scenario_1_three_replicas_one_sigkilled_every_second_lose_and_repeat_no
             ("dead_lettered", dead.to_string()),
         ],
     );
-    assert!(kills >= 1, "no replica was killed while the outbox drained: the scenario injected nothing");
+    assert!(kills >= 3, "too few kills while the outbox drained ({kills}): the scenario injected too little");
     assert_eq!((lost, duplicated, dead), (0, 0, 0));
     assert_eq!(held.members.len() as i64, TASKS, "one member per task");
     assert_eq!(held.payloads, TASKS, "one payload per task");
@@ -208,7 +213,7 @@ async fn scenario_3_redis_stopped_for_30s_consumes_no_attempt_and_everything_dra
     // Slow the drain down (small batches, one per tick) so the outage lands in the middle of it.
     let config = WorkerConfig::new(&test_db.url, &redis_server.url(), &common::unique_prefix())
         .set("outbox.enabled", true)
-        .set("outbox.batch_size", 50)
+        .set("outbox.batch_size", 200)
         .set("outbox.interval", "50ms")
         .set("runtime.max_drain_ticks", 1);
     enqueue(&test_db.db, 1, TASKS).await;
@@ -228,6 +233,11 @@ async fn scenario_3_redis_stopped_for_30s_consumes_no_attempt_and_everything_dra
 
     redis_server.start_again().await;
     let back = Instant::now();
+    eventually(LIMIT, "the drain to resume after Redis returned", || async {
+        scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await < left_after_outage
+    })
+    .await;
+    let resumed_in = back.elapsed();
     eventually(LIMIT * 2, "the outbox to drain after Redis returned", || async {
         scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await == 0
     })
@@ -246,6 +256,7 @@ async fn scenario_3_redis_stopped_for_30s_consumes_no_attempt_and_everything_dra
             ("left_at_stop", left_at_stop.to_string()),
             ("attempts_consumed", attempts.to_string()),
             ("dead_lettered", (dead + dead_after).to_string()),
+            ("resumed_after_s", format!("{:.1}", resumed_in.as_secs_f64())),
             ("drained_after_s", format!("{:.1}", drained_in.as_secs_f64())),
             ("lost", lost.to_string()),
             ("duplicated", duplicated.to_string()),

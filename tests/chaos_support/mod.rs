@@ -198,8 +198,21 @@ impl Replica {
 
     /// Waits for `/readyz` 200.
     pub async fn ready(&self) {
-        let what = format!("{} /readyz 200", self.name);
-        common::eventually(LIMIT, &what, || async { matches!(self.readyz().await, Some((200, _))) }).await;
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let answer = self.readyz().await;
+            if matches!(answer, Some((200, _))) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "{} not ready within {LIMIT:?}; /readyz: {answer:?}\nlog:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn log(&self) -> String {
@@ -297,7 +310,16 @@ impl StoppableRedis {
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "redis already runs");
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -307,9 +329,10 @@ impl StoppableRedis {
         self.child = Some(child);
         let url = self.url();
         common::eventually(LIMIT, "the private redis-server to answer", || async {
-            let client = fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("url"))
-                .build()
-                .expect("client");
+            let client =
+                fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("url"))
+                    .build()
+                    .expect("client");
             let ok = tokio::time::timeout(Duration::from_secs(1), async {
                 use fred::prelude::{ClientLike, KeysInterface};
                 client.init().await.is_ok() && client.exists::<i64, _>("probe").await.is_ok()
