@@ -101,6 +101,10 @@ impl Db {
             .max_size(config.pool_size)
             .wait_timeout(Some(config.acquire_timeout))
             .create_timeout(Some(config.connect_timeout))
+            // The Verified check is a round trip: on a half-open path (a frozen NAT or proxy: no
+            // RST, no FIN) it would wait forever and so would the checkout. Past this bound the
+            // connection is dropped and the next one tried or a new one opened.
+            .recycle_timeout(Some(config.connect_timeout))
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Url(e.to_string()))?;

@@ -128,7 +128,10 @@ async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recov
     eventually(LIMIT, "the chat sent during the freeze to be answered", || async {
         let conn = test_db.db.get().await.expect("conn");
         let status: String = conn
-            .fetch_one("SELECT status FROM chats WHERE id = $1", &[(&chat, tokio_postgres::types::Type::UUID)])
+            .fetch_one(
+                "SELECT status FROM chats WHERE id = $1",
+                &[(&chat, tokio_postgres::types::Type::UUID)],
+            )
             .await
             .expect("chat")
             .get(0);
@@ -165,7 +168,31 @@ async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recov
 /// Tasks of the scenario's queue that reached Redis.
 async fn outbox_in_redis(config: &WorkerConfig) -> i64 {
     use fred::prelude::{Builder, ClientLike, Config, SortedSetsInterface};
-    let client = Builder::from_config(Config::from_url(&common::redis_url()).expect("url")).build().expect("client");
+    let client =
+        Builder::from_config(Config::from_url(&common::redis_url()).expect("url")).build().expect("client");
     client.init().await.expect("redis");
     client.zcard(worker::redis::key(&config.redis_prefix(), "sched", "q")).await.expect("zcard")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_checkout_on_a_frozen_path_ends_within_its_timeouts() {
+    let test_db = TestDb::new().await;
+    let proxy = FreezingProxy::start("127.0.0.1:5432").await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
+    let config = worker::config::DatabaseConfig {
+        connect_timeout: Duration::from_secs(1),
+        acquire_timeout: Duration::from_secs(1),
+        ..TestDb::database_config_for(&url, 2)
+    };
+    let db = Db::new(&config).expect("pool");
+    // One pooled connection, idle, then the path freezes under it.
+    scalar(&db, "SELECT 1::int8").await;
+    proxy.freeze();
+    let started = Instant::now();
+    let checkout = tokio::time::timeout(Duration::from_secs(15), db.get()).await;
+    let took = started.elapsed();
+    assert!(checkout.is_ok(), "the checkout still waits after {took:?}: the recycle check has no bound");
+    assert!(checkout.expect("ended").is_err(), "no connection can be had while the path is frozen");
+    proxy.thaw();
+    assert_eq!(scalar(&db, "SELECT 1::int8").await, 1, "the pool serves again after the thaw");
 }

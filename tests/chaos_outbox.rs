@@ -33,7 +33,8 @@ async fn enqueue(db: &Db, from: i64, to: i64) {
 }
 
 async fn redis_client(url: &str) -> fred::prelude::Client {
-    let client = Builder::from_config(RedisConfig::from_url(url).expect("redis url")).build().expect("client");
+    let client =
+        Builder::from_config(RedisConfig::from_url(url).expect("redis url")).build().expect("client");
     client.init().await.expect("redis connects");
     client
 }

@@ -333,13 +333,12 @@ impl StoppableRedis {
                 fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("url"))
                     .build()
                     .expect("client");
-            let ok = tokio::time::timeout(Duration::from_secs(1), async {
+            tokio::time::timeout(Duration::from_secs(1), async {
                 use fred::prelude::{ClientLike, KeysInterface};
                 client.init().await.is_ok() && client.exists::<i64, _>("probe").await.is_ok()
             })
             .await
-            .unwrap_or(false);
-            ok
+            .unwrap_or(false)
         })
         .await;
     }
