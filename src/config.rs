@@ -393,7 +393,11 @@ impl Overrides {
 
 fn locate(key: &str, overrides: &Overrides, file: Option<&(PathBuf, KeyLines)>) -> Source {
     if let Some(over) =
-        overrides.0.iter().rev().find(|o| o.key == key || key.starts_with(&format!("{}.", o.key)))
+        // The key itself, a table above it (`--set outbox={…}`), or a key below it: an unknown
+        // section such as WORKER__OUTBX__ENABLED is reported at `outbx`.
+        overrides.0.iter().rev().find(|o| {
+            o.key == key || key.starts_with(&format!("{}.", o.key)) || o.key.starts_with(&format!("{key}."))
+        })
     {
         return over.source.clone();
     }
@@ -580,6 +584,13 @@ impl Config {
         check(!self.redis.prefix.is_empty(), "redis.prefix", "\"\"", "a non-empty key prefix")?;
         if let Some(path) = &self.redis.ca_file {
             readable_file("redis.ca_file", path)?;
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(Violation::new(
+                "log.level",
+                format!("not a tracing filter ({error}): {}", self.log.level),
+                "a level (error|warn|info|debug|trace) or directives such as `worker=debug,info`",
+            ));
         }
         positive("app.shutdown_timeout", self.app.shutdown_timeout)?;
         check(!self.app.env.is_empty(), "app.env", "\"\"", "a non-empty environment name")?;
@@ -779,6 +790,27 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("env WORKER__OUTBOX__BATCH_SIZE"), "{text}");
         assert!(text.contains("lots"), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_section_from_env_names_the_variable() {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("WORKER__OUTBX__ENABLED".into(), "true".into());
+        let err = load(&inputs).expect_err("unknown section");
+        assert_eq!(err.key(), Some("outbx"), "{err}");
+        assert!(err.to_string().contains("env WORKER__OUTBX__ENABLED"), "{err}");
+    }
+
+    #[test]
+    fn a_log_level_that_is_no_tracing_filter_is_refused_naming_its_source() {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("WORKER__LOG__LEVEL".into(), "info,[[[".into());
+        let err = load(&inputs).expect_err("bad filter");
+        assert_eq!(err.key(), Some("log.level"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("WORKER__LOG__LEVEL") && text.contains("info,[[["), "{text}");
+        inputs.env.insert("WORKER__LOG__LEVEL".into(), "worker=debug,info".into());
+        load(&inputs).expect("directives are a valid filter");
     }
 
     #[test]

@@ -66,6 +66,13 @@ impl DbError {
         }
     }
 
+    /// The server refused the values themselves (SQLSTATE class 22, data exception, or 23,
+    /// integrity violation): writing the same values again fails again, unlike a lost connection
+    /// or a timeout.
+    pub fn is_refused_value(&self) -> bool {
+        self.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+    }
+
     /// The SQLSTATE, when the server sent one.
     pub fn code(&self) -> Option<&str> {
         match self {

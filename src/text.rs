@@ -1,8 +1,16 @@
 //! Bounding text for storage and for the terminal.
 
-/// `text` cut to at most `max_bytes` on a character boundary: what bounded text columns such as
-/// `last_error` store, so one pathological message cannot bloat a row.
-pub fn clip(mut text: String, max_bytes: usize) -> String {
+/// `text` as PostgreSQL can store it: `text` and `jsonb` cannot hold a NUL character, so each
+/// one becomes U+FFFD (the replacement character) instead of failing the whole write.
+pub fn storable(text: String) -> String {
+    if text.contains('\0') { text.replace('\0', "\u{FFFD}") } else { text }
+}
+
+/// `text` cut to at most `max_bytes` on a character boundary, and [`storable`]: what bounded text
+/// columns such as `last_error` store, so one pathological message cannot bloat a row or fail
+/// the write that records it.
+pub fn clip(text: String, max_bytes: usize) -> String {
+    let mut text = storable(text);
     if text.len() > max_bytes {
         let mut end = max_bytes;
         while !text.is_char_boundary(end) {
@@ -32,6 +40,13 @@ mod tests {
         assert_eq!(clip("short".into(), 10), "short");
         let cut = clip("é".repeat(10), 5);
         assert_eq!(cut, "éé", "5 bytes hold two 2-byte characters");
+    }
+
+    #[test]
+    fn storable_and_clip_replace_the_nul_character_postgresql_cannot_store() {
+        assert_eq!(storable("a\0b".into()), "a\u{FFFD}b");
+        assert_eq!(storable("plain".into()), "plain");
+        assert_eq!(clip("crashed \0 here".into(), 100), "crashed \u{FFFD} here");
     }
 
     #[test]

@@ -573,3 +573,53 @@ async fn enqueue_wakes_a_running_sweeper_through_notify_long_before_its_interval
     runtime.begin_shutdown();
     runtime.drained().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_finite_run_at_is_refused_by_name_and_v6_settles_rows_that_have_one() {
+    let h = Harness::new().await;
+    let conn = h.db().get().await.expect("conn");
+    for when in ["-infinity", "infinity"] {
+        let error = conn
+            .exec(&format!("SELECT enqueue_task('t-{when}', 'q', '{{}}', '{when}')"), &[])
+            .await
+            .expect_err("a non-finite run_at is refused");
+        let message = error.server_message().unwrap_or_default().to_owned();
+        assert!(message.contains("run_at must be a finite time") && message.contains(when), "{message}");
+    }
+    let direct = conn
+        .exec(
+            "INSERT INTO task_outbox (task_id, queue, payload, run_at) VALUES ('d', 'q', '{}', '-infinity')",
+            &[],
+        )
+        .await
+        .expect_err("the table refuses one too");
+    assert!(direct.to_string().contains("task_outbox_run_at_finite"), "{direct}");
+
+    // Rows written before V6 (the constraint dropped to let them in), then V6's own SQL again.
+    conn.batch_execute("ALTER TABLE task_outbox DROP CONSTRAINT task_outbox_run_at_finite")
+        .await
+        .expect("drop");
+    h.exec(
+        "INSERT INTO task_outbox (task_id, queue, payload, run_at) VALUES \
+         ('past', 'q', '{}', '-infinity'), ('never', 'q', '{}', 'infinity'), ('ok', 'q', '{}', now())",
+    )
+    .await;
+    let v6 = std::fs::read_to_string(common::process::repo_path("migrations/V6__outbox_finite_run_at.sql"))
+        .expect("V6");
+    conn.batch_execute(&v6).await.expect("V6 applies to rows that predate it");
+    assert_eq!(
+        h.scalar("SELECT count(*)::int8 FROM task_outbox WHERE isfinite(run_at)").await,
+        2,
+        "past, ok"
+    );
+    assert_eq!(
+        h.scalar("SELECT count(*)::int8 FROM task_outbox WHERE task_id = 'past' AND run_at <= now()").await,
+        1
+    );
+    assert_eq!(
+        h.scalar("SELECT count(*)::int8 FROM task_outbox_dead WHERE task_id = 'never' AND last_error LIKE '%infinity%'")
+            .await,
+        1,
+        "the never-due task is dead-lettered with the reason, not lost"
+    );
+}

@@ -444,12 +444,28 @@ enum Step {
     TimedOut,
 }
 
+/// Why a well-formed event with a `\u0000` is refused: PostgreSQL's `jsonb` and `text` cannot
+/// store it, and the agent's words are not ours to rewrite.
+const NUL_REASON: &str = "it holds a NUL character (\\u0000), which PostgreSQL cannot store";
+
+/// Whether any string (or object key) in `value` holds a NUL character.
+fn holds_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(holds_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
 /// `Ok(None)` for a blank line; `Err(reason)` names what is wrong and quotes the line's start.
 fn parse_event(line: &[u8]) -> Result<Option<AgentEvent>, String> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
     match serde_json::from_slice::<WireEvent>(line) {
+        Ok(WireEvent::Message { content, .. }) if holds_nul(&content) => Err(NUL_REASON.to_owned()),
+        Ok(WireEvent::Title { title }) if title.contains('\0') => Err(NUL_REASON.to_owned()),
         Ok(WireEvent::Message { role, content }) => Ok(Some(AgentEvent::Message { role, content })),
         Ok(WireEvent::Title { title }) => Ok(Some(AgentEvent::Title(title))),
         Err(error) => {
@@ -728,6 +744,14 @@ mod tests {
         let long = format!("not json {}", "x".repeat(1000));
         let text = reason(long.as_bytes());
         assert!(text.contains("\"not json") && text.ends_with('…') && text.len() < 400, "{text}");
+        for nul in [
+            br#"{"type":"message","role":"assistant","content":"a \u0000 b"}"#.as_slice(),
+            br#"{"type":"message","role":"assistant","content":{"k":["ok","\u0000"]}}"#,
+            br#"{"type":"message","role":"assistant","content":{"\u0000":1}}"#,
+            br#"{"type":"title","title":"t\u0000"}"#,
+        ] {
+            assert!(reason(nul).contains("NUL character"), "{}", String::from_utf8_lossy(nul));
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! heartbeat, cancelled at shutdown. It ends in exactly one of these ways:
 //!
 //! - the agent exits 0 → `waiting`, or `pending` if a user message arrived during the turn;
-//! - the agent fails (non-zero exit, malformed or over-long line, turn timeout, cannot start)
+//! - the agent fails (non-zero exit, malformed or over-long line, turn timeout, cannot start,
+//!   output the database refuses to store)
 //!   → `error` with a `last_error` naming the cause and the stderr tail; messages already
 //!   written are kept;
 //! - interrupted because the chat is no longer ours (stolen, canceled, recovered elsewhere):
@@ -168,6 +169,9 @@ enum Ending {
     FencedOut,
     /// The database failed us mid-turn; the chat is released if possible, else recovered.
     Database(DbError),
+    /// The database refused what the agent wrote (a value it cannot store): running the turn
+    /// again would fail again, so the chat ends `error` naming it.
+    Unstorable(DbError),
 }
 
 impl Ending {
@@ -179,6 +183,7 @@ impl Ending {
             Ending::Interrupted(_) => "interrupted",
             Ending::FencedOut => "fenced_out",
             Ending::Database(_) => "db_error",
+            Ending::Unstorable(_) => "unstorable_output",
         }
     }
 }
@@ -203,6 +208,9 @@ pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, meta: RunnerMeta, cance
         }
         (Ending::Failed(error), Ok(())) => {
             tracing::warn!(chat_id = %chat.id, generation = chat.generation, error_kind = error.metric_label(), %error, "turn failed");
+        }
+        (Ending::Unstorable(error), Ok(())) => {
+            tracing::warn!(chat_id = %chat.id, generation = chat.generation, %error, "turn failed: the agent's output cannot be stored");
         }
         (ending, Ok(())) => {
             tracing::info!(chat_id = %chat.id, generation = chat.generation, outcome = ending.label(), "turn ended");
@@ -258,6 +266,9 @@ async fn turn(
         match written {
             Ok(0) => return stop(&mut agent, ctx, Ending::FencedOut).await,
             Ok(_) => {}
+            Err(error) if error.is_refused_value() => {
+                return stop(&mut agent, ctx, Ending::Unstorable(error)).await;
+            }
             Err(error) => return stop(&mut agent, ctx, Ending::Database(error)).await,
         }
     }
@@ -318,6 +329,10 @@ async fn settle(ctx: &RunnerContext, fence: &Fence, ending: &Ending) -> Result<(
         Ending::Finished { .. } | Ending::FencedOut | Ending::Interrupted(InterruptCause::Stolen) => Ok(()),
         Ending::Failed(error) => {
             let message = text::clip(error.to_string(), MAX_ERROR_LEN);
+            fence.write(&ctx.db, FAIL_TURN, &[(&message, Type::TEXT)]).await.map(drop)
+        }
+        Ending::Unstorable(error) => {
+            let message = text::clip(format!("the agent's output cannot be stored: {error}"), MAX_ERROR_LEN);
             fence.write(&ctx.db, FAIL_TURN, &[(&message, Type::TEXT)]).await.map(drop)
         }
         Ending::Interrupted(InterruptCause::Shutdown | InterruptCause::Lease) | Ending::Database(_) => {

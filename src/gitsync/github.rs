@@ -30,6 +30,7 @@ use super::origin::Origin;
 use super::provider::{
     ChecksState, PrNumber, PrState, PrStatus, Provider, ProviderConfig, ProviderConfigError, ProviderError,
 };
+use crate::text;
 
 /// Large enough for a PR with long descriptions and 100 reviews; far below what would hurt.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
@@ -234,14 +235,16 @@ pub fn pull_request_for_branch(items: &[PullSummary], owner: &str, branch: &str)
         .map(|pr| PrNumber(pr.number))
 }
 
-/// All stored fields from a PR, its reviews and its head commit's check runs.
+/// All stored fields from a PR, its reviews and its head commit's check runs. Text is made
+/// [`storable`](text::storable): a NUL in a title must not keep the status from being written.
 pub fn derive_status(pr: &PullRequest, reviews: &[Review], check_runs: &[CheckRun]) -> PrStatus {
     let review = review_summary(reviews);
+    let store = |s: &String| text::storable(s.clone());
     PrStatus {
         pr_number: PrNumber(pr.number),
-        url: pr.html_url.clone(),
+        url: store(&pr.html_url),
         state: pr_state(pr.state, pr.merged),
-        title: pr.title.clone(),
+        title: store(&pr.title),
         draft: pr.draft,
         additions: pr.additions,
         deletions: pr.deletions,
@@ -251,10 +254,10 @@ pub fn derive_status(pr: &PullRequest, reviews: &[Review], check_runs: &[CheckRu
         changes_requested: review.changes_requested,
         reviewer_count: review.reviewer_count,
         checks_state: checks_state(check_runs),
-        author_login: pr.user.as_ref().map(|u| u.login.clone()).unwrap_or_default(),
-        base_branch: pr.base.name.clone(),
-        head_branch: pr.head.name.clone(),
-        head_sha: pr.head.sha.clone(),
+        author_login: pr.user.as_ref().map(|u| store(&u.login)).unwrap_or_default(),
+        base_branch: store(&pr.base.name),
+        head_branch: store(&pr.head.name),
+        head_sha: store(&pr.head.sha),
     }
 }
 

@@ -457,7 +457,15 @@ impl<P: Provider> Gitsync<P> {
 
     /// Writes one row's result, fenced on its lease, and records the outcome.
     async fn settle(&self, row: &Leased, found: Found, report: &Mutex<RefreshReport>) {
-        let written = self.write(row, &found).await;
+        let mut written = self.write(row, &found).await;
+        if let Err(error) = &written
+            && error.is_refused_value()
+        {
+            // What the provider answered cannot be stored (writing it again would fail again):
+            // record that as the row's error instead of leaving it leased with no word why.
+            let refused = Found::Failed(format!("the provider's answer cannot be stored: {error}"));
+            written = self.write(row, &refused).await;
+        }
         let mut report = report.lock().unwrap_or_else(|e| e.into_inner());
         match written {
             Ok(Some(outcome)) => {
