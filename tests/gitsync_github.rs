@@ -26,7 +26,7 @@ const REVIEWS: &str = "/repos/octocat/Hello-World/pulls/1347/reviews";
 const CHECKS: &str = "/repos/octocat/Hello-World/commits/6dcb09b5b57875f334f61aebed695e2e4193db5e/check-runs";
 
 fn fixture(name: &str) -> String {
-    let path = format!("{}/../shared/fixtures/github/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/tests/fixtures/github/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read fixture {path}: {e}"))
 }
 
