@@ -131,6 +131,15 @@ pub fn chunks(rows: &[Claimed]) -> Vec<Chunk> {
     chunks
 }
 
+/// `Unavailable` while the client has no connection (it reconnects on its own); costs nothing.
+pub fn ensure_connected(client: &Client) -> Result<(), DispatchError> {
+    if client.is_connected() {
+        Ok(())
+    } else {
+        Err(DispatchError::Unavailable("not connected (reconnecting)".to_owned()))
+    }
+}
+
 /// Sends every row's writes, bounded by `deadline` in total; one outcome per row.
 pub async fn dispatch(
     client: &Client,
@@ -138,9 +147,7 @@ pub async fn dispatch(
     rows: &[Claimed],
     deadline: Duration,
 ) -> Result<Vec<RowOutcome>, DispatchError> {
-    if !client.is_connected() {
-        return Err(DispatchError::Unavailable("not connected (reconnecting)".to_owned()));
-    }
+    ensure_connected(client)?;
     let deadline_at = Instant::now() + deadline;
     let chunks = chunks(rows);
 

@@ -40,6 +40,8 @@ pub const WAKE_CHANNEL: &str = "task_outbox";
 /// Longest `last_error` stored (Redis error replies are short; this bounds a pathological one).
 const MAX_ERROR_LEN: usize = 1000;
 /// Identical dispatch failures are logged once per this window (SPEC §6).
+/// Backoff cap while Redis is unreachable ([`LoopError::backoff_cap`]).
+const REDIS_RECONNECT_CHECK: Duration = Duration::from_secs(2);
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(60);
 
 /// Due rows, oldest first, skipping rows another sweeper (or a producer) holds. Public for the
@@ -78,6 +80,13 @@ impl LoopError for SweepError {
             SweepError::Redis(DispatchError::TimedOut(_)) => "redis_timeout",
             SweepError::Undetermined { .. } => "redis_undetermined",
         }
+    }
+
+    /// While the client reconnects (fred retries every ≤ 2 s on its own), a tick costs no
+    /// statement and no round trip ([`scheduler::ensure_connected`] comes before the claim), so
+    /// look again every couple of seconds and resume soon after Redis is back.
+    fn backoff_cap(&self) -> Option<Duration> {
+        matches!(self, SweepError::Redis(DispatchError::Unavailable(_))).then_some(REDIS_RECONNECT_CHECK)
     }
 }
 
@@ -172,6 +181,8 @@ impl Sweeper {
 
     /// [`Sweeper::sweep`] with the time Redis may take given by the caller (the tick's budget).
     pub async fn sweep_within(&self, redis_budget: Duration) -> Result<SweepReport, SweepError> {
+        // Claiming rows only to roll back is wasted work while Redis is away.
+        scheduler::ensure_connected(&self.redis)?;
         let mut conn = self.db.get().await?;
         let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
         let batch_limit = self.batch_limit();

@@ -112,6 +112,13 @@ pub trait LoopError: std::error::Error + Send + Sync + 'static {
     fn is_transient(&self) -> bool {
         true
     }
+
+    /// The longest pause before the next try after this failure, when it is shorter than
+    /// [`MAX_ERROR_BACKOFF`]: for failures whose end is free to notice (a Redis client that is
+    /// reconnecting on its own), so work resumes within seconds of the outage, not up to 30 s.
+    fn backoff_cap(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl LoopError for DbError {
@@ -299,6 +306,7 @@ impl Runtime {
             name_attr: KeyValue::new("loop", name),
             errors: ErrorLog::new(self.settings.error_log_interval),
             consecutive_failures: 0,
+            backoff_cap: MAX_ERROR_BACKOFF,
             schedule,
             wake,
         }
@@ -363,6 +371,13 @@ impl<E: LoopError> AttemptError<E> {
             AttemptError::Loop(e) => e.is_transient(),
         }
     }
+
+    fn backoff_cap(&self) -> Option<Duration> {
+        match self {
+            AttemptError::Db(e) => e.backoff_cap(),
+            AttemptError::Loop(e) => e.backoff_cap(),
+        }
+    }
 }
 
 enum Attempt {
@@ -376,6 +391,7 @@ struct Failure {
     label: &'static str,
     message: String,
     transient: bool,
+    backoff_cap: Duration,
 }
 
 /// Drives one [`Loop`].
@@ -387,6 +403,8 @@ pub struct Runner<L: Loop> {
     wake: Option<Arc<Notify>>,
     errors: ErrorLog,
     consecutive_failures: u32,
+    /// The backoff cap of the last failure ([`LoopError::backoff_cap`]).
+    backoff_cap: Duration,
 }
 
 impl<L: Loop> Runner<L> {
@@ -412,6 +430,7 @@ impl<L: Loop> Runner<L> {
                     label: error.metric_label(),
                     message: error.to_string(),
                     transient: error.is_transient(),
+                    backoff_cap: error.backoff_cap().unwrap_or(MAX_ERROR_BACKOFF).min(MAX_ERROR_BACKOFF),
                 };
                 (Outcome::Error, Progress::Done, Some(failure))
             }
@@ -420,7 +439,12 @@ impl<L: Loop> Runner<L> {
                 (
                     Outcome::Timeout,
                     Progress::Done,
-                    Some(Failure { label: "timeout", message, transient: true }),
+                    Some(Failure {
+                        label: "timeout",
+                        message,
+                        transient: true,
+                        backoff_cap: MAX_ERROR_BACKOFF,
+                    }),
                 )
             }
         };
@@ -447,6 +471,7 @@ impl<L: Loop> Runner<L> {
             }
             Some(failure) => {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                self.backoff_cap = failure.backoff_cap;
                 if let Some(repeats) = self.errors.should_log(failure.label, Instant::now()) {
                     log_failure(name, outcome, &failure, repeats, self.consecutive_failures);
                 }
@@ -502,6 +527,7 @@ impl<L: Loop> Runner<L> {
                 &self.schedule,
                 self.rt.settings.jitter,
                 self.consecutive_failures,
+                self.backoff_cap,
                 rand::random::<f64>(),
             );
             // While backing off from failures a wake must not cut the backoff short (its permit
@@ -519,7 +545,7 @@ impl<L: Loop> Runner<L> {
 }
 
 fn log_failure(name: &'static str, outcome: Outcome, failure: &Failure, repeats: u64, consecutive: u32) {
-    let Failure { label, message, transient } = failure;
+    let Failure { label, message, transient, .. } = failure;
     if *transient {
         tracing::warn!(
             target: "worker::runtime",
@@ -559,14 +585,20 @@ pub fn drain_again(progress: Progress, drained_so_far: u32, max_drain_ticks: u32
 }
 
 /// The pause before the next tick: the interval ± jitter, doubled per consecutive failure up to
-/// [`MAX_ERROR_BACKOFF`] (or the interval, if that is longer). `unit` is a random number in
-/// [0, 1) so the function stays pure.
-pub fn next_delay(schedule: &Schedule, jitter: f64, consecutive_failures: u32, unit: f64) -> Duration {
+/// `cap` (the last failure's [`LoopError::backoff_cap`], at most [`MAX_ERROR_BACKOFF`]) or the
+/// interval, if that is longer. `unit` is a random number in [0, 1) so the function stays pure.
+pub fn next_delay(
+    schedule: &Schedule,
+    jitter: f64,
+    consecutive_failures: u32,
+    cap: Duration,
+    unit: f64,
+) -> Duration {
     let base = if consecutive_failures == 0 {
         schedule.interval
     } else {
         let factor = 2u32.saturating_pow(consecutive_failures.min(16));
-        schedule.interval.saturating_mul(factor).min(MAX_ERROR_BACKOFF.max(schedule.interval))
+        schedule.interval.saturating_mul(factor).min(cap.max(schedule.interval))
     };
     let spread = (unit.clamp(0.0, 1.0) * 2.0 - 1.0) * jitter;
     base.mul_f64((1.0 + spread).max(0.0))
@@ -637,20 +669,36 @@ mod tests {
     #[test]
     fn delay_is_the_interval_within_jitter() {
         let s = Schedule::every(Duration::from_secs(10), Duration::from_secs(30));
-        assert_eq!(next_delay(&s, 0.1, 0, 0.5), Duration::from_secs(10));
-        assert_eq!(next_delay(&s, 0.1, 0, 0.0), Duration::from_secs(9));
-        assert!(next_delay(&s, 0.1, 0, 0.999_999) <= Duration::from_secs(11));
-        assert_eq!(next_delay(&s, 0.0, 0, 0.9), Duration::from_secs(10));
+        assert_eq!(next_delay(&s, 0.1, 0, MAX_ERROR_BACKOFF, 0.5), Duration::from_secs(10));
+        assert_eq!(next_delay(&s, 0.1, 0, MAX_ERROR_BACKOFF, 0.0), Duration::from_secs(9));
+        assert!(next_delay(&s, 0.1, 0, MAX_ERROR_BACKOFF, 0.999_999) <= Duration::from_secs(11));
+        assert_eq!(next_delay(&s, 0.0, 0, MAX_ERROR_BACKOFF, 0.9), Duration::from_secs(10));
     }
 
     #[test]
     fn failures_back_off_exponentially_up_to_the_cap() {
         let s = Schedule::every(Duration::from_millis(200), Duration::from_secs(5));
-        assert_eq!(next_delay(&s, 0.0, 1, 0.5), Duration::from_millis(400));
-        assert_eq!(next_delay(&s, 0.0, 3, 0.5), Duration::from_millis(1600));
-        assert_eq!(next_delay(&s, 0.0, 40, 0.5), MAX_ERROR_BACKOFF);
+        assert_eq!(next_delay(&s, 0.0, 1, MAX_ERROR_BACKOFF, 0.5), Duration::from_millis(400));
+        assert_eq!(next_delay(&s, 0.0, 3, MAX_ERROR_BACKOFF, 0.5), Duration::from_millis(1600));
+        assert_eq!(next_delay(&s, 0.0, 40, MAX_ERROR_BACKOFF, 0.5), MAX_ERROR_BACKOFF);
         let slow = Schedule::every(Duration::from_secs(60), Duration::from_secs(5));
-        assert_eq!(next_delay(&slow, 0.0, 5, 0.5), Duration::from_secs(60), "never below the interval");
+        assert_eq!(
+            next_delay(&slow, 0.0, 5, MAX_ERROR_BACKOFF, 0.5),
+            Duration::from_secs(60),
+            "never below the interval"
+        );
+        let short = Duration::from_secs(2);
+        assert_eq!(
+            next_delay(&s, 0.0, 3, short, 0.5),
+            Duration::from_millis(1600),
+            "below the cap: as before"
+        );
+        assert_eq!(next_delay(&s, 0.0, 40, short, 0.5), short, "a failure's own cap");
+        assert_eq!(
+            next_delay(&slow, 0.0, 5, short, 0.5),
+            Duration::from_secs(60),
+            "still never below the interval"
+        );
     }
 
     #[test]
