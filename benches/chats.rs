@@ -9,14 +9,15 @@
 //!    `UPDATE chats SET heartbeat_at = now() WHERE id = $1` per chat. Write statements and rows
 //!    are counted with statement-level triggers (transition tables) on a separate, untimed tick.
 //! 2. Memory: this process's VmRSS/VmHWM before and after registering the largest set of
-//!    runners and after a heartbeat over them; the size of one real runner's future; the idle RSS
-//!    of the real `worker` binary with chats enabled.
+//!    runners and after a heartbeat over them; the size of one real runner's future; the RSS
+//!    of the real `worker` binary with chats enabled, idle and then running `--real-chats` (1000)
+//!    real chats, each with its agent subprocess.
 //! 3. Acquisition: two workers (two pools) claiming pending chats side by side with the acquire
 //!    loop's `CLAIM` statement (batch 500) and registering a runner per claimed chat, versus one
 //!    claim per chat (`LIMIT 1`); every chat must end claimed exactly once (generation 1).
 //!
 //! `cargo bench --bench chats -- [--sizes 1000,10000,100000] [--samples N] [--per-chat-max N]
-//! [--per-chat-samples N] [--acquire N] [--acquire-baseline N] [--batch N]`; `scripts/bench.sh
+//! [--per-chat-samples N] [--acquire N] [--acquire-baseline N] [--batch N] [--real-chats N]`; `scripts/bench.sh
 //! chats` runs it and prints the machine it ran on.
 
 mod common;
@@ -52,6 +53,7 @@ struct Args {
     acquire: i64,
     acquire_baseline: i64,
     batch: i64,
+    real_chats: i64,
 }
 
 impl Args {
@@ -64,6 +66,7 @@ impl Args {
             acquire: 10_000,
             acquire_baseline: 10_000,
             batch: 500,
+            real_chats: 1_000,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -78,6 +81,7 @@ impl Args {
                 "--acquire" => args.acquire = value()?.parse()?,
                 "--acquire-baseline" => args.acquire_baseline = value()?.parse()?,
                 "--batch" => args.batch = value()?.parse()?,
+                "--real-chats" => args.real_chats = value()?.parse()?,
                 _ => {} // cargo bench passes --bench
             }
         }
@@ -141,12 +145,31 @@ impl BenchWorker {
 
 /// VmRSS and VmHWM of a process, in KiB.
 fn memory(pid: &str) -> anyhow::Result<(u64, u64)> {
+    Ok((status_field(pid, "VmRSS:")?, status_field(pid, "VmHWM:")?))
+}
+
+/// One `kB` field of `/proc/<pid>/status`.
+fn status_field(pid: &str, name: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name}"))?;
-        Ok(line.split_whitespace().nth(1).context("no value")?.parse()?)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+    let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name}"))?;
+    Ok(line.split_whitespace().nth(1).context("no value")?.parse()?)
+}
+
+/// The real binary's memory (KiB): idle, then holding `running` real chats.
+struct RealWorkerMemory {
+    /// VmRSS, VmHWM, RssAnon, RssFile while idle.
+    idle: [u64; 4],
+    /// The same with `running` chats running (each with its agent subprocess).
+    busy: Option<(i64, [u64; 4])>,
+}
+
+fn memory_fields(pid: &str) -> anyhow::Result<[u64; 4]> {
+    Ok([
+        status_field(pid, "VmRSS:")?,
+        status_field(pid, "VmHWM:")?,
+        status_field(pid, "RssAnon:")?,
+        status_field(pid, "RssFile:")?,
+    ])
 }
 
 fn mib(kib: u64) -> String {
@@ -483,9 +506,10 @@ fn runner_future_size(w: &BenchWorker) -> anyhow::Result<usize> {
     Ok(std::mem::size_of_val(&future))
 }
 
-/// The real binary, chats enabled with room for 100k chats, nothing pending: VmRSS/VmHWM once
-/// `/readyz` answers 200 and its loops have ticked for a few seconds.
-async fn real_worker_rss(bench: &BenchDb) -> anyhow::Result<(u64, u64)> {
+/// The real binary, chats enabled with room for 100k chats: its memory once `/readyz` answers
+/// 200 and its loops have ticked for a few seconds, then again holding `running` real chats
+/// (each turn a real runner with an agent subprocess that reads its input and sleeps).
+async fn real_worker_memory(bench: &BenchDb, running: i64) -> anyhow::Result<RealWorkerMemory> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let prefix = format!("redis.prefix=bench:{}", Uuid::new_v4().simple());
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"));
@@ -503,6 +527,7 @@ async fn real_worker_rss(bench: &BenchDb) -> anyhow::Result<(u64, u64)> {
         .args(["--set", &prefix])
         .args(["--set", "log.level=warn", "--set", "database.migrate_on_start=false"])
         .args(["--set", "chats.max_running=100000", "--set", "chats.max_per_acquire=10000"])
+        .args(["--set", r#"chats.runner.command=["/bin/sh", "-c", "cat >/dev/null; exec sleep 600"]"#])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -523,13 +548,36 @@ async fn real_worker_rss(bench: &BenchDb) -> anyhow::Result<(u64, u64)> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let rss = memory(&pid.to_string())?;
+    let idle = memory_fields(&pid.to_string())?;
+    let busy = if running > 0 {
+        fill(bench, running, None).await?;
+        let direct = bench.direct().await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let n: i64 = direct
+                .fetch_one("SELECT count(*)::int8 FROM chats WHERE status = 'running'", &[])
+                .await?
+                .get(0);
+            if n == running {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "only {n} of {running} chats started running");
+            anyhow::ensure!(child.try_wait()?.is_none(), "the worker binary exited");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Every runner has spawned its agent and fed it its input by now; let it settle.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Some((running, memory_fields(&pid.to_string())?))
+    } else {
+        None
+    };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)?;
-    tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
-    Ok(rss)
+    tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
+    bench.direct().await?.batch_execute("TRUNCATE chats CASCADE").await?;
+    Ok(RealWorkerMemory { idle, busy })
 }
 
-fn memory_table(registry: &RegistryMemory, future_size: usize, real: Option<(u64, u64)>) {
+fn memory_table(registry: &RegistryMemory, future_size: usize, real: Option<&RealWorkerMemory>) {
     let per_runner =
         |to: (u64, u64)| (to.0.saturating_sub(registry.before.0)) as f64 * 1024.0 / registry.n as f64;
     let mut rows = vec![
@@ -556,13 +604,35 @@ fn memory_table(registry: &RegistryMemory, future_size: usize, real: Option<(u64
         ],
     ];
     match real {
-        Some((rss, hwm)) => rows.push(vec![
-            "real `worker` binary, chats enabled (max_running 100000), idle, all default loops".into(),
-            mib(rss),
-            mib(hwm),
-            String::new(),
-            String::new(),
-        ]),
+        Some(real) => {
+            let [rss, hwm, anon, file] = real.idle;
+            rows.push(vec![
+                format!(
+                    "real `worker` binary, chats enabled (max_running 100000), idle, all default loops \
+                     (anonymous {}, file-backed {})",
+                    mib(anon),
+                    mib(file)
+                ),
+                mib(rss),
+                mib(hwm),
+                String::new(),
+                String::new(),
+            ]);
+            if let Some((n, [busy_rss, busy_hwm, busy_anon, _])) = real.busy {
+                let per_chat = busy_rss.saturating_sub(rss) as f64 * 1024.0 / n as f64;
+                rows.push(vec![
+                    format!(
+                        "… the same binary running {n} real chats (runner + agent subprocess each; \
+                         anonymous +{})",
+                        mib(busy_anon.saturating_sub(anon))
+                    ),
+                    mib(busy_rss),
+                    mib(busy_hwm),
+                    format!("+{}", mib(busy_rss.saturating_sub(rss))),
+                    format!("{per_chat:.0}"),
+                ]);
+            }
+        }
         None => rows.push(vec![
             "real `worker` binary: not measured (see stderr)".into(),
             String::new(),
@@ -678,8 +748,8 @@ async fn acquisition(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
 
 async fn run(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     prepare(bench).await?;
-    let real = match real_worker_rss(bench).await {
-        Ok(rss) => Some(rss),
+    let real = match real_worker_memory(bench, args.real_chats).await {
+        Ok(memory) => Some(memory),
         Err(error) => {
             eprintln!("real worker RSS not measured: {error:#}");
             None
@@ -695,7 +765,7 @@ async fn run(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     }
     heartbeat_tables(&results);
     if let Some(registry) = &registry {
-        memory_table(registry, runner_future_size(&w)?, real);
+        memory_table(registry, runner_future_size(&w)?, real.as_ref());
     }
     w.rt.begin_shutdown();
     w.rt.drained().await;
