@@ -5,7 +5,10 @@
 --
 -- Rows already here are settled first, so nothing is lost: one due at -infinity is due now; one
 -- due at infinity is dead-lettered with the reason (`worker outbox dead requeue` makes it due
--- now, if that is what its producer meant).
+-- now, if that is what its producer meant). The table is locked against writers first, so no
+-- producer can add such a row between the clean-up and the constraint.
+LOCK TABLE task_outbox IN SHARE ROW EXCLUSIVE MODE;
+
 UPDATE task_outbox SET run_at = now() WHERE run_at = '-infinity';
 
 WITH moved AS (

@@ -393,11 +393,14 @@ impl Overrides {
 
 fn locate(key: &str, overrides: &Overrides, file: Option<&(PathBuf, KeyLines)>) -> Source {
     if let Some(over) =
-        // The key itself, a table above it (`--set outbox={…}`), or a key below it: an unknown
-        // section such as WORKER__OUTBX__ENABLED is reported at `outbx`.
-        overrides.0.iter().rev().find(|o| {
-            o.key == key || key.starts_with(&format!("{}.", o.key)) || o.key.starts_with(&format!("{key}."))
-        })
+        // The key itself or a table above it (`--set outbox={…}`); failing those, a key below it:
+        // an unknown section such as WORKER__OUTBX__ENABLED is reported at `outbx`.
+        overrides
+            .0
+            .iter()
+            .rev()
+            .find(|o| o.key == key || key.starts_with(&format!("{}.", o.key)))
+            .or_else(|| overrides.0.iter().rev().find(|o| o.key.starts_with(&format!("{key}."))))
     {
         return over.source.clone();
     }

@@ -66,11 +66,13 @@ impl DbError {
         }
     }
 
-    /// The server refused the values themselves (SQLSTATE class 22, data exception, or 23,
-    /// integrity violation): writing the same values again fails again, unlike a lost connection
-    /// or a timeout.
+    /// The server refused the values themselves: a data exception (SQLSTATE class 22: a NUL
+    /// character, a bad encoding, a number or time out of range), a NOT NULL or a CHECK
+    /// violation. Writing the same values again fails again, unlike a lost connection or a
+    /// timeout. Unique, foreign-key and exclusion violations are not in it: they depend on other
+    /// rows (a sequence behind after a restore), so the same write can succeed later.
     pub fn is_refused_value(&self) -> bool {
-        self.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+        self.code().is_some_and(|code| code.starts_with("22") || code == "23502" || code == "23514")
     }
 
     /// The SQLSTATE, when the server sent one.
@@ -110,7 +112,8 @@ impl Db {
             .create_timeout(Some(config.connect_timeout))
             // The Verified check is a round trip: on a half-open path (a frozen NAT or proxy: no
             // RST, no FIN) it would wait forever and so would the checkout. Past this bound the
-            // connection is dropped and the next one tried or a new one opened.
+            // connection is dropped and the next idle one tried (each with this bound) or a new
+            // one opened (bounded by create_timeout); the tick's own timeout caps the total.
             .recycle_timeout(Some(config.connect_timeout))
             .runtime(Runtime::Tokio1)
             .build()

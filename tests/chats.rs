@@ -495,3 +495,60 @@ async fn shutdown_returns_running_chats_to_pending() {
     assert!(!alive(pid));
     assert_eq!(messages(&test_db.db, id, "assistant").await.len(), 1, "the first answer is kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_output_the_database_refuses_by_value_ends_the_turn_in_error_instead_of_a_rerun() {
+    let test_db = TestDb::new().await;
+    // A value PostgreSQL refuses (as it refuses a NUL): SQLSTATE 22023 for one message content.
+    ddl(
+        &test_db.db,
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.content = '\"poison\"'::jsonb THEN \
+             RAISE EXCEPTION 'poison is not storable' USING ERRCODE = '22023'; END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON chat_messages FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let body = format!(
+        "cat >/dev/null\n{FIRST}\necho '{{\"type\":\"message\",\"role\":\"assistant\",\"content\":\"poison\"}}'\nsleep 5"
+    );
+    let w = Worker::start(test_db.db.clone(), config(agent(dir.path(), "agent", &body))).await;
+    let id = pending_chat(&test_db.db, "hello").await;
+    w.chats.acquire().tick(&Tick::detached(&test_db.db)).await.expect("acquire");
+    let row = wait_status(&test_db.db, id, "error").await;
+    w.stop().await;
+    let error = row.last_error.expect("last_error");
+    assert!(error.contains("cannot be stored") && error.contains("poison is not storable"), "{error}");
+    assert_eq!(row.generation, 1, "ended, not released to run again");
+    assert_eq!(messages(&test_db.db, id, "assistant").await, vec![serde_json::json!("first")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_errors_about_the_values_themselves_count_as_refused() {
+    let test_db = TestDb::new().await;
+    ddl(
+        &test_db.db,
+        "CREATE FUNCTION fail_with(code text) RETURNS int LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION 'failing with %', code USING ERRCODE = code; END $$",
+    )
+    .await;
+    let conn = test_db.db.get().await.expect("conn");
+    for (code, refused) in [
+        ("22021", true),  // invalid byte sequence (a NUL)
+        ("22008", true),  // datetime out of range
+        ("23514", true),  // CHECK
+        ("23502", true),  // NOT NULL
+        ("23505", false), // unique: depends on other rows
+        ("23503", false), // foreign key: depends on other rows
+        ("40001", false), // serialization failure
+        ("57014", false), // statement timeout
+    ] {
+        let error = conn
+            .fetch_one("SELECT fail_with($1)", &[(&code, Type::TEXT)])
+            .await
+            .expect_err("the function raises");
+        assert_eq!(error.code(), Some(code));
+        assert_eq!(error.is_refused_value(), refused, "{code}");
+    }
+}

@@ -639,3 +639,32 @@ async fn gitsync_stats_counts_rows_by_state_and_refresh_marks_one_due() {
     let err = cli::run(h.db(), &GitsyncCommand::Refresh { chat_id: unknown }, &mut Vec::new()).await;
     assert!(err.is_err_and(|e| e.to_string().contains(&unknown.to_string())));
 }
+
+#[tokio::test]
+async fn a_status_the_database_refuses_by_value_is_recorded_as_the_rows_error_not_left_leased() {
+    let h = Harness::new().await;
+    h.fake.pr("octocat", "Hello-World", "new-topic", 1347);
+    let owner = h.owner().await;
+    let chat = h.row(owner, "git@github.com:octocat/Hello-World.git", "new-topic").await;
+    // Every successful status write refused as a value (as a NUL in a title would be).
+    h.sql(
+        "CREATE FUNCTION refuse_ok() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.last_outcome = 'ok' THEN RAISE EXCEPTION 'title not storable' USING ERRCODE = '22021'; END IF; \
+           RETURN NEW; END $$",
+    )
+    .await;
+    h.sql("CREATE TRIGGER refuse_ok BEFORE UPDATE ON chat_diff_statuses FOR EACH ROW EXECUTE FUNCTION refuse_ok()")
+        .await;
+
+    let report = h.refresh(&h.gitsync()).await;
+    assert_eq!(report.count(RefreshOutcome::Error), 1, "{report:?}");
+    let row = h.get(chat).await;
+    assert_eq!(row.outcome.as_deref(), Some("error"));
+    let error = row.last_error.clone().expect("last_error");
+    assert!(error.contains("cannot be stored") && error.contains("title not storable"), "{error}");
+    assert!(!row.leased, "settled, not left leased until the lease runs out");
+    assert!(
+        (row.stale_in_secs - 120.0).abs() < 5.0,
+        "due again one ttl later, like any other error: {row:?}"
+    );
+}

@@ -458,7 +458,8 @@ fn holds_nul(value: &serde_json::Value) -> bool {
     }
 }
 
-/// `Ok(None)` for a blank line; `Err(reason)` names what is wrong and quotes the line's start.
+/// `Ok(None)` for a blank line; `Err(reason)` names what is wrong (quoting the line's start when
+/// it does not parse).
 fn parse_event(line: &[u8]) -> Result<Option<AgentEvent>, String> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);

@@ -40,9 +40,9 @@ pub const WAKE_CHANNEL: &str = "task_outbox";
 /// Longest `last_error` stored (Redis error replies are short; this bounds a pathological one).
 const MAX_ERROR_LEN: usize = 1000;
 /// Identical dispatch failures are logged once per this window (SPEC §6).
+const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(60);
 /// Backoff cap while Redis is unreachable ([`LoopError::backoff_cap`]).
 const REDIS_RECONNECT_CHECK: Duration = Duration::from_secs(2);
-const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(60);
 
 /// Due rows, oldest first, skipping rows another sweeper (or a producer) holds. Public for the
 /// benchmark's baselines, which must run the very same statements.

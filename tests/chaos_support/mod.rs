@@ -272,7 +272,7 @@ pub fn restart_postgres() {
         .expect("/etc/postgresql: a Debian PostgreSQL cluster")
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .max()
+        .max_by_key(|v| v.split('.').map(|p| p.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>())
         .expect("a PostgreSQL version directory");
     let mut command = if nix::unistd::Uid::effective().is_root() {
         std::process::Command::new("pg_ctlcluster")
