@@ -506,17 +506,13 @@ struct TaskInput {
     expected: String,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scenario_7b_a_running_replica_names_each_bad_input_loses_nothing_and_stays_ready() {
-    let test_db = TestDb::new().await;
-    let db = &test_db.db;
-    let dir = tempfile::tempdir().expect("dir");
-    let fake = FakeGitHub::start().await;
-    let agent_path = agent(dir.path(), "agent", AGENT_7B);
-    let config = WorkerConfig::for_test(&test_db)
+/// One replica's config for 7b and 7c: chats, gitsync (against `fake`) and the outbox on, with
+/// short intervals, small limits and quick retries so every bad input is met within seconds.
+fn running_config(test_db: &TestDb, fake: &FakeGitHub, agent_path: &str) -> WorkerConfig {
+    WorkerConfig::for_test(test_db)
         .set("chats.enabled", true)
         .set("chats.acquire_interval", "100ms")
-        .set("chats.runner.command", toml::Value::Array(vec![agent_path.into()]))
+        .set("chats.runner.command", toml::Value::Array(vec![agent_path.to_owned().into()]))
         .set("chats.runner.kill_grace", "2s")
         .set("gitsync.enabled", true)
         .set("gitsync.interval", "200ms")
@@ -525,14 +521,24 @@ async fn scenario_7b_a_running_replica_names_each_bad_input_loses_nothing_and_st
         .set("gitsync.ttl", "1s")
         .set("gitsync.no_token_backoff", "1s")
         .set("gitsync.max_body_bytes", 65_536)
-        .set("gitsync.providers", github_provider(&fake))
+        .set("gitsync.providers", github_provider(fake))
         .set("outbox.enabled", true)
         .set("outbox.interval", "100ms")
         .set("outbox.tick_timeout", "2s")
         .set("outbox.redis_timeout", "1s")
         .set("outbox.max_attempts", 3)
         .set("outbox.backoff_base", "50ms")
-        .set("outbox.backoff_max", "200ms");
+        .set("outbox.backoff_max", "200ms")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_7b_a_running_replica_names_each_bad_input_loses_nothing_and_stays_ready() {
+    let test_db = TestDb::new().await;
+    let db = &test_db.db;
+    let dir = tempfile::tempdir().expect("dir");
+    let fake = FakeGitHub::start().await;
+    let agent_path = agent(dir.path(), "agent", AGENT_7B);
+    let config = running_config(&test_db, &fake, &agent_path);
     let prefix = config.redis_prefix();
     let redis = redis_client().await;
     let mut replica = Replica::start(dir.path(), "replica", &config);
@@ -996,25 +1002,8 @@ async fn scenario_7c_poison_values_the_database_refuses_end_in_a_named_error_not
     let dir = tempfile::tempdir().expect("dir");
     let fake = FakeGitHub::start().await;
     let agent_path = agent(dir.path(), "agent", AGENT_7C);
-    let config = WorkerConfig::for_test(&test_db)
-        .set("chats.enabled", true)
-        .set("chats.acquire_interval", "100ms")
-        .set("chats.heartbeat_interval", "1s")
-        .set("chats.runner.command", toml::Value::Array(vec![agent_path.into()]))
-        .set("chats.runner.kill_grace", "2s")
-        .set("gitsync.enabled", true)
-        .set("gitsync.interval", "200ms")
-        .set("gitsync.tick_timeout", "2s")
-        .set("gitsync.lease", "3s")
-        .set("gitsync.ttl", "1s")
-        .set("gitsync.providers", github_provider(&fake))
-        .set("outbox.enabled", true)
-        .set("outbox.interval", "100ms")
-        .set("outbox.tick_timeout", "1s")
-        .set("outbox.redis_timeout", "500ms")
-        .set("outbox.max_attempts", 3)
-        .set("outbox.backoff_base", "50ms")
-        .set("outbox.backoff_max", "200ms");
+    // A 1 s heartbeat: a chat released by a failed write would be rerun within seconds.
+    let config = running_config(&test_db, &fake, &agent_path).set("chats.heartbeat_interval", "1s");
     let prefix = config.redis_prefix();
     let redis = redis_client().await;
     let mut replica = Replica::start(dir.path(), "replica", &config);
