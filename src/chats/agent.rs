@@ -53,8 +53,11 @@ const EXCERPT_BYTES: usize = 200;
 /// After the group was killed, stderr reaches EOF at once unless a process outside the group
 /// holds the pipe; the tail is taken as it is after this long.
 const STDERR_DRAIN_LIMIT: Duration = Duration::from_secs(1);
-const STDOUT_BUFFER_BYTES: usize = 64 * 1024;
-const STDERR_CHUNK_BYTES: usize = 8 * 1024;
+/// Read size for stdout; a longer line is assembled in the turn's line buffer, so this only sets
+/// the number of reads, not the longest line. Small, because every running chat holds one.
+const STDOUT_BUFFER_BYTES: usize = 8 * 1024;
+/// Read size for stderr, of which only the tail is kept.
+const STDERR_CHUNK_BYTES: usize = 2 * 1024;
 
 /// Environment variables the worker does not pass on: the agent runs model-driven code and has
 /// no business with the worker's database, Redis or telemetry credentials.
