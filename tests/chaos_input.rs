@@ -20,13 +20,11 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chaos_support::{LIMIT, Replica, WorkerConfig, agent, report};
+use chaos_support::{LIMIT, Replica, WorkerConfig, agent, redis_client, report, scalar};
 use chats_support::{chat, messages, pending_chat};
 use common::process::{BIN, inherited_overrides, readyz};
 use common::{TestDb, eventually};
-use fred::prelude::{
-    Builder, ClientLike, Config as RedisConfig, HashesInterface, KeysInterface, SortedSetsInterface,
-};
+use fred::prelude::{HashesInterface, KeysInterface, SortedSetsInterface};
 use gitsync_support::{Answer, FakeGitHub, HEAD_SHA, fixture};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
@@ -104,17 +102,6 @@ impl Drop for ReadyzWatch {
 async fn exec(db: &Db, sql: &str, params: &[worker::db::Param<'_>]) -> Result<u64, String> {
     let conn = db.get().await.map_err(|e| e.to_string())?;
     conn.exec(sql, params).await.map_err(|e| e.to_string())
-}
-
-async fn scalar(db: &Db, sql: &str) -> i64 {
-    db.get().await.expect("conn").fetch_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
-
-async fn redis_client() -> fred::prelude::Client {
-    let config = RedisConfig::from_url(&common::redis_url()).expect("redis url");
-    let client = Builder::from_config(config).build().expect("client");
-    client.init().await.expect("redis connects");
-    client
 }
 
 /// A `[[gitsync.providers]]` entry serving github.com from the fake.
@@ -540,7 +527,7 @@ async fn scenario_7b_a_running_replica_names_each_bad_input_loses_nothing_and_st
     let agent_path = agent(dir.path(), "agent", AGENT_7B);
     let config = running_config(&test_db, &fake, &agent_path);
     let prefix = config.redis_prefix();
-    let redis = redis_client().await;
+    let redis = redis_client(&common::redis_url()).await;
     let mut replica = Replica::start(dir.path(), "replica", &config);
     replica.ready().await;
     let watch = ReadyzWatch::start(replica.port);
@@ -1005,7 +992,7 @@ async fn scenario_7c_poison_values_the_database_refuses_end_in_a_named_error_not
     // A 1 s heartbeat: a chat released by a failed write would be rerun within seconds.
     let config = running_config(&test_db, &fake, &agent_path).set("chats.heartbeat_interval", "1s");
     let prefix = config.redis_prefix();
-    let redis = redis_client().await;
+    let redis = redis_client(&common::redis_url()).await;
     let mut replica = Replica::start(dir.path(), "replica", &config);
     replica.ready().await;
     let watch = ReadyzWatch::start(replica.port);

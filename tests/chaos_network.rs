@@ -4,21 +4,18 @@
 //! when the path thaws, and no loop wedges.
 
 mod chaos_support;
+mod chats_support;
 mod common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use chaos_support::{FreezingProxy, LIMIT, Replica, WorkerConfig, agent, report};
+use chaos_support::{FreezingProxy, LIMIT, Replica, WorkerConfig, agent, redis_client, report, scalar};
 use common::{TestDb, eventually};
 use worker::db::{Db, Exec};
 
 const FREEZE: Duration = Duration::from_secs(20);
 const TICK_TIMEOUT: &str = "5s";
-
-async fn scalar(db: &Db, sql: &str) -> i64 {
-    db.get().await.expect("conn").fetch_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
 
 /// Each loop's tick count and last outcome, from /readyz.
 async fn loops(replica: &Replica) -> BTreeMap<String, (u64, String)> {
@@ -88,21 +85,7 @@ async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recov
         )
         .await
         .expect("enqueue");
-    let chat = {
-        let conn = test_db.db.get().await.expect("conn");
-        let id: uuid::Uuid = conn
-            .fetch_one("INSERT INTO chats (owner_id) VALUES (gen_random_uuid()) RETURNING id", &[])
-            .await
-            .expect("chat")
-            .get(0);
-        conn.exec(
-            "SELECT post_chat_message($1, 'user', '\"hello\"'::jsonb)",
-            &[(&id, tokio_postgres::types::Type::UUID)],
-        )
-        .await
-        .expect("post");
-        id
-    };
+    let chat = chats_support::pending_chat(&test_db.db, "hello").await;
     eventually(LIMIT, "/readyz to report the frozen database", || async {
         matches!(replica.readyz().await, Some((503, _)))
     })
@@ -126,16 +109,7 @@ async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recov
     })
     .await;
     eventually(LIMIT, "the chat sent during the freeze to be answered", || async {
-        let conn = test_db.db.get().await.expect("conn");
-        let status: String = conn
-            .fetch_one(
-                "SELECT status FROM chats WHERE id = $1",
-                &[(&chat, tokio_postgres::types::Type::UUID)],
-            )
-            .await
-            .expect("chat")
-            .get(0);
-        status == "waiting"
+        chats_support::chat(&test_db.db, chat).await.status == "waiting"
     })
     .await;
     let after = loops(&replica).await;
@@ -167,10 +141,8 @@ async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recov
 
 /// Tasks of the scenario's queue that reached Redis.
 async fn outbox_in_redis(config: &WorkerConfig) -> i64 {
-    use fred::prelude::{Builder, ClientLike, Config, SortedSetsInterface};
-    let client =
-        Builder::from_config(Config::from_url(&common::redis_url()).expect("url")).build().expect("client");
-    client.init().await.expect("redis");
+    use fred::prelude::SortedSetsInterface;
+    let client = redis_client(&common::redis_url()).await;
     client.zcard(worker::redis::key(&config.redis_prefix(), "sched", "q")).await.expect("zcard")
 }
 

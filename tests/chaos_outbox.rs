@@ -9,16 +9,12 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chaos_support::{LIMIT, Replica, StoppableRedis, WorkerConfig, report};
+use chaos_support::{LIMIT, Replica, StoppableRedis, WorkerConfig, redis_client, report, scalar};
 use common::{TestDb, eventually};
-use fred::prelude::{Builder, ClientLike, Config as RedisConfig, HashesInterface, SortedSetsInterface};
+use fred::prelude::{HashesInterface, SortedSetsInterface};
 use worker::db::{Db, Exec};
 
 const QUEUES: [&str; 4] = ["q0", "q1", "q2", "q3"];
-
-async fn scalar(db: &Db, sql: &str) -> i64 {
-    db.get().await.expect("conn").fetch_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
 
 /// Enqueues tasks `task-<from>` … `task-<to>` over the four queues, in one transaction.
 async fn enqueue(db: &Db, from: i64, to: i64) {
@@ -30,13 +26,6 @@ async fn enqueue(db: &Db, from: i64, to: i64) {
     )
     .await
     .expect("enqueue");
-}
-
-async fn redis_client(url: &str) -> fred::prelude::Client {
-    let client =
-        Builder::from_config(RedisConfig::from_url(url).expect("redis url")).build().expect("client");
-    client.init().await.expect("redis connects");
-    client
 }
 
 /// What Redis holds: every scheduled member (with the queue it is in) and the payload count.

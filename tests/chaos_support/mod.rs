@@ -235,6 +235,19 @@ impl Replica {
     }
 }
 
+/// The single int8 `sql` returns, on a pooled connection.
+pub async fn scalar(db: &worker::db::Db, sql: &str) -> i64 {
+    db.get().await.expect("conn").fetch_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// A connected Redis client for checking what the workers wrote.
+pub async fn redis_client(url: &str) -> fred::prelude::Client {
+    use fred::prelude::{Builder, ClientLike, Config};
+    let client = Builder::from_config(Config::from_url(url).expect("redis url")).build().expect("client");
+    client.init().await.expect("redis connects");
+    client
+}
+
 /// The pids whose parent is `parent` (an agent runs as a direct child of its worker).
 pub fn children_of(parent: i32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
