@@ -30,7 +30,7 @@ use anyhow::Context;
 use common::{BenchDb, ms, quantile, rate, table};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
-use worker::chats::runner::{self, Claimed, RunnerContext, RunnerMeta};
+use worker::chats::runner::{self, Claimed, RunnerContext};
 use worker::chats::{Agent, ChatLoops, ChatsConfig, RunnerConfig};
 use worker::config::{DatabaseConfig, RuntimeConfig};
 use worker::db::{self, Db, Exec};
@@ -128,15 +128,13 @@ impl BenchWorker {
     /// A runner per chat whose task only waits to be cancelled.
     fn register(&self, chats: impl IntoIterator<Item = (Uuid, i64)>) -> anyhow::Result<()> {
         for (id, generation) in chats {
-            self.chats
-                .runners()
-                .start(id, RunnerMeta::new(generation), |cancel| async move { cancel.cancelled().await })?;
+            self.chats.runners().start(id, generation, |signal| async move { signal.stopped().await })?;
         }
         Ok(())
     }
 
     async fn unregister_all(&self) {
-        self.chats.runners().cancel_all();
+        self.chats.runners().stop_all(runner::SHUTDOWN_CAUSE);
         while !self.chats.runners().is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -502,8 +500,16 @@ fn runner_future_size(w: &BenchWorker) -> anyhow::Result<usize> {
         workspace_id: None,
         title: String::new(),
     };
-    let future = runner::run(ctx, chat, RunnerMeta::new(1), tokio_util::sync::CancellationToken::new());
-    Ok(std::mem::size_of_val(&future))
+    // A signal comes only with a registered task: a throwaway set's task takes the real future's
+    // measure and ends without polling it.
+    let supervisor = worker::runtime::Supervisor::default();
+    let set: worker::chats::runner::Runners = supervisor.task_set("size", runner::SHUTDOWN_CAUSE);
+    let mut size = 0;
+    set.start(chat.id, 1, |signal| {
+        size = std::mem::size_of_val(&runner::run(ctx, chat, signal));
+        async {}
+    })?;
+    Ok(size)
 }
 
 /// The real binary, chats enabled with room for 100k chats: its memory once `/readyz` answers

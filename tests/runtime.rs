@@ -369,15 +369,15 @@ async fn shutdown_is_seen_by_the_tick_in_flight_which_finishes_and_no_new_tick_s
 #[tokio::test]
 async fn a_supervised_task_is_cancelled_at_shutdown_and_awaited_before_the_runtime_drains() {
     let (_test_db, _metrics, rt) = setup().await;
-    let runners: worker::runtime::TaskSet<u32, i64> = rt.supervisor().task_set("test_runners");
+    let runners: worker::runtime::TaskSet<u32, i64, ()> = rt.supervisor().task_set("test_runners", ());
     let gate = Arc::new(Semaphore::new(0));
     let cleaned = Arc::new(AtomicBool::new(false));
     let (saw_cancel_tx, mut saw_cancel) = watch::channel(false);
     runners
         .start(7, 1, {
             let (gate, cleaned) = (gate.clone(), cleaned.clone());
-            move |token| async move {
-                token.cancelled().await;
+            move |signal| async move {
+                signal.stopped().await;
                 saw_cancel_tx.send_replace(true);
                 // Cleanup that takes a while (a chat runner returning its chat).
                 gate.acquire().await.expect("gate").forget();
@@ -385,7 +385,7 @@ async fn a_supervised_task_is_cancelled_at_shutdown_and_awaited_before_the_runti
             }
         })
         .expect("task starts");
-    assert_eq!(runners.snapshot(), vec![(7, 1)]);
+    assert_eq!(runners.snapshot::<Vec<_>>(), vec![(7, 1)]);
 
     rt.begin_shutdown();
     tokio::time::timeout(LIMIT, saw_cancel.wait_for(|s| *s)).await.expect("task cancelled").expect("watch");

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio_postgres::types::Type;
 
-use super::runner::{self, Claimed, RunnerContext, RunnerMeta, Runners};
+use super::runner::{self, Claimed, RunnerContext, Runners};
 use crate::db::{self, DbError, Exec};
 use crate::runtime::{LeaseStatus, Loop, Progress, Schedule, StartError, Tick};
 
@@ -78,11 +78,9 @@ impl Acquire {
 
     /// Starts the runner of a claimed chat; a chat that cannot start here goes back to pending.
     async fn start(&self, chat: Claimed) -> Result<(), DbError> {
-        let meta = RunnerMeta::new(chat.generation);
         let (id, generation) = (chat.id, chat.generation);
         let ctx = self.ctx.clone();
-        let started =
-            self.runners.start(id, meta.clone(), move |cancel| runner::run(ctx, chat, meta, cancel));
+        let started = self.runners.start(id, generation, move |signal| runner::run(ctx, chat, signal));
         let reason = match started {
             Ok(()) => return Ok(()),
             // An earlier turn of this chat is still winding down here (interrupted, not yet

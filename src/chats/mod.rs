@@ -79,7 +79,7 @@ impl ChatLoops {
             return Err(NoAgentCommand::NotExecutable(command.program));
         }
         let agent = Agent::new(command, config.runner.limits());
-        let runners: Runners = rt.supervisor().task_set("chat_runners");
+        let runners: Runners = rt.supervisor().task_set("chat_runners", runner::SHUTDOWN_CAUSE);
         let metrics = ChatMetrics::new(meter, &runners);
         let ctx = Arc::new(RunnerContext {
             db: rt.db.clone(),

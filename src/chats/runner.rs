@@ -3,7 +3,7 @@
 //!
 //! A runner is a long-lived task in the runtime's supervisor ([`Runners`], keyed by chat id,
 //! carrying the generation it runs), started by the acquire loop, read and interrupted by the
-//! heartbeat, cancelled at shutdown. It ends in exactly one of these ways:
+//! heartbeat (its stop signal carries the [`InterruptCause`]), stopped at shutdown. It ends in exactly one of these ways:
 //!
 //! - the agent exits 0 → `waiting`, or `pending` if a user message arrived during the turn;
 //! - the agent fails (non-zero exit, malformed or over-long line, turn timeout, cannot start,
@@ -18,19 +18,18 @@
 //! Any write that the fence rejects means the chat was taken from us: the agent is stopped at
 //! once and nothing more is written.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use tokio_postgres::types::Type;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::agent::{Agent, AgentError, AgentEvent, AgentTurn};
 use super::config::ChatsConfig;
 use super::metrics::ChatMetrics;
 use crate::db::{self, Db, DbError, Exec};
-use crate::runtime::{LeaseStatus, LeaseWatch, TaskSet};
+use crate::runtime::{LeaseStatus, LeaseWatch, StopSignal, TaskSet};
 use crate::text;
 
 /// Longest `last_error` stored; the stderr tail is bounded already, this bounds the rest.
@@ -90,31 +89,11 @@ impl InterruptCause {
     }
 }
 
-/// What the registry knows about a running chat.
-#[derive(Debug, Clone)]
-pub struct RunnerMeta {
-    pub generation: i64,
-    cause: Arc<OnceLock<InterruptCause>>,
-}
+/// The chats running in this process, keyed by chat id, carrying the generation each runs.
+pub type Runners = TaskSet<Uuid, i64, InterruptCause>;
 
-impl RunnerMeta {
-    pub fn new(generation: i64) -> Self {
-        Self { generation, cause: Arc::default() }
-    }
-
-    /// Records why the runner is about to be cancelled (the first cause wins).
-    pub fn set_cause(&self, cause: InterruptCause) {
-        let _ = self.cause.set(cause);
-    }
-
-    fn cause(&self) -> InterruptCause {
-        // Cancelled with no cause recorded: the supervisor's shutdown.
-        self.cause.get().copied().unwrap_or(InterruptCause::Shutdown)
-    }
-}
-
-/// The chats running in this process, keyed by chat id.
-pub type Runners = TaskSet<Uuid, RunnerMeta>;
+/// What a runner's stop signal carries when the runtime shuts down.
+pub const SHUTDOWN_CAUSE: InterruptCause = InterruptCause::Shutdown;
 
 /// A chat the acquire loop claimed for this worker.
 #[derive(Debug, Clone)]
@@ -188,12 +167,12 @@ impl Ending {
     }
 }
 
-/// Runs one turn of `chat` until it ends or `cancel` fires. Never panics on agent output or
+/// Runs one turn of `chat` until it ends or `stop` is raised. Never panics on agent output or
 /// database errors: whatever happens, the chat ends settled, released, or left for recovery.
-pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, meta: RunnerMeta, cancel: CancellationToken) {
+pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, stop: StopSignal<InterruptCause>) {
     let fence = Fence { chat: chat.id, worker: ctx.worker_id, generation: chat.generation };
     let started_epoch = ctx.lease.current().epoch;
-    let ending = turn(&ctx, &chat, &fence, &meta, &cancel, started_epoch).await;
+    let ending = turn(&ctx, &chat, &fence, &stop, started_epoch).await;
     let settled = settle(&ctx, &fence, &ending).await;
     ctx.metrics.turn(ending.label());
     if let Ending::Interrupted(cause) = &ending {
@@ -231,8 +210,7 @@ async fn turn(
     ctx: &RunnerContext,
     chat: &Claimed,
     fence: &Fence,
-    meta: &RunnerMeta,
-    cancel: &CancellationToken,
+    signal: &StopSignal<InterruptCause>,
     epoch: u64,
 ) -> Ending {
     let (input, last_seen) = match input_document(&ctx.db, chat).await {
@@ -248,7 +226,10 @@ async fn turn(
     loop {
         let event = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return stop(&mut agent, ctx, Ending::Interrupted(meta.cause())).await,
+            _ = signal.stopped() => {
+                let cause = signal.cause().unwrap_or(SHUTDOWN_CAUSE);
+                return stop(&mut agent, ctx, Ending::Interrupted(cause)).await;
+            }
             _ = &mut watchdog => return stop(&mut agent, ctx, Ending::Interrupted(InterruptCause::Lease)).await,
             event = agent.next_event() => event,
         };

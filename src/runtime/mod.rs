@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use self::lease::{LeasePublisher, LeaseState, LeaseStatus, LeaseWatch};
-pub use self::supervisor::{StartError, Supervisor, TaskSet};
+pub use self::supervisor::{StartError, StopSignal, Supervisor, TaskSet};
 pub use self::tick::Tick;
 use crate::config::RuntimeConfig;
 use crate::db::{self, Db, DbError, Transaction};

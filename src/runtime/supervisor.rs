@@ -1,18 +1,22 @@
 //! Long-lived tasks that outlive a tick (chat runners), owned by the runtime.
 //!
 //! A loop never spawns a task of its own: it starts one in a [`TaskSet`] taken from the
-//! runtime's [`Supervisor`]. Each task gets its own child cancellation token (cancel one chat)
-//! under the supervisor's token (cancel all at shutdown), is tracked (shutdown waits for it) and
-//! is registered under a key while it runs, so another loop can list what runs here (the
-//! heartbeat compares it with what the database says this worker owns) and no key ever runs
-//! twice in one process.
+//! runtime's [`Supervisor`]. Each task gets a [`StopSignal`], raised for it alone with a cause
+//! ([`TaskSet::stop`]) or for every task at shutdown (with the set's shutdown cause); it is
+//! tracked (shutdown waits for it) and registered under a key while it runs, so another loop can
+//! list what runs here (the heartbeat compares it with what the database says this worker owns)
+//! and no key ever runs twice in one process.
+//!
+//! A worker may hold 100k chats, so a registered task costs its tokio task, one map entry and one
+//! small allocation (the signal: a `Notify` and the cause cell), and nothing per task elsewhere:
+//! no child token in a shared tree, no second allocation for the cause (BENCHMARKS.md, chats).
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
 /// Why a task was not started.
@@ -24,32 +28,58 @@ pub enum StartError {
     ShuttingDown,
 }
 
-/// Every long-lived task of the process: one tracker, one cancellation token.
+/// Every long-lived task of the process: one tracker, one shutdown switch over every set.
 #[derive(Clone, Default)]
 pub struct Supervisor {
     tracker: TaskTracker,
-    cancel: CancellationToken,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    shutting_down: AtomicBool,
+    /// Every task set made here, so that shutdown reaches each of their tasks.
+    sets: Mutex<Vec<Arc<dyn ShutDown>>>,
+}
+
+/// A task set as the supervisor sees it at shutdown.
+trait ShutDown: Send + Sync {
+    fn shut_down(&self);
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic under these locks leaves plain data behind (no invariant half-written).
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Supervisor {
-    /// A keyed set of tasks (e.g. chat id → generation) supervised here.
-    pub fn task_set<K, M>(&self, name: &'static str) -> TaskSet<K, M> {
-        TaskSet {
-            name,
-            supervisor: self.clone(),
-            entries: Arc::new(Mutex::new(HashMap::new())),
-            next_id: Arc::new(AtomicU64::new(0)),
+    /// A keyed set of tasks (e.g. chat id → generation) supervised here; `shutdown_cause` is
+    /// what its tasks' signals carry when they are stopped by shutdown.
+    pub fn task_set<K, M, C>(&self, name: &'static str, shutdown_cause: C) -> TaskSet<K, M, C>
+    where
+        K: Eq + Hash + Clone + Send + 'static,
+        M: Clone + Send + 'static,
+        C: Clone + Send + Sync + 'static,
+    {
+        let set = Arc::new(SetInner { name, shutdown_cause, entries: Mutex::new(HashMap::new()) });
+        locked(&self.shared.sets).push(set.clone());
+        TaskSet { set, supervisor: self.clone() }
+    }
+
+    /// Shutdown: stop every task of every set and start no new one.
+    pub fn cancel_all(&self) {
+        // The flag first: a start that takes a set's lock after this set's pass below sees it
+        // and refuses; one that took it before is registered, so the pass stops it.
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        self.tracker.close();
+        let sets = locked(&self.shared.sets).clone();
+        for set in sets {
+            set.shut_down();
         }
     }
 
-    /// Shutdown: cancel every task and start no new one.
-    pub fn cancel_all(&self) {
-        self.cancel.cancel();
-        self.tracker.close();
-    }
-
     pub fn is_shutting_down(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.shared.shutting_down.load(Ordering::SeqCst)
     }
 
     /// Resolves once [`Supervisor::cancel_all`] was called and every task has ended.
@@ -67,88 +97,161 @@ impl Supervisor {
     }
 }
 
-struct Entry<M> {
-    /// Tells this entry from a later task under the same key (only its own task removes it).
-    id: u64,
-    meta: M,
-    cancel: CancellationToken,
+/// A task's stop signal: raised once, with the cause of the first raise.
+pub struct StopSignal<C> {
+    shared: Arc<Signal<C>>,
 }
 
-/// Tasks keyed by `K`, each carrying metadata `M` the owner wants to read back (a generation).
-pub struct TaskSet<K, M> {
-    name: &'static str,
-    supervisor: Supervisor,
-    entries: Arc<Mutex<HashMap<K, Entry<M>>>>,
-    next_id: Arc<AtomicU64>,
+struct Signal<C> {
+    cause: OnceLock<C>,
+    notify: Notify,
 }
 
-impl<K, M> Clone for TaskSet<K, M> {
+impl<C> Clone for StopSignal<C> {
     fn clone(&self) -> Self {
-        Self {
-            name: self.name,
-            supervisor: self.supervisor.clone(),
-            entries: self.entries.clone(),
-            next_id: self.next_id.clone(),
+        Self { shared: self.shared.clone() }
+    }
+}
+
+impl<C: Clone> StopSignal<C> {
+    fn new() -> Self {
+        Self { shared: Arc::new(Signal { cause: OnceLock::new(), notify: Notify::new() }) }
+    }
+
+    /// Raises the signal; a later raise changes nothing (the first cause is the one reported).
+    fn raise(&self, cause: C) {
+        if self.shared.cause.set(cause).is_ok() {
+            self.shared.notify.notify_waiters();
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.shared.cause.get().is_some()
+    }
+
+    /// Why the task was told to stop; `None` while it was not.
+    pub fn cause(&self) -> Option<C> {
+        self.shared.cause.get().cloned()
+    }
+
+    /// Resolves once the signal is raised (at once if it already was).
+    pub async fn stopped(&self) {
+        loop {
+            // Registered before the check, so a raise between the two is not missed.
+            let notified = self.shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_stopped() {
+                return;
+            }
+            notified.await;
         }
     }
 }
 
-impl<K, M> TaskSet<K, M>
+struct Entry<M, C> {
+    meta: M,
+    /// Also tells this entry from a later task's under the same key (only its own task
+    /// removes it).
+    signal: StopSignal<C>,
+}
+
+struct SetInner<K, M, C> {
+    name: &'static str,
+    shutdown_cause: C,
+    entries: Mutex<HashMap<K, Entry<M, C>>>,
+}
+
+impl<K, M, C> ShutDown for SetInner<K, M, C>
+where
+    K: Send,
+    M: Send,
+    C: Clone + Send + Sync,
+{
+    fn shut_down(&self) {
+        for entry in locked(&self.entries).values() {
+            entry.signal.raise(self.shutdown_cause.clone());
+        }
+    }
+}
+
+/// Tasks keyed by `K`, each carrying metadata `M` the owner wants to read back (a generation),
+/// stopped with a cause `C`.
+pub struct TaskSet<K, M, C> {
+    set: Arc<SetInner<K, M, C>>,
+    supervisor: Supervisor,
+}
+
+impl<K, M, C> Clone for TaskSet<K, M, C> {
+    fn clone(&self) -> Self {
+        Self { set: self.set.clone(), supervisor: self.supervisor.clone() }
+    }
+}
+
+impl<K, M, C> TaskSet<K, M, C>
 where
     K: Eq + Hash + Clone + Send + 'static,
     M: Clone + Send + 'static,
+    C: Clone + Send + Sync + 'static,
 {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Entry<M>>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Entry<M, C>>> {
+        locked(&self.set.entries)
     }
 
-    /// Starts `task(token)` under `key`. The token fires on [`TaskSet::cancel`] of this key, on
-    /// [`TaskSet::cancel_all`] and at shutdown; the key is free again once the task has ended
+    /// Starts `task(signal)` under `key`. The signal is raised by [`TaskSet::stop`] of this key,
+    /// by [`TaskSet::stop_all`] and at shutdown; the key is free again once the task has ended
     /// (however it ends: return, panic).
     pub fn start<F, Fut>(&self, key: K, meta: M, task: F) -> Result<(), StartError>
     where
-        F: FnOnce(CancellationToken) -> Fut,
+        F: FnOnce(StopSignal<C>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        if self.supervisor.is_shutting_down() {
-            return Err(StartError::ShuttingDown);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cancel = self.supervisor.cancel.child_token();
-        {
+        let signal = StopSignal::new();
+        let tracked = {
             let mut entries = self.lock();
+            // Checked under the set's lock; see `Supervisor::cancel_all`.
+            if self.supervisor.is_shutting_down() {
+                return Err(StartError::ShuttingDown);
+            }
             if entries.contains_key(&key) {
                 return Err(StartError::AlreadyRunning);
             }
-            entries.insert(key.clone(), Entry { id, meta, cancel: cancel.clone() });
-        }
-        let registration = Registration { entries: self.entries.clone(), key, id };
-        let future = task(cancel);
-        self.supervisor.tracker.spawn(async move {
+            entries.insert(key.clone(), Entry { meta, signal: signal.clone() });
+            // Counted before shutdown's pass can see the entry, so the drain waits for it.
+            self.supervisor.tracker.token()
+        };
+        let registration = Registration { set: self.set.clone(), key, signal: signal.clone() };
+        let future = task(signal);
+        tokio::spawn(async move {
+            // Dropped in reverse order: the entry leaves before the drain can count this done.
+            let _tracked = tracked;
             let _registration = registration;
             future.await;
         });
         Ok(())
     }
 
-    /// Cancels the task under `key`; false if none runs.
-    pub fn cancel(&self, key: &K) -> bool {
+    /// Stops the task under `key` with `cause`; false if none runs.
+    pub fn stop(&self, key: &K, cause: C) -> bool {
         match self.lock().get(key) {
             Some(entry) => {
-                entry.cancel.cancel();
+                entry.signal.raise(cause);
                 true
             }
             None => false,
         }
     }
 
-    /// Cancels every task of this set (not of the other sets).
-    pub fn cancel_all(&self) {
-        self.lock().values().for_each(|entry| entry.cancel.cancel());
+    /// Stops every task of this set (not of the other sets) with `cause`.
+    pub fn stop_all(&self, cause: C) {
+        for entry in self.lock().values() {
+            entry.signal.raise(cause.clone());
+        }
     }
 
-    /// What runs now, with its metadata (cancelled tasks that have not ended yet included).
-    pub fn snapshot(&self) -> Vec<(K, M)> {
+    /// What runs now, with its metadata (stopped tasks that have not ended yet included), in
+    /// whatever collection the caller reads it best from.
+    pub fn snapshot<B: FromIterator<(K, M)>>(&self) -> B {
         self.lock().iter().map(|(k, e)| (k.clone(), e.meta.clone())).collect()
     }
 
@@ -165,21 +268,21 @@ where
     }
 
     pub fn name(&self) -> &'static str {
-        self.name
+        self.set.name
     }
 }
 
 /// Removes a task's entry when the task ends, even by panic.
-struct Registration<K: Eq + Hash, M> {
-    entries: Arc<Mutex<HashMap<K, Entry<M>>>>,
+struct Registration<K: Eq + Hash, M, C> {
+    set: Arc<SetInner<K, M, C>>,
     key: K,
-    id: u64,
+    signal: StopSignal<C>,
 }
 
-impl<K: Eq + Hash, M> Drop for Registration<K, M> {
+impl<K: Eq + Hash, M, C> Drop for Registration<K, M, C> {
     fn drop(&mut self) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.get(&self.key).is_some_and(|e| e.id == self.id) {
+        let mut entries = locked(&self.set.entries);
+        if entries.get(&self.key).is_some_and(|e| Arc::ptr_eq(&e.signal.shared, &self.signal.shared)) {
             entries.remove(&self.key);
         }
     }
@@ -194,7 +297,7 @@ mod tests {
     #[tokio::test]
     async fn a_key_runs_once_and_is_free_again_when_its_task_ends() {
         let supervisor = Supervisor::default();
-        let set: TaskSet<u32, i64> = supervisor.task_set("test");
+        let set: TaskSet<u32, i64, ()> = supervisor.task_set("test", ());
         let (release, released) = oneshot::channel::<()>();
         let (ended_tx, ended) = oneshot::channel::<()>();
         set.start(1, 7, |_| async move {
@@ -203,7 +306,7 @@ mod tests {
         })
         .expect("starts");
         assert_eq!(set.start(1, 8, |_| async {}), Err(StartError::AlreadyRunning));
-        assert_eq!(set.snapshot(), vec![(1, 7)]);
+        assert_eq!(set.snapshot::<Vec<_>>(), vec![(1, 7)]);
         release.send(()).expect("task alive");
         ended.await.expect("task ended");
         supervisor.cancel_all();
@@ -211,23 +314,69 @@ mod tests {
         assert!(set.is_empty(), "the entry left with its task");
     }
 
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Cause {
+        Mine,
+        Other,
+        Shutdown,
+    }
+
     #[tokio::test]
-    async fn cancel_reaches_one_task_and_shutdown_reaches_all_and_is_awaited() {
+    async fn stop_reaches_one_task_with_the_first_cause_and_shutdown_reaches_all_and_is_awaited() {
         let supervisor = Supervisor::default();
-        let set: TaskSet<u32, ()> = supervisor.task_set("test");
+        let set: TaskSet<u32, (), Cause> = supervisor.task_set("test", Cause::Shutdown);
         let (a_done_tx, a_done) = oneshot::channel();
-        set.start(1, (), |token| async move {
-            token.cancelled().await;
-            let _ = a_done_tx.send(());
+        let (b_done_tx, b_done) = oneshot::channel();
+        set.start(1, (), |signal| async move {
+            signal.stopped().await;
+            let _ = a_done_tx.send(signal.cause());
         })
         .expect("a");
-        set.start(2, (), |token| async move { token.cancelled().await }).expect("b");
-        assert!(set.cancel(&1));
-        a_done.await.expect("a saw its own cancellation");
-        assert!(set.contains(&2), "b was not cancelled");
+        set.start(2, (), |signal| async move {
+            signal.stopped().await;
+            let _ = b_done_tx.send(signal.cause());
+        })
+        .expect("b");
+        assert!(set.stop(&1, Cause::Mine));
+        assert!(set.stop(&1, Cause::Other), "a stopping task is still registered");
+        assert!(!set.stop(&3, Cause::Mine), "no task under 3");
+        assert_eq!(a_done.await.expect("a ended"), Some(Cause::Mine), "the first cause wins");
+        assert!(set.contains(&2), "b was not stopped");
         supervisor.cancel_all();
+        assert_eq!(b_done.await.expect("b ended"), Some(Cause::Shutdown));
         supervisor.wait().await;
         assert!(set.is_empty());
         assert_eq!(set.start(3, (), |_| async {}), Err(StartError::ShuttingDown));
+    }
+
+    #[tokio::test]
+    async fn a_signal_raised_before_the_task_waits_is_not_missed() {
+        let supervisor = Supervisor::default();
+        let set: TaskSet<u32, (), Cause> = supervisor.task_set("test", Cause::Shutdown);
+        let (go_tx, go) = oneshot::channel::<()>();
+        let (done_tx, done) = oneshot::channel();
+        set.start(1, (), |signal| async move {
+            let _ = go.await;
+            assert!(signal.is_stopped());
+            signal.stopped().await;
+            let _ = done_tx.send(signal.cause());
+        })
+        .expect("starts");
+        set.stop_all(Cause::Other);
+        go_tx.send(()).expect("task alive");
+        assert_eq!(done.await.expect("ended"), Some(Cause::Other));
+    }
+
+    #[tokio::test]
+    async fn shutdown_reaches_every_set() {
+        let supervisor = Supervisor::default();
+        let chats: TaskSet<u32, (), Cause> = supervisor.task_set("chats", Cause::Shutdown);
+        let others: TaskSet<&'static str, (), ()> = supervisor.task_set("others", ());
+        chats.start(1, (), |signal| async move { signal.stopped().await }).expect("chat");
+        others.start("x", (), |signal| async move { signal.stopped().await }).expect("other");
+        assert_eq!(supervisor.len(), 2);
+        supervisor.cancel_all();
+        supervisor.wait().await;
+        assert!(chats.is_empty() && others.is_empty() && supervisor.is_empty());
     }
 }
