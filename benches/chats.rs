@@ -8,10 +8,12 @@
 //!    RETURNING id` (the column is added to the bench database only) and (b) one
 //!    `UPDATE chats SET heartbeat_at = now() WHERE id = $1` per chat. Write statements and rows
 //!    are counted with statement-level triggers (transition tables) on a separate, untimed tick.
-//! 2. Memory: this process's VmRSS/VmHWM before and after registering the largest set of
-//!    runners and after a heartbeat over them; the size of one real runner's future; the RSS
-//!    of the real `worker` binary with chats enabled, idle and then running `--real-chats` (1000)
-//!    real chats, each with its agent subprocess.
+//! 2. Memory: a fresh child process (this binary with `--registry-child`) that is a chat worker
+//!    and nothing else reads its own VmRSS/VmHWM before and after registering the largest set of
+//!    chats it owns and over a few heartbeats; the size of one real runner's future; the RSS of
+//!    the real `worker` binary with chats enabled, idle and then running `--real-chats` (1000)
+//!    real chats, each with its agent subprocess. The headline figure, the worker holding the
+//!    largest set at its peak, is the real binary's idle peak plus the child's peak increase.
 //! 3. Acquisition: two workers (two pools) claiming pending chats side by side with the acquire
 //!    loop's `CLAIM` statement (batch 500) and registering a runner per claimed chat, versus one
 //!    claim per chat (`LIMIT 1`); every chat must end claimed exactly once (generation 1).
@@ -54,6 +56,8 @@ struct Args {
     acquire_baseline: i64,
     batch: i64,
     real_chats: i64,
+    /// Set in the child process of [`registry_memory`]: `(database url, chats)`.
+    registry_child: Option<(String, i64)>,
 }
 
 impl Args {
@@ -67,6 +71,7 @@ impl Args {
             acquire_baseline: 10_000,
             batch: 500,
             real_chats: 1_000,
+            registry_child: None,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -82,6 +87,10 @@ impl Args {
                 "--acquire-baseline" => args.acquire_baseline = value()?.parse()?,
                 "--batch" => args.batch = value()?.parse()?,
                 "--real-chats" => args.real_chats = value()?.parse()?,
+                "--registry-child" => {
+                    let url = value()?;
+                    args.registry_child = Some((url, value()?.parse()?));
+                }
                 _ => {} // cargo bench passes --bench
             }
         }
@@ -128,7 +137,7 @@ impl BenchWorker {
     /// A runner per chat whose task only waits to be cancelled.
     fn register(&self, chats: impl IntoIterator<Item = (Uuid, i64)>) -> anyhow::Result<()> {
         for (id, generation) in chats {
-            self.chats.runners().start(id, generation, |signal| async move { signal.stopped().await })?;
+            self.chats.runners().start(id, generation, |mut signal| async move { signal.stopped().await })?;
         }
         Ok(())
     }
@@ -139,11 +148,6 @@ impl BenchWorker {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-}
-
-/// VmRSS and VmHWM of a process, in KiB.
-fn memory(pid: &str) -> anyhow::Result<(u64, u64)> {
-    Ok((status_field(pid, "VmRSS:")?, status_field(pid, "VmHWM:")?))
 }
 
 /// One `kB` field of `/proc/<pid>/status`.
@@ -354,20 +358,11 @@ struct HeartbeatResult {
     per_chat_measured: i64,
 }
 
-/// Memory of this process around the largest registration.
-struct RegistryMemory {
-    n: i64,
-    before: (u64, u64),
-    registered: (u64, u64),
-    after_beat: (u64, u64),
-}
-
 async fn heartbeat_at(
     bench: &BenchDb,
     w: &BenchWorker,
     n: i64,
     args: &Args,
-    memory_of: Option<&mut Option<RegistryMemory>>,
 ) -> anyhow::Result<HeartbeatResult> {
     fill(bench, n, Some(w.me.id)).await?;
     let chats: Vec<(Uuid, i64)> =
@@ -380,18 +375,13 @@ async fn heartbeat_at(
             .collect();
     let ids: Vec<Uuid> = chats.iter().map(|(id, _)| *id).collect();
 
-    let before = memory("self")?;
     w.register(chats)?;
-    let registered = memory("self")?;
     let heartbeat = w.chats.heartbeat(w.lease());
     let report = heartbeat.beat().await?;
     anyhow::ensure!(
         (report.owned as i64, report.interrupted, report.released) == (n, 0, 0),
         "heartbeat found {report:?} with {n} chats registered and owned"
     );
-    if let Some(slot) = memory_of {
-        *slot = Some(RegistryMemory { n, before, registered, after_beat: memory("self")? });
-    }
 
     let beat = sampled(&w.db, args.samples, || async {
         heartbeat.beat().await?;
@@ -583,32 +573,123 @@ async fn real_worker_memory(bench: &BenchDb, running: i64) -> anyhow::Result<Rea
     Ok(RealWorkerMemory { idle, busy })
 }
 
+/// The id of the `i`th chat of [`registry_child`], spread like random ids (the heartbeat groups
+/// by a byte of the id, the registry hashes it) but computed, so the child holds no list of them.
+fn chat_id(i: i64) -> Uuid {
+    fn mix(mut x: u64) -> u64 {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^ (x >> 31)
+    }
+    Uuid::from_u64_pair(mix(i as u64), mix(!(i as u64)))
+}
+
+/// Memory (KiB: VmRSS, VmHWM, RssAnon, RssFile) of a fresh chat worker process around
+/// registering `n` chats.
+struct RegistryMemory {
+    n: i64,
+    before: [u64; 4],
+    registered: [u64; 4],
+    after_beats: [u64; 4],
+}
+
+/// How many heartbeats [`registry_child`] runs over its chats before it reads its peak.
+const CHILD_BEATS: usize = 5;
+
+/// The child of [`registry_memory`]: a process that is a chat worker and nothing else (runtime,
+/// pool of 4, chat loops, lease), with no heap left over from other measurements. It inserts `n`
+/// chats running under itself (ids from [`chat_id`]), registers a runner per chat whose task only
+/// awaits its stop signal, then runs [`CHILD_BEATS`] heartbeats; prints its memory at each step.
+async fn registry_child(url: &str, n: i64) -> anyhow::Result<()> {
+    let w = BenchWorker::start(url, 4).await?;
+    let direct = db::connect_direct(url, "bench registry child").await?;
+    const CHUNK: i64 = 10_000;
+    for start in (0..n).step_by(CHUNK as usize) {
+        let ids: Vec<Uuid> = (start..(start + CHUNK).min(n)).map(chat_id).collect();
+        direct
+            .exec(
+                "INSERT INTO chats (id, owner_id, status, worker_id, generation, started_at) \
+                 SELECT u, gen_random_uuid(), 'running', $2, 1, now() FROM unnest($1::uuid[]) AS u",
+                &[(&ids, Type::UUID_ARRAY), (&w.me.id, Type::UUID)],
+            )
+            .await?;
+    }
+    direct.batch_execute("VACUUM ANALYZE chats").await?;
+    // Every pooled connection opened, as a long-running worker's are.
+    let warm: Vec<_> = futures_util::future::try_join_all((0..4).map(|_| w.db.get())).await?;
+    drop(warm);
+    let before = memory_fields("self")?;
+    w.register((0..n).map(|i| (chat_id(i), 1)))?;
+    let registered = memory_fields("self")?;
+    let heartbeat = w.chats.heartbeat(w.lease());
+    for _ in 0..CHILD_BEATS {
+        let report = heartbeat.beat().await?;
+        anyhow::ensure!(
+            (report.owned as i64, report.interrupted, report.released) == (n, 0, 0),
+            "heartbeat found {report:?} with {n} chats registered and owned"
+        );
+    }
+    let after_beats = memory_fields("self")?;
+    let line = [before, registered, after_beats].iter().flatten().map(u64::to_string).collect::<Vec<_>>();
+    println!("{}", line.join(" "));
+    Ok(())
+}
+
+/// Runs [`registry_child`] in a child process (this benchmark binary again) and reads its line.
+async fn registry_memory(bench: &BenchDb, n: i64) -> anyhow::Result<RegistryMemory> {
+    bench.direct().await?.batch_execute("TRUNCATE chats CASCADE").await?;
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--registry-child", &bench.url, &n.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .await?;
+    anyhow::ensure!(output.status.success(), "the registry child failed: {}", output.status);
+    bench.direct().await?.batch_execute("TRUNCATE chats CASCADE").await?;
+    let text = String::from_utf8(output.stdout)?;
+    let fields: Vec<u64> = text.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+    let step = |i: usize| -> anyhow::Result<[u64; 4]> {
+        fields
+            .get(i * 4..i * 4 + 4)
+            .and_then(|f| f.try_into().ok())
+            .with_context(|| format!("child said {text:?}"))
+    };
+    Ok(RegistryMemory { n, before: step(0)?, registered: step(1)?, after_beats: step(2)? })
+}
+
 fn memory_table(registry: &RegistryMemory, future_size: usize, real: Option<&RealWorkerMemory>) {
-    let per_runner =
-        |to: (u64, u64)| (to.0.saturating_sub(registry.before.0)) as f64 * 1024.0 / registry.n as f64;
+    let n = registry.n;
+    let before = registry.before;
+    let per_chat = |kib: u64| format!("{:.0}", kib.saturating_sub(before[0]) as f64 * 1024.0 / n as f64);
     let mut rows = vec![
         vec![
-            "bench process, before registering (runtime, pool, earlier runs' freed heap)".into(),
-            mib(registry.before.0),
-            mib(registry.before.1),
+            "fresh chat worker process (runtime, pool of 4 open, chat loops, lease), nothing registered"
+                .into(),
+            mib(before[0]),
+            mib(before[1]),
             String::new(),
             String::new(),
         ],
         vec![
-            format!("… with {} runners registered", registry.n),
-            mib(registry.registered.0),
-            mib(registry.registered.1),
-            format!("**+{}**", mib(registry.registered.0.saturating_sub(registry.before.0))),
-            format!("{:.0}", per_runner(registry.registered)),
+            format!("… with {n} chats registered (a supervised task + registry entry each)"),
+            mib(registry.registered[0]),
+            mib(registry.registered[1]),
+            format!("**+{}**", mib(registry.registered[0].saturating_sub(before[0]))),
+            per_chat(registry.registered[0]),
         ],
         vec![
-            format!("… after a heartbeat over the {} chats", registry.n),
-            mib(registry.after_beat.0),
-            mib(registry.after_beat.1),
-            format!("+{}", mib(registry.after_beat.0.saturating_sub(registry.before.0))),
-            format!("{:.0}", per_runner(registry.after_beat)),
+            format!("… after {CHILD_BEATS} heartbeats over the {n} chats (VmHWM: the peak, ticks included)"),
+            mib(registry.after_beats[0]),
+            mib(registry.after_beats[1]),
+            format!(
+                "+{} (peak +{})",
+                mib(registry.after_beats[0].saturating_sub(before[0])),
+                mib(registry.after_beats[1].saturating_sub(before[0]))
+            ),
+            per_chat(registry.after_beats[1]),
         ],
     ];
+    let mut headline = None;
     match real {
         Some(real) => {
             let [rss, hwm, anon, file] = real.idle;
@@ -624,6 +705,7 @@ fn memory_table(registry: &RegistryMemory, future_size: usize, real: Option<&Rea
                 String::new(),
                 String::new(),
             ]);
+            headline = Some(hwm.max(rss) + registry.after_beats[1].saturating_sub(before[0]));
             if let Some((n, [busy_rss, busy_hwm, busy_anon, _])) = real.busy {
                 let per_chat = busy_rss.saturating_sub(rss) as f64 * 1024.0 / n as f64;
                 rows.push(vec![
@@ -649,12 +731,20 @@ fn memory_table(registry: &RegistryMemory, future_size: usize, real: Option<&Rea
     }
     table(
         "Memory (MiB, from /proc/<pid>/status)",
-        &["what", "VmRSS", "VmHWM", "increase", "bytes per runner"],
+        &["what", "VmRSS", "VmHWM", "increase", "bytes per chat"],
         &rows,
     );
+    if let Some(kib) = headline {
+        println!(
+            "\nThe worker holding {n} registered chats, at its peak: the real binary's idle peak + the \
+             registry's peak increase = **{} MiB** ({:.1} MB).",
+            mib(kib),
+            kib as f64 * 1024.0 / 1e6
+        );
+    }
     println!(
-        "\nOne real runner's task future (`runner::run`, unpolled) is {future_size} bytes; the bench's \
-         register-only task holds a future of a few dozen bytes instead. Every real runner also owns an agent \
+        "\nOne real runner's task future (`runner::run`, unpolled) is {future_size} bytes; the registered \
+         task measured here holds a future of a few dozen bytes instead. Every real runner also owns an agent \
          subprocess, which this does not count."
     );
 }
@@ -761,18 +851,15 @@ async fn run(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
             None
         }
     };
-    let w = BenchWorker::start(&bench.url, 4).await?;
     let largest = args.sizes.iter().copied().max().unwrap_or(0);
-    let mut registry = None;
+    let registry = registry_memory(bench, largest).await?;
+    let w = BenchWorker::start(&bench.url, 4).await?;
     let mut results = Vec::new();
     for &n in &args.sizes {
-        let slot = (n == largest && registry.is_none()).then_some(&mut registry);
-        results.push(heartbeat_at(bench, &w, n, args, slot).await?);
+        results.push(heartbeat_at(bench, &w, n, args).await?);
     }
     heartbeat_tables(&results);
-    if let Some(registry) = &registry {
-        memory_table(registry, runner_future_size(&w)?, real.as_ref());
-    }
+    memory_table(&registry, runner_future_size(&w)?, real.as_ref());
     w.rt.begin_shutdown();
     w.rt.drained().await;
     acquisition(bench, args).await
@@ -781,6 +868,9 @@ async fn run(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse()?;
+    if let Some((url, n)) = &args.registry_child {
+        return registry_child(url, *n).await;
+    }
     let bench = BenchDb::create(4).await?;
     let result = run(&bench, &args).await;
     bench.drop_now().await?;

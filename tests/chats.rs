@@ -211,7 +211,10 @@ async fn a_heartbeat_writes_one_lease_row_for_a_thousand_chats_and_acts_on_exact
     let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
     let (registered, orphans) = ids.split_at(1000);
     for id in registered {
-        w.chats.runners().start(*id, 1, |signal| async move { signal.stopped().await }).expect("register");
+        w.chats
+            .runners()
+            .start(*id, 1, |mut signal| async move { signal.stopped().await })
+            .expect("register");
     }
     let stolen = &registered[..3];
     test_db

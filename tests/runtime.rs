@@ -376,7 +376,7 @@ async fn a_supervised_task_is_cancelled_at_shutdown_and_awaited_before_the_runti
     runners
         .start(7, 1, {
             let (gate, cleaned) = (gate.clone(), cleaned.clone());
-            move |signal| async move {
+            move |mut signal| async move {
                 signal.stopped().await;
                 saw_cancel_tx.send_replace(true);
                 // Cleanup that takes a while (a chat runner returning its chat).

@@ -169,10 +169,10 @@ impl Ending {
 
 /// Runs one turn of `chat` until it ends or `stop` is raised. Never panics on agent output or
 /// database errors: whatever happens, the chat ends settled, released, or left for recovery.
-pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, stop: StopSignal<InterruptCause>) {
+pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, mut stop: StopSignal<InterruptCause>) {
     let fence = Fence { chat: chat.id, worker: ctx.worker_id, generation: chat.generation };
     let started_epoch = ctx.lease.current().epoch;
-    let ending = turn(&ctx, &chat, &fence, &stop, started_epoch).await;
+    let ending = turn(&ctx, &chat, &fence, &mut stop, started_epoch).await;
     let settled = settle(&ctx, &fence, &ending).await;
     ctx.metrics.turn(ending.label());
     if let Ending::Interrupted(cause) = &ending {
@@ -210,7 +210,7 @@ async fn turn(
     ctx: &RunnerContext,
     chat: &Claimed,
     fence: &Fence,
-    signal: &StopSignal<InterruptCause>,
+    signal: &mut StopSignal<InterruptCause>,
     epoch: u64,
 ) -> Ending {
     let (input, last_seen) = match input_document(&ctx.db, chat).await {

@@ -8,15 +8,16 @@
 //! and no key ever runs twice in one process.
 //!
 //! A worker may hold 100k chats, so a registered task costs its tokio task, one map entry and one
-//! small allocation (the signal: a `Notify` and the cause cell), and nothing per task elsewhere:
+//! small allocation (the signal: a waker slot and the cause cell), and nothing per task elsewhere:
 //! no child token in a shared tree, no second allocation for the cause (BENCHMARKS.md, chats).
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::Poll;
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use tokio_util::task::TaskTracker;
 
 /// Why a task was not started.
@@ -97,34 +98,28 @@ impl Supervisor {
     }
 }
 
-/// A task's stop signal: raised once, with the cause of the first raise.
+/// A task's stop signal: raised once, with the cause of the first raise. Only its task holds
+/// it, and it has one waiter at a time (`stopped` takes `&mut self`), so waiting costs one
+/// registered waker, not a waiter list: the task's future stays small (BENCHMARKS.md, chats).
 pub struct StopSignal<C> {
     shared: Arc<Signal<C>>,
 }
 
 struct Signal<C> {
     cause: OnceLock<C>,
-    notify: Notify,
+    waker: AtomicWaker,
 }
 
-impl<C> Clone for StopSignal<C> {
-    fn clone(&self) -> Self {
-        Self { shared: self.shared.clone() }
+impl<C> Signal<C> {
+    /// Raises the signal; a later raise changes nothing (the first cause is the one reported).
+    fn raise(&self, cause: C) {
+        if self.cause.set(cause).is_ok() {
+            self.waker.wake();
+        }
     }
 }
 
 impl<C: Clone> StopSignal<C> {
-    fn new() -> Self {
-        Self { shared: Arc::new(Signal { cause: OnceLock::new(), notify: Notify::new() }) }
-    }
-
-    /// Raises the signal; a later raise changes nothing (the first cause is the one reported).
-    fn raise(&self, cause: C) {
-        if self.shared.cause.set(cause).is_ok() {
-            self.shared.notify.notify_waiters();
-        }
-    }
-
     pub fn is_stopped(&self) -> bool {
         self.shared.cause.get().is_some()
     }
@@ -135,17 +130,16 @@ impl<C: Clone> StopSignal<C> {
     }
 
     /// Resolves once the signal is raised (at once if it already was).
-    pub async fn stopped(&self) {
-        loop {
-            // Registered before the check, so a raise between the two is not missed.
-            let notified = self.shared.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+    pub async fn stopped(&mut self) {
+        std::future::poll_fn(|cx| {
             if self.is_stopped() {
-                return;
+                return Poll::Ready(());
             }
-            notified.await;
-        }
+            self.shared.waker.register(cx.waker());
+            // A raise between the check and the registration woke no one: check again.
+            if self.is_stopped() { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await;
     }
 }
 
@@ -153,7 +147,7 @@ struct Entry<M, C> {
     meta: M,
     /// Also tells this entry from a later task's under the same key (only its own task
     /// removes it).
-    signal: StopSignal<C>,
+    signal: Arc<Signal<C>>,
 }
 
 struct SetInner<K, M, C> {
@@ -206,7 +200,7 @@ where
         F: FnOnce(StopSignal<C>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let signal = StopSignal::new();
+        let signal = Arc::new(Signal { cause: OnceLock::new(), waker: AtomicWaker::new() });
         let tracked = {
             let mut entries = self.lock();
             // Checked under the set's lock; see `Supervisor::cancel_all`.
@@ -221,7 +215,7 @@ where
             self.supervisor.tracker.token()
         };
         let registration = Registration { set: self.set.clone(), key, signal: signal.clone() };
-        let future = task(signal);
+        let future = task(StopSignal { shared: signal });
         tokio::spawn(async move {
             // Dropped in reverse order: the entry leaves before the drain can count this done.
             let _tracked = tracked;
@@ -276,13 +270,13 @@ where
 struct Registration<K: Eq + Hash, M, C> {
     set: Arc<SetInner<K, M, C>>,
     key: K,
-    signal: StopSignal<C>,
+    signal: Arc<Signal<C>>,
 }
 
 impl<K: Eq + Hash, M, C> Drop for Registration<K, M, C> {
     fn drop(&mut self) {
         let mut entries = locked(&self.set.entries);
-        if entries.get(&self.key).is_some_and(|e| Arc::ptr_eq(&e.signal.shared, &self.signal.shared)) {
+        if entries.get(&self.key).is_some_and(|e| Arc::ptr_eq(&e.signal, &self.signal)) {
             entries.remove(&self.key);
         }
     }
@@ -327,12 +321,12 @@ mod tests {
         let set: TaskSet<u32, (), Cause> = supervisor.task_set("test", Cause::Shutdown);
         let (a_done_tx, a_done) = oneshot::channel();
         let (b_done_tx, b_done) = oneshot::channel();
-        set.start(1, (), |signal| async move {
+        set.start(1, (), |mut signal| async move {
             signal.stopped().await;
             let _ = a_done_tx.send(signal.cause());
         })
         .expect("a");
-        set.start(2, (), |signal| async move {
+        set.start(2, (), |mut signal| async move {
             signal.stopped().await;
             let _ = b_done_tx.send(signal.cause());
         })
@@ -355,7 +349,7 @@ mod tests {
         let set: TaskSet<u32, (), Cause> = supervisor.task_set("test", Cause::Shutdown);
         let (go_tx, go) = oneshot::channel::<()>();
         let (done_tx, done) = oneshot::channel();
-        set.start(1, (), |signal| async move {
+        set.start(1, (), |mut signal| async move {
             let _ = go.await;
             assert!(signal.is_stopped());
             signal.stopped().await;
@@ -372,8 +366,8 @@ mod tests {
         let supervisor = Supervisor::default();
         let chats: TaskSet<u32, (), Cause> = supervisor.task_set("chats", Cause::Shutdown);
         let others: TaskSet<&'static str, (), ()> = supervisor.task_set("others", ());
-        chats.start(1, (), |signal| async move { signal.stopped().await }).expect("chat");
-        others.start("x", (), |signal| async move { signal.stopped().await }).expect("other");
+        chats.start(1, (), |mut signal| async move { signal.stopped().await }).expect("chat");
+        others.start("x", (), |mut signal| async move { signal.stopped().await }).expect("other");
         assert_eq!(supervisor.len(), 2);
         supervisor.cancel_all();
         supervisor.wait().await;
