@@ -17,8 +17,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::Poll;
 
+use futures_util::FutureExt;
 use futures_util::task::AtomicWaker;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// Why a task was not started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -130,7 +132,10 @@ impl<C: Clone> StopSignal<C> {
     }
 
     /// Resolves once the signal is raised (at once if it already was).
-    pub async fn stopped(&mut self) {
+    pub fn stopped(&mut self) -> impl Future<Output = ()> + Send + '_
+    where
+        C: Send + Sync,
+    {
         std::future::poll_fn(|cx| {
             if self.is_stopped() {
                 return Poll::Ready(());
@@ -139,7 +144,6 @@ impl<C: Clone> StopSignal<C> {
             // A raise between the check and the registration woke no one: check again.
             if self.is_stopped() { Poll::Ready(()) } else { Poll::Pending }
         })
-        .await;
     }
 }
 
@@ -214,14 +218,12 @@ where
             // Counted before shutdown's pass can see the entry, so the drain waits for it.
             self.supervisor.tracker.token()
         };
-        let registration = Registration { set: self.set.clone(), key, signal: signal.clone() };
-        let future = task(StopSignal { shared: signal });
-        tokio::spawn(async move {
-            // Dropped in reverse order: the entry leaves before the drain can count this done.
-            let _tracked = tracked;
-            let _registration = registration;
-            future.await;
-        });
+        let registration =
+            Registration { set: self.set.clone(), key, signal: signal.clone(), _tracked: tracked };
+        // `map` keeps the future and the registration side by side in one small future (an
+        // `async` block would hold a second slot for each value it moves): a registered chat's
+        // task then fits tokio's smallest task cell but one (BENCHMARKS.md, chats).
+        tokio::spawn(task(StopSignal { shared: signal }).map(move |()| drop(registration)));
         Ok(())
     }
 
@@ -266,11 +268,14 @@ where
     }
 }
 
-/// Removes a task's entry when the task ends, even by panic.
+/// Removes a task's entry when the task ends, however it ends (return, panic, runtime gone);
+/// then its tracker token is dropped (fields drop after `drop`), so the drain never sees a task
+/// done whose entry is still registered.
 struct Registration<K: Eq + Hash, M, C> {
     set: Arc<SetInner<K, M, C>>,
     key: K,
     signal: Arc<Signal<C>>,
+    _tracked: TaskTrackerToken,
 }
 
 impl<K: Eq + Hash, M, C> Drop for Registration<K, M, C> {
@@ -359,6 +364,23 @@ mod tests {
         set.stop_all(Cause::Other);
         go_tx.send(()).expect("task alive");
         assert_eq!(done.await.expect("ended"), Some(Cause::Other));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_leaves_the_registry_and_the_drain() {
+        let supervisor = Supervisor::default();
+        let set: TaskSet<u32, (), ()> = supervisor.task_set("test", ());
+        let (go_tx, go) = oneshot::channel::<()>();
+        set.start(1, (), |_| async move {
+            let _ = go.await;
+            panic!("a task that panics");
+        })
+        .expect("starts");
+        assert!(set.contains(&1));
+        go_tx.send(()).expect("task alive");
+        supervisor.cancel_all();
+        supervisor.wait().await;
+        assert!(set.is_empty(), "the panicked task's entry is gone");
     }
 
     #[tokio::test]
