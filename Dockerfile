@@ -1,5 +1,9 @@
 # Multi-stage build of the worker daemon.
 FROM rust:1.95-slim-bookworm AS build
+# make: jemalloc (the global allocator, src/lib.rs) is built from C by its configure/make.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin worker

@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Row, RowStream};
 
 use crate::config::DatabaseConfig;
 
@@ -207,6 +207,9 @@ impl Exec for Snapshot {
     async fn exec(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, DbError> {
         self.conn().exec(sql, params).await
     }
+    async fn fetch_stream(&self, sql: &str, params: &[Param<'_>]) -> Result<RowStream, DbError> {
+        self.conn().fetch_stream(sql, params).await
+    }
 }
 
 async fn set_local_statement_timeout(tx: &Transaction<'_>, timeout: Duration) -> Result<(), DbError> {
@@ -249,6 +252,15 @@ pub trait Exec: Sync {
 
     /// Runs a statement and returns the number of rows it affected.
     fn exec(&self, sql: &str, params: &[Param<'_>]) -> impl Future<Output = Result<u64, DbError>> + Send;
+
+    /// Runs a query whose rows are read as they arrive: the connection reads no further ahead
+    /// than the consumer, so a large result is never held whole (nor grows the connection's read
+    /// buffer for good). Poll the stream pinned (`std::pin::pin!`).
+    fn fetch_stream(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<RowStream, DbError>> + Send;
 }
 
 macro_rules! impl_exec {
@@ -265,6 +277,9 @@ macro_rules! impl_exec {
             }
             async fn exec(&self, sql: &str, params: &[Param<'_>]) -> Result<u64, DbError> {
                 Ok(self.execute_typed(sql, params).await?)
+            }
+            async fn fetch_stream(&self, sql: &str, params: &[Param<'_>]) -> Result<RowStream, DbError> {
+                Ok(self.query_typed_raw(sql, params.iter().cloned()).await?)
             }
         }
     )*};

@@ -5,7 +5,7 @@
 //! 1. ONE write: `UPDATE workers SET last_seen_at = now() WHERE id = me` (the lease; 0 rows:
 //!    this worker was reaped as dead → every runner stops, the row is registered again).
 //! 2. ONE read: `SELECT id, generation FROM chats WHERE worker_id = me AND status = 'running'`,
-//!    packed (see [`OWNED`]).
+//!    streamed row by row into the set difference (see [`OWNED`]).
 //! 3. The set difference, both ways: a runner whose chat is missing from the read (or has
 //!    another generation) is interrupted (stolen, canceled, finished elsewhere); a chat in the
 //!    read with no runner here is released to `pending`, fenced by its generation (a runner that
@@ -28,7 +28,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::types::{FromSql, Type};
+use futures_util::TryStreamExt;
+use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use super::runner::{InterruptCause, RunnerContext, Runners};
@@ -41,12 +42,10 @@ pub const NAME: &str = "chats_heartbeat";
 /// How fresh `workspaces.last_used_at` is kept for workspaces in use.
 pub const WORKSPACE_ACTIVITY_GRANULARITY: Duration = Duration::from_secs(60);
 
-/// The chats this worker owns, as packed `(id, generation)` pairs ([`Packed`]) in at most 256 rows
-/// (grouped by a byte of the id): decoding 100k pairs this way costs a fraction of 100k `Row`s,
-/// and no row is big enough to grow the connection's read buffer for good (one 2.4 MB row at
-/// 100k chats would stay allocated on that pooled connection).
-const OWNED: &str = "SELECT string_agg(uuid_send(id) || int8send(generation), ''::bytea) \
-     FROM chats WHERE worker_id = $1 AND status = 'running' GROUP BY get_byte(uuid_send(id), 15)";
+/// The chats this worker owns, streamed (see [`Exec::fetch_stream`]): at 100k chats the result
+/// is 100k small rows fed one at a time to the [`Reconciler`], never one 2–3 MB value that the
+/// pooled connection's read buffer would grow to and keep.
+const OWNED: &str = "SELECT id, generation FROM chats WHERE worker_id = $1 AND status = 'running'";
 /// Owned here but not running here: back to the queue, fenced by (id, generation).
 const RELEASE_UNREGISTERED: &str = "UPDATE chats AS c \
      SET status = 'pending', worker_id = NULL, updated_at = now() \
@@ -72,56 +71,38 @@ pub struct Reconciliation {
     pub release: Vec<(Uuid, i64)>,
 }
 
-/// The set difference of the heartbeat, both ways (pure). `registered` is consumed: what is
-/// left of it after matching the owned chats is what runs here without being ours.
-pub fn reconcile(
-    mut registered: HashMap<Uuid, i64>,
-    owned: impl IntoIterator<Item = (Uuid, i64)>,
-) -> Reconciliation {
-    let mut result = Reconciliation::default();
-    for (id, generation) in owned {
-        match registered.remove(&id) {
+/// The set difference of the heartbeat, both ways (pure), fed the owned chats one at a time.
+pub struct Reconciler {
+    /// What runs here and was not matched yet: what is left at the end runs here without being
+    /// ours.
+    registered: HashMap<Uuid, i64>,
+    owned: usize,
+    result: Reconciliation,
+}
+
+impl Reconciler {
+    pub fn new(registered: HashMap<Uuid, i64>) -> Self {
+        Self { registered, owned: 0, result: Reconciliation::default() }
+    }
+
+    /// One chat the database says this worker owns.
+    pub fn owned(&mut self, id: Uuid, generation: i64) {
+        self.owned += 1;
+        match self.registered.remove(&id) {
             Some(running) if running == generation => {}
             // Running here under another generation: the chat moved on without us.
-            Some(_) => result.interrupt.push(id),
-            None => result.release.push((id, generation)),
+            Some(_) => self.result.interrupt.push(id),
+            None => self.result.release.push((id, generation)),
         }
     }
-    result.interrupt.extend(registered.into_keys());
-    result.interrupt.sort_unstable();
-    result.release.sort_unstable();
-    result
-}
 
-/// One row of [`OWNED`]: `(id, generation)` pairs, 16 + 8 bytes each, borrowed from the row.
-struct Packed<'a>(&'a [u8]);
-
-const PAIR: usize = 16 + 8;
-
-impl Packed<'_> {
-    fn len(&self) -> usize {
-        self.0.len() / PAIR
-    }
-
-    fn pairs(&self) -> impl Iterator<Item = (Uuid, i64)> + '_ {
-        // Every chunk is PAIR bytes long, so both splits always succeed.
-        self.0.chunks_exact(PAIR).filter_map(|pair| {
-            let (id, generation) = pair.split_first_chunk::<16>()?;
-            Some((Uuid::from_bytes(*id), i64::from_be_bytes(*generation.first_chunk::<8>()?)))
-        })
-    }
-}
-
-impl<'a> FromSql<'a> for Packed<'a> {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        if !raw.len().is_multiple_of(PAIR) {
-            return Err(format!("{} bytes are not whole (uuid, int8) pairs", raw.len()).into());
-        }
-        Ok(Self(raw))
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        *ty == Type::BYTEA
+    /// The decision, and how many chats were owned.
+    pub fn finish(self) -> (Reconciliation, usize) {
+        let mut result = self.result;
+        result.interrupt.extend(self.registered.into_keys());
+        result.interrupt.sort_unstable();
+        result.release.sort_unstable();
+        (result, self.owned)
     }
 }
 
@@ -152,9 +133,12 @@ impl Heartbeat {
             // Under the ownership lock no claim is between its commit and its registration.
             let _ownership = self.ownership.lock().await;
             let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-            let rows = tx.fetch_all(OWNED, &[(&worker, Type::UUID)]).await?;
-            let owned = rows.iter().map(|row| row.try_get::<_, Packed>(0)).collect::<Result<Vec<_>, _>>()?;
-            let decided = reconcile(self.runners.snapshot(), owned.iter().flat_map(Packed::pairs));
+            let mut reconciler = Reconciler::new(self.runners.snapshot());
+            let mut rows = std::pin::pin!(tx.fetch_stream(OWNED, &[(&worker, Type::UUID)]).await?);
+            while let Some(row) = rows.try_next().await? {
+                reconciler.owned(row.try_get(0)?, row.try_get(1)?);
+            }
+            let (decided, owned) = reconciler.finish();
             let released = if decided.release.is_empty() {
                 0
             } else {
@@ -170,7 +154,6 @@ impl Heartbeat {
             for id in &decided.interrupt {
                 self.runners.stop(id, InterruptCause::Stolen);
             }
-            let owned = owned.iter().map(Packed::len).sum();
             HeartbeatReport { owned, interrupted: decided.interrupt.len(), released }
         };
         self.ctx.metrics.released(report.released);
@@ -217,14 +200,19 @@ mod tests {
         // elsewhere and back to us under a newer generation; d: ours but not running here.
         let registered = HashMap::from([(a, 1), (b, 1), (c, 1)]);
         let owned = [(a, 1), (c, 2), (d, 5)];
-        let decided = reconcile(registered, owned);
+        let mut reconciler = Reconciler::new(registered);
+        owned.into_iter().for_each(|(id, generation)| reconciler.owned(id, generation));
+        let (decided, n) = reconciler.finish();
         assert_eq!(decided.interrupt, vec![b, c]);
         assert_eq!(decided.release, vec![(d, 5)]);
+        assert_eq!(n, 3);
     }
 
     #[test]
     fn nothing_to_do_when_both_sides_agree() {
         let a = Uuid::from_u128(1);
-        assert_eq!(reconcile(HashMap::from([(a, 3)]), [(a, 3)]), Reconciliation::default());
+        let mut reconciler = Reconciler::new(HashMap::from([(a, 3)]));
+        reconciler.owned(a, 3);
+        assert_eq!(reconciler.finish(), (Reconciliation::default(), 1));
     }
 }
