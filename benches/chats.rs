@@ -3,7 +3,7 @@
 //!
 //! 1. One `chats_heartbeat` tick (`Heartbeat::beat`) with 1k/10k/100k running chats owned by one
 //!    worker and registered in its `ChatLoops::runners()` (tasks that only await their
-//!    cancellation: no agent subprocess), versus (a) the seed's per-chat-row batch heartbeat
+//!    stop signal: no agent subprocess), versus (a) the seed's per-chat-row batch heartbeat
 //!    `UPDATE chats SET heartbeat_at = now() WHERE worker_id = $1 AND status = 'running'
 //!    RETURNING id` (the column is added to the bench database only) and (b) one
 //!    `UPDATE chats SET heartbeat_at = now() WHERE id = $1` per chat. Write statements and rows
@@ -134,7 +134,7 @@ impl BenchWorker {
             .publishing_to(self.rt.lease_publisher())
     }
 
-    /// A runner per chat whose task only waits to be cancelled.
+    /// A runner per chat whose task only awaits its stop signal.
     fn register(&self, chats: impl IntoIterator<Item = (Uuid, i64)>) -> anyhow::Result<()> {
         for (id, generation) in chats {
             self.chats.runners().start(id, generation, |mut signal| async move { signal.stopped().await })?;
@@ -573,8 +573,8 @@ async fn real_worker_memory(bench: &BenchDb, running: i64) -> anyhow::Result<Rea
     Ok(RealWorkerMemory { idle, busy })
 }
 
-/// The id of the `i`th chat of [`registry_child`], spread like random ids (the heartbeat groups
-/// by a byte of the id, the registry hashes it) but computed, so the child holds no list of them.
+/// The id of the `i`th chat of [`registry_child`], spread like random ids (the registry hashes
+/// them) but computed, so the child holds no list of them.
 fn chat_id(i: i64) -> Uuid {
     fn mix(mut x: u64) -> u64 {
         x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -255,7 +255,9 @@ pub trait Exec: Sync {
 
     /// Runs a query whose rows are read as they arrive: the connection reads no further ahead
     /// than the consumer, so a large result is never held whole (nor grows the connection's read
-    /// buffer for good). Poll the stream pinned (`std::pin::pin!`).
+    /// buffer for good). Poll the stream pinned (`std::pin::pin!`), and read it to the end (or
+    /// drop it) before the next statement on this connection: an unread live stream holds the
+    /// connection, so that statement, the commit, or the pool's next user would wait on it.
     fn fetch_stream(
         &self,
         sql: &str,

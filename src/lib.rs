@@ -34,9 +34,9 @@
 //! to [`loops::ALL`] and one `spawn` line in [`daemon`].
 
 /// jemalloc instead of glibc's malloc. tokio aligns every task to 128 bytes, which glibc serves
-/// from over-sized chunks: ~110 bytes lost per task, i.e. per running chat (a registered chat
-/// costs ~494 bytes with glibc, ~380 with jemalloc), and a real chat's buffers come back to the
-/// system (27 → 19 KB per real running chat). mimalloc saved as much per chat but cost 11 MB more
+/// from over-sized chunks: ~110 bytes lost per task, i.e. per running chat (100k registered tasks
+/// in a scratch program: 494 bytes each with glibc, 382 with jemalloc), and a real running chat
+/// costs less (27 → 19.6 KB of worker memory). mimalloc saved as much per chat but cost 11 MB more
 /// at idle (BENCHMARKS.md, chats). Declared in the library, not in `main.rs`, so the tests and
 /// benchmarks run on the allocator that ships.
 #[global_allocator]

@@ -133,6 +133,10 @@ impl Heartbeat {
             // Under the ownership lock no claim is between its commit and its registration.
             let _ownership = self.ownership.lock().await;
             let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+            // The registry is read first (the rows are streamed into it). A runner that settles
+            // its own chat while the rows stream is then counted as interrupted: harmless (it is
+            // past waiting for its signal), and a release is still safe, since nothing registers
+            // under the ownership lock.
             let mut reconciler = Reconciler::new(self.runners.snapshot());
             let mut rows = std::pin::pin!(tx.fetch_stream(OWNED, &[(&worker, Type::UUID)]).await?);
             while let Some(row) = rows.try_next().await? {

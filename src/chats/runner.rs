@@ -3,7 +3,8 @@
 //!
 //! A runner is a long-lived task in the runtime's supervisor ([`Runners`], keyed by chat id,
 //! carrying the generation it runs), started by the acquire loop, read and interrupted by the
-//! heartbeat (its stop signal carries the [`InterruptCause`]), stopped at shutdown. It ends in exactly one of these ways:
+//! heartbeat (its stop signal carries the [`InterruptCause`]), stopped at shutdown. It ends in
+//! exactly one of these ways:
 //!
 //! - the agent exits 0 → `waiting`, or `pending` if a user message arrived during the turn;
 //! - the agent fails (non-zero exit, malformed or over-long line, turn timeout, cannot start,

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::Poll;
 
 use futures_util::FutureExt;
@@ -41,8 +41,8 @@ pub struct Supervisor {
 #[derive(Default)]
 struct Shared {
     shutting_down: AtomicBool,
-    /// Every task set made here, so that shutdown reaches each of their tasks.
-    sets: Mutex<Vec<Arc<dyn ShutDown>>>,
+    /// Every live task set made here, so that shutdown reaches each of their tasks.
+    sets: Mutex<Vec<Weak<dyn ShutDown>>>,
 }
 
 /// A task set as the supervisor sees it at shutdown.
@@ -65,20 +65,25 @@ impl Supervisor {
         C: Clone + Send + Sync + 'static,
     {
         let set = Arc::new(SetInner { name, shutdown_cause, entries: Mutex::new(HashMap::new()) });
-        locked(&self.shared.sets).push(set.clone());
+        let mut sets = locked(&self.shared.sets);
+        sets.retain(|set| set.strong_count() > 0);
+        sets.push(Arc::downgrade(&set) as Weak<dyn ShutDown>);
+        drop(sets);
         TaskSet { set, supervisor: self.clone() }
     }
 
     /// Shutdown: stop every task of every set and start no new one.
     pub fn cancel_all(&self) {
         // The flag first: a start that takes a set's lock after this set's pass below sees it
-        // and refuses; one that took it before is registered, so the pass stops it.
+        // and refuses; one that took it before is registered (and counted by the tracker), so
+        // the pass stops it. The tracker closes last, so a drain that sees it closed also sees
+        // every task that was started.
         self.shared.shutting_down.store(true, Ordering::SeqCst);
-        self.tracker.close();
-        let sets = locked(&self.shared.sets).clone();
+        let sets: Vec<_> = locked(&self.shared.sets).iter().filter_map(Weak::upgrade).collect();
         for set in sets {
             set.shut_down();
         }
+        self.tracker.close();
     }
 
     pub fn is_shutting_down(&self) -> bool {
