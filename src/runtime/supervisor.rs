@@ -294,9 +294,18 @@ impl<K: Eq + Hash, M, C> Drop for Registration<K, M, C> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio::sync::oneshot;
 
     use super::*;
+
+    /// A lost wake-up or a drain that never ends fails the test instead of hanging it.
+    async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: timed out"))
+    }
 
     #[tokio::test]
     async fn a_key_runs_once_and_is_free_again_when_its_task_ends() {
@@ -312,9 +321,9 @@ mod tests {
         assert_eq!(set.start(1, 8, |_| async {}), Err(StartError::AlreadyRunning));
         assert_eq!(set.snapshot::<Vec<_>>(), vec![(1, 7)]);
         release.send(()).expect("task alive");
-        ended.await.expect("task ended");
+        within("the task", ended).await.expect("task ended");
         supervisor.cancel_all();
-        supervisor.wait().await;
+        within("the drain", supervisor.wait()).await;
         assert!(set.is_empty(), "the entry left with its task");
     }
 
@@ -344,11 +353,11 @@ mod tests {
         assert!(set.stop(&1, Cause::Mine));
         assert!(set.stop(&1, Cause::Other), "a stopping task is still registered");
         assert!(!set.stop(&3, Cause::Mine), "no task under 3");
-        assert_eq!(a_done.await.expect("a ended"), Some(Cause::Mine), "the first cause wins");
+        assert_eq!(within("a", a_done).await.expect("a ended"), Some(Cause::Mine), "the first cause wins");
         assert!(set.contains(&2), "b was not stopped");
         supervisor.cancel_all();
-        assert_eq!(b_done.await.expect("b ended"), Some(Cause::Shutdown));
-        supervisor.wait().await;
+        assert_eq!(within("b", b_done).await.expect("b ended"), Some(Cause::Shutdown));
+        within("the drain", supervisor.wait()).await;
         assert!(set.is_empty());
         assert_eq!(set.start(3, (), |_| async {}), Err(StartError::ShuttingDown));
     }
@@ -368,7 +377,7 @@ mod tests {
         .expect("starts");
         set.stop_all(Cause::Other);
         go_tx.send(()).expect("task alive");
-        assert_eq!(done.await.expect("ended"), Some(Cause::Other));
+        assert_eq!(within("the task", done).await.expect("ended"), Some(Cause::Other));
     }
 
     #[tokio::test]
@@ -384,7 +393,7 @@ mod tests {
         assert!(set.contains(&1));
         go_tx.send(()).expect("task alive");
         supervisor.cancel_all();
-        supervisor.wait().await;
+        within("the drain", supervisor.wait()).await;
         assert!(set.is_empty(), "the panicked task's entry is gone");
     }
 
@@ -397,7 +406,7 @@ mod tests {
         others.start("x", (), |mut signal| async move { signal.stopped().await }).expect("other");
         assert_eq!(supervisor.len(), 2);
         supervisor.cancel_all();
-        supervisor.wait().await;
+        within("the drain", supervisor.wait()).await;
         assert!(chats.is_empty() && others.is_empty() && supervisor.is_empty());
     }
 }
