@@ -103,6 +103,12 @@ enum LoopCommand {
 }
 
 fn main() -> ExitCode {
+    // Before anything reads a secret: a process of the same user (an agent) cannot read this
+    // one's environment, memory or descriptors through /proc, nor ptrace it.
+    if let Err(error) = chats::boundary::forbid_inspection() {
+        eprintln!("error: cannot mark the worker non-dumpable (PR_SET_DUMPABLE): {error}");
+        return ExitCode::from(1);
+    }
     let cli = Cli::parse();
     match load_config(&cli.global) {
         Err(error) => {

@@ -1,8 +1,8 @@
 //! One agent turn as a subprocess (SPEC §7.1, the runner's process handling; no database).
 //!
-//! [`Agent::spawn`] starts `chats.runner.command` in a process group of its own with `CHAT_ID`
-//! and `CHAT_GENERATION` in its environment, writes the turn's input document to its stdin and
-//! closes it. [`AgentTurn::next_event`] then yields one [`AgentEvent`] per stdout line until EOF,
+//! [`Agent::spawn`] starts `chats.runner.command` in a process group of its own, inside its
+//! [`AgentBoundary`] (an allow-listed environment with `CHAT_ID` and `CHAT_GENERATION`, the agent
+//! user, no descriptor but 0–2), writes the turn's input document to its stdin and closes it. [`AgentTurn::next_event`] then yields one [`AgentEvent`] per stdout line until EOF,
 //! and [`AgentTurn::finish`] waits for the exit. The caller fences and writes; this module only
 //! guarantees that the agent cannot wedge or outlive its turn:
 //!
@@ -39,6 +39,8 @@ use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
+use super::boundary::{self, AgentBoundary};
+
 /// Long enough for a real coding turn; a turn that runs longer is almost certainly stuck.
 pub const DEFAULT_TURN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Time between SIGTERM and SIGKILL: enough to flush and exit, short enough for shutdown.
@@ -58,12 +60,6 @@ const STDERR_DRAIN_LIMIT: Duration = Duration::from_secs(1);
 const STDOUT_BUFFER_BYTES: usize = 8 * 1024;
 /// Read size for stderr, of which only the tail is kept.
 const STDERR_CHUNK_BYTES: usize = 2 * 1024;
-
-/// Environment variables the worker does not pass on: the agent runs model-driven code and has
-/// no business with the worker's database, Redis or telemetry credentials.
-const WITHHELD_ENV: &[&str] = &["DATABASE_URL", "REDIS_URL", "OTEL_EXPORTER_OTLP_HEADERS"];
-/// Every `WORKER…` variable (config overrides such as `WORKER__DATABASE__URL`) is withheld too.
-const WITHHELD_ENV_PREFIX: &str = "WORKER";
 
 /// The agent program and its arguments; configured as an array of strings, e.g.
 /// `["python3", "scripts/demo-agent"]`, so no shell parses it.
@@ -228,16 +224,30 @@ fn describe_exit(status: &ExitStatus) -> String {
     }
 }
 
-/// A configured agent: what to run and within which limits.
+/// A configured agent: what to run, within which limits and boundary.
 #[derive(Debug, Clone)]
 pub struct Agent {
     command: AgentCommand,
     limits: AgentLimits,
+    boundary: AgentBoundary,
 }
 
 impl Agent {
+    /// An agent with the default boundary: the worker's PATH, HOME, LANG and TZ, its own user.
     pub fn new(command: AgentCommand, limits: AgentLimits) -> Self {
-        Self { command, limits }
+        let worker_env = std::env::vars().collect();
+        let boundary = AgentBoundary::new(&worker_env, &Default::default(), &[], None);
+        Self { command, limits, boundary }
+    }
+
+    #[must_use]
+    pub fn with_boundary(mut self, boundary: AgentBoundary) -> Self {
+        self.boundary = boundary;
+        self
+    }
+
+    pub fn boundary(&self) -> &AgentBoundary {
+        &self.boundary
     }
 
     /// Starts one turn: the agent runs with `CHAT_ID` and `CHAT_GENERATION` set and reads `input`
@@ -253,6 +263,8 @@ impl Agent {
         let mut command = Command::new(&self.command.program);
         command
             .args(&self.command.args)
+            .env_clear()
+            .envs(self.boundary.env().iter().map(|(k, v)| (k, v)))
             .env("CHAT_ID", chat_id.to_string())
             .env("CHAT_GENERATION", generation.to_string())
             .stdin(Stdio::piped())
@@ -262,16 +274,18 @@ impl Agent {
             .process_group(0)
             // Backstop for the leader; `AgentTurn`'s Drop kills the whole group.
             .kill_on_drop(true);
-        for (name, _) in std::env::vars_os() {
-            if name.to_str().is_some_and(withheld_from_agent) {
-                command.env_remove(name);
-            }
-        }
         let parent = Pid::this();
-        // SAFETY: runs in the forked child before exec. It only calls prctl and getppid (both
-        // async-signal-safe) and builds an io::Error from a raw errno, which does not allocate.
+        let setup = self.boundary.child_setup().map_err(spawn_error)?;
+        // SAFETY: runs in the forked child before exec. It only makes syscalls (setgroups,
+        // setgid, setuid, close_range or fcntl, prctl, getppid: all async-signal-safe) and builds
+        // io::Errors from raw errnos, which does not allocate.
         unsafe {
-            command.pre_exec(move || die_with_parent(parent));
+            command.pre_exec(move || {
+                setup.become_agent_user()?;
+                boundary::close_inherited_descriptors()?;
+                // After the credential change, which clears the parent-death signal.
+                die_with_parent(parent)
+            });
         }
         let mut child = spawn_from_long_lived_thread(command).await.map_err(spawn_error)?;
 
@@ -304,10 +318,6 @@ impl Agent {
             exit: None,
         })
     }
-}
-
-fn withheld_from_agent(name: &str) -> bool {
-    name.starts_with(WITHHELD_ENV_PREFIX) || WITHHELD_ENV.contains(&name)
 }
 
 /// In the child, before exec: SIGKILL when the parent goes away, and exit at once if it already
@@ -766,16 +776,6 @@ mod tests {
         assert_eq!(tail.text(), "o world");
         tail.push(b"a much longer chunk than the limit");
         assert_eq!(tail.text(), "he limit");
-    }
-
-    #[test]
-    fn the_workers_own_credentials_are_withheld_from_the_agent() {
-        for name in ["DATABASE_URL", "REDIS_URL", "WORKER__DATABASE__URL", "WORKER_CONFIG"] {
-            assert!(withheld_from_agent(name), "{name}");
-        }
-        for name in ["PATH", "HOME", "DEMO_AGENT_DELAY_MS", "CHAT_ID"] {
-            assert!(!withheld_from_agent(name), "{name}");
-        }
     }
 
     #[test]

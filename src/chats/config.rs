@@ -1,11 +1,13 @@
 //! `[chats]` and `[chats.runner]`: how many chats this worker runs, how it claims them, how it
 //! proves it is alive, and how an agent turn is run and bounded.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::agent::{self, AgentCommand, AgentLimits};
+use super::boundary::{self, AgentUser};
 use crate::config::{Violation, check, positive};
 
 pub const DEFAULT_MAX_RUNNING: u32 = 10;
@@ -66,6 +68,15 @@ pub struct RunnerConfig {
     pub kill_grace: Duration,
     /// Longest stdout line (one event) accepted from the agent.
     pub max_line_bytes: usize,
+    /// Variables set in the agent's environment (on top of PATH, HOME, LANG, TZ, CHAT_ID and
+    /// CHAT_GENERATION; a name here overrides the worker's value of PATH, HOME, LANG or TZ).
+    pub env: BTreeMap<String, String>,
+    /// Names of the worker's own environment variables copied into the agent's (absent ones are
+    /// skipped). The worker's secrets are refused (see [`boundary::refused_pass_env`]).
+    pub pass_env: Vec<String>,
+    /// Run the agent as this user (name or uid) and its primary group; never root. Unset: the
+    /// worker's own user.
+    pub user: Option<String>,
 }
 
 impl Default for RunnerConfig {
@@ -75,11 +86,59 @@ impl Default for RunnerConfig {
             turn_timeout: agent::DEFAULT_TURN_TIMEOUT,
             kill_grace: agent::DEFAULT_KILL_GRACE,
             max_line_bytes: agent::DEFAULT_MAX_LINE_BYTES,
+            env: BTreeMap::new(),
+            pass_env: Vec::new(),
+            user: None,
         }
     }
 }
 
 impl RunnerConfig {
+    /// `env`, `pass_env` and `user`; keys relative to `[chats]`.
+    fn validate_boundary(&self) -> Result<(), Violation> {
+        for (name, value) in &self.env {
+            if let Some(reason) = boundary::invalid_env_name(name) {
+                return Err(Violation::new(
+                    &format!("runner.env.{name}"),
+                    format!("cannot be set: {reason}"),
+                    "a variable name without `=` or NUL, other than CHAT_ID and CHAT_GENERATION",
+                ));
+            }
+            if value.contains('\0') {
+                return Err(Violation::new(
+                    &format!("runner.env.{name}"),
+                    "the value holds NUL",
+                    "text without NUL",
+                ));
+            }
+        }
+        for (index, name) in self.pass_env.iter().enumerate() {
+            let refused = boundary::refused_pass_env(name).or_else(|| boundary::invalid_env_name(name));
+            if let Some(reason) = refused {
+                return Err(Violation::new(
+                    &format!("runner.pass_env.{index}"),
+                    format!("refused: {name} is {reason}"),
+                    "names of variables the agent may see (never DATABASE_URL, REDIS_URL, WORKER__*, OTEL_*HEADERS)",
+                ));
+            }
+        }
+        if let Some(user) = &self.user {
+            AgentUser::resolve(user).map_err(|error| {
+                Violation::new(
+                    "runner.user",
+                    error.to_string(),
+                    "an existing user other than root (name or uid)",
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The agent's user, resolved (validated at load, so a failure here is a user removed since).
+    pub fn agent_user(&self) -> Result<Option<AgentUser>, boundary::UserError> {
+        self.user.as_deref().map(AgentUser::resolve).transpose()
+    }
+
     /// The command, if one is configured.
     pub fn agent_command(&self) -> Option<AgentCommand> {
         AgentCommand::try_from(self.command.clone()).ok()
@@ -130,7 +189,8 @@ impl ChatsConfig {
             "runner.max_line_bytes",
             runner.max_line_bytes,
             "1024..=67108864",
-        )
+        )?;
+        runner.validate_boundary()
     }
 
     /// How long heartbeats may fail before this worker stops its own runners: after that,

@@ -12,6 +12,8 @@
 //! - [`recover`]: `chats_recover` returns the chats of dead workers to `pending`.
 //! - [`agent`]: the subprocess itself — spawn, bounded event lines, stderr tail, timeout and
 //!   process-group interrupt. No database.
+//! - [`boundary`]: what the agent can reach of the worker: allow-listed environment, agent
+//!   user, descriptors; the worker's own non-dumpable mark.
 //! - [`config`]: `[chats]` and `[chats.runner]`; [`metrics`]: `chats.*`.
 //! - [`stream`]: following a chat's visible messages, each exactly once, even when writers
 //!   commit out of id order or the LISTEN connection drops (`chat tail --follow`).
@@ -19,6 +21,7 @@
 
 pub mod acquire;
 pub mod agent;
+pub mod boundary;
 pub mod cli;
 pub mod config;
 pub mod heartbeat;
@@ -35,6 +38,7 @@ use opentelemetry::metrics::Meter;
 pub use agent::{Agent, AgentCommand, AgentError, AgentEvent, AgentLimits, AgentTurn, MessageRole};
 pub use config::{ChatsConfig, RunnerConfig};
 
+use self::boundary::AgentBoundary;
 use self::metrics::ChatMetrics;
 use self::runner::{RunnerContext, Runners};
 use crate::runtime::Runtime;
@@ -47,6 +51,7 @@ pub struct ChatLoops {
     ownership: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Why the chat loops cannot start with this configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum NoAgentCommand {
     #[error(
@@ -55,6 +60,13 @@ pub enum NoAgentCommand {
     Empty,
     #[error("chats.runner.command: `{0}` is not an executable file (nor one on PATH)")]
     NotExecutable(String),
+    #[error("chats.runner.user: {0}")]
+    User(#[from] boundary::UserError),
+    #[error(
+        "chats.runner.user = {user}: only a worker running as root can start agents as another user \
+         (this worker runs as uid {uid}); unset it to run agents as the worker's own user"
+    )]
+    CannotSwitchUser { user: String, uid: u32 },
 }
 
 /// Whether `program` names an executable file, directly (with a `/`) or on `PATH`: checked at
@@ -78,7 +90,25 @@ impl ChatLoops {
         if !executable(&command.program) {
             return Err(NoAgentCommand::NotExecutable(command.program));
         }
-        let agent = Agent::new(command, config.runner.limits());
+        let user = config.runner.agent_user()?;
+        let euid = nix::unistd::geteuid();
+        if let Some(user) = &user
+            && !euid.is_root()
+            && user.uid != euid
+        {
+            return Err(NoAgentCommand::CannotSwitchUser { user: user.name.clone(), uid: euid.as_raw() });
+        }
+        let worker_env = std::env::vars().collect();
+        let boundary =
+            AgentBoundary::new(&worker_env, &config.runner.env, &config.runner.pass_env, user.clone());
+        rt.health.set_info(
+            "agent_boundary",
+            serde_json::json!({
+                "user": user.as_ref().map_or_else(|| format!("{} (the worker's own)", euid), |u| u.name.clone()),
+                "env": boundary.env().iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(),
+            }),
+        );
+        let agent = Agent::new(command, config.runner.limits()).with_boundary(boundary);
         let runners: Runners = rt.supervisor().task_set("chat_runners", runner::SHUTDOWN_CAUSE);
         let metrics = ChatMetrics::new(meter, &runners);
         let ctx = Arc::new(RunnerContext {

@@ -1,0 +1,239 @@
+//! The agent boundary from the attacker's side (issue 16, acceptance 1 and 2): a real `worker`
+//! whose environment holds every kind of secret runs an agent that dumps its environment, tries
+//! to read the worker's `/proc/<pid>/environ`, `mem` and descriptors, and lists its own
+//! descriptors. Nothing of the worker may be in what it finds.
+//!
+//! The suite runs as root, so the agent is made unprivileged two ways: `chats.runner.user =
+//! nobody` under a root worker, and a worker that itself runs as `nobody` (same uid as its agent:
+//! only the worker's non-dumpable mark stands between them).
+
+mod chaos_support;
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use chaos_support::WorkerConfig;
+use common::TestDb;
+use common::process::{BIN, free_port, inherited_overrides, repo_path};
+
+const NOBODY: u32 = 65534;
+
+/// The secrets a production worker may hold in its environment.
+const SECRETS: &[(&str, &str)] = &[
+    ("AWS_SECRET_ACCESS_KEY", "aws-secret-value"),
+    ("GITHUB_TOKEN", "ghp-secret-value"),
+    ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "x-api-key=otel-secret-value"),
+];
+
+/// A python agent (the system one: the agent user cannot reach a pyenv under /root) that writes
+/// what it can reach to `report` and answers once.
+fn spy_agent(dir: &Path, report: &Path) -> String {
+    let script = format!(
+        r#"#!/usr/bin/python3
+import json, os, sys
+def attempt(f):
+    try:
+        return {{"ok": True, "got": f()}}
+    except Exception as e:
+        return {{"ok": False, "error": type(e).__name__}}
+def read(path, n=None):
+    with open(path, "rb") as fh:
+        return fh.read(n).decode("latin-1")
+ppid = os.getppid()
+names = os.listdir("/proc/self/fd")
+fds = []
+for name in names:
+    try:
+        os.fstat(int(name))
+        fds.append(int(name))
+    except OSError:
+        pass
+report = {{
+    "uid": os.getuid(),
+    "env": dict(os.environ),
+    "parent_environ": attempt(lambda: read("/proc/%d/environ" % ppid)),
+    "parent_mem": attempt(lambda: read("/proc/%d/mem" % ppid, 1)),
+    "parent_fds": attempt(lambda: os.listdir("/proc/%d/fd" % ppid)),
+    "parent_fd0": attempt(lambda: os.readlink("/proc/%d/fd/0" % ppid)),
+    "own_fds": sorted(fds),
+}}
+with open("{report}", "w") as fh:
+    json.dump(report, fh)
+sys.stdin.read()
+print(json.dumps({{"type": "message", "role": "assistant", "content": "done"}}), flush=True)
+"#,
+        report = report.display()
+    );
+    let path = dir.join("spy-agent");
+    std::fs::write(&path, script).expect("write agent");
+    chmod(&path, 0o755);
+    path.to_string_lossy().into_owned()
+}
+
+fn chmod(path: &Path, mode: u32) {
+    let mut permissions = std::fs::metadata(path).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, mode);
+    std::fs::set_permissions(path, permissions).expect("chmod");
+}
+
+/// Runs one chat turn on a real worker started with `env` (as `uid` when given) and returns the
+/// agent's report.
+async fn spy(config: impl FnOnce(WorkerConfig) -> WorkerConfig, uid: Option<u32>) -> serde_json::Value {
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The agent (and, as `nobody`, the worker) must reach its script, config and report.
+    chmod(dir.path(), 0o777);
+    let report = dir.path().join("report.json");
+    let agent = spy_agent(dir.path(), &report);
+    let port = free_port();
+    let base = WorkerConfig::for_test(&test_db)
+        .set("health.listen", format!("127.0.0.1:{port}"))
+        .set("chats.enabled", true)
+        .set("chats.runner.command", toml::Value::Array(vec![agent.into()]));
+    let config_path = dir.path().join("worker.toml");
+    std::fs::write(&config_path, config(base).to_toml()).expect("write config");
+    chmod(&config_path, 0o644);
+
+    let mut command = tokio::process::Command::new(BIN);
+    for key in inherited_overrides() {
+        command.env_remove(key);
+    }
+    // The worker's own URLs as the conventional variables too, as a production deploy has them.
+    command
+        .args(["run", "--config", config_path.to_str().expect("utf-8")])
+        .env("DATABASE_URL", &test_db.url)
+        .env("WORKER__DATABASE__URL", &test_db.url)
+        .env("REDIS_URL", common::redis_url())
+        .envs(SECRETS.iter().copied())
+        .current_dir(repo_path(""))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
+    let mut worker = command.spawn().expect("start worker");
+
+    let conn = test_db.db.get().await.expect("conn");
+    conn.batch_execute(
+        "WITH c AS (INSERT INTO chats (owner_id) VALUES (gen_random_uuid()) RETURNING id) \
+         SELECT post_chat_message(c.id, 'user', '\"hi\"'::jsonb) FROM c",
+    )
+    .await
+    .expect("a pending chat");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let report_written = || {
+        std::fs::read_to_string(&report).is_ok_and(|t| serde_json::from_str::<serde_json::Value>(&t).is_ok())
+    };
+    while !report_written() {
+        if let Ok(Some(status)) = worker.try_wait() {
+            let mut log = String::new();
+            if let Some(mut stderr) = worker.stderr.take() {
+                let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut log).await;
+            }
+            panic!("the worker exited ({status}):\n{log}");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no report from the agent within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = worker.start_kill();
+    let text = std::fs::read_to_string(&report).expect("report");
+    serde_json::from_str(&text).expect("report is JSON")
+}
+
+/// Nothing of the worker's secrets, nor a way to its memory, in what the agent found.
+fn assert_walled_off(report: &serde_json::Value) {
+    let env = report["env"].as_object().expect("env");
+    for name in [
+        "DATABASE_URL",
+        "REDIS_URL",
+        "WORKER__DATABASE__URL",
+        "AWS_SECRET_ACCESS_KEY",
+        "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+    ] {
+        assert!(!env.contains_key(name), "{name} reached the agent: {env:?}");
+    }
+    let text = report.to_string();
+    for secret in ["aws-secret-value", "otel-secret-value", "postgres://"] {
+        assert!(!text.contains(secret), "{secret} reached the agent: {text}");
+    }
+    for probe in ["parent_environ", "parent_mem", "parent_fds", "parent_fd0"] {
+        assert_eq!(report[probe]["ok"], false, "{probe} was readable: {}", report[probe]);
+    }
+    assert_eq!(report["own_fds"], serde_json::json!([0, 1, 2]), "inherited descriptors");
+    assert!(env.contains_key("CHAT_ID") && env.contains_key("CHAT_GENERATION"), "{env:?}");
+}
+
+#[tokio::test]
+async fn an_agent_running_as_another_user_sees_the_allow_list_only() {
+    let report = spy(|c| c.set("chats.runner.user", "nobody"), None).await;
+    assert_eq!(report["uid"], NOBODY);
+    assert_walled_off(&report);
+    let env = report["env"].as_object().expect("env");
+    assert!(!env.contains_key("GITHUB_TOKEN"), "not passed unless asked: {env:?}");
+    let mut names: Vec<&str> = env.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    let allowed = ["CHAT_GENERATION", "CHAT_ID", "HOME", "LANG", "PATH", "TZ"];
+    assert!(names.iter().all(|n| allowed.contains(n)), "beyond the allow-list: {names:?}");
+    assert_eq!(env["HOME"], "/nonexistent", "the agent user's home, not the worker's");
+}
+
+#[tokio::test]
+async fn pass_env_passes_exactly_the_named_variable() {
+    let report = spy(
+        |c| {
+            c.set("chats.runner.user", "nobody")
+                .set("chats.runner.pass_env", toml::Value::Array(vec!["GITHUB_TOKEN".into()]))
+                .set("chats.runner.env", toml::Value::Table(toml::toml! { MODE = "review" }))
+        },
+        None,
+    )
+    .await;
+    assert_walled_off(&report);
+    assert_eq!(report["env"]["GITHUB_TOKEN"], "ghp-secret-value");
+    assert_eq!(report["env"]["MODE"], "review");
+}
+
+#[tokio::test]
+async fn an_agent_of_the_same_user_cannot_read_the_non_dumpable_worker() {
+    // The worker itself runs as nobody, and so does its agent: same uid, so only the worker's
+    // PR_SET_DUMPABLE = 0 keeps /proc/<worker>/environ, mem and fd closed.
+    let report = spy(|c| c, Some(NOBODY)).await;
+    assert_eq!(report["uid"], NOBODY);
+    assert_walled_off(&report);
+}
+
+#[test]
+fn config_check_refuses_passing_the_workers_secrets() {
+    for (name, index_key) in
+        [("DATABASE_URL", "0"), ("WORKER__DATABASE__URL", "0"), ("OTEL_EXPORTER_OTLP_HEADERS", "0")]
+    {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("worker.toml");
+        std::fs::write(&path, format!("[chats.runner]\npass_env = [\"{name}\"]\n")).expect("write");
+        let output = std::process::Command::new(BIN)
+            .args(["--config", path.to_str().expect("utf-8"), "config", "check"])
+            .env_remove("WORKER_CONFIG")
+            .output()
+            .expect("run worker");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("chats.runner.pass_env.{index_key}")) && stderr.contains(name),
+            "{name}: {stderr}"
+        );
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("worker.toml");
+    std::fs::write(&path, "[chats.runner]\nuser = \"root\"\n").expect("write");
+    let output = std::process::Command::new(BIN)
+        .args(["--config", path.to_str().expect("utf-8"), "config", "check"])
+        .env_remove("WORKER_CONFIG")
+        .output()
+        .expect("run worker");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("chats.runner.user") && stderr.contains("root"), "{stderr}");
+}
