@@ -25,6 +25,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -124,8 +125,12 @@ impl BenchWorker {
         let meter = opentelemetry::global::meter("bench");
         let rt =
             Runtime::for_worker(db.clone(), Health::default(), &meter, RuntimeConfig::default(), me.clone());
-        WorkerLease::new(db.clone(), me.clone(), WorkersConfig::default()).register().await?;
-        let chats = ChatLoops::new(&rt, chats_config(), &meter)?;
+        WorkerLease::new(db.clone(), me.clone(), WorkersConfig::default())
+            .publishing_to(rt.lease_publisher())
+            .register()
+            .await?;
+        let chats =
+            ChatLoops::new(&rt, chats_config(), &meter, Path::new(env!("CARGO_BIN_EXE_worker"))).await?;
         Ok(Self { rt, chats, me, db })
     }
 
@@ -471,7 +476,7 @@ fn heartbeat_tables(results: &[HeartbeatResult]) {
 }
 
 /// The bytes one real runner task holds besides its agent: `runner::run`'s future, unpolled.
-fn runner_future_size(w: &BenchWorker) -> anyhow::Result<usize> {
+async fn runner_future_size(w: &BenchWorker) -> anyhow::Result<usize> {
     let meter = opentelemetry::global::meter("bench");
     let config = chats_config();
     let command = config.runner.agent_command().context("no agent command")?;
@@ -482,6 +487,7 @@ fn runner_future_size(w: &BenchWorker) -> anyhow::Result<usize> {
         metrics: worker::chats::metrics::ChatMetrics::new(&meter, w.chats.runners()),
         config,
         lease: w.rt.lease(),
+        guard: worker::chats::guard::LeaseGuard::start(Path::new(env!("CARGO_BIN_EXE_worker"))).await?,
     });
     let chat = Claimed {
         id: Uuid::new_v4(),
@@ -859,7 +865,7 @@ async fn run(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         results.push(heartbeat_at(bench, &w, n, args).await?);
     }
     heartbeat_tables(&results);
-    memory_table(&registry, runner_future_size(&w)?, real.as_ref());
+    memory_table(&registry, runner_future_size(&w).await?, real.as_ref());
     w.rt.begin_shutdown();
     w.rt.drained().await;
     acquisition(bench, args).await

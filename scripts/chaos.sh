@@ -20,7 +20,7 @@ export WORKER_CHAOS_FIGURES=$figures
 echo "== chaos (reliability suite)"
 set +e
 cargo test --locked \
-  --test chaos_outbox --test chaos_pgbouncer --test chaos_chats --test chaos_network --test chaos_input \
+  --test chaos_outbox --test chaos_pgbouncer --test chaos_chats --test chaos_network --test chaos_input --test chaos_boundary \
   -- --test-threads=1 "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e

@@ -223,6 +223,15 @@ impl Default for RuntimeConfig {
     }
 }
 
+impl DatabaseConfig {
+    /// The shared pool's limit: `pool_size`, less the connection reserved for the lease when
+    /// the chat loops run (the heartbeat renews on a one-connection pool of its own, so runner
+    /// writes can never make it wait).
+    pub fn shared_pool_size(&self, lease_reserved: bool) -> usize {
+        self.pool_size.saturating_sub(usize::from(lease_reserved)).max(1)
+    }
+}
+
 /// Fan-out of the loops that fan out, derived from the pool limit in one place so the pool can
 /// never be exhausted by them (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -233,7 +242,7 @@ pub struct Concurrency {
 
 impl Concurrency {
     pub fn from_config(config: &Config) -> Self {
-        let half_pool = (config.database.pool_size / 2).max(1);
+        let half_pool = (config.database.shared_pool_size(config.chats.enabled) / 2).max(1);
         let prebuilds = match config.prebuilds.concurrency {
             0 => half_pool,
             n => n,
@@ -611,6 +620,16 @@ impl Config {
         self.outbox.validate().map_err(|v| v.under("outbox"))?;
         self.counters.validate().map_err(|v| v.under("counters"))?;
         self.chats.validate().map_err(|v| v.under("chats"))?;
+        if self.chats.enabled {
+            self.chats.check_lease_margin(self.runtime.jitter).map_err(|v| v.under("chats"))?;
+            // The lease renews on a connection of its own (see `daemon`), out of the shared pool.
+            check(
+                self.database.pool_size >= 2,
+                "database.pool_size",
+                self.database.pool_size,
+                "at least 2 while chats.enabled (one connection is reserved for the lease)",
+            )?;
+        }
         self.gitsync.validate().map_err(|v| v.under("gitsync"))?;
         self.prebuilds.validate().map_err(|v| v.under("prebuilds"))?;
         // The reconciler holds the leader lock on one connection and reads its snapshot on a
@@ -632,6 +651,8 @@ impl Config {
         redacted.database.listen_url = redacted.database.listen_url.as_deref().map(redact_url);
         redacted.database.migrate_url = redacted.database.migrate_url.as_deref().map(redact_url);
         redacted.redis.url = redact_url(&redacted.redis.url);
+        let keys = redacted.gitsync.token_keys.iter().map(|k| k.redacted());
+        redacted.gitsync.token_keys = keys.map(crate::gitsync::TokenKeySecret::new).collect();
         match toml::Table::try_from(&redacted) {
             Ok(table) => {
                 let mut out = String::new();
@@ -1043,6 +1064,15 @@ mod tests {
         assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 5, gitsync: 5 });
         config.database.pool_size = 1;
         assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 1, gitsync: 1 });
+        config.database.pool_size = 4;
+        assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 2, gitsync: 2 });
+        config.chats.enabled = true;
+        assert_eq!(
+            Concurrency::from_config(&config),
+            Concurrency { prebuilds: 1, gitsync: 1 },
+            "one connection of 4 is the lease's"
+        );
+        config.chats.enabled = false;
         config.database.pool_size = 40;
         config.prebuilds.concurrency = 3;
         assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 3, gitsync: 10 });

@@ -17,7 +17,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::chats::ChatLoops;
-use crate::config::{Concurrency, Config};
+use crate::config::{Concurrency, Config, DatabaseConfig};
 use crate::counters::Counters;
 use crate::db::Db;
 use crate::gitsync::Gitsync;
@@ -57,24 +57,44 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
         tracing::info!(applied = ?applied, "migrations up to date");
     }
 
-    let db = Db::new(&config.database)?;
-    let lease = WorkerLease::new(db.clone(), me.clone(), config.workers.clone());
+    // With the chat loops, one connection of `pool_size` is the lease's alone: 200 runners
+    // writing through the shared pool cannot make a renewal wait for a connection.
+    let lease_reserved = config.chats.enabled;
+    let shared = DatabaseConfig {
+        pool_size: config.database.shared_pool_size(lease_reserved),
+        ..config.database.clone()
+    };
+    let db = Db::new(&shared)?;
+    let lease_db = if lease_reserved {
+        Db::new(&DatabaseConfig { pool_size: 1, ..config.database.clone() })?
+    } else {
+        db.clone()
+    };
+    let lease = WorkerLease::new(lease_db.clone(), me.clone(), config.workers.clone());
     lease.register().await?;
 
     let health = Health::default();
     health.set_info("worker_id", me.id.to_string().into());
     health.set_info("version", me.version.clone().into());
     health.set_info("concurrency", serde_json::to_value(concurrency)?);
+    health.set_info(
+        "pool",
+        serde_json::json!({
+            "shared": shared.pool_size,
+            "lease_reserved": if lease_reserved { 1 } else { 0 },
+        }),
+    );
     register_gauges(&meter, &db, concurrency);
 
     let runtime = Runtime::for_worker(db.clone(), health.clone(), &meter, config.runtime.clone(), me.clone());
     let publishing_lease = || {
-        WorkerLease::new(db.clone(), me.clone(), config.workers.clone())
+        WorkerLease::new(lease_db.clone(), me.clone(), config.workers.clone())
             .publishing_to(runtime.lease_publisher())
     };
     if config.chats.enabled {
         // The chat heartbeat is the one loop that writes the lease.
-        let chats = ChatLoops::new(&runtime, config.chats.clone(), &meter)?;
+        let guard_program = std::env::current_exe()?;
+        let chats = ChatLoops::new(&runtime, config.chats.clone(), &meter, &guard_program).await?;
         runtime.spawn(chats.heartbeat(publishing_lease()));
         runtime.spawn(chats.acquire());
         runtime.spawn(chats.recover(config.workers.retention));

@@ -22,7 +22,7 @@
 //!   supervised agent runners, the exactly-once message stream and `worker chat …`.
 //! - [`gitsync`]: the `gitsync` loop (due `chat_diff_statuses` rows → their PR's status from
 //!   GitHub), its CLI; origin parsing, providers, the API client and the pure derivations
-//!   (approved, checks state, rate-limit waits).
+//!   (approved, checks state, rate-limit waits); tokens at rest ([`gitsync::tokens`]).
 //! - [`counters`]: the `counters` loop (Redis running-task counters → `jobs.running_tasks`).
 //! - [`prebuilds`]: the `prebuilds` loop (keeps each preset's prebuilt workspaces at its desired
 //!   count, leader only), its pure decision core ([`prebuilds::actions`]) and its CLI.

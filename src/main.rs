@@ -109,6 +109,11 @@ fn main() -> ExitCode {
         eprintln!("error: cannot mark the worker non-dumpable (PR_SET_DUMPABLE): {error}");
         return ExitCode::from(1);
     }
+    // The lease guard the chat loops start (`chats::guard`): no config, no runtime, no log
+    // subscriber; not a user-facing command, so not in the help.
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == chats::guard::SUBCOMMAND) {
+        return ExitCode::from(u8::try_from(chats::guard::run()).unwrap_or(1));
+    }
     let cli = Cli::parse();
     match load_config(&cli.global) {
         Err(error) => {
@@ -224,7 +229,8 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
         }
         OnlineCommand::Gitsync(command) => {
             let db = Db::new(&config.database)?;
-            gitsync::cli::run(&db, &command, &mut std::io::stdout().lock()).await?;
+            let (mut stdin, mut stdout) = (std::io::stdin().lock(), std::io::stdout().lock());
+            gitsync::cli::run(&db, &config.gitsync, &command, &mut stdin, &mut stdout).await?;
             Ok(0)
         }
         OnlineCommand::Prebuilds(command) => {

@@ -94,11 +94,19 @@ impl WorkerLease {
         self
     }
 
+    /// The pool the lease renews through (its own one-connection pool when the chat loops run).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Registers this worker: the first renewal of its lease (published like one).
     pub async fn register(&self) -> Result<(), DbError> {
+        let attempt = self.lease.attempt();
         let conn = self.db.get().await?;
         let me = &self.me;
         conn.exec(REGISTER, &[(&me.id, Type::UUID), (&me.hostname, Type::TEXT), (&me.version, Type::TEXT)])
             .await?;
+        attempt.succeeded();
         Ok(())
     }
 

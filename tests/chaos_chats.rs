@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use chaos_support::{LIMIT, Replica, WorkerConfig, agent, children_of, peak_while, report};
+use chaos_support::{LIMIT, Replica, WorkerConfig, agent, agents_of, peak_while, report};
 use chats_support::alive;
 use common::{TestDb, eventually};
 use tokio_postgres::types::Type;
@@ -106,7 +106,8 @@ async fn scenario_5_a_replica_sigkilled_mid_turn_leaves_no_chat_stuck_and_none_r
     /// Per replica: below `CHATS`, so both replicas take a share.
     const MAX_RUNNING: i64 = 150;
     // As configured below (chats.stale_after, heartbeat_interval, recover_interval).
-    const STALE_AFTER: Duration = Duration::from_secs(3);
+    // The shortest the config check accepts: 2 × (1s + 1s) + 1s + kill_grace 2s + margin 1s.
+    const STALE_AFTER: Duration = Duration::from_secs(8);
     const HEARTBEAT: Duration = Duration::from_secs(1);
     const RECOVER_INTERVAL: Duration = Duration::from_millis(500);
     let test_db = TestDb::new().await;
@@ -141,7 +142,7 @@ async fn scenario_5_a_replica_sigkilled_mid_turn_leaves_no_chat_stuck_and_none_r
         .set("chats.enabled", true)
         .set("chats.acquire_interval", "100ms")
         .set("chats.heartbeat_interval", "1s")
-        .set("chats.stale_after", "3s")
+        .set("chats.stale_after", "8s")
         .set("chats.recover_interval", "500ms")
         .set("chats.max_running", MAX_RUNNING)
         .set("chats.max_per_acquire", 50)
@@ -175,7 +176,7 @@ async fn scenario_5_a_replica_sigkilled_mid_turn_leaves_no_chat_stuck_and_none_r
     );
     assert_eq!(a_chats.len() + b_chats.len(), CHATS as usize, "every chat runs on A or B");
     assert!(before.values().all(|c| c.generation == 1), "one acquisition per chat so far");
-    let a_agents = children_of(a.pid());
+    let a_agents = agents_of(a.pid());
     assert_eq!(a_agents.len(), a_chats.len(), "one live agent per chat of A");
 
     let killed_at = Instant::now();
@@ -381,13 +382,13 @@ async fn scenario_8_max_running_bounds_agents_and_pool_size_bounds_connections()
                 .expect("sample");
             peak_connections.fetch_max(row.get(0), Ordering::Relaxed);
             peak_running.fetch_max(row.get(1), Ordering::Relaxed);
-            children_of(pid).len() as i64
+            agents_of(pid).len() as i64
         }
     };
     let first_wave_held = OnceLock::new();
     let run = async {
         eventually(LIMIT, "max_running agents alive at the gate", || async {
-            children_of(pid).len() as i64 >= MAX_RUNNING
+            agents_of(pid).len() as i64 >= MAX_RUNNING
         })
         .await;
         let ticks = acquire_ticks(&replica).await;

@@ -627,16 +627,33 @@ async fn gitsync_stats_counts_rows_by_state_and_refresh_marks_one_due() {
     assert_eq!(stats.by_outcome.get("ok"), Some(&1));
     assert_eq!(stats.by_outcome.get("never"), Some(&2));
     let mut out = Vec::new();
-    cli::run(h.db(), &GitsyncCommand::Stats { json: true }, &mut out).await.expect("stats --json");
+    cli::run(h.db(), &h.config, &GitsyncCommand::Stats { json: true }, &mut std::io::empty(), &mut out)
+        .await
+        .expect("stats --json");
     let json: serde_json::Value = serde_json::from_slice(&out).expect("json");
     assert_eq!(json["due"], 1);
 
     let mut out = Vec::new();
-    cli::run(h.db(), &GitsyncCommand::Refresh { chat_id: refreshed }, &mut out).await.expect("refresh");
+    cli::run(
+        h.db(),
+        &h.config,
+        &GitsyncCommand::Refresh { chat_id: refreshed },
+        &mut std::io::empty(),
+        &mut out,
+    )
+    .await
+    .expect("refresh");
     assert!(h.get(refreshed).await.stale_in_secs <= 0.0);
     assert_eq!(cli::stats(h.db()).await.expect("stats").due, 2);
     let unknown = Uuid::new_v4();
-    let err = cli::run(h.db(), &GitsyncCommand::Refresh { chat_id: unknown }, &mut Vec::new()).await;
+    let err = cli::run(
+        h.db(),
+        &h.config,
+        &GitsyncCommand::Refresh { chat_id: unknown },
+        &mut std::io::empty(),
+        &mut Vec::new(),
+    )
+    .await;
     assert!(err.is_err_and(|e| e.to_string().contains(&unknown.to_string())));
 }
 

@@ -7,7 +7,7 @@ use common::TestDb;
 use tokio_postgres::types::Type;
 use worker::db::{Db, Exec};
 use worker::identity::WorkerIdentity;
-use worker::runtime::{LeasePublisher, LeaseState, LeaseStatus, Loop, Progress, Tick};
+use worker::runtime::{LeasePublisher, LeaseStatus, Loop, Progress, Tick};
 use worker::workers::{WorkerLease, WorkersConfig};
 
 async fn seconds_since_seen(db: &Db, id: uuid::Uuid) -> Option<f64> {
@@ -92,16 +92,22 @@ async fn the_lease_state_goes_failing_on_an_error_and_lost_then_healthy_when_rea
     let watch = publisher.watch();
     let lease = WorkerLease::new(test_db.db.clone(), me.clone(), WorkersConfig::default())
         .publishing_to(publisher.clone());
+    assert!(!watch.current().is_healthy(), "no renewal yet");
     lease.register().await.expect("register");
+    assert!(watch.current().is_healthy(), "the registration is the first renewal");
+    let registered_at = watch.current().renewed_at.expect("renewed");
     let tick = Tick::detached(&test_db.db);
     lease.tick(&tick).await.expect("tick");
-    assert_eq!(watch.current(), LeaseState { status: LeaseStatus::Healthy, epoch: 0 });
+    let state = watch.current();
+    assert_eq!((state.status, state.epoch), (LeaseStatus::Healthy, 0));
+    assert!(state.renewed_at.expect("renewed") > registered_at, "each renewal moves the deadline");
 
     // Reaped as dead by another replica: the tick registers again under a new epoch, so whatever
     // this worker ran under epoch 0 knows it was lost even though the lease is healthy again.
     run(&test_db.db, "DELETE FROM workers").await;
     lease.tick(&tick).await.expect("tick");
-    assert_eq!(watch.current(), LeaseState { status: LeaseStatus::Healthy, epoch: 1 });
+    let state = watch.current();
+    assert_eq!((state.status, state.epoch), (LeaseStatus::Healthy, 1));
     assert!(seconds_since_seen(&test_db.db, me.id).await.is_some(), "registered again");
 
     // A renewal that fails (here: the table is gone) marks the lease failing.

@@ -19,7 +19,7 @@ use tokio_postgres::types::Type;
 
 use super::runner::{self, Claimed, RunnerContext, Runners};
 use crate::db::{self, DbError, Exec};
-use crate::runtime::{LeaseStatus, Loop, Progress, Schedule, StartError, Tick};
+use crate::runtime::{Loop, Progress, Schedule, StartError, Tick};
 
 pub const NAME: &str = "chats_acquire";
 /// NOTIFY channel of `post_chat_message` when a chat becomes pending.
@@ -57,10 +57,8 @@ impl Acquire {
         self
     }
 
-    async fn claim(&self, limit: u32) -> Result<Vec<Claimed>, DbError> {
-        let db = &self.ctx.db;
-        let mut conn = db.get().await?;
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+    async fn claim(&self, conn: &mut db::Conn, limit: u32) -> Result<Vec<Claimed>, DbError> {
+        let tx = db::begin(conn, self.ctx.db.statement_timeout()).await?;
         let limit = i64::from(limit);
         let rows = tx.fetch_all(CLAIM, &[(&self.ctx.worker_id, Type::UUID), (&limit, Type::INT8)]).await?;
         db::commit(tx).await?;
@@ -116,17 +114,24 @@ impl Loop for Acquire {
         if tick.shutdown().is_cancelled() {
             return Ok(Progress::Done);
         }
-        if self.ctx.lease.current().status != LeaseStatus::Healthy {
+        if !self.ctx.lease.current().is_healthy() {
             tracing::debug!("lease not healthy; acquiring nothing");
             return Ok(Progress::Done);
         }
         let config = &self.ctx.config;
+        if claim_limit(config.max_per_acquire, config.max_running, self.runners.len()) == 0 {
+            return Ok(Progress::Done);
+        }
+        // The connection first: a pool busy with runner writes must not hold the ownership lock
+        // (which the heartbeat takes) while this waits for one.
+        let mut conn = self.ctx.db.get().await?;
         let _ownership = self.ownership.lock().await;
         let limit = claim_limit(config.max_per_acquire, config.max_running, self.runners.len());
         if limit == 0 {
             return Ok(Progress::Done);
         }
-        let claimed = self.claim(limit).await?;
+        let claimed = self.claim(&mut conn, limit).await?;
+        drop(conn);
         if let Some(gate) = &self.after_claim {
             // Tests hold the claim here, committed but not yet registered.
             gate.acquire().await.map(|permit| permit.forget()).ok();

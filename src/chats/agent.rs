@@ -2,8 +2,9 @@
 //!
 //! [`Agent::spawn`] starts `chats.runner.command` in a process group of its own, inside its
 //! [`AgentBoundary`] (an allow-listed environment with `CHAT_ID` and `CHAT_GENERATION`, the agent
-//! user, no descriptor but 0–2), writes the turn's input document to its stdin and closes it. [`AgentTurn::next_event`] then yields one [`AgentEvent`] per stdout line until EOF,
-//! and [`AgentTurn::finish`] waits for the exit. The caller fences and writes; this module only
+//! user, no descriptor but 0–2), writes the turn's input document to its stdin and closes it.
+//! [`AgentTurn::next_event`] then yields one [`AgentEvent`] per stdout line until EOF, and
+//! [`AgentTurn::finish`] waits for the exit. The caller fences and writes; this module only
 //! guarantees that the agent cannot wedge or outlive its turn:
 //!
 //! - every read and the final wait are bounded by the turn's deadline (spawn time +
@@ -14,12 +15,16 @@
 //! - on any error (timeout, oversized or malformed line) the whole process group is stopped before
 //!   the error is returned: SIGTERM, then SIGKILL after `kill_grace`; dropping an unfinished turn
 //!   SIGKILLs the group;
-//! - the agent gets `PR_SET_PDEATHSIG(SIGKILL)`, so a `kill -9` of the worker kills it too.
+//! - the agent gets `PR_SET_PDEATHSIG(SIGKILL)`, so a `kill -9` of the worker kills it too;
+//! - with [`Agent::with_resource_limits`] its rlimits are set before exec (`[chats.runner.limits]`,
+//!   see [`super::limits`]), and a turn that ends badly under them says which limit ended it, or
+//!   else which were in force ([`AgentError::ExitedUnderLimits`]).
 //!
-//! Known limits: PDEATHSIG is not inherited across fork, so grandchildren of an agent whose worker
-//! was killed with `kill -9` are not killed by it (they stay in the agent's process group; a
-//! container or cgroup boundary is the deploy-level answer). A grandchild that leaves the group
-//! (`setsid`) escapes every signal here.
+//! Known limits: PDEATHSIG is not inherited across fork, so what an agent started survives a
+//! `kill -9` of the worker by this mechanism alone; the lease guard ([`super::guard`]) kills the
+//! agents' groups when it sees the worker's end of its pipe close. A grandchild that leaves the
+//! group (`setsid`) escapes every signal here (a container or cgroup boundary is the
+//! deploy-level answer).
 
 use std::collections::VecDeque;
 use std::io;
@@ -40,6 +45,7 @@ use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
 use super::boundary::{self, AgentBoundary};
+use super::limits::LimitsConfig;
 
 /// Long enough for a real coding turn; a turn that runs longer is almost certainly stuck.
 pub const DEFAULT_TURN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -185,6 +191,10 @@ pub enum AgentError {
     MalformedLine { line_number: u64, reason: String, stderr_tail: String },
     #[error("agent {}{}", describe_exit(.status), stderr_suffix(.stderr_tail))]
     Exited { status: ExitStatus, stderr_tail: String },
+    /// [`AgentError::Exited`] of an agent that ran under resource limits: names the limit when
+    /// the signal does (SIGXCPU: `cpu`, SIGXFSZ: `file_size`), else lists the limits in force.
+    #[error("agent {}{}{}", describe_exit(.status), .limits.explain(.status), stderr_suffix(.stderr_tail))]
+    ExitedUnderLimits { status: ExitStatus, limits: LimitsConfig, stderr_tail: String },
     #[error("agent turn timed out after {}{}", humantime::format_duration(*.after), stderr_suffix(.stderr_tail))]
     TurnTimedOut { after: Duration, stderr_tail: String },
     #[error("{context}: {source}")]
@@ -203,6 +213,11 @@ impl AgentError {
             AgentError::LineTooLong { .. } => "line_too_long",
             AgentError::MalformedLine { .. } => "malformed_line",
             AgentError::Exited { .. } => "exit_nonzero",
+            AgentError::ExitedUnderLimits { status, limits, .. } => match limits.ended_by(status) {
+                Some(super::limits::Limit::Cpu) => "limit_cpu",
+                Some(super::limits::Limit::FileSize) => "limit_file_size",
+                _ => "exit_nonzero",
+            },
             AgentError::TurnTimedOut { .. } => "turn_timeout",
             AgentError::Io { .. } => "io",
         }
@@ -230,14 +245,29 @@ pub struct Agent {
     command: AgentCommand,
     limits: AgentLimits,
     boundary: AgentBoundary,
+    /// Effective rlimits ([`LimitsConfig::effective`]); none unless configured.
+    resource_limits: LimitsConfig,
 }
 
 impl Agent {
-    /// An agent with the default boundary: the worker's PATH, HOME, LANG and TZ, its own user.
+    /// An agent with the default boundary: the worker's PATH, HOME, LANG and TZ, its own user,
+    /// the worker's own rlimits.
     pub fn new(command: AgentCommand, limits: AgentLimits) -> Self {
         let worker_env = std::env::vars().collect();
         let boundary = AgentBoundary::new(&worker_env, &Default::default(), &[], None);
-        Self { command, limits, boundary }
+        Self { command, limits, boundary, resource_limits: LimitsConfig::NONE }
+    }
+
+    /// Rlimits set in the child before exec, each capped at the worker's own hard limit.
+    #[must_use]
+    pub fn with_resource_limits(mut self, limits: LimitsConfig) -> Self {
+        self.resource_limits = limits.effective();
+        self
+    }
+
+    /// The rlimits in force for this agent (after capping).
+    pub fn resource_limits(&self) -> &LimitsConfig {
+        &self.resource_limits
     }
 
     #[must_use]
@@ -258,6 +288,17 @@ impl Agent {
         generation: i64,
         input: &serde_json::Value,
     ) -> Result<AgentTurn, AgentError> {
+        self.spawn_document(chat_id, generation, format!("{input}\n").into_bytes()).await
+    }
+
+    /// [`Agent::spawn`] with the document already serialized (newline included); it is freed as
+    /// soon as the agent has read it.
+    pub async fn spawn_document(
+        &self,
+        chat_id: Uuid,
+        generation: i64,
+        document: Vec<u8>,
+    ) -> Result<AgentTurn, AgentError> {
         let spawn_error =
             |source: io::Error| AgentError::Spawn { program: self.command.program.clone(), source };
         let mut command = Command::new(&self.command.program);
@@ -276,13 +317,17 @@ impl Agent {
             .kill_on_drop(true);
         let parent = Pid::this();
         let setup = self.boundary.child_setup().map_err(spawn_error)?;
+        let rlimits = self.resource_limits.rlimits();
         // SAFETY: runs in the forked child before exec. It only makes syscalls (setgroups,
-        // setgid, setuid, close_range or fcntl, prctl, getppid: all async-signal-safe) and builds
-        // io::Errors from raw errnos, which does not allocate.
+        // setgid, setuid, close_range or fcntl, setrlimit, prctl, getppid: all
+        // async-signal-safe) and builds io::Errors from raw errnos, which does not allocate.
         unsafe {
             command.pre_exec(move || {
                 setup.become_agent_user()?;
                 boundary::close_inherited_descriptors()?;
+                // After the user switch: RLIMIT_NPROC then counts the agent user's processes
+                // without making the exec itself fail when that user is already at the limit.
+                rlimits.apply()?;
                 // After the credential change, which clears the parent-death signal.
                 die_with_parent(parent)
             });
@@ -299,7 +344,6 @@ impl Agent {
 
         // Written concurrently with reading stdout: an agent that answers before reading all of a
         // large document must not deadlock against us.
-        let document = format!("{input}\n").into_bytes();
         let stdin_task = AbortOnDropHandle::new(tokio::spawn(write_stdin(stdin, document, chat_id)));
         let tail = Arc::new(Mutex::new(Tail::new(self.limits.stderr_tail_bytes)));
         let stderr_task = AbortOnDropHandle::new(tokio::spawn(drain_stderr(stderr, tail.clone())));
@@ -310,8 +354,10 @@ impl Agent {
             stdout: Some(BufReader::with_capacity(STDOUT_BUFFER_BYTES, stdout)),
             line: Vec::new(),
             line_number: 0,
+            output_bytes: 0,
             deadline: Instant::now() + self.limits.turn_timeout,
             limits: self.limits,
+            resource_limits: self.resource_limits,
             stderr: tail,
             stderr_task: Some(stderr_task),
             _stdin_task: stdin_task,
@@ -348,7 +394,7 @@ static SPAWNER: LazyLock<io::Result<std::sync::mpsc::Sender<SpawnJob>>> = LazyLo
     Ok(jobs)
 });
 
-async fn spawn_from_long_lived_thread(mut command: Command) -> io::Result<Child> {
+pub(super) async fn spawn_from_long_lived_thread(mut command: Command) -> io::Result<Child> {
     let spawner = SPAWNER
         .as_ref()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start the agent spawner thread: {e}")))?;
@@ -501,8 +547,11 @@ pub struct AgentTurn {
     /// The line being read; kept across cancelled reads.
     line: Vec<u8>,
     line_number: u64,
+    /// Bytes of the lines read so far, newlines included.
+    output_bytes: u64,
     deadline: Instant,
     limits: AgentLimits,
+    resource_limits: LimitsConfig,
     stderr: Arc<Mutex<Tail>>,
     stderr_task: Option<AbortOnDropHandle<()>>,
     _stdin_task: AbortOnDropHandle<()>,
@@ -514,6 +563,11 @@ impl AgentTurn {
     /// The agent's process group id (its pid).
     pub fn process_group_id(&self) -> i32 {
         self.pgid.as_raw()
+    }
+
+    /// Bytes of the event lines read so far (newlines included).
+    pub fn output_bytes(&self) -> u64 {
+        self.output_bytes
     }
 
     /// When the turn times out.
@@ -573,6 +627,7 @@ impl AgentTurn {
                 }
                 Ok(LineRead::Line) => {
                     self.line_number += 1;
+                    self.output_bytes += self.line.len() as u64 + 1;
                     let parsed = parse_event(&self.line);
                     self.line.clear();
                     match parsed {
@@ -592,7 +647,8 @@ impl AgentTurn {
 
     /// Waits (until the deadline) for the agent to exit; call it after [`next_event`] returned
     /// `None`. Output not read yet is discarded. Anything the agent left running in its group is
-    /// killed. A non-zero exit or a signal is [`AgentError::Exited`] with the stderr tail.
+    /// killed. A non-zero exit or a signal is [`AgentError::Exited`] with the stderr tail
+    /// ([`AgentError::ExitedUnderLimits`] when rlimits were set).
     ///
     /// [`next_event`]: AgentTurn::next_event
     pub async fn finish(mut self) -> Result<ExitStatus, AgentError> {
@@ -614,7 +670,13 @@ impl AgentTurn {
             },
         };
         let stderr_tail = self.collect_stderr().await;
-        if status.success() { Ok(status) } else { Err(AgentError::Exited { status, stderr_tail }) }
+        if status.success() {
+            Ok(status)
+        } else if self.resource_limits.is_unlimited() {
+            Err(AgentError::Exited { status, stderr_tail })
+        } else {
+            Err(AgentError::ExitedUnderLimits { status, limits: self.resource_limits, stderr_tail })
+        }
     }
 
     /// Stops the agent: SIGTERM to its process group, SIGKILL to the group if the agent has not

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::agent::{self, AgentCommand, AgentLimits};
 use super::boundary::{self, AgentUser};
+use super::limits::LimitsConfig;
 use crate::config::{Violation, check, positive};
 
 pub const DEFAULT_MAX_RUNNING: u32 = 10;
@@ -19,6 +20,15 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 /// dead worker's chats resume within minutes.
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(300);
 pub const DEFAULT_RECOVER_INTERVAL: Duration = Duration::from_secs(60);
+/// Slack between the instant every agent of a worker is dead and the earliest instant another
+/// worker may recover its chats (the end of `stale_after` after the renewal's start): covers the
+/// kernel delivering SIGKILL and the guard's wake-up.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(1);
+/// A long conversation's recent part: far more than a model's context, bounded worker memory.
+pub const DEFAULT_MAX_INPUT_BYTES: usize = 8 << 20;
+/// A very busy turn writes hundreds of messages; thousands is a loop.
+pub const DEFAULT_MAX_OUTPUT_MESSAGES: u32 = 2_000;
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -77,6 +87,15 @@ pub struct RunnerConfig {
     /// Run the agent as this user (name or uid) and its primary group; never root. Unset: the
     /// worker's own user.
     pub user: Option<String>,
+    /// `[chats.runner.limits]`: rlimits of every agent process (see [`super::limits`]).
+    pub limits: LimitsConfig,
+    /// Largest input document: the newest messages that fit, older ones dropped (the document
+    /// says how many).
+    pub max_input_bytes: usize,
+    /// Most messages (and titles) one turn may write; past it the turn ends `output_limit`.
+    pub max_output_messages: u32,
+    /// Most bytes of event lines one turn may write; past it the turn ends `output_limit`.
+    pub max_output_bytes: usize,
 }
 
 impl Default for RunnerConfig {
@@ -89,6 +108,10 @@ impl Default for RunnerConfig {
             env: BTreeMap::new(),
             pass_env: Vec::new(),
             user: None,
+            limits: LimitsConfig::default(),
+            max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
+            max_output_messages: DEFAULT_MAX_OUTPUT_MESSAGES,
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
         }
     }
 }
@@ -190,12 +213,104 @@ impl ChatsConfig {
             runner.max_line_bytes,
             "1024..=67108864",
         )?;
+        runner.limits.validate()?;
+        check(
+            (4096..=(1 << 30)).contains(&runner.max_input_bytes),
+            "runner.max_input_bytes",
+            runner.max_input_bytes,
+            "4096..=1073741824",
+        )?;
+        check(
+            (1..=1_000_000).contains(&runner.max_output_messages),
+            "runner.max_output_messages",
+            runner.max_output_messages,
+            "1..=1000000",
+        )?;
+        check(
+            (1024..=(1 << 34)).contains(&runner.max_output_bytes),
+            "runner.max_output_bytes",
+            runner.max_output_bytes,
+            "1024..=17179869184",
+        )?;
         runner.validate_boundary()
     }
 
-    /// How long heartbeats may fail before this worker stops its own runners: after that,
-    /// another replica may already have recovered them.
-    pub fn lease_tolerance(&self) -> Duration {
-        self.stale_after.saturating_sub(self.heartbeat_interval)
+    /// From the start of the last successful renewal, how long this worker's agents may keep
+    /// running: `stale_after - kill_grace - LEASE_MARGIN`. At that instant the runners SIGTERM
+    /// their agents (SIGKILL `kill_grace` later), so every agent is dead by
+    /// `renewed_at + stale_after - LEASE_MARGIN`, before any other worker may judge the lease
+    /// stale and run the chat again.
+    pub fn agent_budget(&self) -> Duration {
+        self.stale_after.saturating_sub(self.runner.kill_grace).saturating_sub(LEASE_MARGIN)
+    }
+
+    /// From the start of the last successful renewal, when the guard process SIGKILLs every
+    /// agent of a worker that stopped extending its deadline (frozen): `stale_after -
+    /// LEASE_MARGIN`.
+    pub fn guard_budget(&self) -> Duration {
+        self.stale_after.saturating_sub(LEASE_MARGIN)
+    }
+
+    /// The shortest `stale_after` for which one failed renewal does not stop this worker's
+    /// agents: renewals start at most `interval × (1 + jitter) + tick timeout` apart (the
+    /// heartbeat's tick timeout is its interval), so after a good renewal at R one that fails
+    /// and one that succeeds end by `R + 2 × (interval × (1 + jitter) + tick timeout) + tick
+    /// timeout`; the agents' budget (see [`ChatsConfig::agent_budget`]) must reach past it.
+    pub fn min_stale_after(&self, jitter: f64) -> Duration {
+        let interval = self.heartbeat_interval;
+        let tick_timeout = self.heartbeat_interval;
+        let spacing = interval.mul_f64(1.0 + jitter) + tick_timeout;
+        spacing * 2 + tick_timeout + self.runner.kill_grace + LEASE_MARGIN
+    }
+
+    /// `stale_after` against [`ChatsConfig::min_stale_after`], with the sum in the error. Key
+    /// relative to `[chats]`.
+    pub fn check_lease_margin(&self, jitter: f64) -> Result<(), Violation> {
+        let needed = self.min_stale_after(jitter);
+        if self.stale_after >= needed {
+            return Ok(());
+        }
+        let h = humantime::format_duration(self.heartbeat_interval);
+        let g = humantime::format_duration(self.runner.kill_grace);
+        Err(Violation::new(
+            "stale_after",
+            format!(
+                "{} is too short: a worker's agents must be dead before its lease can be judged stale, \
+                 and one failed renewal must not stop them; needed 2 × (heartbeat_interval {h} × \
+                 (1 + runtime.jitter {jitter}) + heartbeat tick timeout {h}) + tick timeout {h} + \
+                 runner.kill_grace {g} + margin {} = {}",
+                humantime::format_duration(self.stale_after),
+                humantime::format_duration(LEASE_MARGIN),
+                humantime::format_duration(Duration::from_millis(needed.as_millis() as u64)),
+            ),
+            "a longer stale_after, or a shorter heartbeat_interval or runner.kill_grace",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_leave_room_for_one_failed_renewal() {
+        let config = ChatsConfig::default();
+        // 2 × (30s × 1.1 + 30s) + 30s + 10s + 1s.
+        assert_eq!(config.min_stale_after(0.1), Duration::from_secs(167));
+        assert_eq!(config.check_lease_margin(0.1), Ok(()));
+        assert_eq!(config.agent_budget(), Duration::from_secs(289));
+        assert_eq!(config.guard_budget(), Duration::from_secs(299));
+    }
+
+    #[test]
+    fn a_stale_after_too_short_for_the_guarantee_is_refused_with_the_sum() {
+        let mut config = ChatsConfig { heartbeat_interval: Duration::from_secs(1), ..ChatsConfig::default() };
+        config.runner.kill_grace = Duration::from_secs(2);
+        config.stale_after = Duration::from_secs(3);
+        let error = config.check_lease_margin(0.0).expect_err("too short");
+        assert_eq!(error.key, "stale_after");
+        assert!(error.problem.contains("= 8s"), "{}", error.problem);
+        config.stale_after = Duration::from_secs(8);
+        assert_eq!(config.check_lease_margin(0.0), Ok(()));
     }
 }

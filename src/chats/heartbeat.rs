@@ -16,6 +16,8 @@
 //!    workspace row is rewritten about once a minute, not on every heartbeat.
 //!
 //! Steps 2–4 are one transaction, after the lease's own: a failure there never costs the lease.
+//! All of it runs on the lease's database handle ([`WorkerLease::db`]: a one-connection pool of
+//! its own in the daemon), never on the pool the runners write through.
 //!
 //! Why not `UPDATE chats SET heartbeat_at = now() … RETURNING id` over every chat: at 100k
 //! chats that rewrites 100k rows each interval (WAL, bloat, vacuum) — see BENCHMARKS.md. Readers
@@ -32,9 +34,10 @@ use futures_util::TryStreamExt;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
+use super::guard::GuardError;
 use super::runner::{InterruptCause, RunnerContext, Runners};
 use crate::db::{self, DbError, Exec};
-use crate::runtime::{Loop, Progress, Schedule, Tick};
+use crate::runtime::{Loop, LoopError, Progress, Schedule, Tick};
 use crate::workers::WorkerLease;
 
 pub const NAME: &str = "chats_heartbeat";
@@ -106,6 +109,43 @@ impl Reconciler {
     }
 }
 
+/// Why a heartbeat failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HeartbeatError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Guard(#[from] GuardError),
+}
+
+impl From<tokio_postgres::Error> for HeartbeatError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        HeartbeatError::Db(error.into())
+    }
+}
+
+impl LoopError for HeartbeatError {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            HeartbeatError::Db(error) => error.metric_label(),
+            HeartbeatError::Guard(_) => "guard",
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        match self {
+            HeartbeatError::Db(error) => error.is_transient(),
+            HeartbeatError::Guard(_) => true,
+        }
+    }
+
+    /// The lease is retried at its interval, never later: a backoff would eat the margin
+    /// `stale_after` keeps for one failed renewal.
+    fn backoff_cap(&self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
 /// What one heartbeat did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct HeartbeatReport {
@@ -116,17 +156,24 @@ pub struct HeartbeatReport {
 
 impl Heartbeat {
     /// One heartbeat (see the module doc).
-    pub async fn beat(&self) -> Result<HeartbeatReport, DbError> {
+    pub async fn beat(&self) -> Result<HeartbeatReport, HeartbeatError> {
         let started = Instant::now();
         let epoch = self.ctx.lease.current().epoch;
         self.lease.renew().await?;
-        if self.ctx.lease.current().epoch != epoch {
+        let lease = self.ctx.lease.current();
+        if lease.epoch != epoch {
             // Reaped: everything that ran under the old registration may run elsewhere now.
             self.runners.stop_all(InterruptCause::Lease);
         }
+        if let Some(renewed_at) = lease.renewed_at {
+            self.ctx.guard.extend(renewed_at + self.ctx.config.guard_budget()).await?;
+        }
 
         let worker = self.ctx.worker_id;
-        let db = &self.ctx.db;
+        // The lease's own connection (a one-connection pool in the daemon) for the rest of the
+        // beat too: however busy the shared pool is with runner writes, no part of the
+        // heartbeat waits for it, so renewals stay one interval apart.
+        let db = self.lease.db();
         let mut conn = db.get().await?;
         let granularity = WORKSPACE_ACTIVITY_GRANULARITY.as_secs_f64();
         let report = {
@@ -175,7 +222,7 @@ impl Heartbeat {
 }
 
 impl Loop for Heartbeat {
-    type Error = DbError;
+    type Error = HeartbeatError;
 
     fn name(&self) -> &'static str {
         NAME
@@ -187,7 +234,7 @@ impl Loop for Heartbeat {
         Schedule::every(interval, interval)
     }
 
-    async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, DbError> {
+    async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, HeartbeatError> {
         self.beat().await?;
         Ok(Progress::Done)
     }

@@ -14,6 +14,7 @@
 //!   process-group interrupt. No database.
 //! - [`boundary`]: what the agent can reach of the worker: allow-listed environment, agent
 //!   user, descriptors; the worker's own non-dumpable mark.
+//! - [`limits`]: the agent's budgets (`[chats.runner.limits]` rlimits) and cgroup v2 detection.
 //! - [`config`]: `[chats]` and `[chats.runner]`; [`metrics`]: `chats.*`.
 //! - [`stream`]: following a chat's visible messages, each exactly once, even when writers
 //!   commit out of id order or the LISTEN connection drops (`chat tail --follow`).
@@ -24,7 +25,9 @@ pub mod agent;
 pub mod boundary;
 pub mod cli;
 pub mod config;
+pub mod guard;
 pub mod heartbeat;
+pub mod limits;
 pub mod metrics;
 pub mod recover;
 pub mod runner;
@@ -67,6 +70,8 @@ pub enum NoAgentCommand {
          (this worker runs as uid {uid}); unset it to run agents as the worker's own user"
     )]
     CannotSwitchUser { user: String, uid: u32 },
+    #[error(transparent)]
+    Guard(#[from] guard::GuardError),
 }
 
 /// Whether `program` names an executable file, directly (with a `/`) or on `PATH`: checked at
@@ -84,8 +89,15 @@ fn executable(program: &str) -> bool {
 }
 
 impl ChatLoops {
-    /// Builds the loops on `rt` (its database, worker identity, lease state and supervisor).
-    pub fn new(rt: &Runtime, config: ChatsConfig, meter: &Meter) -> Result<Self, NoAgentCommand> {
+    /// Builds the loops on `rt` (its database, worker identity, lease state and supervisor) and
+    /// starts the lease guard, `guard_program agent-guard` (`guard_program` is the `worker`
+    /// binary: `std::env::current_exe()` in the daemon).
+    pub async fn new(
+        rt: &Runtime,
+        config: ChatsConfig,
+        meter: &Meter,
+        guard_program: &std::path::Path,
+    ) -> Result<Self, NoAgentCommand> {
         let command = config.runner.agent_command().ok_or(NoAgentCommand::Empty)?;
         if !executable(&command.program) {
             return Err(NoAgentCommand::NotExecutable(command.program));
@@ -108,7 +120,21 @@ impl ChatLoops {
                 "env": boundary.env().iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(),
             }),
         );
-        let agent = Agent::new(command, config.runner.limits()).with_boundary(boundary);
+        let runs_as = match (&user, euid.is_root()) {
+            (Some(_), _) => limits::RunsAs::AgentUser,
+            (None, true) => limits::RunsAs::Root,
+            (None, false) => limits::RunsAs::WorkerUser,
+        };
+        let mut resource_limits = config.runner.limits;
+        if runs_as == limits::RunsAs::Root {
+            // RLIMIT_NPROC does not bind root: not set, and not listed in errors as in force.
+            resource_limits.processes = 0;
+        }
+        let agent = Agent::new(command, config.runner.limits())
+            .with_boundary(boundary)
+            .with_resource_limits(resource_limits);
+        let cgroup = limits::CgroupSupport::detect();
+        rt.health.set_info("agent_limits", limits::readyz_info(agent.resource_limits(), &cgroup, runs_as));
         let runners: Runners = rt.supervisor().task_set("chat_runners", runner::SHUTDOWN_CAUSE);
         let metrics = ChatMetrics::new(meter, &runners);
         let ctx = Arc::new(RunnerContext {
@@ -118,6 +144,7 @@ impl ChatLoops {
             config,
             metrics,
             lease: rt.lease(),
+            guard: guard::LeaseGuard::start(guard_program).await?,
         });
         Ok(Self { ctx, runners, ownership: Arc::default() })
     }

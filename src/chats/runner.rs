@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use super::agent::{Agent, AgentError, AgentEvent, AgentTurn};
 use super::config::ChatsConfig;
+use super::guard::LeaseGuard;
 use super::metrics::ChatMetrics;
 use crate::db::{self, Db, DbError, Exec};
 use crate::runtime::{LeaseStatus, LeaseWatch, StopSignal, TaskSet};
@@ -35,10 +36,27 @@ use crate::text;
 
 /// Longest `last_error` stored; the stderr tail is bounded already, this bounds the rest.
 const MAX_ERROR_LEN: usize = 8 * 1024;
+/// How many statement timeouts one runner write (checkout, statements, commit) may take in all:
+/// a write stuck on a half-open path ends by this bound even when no byte comes back.
+const WRITE_BUDGET_STATEMENTS: u32 = 2;
 
-/// What the agent reads: every message the model may see, in id order.
-const MODEL_MESSAGES: &str = "SELECT id, role, content, created_at::text FROM chat_messages \
-     WHERE chat_id = $1 AND NOT deleted AND visibility IN ('model', 'both') ORDER BY id";
+/// What the agent reads: the newest messages the model may see whose JSON lines (each as the
+/// document holds it, plus its comma) fit in `$2` bytes, in id order. The first row is a header:
+/// NULL id and line, how many visible messages did not fit, and the newest visible id (what
+/// the turn has seen, whether it fit or not). The lines are built by the server, so the worker
+/// only copies bytes: it never holds more than the document it feeds.
+const MODEL_MESSAGES: &str = "WITH visible AS (\
+       SELECT id, json_build_object('id', id, 'role', role, 'content', content, \
+                                    'created_at', created_at::text)::text AS line \
+       FROM chat_messages WHERE chat_id = $1 AND NOT deleted AND visibility IN ('model', 'both')), \
+     ranked AS (\
+       SELECT id, line, sum(octet_length(line) + 1) OVER (ORDER BY id DESC) AS newest_bytes FROM visible) \
+     SELECT NULL::int8 AS id, NULL::text AS line, \
+            count(*) FILTER (WHERE newest_bytes > $2) AS dropped, coalesce(max(id), 0) AS last_seen \
+     FROM ranked \
+     UNION ALL \
+     SELECT id, line, NULL, NULL FROM ranked WHERE newest_bytes <= $2 \
+     ORDER BY 1 NULLS FIRST";
 
 /// An agent message, written only while the chat is ours (the chat row is share-locked so a
 /// steal waits for this insert), notified like `post_chat_message` does.
@@ -114,6 +132,24 @@ pub struct RunnerContext {
     pub config: ChatsConfig,
     pub metrics: ChatMetrics,
     pub lease: LeaseWatch,
+    /// The process that kills this worker's agents if the worker stops renewing (frozen).
+    pub guard: LeaseGuard,
+}
+
+impl RunnerContext {
+    /// The bound of one runner write (see [`WRITE_BUDGET_STATEMENTS`]).
+    fn write_budget(&self) -> Duration {
+        self.db.statement_timeout() * WRITE_BUDGET_STATEMENTS
+    }
+
+    /// `work` within the write budget; past it, [`Ending::WriteTimedOut`].
+    async fn bounded<T>(&self, work: impl Future<Output = Result<T, DbError>>) -> Result<T, Ending> {
+        match tokio::time::timeout(self.write_budget(), work).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(Ending::Database(error)),
+            Err(_elapsed) => Err(Ending::WriteTimedOut(self.write_budget())),
+        }
+    }
 }
 
 /// The fence of every write: this chat, this worker, this generation.
@@ -149,6 +185,11 @@ enum Ending {
     FencedOut,
     /// The database failed us mid-turn; the chat is released if possible, else recovered.
     Database(DbError),
+    /// A write did not finish within its budget (a half-open path, a lock): as `Database`.
+    WriteTimedOut(Duration),
+    /// The turn wrote more than `max_output_messages` events or `max_output_bytes`: the agent
+    /// is stopped, what it wrote before stays, the event over the bound is not stored.
+    OutputLimit(String),
     /// The database refused what the agent wrote (a value it cannot store): running the turn
     /// again would fail again, so the chat ends `error` naming it.
     Unstorable(DbError),
@@ -163,6 +204,8 @@ impl Ending {
             Ending::Interrupted(_) => "interrupted",
             Ending::FencedOut => "fenced_out",
             Ending::Database(_) => "db_error",
+            Ending::WriteTimedOut(_) => "db_timeout",
+            Ending::OutputLimit(_) => "output_limit",
             Ending::Unstorable(_) => "unstorable_output",
         }
     }
@@ -174,7 +217,10 @@ pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, mut stop: StopSignal<In
     let fence = Fence { chat: chat.id, worker: ctx.worker_id, generation: chat.generation };
     let started_epoch = ctx.lease.current().epoch;
     let ending = turn(&ctx, &chat, &fence, &mut stop, started_epoch).await;
-    let settled = settle(&ctx, &fence, &ending).await;
+    let settled = match tokio::time::timeout(ctx.write_budget(), settle(&ctx, &fence, &ending)).await {
+        Ok(settled) => settled.map_err(|e| e.to_string()),
+        Err(_elapsed) => Err(format!("no answer within {:?}", ctx.write_budget())),
+    };
     ctx.metrics.turn(ending.label());
     if let Ending::Interrupted(cause) = &ending {
         ctx.metrics.interrupt(cause.as_str());
@@ -186,8 +232,14 @@ pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, mut stop: StopSignal<In
         (Ending::Database(error), Ok(())) => {
             tracing::warn!(chat_id = %chat.id, generation = chat.generation, %error, "database failed mid-turn; chat returned to pending");
         }
+        (Ending::WriteTimedOut(after), Ok(())) => {
+            tracing::warn!(chat_id = %chat.id, generation = chat.generation, after_ms = after.as_millis() as u64, "a write timed out mid-turn; chat returned to pending");
+        }
         (Ending::Failed(error), Ok(())) => {
             tracing::warn!(chat_id = %chat.id, generation = chat.generation, error_kind = error.metric_label(), %error, "turn failed");
+        }
+        (Ending::OutputLimit(what), Ok(())) => {
+            tracing::warn!(chat_id = %chat.id, generation = chat.generation, %what, "turn failed: output limit");
         }
         (Ending::Unstorable(error), Ok(())) => {
             tracing::warn!(chat_id = %chat.id, generation = chat.generation, %error, "turn failed: the agent's output cannot be stored");
@@ -214,16 +266,21 @@ async fn turn(
     signal: &mut StopSignal<InterruptCause>,
     epoch: u64,
 ) -> Ending {
-    let (input, last_seen) = match input_document(&ctx.db, chat).await {
+    let max_input = ctx.config.runner.max_input_bytes;
+    let (input, last_seen) = match ctx.bounded(input_document(&ctx.db, chat, max_input)).await {
         Ok(input) => input,
-        Err(error) => return Ending::Database(error),
+        Err(ending) => return ending,
     };
-    let mut agent = match ctx.agent.spawn(chat.id, chat.generation, &input).await {
+    // The document moves to the task writing it to stdin and is freed once written.
+    let mut agent = match ctx.agent.spawn_document(chat.id, chat.generation, input).await {
         Ok(agent) => agent,
         Err(error) => return Ending::Failed(error),
     };
-    let watchdog = lease_watchdog(ctx.lease.clone(), epoch, ctx.config.lease_tolerance());
+    // Dropped (the guard told to forget the agent) when the turn is over, after `agent` stopped.
+    let _watched = ctx.guard.watch(agent.process_group_id());
+    let watchdog = lease_watchdog(ctx.lease.clone(), epoch, ctx.config.agent_budget());
     tokio::pin!(watchdog);
+    let mut events: u32 = 0;
     loop {
         let event = tokio::select! {
             biased;
@@ -234,29 +291,70 @@ async fn turn(
             _ = &mut watchdog => return stop(&mut agent, ctx, Ending::Interrupted(InterruptCause::Lease)).await,
             event = agent.next_event() => event,
         };
-        let written = match event {
-            Ok(Some(AgentEvent::Message { role, content })) => {
-                let role = role.as_str();
-                fence.write(&ctx.db, INSERT_MESSAGE, &[(&role, Type::TEXT), (&content, Type::JSONB)]).await
+        if let Ok(Some(_)) = &event {
+            events += 1;
+            if let Some(what) = over_output_limit(&ctx.config.runner, events, agent.output_bytes()) {
+                return stop(&mut agent, ctx, Ending::OutputLimit(what)).await;
             }
-            Ok(Some(AgentEvent::Title(title))) => {
-                fence.write(&ctx.db, SET_TITLE, &[(&title, Type::TEXT)]).await
+        }
+        let write = async {
+            match event {
+                Ok(Some(AgentEvent::Message { role, content })) => {
+                    let role = role.as_str();
+                    let params = [
+                        (&role as &(dyn tokio_postgres::types::ToSql + Sync), Type::TEXT),
+                        (&content, Type::JSONB),
+                    ];
+                    Some(ctx.bounded(fence.write(&ctx.db, INSERT_MESSAGE, &params)).await)
+                }
+                Ok(Some(AgentEvent::Title(title))) => {
+                    Some(ctx.bounded(fence.write(&ctx.db, SET_TITLE, &[(&title, Type::TEXT)])).await)
+                }
+                Ok(None) => None,
+                Err(error) => Some(Err(Ending::Failed(error))),
             }
-            Ok(None) => break,
-            Err(error) => return Ending::Failed(error),
+        };
+        // A write races the lease watchdog (which also fires when the heartbeat finds the lease
+        // lost): a write stuck on a dead path must not keep the agent alive past its lease. A
+        // stop for any other cause waits for the write in flight (bounded), so an answer the
+        // agent gave before a shutdown is kept; a stolen chat's write is refused by the fence.
+        let written = tokio::select! {
+            biased;
+            _ = &mut watchdog => return stop(&mut agent, ctx, Ending::Interrupted(InterruptCause::Lease)).await,
+            written = write => written,
         };
         match written {
-            Ok(0) => return stop(&mut agent, ctx, Ending::FencedOut).await,
-            Ok(_) => {}
-            Err(error) if error.is_refused_value() => {
+            None => break,
+            Some(Ok(0)) => return stop(&mut agent, ctx, Ending::FencedOut).await,
+            Some(Ok(_)) => {}
+            // The agent stopped itself already (its error ended the output).
+            Some(Err(ending @ Ending::Failed(_))) => return ending,
+            Some(Err(Ending::Database(error))) if error.is_refused_value() => {
                 return stop(&mut agent, ctx, Ending::Unstorable(error)).await;
             }
-            Err(error) => return stop(&mut agent, ctx, Ending::Database(error)).await,
+            Some(Err(ending)) => return stop(&mut agent, ctx, ending).await,
         }
     }
     match agent.finish().await {
         Ok(_) => finish(ctx, fence, last_seen).await,
         Err(error) => Ending::Failed(error),
+    }
+}
+
+/// Which output bound a turn that has read `events` events in `bytes` has passed, if any.
+fn over_output_limit(runner: &super::config::RunnerConfig, events: u32, bytes: u64) -> Option<String> {
+    if events > runner.max_output_messages {
+        Some(format!(
+            "the turn wrote more than {} messages (chats.runner.max_output_messages)",
+            runner.max_output_messages
+        ))
+    } else if bytes > runner.max_output_bytes as u64 {
+        Some(format!(
+            "the turn wrote more than {} bytes (chats.runner.max_output_bytes)",
+            runner.max_output_bytes
+        ))
+    } else {
+        None
     }
 }
 
@@ -271,37 +369,42 @@ async fn stop(agent: &mut AgentTurn, ctx: &RunnerContext, ending: Ending) -> End
 /// Exit 0: `waiting`, or `pending` when a user message arrived during the turn (two statements
 /// under the row lock, see [`LOCK_OWNED`]).
 async fn finish(ctx: &RunnerContext, fence: &Fence, last_seen: i64) -> Ending {
-    let result: Result<Option<String>, DbError> = async {
-        let mut conn = ctx.db.get().await?;
-        let tx = db::begin(&mut conn, ctx.db.statement_timeout()).await?;
-        let owned = tx
-            .fetch_opt(
-                LOCK_OWNED,
-                &[(&fence.chat, Type::UUID), (&fence.worker, Type::UUID), (&fence.generation, Type::INT8)],
-            )
-            .await?;
-        if owned.is_none() {
-            return Ok(None);
-        }
-        let row = tx
-            .fetch_opt(
-                FINISH_TURN,
-                &[
-                    (&fence.chat, Type::UUID),
-                    (&fence.worker, Type::UUID),
-                    (&fence.generation, Type::INT8),
-                    (&last_seen, Type::INT8),
-                ],
-            )
-            .await?;
-        db::commit(tx).await?;
-        Ok(row.map(|r| r.get(0)))
-    }
-    .await;
+    let result = ctx
+        .bounded(async {
+            let mut conn = ctx.db.get().await?;
+            let tx = db::begin(&mut conn, ctx.db.statement_timeout()).await?;
+            let owned = tx
+                .fetch_opt(
+                    LOCK_OWNED,
+                    &[
+                        (&fence.chat, Type::UUID),
+                        (&fence.worker, Type::UUID),
+                        (&fence.generation, Type::INT8),
+                    ],
+                )
+                .await?;
+            if owned.is_none() {
+                return Ok(None);
+            }
+            let row = tx
+                .fetch_opt(
+                    FINISH_TURN,
+                    &[
+                        (&fence.chat, Type::UUID),
+                        (&fence.worker, Type::UUID),
+                        (&fence.generation, Type::INT8),
+                        (&last_seen, Type::INT8),
+                    ],
+                )
+                .await?;
+            db::commit(tx).await?;
+            Ok(row.map(|r| r.get::<_, String>(0)))
+        })
+        .await;
     match result {
         Ok(Some(status)) => Ending::Finished { status },
         Ok(None) => Ending::FencedOut,
-        Err(error) => Ending::Database(error),
+        Err(ending) => ending,
     }
 }
 
@@ -317,61 +420,76 @@ async fn settle(ctx: &RunnerContext, fence: &Fence, ending: &Ending) -> Result<(
             let message = text::clip(format!("the agent's output cannot be stored: {error}"), MAX_ERROR_LEN);
             fence.write(&ctx.db, FAIL_TURN, &[(&message, Type::TEXT)]).await.map(drop)
         }
-        Ending::Interrupted(InterruptCause::Shutdown | InterruptCause::Lease) | Ending::Database(_) => {
-            fence.write(&ctx.db, RELEASE, &[]).await.map(drop)
+        Ending::OutputLimit(what) => {
+            let message = format!("output_limit: {what}");
+            fence.write(&ctx.db, FAIL_TURN, &[(&message, Type::TEXT)]).await.map(drop)
         }
+        Ending::Interrupted(InterruptCause::Shutdown | InterruptCause::Lease)
+        | Ending::Database(_)
+        | Ending::WriteTimedOut(_) => fence.write(&ctx.db, RELEASE, &[]).await.map(drop),
     }
 }
 
-/// `{"chat": {...}, "messages": [...]}` and the highest message id in it.
-async fn input_document(db: &Db, chat: &Claimed) -> Result<(serde_json::Value, i64), DbError> {
+/// The agent's input: `{"chat": {...}, "dropped_messages": N, "messages": [...]}` plus a
+/// newline, at most `max_bytes` long (the newest messages that fit; `dropped_messages` older
+/// ones left out), and the newest visible message id.
+async fn input_document(db: &Db, chat: &Claimed, max_bytes: usize) -> Result<(Vec<u8>, i64), DbError> {
+    let header = json!({
+        "id": chat.id,
+        "owner_id": chat.owner_id,
+        "workspace_id": chat.workspace_id,
+        "title": chat.title,
+        "generation": chat.generation,
+    })
+    .to_string();
+    // `{"chat":` header `,"dropped_messages":` up to 20 digits `,"messages":[` … `]}` newline.
+    let frame = header.len() + 8 + 20 + 20 + 14 + 3;
+    let budget = i64::try_from(max_bytes.saturating_sub(frame)).unwrap_or(i64::MAX);
     let mut conn = db.get().await?;
     let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-    let rows = tx.fetch_all(MODEL_MESSAGES, &[(&chat.id, Type::UUID)]).await?;
-    db::commit(tx).await?;
+    let mut rows = std::pin::pin!(
+        tx.fetch_stream(MODEL_MESSAGES, &[(&chat.id, Type::UUID), (&budget, Type::INT8)]).await?
+    );
+    let mut document = Vec::new();
     let mut last_seen = 0;
-    let messages: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|r| {
-            let id: i64 = r.get(0);
-            last_seen = last_seen.max(id);
-            let (role, content, created_at): (String, serde_json::Value, String) =
-                (r.get(1), r.get(2), r.get(3));
-            json!({ "id": id, "role": role, "content": content, "created_at": created_at })
-        })
-        .collect();
-    let document = json!({
-        "chat": {
-            "id": chat.id,
-            "owner_id": chat.owner_id,
-            "workspace_id": chat.workspace_id,
-            "title": chat.title,
-            "generation": chat.generation,
-        },
-        "messages": messages,
-    });
+    let mut first = true;
+    while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
+        match row.try_get::<_, Option<&str>>(1)? {
+            None => {
+                let dropped: i64 = row.try_get(2)?;
+                last_seen = row.try_get(3)?;
+                document.extend_from_slice(
+                    format!("{{\"chat\":{header},\"dropped_messages\":{dropped},\"messages\":[").as_bytes(),
+                );
+            }
+            Some(line) => {
+                if !first {
+                    document.push(b',');
+                }
+                first = false;
+                document.extend_from_slice(line.as_bytes());
+            }
+        }
+    }
+    document.extend_from_slice(b"]}\n");
+    db::commit(tx).await?;
     Ok((document, last_seen))
 }
 
 /// Resolves when this worker must stop its runners on its own: the lease was lost (or
-/// re-registered: a new epoch), or renewals have failed for `tolerance`.
-async fn lease_watchdog(mut lease: LeaseWatch, epoch: u64, tolerance: Duration) {
+/// re-registered: a new epoch), or `budget` has passed since the start of the last successful
+/// renewal (see [`ChatsConfig::agent_budget`]) — whether renewals fail, hang or are not even
+/// attempted.
+async fn lease_watchdog(mut lease: LeaseWatch, epoch: u64, budget: Duration) {
     loop {
         let state = lease.current();
-        if state.epoch != epoch {
+        if state.epoch != epoch || state.status == LeaseStatus::Lost {
             return;
         }
-        match state.status {
-            LeaseStatus::Lost => return,
-            LeaseStatus::Healthy => {
-                lease.changed().await;
-            }
-            LeaseStatus::Failing { since } => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(since + tolerance) => return,
-                    _ = lease.changed() => {}
-                }
-            }
+        let Some(renewed_at) = state.renewed_at else { return };
+        tokio::select! {
+            _ = tokio::time::sleep_until(renewed_at + budget) => return,
+            _ = lease.changed() => {}
         }
     }
 }

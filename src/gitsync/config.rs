@@ -1,5 +1,5 @@
-//! `[gitsync]` and `[[gitsync.providers]]`: the refresher's schedule, lease, backoffs, fan-out
-//! and the git providers whose tokens it may use.
+//! `[gitsync]` and `[[gitsync.providers]]`: the refresher's schedule, lease, backoffs, fan-out,
+//! the git providers whose tokens it may use and the keys those tokens are encrypted under.
 
 use std::time::Duration;
 
@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::github::DEFAULT_MAX_BODY_BYTES;
 use super::provider::{ProviderConfig, validate_providers};
+use super::tokens::{TokenKeySecret, TokenKeys, deserialize_key_list};
 use crate::config::{Violation, check, positive};
 
 /// SPEC §7.2: every 10 s, with a 30 s tick timeout (separate from the interval).
@@ -52,6 +53,11 @@ pub struct GitsyncConfig {
     pub max_body_bytes: usize,
     /// Empty means one `github` provider for `github.com` ([`ProviderConfig::github_default`]).
     pub providers: Vec<ProviderConfig>,
+    /// Base64-encoded 32-byte AES-256-GCM keys of the tokens in `external_auth_links`
+    /// ([`super::tokens`]): the first encrypts, every one decrypts. Empty: tokens are plaintext.
+    /// From the environment as a list (`[k1,k2]`) or comma-separated (`k1,k2`).
+    #[serde(deserialize_with = "deserialize_key_list")]
+    pub token_keys: Vec<TokenKeySecret>,
 }
 
 impl Default for GitsyncConfig {
@@ -68,6 +74,7 @@ impl Default for GitsyncConfig {
             concurrency: DEFAULT_CONCURRENCY,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             providers: Vec::new(),
+            token_keys: Vec::new(),
         }
     }
 }
@@ -80,6 +87,11 @@ impl GitsyncConfig {
         } else {
             self.providers.clone()
         }
+    }
+
+    /// The parsed `token_keys` (empty when none is configured).
+    pub fn token_keys(&self) -> Result<TokenKeys, super::tokens::KeyConfigError> {
+        TokenKeys::parse(&self.token_keys)
     }
 
     /// Keys are relative to `[gitsync]`.
@@ -106,6 +118,14 @@ impl GitsyncConfig {
         validate_providers(&self.providers).map_err(|e| {
             let index = self.providers.iter().position(|p| p.id == e.id).unwrap_or_default();
             Violation::new(&format!("providers.{index}.{}", e.field), e.to_string(), "a valid provider entry")
+        })?;
+        // Never the key itself: the problem names the entry by its index only.
+        self.token_keys().map(drop).map_err(|e| {
+            Violation::new(
+                &format!("token_keys.{}", e.index),
+                e.problem.to_string(),
+                "a base64-encoded 32-byte key, each key once (`openssl rand -base64 32`)",
+            )
         })
     }
 }
@@ -149,6 +169,109 @@ mod tests {
             spoil(&mut config);
             assert_eq!(config.validate().expect_err(key).key, key);
         }
+    }
+
+    /// Two valid keys, and one whose base64 starts with `true` (figment's env parser reads a
+    /// bare `true` as a boolean, so a list holding it stays a string: the fallback splits it).
+    fn keys() -> [String; 3] {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let mut truthy = engine.decode("true").expect("b64");
+        truthy.resize(32, 9);
+        [engine.encode([1u8; 32]), engine.encode([2u8; 32]), engine.encode(truthy)]
+    }
+
+    fn from_env(value: &str) -> Result<crate::config::Loaded, crate::config::ConfigError> {
+        let mut inputs = crate::config::ConfigInputs::default();
+        inputs.env.insert("WORKER__GITSYNC__TOKEN_KEYS".into(), value.into());
+        crate::config::load(&inputs)
+    }
+
+    fn exposed(loaded: &crate::config::Loaded) -> Vec<String> {
+        loaded.config.gitsync.token_keys.iter().map(|k| k.expose().to_owned()).collect()
+    }
+
+    #[test]
+    fn token_keys_come_from_the_environment_as_a_list_or_comma_separated() {
+        let [a, b, t] = keys();
+        assert!(t.starts_with("true"), "{t}");
+        for (value, want) in [
+            (format!("[{a},{b}]"), vec![a.clone(), b.clone()]),
+            (format!("[\"{a}\", \"{b}\"]"), vec![a.clone(), b.clone()]),
+            (format!("{a},{b}"), vec![a.clone(), b.clone()]),
+            (format!(" {a} , {b} "), vec![a.clone(), b.clone()]),
+            (a.clone(), vec![a.clone()]),
+            (format!("[{t},{a}]"), vec![t.clone(), a.clone()]),
+            (format!("{t},{a}"), vec![t.clone(), a.clone()]),
+            (String::new(), vec![]),
+            ("[]".into(), vec![]),
+        ] {
+            let loaded = from_env(&value).unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(exposed(&loaded), want, "{value}");
+            let keys = loaded.config.gitsync.token_keys().expect("valid");
+            assert_eq!(keys.ids().len(), want.len());
+            assert_eq!(
+                loaded.sources["gitsync.token_keys"],
+                crate::config::Source::Env("WORKER__GITSYNC__TOKEN_KEYS".into())
+            );
+        }
+    }
+
+    #[test]
+    fn token_keys_in_a_file_are_a_toml_list() {
+        let [a, b, _] = keys();
+        let config: GitsyncConfig =
+            toml::from_str(&format!("token_keys = [\"{a}\", \"{b}\"]")).expect("parses");
+        assert_eq!(config.token_keys().expect("valid").ids().len(), 2);
+        assert_eq!(config.validate(), Ok(()));
+
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), format!("[gitsync]\ntoken_keys = [\n  \"{a}\",\n  \"{a}\",\n]\n"))
+            .expect("write");
+        let inputs = crate::config::ConfigInputs { file: Some(file.path().to_owned()), ..Default::default() };
+        let err = crate::config::load(&inputs).expect_err("duplicate");
+        assert_eq!(err.key(), Some("gitsync.token_keys.1"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("{}:4", file.path().display())) && !text.contains(&a), "{text}");
+    }
+
+    #[test]
+    fn a_bad_token_key_is_refused_naming_its_index_and_source_never_the_key() {
+        use base64::Engine;
+        let [a, b, _] = keys();
+        let short = base64::engine::general_purpose::STANDARD.encode([5u8; 31]);
+        for (value, key, problem) in [
+            (format!("{a},{b},not*base64*at*all"), "gitsync.token_keys.2", "not base64"),
+            (format!("{a},{short}"), "gitsync.token_keys.1", "decodes to 31 bytes"),
+            (format!("{a},{b},{a}"), "gitsync.token_keys.2", "the same key as gitsync.token_keys.0"),
+            (format!("{a},,{b}"), "gitsync.token_keys.1", "empty"),
+        ] {
+            let err = from_env(&value).expect_err(&value);
+            assert_eq!(err.key(), Some(key), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(problem) && text.contains("env WORKER__GITSYNC__TOKEN_KEYS"), "{text}");
+            for secret in [&a, &b, &short] {
+                assert!(!text.contains(secret.as_str()), "the key is never shown: {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn config_print_and_debug_never_show_a_token_key() {
+        let [a, b, _] = keys();
+        let loaded = from_env(&format!("{a},{b}")).expect("loads");
+        let printed = loaded.config.render(&loaded.sources);
+        let debug = format!("{:?}", loaded.config);
+        let ids = loaded.config.gitsync.token_keys().expect("valid");
+        for text in [&printed, &debug] {
+            assert!(!text.contains(&a) && !text.contains(&b), "{text}");
+        }
+        let line = format!(
+            "token_keys = [\"*** (key id {})\", \"*** (key id {})\"]  # env WORKER__GITSYNC__TOKEN_KEYS",
+            ids.ids()[0],
+            ids.ids()[1]
+        );
+        assert!(printed.contains(&line), "{printed}");
     }
 
     #[test]

@@ -4,14 +4,17 @@
 //! - [`refresher`]: the `gitsync` loop — lease due rows, resolve a token per (owner, origin),
 //!   ask the provider under one semaphore, write each row back.
 //! - [`config`]: the `[gitsync]` table and its `[[gitsync.providers]]`.
-//! - [`cli`]: `worker gitsync stats | refresh <chat_id>`.
+//! - [`cli`]: `worker gitsync stats | refresh <chat_id> | put-token | encrypt-tokens`.
+//! - [`tokens`]: tokens at rest: AES-256-GCM under `gitsync.token_keys` (pure; the format the
+//!   API tier may produce itself).
 //! - [`origin`]: git remote origins → host, owner, repository.
 //! - [`provider`]: provider configuration and matching, the [`Provider`] trait, [`PrStatus`]
 //!   (every field the row stores) and [`ProviderError`].
 //! - [`github`]: the GitHub REST client (ETag cache, bounded bodies, rate-limit detection) and
 //!   the pure derivations it applies to GitHub's payloads.
 //!
-//! The schema and `mark_diff_stale` are in `migrations/V5__gitsync.sql`.
+//! The schema and `mark_diff_stale` are in `migrations/V5__gitsync.sql`; the key id columns of
+//! encrypted tokens in `migrations/V7__token_encryption.sql`.
 
 pub mod cli;
 pub mod config;
@@ -19,6 +22,7 @@ pub mod github;
 pub mod origin;
 pub mod provider;
 pub mod refresher;
+pub mod tokens;
 
 pub use config::GitsyncConfig;
 pub use github::{GitHub, GitHubOptions, HttpStats};
@@ -28,3 +32,4 @@ pub use provider::{
     ProviderKind, provider_for, validate_providers,
 };
 pub use refresher::{Gitsync, GitsyncError, NAME, RefreshOutcome, RefreshReport};
+pub use tokens::{KeyConfigError, TokenError, TokenKeySecret, TokenKeys};

@@ -10,7 +10,11 @@
 //!    the provider is the one whose `origin_host` is the origin's host ([`provider_for`]) and the
 //!    token the owner's `external_auth_links` row for that provider's id, never another's. An
 //!    expired token without a refresh token counts as none (one with a refresh token is still
-//!    sent: the API tier refreshes tokens, a 401 then shows up as an ordinary error).
+//!    sent: the API tier refreshes tokens, a 401 then shows up as an ordinary error). With
+//!    `gitsync.token_keys` set the token is decrypted ([`super::tokens`]) and a plaintext one is
+//!    refused; without keys a plaintext token is used and an encrypted one refused. A token that
+//!    cannot be used is the group's rows' error (`last_outcome` `error`, naming the
+//!    `external_auth_links` row), with no HTTP call; other groups carry on.
 //! 3. **Refresh** under one semaphore of the effective concurrency (permits are per row: a row's
 //!    calls, reviews and checks fetched together, and its write-back). Each group sends its first
 //!    row alone and releases the others only once that answer is not a rate limit, so a group
@@ -45,6 +49,7 @@ use super::config::GitsyncConfig;
 use super::github::{GitHub, GitHubBuildError, GitHubOptions, HttpStats, StatusClass};
 use super::origin::Origin;
 use super::provider::{PrNumber, PrStatus, Provider, ProviderConfig, ProviderError, provider_for};
+use super::tokens::{self, Column, KeyConfigError, TokenKeys};
 use crate::db::{self, Db, DbError, Exec, Transaction};
 use crate::runtime::{Loop, LoopError, Progress, Schedule, Tick};
 use crate::text;
@@ -73,7 +78,8 @@ pub const LEASE: &str = "UPDATE chat_diff_statuses AS d \
      RETURNING d.chat_id, c.owner_id, d.git_remote_origin, d.git_branch, d.pr_number, d.stale_at";
 
 /// `$1` owner, `$2` provider id. An expired token counts only with a refresh token beside it.
-const TOKEN: &str = "SELECT access_token FROM external_auth_links \
+/// The key id is NULL for a plaintext token.
+const TOKEN: &str = "SELECT access_token, access_token_key_id FROM external_auth_links \
      WHERE user_id = $1 AND provider_id = $2 \
        AND (expires_at IS NULL OR expires_at > now() OR refresh_token IS NOT NULL)";
 
@@ -202,6 +208,12 @@ enum Found {
     Failed(String),
 }
 
+/// An `external_auth_links.access_token` as stored: ciphertext under `key_id`, or plaintext.
+struct StoredToken {
+    access_token: String,
+    key_id: Option<String>,
+}
+
 /// A group's way to the provider, or why there is none.
 enum Access {
     Token { provider: usize, origin: Origin, token: String },
@@ -226,6 +238,9 @@ pub struct Gitsync<P = GitHub> {
     concurrency: usize,
     /// The configured providers, each with its client.
     providers: Vec<(ProviderConfig, P)>,
+    /// `gitsync.token_keys`, parsed. A validated config always parses; should one not, every
+    /// token is refused (as the rows' error) rather than any being sent unchecked.
+    keys: Result<TokenKeys, KeyConfigError>,
     metrics: Metrics,
 }
 
@@ -281,7 +296,8 @@ impl<P: Provider> Gitsync<P> {
                 .with_description("(owner, origin) groups whose remaining rows were skipped after a rate limit")
                 .build(),
         };
-        Self { db, config, concurrency: concurrency.max(1), providers, metrics }
+        let keys = config.token_keys();
+        Self { db, config, concurrency: concurrency.max(1), providers, keys, metrics }
     }
 
     pub fn concurrency(&self) -> usize {
@@ -368,7 +384,10 @@ impl<P: Provider> Gitsync<P> {
         };
         let provider = self.providers.iter().position(|(c, _)| c.id == config.id).unwrap_or_default();
         match self.token(owner, &config.id).await {
-            Ok(Some(token)) => Access::Token { provider, origin, token },
+            Ok(Some(stored)) => match self.reveal(owner, &config.id, &stored) {
+                Ok(token) => Access::Token { provider, origin, token },
+                Err(error) => Access::Denied(Found::Failed(error)),
+            },
             Ok(None) => Access::Denied(Found::NoToken(format!(
                 "the chat's owner has no usable token for provider {:?}",
                 config.id
@@ -377,13 +396,22 @@ impl<P: Provider> Gitsync<P> {
         }
     }
 
-    async fn token(&self, owner: Uuid, provider_id: &str) -> Result<Option<String>, DbError> {
+    async fn token(&self, owner: Uuid, provider_id: &str) -> Result<Option<StoredToken>, DbError> {
         let mut conn = self.db.get().await?;
         let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
         let provider_id = provider_id.to_owned();
         let row = tx.fetch_opt(TOKEN, &[(&owner, Type::UUID), (&provider_id, Type::TEXT)]).await?;
         db::commit(tx).await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| StoredToken { access_token: r.get(0), key_id: r.get(1) }))
+    }
+
+    /// The token to send, or why this row's token cannot be used (naming the row).
+    fn reveal(&self, owner: Uuid, provider_id: &str, stored: &StoredToken) -> Result<String, String> {
+        let row = || format!("external_auth_links row (user {owner}, provider {provider_id:?})");
+        let keys = self.keys.as_ref().map_err(|e| format!("{}: token not used: {e}", row()))?;
+        let aad = tokens::aad(Column::AccessToken, owner, provider_id);
+        keys.reveal(&stored.access_token, stored.key_id.as_deref(), &aad)
+            .map_err(|e| format!("{}: access_token: {e}", row()))
     }
 
     async fn refresh_group(

@@ -30,9 +30,18 @@ pub struct LeaseState {
     pub status: LeaseStatus,
     /// Incremented each time the row had to be registered again after it was lost.
     pub epoch: u64,
+    /// When the last successful renewal (or registration) *started*: its `now()` in the database
+    /// is no earlier, so no other worker can judge this lease stale before `renewed_at +
+    /// stale_after`. `None` until the first renewal published here.
+    pub renewed_at: Option<Instant>,
 }
 
 impl LeaseState {
+    /// Whether work may start: a renewal has succeeded and the last attempt did not fail.
+    pub fn is_healthy(&self) -> bool {
+        self.status == LeaseStatus::Healthy && self.renewed_at.is_some()
+    }
+
     /// How long renewals have been failing at `now` (zero when healthy, forever when lost).
     pub fn failing_for(&self, now: Instant) -> Duration {
         match self.status {
@@ -68,7 +77,9 @@ pub struct LeasePublisher(Arc<watch::Sender<LeaseState>>);
 
 impl Default for LeasePublisher {
     fn default() -> Self {
-        Self(Arc::new(watch::channel(LeaseState { status: LeaseStatus::Healthy, epoch: 0 }).0))
+        Self(Arc::new(
+            watch::channel(LeaseState { status: LeaseStatus::Healthy, epoch: 0, renewed_at: None }).0,
+        ))
     }
 }
 
@@ -81,12 +92,12 @@ impl LeasePublisher {
         *self.0.borrow()
     }
 
-    /// A renewal (or re-registration) succeeded.
-    pub fn renewed(&self) {
-        self.0.send_if_modified(|state| {
-            let changed = state.status != LeaseStatus::Healthy;
+    /// A renewal (or registration) that started at `started` succeeded. Every renewal is
+    /// published (watchers extend their deadlines from it), never moving `renewed_at` back.
+    pub fn renewed(&self, started: Instant) {
+        self.0.send_modify(|state| {
             state.status = LeaseStatus::Healthy;
-            changed
+            state.renewed_at = Some(state.renewed_at.map_or(started, |before| before.max(started)));
         });
     }
 
@@ -111,20 +122,22 @@ impl LeasePublisher {
 
     /// A guard for one renewal attempt: dropped without [`LeaseAttempt::succeeded`] (an error,
     /// or the tick cut off by its timeout) it records a failure.
+    /// Call it before the renewal's first statement is sent: its instant is the renewal's start.
     pub fn attempt(&self) -> LeaseAttempt<'_> {
-        LeaseAttempt { publisher: self, done: false }
+        LeaseAttempt { publisher: self, started: Instant::now(), done: false }
     }
 }
 
 pub struct LeaseAttempt<'a> {
     publisher: &'a LeasePublisher,
+    started: Instant,
     done: bool,
 }
 
 impl LeaseAttempt<'_> {
     pub fn succeeded(mut self) {
         self.done = true;
-        self.publisher.renewed();
+        self.publisher.renewed(self.started);
     }
 }
 
@@ -144,12 +157,20 @@ mod tests {
     fn failures_keep_their_first_instant_and_a_success_heals() {
         let publisher = LeasePublisher::default();
         let watch = publisher.watch();
+        assert!(!watch.current().is_healthy(), "never renewed");
         drop(publisher.attempt());
         let LeaseStatus::Failing { since } = watch.current().status else { panic!("not failing") };
         drop(publisher.attempt());
         assert_eq!(watch.current().status, LeaseStatus::Failing { since }, "first failure kept");
-        publisher.attempt().succeeded();
-        assert_eq!(watch.current(), LeaseState { status: LeaseStatus::Healthy, epoch: 0 });
+        let attempt = publisher.attempt();
+        let started = attempt.started;
+        attempt.succeeded();
+        assert_eq!(
+            watch.current(),
+            LeaseState { status: LeaseStatus::Healthy, epoch: 0, renewed_at: Some(started) },
+            "the renewal counts from its start"
+        );
+        assert!(watch.current().is_healthy());
     }
 
     #[test]
@@ -158,7 +179,17 @@ mod tests {
         let watch = publisher.watch();
         publisher.lost();
         assert_eq!(watch.current().failing_for(Instant::now()), Duration::MAX);
-        publisher.renewed();
-        assert_eq!(watch.current(), LeaseState { status: LeaseStatus::Healthy, epoch: 1 });
+        let now = Instant::now();
+        publisher.renewed(now);
+        assert_eq!(
+            watch.current(),
+            LeaseState { status: LeaseStatus::Healthy, epoch: 1, renewed_at: Some(now) }
+        );
+        publisher.renewed(now - Duration::from_secs(1));
+        assert_eq!(
+            watch.current().renewed_at,
+            Some(now),
+            "a late answer to an older renewal moves nothing back"
+        );
     }
 }

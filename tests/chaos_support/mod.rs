@@ -491,3 +491,239 @@ pub fn agent(dir: &Path, name: &str, body: &str) -> String {
     std::fs::set_permissions(&path, permissions).expect("chmod");
     path.to_string_lossy().into_owned()
 }
+
+/// Like [`agent`], with another interpreter on the `#!` line (e.g. `/bin/bash` for its builtin
+/// `read -t`, a sleep that forks nothing).
+pub fn agent_script(dir: &Path, name: &str, interpreter: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!{interpreter}\n{body}\n")).expect("write agent");
+    let mut permissions = std::fs::metadata(&path).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&path, permissions).expect("chmod");
+    path.to_string_lossy().into_owned()
+}
+
+/// The agents of worker `parent`: its live children but the guard process (`worker
+/// agent-guard`, one per worker, which is no agent).
+pub fn agents_of(parent: i32) -> Vec<i32> {
+    children_of(parent)
+        .into_iter()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            !String::from_utf8_lossy(&cmdline).contains("agent-guard")
+        })
+        .collect()
+}
+
+impl Replica {
+    /// SIGSTOP to the worker process only (its agents, in process groups of their own, run on):
+    /// a frozen worker, as a paused VM or a debugger would leave it.
+    pub fn sigstop(&self) {
+        kill(Pid::from_raw(self.pid()), Signal::SIGSTOP).expect("SIGSTOP");
+    }
+
+    pub fn sigcont(&self) {
+        kill(Pid::from_raw(self.pid()), Signal::SIGCONT).expect("SIGCONT");
+    }
+}
+
+/// Now on CLOCK_REALTIME, in ns since the epoch: the clock `date +%s%N` reads, so agents' own
+/// records and the test's observations compare directly.
+pub fn realtime_ns() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after the epoch");
+    i64::try_from(now.as_nanos()).expect("fits in i64 until 2262")
+}
+
+/// Shell text for the first line of an agent script: appends `start <chat_id> <generation>
+/// <pid> <realtime_ns>` to `starts` (one `write(2)` with `O_APPEND`, so lines of agents
+/// starting together never interleave). See [`AgentWatcher`].
+pub fn record_start(starts: &Path) -> String {
+    format!("echo \"start $CHAT_ID $CHAT_GENERATION $$ $(date +%s%N)\" >> '{}'", starts.display())
+}
+
+/// One agent process as an [`AgentWatcher`] saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLife {
+    pub chat_id: String,
+    pub generation: i64,
+    pub pid: i32,
+    /// Its own start record (CLOCK_REALTIME ns), taken first thing in the script.
+    pub started_ns: i64,
+    /// When the process was gone (CLOCK_REALTIME ns); `None` while it lives.
+    pub exited_ns: Option<i64>,
+    /// `exited_ns` is when its pidfd became readable (within a poll's latency of the exit);
+    /// otherwise the process was already gone (or its pid was another program's) when the start
+    /// line was read, and `exited_ns` is that moment: an upper bound.
+    pub exit_observed: bool,
+}
+
+/// How often the watcher reads the start file (also its longest poll).
+const WATCH_EVERY_MS: i32 = 20;
+
+/// Watches the agents of a scenario: reads the start lines (see [`record_start`]) agents append
+/// to one file, opens a pidfd on each new pid at once, and records when each becomes readable —
+/// the exit of a process that cannot record its own (SIGKILL). One thread; every wait bounded:
+/// it stops when asked, or after `limit`, whatever happens.
+pub struct AgentWatcher {
+    lives: Arc<std::sync::Mutex<Vec<AgentLife>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AgentWatcher {
+    /// Watches `starts` (it need not exist yet) for agents whose command line contains `program`
+    /// (the script's path; anything else under a recorded pid means the pid was reused).
+    pub fn start(starts: &Path, program: &str, limit: Duration) -> Self {
+        let lives = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("agent-watcher".into())
+            .spawn({
+                let (starts, program) = (starts.to_owned(), program.to_owned());
+                let (lives, stop) = (lives.clone(), stop.clone());
+                move || watch_agents(&starts, &program, limit, &lives, &stop)
+            })
+            .expect("start the watcher thread");
+        Self { lives, stop, thread: Some(thread) }
+    }
+
+    /// What was seen so far, in start-line order.
+    pub fn lives(&self) -> Vec<AgentLife> {
+        self.lives.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Stops watching (within one poll) and returns what was seen; fails if the watcher failed.
+    pub fn finish(mut self) -> Vec<AgentLife> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take()
+            && let Err(panic) = thread.join()
+        {
+            std::panic::resume_unwind(panic);
+        }
+        self.lives()
+    }
+}
+
+impl Drop for AgentWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn watch_agents(
+    starts: &Path,
+    program: &str,
+    limit: Duration,
+    lives: &std::sync::Mutex<Vec<AgentLife>>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use nix::libc;
+
+    let deadline = std::time::Instant::now() + limit;
+    let mut offset = 0u64;
+    let mut unread = Vec::new();
+    // Open pidfds and the index of their life.
+    let mut watched: Vec<(OwnedFd, usize)> = Vec::new();
+    let record = |index: usize, observed: bool| {
+        let mut lives = lives.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        lives[index].exited_ns = Some(realtime_ns());
+        lives[index].exit_observed = observed;
+    };
+    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+        if let Ok(mut file) = std::fs::File::open(starts) {
+            file.seek(SeekFrom::Start(offset)).expect("seek the start file");
+            let read = file.read_to_end(&mut unread).expect("read the start file");
+            offset += read as u64;
+        }
+        // Whole lines only: an agent's line may be half written.
+        while let Some(end) = unread.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = unread.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let parsed = match fields[..] {
+                ["start", chat, generation, pid, started] => {
+                    generation.parse().ok().zip(pid.parse().ok()).zip(started.parse().ok()).map(
+                        |((generation, pid), started_ns)| AgentLife {
+                            chat_id: chat.to_owned(),
+                            generation,
+                            pid,
+                            started_ns,
+                            exited_ns: None,
+                            exit_observed: false,
+                        },
+                    )
+                }
+                _ => None,
+            };
+            let life =
+                parsed.unwrap_or_else(|| panic!("malformed start line {line:?} in {}", starts.display()));
+            let pid = life.pid;
+            let index = {
+                let mut lives = lives.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                lives.push(life);
+                lives.len() - 1
+            };
+            // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            if fd < 0 {
+                let error = std::io::Error::last_os_error();
+                assert_eq!(error.raw_os_error(), Some(libc::ESRCH), "pidfd_open({pid}): {error}");
+                record(index, false);
+                continue;
+            }
+            // SAFETY: a new fd that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            // Checked after the pidfd is open, so the pidfd is of the process checked: a zombie
+            // (empty command line) or a reused pid counts as gone now.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(program) {
+                watched.push((fd, index));
+            } else {
+                record(index, false);
+            }
+        }
+        let mut polled: Vec<libc::pollfd> = watched
+            .iter()
+            .map(|(fd, _)| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
+        // SAFETY: `polled` is a valid array of `polled.len()` pollfds (with none, a timed sleep).
+        let ready = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, WATCH_EVERY_MS) };
+        if ready < 0 {
+            let error = std::io::Error::last_os_error();
+            assert_eq!(error.raw_os_error(), Some(libc::EINTR), "poll: {error}");
+            continue;
+        }
+        if ready > 0 {
+            let exited: Vec<bool> = polled.iter().map(|p| p.revents != 0).collect();
+            let mut exited = exited.into_iter();
+            watched.retain(|(_, index)| {
+                let gone = exited.next().unwrap_or(false);
+                if gone {
+                    record(*index, true);
+                }
+                !gone
+            });
+        }
+    }
+}
+
+/// A scenario's directory (configs, logs, agent scripts and records): removed at the end, kept
+/// (and its path printed) when `WORKER_CHAOS_KEEP` is set, to read the logs of a failure.
+pub fn scenario_dir() -> tempfile::TempDir {
+    let keep = std::env::var_os("WORKER_CHAOS_KEEP").is_some();
+    let dir = tempfile::Builder::new()
+        .prefix("worker-chaos-")
+        .disable_cleanup(keep)
+        .tempdir()
+        .expect("scenario dir");
+    if keep {
+        eprintln!("scenario files kept in {}", dir.path().display());
+    }
+    dir
+}

@@ -55,10 +55,13 @@ impl Worker {
         let meter = opentelemetry::global::meter("chats-tests");
         let rt = Runtime::for_worker(db.clone(), Health::default(), &meter, settings, me.clone());
         WorkerLease::new(db.clone(), me.clone(), WorkersConfig::default())
+            .publishing_to(rt.lease_publisher())
             .register()
             .await
             .expect("register");
-        let chats = ChatLoops::new(&rt, config, &meter).expect("agent configured");
+        let chats = ChatLoops::new(&rt, config, &meter, std::path::Path::new(env!("CARGO_BIN_EXE_worker")))
+            .await
+            .expect("agent configured");
         Self { rt, chats, id: me.id, db }
     }
 
