@@ -93,6 +93,19 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     };
     if config.chats.enabled {
         // The chat heartbeat is the one loop that writes the lease.
+        if nix::unistd::geteuid().is_root() && config.chats.runner.user.is_none() {
+            // Agents would run as root: nothing between them and the machine.
+            anyhow::ensure!(
+                config.app.env != "production",
+                "the worker runs as root and chats.runner.user is not set: agents would run as root; \
+                 set chats.runner.user to an unprivileged user (or run the worker as one)"
+            );
+            // Development machines often run everything as root; said once, not as a warning.
+            tracing::info!(
+                "the worker runs as root and chats.runner.user is not set: agents run as root \
+                 (refused when app.env = production)"
+            );
+        }
         let guard_program = std::env::current_exe()?;
         let chats = ChatLoops::new(&runtime, config.chats.clone(), &meter, &guard_program).await?;
         runtime.spawn(chats.heartbeat(publishing_lease()));

@@ -237,3 +237,31 @@ fn config_check_refuses_passing_the_workers_secrets() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("chats.runner.user") && stderr.contains("root"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_root_worker_in_production_refuses_to_run_agents_as_root() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // only a root worker can be asked this
+    }
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = WorkerConfig::for_test(&test_db)
+        .set("app.env", "production")
+        .set("health.listen", format!("127.0.0.1:{}", free_port()))
+        .set("chats.enabled", true)
+        .set("chats.runner.command", toml::Value::Array(vec!["/bin/cat".into()]));
+    let path = dir.path().join("worker.toml");
+    std::fs::write(&path, config.to_toml()).expect("write config");
+    let mut command = std::process::Command::new(BIN);
+    for key in inherited_overrides() {
+        command.env_remove(key);
+    }
+    let output = command
+        .args(["run", "--config", path.to_str().expect("utf-8")])
+        .current_dir(repo_path(""))
+        .output()
+        .expect("run worker");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("chats.runner.user"), "{stderr}");
+}
