@@ -206,35 +206,31 @@ async fn an_agent_of_the_same_user_cannot_read_the_non_dumpable_worker() {
     assert_walled_off(&report);
 }
 
-#[test]
-fn config_check_refuses_passing_the_workers_secrets() {
-    for (name, index_key) in
-        [("DATABASE_URL", "0"), ("WORKER__DATABASE__URL", "0"), ("OTEL_EXPORTER_OTLP_HEADERS", "0")]
-    {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("worker.toml");
-        std::fs::write(&path, format!("[chats.runner]\npass_env = [\"{name}\"]\n")).expect("write");
-        let output = std::process::Command::new(BIN)
-            .args(["--config", path.to_str().expect("utf-8"), "config", "check"])
-            .env_remove("WORKER_CONFIG")
-            .output()
-            .expect("run worker");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
-        assert!(
-            stderr.contains(&format!("chats.runner.pass_env.{index_key}")) && stderr.contains(name),
-            "{name}: {stderr}"
-        );
-    }
+/// `worker config check` of a config file holding `toml`.
+fn config_check(toml: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("worker.toml");
-    std::fs::write(&path, "[chats.runner]\nuser = \"root\"\n").expect("write");
+    std::fs::write(&path, toml).expect("write");
     let output = std::process::Command::new(BIN)
         .args(["--config", path.to_str().expect("utf-8"), "config", "check"])
         .env_remove("WORKER_CONFIG")
         .output()
         .expect("run worker");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn config_check_refuses_passing_the_workers_secrets() {
+    for name in ["DATABASE_URL", "WORKER__DATABASE__URL", "OTEL_EXPORTER_OTLP_HEADERS"] {
+        let (code, stderr) =
+            config_check(&format!("[chats.runner]\npass_env = [\"GITHUB_TOKEN\", \"{name}\"]\n"));
+        assert_eq!(code, Some(1), "{name}: {stderr}");
+        assert!(stderr.contains("chats.runner.pass_env.1") && stderr.contains(name), "{name}: {stderr}");
+    }
+    let (code, stderr) = config_check("[chats.runner]\npass_env = [\"GITHUB_TOKEN\"]\n");
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = config_check("[chats.runner]\nuser = \"root\"\n");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("chats.runner.user") && stderr.contains("root"), "{stderr}");
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use chaos_support::{
     AgentLife, AgentWatcher, FreezingProxy, LIMIT, Replica, WorkerConfig, agent, agent_script, agents_of,
-    realtime_ns, record_start, report,
+    realtime_ns, record_start, report, seed_pending_chats, within, worker_id,
 };
 use common::TestDb;
 use tokio_postgres::types::Type;
@@ -36,53 +36,6 @@ const STALE_AFTER_S: u64 = 9;
 /// The single int8 a query returns.
 async fn scalar(db: &impl Exec, sql: &str) -> i64 {
     db.fetch_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
-
-/// `n` new chats, each made `pending` by a first user message (the producer API); the database
-/// must hold no other chat. With `titles`, chat `g` (1-based) gets `titles[g % titles.len()]`.
-async fn seed_pending_chats(db: &impl Exec, n: i64, titles: &[&str]) {
-    let titles: Vec<String> = titles.iter().map(|t| (*t).to_owned()).collect();
-    let inserted = db
-        .exec(
-            "INSERT INTO chats (owner_id, title) \
-             SELECT gen_random_uuid(), coalesce(($2::text[])[(g % greatest(cardinality($2::text[]), 1))::int4 + 1], '') \
-             FROM generate_series(1, $1::int8) AS g",
-            &[(&n, Type::INT8), (&titles, Type::TEXT_ARRAY)],
-        )
-        .await
-        .expect("insert chats");
-    assert_eq!(inserted, n as u64);
-    let posted =
-        scalar(db, "SELECT count(post_chat_message(id, 'user', '\"hello\"'::jsonb))::int8 FROM chats").await;
-    assert_eq!(posted, n, "one user message per chat");
-}
-
-/// The replica's worker id, as its `/readyz` shows it.
-async fn worker_id(replica: &Replica) -> Uuid {
-    replica.ready().await;
-    let (_, body) = replica.readyz().await.expect("/readyz answers");
-    body["worker_id"]
-        .as_str()
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("{}: no worker_id in /readyz: {body}", replica.name))
-}
-
-/// Waits up to `limit` for `check`; whether it came true (the caller reports before failing).
-async fn within<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The chats config shared by the boundary scenarios.

@@ -14,10 +14,11 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use chaos_support::{LIMIT, Replica, WorkerConfig, agent, agents_of, peak_while, report};
+use chaos_support::{
+    LIMIT, Replica, WorkerConfig, agent, agents_of, peak_while, report, seed_pending_chats, worker_id,
+};
 use chats_support::alive;
 use common::{TestDb, eventually};
-use tokio_postgres::types::Type;
 use uuid::Uuid;
 use worker::db::{Db, Exec};
 
@@ -28,33 +29,6 @@ async fn scalar(db: &impl Exec, sql: &str) -> i64 {
 
 async fn pooled_scalar(db: &Db, sql: &str) -> i64 {
     scalar(&db.get().await.expect("conn"), sql).await
-}
-
-/// `n` new chats, each made `pending` by a first user message through `post_chat_message` (the
-/// producer API): two statements, whatever `n`. The database must hold no other chat.
-async fn seed_pending_chats(db: &impl Exec, n: i64) {
-    let inserted = db
-        .exec(
-            "INSERT INTO chats (owner_id) SELECT gen_random_uuid() FROM generate_series(1, $1::int8)",
-            &[(&n, Type::INT8)],
-        )
-        .await
-        .expect("insert chats");
-    assert_eq!(inserted, n as u64);
-    let posted =
-        scalar(db, "SELECT count(post_chat_message(id, 'user', '\"hello\"'::jsonb))::int8 FROM chats").await;
-    // Each post made its chat `pending` (a running worker may have claimed some already).
-    assert_eq!(posted, n, "one user message per chat");
-}
-
-/// The replica's worker id, as its `/readyz` shows it.
-async fn worker_id(replica: &Replica) -> Uuid {
-    replica.ready().await;
-    let (_, body) = replica.readyz().await.expect("/readyz answers");
-    body["worker_id"]
-        .as_str()
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("{}: no worker_id in /readyz: {body}", replica.name))
 }
 
 /// The lines of a file the agents append to (none when it was never written).
@@ -152,7 +126,7 @@ async fn scenario_5_a_replica_sigkilled_mid_turn_leaves_no_chat_stuck_and_none_r
     let mut a = Replica::start(dir.path(), "replica-a", &config);
     let mut b = Replica::start(dir.path(), "replica-b", &config);
     let (a_id, b_id) = (worker_id(&a).await, worker_id(&b).await);
-    seed_pending_chats(&test_db.db.get().await.expect("conn"), CHATS).await;
+    seed_pending_chats(&test_db.db.get().await.expect("conn"), CHATS, &[]).await;
 
     // Mid-turn: every chat running, and its agent has answered once and waits at the gate.
     eventually(LIMIT, "all chats running with a first answer", || async {
@@ -340,7 +314,7 @@ async fn scenario_8_max_running_bounds_agents_and_pool_size_bounds_connections()
     // used here, so every other client backend of the database is the worker's).
     let probe =
         worker::db::connect_direct(&test_db.url, "worker-chaos-probe").await.expect("probe connection");
-    seed_pending_chats(&probe, CHATS).await;
+    seed_pending_chats(&probe, CHATS, &[]).await;
     assert_eq!(scalar(&probe, "SELECT count(*)::int8 FROM chats WHERE status = 'pending'").await, CHATS);
     // The first wave of agents waits at a gate the test holds until the worker has been at full
     // capacity for a few acquire ticks (where an over-claim would show); then every turn is short.

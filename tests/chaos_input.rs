@@ -20,7 +20,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chaos_support::{LIMIT, Replica, WorkerConfig, agent, redis_client, report, scalar};
+use chaos_support::{LIMIT, Replica, WorkerConfig, agent, redis_client, report, scalar, within};
 use chats_support::{chat, messages, pending_chat};
 use common::process::{BIN, inherited_overrides, readyz};
 use common::{TestDb, eventually};
@@ -950,25 +950,6 @@ case "$input" in
     exit 1 ;;
 esac"#;
 
-/// Polls `check` every 100 ms for at most `limit`; whether it came true. For conditions the
-/// scenario expects but must report on (not fail at once) when they never hold.
-async fn holds_within<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The PR `owner/repo#number` on branch `branch` with `title`, as GitHub's example payload.
 fn pull_request_titled(owner: &str, repo: &str, number: i64, branch: &str, title: &str) -> String {
     let mut pr: serde_json::Value = serde_json::from_str(&fixture("pull-request.json")).expect("fixture");
@@ -1028,7 +1009,7 @@ async fn scenario_7c_poison_values_the_database_refuses_end_in_a_named_error_not
     exec(db, "SELECT enqueue_task('behind-the-poison', 'q-poison', '{}')", &[]).await.expect("enqueue");
     let started = Instant::now();
 
-    let chats_settled = holds_within(WITHIN, || async {
+    let chats_settled = within(WITHIN, || async {
         for id in &chats {
             let row = chat(db, *id).await;
             if row.status != "error" || row.last_error.is_none() {
@@ -1039,7 +1020,7 @@ async fn scenario_7c_poison_values_the_database_refuses_end_in_a_named_error_not
     })
     .await;
     // The NUL becomes U+FFFD in the stored title (text::storable): the status is written.
-    let row_settled = holds_within(Duration::from_secs(5), || async {
+    let row_settled = within(Duration::from_secs(5), || async {
         diff_status(db, row).await.is_some_and(|r| r.outcome.as_deref() == Some("ok") && !r.leased)
     })
     .await;
@@ -1051,7 +1032,7 @@ async fn scenario_7c_poison_values_the_database_refuses_end_in_a_named_error_not
         .await
         .expect("title")
         .get(0);
-    let behind_delivered = holds_within(Duration::from_secs(5), || async {
+    let behind_delivered = within(Duration::from_secs(5), || async {
         let score: Option<f64> = redis
             .zscore(worker::redis::key(&prefix, "sched", "q-poison"), "behind-the-poison")
             .await

@@ -484,12 +484,7 @@ where
 
 /// A shell script agent in `dir` (see `tests/chats_support` for the protocol).
 pub fn agent(dir: &Path, name: &str, body: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write agent");
-    let mut permissions = std::fs::metadata(&path).expect("stat").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
-    std::fs::set_permissions(&path, permissions).expect("chmod");
-    path.to_string_lossy().into_owned()
+    agent_script(dir, name, "/bin/sh", body)
 }
 
 /// Like [`agent`], with another interpreter on the `#!` line (e.g. `/bin/bash` for its builtin
@@ -726,4 +721,54 @@ pub fn scenario_dir() -> tempfile::TempDir {
         eprintln!("scenario files kept in {}", dir.path().display());
     }
     dir
+}
+
+/// `n` new chats, each made `pending` by a first user message (the producer API); the database
+/// must hold no other chat. With `titles`, chat `g` (1-based) gets `titles[g % titles.len()]`.
+pub async fn seed_pending_chats(db: &impl Exec, n: i64, titles: &[&str]) {
+    let titles: Vec<String> = titles.iter().map(|t| (*t).to_owned()).collect();
+    let inserted = db
+        .exec(
+            "INSERT INTO chats (owner_id, title) \
+             SELECT gen_random_uuid(), coalesce(($2::text[])[(g % greatest(cardinality($2::text[]), 1))::int4 + 1], '') \
+             FROM generate_series(1, $1::int8) AS g",
+            &[(&n, tokio_postgres::types::Type::INT8), (&titles, tokio_postgres::types::Type::TEXT_ARRAY)],
+        )
+        .await
+        .expect("insert chats");
+    assert_eq!(inserted, n as u64);
+    let posted: i64 = db
+        .fetch_one("SELECT count(post_chat_message(id, 'user', '\"hello\"'::jsonb))::int8 FROM chats", &[])
+        .await
+        .expect("post the first messages")
+        .get(0);
+    assert_eq!(posted, n, "one user message per chat");
+}
+
+/// The replica's worker id, as its `/readyz` shows it.
+pub async fn worker_id(replica: &Replica) -> uuid::Uuid {
+    replica.ready().await;
+    let (_, body) = replica.readyz().await.expect("/readyz answers");
+    body["worker_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("{}: no worker_id in /readyz: {body}", replica.name))
+}
+
+/// Waits up to `limit` for `check`; whether it came true (the caller reports before failing).
+pub async fn within<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
