@@ -622,6 +622,14 @@ impl Config {
         self.chats.validate().map_err(|v| v.under("chats"))?;
         if self.chats.enabled {
             self.chats.check_lease_margin(self.runtime.jitter).map_err(|v| v.under("chats"))?;
+            // Recovery takes the chats of a worker whose row is gone at once: a row reaped
+            // before its lease is stale would hand out chats whose agents still run.
+            check(
+                self.workers.retention > self.chats.stale_after,
+                "workers.retention",
+                humantime::format_duration(self.workers.retention),
+                "more than chats.stale_after (a dead worker's row must outlive its lease)",
+            )?;
             // The lease renews on a connection of its own (see `daemon`), out of the shared pool.
             check(
                 self.database.pool_size >= 2,
@@ -651,6 +659,10 @@ impl Config {
         redacted.database.listen_url = redacted.database.listen_url.as_deref().map(redact_url);
         redacted.database.migrate_url = redacted.database.migrate_url.as_deref().map(redact_url);
         redacted.redis.url = redact_url(&redacted.redis.url);
+        // The agent's own variables may be credentials (a model API key): names only.
+        for value in redacted.chats.runner.env.values_mut() {
+            *value = "<redacted>".into();
+        }
         let keys = redacted.gitsync.token_keys.iter().map(|k| k.redacted());
         redacted.gitsync.token_keys = keys.map(crate::gitsync::TokenKeySecret::new).collect();
         match toml::Table::try_from(&redacted) {
@@ -1056,6 +1068,21 @@ mod tests {
         assert_eq!(err.key(), Some("database.pool_size"), "{err}");
         inputs.env.insert("WORKER__PREBUILDS__ENABLED".into(), "false".into());
         assert!(load(&inputs).is_ok(), "fine without the reconciler");
+    }
+
+    #[test]
+    fn with_chats_a_dead_workers_row_must_outlive_its_lease_and_runner_env_values_are_redacted() {
+        let mut config = Config::default();
+        config.chats.enabled = true;
+        config.chats.runner.command = vec!["/bin/cat".into()];
+        assert_eq!(config.validate(), Ok(()));
+        config.workers.retention = Duration::from_secs(120);
+        let refused = config.validate().expect_err("retention under stale_after");
+        assert_eq!(refused.key, "workers.retention");
+        config.workers.retention = Duration::from_secs(3600);
+        config.chats.runner.env.insert("MODEL_API_KEY".into(), "sk-secret".into());
+        let printed = config.render(&BTreeMap::new());
+        assert!(printed.contains("MODEL_API_KEY") && !printed.contains("sk-secret"), "{printed}");
     }
 
     #[test]

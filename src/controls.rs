@@ -22,6 +22,11 @@ const LIST: &str = "SELECT loop_name, paused, coalesce(reason, ''), coalesce(upd
 pub enum ControlError {
     #[error("unknown loop `{name}`; known loops: {}", loops::names().join(", "))]
     UnknownLoop { name: String },
+    #[error(
+        "loop `{name}` cannot be paused: it renews this fleet's leases, and without them every \
+         agent is killed and every chat recovered elsewhere"
+    )]
+    NotPausable { name: String },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -42,8 +47,12 @@ pub async fn set_paused(
     reason: Option<&str>,
     who: &str,
 ) -> Result<(), ControlError> {
-    if loops::find(name).is_none() {
-        return Err(ControlError::UnknownLoop { name: name.to_owned() });
+    match loops::find(name) {
+        None => return Err(ControlError::UnknownLoop { name: name.to_owned() }),
+        Some(info) if paused && !info.pausable => {
+            return Err(ControlError::NotPausable { name: name.to_owned() });
+        }
+        Some(_) => {}
     }
     let conn = db.get().await?;
     let channel = crate::runtime::pauses::CHANNEL;

@@ -11,6 +11,8 @@ pub struct LoopInfo {
     /// The config table with this loop's `enabled`, interval and limits.
     pub config_table: &'static str,
     pub about: &'static str,
+    /// Whether `worker loop pause` may stop it (its `Schedule::pausable` says the same).
+    pub pausable: bool,
 }
 
 pub const ALL: &[LoopInfo] = &[
@@ -18,37 +20,50 @@ pub const ALL: &[LoopInfo] = &[
         name: workers::NAME,
         config_table: "workers",
         about: "this worker's lease row in `workers` (when chats are disabled)",
+        pausable: true,
     },
     LoopInfo {
         name: heartbeat::NAME,
         config_table: "chats",
         about: "the lease row plus the set difference of running and owned chats (chats enabled)",
+        // Paused, the lease would lapse and every agent of the fleet be killed.
+        pausable: false,
     },
     LoopInfo {
         name: acquire::NAME,
         config_table: "chats",
         about: "claims pending chats and starts their runners",
+        pausable: true,
     },
     LoopInfo {
         name: recover::NAME,
         config_table: "chats",
         about: "returns running chats of dead workers to pending",
+        pausable: true,
     },
-    LoopInfo { name: outbox::NAME, config_table: "outbox", about: "task_outbox rows into Redis sorted sets" },
+    LoopInfo {
+        name: outbox::NAME,
+        config_table: "outbox",
+        about: "task_outbox rows into Redis sorted sets",
+        pausable: true,
+    },
     LoopInfo {
         name: counters::NAME,
         config_table: "counters",
         about: "Redis running-task counters into jobs.running_tasks",
+        pausable: true,
     },
     LoopInfo {
         name: gitsync::NAME,
         config_table: "gitsync",
         about: "pull-request status of each chat's branch into chat_diff_statuses",
+        pausable: true,
     },
     LoopInfo {
         name: prebuilds::NAME,
         config_table: "prebuilds",
         about: "keeps each preset's prebuilt workspaces at the desired count (leader only)",
+        pausable: true,
     },
 ];
 

@@ -381,3 +381,21 @@ async fn an_agent_outlives_the_thread_that_spawned_it() {
     );
     assert!(turn.finish().await.expect("exit 0").success());
 }
+
+#[tokio::test]
+async fn the_agent_leads_a_session_of_its_own_and_cannot_leave_its_process_group() {
+    // A leader that moved itself into another group would dodge every killpg of its turn.
+    let agent = python(
+        "import json, os, sys\n\
+         sys.stdin.read()\n\
+         try:\n    os.setpgid(0, 0)\n    moved = 'moved'\n\
+         except OSError as e:\n    moved = type(e).__name__\n\
+         print(json.dumps({'type': 'message', 'role': 'assistant', 'content': \
+           [os.getsid(0) == os.getpid(), os.getpgid(0) == os.getpid(), moved]}), flush=True)",
+    );
+    let mut turn = start(&agent).await;
+    let (seen, error) = events(&mut turn).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(seen, vec![assistant(json!([true, true, "PermissionError"]))]);
+    turn.finish().await.expect("exit 0");
+}

@@ -64,6 +64,22 @@ async fn the_input_is_the_newest_messages_that_fit_and_says_how_many_were_droppe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newest_message_larger_than_the_input_bound_ends_in_input_limit_without_an_agent() {
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cfg = config(document_keeper(dir.path()));
+    cfg.runner.max_input_bytes = 4096;
+    let w = Worker::start(test_db.db.clone(), cfg).await;
+    let id = pending_chat(&test_db.db, &"x".repeat(10_000)).await;
+    w.chats.acquire().tick(&Tick::detached(&test_db.db)).await.expect("acquire");
+    let row = wait_status(&test_db.db, id, "error").await;
+    let error = row.last_error.expect("last_error");
+    assert!(error.contains("input_limit") && error.contains("max_input_bytes"), "{error}");
+    assert!(!dir.path().join(format!("{id}.json")).exists(), "no agent was started");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_writing_past_its_output_bound_ends_in_output_limit() {
     let test_db = TestDb::new().await;
     let dir = tempfile::tempdir().expect("dir");

@@ -713,5 +713,10 @@ async fn a_pause_is_pushed_by_notify_and_takes_effect_at_the_next_tick_despite_t
     tokio::time::timeout(LIMIT, received.wait_for(|n| *n > seen)).await.expect("notified").expect("watch");
     assert_eq!(runner.tick_once().await.outcome, Outcome::Ok);
     assert_eq!(state.started(), 3);
+    let refused = worker::controls::set_paused(&test_db.db, "chats_heartbeat", true, None, "tests").await;
+    assert!(
+        matches!(refused, Err(worker::controls::ControlError::NotPausable { .. })),
+        "the lease loop cannot be paused: {refused:?}"
+    );
     stop.cancel();
 }

@@ -311,18 +311,20 @@ impl Agent {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // A group of its own: one signal reaches the agent and everything it started.
-            .process_group(0)
+            // A session (and so a group) of its own, made in `pre_exec` by setsid: one signal
+            // reaches the agent and everything it started, and a session leader cannot move
+            // itself into another group to dodge it.
             // Backstop for the leader; `AgentTurn`'s Drop kills the whole group.
             .kill_on_drop(true);
         let parent = Pid::this();
         let setup = self.boundary.child_setup().map_err(spawn_error)?;
         let rlimits = self.resource_limits.rlimits();
-        // SAFETY: runs in the forked child before exec. It only makes syscalls (setgroups,
+        // SAFETY: runs in the forked child before exec. It only makes syscalls (setsid, setgroups,
         // setgid, setuid, close_range or fcntl, setrlimit, prctl, getppid: all
         // async-signal-safe) and builds io::Errors from raw errnos, which does not allocate.
         unsafe {
             command.pre_exec(move || {
+                nix::unistd::setsid()?;
                 setup.become_agent_user()?;
                 boundary::close_inherited_descriptors()?;
                 // After the user switch: RLIMIT_NPROC then counts the agent user's processes
@@ -540,7 +542,7 @@ fn parse_event(line: &[u8]) -> Result<Option<AgentEvent>, String> {
 pub struct AgentTurn {
     chat_id: Uuid,
     child: Child,
-    /// The leader's pid, which is the group id (`process_group(0)`).
+    /// The leader's pid, which is the group and session id (setsid before exec).
     pgid: Pid,
     /// `None` once EOF or an error ended the output: nothing more is delivered.
     stdout: Option<BufReader<ChildStdout>>,
@@ -737,6 +739,11 @@ impl AgentTurn {
     }
 
     fn signal_group(&self, signal: Signal) -> Result<(), AgentError> {
+        if self.exit.is_none() {
+            // The leader by pid too (it is ours and not reaped, so the pid is its own): even a
+            // leader that somehow left its group is reached.
+            let _ = nix::sys::signal::kill(self.pgid, signal);
+        }
         match killpg(self.pgid, signal) {
             // Already gone (or only zombies left): nothing to signal.
             Ok(()) | Err(Errno::ESRCH) => Ok(()),

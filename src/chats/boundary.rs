@@ -139,6 +139,9 @@ impl AgentBoundary {
     pub fn child_setup(&self) -> io::Result<ChildSetup> {
         let user = match &self.user {
             None => None,
+            // Already that user and group: nothing to change (and an unprivileged worker could
+            // not call setgroups).
+            Some(user) if user.uid == nix::unistd::geteuid() && user.gid == nix::unistd::getegid() => None,
             Some(user) => {
                 let name = CString::new(user.name.as_str()).map_err(io::Error::other)?;
                 Some((name, user.uid, user.gid))

@@ -115,7 +115,22 @@ impl Watched {
                 0,
             )
         };
-        probe == 0 && killpg(Pid::from_raw(self.pgid), Signal::SIGKILL).is_ok()
+        if probe != 0 {
+            return false;
+        }
+        // The leader itself through its pidfd (cannot reach another process), then its group.
+        // SAFETY: as above, with SIGKILL.
+        unsafe {
+            nix::libc::syscall(
+                nix::libc::SYS_pidfd_send_signal,
+                leader.as_raw_fd(),
+                nix::libc::SIGKILL,
+                std::ptr::null::<nix::libc::siginfo_t>(),
+                0,
+            );
+        }
+        let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
+        true
     }
 }
 
@@ -139,6 +154,19 @@ impl GuardState {
         }
     }
 
+    /// Kills every watched agent if the deadline has passed (and forgets the deadline).
+    fn enforce(&mut self, worker: Pid) {
+        if let Some(deadline) = self.deadline
+            && boottime_ns() >= deadline
+        {
+            let killed = self.kill_all(false);
+            eprintln!(
+                "agent-guard: the worker (pid {worker}) did not renew its lease in time; killed {killed} agent process group(s)"
+            );
+            self.deadline = None;
+        }
+    }
+
     /// Kills every watched agent; returns how many groups were signalled.
     fn kill_all(&mut self, unchecked: bool) -> usize {
         self.watched.values().filter(|w| w.kill(unchecked)).count()
@@ -156,20 +184,13 @@ pub fn run() -> i32 {
     let mut pending: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let now = boottime_ns();
-        if let Some(deadline) = state.deadline
-            && now >= deadline
-        {
-            let killed = state.kill_all(false);
-            eprintln!(
-                "agent-guard: the worker (pid {parent}) did not renew its lease in time; killed {killed} agent process group(s)"
-            );
-            state.deadline = None;
-        }
+        state.enforce(parent);
+        // At most a second between looks at the clock: poll counts on CLOCK_MONOTONIC, which
+        // stands still while the machine sleeps, the deadline on CLOCK_BOOTTIME, which does not.
         let timeout = match state.deadline {
             None => nix::poll::PollTimeout::NONE,
             Some(deadline) => {
-                let ms = deadline.saturating_sub(now).div_ceil(1_000_000).min(60_000);
+                let ms = deadline.saturating_sub(boottime_ns()).div_ceil(1_000_000).min(1_000);
                 nix::poll::PollTimeout::try_from(ms as i32).unwrap_or(nix::poll::PollTimeout::MAX)
             }
         };
@@ -189,6 +210,9 @@ pub fn run() -> i32 {
             state.kill_all(true);
             return 0;
         }
+        // A deadline that passed while the guard could not run (frozen with the worker) is
+        // enforced before any newer one replaces it.
+        state.enforce(parent);
         pending.extend_from_slice(&chunk[..n]);
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
@@ -346,9 +370,14 @@ async fn spawn(program: &Path) -> Result<GuardProcess, GuardError> {
         .stderr(std::process::Stdio::inherit());
     // Not killed on drop: dropping the handle closes its stdin, and at that EOF the guard kills
     // whatever agent is still watched, then exits (tokio reaps it).
-    // SAFETY: only syscalls in the child (close_range/fcntl), see `boundary`.
+    // SAFETY: only syscalls in the child (setsid, close_range/fcntl), see `boundary`.
     unsafe {
-        command.pre_exec(super::boundary::close_inherited_descriptors);
+        command.pre_exec(|| {
+            // A session of its own: a signal to the worker's group (a shell's Ctrl-Z,
+            // `kill -STOP -<pgid>`) does not freeze the guard with the worker.
+            nix::unistd::setsid()?;
+            super::boundary::close_inherited_descriptors()
+        });
     }
     let mut child = super::agent::spawn_from_long_lived_thread(command).await.map_err(spawn_error)?;
     let stdin = child.stdin.take().ok_or_else(|| spawn_error(io::Error::other("no stdin pipe")))?;

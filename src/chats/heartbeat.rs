@@ -138,12 +138,6 @@ impl LoopError for HeartbeatError {
             HeartbeatError::Guard(_) => true,
         }
     }
-
-    /// The lease is retried at its interval, never later: a backoff would eat the margin
-    /// `stale_after` keeps for one failed renewal.
-    fn backoff_cap(&self) -> Option<Duration> {
-        Some(Duration::ZERO)
-    }
 }
 
 /// What one heartbeat did.
@@ -158,7 +152,15 @@ impl Heartbeat {
     /// One heartbeat (see the module doc).
     pub async fn beat(&self) -> Result<HeartbeatReport, HeartbeatError> {
         let started = Instant::now();
-        let epoch = self.ctx.lease.current().epoch;
+        let before = self.ctx.lease.current();
+        let epoch = before.epoch;
+        if before.renewed_at.is_some_and(|renewed_at| {
+            tokio::time::Instant::now() >= renewed_at + self.ctx.config.guard_budget()
+        }) {
+            // This worker stalled past its lease (frozen, starved): its chats may run elsewhere
+            // by now, whatever this renewal finds. Its runners have stopped, or stop now.
+            self.runners.stop_all(InterruptCause::Lease);
+        }
         self.lease.renew().await?;
         let lease = self.ctx.lease.current();
         if lease.epoch != epoch {
@@ -229,9 +231,12 @@ impl Loop for Heartbeat {
     }
 
     fn schedule(&self) -> Schedule {
-        // A heartbeat still running when the next is due has failed its purpose.
+        // A heartbeat still running when the next is due has failed its purpose. A late
+        // renewal eats the margin `stale_after` keeps (see `ChatsConfig::min_stale_after`), so
+        // no backoff after a failure or a timeout, and no pause (a paused lease kills every
+        // agent of the fleet).
         let interval = self.ctx.config.heartbeat_interval;
-        Schedule::every(interval, interval)
+        Schedule::every(interval, interval).without_backoff().unpausable()
     }
 
     async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, HeartbeatError> {

@@ -190,6 +190,8 @@ enum Ending {
     /// The turn wrote more than `max_output_messages` events or `max_output_bytes`: the agent
     /// is stopped, what it wrote before stays, the event over the bound is not stored.
     OutputLimit(String),
+    /// Not even the newest message fits the input bound: no agent is started.
+    InputLimit(String),
     /// The database refused what the agent wrote (a value it cannot store): running the turn
     /// again would fail again, so the chat ends `error` naming it.
     Unstorable(DbError),
@@ -206,6 +208,7 @@ impl Ending {
             Ending::Database(_) => "db_error",
             Ending::WriteTimedOut(_) => "db_timeout",
             Ending::OutputLimit(_) => "output_limit",
+            Ending::InputLimit(_) => "input_limit",
             Ending::Unstorable(_) => "unstorable_output",
         }
     }
@@ -216,7 +219,12 @@ impl Ending {
 pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, mut stop: StopSignal<InterruptCause>) {
     let fence = Fence { chat: chat.id, worker: ctx.worker_id, generation: chat.generation };
     let started_epoch = ctx.lease.current().epoch;
-    let ending = turn(&ctx, &chat, &fence, &mut stop, started_epoch).await;
+    let ending = match turn(&ctx, &chat, &fence, &mut stop, started_epoch).await {
+        // Killed by the lease guard (this worker stalled past its lease), not the agent's own
+        // failure: the chat goes back to the queue, not to `error`.
+        Ending::Failed(_) if lease_expired(&ctx) => Ending::Interrupted(InterruptCause::Lease),
+        ending => ending,
+    };
     let settled = match tokio::time::timeout(ctx.write_budget(), settle(&ctx, &fence, &ending)).await {
         Ok(settled) => settled.map_err(|e| e.to_string()),
         Err(_elapsed) => Err(format!("no answer within {:?}", ctx.write_budget())),
@@ -238,8 +246,8 @@ pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, mut stop: StopSignal<In
         (Ending::Failed(error), Ok(())) => {
             tracing::warn!(chat_id = %chat.id, generation = chat.generation, error_kind = error.metric_label(), %error, "turn failed");
         }
-        (Ending::OutputLimit(what), Ok(())) => {
-            tracing::warn!(chat_id = %chat.id, generation = chat.generation, %what, "turn failed: output limit");
+        (Ending::OutputLimit(what) | Ending::InputLimit(what), Ok(())) => {
+            tracing::warn!(chat_id = %chat.id, generation = chat.generation, outcome = ending.label(), %what, "turn failed");
         }
         (Ending::Unstorable(error), Ok(())) => {
             tracing::warn!(chat_id = %chat.id, generation = chat.generation, %error, "turn failed: the agent's output cannot be stored");
@@ -267,12 +275,19 @@ async fn turn(
     epoch: u64,
 ) -> Ending {
     let max_input = ctx.config.runner.max_input_bytes;
-    let (input, last_seen) = match ctx.bounded(input_document(&ctx.db, chat, max_input)).await {
+    let input = match ctx.bounded(input_document(&ctx.db, chat, max_input)).await {
         Ok(input) => input,
         Err(ending) => return ending,
     };
+    if input.kept == 0 && input.dropped > 0 {
+        // Not even the newest message fits: the agent would answer without the question.
+        return Ending::InputLimit(format!(
+            "the newest message does not fit chats.runner.max_input_bytes ({max_input} bytes)"
+        ));
+    }
+    let last_seen = input.last_seen;
     // The document moves to the task writing it to stdin and is freed once written.
-    let mut agent = match ctx.agent.spawn_document(chat.id, chat.generation, input).await {
+    let mut agent = match ctx.agent.spawn_document(chat.id, chat.generation, input.bytes).await {
         Ok(agent) => agent,
         Err(error) => return Ending::Failed(error),
     };
@@ -335,10 +350,28 @@ async fn turn(
             Some(Err(ending)) => return stop(&mut agent, ctx, ending).await,
         }
     }
-    match agent.finish().await {
-        Ok(_) => finish(ctx, fence, last_seen).await,
-        Err(error) => Ending::Failed(error),
+    // The agent closed its output; it may still run (finish waits up to the turn's deadline),
+    // so the wait races the stop signal and the watchdog too. Dropping the unfinished `finish`
+    // drops the turn, which SIGKILLs the agent's group.
+    let finished = tokio::select! {
+        biased;
+        _ = signal.stopped() => Err(Ending::Interrupted(signal.cause().unwrap_or(SHUTDOWN_CAUSE))),
+        _ = &mut watchdog => Err(Ending::Interrupted(InterruptCause::Lease)),
+        finished = agent.finish() => Ok(finished),
+    };
+    match finished {
+        Ok(Ok(_)) => finish(ctx, fence, last_seen).await,
+        Ok(Err(error)) => Ending::Failed(error),
+        Err(interrupted) => interrupted,
     }
+}
+
+/// Whether the guard's deadline (the last renewal's start + `stale_after` − margin) has passed.
+fn lease_expired(ctx: &RunnerContext) -> bool {
+    ctx.lease
+        .current()
+        .renewed_at
+        .is_none_or(|renewed_at| tokio::time::Instant::now() >= renewed_at + ctx.config.guard_budget())
 }
 
 /// Which output bound a turn that has read `events` events in `bytes` has passed, if any.
@@ -424,6 +457,10 @@ async fn settle(ctx: &RunnerContext, fence: &Fence, ending: &Ending) -> Result<(
             let message = format!("output_limit: {what}");
             fence.write(&ctx.db, FAIL_TURN, &[(&message, Type::TEXT)]).await.map(drop)
         }
+        Ending::InputLimit(what) => {
+            let message = format!("input_limit: {what}");
+            fence.write(&ctx.db, FAIL_TURN, &[(&message, Type::TEXT)]).await.map(drop)
+        }
         Ending::Interrupted(InterruptCause::Shutdown | InterruptCause::Lease)
         | Ending::Database(_)
         | Ending::WriteTimedOut(_) => fence.write(&ctx.db, RELEASE, &[]).await.map(drop),
@@ -433,7 +470,7 @@ async fn settle(ctx: &RunnerContext, fence: &Fence, ending: &Ending) -> Result<(
 /// The agent's input: `{"chat": {...}, "dropped_messages": N, "messages": [...]}` plus a
 /// newline, at most `max_bytes` long (the newest messages that fit; `dropped_messages` older
 /// ones left out), and the newest visible message id.
-async fn input_document(db: &Db, chat: &Claimed, max_bytes: usize) -> Result<(Vec<u8>, i64), DbError> {
+async fn input_document(db: &Db, chat: &Claimed, max_bytes: usize) -> Result<InputDocument, DbError> {
     let header = json!({
         "id": chat.id,
         "owner_id": chat.owner_id,
@@ -451,29 +488,38 @@ async fn input_document(db: &Db, chat: &Claimed, max_bytes: usize) -> Result<(Ve
         tx.fetch_stream(MODEL_MESSAGES, &[(&chat.id, Type::UUID), (&budget, Type::INT8)]).await?
     );
     let mut document = Vec::new();
-    let mut last_seen = 0;
-    let mut first = true;
+    let (mut last_seen, mut dropped, mut kept) = (0, 0, 0);
     while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
         match row.try_get::<_, Option<&str>>(1)? {
             None => {
-                let dropped: i64 = row.try_get(2)?;
+                dropped = row.try_get(2)?;
                 last_seen = row.try_get(3)?;
                 document.extend_from_slice(
                     format!("{{\"chat\":{header},\"dropped_messages\":{dropped},\"messages\":[").as_bytes(),
                 );
             }
             Some(line) => {
-                if !first {
+                if kept > 0 {
                     document.push(b',');
                 }
-                first = false;
+                kept += 1;
                 document.extend_from_slice(line.as_bytes());
             }
         }
     }
     document.extend_from_slice(b"]}\n");
     db::commit(tx).await?;
-    Ok((document, last_seen))
+    Ok(InputDocument { bytes: document, last_seen, kept, dropped })
+}
+
+/// What [`input_document`] built.
+struct InputDocument {
+    /// The document, newline included.
+    bytes: Vec<u8>,
+    /// The newest visible message id, whether it fit or not.
+    last_seen: i64,
+    kept: i64,
+    dropped: i64,
 }
 
 /// Resolves when this worker must stop its runners on its own: the lease was lost (or
@@ -487,9 +533,17 @@ async fn lease_watchdog(mut lease: LeaseWatch, epoch: u64, budget: Duration) {
             return;
         }
         let Some(renewed_at) = state.renewed_at else { return };
+        let deadline = renewed_at + budget;
         tokio::select! {
-            _ = tokio::time::sleep_until(renewed_at + budget) => return,
-            _ = lease.changed() => {}
+            biased;
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = lease.changed() => {
+                // A deadline that passed while this task could not run (the worker was frozen)
+                // holds, whatever renewal came after it.
+                if tokio::time::Instant::now() >= deadline {
+                    return;
+                }
+            }
         }
     }
 }

@@ -53,11 +53,38 @@ pub struct Schedule {
     pub leader_key: Option<i64>,
     /// A NOTIFY channel whose notifications wake the loop before its interval.
     pub wake_channel: Option<&'static str>,
+    /// Ceiling of the pause after failed (or timed-out) ticks; never below the interval.
+    pub max_backoff: Duration,
+    /// Whether `worker loop pause` applies (checked before each tick, on the shared pool).
+    pub pausable: bool,
 }
 
 impl Schedule {
     pub fn every(interval: Duration, tick_timeout: Duration) -> Self {
-        Self { interval, tick_timeout, leader_key: None, wake_channel: None }
+        Self {
+            interval,
+            tick_timeout,
+            leader_key: None,
+            wake_channel: None,
+            max_backoff: MAX_ERROR_BACKOFF,
+            pausable: true,
+        }
+    }
+
+    /// After a failure or a timeout the next tick comes one interval later, as after a success:
+    /// for a loop whose lateness costs more than its retries (the lease).
+    #[must_use]
+    pub fn without_backoff(mut self) -> Self {
+        self.max_backoff = Duration::ZERO;
+        self
+    }
+
+    /// Never paused, and no pause check (a read on the shared pool) before its ticks: for a
+    /// loop whose pause would do harm (the lease: every agent would be killed).
+    #[must_use]
+    pub fn unpausable(mut self) -> Self {
+        self.pausable = false;
+        self
     }
 
     /// Leader only: the tick runs while this replica holds `pg_try_advisory_xact_lock(key)` in
@@ -430,7 +457,10 @@ impl<L: Loop> Runner<L> {
                     label: error.metric_label(),
                     message: error.to_string(),
                     transient: error.is_transient(),
-                    backoff_cap: error.backoff_cap().unwrap_or(MAX_ERROR_BACKOFF).min(MAX_ERROR_BACKOFF),
+                    backoff_cap: error
+                        .backoff_cap()
+                        .unwrap_or(MAX_ERROR_BACKOFF)
+                        .min(self.schedule.max_backoff),
                 };
                 (Outcome::Error, Progress::Done, Some(failure))
             }
@@ -443,7 +473,7 @@ impl<L: Loop> Runner<L> {
                         label: "timeout",
                         message,
                         transient: true,
-                        backoff_cap: MAX_ERROR_BACKOFF,
+                        backoff_cap: backoff_cap(&self.schedule, None),
                     }),
                 )
             }
@@ -481,7 +511,7 @@ impl<L: Loop> Runner<L> {
     }
 
     async fn attempt(&self, deadline: tokio::time::Instant) -> Result<Attempt, AttemptError<L::Error>> {
-        if self.rt.pauses.is_paused(self.job.name()).await? {
+        if self.schedule.pausable && self.rt.pauses.is_paused(self.job.name()).await? {
             return Ok(Attempt::Paused);
         }
         let Some(key) = self.schedule.leader_key else {
@@ -584,6 +614,12 @@ pub fn drain_again(progress: Progress, drained_so_far: u32, max_drain_ticks: u32
     progress == Progress::More && drained_so_far < max_drain_ticks
 }
 
+/// The backoff cap after a failure: the error's own ([`LoopError::backoff_cap`]; `None` for a
+/// timeout), within the schedule's ([`Schedule::max_backoff`]).
+pub fn backoff_cap(schedule: &Schedule, error_cap: Option<Duration>) -> Duration {
+    error_cap.unwrap_or(MAX_ERROR_BACKOFF).min(schedule.max_backoff).min(MAX_ERROR_BACKOFF)
+}
+
 /// The pause before the next tick: the interval ± jitter, doubled per consecutive failure up to
 /// `cap` (the last failure's [`LoopError::backoff_cap`], at most [`MAX_ERROR_BACKOFF`]) or the
 /// interval, if that is longer. `unit` is a random number in [0, 1) so the function stays pure.
@@ -673,6 +709,18 @@ mod tests {
         assert_eq!(next_delay(&s, 0.1, 0, MAX_ERROR_BACKOFF, 0.0), Duration::from_secs(9));
         assert!(next_delay(&s, 0.1, 0, MAX_ERROR_BACKOFF, 0.999_999) <= Duration::from_secs(11));
         assert_eq!(next_delay(&s, 0.0, 0, MAX_ERROR_BACKOFF, 0.9), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_loop_without_backoff_ticks_again_one_interval_after_a_failure_or_a_timeout() {
+        let lease = Schedule::every(Duration::from_secs(1), Duration::from_secs(1)).without_backoff();
+        for error_cap in [None, Some(Duration::from_secs(2))] {
+            let cap = backoff_cap(&lease, error_cap);
+            assert_eq!(next_delay(&lease, 0.0, 5, cap, 0.5), Duration::from_secs(1), "{error_cap:?}");
+        }
+        let other = Schedule::every(Duration::from_secs(1), Duration::from_secs(1));
+        assert_eq!(backoff_cap(&other, None), MAX_ERROR_BACKOFF, "a timeout backs off as before");
+        assert_eq!(backoff_cap(&other, Some(Duration::from_secs(2))), Duration::from_secs(2));
     }
 
     #[test]
