@@ -42,9 +42,9 @@ const WRITE_BUDGET_STATEMENTS: u32 = 2;
 
 /// What the agent reads: the newest messages the model may see whose JSON lines (each as the
 /// document holds it, plus its comma) fit in `$2` bytes, in id order. The first row is a header:
-/// NULL id and line, how many visible messages did not fit, and the newest visible id (what
-/// the turn has seen, whether it fit or not). The lines are built by the server, so the worker
-/// only copies bytes: it never holds more than the document it feeds.
+/// NULL id and line, how many visible messages did not fit, the newest visible id (what the turn
+/// has seen, whether it fit or not) and the bytes of the lines that follow. The lines are built
+/// by the server, so the worker only copies bytes into a buffer of the document's exact size.
 const MODEL_MESSAGES: &str = "WITH visible AS (\
        SELECT id, json_build_object('id', id, 'role', role, 'content', content, \
                                     'created_at', created_at::text)::text AS line \
@@ -52,10 +52,11 @@ const MODEL_MESSAGES: &str = "WITH visible AS (\
      ranked AS (\
        SELECT id, line, sum(octet_length(line) + 1) OVER (ORDER BY id DESC) AS newest_bytes FROM visible) \
      SELECT NULL::int8 AS id, NULL::text AS line, \
-            count(*) FILTER (WHERE newest_bytes > $2) AS dropped, coalesce(max(id), 0) AS last_seen \
+            count(*) FILTER (WHERE newest_bytes > $2) AS dropped, coalesce(max(id), 0) AS last_seen, \
+            coalesce(max(newest_bytes) FILTER (WHERE newest_bytes <= $2), 0)::int8 AS kept_bytes \
      FROM ranked \
      UNION ALL \
-     SELECT id, line, NULL, NULL FROM ranked WHERE newest_bytes <= $2 \
+     SELECT id, line, NULL, NULL, NULL FROM ranked WHERE newest_bytes <= $2 \
      ORDER BY 1 NULLS FIRST";
 
 /// An agent message, written only while the chat is ours (the chat row is share-locked so a
@@ -494,6 +495,10 @@ async fn input_document(db: &Db, chat: &Claimed, max_bytes: usize) -> Result<Inp
             None => {
                 dropped = row.try_get(2)?;
                 last_seen = row.try_get(3)?;
+                // The exact size up front: a Vec grown by doubling would hold up to twice the
+                // document (BENCHMARKS.md, agent_memory).
+                let kept_bytes: i64 = row.try_get(4)?;
+                document.reserve_exact(frame + usize::try_from(kept_bytes).unwrap_or(0));
                 document.extend_from_slice(
                     format!("{{\"chat\":{header},\"dropped_messages\":{dropped},\"messages\":[").as_bytes(),
                 );
