@@ -19,7 +19,9 @@
 //! - [`redis`]: the shared Redis client (reconnect policy, timeouts, key spelling).
 //! - [`outbox`]: the `outbox` loop (task_outbox → Redis sorted sets), dead letters, its CLI.
 //! - [`chats`]: the chat loops (`chats_acquire`, `chats_heartbeat`, `chats_recover`), the
-//!   supervised agent runners, the exactly-once message stream and `worker chat …`.
+//!   supervised agent runners and what bounds their agents (allow-listed environment, agent user,
+//!   rlimits, bounded input and output, the lease guard process `worker agent-guard`), the
+//!   exactly-once message stream and `worker chat …`.
 //! - [`gitsync`]: the `gitsync` loop (due `chat_diff_statuses` rows → their PR's status from
 //!   GitHub), its CLI; origin parsing, providers, the API client and the pure derivations
 //!   (approved, checks state, rate-limit waits); tokens at rest ([`gitsync::tokens`]).
