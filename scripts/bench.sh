@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/services.sh
 
-BENCHES=(outbox chats gitsync prebuilds)
+BENCHES=(outbox chats gitsync prebuilds agent_memory)
 
 selected=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do selected+=("$1"); shift; done
