@@ -377,8 +377,11 @@ pub async fn encrypt_tokens(
             _ => break,
         }
     }
-    let conn = db.get().await?;
-    report.remaining = count(conn.fetch_one(&remaining(), &[(&key_id, Type::TEXT)]).await?.get(0));
+    // Bounded like every other statement (a count over the whole table).
+    let mut conn = db.get().await?;
+    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+    report.remaining = count(tx.fetch_one(&remaining(), &[(&key_id, Type::TEXT)]).await?.get(0));
+    db::commit(tx).await?;
     Ok(report)
 }
 
