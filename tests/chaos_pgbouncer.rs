@@ -419,7 +419,12 @@ impl World {
             every.tick().await;
             match step % 6 {
                 0 => {
-                    let name = LOOPS[(step / 6) % LOOPS.len()];
+                    // Every loop that can be paused (the lease loop cannot: it is refused).
+                    let pausable: Vec<&str> = LOOPS
+                        .into_iter()
+                        .filter(|name| worker::loops::find(name).is_some_and(|info| info.pausable))
+                        .collect();
+                    let name = pausable[(step / 6) % pausable.len()];
                     self.cli(&["loop", "pause", name, "--reason", "chaos"]).await;
                     paused = Some(name);
                     self.count("pauses", 1);
