@@ -23,8 +23,14 @@
 //! chats that rewrites 100k rows each interval (WAL, bloat, vacuum) — see BENCHMARKS.md. Readers
 //! get each chat's heartbeat from the view `chat_liveness` (the owner's `last_seen_at`).
 //!
-//! A failed heartbeat interrupts nothing; runners stop themselves once renewals have failed for
-//! `stale_after - heartbeat_interval` (see [`super::runner`]), and acquisition stops at once.
+//! After a successful renewal the lease guard's deadline moves to the renewal's start +
+//! `stale_after - LEASE_MARGIN` ([`super::guard`]): if this worker freezes, the guard kills its
+//! agents before anyone may recover their chats.
+//!
+//! A failed heartbeat interrupts nothing by itself; runners stop themselves once `stale_after -
+//! kill_grace - LEASE_MARGIN` has passed since the start of the last successful renewal (see
+//! [`super::runner`]), and acquisition stops at once. A failed or timed-out heartbeat is retried
+//! at the next interval (no backoff), and the loop cannot be paused.
 
 use std::collections::HashMap;
 use std::sync::Arc;
