@@ -208,7 +208,7 @@ fn sh(script: &str, args: &[&str], limits: LimitsConfig) -> Agent {
 }
 
 async fn turn_error(agent: &Agent) -> AgentError {
-    let mut turn = agent.spawn(Uuid::new_v4(), 1, &json!({"chat": {}, "messages": []})).await.expect("spawn");
+    let mut turn = agent.spawn(Uuid::new_v4(), 1, b"{}\n".to_vec()).await.expect("spawn");
     while turn.next_event().await.expect("no bad output").is_some() {}
     turn.finish().await.expect_err("the agent was stopped")
 }

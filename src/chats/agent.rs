@@ -276,24 +276,10 @@ impl Agent {
         self
     }
 
-    pub fn boundary(&self) -> &AgentBoundary {
-        &self.boundary
-    }
-
-    /// Starts one turn: the agent runs with `CHAT_ID` and `CHAT_GENERATION` set and reads `input`
-    /// (one JSON document, then EOF) from stdin. The turn's deadline starts now.
+    /// Starts one turn: the agent runs with `CHAT_ID` and `CHAT_GENERATION` set and reads
+    /// `document` (one JSON document and a newline, then EOF) from stdin; the bytes are freed as
+    /// soon as the agent has read them. The turn's deadline starts now.
     pub async fn spawn(
-        &self,
-        chat_id: Uuid,
-        generation: i64,
-        input: &serde_json::Value,
-    ) -> Result<AgentTurn, AgentError> {
-        self.spawn_document(chat_id, generation, format!("{input}\n").into_bytes()).await
-    }
-
-    /// [`Agent::spawn`] with the document already serialized (newline included); it is freed as
-    /// soon as the agent has read it.
-    pub async fn spawn_document(
         &self,
         chat_id: Uuid,
         generation: i64,

@@ -131,10 +131,6 @@ impl AgentBoundary {
         &self.env
     }
 
-    pub fn user(&self) -> Option<&AgentUser> {
-        self.user.as_ref()
-    }
-
     /// Everything the child must do before exec that allocates, done in the parent.
     pub fn child_setup(&self) -> io::Result<ChildSetup> {
         let user = match &self.user {

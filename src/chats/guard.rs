@@ -286,6 +286,7 @@ impl LeaseGuard {
     /// daemon).
     pub async fn start(program: &Path) -> Result<Self, GuardError> {
         let process = spawn(program).await?;
+        tracing::info!(pid = process.child.id(), "lease guard started");
         Ok(Self {
             program: program.to_owned(),
             inner: Mutex::new(Inner {
@@ -313,10 +314,10 @@ impl LeaseGuard {
         let mut inner = self.lock();
         inner.deadline = Some(ns);
         if let Some(process) = replacement {
+            tracing::info!(pid = process.child.id(), watched = inner.watched.len(), "lease guard replaced");
             inner.process = Some(process);
             let mut commands = vec![GuardCommand::Deadline(ns)];
             commands.extend(inner.watched.iter().map(|(&token, &pgid)| GuardCommand::Watch { token, pgid }));
-            tracing::info!(watched = inner.watched.len(), "lease guard replaced");
             inner.send(&commands);
         } else {
             inner.send(&[GuardCommand::Deadline(ns)]);

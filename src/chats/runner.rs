@@ -288,7 +288,7 @@ async fn turn(
     }
     let last_seen = input.last_seen;
     // The document moves to the task writing it to stdin and is freed once written.
-    let mut agent = match ctx.agent.spawn_document(chat.id, chat.generation, input.bytes).await {
+    let mut agent = match ctx.agent.spawn(chat.id, chat.generation, input.bytes).await {
         Ok(agent) => agent,
         Err(error) => return Ending::Failed(error),
     };

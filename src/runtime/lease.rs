@@ -9,7 +9,6 @@
 //! healthy (a watch channel keeps only the latest value, so a brief `Lost` could be missed).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -19,8 +18,9 @@ use tokio::time::Instant;
 pub enum LeaseStatus {
     /// The last renewal succeeded.
     Healthy,
-    /// Renewals have failed since this instant (the first failure after a success).
-    Failing { since: Instant },
+    /// The last renewal failed (or never finished). How long work may go on is counted from
+    /// [`LeaseState::renewed_at`], not from the failure.
+    Failing,
     /// The row was gone (reaped as dead) and could not be registered again yet.
     Lost,
 }
@@ -40,15 +40,6 @@ impl LeaseState {
     /// Whether work may start: a renewal has succeeded and the last attempt did not fail.
     pub fn is_healthy(&self) -> bool {
         self.status == LeaseStatus::Healthy && self.renewed_at.is_some()
-    }
-
-    /// How long renewals have been failing at `now` (zero when healthy, forever when lost).
-    pub fn failing_for(&self, now: Instant) -> Duration {
-        match self.status {
-            LeaseStatus::Healthy => Duration::ZERO,
-            LeaseStatus::Failing { since } => now.saturating_duration_since(since),
-            LeaseStatus::Lost => Duration::MAX,
-        }
     }
 }
 
@@ -101,14 +92,14 @@ impl LeasePublisher {
         });
     }
 
-    /// A renewal failed (or never finished). Keeps the instant of the first failure.
+    /// A renewal failed (or never finished).
     pub fn failed(&self) {
         self.0.send_if_modified(|state| match state.status {
             LeaseStatus::Healthy => {
-                state.status = LeaseStatus::Failing { since: Instant::now() };
+                state.status = LeaseStatus::Failing;
                 true
             }
-            LeaseStatus::Failing { .. } | LeaseStatus::Lost => false,
+            LeaseStatus::Failing | LeaseStatus::Lost => false,
         });
     }
 
@@ -154,14 +145,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failures_keep_their_first_instant_and_a_success_heals() {
+    fn a_failure_keeps_the_last_renewal_and_a_success_heals() {
         let publisher = LeasePublisher::default();
         let watch = publisher.watch();
         assert!(!watch.current().is_healthy(), "never renewed");
+        let first = publisher.attempt();
+        let first_started = first.started;
+        first.succeeded();
         drop(publisher.attempt());
-        let LeaseStatus::Failing { since } = watch.current().status else { panic!("not failing") };
-        drop(publisher.attempt());
-        assert_eq!(watch.current().status, LeaseStatus::Failing { since }, "first failure kept");
+        assert_eq!(
+            watch.current(),
+            LeaseState { status: LeaseStatus::Failing, epoch: 0, renewed_at: Some(first_started) },
+            "a failure moves no deadline"
+        );
+        assert!(!watch.current().is_healthy());
         let attempt = publisher.attempt();
         let started = attempt.started;
         attempt.succeeded();
@@ -178,14 +175,14 @@ mod tests {
         let publisher = LeasePublisher::default();
         let watch = publisher.watch();
         publisher.lost();
-        assert_eq!(watch.current().failing_for(Instant::now()), Duration::MAX);
+        assert_eq!(watch.current().status, LeaseStatus::Lost);
         let now = Instant::now();
         publisher.renewed(now);
         assert_eq!(
             watch.current(),
             LeaseState { status: LeaseStatus::Healthy, epoch: 1, renewed_at: Some(now) }
         );
-        publisher.renewed(now - Duration::from_secs(1));
+        publisher.renewed(now - std::time::Duration::from_secs(1));
         assert_eq!(
             watch.current().renewed_at,
             Some(now),
