@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use chaos_support::{
     AgentLife, AgentWatcher, FreezingProxy, LIMIT, Replica, WorkerConfig, agent, agent_script, agents_of,
-    realtime_ns, record_start, report, seed_pending_chats, within, worker_id,
+    realtime_ns, record_start, report, seed_pending_chats, worker_id,
 };
-use common::TestDb;
+use common::{TestDb, within};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 use worker::db::Exec;

@@ -20,10 +20,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chaos_support::{LIMIT, Replica, WorkerConfig, agent, redis_client, report, scalar, within};
+use chaos_support::{LIMIT, Replica, WorkerConfig, agent, redis_client, report, scalar};
 use chats_support::{chat, messages, pending_chat};
 use common::process::{BIN, inherited_overrides, readyz};
-use common::{TestDb, eventually};
+use common::{TestDb, eventually, within};
 use fred::prelude::{HashesInterface, KeysInterface, SortedSetsInterface};
 use gitsync_support::{Answer, FakeGitHub, HEAD_SHA, fixture};
 use tokio_postgres::types::Type;

@@ -551,3 +551,24 @@ async fn only_errors_about_the_values_themselves_count_as_refused() {
         assert_eq!(error.is_refused_value(), refused, "{code}");
     }
 }
+
+#[tokio::test]
+async fn only_the_lease_loop_is_unpausable_and_the_loop_list_says_the_same() {
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let w = Worker::start(test_db.db.clone(), config(two_step_agent(dir.path()))).await;
+    let schedules = [
+        (w.chats.heartbeat(w.lease()).name(), w.chats.heartbeat(w.lease()).schedule()),
+        (w.chats.acquire().name(), w.chats.acquire().schedule()),
+        (
+            w.chats.recover(Duration::from_secs(60)).name(),
+            w.chats.recover(Duration::from_secs(60)).schedule(),
+        ),
+    ];
+    for (name, schedule) in schedules {
+        let listed = worker::loops::find(name).expect("listed").pausable;
+        assert_eq!(schedule.pausable, listed, "{name}: Schedule and loops::ALL disagree");
+        assert_eq!(schedule.pausable, name != "chats_heartbeat", "{name}");
+    }
+    w.stop().await;
+}

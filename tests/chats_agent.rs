@@ -3,9 +3,13 @@
 //! nothing of the agent's process group running. Agents are small inline `sh` and python3
 //! scripts, plus `scripts/demo-agent`.
 
+mod chats_support;
+mod common;
+
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
+use chats_support::group_members;
 use serde_json::json;
 use uuid::Uuid;
 use worker::chats::agent::{
@@ -63,18 +67,7 @@ fn assistant(content: serde_json::Value) -> AgentEvent {
 /// Pids in process group `pgid` that are still alive (zombies excluded: they are dead, only not
 /// yet reaped by whichever process inherited them).
 fn live_members(pgid: i32) -> Vec<i32> {
-    let mut members = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        // "pid (comm) state ppid pgrp ...": comm may contain anything, so split after its ')'.
-        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let (Some(state), Some(pgrp)) = (fields.first(), fields.get(2)) else { continue };
-        if *pgrp == pgid.to_string() && *state != "Z" {
-            members.extend(head.split_whitespace().next().and_then(|pid| pid.parse::<i32>().ok()));
-        }
-    }
-    members
+    group_members(pgid).into_iter().filter(|(_, zombie)| !zombie).map(|(pid, _)| pid).collect()
 }
 
 async fn assert_group_gone(pgid: i32) {

@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use chats_support::{LIMIT, Worker, agent, config, pending_chat, wait_status};
+use chats_support::{LIMIT, Worker, agent, config, group_members, pending_chat, wait_status};
 use common::TestDb;
 use serde_json::json;
 use uuid::Uuid;
@@ -120,26 +120,6 @@ async fn an_agent_spinning_is_stopped_by_the_cpu_limit() {
     let after = pending_chat(&test_db.db, "hello again").await;
     assert_runs_normally(&test_db, after).await;
     w.stop().await;
-}
-
-/// Processes of process group `pgid`, zombies included: `(pid, zombie)`.
-fn group_members(pgid: i32) -> Vec<(i32, bool)> {
-    let mut members = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        // "pid (comm) state ppid pgrp ...": comm may contain anything, so split after its ')'.
-        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let (Some(state), Some(pgrp)) = (fields.first(), fields.get(2)) else { continue };
-        if *pgrp != pgid.to_string() {
-            continue;
-        }
-        let Some(pid) = head.split_whitespace().next().and_then(|pid| pid.parse::<i32>().ok()) else {
-            continue;
-        };
-        members.push((pid, *state == "Z"));
-    }
-    members
 }
 
 /// Reaps the zombies of `pgid` that were handed to this process (a child subreaper): until they

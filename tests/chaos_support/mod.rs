@@ -754,21 +754,3 @@ pub async fn worker_id(replica: &Replica) -> uuid::Uuid {
         .and_then(|id| id.parse().ok())
         .unwrap_or_else(|| panic!("{}: no worker_id in /readyz: {body}", replica.name))
 }
-
-/// Waits up to `limit` for `check`; whether it came true (the caller reports before failing).
-pub async fn within<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}

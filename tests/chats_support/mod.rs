@@ -188,3 +188,23 @@ pub async fn read_when_written(path: &PathBuf) -> String {
 pub fn test_db_url(test_db: &TestDb) -> &str {
     &test_db.url
 }
+
+/// Processes of process group `pgid`, zombies included: `(pid, zombie)`.
+pub fn group_members(pgid: i32) -> Vec<(i32, bool)> {
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // "pid (comm) state ppid pgrp ...": comm may contain anything, so split after its ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(state), Some(pgrp)) = (fields.first(), fields.get(2)) else { continue };
+        if *pgrp != pgid.to_string() {
+            continue;
+        }
+        let Some(pid) = head.split_whitespace().next().and_then(|pid| pid.parse::<i32>().ok()) else {
+            continue;
+        };
+        members.push((pid, *state == "Z"));
+    }
+    members
+}

@@ -181,7 +181,17 @@ pub fn unique_prefix() -> String {
 
 /// Waits until `check` returns true, failing the test with `what` after `limit`. For conditions
 /// that another task or process makes true: the wait ends as soon as it holds.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert!(within(limit, check).await, "timed out after {limit:?} waiting for {what}");
+}
+
+/// Waits up to `limit` for `check` (polled every 20 ms); whether it came true, for a caller that
+/// reports its figures before failing.
+pub async fn within<F, Fut>(limit: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -189,9 +199,11 @@ where
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         if check().await {
-            return;
+            return true;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
