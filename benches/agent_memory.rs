@@ -162,47 +162,12 @@ struct Worker {
 
 impl Worker {
     async fn start(bench: &BenchDb, dir: &Path, name: &str, sets: &[String]) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = dir.join(format!("worker-{name}.log"));
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"));
-        for (key, _) in std::env::vars() {
-            if key.starts_with("WORKER")
-                || key.starts_with("OTEL_")
-                || ["DATABASE_URL", "REDIS_URL", "APP_ENV", "RUST_LOG"].contains(&key.as_str())
-            {
-                command.env_remove(key);
-            }
-        }
-        command
-            .args(["run", "--config", "config/worker.toml", "--database-url", &bench.url])
-            .args(["--set", &format!("health.listen=127.0.0.1:{port}")])
-            .args(["--set", &format!("redis.prefix=bench:{}", Uuid::new_v4().simple())])
-            .args(["--set", "log.level=warn", "--set", "database.migrate_on_start=false"]);
-        for set in sets {
-            command.args(["--set", set]);
-        }
-        command
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true);
-        let mut child = command.spawn().context("start the worker binary")?;
+        let stderr = std::fs::File::create(&log)?;
+        let child = common::start_worker(&bench.url, sets, stderr.into(), Duration::from_secs(60))
+            .await
+            .with_context(|| tail(&log))?;
         let pid = child.id().context("the worker exited at once")?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ready = match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
-                Ok(response) => response.status().is_success(),
-                Err(_) => false,
-            };
-            if ready {
-                break;
-            }
-            if let Some(status) = child.try_wait()? {
-                anyhow::bail!("the worker exited ({status}): {}", tail(&log));
-            }
-            anyhow::ensure!(Instant::now() < deadline, "the worker never became ready: {}", tail(&log));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         // Its loops have ticked a few times and every pooled connection it uses is open.
         tokio::time::sleep(Duration::from_secs(5)).await;
         Ok(Self { child, pid, log })

@@ -512,43 +512,13 @@ async fn runner_future_size(w: &BenchWorker) -> anyhow::Result<usize> {
 /// 200 and its loops have ticked for a few seconds, then again holding `running` real chats
 /// (each turn a real runner with an agent subprocess that reads its input and sleeps).
 async fn real_worker_memory(bench: &BenchDb, running: i64) -> anyhow::Result<RealWorkerMemory> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let prefix = format!("redis.prefix=bench:{}", Uuid::new_v4().simple());
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("WORKER")
-            || key.starts_with("OTEL_")
-            || ["DATABASE_URL", "REDIS_URL", "APP_ENV"].contains(&key.as_str())
-        {
-            command.env_remove(key);
-        }
-    }
-    command
-        .args(["run", "--config", "config/worker.toml", "--database-url", &bench.url])
-        .args(["--set", &format!("health.listen=127.0.0.1:{port}")])
-        .args(["--set", &prefix])
-        .args(["--set", "log.level=warn", "--set", "database.migrate_on_start=false"])
-        .args(["--set", "chats.max_running=100000", "--set", "chats.max_per_acquire=10000"])
-        .args(["--set", r#"chats.runner.command=["/bin/sh", "-c", "cat >/dev/null; exec sleep 600"]"#])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    let mut child = command.spawn().context("start target/release/worker")?;
+    let sets = [
+        "chats.max_running=100000".to_owned(),
+        "chats.max_per_acquire=10000".to_owned(),
+        r#"chats.runner.command=["/bin/sh", "-c", "cat >/dev/null; exec sleep 600"]"#.to_owned(),
+    ];
+    let mut child = common::start_worker(&bench.url, &sets, Stdio::null(), Duration::from_secs(30)).await?;
     let pid = child.id().context("worker exited at once")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready = match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
-            Ok(response) => response.status().is_success(),
-            Err(_) => false,
-        };
-        if ready {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the worker binary never became ready");
-        anyhow::ensure!(child.try_wait()?.is_none(), "the worker binary exited");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let idle = memory_fields(&pid.to_string())?;
     let busy = if running > 0 {

@@ -161,3 +161,58 @@ impl Cpu {
 pub fn redis_port() -> u16 {
     url::Url::parse(&redis_url()).ok().and_then(|u| u.port()).unwrap_or(6379)
 }
+
+/// The real binary, `worker run` on `database_url` with `config/worker.toml` and `sets` (each
+/// `KEY=VALUE`) on top: a health port and a Redis prefix of its own, log level warn, no
+/// migrations, none of the developer's WORKER*/OTEL_*/URL variables; stderr to `stderr`.
+/// Returns once `/readyz` answers 200, at most `limit` after the start.
+pub async fn start_worker(
+    database_url: &str,
+    sets: &[String],
+    stderr: std::process::Stdio,
+    limit: Duration,
+) -> anyhow::Result<tokio::process::Child> {
+    use anyhow::Context;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("WORKER")
+            || key.starts_with("OTEL_")
+            || ["DATABASE_URL", "REDIS_URL", "APP_ENV", "RUST_LOG"].contains(&key.as_str())
+        {
+            command.env_remove(key);
+        }
+    }
+    command
+        .args(["run", "--config", "config/worker.toml", "--database-url", database_url])
+        .args(["--set", &format!("health.listen=127.0.0.1:{port}")])
+        .args(["--set", &format!("redis.prefix=bench:{}", uuid::Uuid::new_v4().simple())])
+        .args(["--set", "log.level=warn", "--set", "database.migrate_on_start=false"]);
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true);
+    let mut child = command.spawn().context("start the worker binary")?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let ready = match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+            Ok(response) => response.status().is_success(),
+            Err(_) => false,
+        };
+        if ready {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the worker exited ({status})");
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the worker never became ready within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
