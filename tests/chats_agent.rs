@@ -400,3 +400,29 @@ async fn the_agent_leads_a_session_of_its_own_and_cannot_leave_its_process_group
     assert_eq!(seen, vec![assistant(json!([true, true, "PermissionError"]))]);
     turn.finish().await.expect("exit 0");
 }
+
+#[tokio::test]
+async fn a_descriptor_the_worker_left_inheritable_does_not_reach_the_agent() {
+    // A library that opened a file without O_CLOEXEC: exec would hand it to the agent.
+    let leaked = std::fs::File::open("/etc/hostname").expect("open");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&leaked);
+    nix::fcntl::fcntl(&leaked, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
+        .expect("clear CLOEXEC");
+    let agent = python(
+        "import json, os, sys\n\
+         sys.stdin.read()\n\
+         fds = []\n\
+         for name in os.listdir('/proc/self/fd'):\n\
+         \x20   try:\n\
+         \x20       os.fstat(int(name)); fds.append(int(name))\n\
+         \x20   except OSError:\n\
+         \x20       pass\n\
+         print(json.dumps({'type': 'message', 'role': 'assistant', 'content': sorted(fds)}), flush=True)",
+    );
+    let mut turn = start(&agent).await;
+    let (seen, error) = events(&mut turn).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(seen, vec![assistant(json!([0, 1, 2]))], "fd {fd} was left inheritable in the worker");
+    turn.finish().await.expect("exit 0");
+    drop(leaked);
+}
