@@ -1,5 +1,5 @@
-//! Chat benchmarks (the chats issue, SPEC §10), against the real PostgreSQL, every baseline
-//! measured in the same run on the same rows:
+//! Chat benchmarks (the chats issue; targets in BENCHMARKS.md#targets), against the real
+//! PostgreSQL, every baseline measured in the same run on the same rows:
 //!
 //! 1. One `chats_heartbeat` tick (`Heartbeat::beat`) with 1k/10k/100k running chats owned by one
 //!    worker and registered in its `ChatLoops::runners()` (tasks that only await their
@@ -33,13 +33,14 @@ use anyhow::Context;
 use common::{BenchDb, ms, quantile, rate, table};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
-use worker::chats::runner::{self, Claimed, RunnerContext};
+use worker::chats::runner::{self, ChatsContext, Claimed};
 use worker::chats::{Agent, ChatLoops, ChatsConfig, RunnerConfig};
-use worker::config::{DatabaseConfig, RuntimeConfig};
+use worker::db::DatabaseConfig;
 use worker::db::{self, Db, Exec};
 use worker::health::Health;
 use worker::identity::WorkerIdentity;
 use worker::runtime::Runtime;
+use worker::runtime::RuntimeConfig;
 use worker::workers::{WorkerLease, WorkersConfig};
 
 /// The seed's heartbeat: every running chat row of the worker rewritten each tick.
@@ -480,11 +481,12 @@ async fn runner_future_size(w: &BenchWorker) -> anyhow::Result<usize> {
     let meter = opentelemetry::global::meter("bench");
     let config = chats_config();
     let command = config.runner.agent_command().context("no agent command")?;
-    let ctx = std::sync::Arc::new(RunnerContext {
+    let runners = w.chats.runners().clone();
+    let ctx = std::sync::Arc::new(ChatsContext {
         db: w.db.clone(),
         worker_id: w.me.id,
         agent: Agent::new(command, config.runner.limits()),
-        metrics: worker::chats::metrics::ChatMetrics::new(&meter, w.chats.runners()),
+        metrics: worker::chats::metrics::ChatMetrics::new(&meter, move || runners.len()),
         config,
         lease: w.rt.lease(),
         guard: worker::chats::guard::LeaseGuard::start(Path::new(env!("CARGO_BIN_EXE_worker"))).await?,

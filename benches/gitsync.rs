@@ -1,10 +1,11 @@
-//! Gitsync benchmark (SPEC §10): one tick over 50 due rows against a fake provider answering
-//! each call after 200 ms, at the effective concurrency (10) versus sequentially (1), in the same
-//! run against the real PostgreSQL; and the HTTP calls a rate-limited group of 10 rows costs.
+//! Gitsync benchmark (target in BENCHMARKS.md#targets): one tick over 50 due rows against a fake
+//! provider answering each call after 200 ms, at the effective concurrency (10) versus sequentially
+//! (1), in the same run against the real PostgreSQL; and the HTTP calls a rate-limited group of 10
+//! rows costs.
 //!
 //! Two fakes:
 //! - a [`Provider`] whose every call (`status`, `pull_request_by_branch`) takes 200 ms: the
-//!   SPEC's "fake provider with 200 ms latency"; rows that know their PR cost one call each;
+//!   target's "fake provider with 200 ms latency"; rows that know their PR cost one call each;
 //! - the local fake GitHub of the tests (tests/gitsync_support) with 200 ms per HTTP request,
 //!   through the real client: a known PR costs two round trips (the PR, then its reviews and
 //!   checks together), so the same tick takes about twice as long.

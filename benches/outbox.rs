@@ -1,5 +1,5 @@
-//! Outbox benchmarks (SPEC §10), against the real PostgreSQL and Redis, every baseline measured in
-//! the same run:
+//! Outbox benchmarks (targets in BENCHMARKS.md#targets), against the real PostgreSQL and Redis,
+//! every baseline measured in the same run:
 //!
 //! 1. Drain N due rows (default 200,000): the sweeper (one and two replicas) versus the per-row
 //!    baseline (claim one row, HSET, ZADD, DELETE, commit) and versus the SQL-only limit (the
@@ -22,7 +22,6 @@ use common::{BenchDb, Cpu, ms, quantile, rate, table};
 use fred::prelude::{Client, HashesInterface, SortedSetsInterface};
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
-use worker::config::RuntimeConfig;
 use worker::db::{self, Db, Exec};
 use worker::health::Health;
 use worker::outbox::OutboxConfig;
@@ -30,6 +29,7 @@ use worker::outbox::Sweeper;
 use worker::outbox::scheduler;
 use worker::outbox::sweeper::{CLAIM, Claimed, DELETE_DISPATCHED};
 use worker::runtime::Runtime;
+use worker::runtime::RuntimeConfig;
 
 const QUEUES: usize = 4;
 
@@ -207,7 +207,7 @@ async fn sweepers(bench: &BenchDb, prefix: &str, replicas: usize, batch: u32) ->
     let meter = opentelemetry::global::meter("bench");
     let mut sweepers = Vec::new();
     for _ in 0..replicas {
-        let db = Db::new(&worker::config::DatabaseConfig {
+        let db = Db::new(&worker::db::DatabaseConfig {
             url: bench.url.clone(),
             pool_size: 2,
             ..Default::default()

@@ -1,5 +1,5 @@
-//! Prebuilds benchmark (SPEC §10): 10,000 presets of which 100 need work → one reconciliation
-//! cycle's time and the peak number of reconciler connections busy (sampled from
+//! Prebuilds benchmark (targets in BENCHMARKS.md#targets): 10,000 presets of which 100 need work →
+//! one reconciliation cycle's time and the peak number of reconciler connections busy (sampled from
 //! `pg_stat_activity`), against a baseline measured in the same run that reconciles every preset
 //! (no skip) with unbounded concurrency, each in a transaction of its own, on a pool of 50.
 //!
@@ -23,12 +23,14 @@ use common::{BenchDb, ms, quantile, table};
 use futures_util::future::join_all;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
-use worker::config::{Concurrency, Config, DatabaseConfig, RuntimeConfig};
+use worker::config::{Concurrency, Config};
+use worker::db::DatabaseConfig;
 use worker::db::{self, Db, Exec};
 use worker::health::Health;
 use worker::prebuilds::actions::calculate_actions;
 use worker::prebuilds::reconciler::{self, PresetPlan};
 use worker::prebuilds::{LEADER_KEY, PrebuildsConfig, Reconciler, snapshot};
+use worker::runtime::RuntimeConfig;
 use worker::runtime::{Outcome, Runtime};
 
 const TEMPLATES: i64 = 100;

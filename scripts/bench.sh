@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the benchmarks (SPEC §10) against the local PostgreSQL and Redis and prints markdown
-# tables, each with its baselines measured in the same run, after a description of the machine.
-# Record the output in BENCHMARKS.md.
+# Runs the benchmarks (targets in BENCHMARKS.md#targets) against the local PostgreSQL and Redis and
+# prints markdown tables, each with its baselines measured in the same run, after a description of
+# the machine. Record the output in BENCHMARKS.md.
 #
 #   scripts/bench.sh                     every benchmark
 #   scripts/bench.sh outbox              one of them (outbox, chats)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The reliability suite (SPEC §11): real worker processes against real PostgreSQL, Redis and
-# pgbouncer under SIGKILL, SIGTERM, a PostgreSQL restart, a stopped Redis, a frozen network path
-# and bad input. One scenario at a time: a PostgreSQL restart would break tests running beside
-# it. Prints one line of figures per scenario at the end. Extra arguments go to the test
-# harness (e.g. `scripts/chaos.sh scenario_5`). Safe on a fresh machine; `scripts/test.sh` runs it.
+# The reliability suite (requirements in docs/reliability.md): real worker processes against real
+# PostgreSQL, Redis and pgbouncer under SIGKILL, SIGTERM, a PostgreSQL restart, a stopped Redis, a
+# frozen network path and bad input. One scenario at a time: a PostgreSQL restart would break tests
+# running beside it. Prints one line of figures per scenario at the end. Extra arguments go to the
+# test harness (e.g. `scripts/chaos.sh scenario_5`). Safe on a fresh machine; `scripts/test.sh` runs
+# it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/services.sh

@@ -1,5 +1,9 @@
 //! Typed configuration: built-in defaults < TOML file < environment < CLI flags.
 //!
+//! The top of the module graph: [`Config`] composes each component's own section
+//! (`db::DatabaseConfig`, `outbox::OutboxConfig`, …, each validated by its owner with the helpers
+//! of [`crate::validate`]); no component imports this module.
+//!
 //! Every key can come from the environment as `WORKER__SECTION__KEY`; the conventional
 //! `DATABASE_URL`, `REDIS_URL`, `APP_ENV` and `OTEL_EXPORTER_OTLP_PROTOCOL` are honoured too (the
 //! OTLP endpoint variables are read by the exporter itself, see `telemetry`).
@@ -8,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,10 +20,23 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::value::Value;
 use serde::{Deserialize, Serialize};
 
+use crate::chats::ChatsConfig;
+use crate::counters::CountersConfig;
+use crate::db::DatabaseConfig;
+use crate::gitsync::GitsyncConfig;
+use crate::health::HealthConfig;
+use crate::outbox::OutboxConfig;
+use crate::prebuilds::PrebuildsConfig;
+use crate::redis::RedisConfig;
+use crate::runtime::RuntimeConfig;
+use crate::telemetry::{LogConfig, TelemetryConfig};
+use crate::text::redact_url;
+pub use crate::validate::ENV_PREFIX;
+use crate::validate::{Violation, check, positive};
+use crate::workers::WorkersConfig;
+
 /// Default config file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/worker.toml";
-/// Prefix of the `WORKER__SECTION__KEY` environment variables.
-pub const ENV_PREFIX: &str = "WORKER__";
 
 /// Conventional environment variables mapped onto config keys (lower precedence than
 /// `WORKER__…`, which is the more specific spelling).
@@ -42,12 +58,12 @@ pub struct Config {
     pub health: HealthConfig,
     pub telemetry: TelemetryConfig,
     pub runtime: RuntimeConfig,
-    pub workers: crate::workers::WorkersConfig,
-    pub outbox: crate::outbox::OutboxConfig,
-    pub counters: crate::counters::CountersConfig,
-    pub chats: crate::chats::ChatsConfig,
-    pub gitsync: crate::gitsync::GitsyncConfig,
-    pub prebuilds: crate::prebuilds::PrebuildsConfig,
+    pub workers: WorkersConfig,
+    pub outbox: OutboxConfig,
+    pub counters: CountersConfig,
+    pub chats: ChatsConfig,
+    pub gitsync: GitsyncConfig,
+    pub prebuilds: PrebuildsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -66,174 +82,9 @@ impl Default for AppConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Pretty,
-    Json,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// A `tracing` filter such as `info` or `worker=debug,info`; `RUST_LOG` wins when set.
-    pub level: String,
-    pub format: LogFormat,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Pretty }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct DatabaseConfig {
-    /// Pooled connection (may point at pgbouncer in transaction mode).
-    pub url: String,
-    /// Direct connection for LISTEN; defaults to `url`.
-    pub listen_url: Option<String>,
-    /// Direct connection for migrations (they take a session advisory lock); defaults to `url`.
-    pub migrate_url: Option<String>,
-    /// Pool limit; also sizes the fan-out of gitsync and prebuilds.
-    pub pool_size: usize,
-    /// `SET LOCAL statement_timeout` of every tick transaction.
-    #[serde(with = "humantime_serde")]
-    pub statement_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// How long a loop waits for a pooled connection before its tick fails.
-    #[serde(with = "humantime_serde")]
-    pub acquire_timeout: Duration,
-    pub migrate_on_start: bool,
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self {
-            url: "postgres://postgres@127.0.0.1:5432/worker".into(),
-            listen_url: None,
-            migrate_url: None,
-            pool_size: 10,
-            statement_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
-            acquire_timeout: Duration::from_secs(5),
-            migrate_on_start: true,
-        }
-    }
-}
-
-impl DatabaseConfig {
-    pub fn listen_url(&self) -> &str {
-        self.listen_url.as_deref().unwrap_or(&self.url)
-    }
-
-    pub fn migrate_url(&self) -> &str {
-        self.migrate_url.as_deref().unwrap_or(&self.url)
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisConfig {
-    pub url: String,
-    /// Prefix of every key this worker writes (`{prefix}:sched:{queue}`, …).
-    pub prefix: String,
-    /// PEM file of the CA(s) that sign the server certificate of a `rediss://` URL. Unset: the
-    /// platform's root certificates (what managed Redis services are signed by).
-    pub ca_file: Option<PathBuf>,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379".into(), prefix: "worker".into(), ca_file: None }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthConfig {
-    /// Address of `/healthz` and `/readyz`.
-    pub listen: SocketAddr,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        Self { listen: SocketAddr::from(([0, 0, 0, 0], 8080)) }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub enum OtlpProtocol {
-    #[serde(rename = "grpc")]
-    Grpc,
-    #[serde(rename = "http/protobuf")]
-    HttpProtobuf,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelemetryConfig {
-    /// OTLP base endpoint (`http://collector:4318`, or `:4317` for grpc). Unset, and with no
-    /// `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` either, nothing is exported and nothing is logged.
-    pub otlp_endpoint: Option<String>,
-    pub otlp_protocol: OtlpProtocol,
-    #[serde(with = "humantime_serde")]
-    pub export_interval: Duration,
-    /// Used only when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
-    pub service_name: String,
-}
-
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        Self {
-            otlp_endpoint: None,
-            otlp_protocol: OtlpProtocol::HttpProtobuf,
-            export_interval: Duration::from_secs(60),
-            service_name: "worker".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RuntimeConfig {
-    /// Fraction of an interval added or removed at random so replicas do not synchronise.
-    pub jitter: f64,
-    /// How many ticks in a row a loop that keeps finding full batches may run before it sleeps.
-    pub max_drain_ticks: u32,
-    /// Identical errors of one loop are logged once per this window, with a count.
-    #[serde(with = "humantime_serde")]
-    pub error_log_interval: Duration,
-    /// How stale the process's view of `loop_controls` (paused loops) may be: it is read at most
-    /// once per this interval, whatever the number of loops. 0s reads it before every tick.
-    #[serde(with = "humantime_serde")]
-    pub controls_refresh: Duration,
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        Self {
-            jitter: 0.1,
-            max_drain_ticks: 50,
-            error_log_interval: Duration::from_secs(60),
-            controls_refresh: Duration::from_secs(1),
-        }
-    }
-}
-
-impl DatabaseConfig {
-    /// The shared pool's limit: `pool_size`, less the connection reserved for the lease when
-    /// the chat loops run (the heartbeat renews on a one-connection pool of its own, so runner
-    /// writes can never make it wait).
-    pub fn shared_pool_size(&self, lease_reserved: bool) -> usize {
-        self.pool_size.saturating_sub(usize::from(lease_reserved)).max(1)
-    }
-}
-
 /// Fan-out of the loops that fan out, derived from the pool limit in one place so the pool can
-/// never be exhausted by them (SPEC §4).
+/// never be exhausted by them
+/// (`docs/configuration.md`, "Concurrency").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Concurrency {
     pub prebuilds: usize,
@@ -351,7 +202,7 @@ pub fn load(inputs: &ConfigInputs) -> Result<Loaded, ConfigError> {
     let lines = file.as_ref().map(|(path, text)| (path.clone(), KeyLines::parse(text)));
     let locate = |key: &str| locate(key, &overrides, lines.as_ref());
     let config: Config = figment.extract().map_err(|error| {
-        let (key, problem, expected) = describe_figment_error(&error);
+        let (key, problem, expected) = describe_figment_error(&precise_error(&figment, error));
         ConfigError::Invalid { origin: locate(&key), key, problem, expected }
     })?;
     if let Err(Violation { key, problem, expected }) = config.validate() {
@@ -497,8 +348,54 @@ fn check_toml_syntax(path: &Path, text: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// serde reports a bad value among the keys flattened into a loop's table
+/// ([`crate::runtime::LoopConfig`]: `enabled`, `interval`, `tick_timeout`) at the table, not at the
+/// key: reading those keys of that table on their own names the key.
+fn precise_error(figment: &Figment, error: figment::Error) -> figment::Error {
+    if error.path.len() != 1 || matches!(error.kind, figment::error::Kind::UnknownField(..)) {
+        return error;
+    }
+    let table = &error.path[0];
+    match figment.extract_inner::<crate::runtime::LoopConfig>(table) {
+        // figment puts the key before the table it was read from; the key's own path is
+        // `table.key`.
+        Err(mut precise) if precise.path.len() > error.path.len() => {
+            let key = precise.path.iter().filter(|part| *part != table).cloned();
+            precise.path = std::iter::once(table.clone()).chain(key).collect();
+            precise
+        }
+        _ => error,
+    }
+}
+
+/// The keys a table of the default config has: what an unknown key inside a flattened table is
+/// told to be instead (serde lists none there).
+fn known_keys(path: &[String]) -> Vec<String> {
+    let Ok(mut table) = toml::Table::try_from(Config::default()) else { return Vec::new() };
+    for part in path {
+        match table.remove(part) {
+            Some(toml::Value::Table(inner)) => table = inner,
+            _ => return Vec::new(),
+        }
+    }
+    table.keys().cloned().collect()
+}
+
 fn describe_figment_error(error: &figment::Error) -> (String, String, String) {
     use figment::error::Kind;
+    // Inside a flattened table serde says only "unknown field `x`", at the table.
+    let unknown_in_flattened = match &error.kind {
+        Kind::UnknownField(name, []) => Some(name.clone()),
+        Kind::Message(message) => message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name.to_owned()),
+        _ => None,
+    };
+    if let Some(name) = unknown_in_flattened {
+        let expected = format!("one of: {}", known_keys(&error.path).join(", "));
+        return (join(&error.path.join("."), &name), "unknown key".to_owned(), expected);
+    }
     let (problem, expected) = match &error.kind {
         // figment's path already ends with the unknown field.
         Kind::UnknownField(_, known) => ("unknown key".to_owned(), format!("one of: {}", known.join(", "))),
@@ -513,109 +410,16 @@ fn describe_figment_error(error: &figment::Error) -> (String, String, String) {
     (error.path.join("."), problem, expected)
 }
 
-/// A value a loop's (or section's) `validate` refused; `key` is relative to the table that
-/// validated it until [`Violation::under`] puts the table in front.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    pub key: String,
-    pub problem: String,
-    pub expected: String,
-}
-
-impl Violation {
-    pub fn new(key: &str, problem: impl Into<String>, expected: impl Into<String>) -> Self {
-        Self { key: key.to_owned(), problem: problem.into(), expected: expected.into() }
-    }
-
-    /// The same violation with `table.` in front of its key.
-    #[must_use]
-    pub fn under(mut self, table: &str) -> Self {
-        self.key = format!("{table}.{}", self.key);
-        self
-    }
-}
-
-/// `Err` naming `key`, the value and what was expected, unless `ok`.
-pub fn check(ok: bool, key: &str, actual: impl fmt::Display, expected: &str) -> Result<(), Violation> {
-    if ok { Ok(()) } else { Err(Violation::new(key, format!("out of range: {actual}"), expected)) }
-}
-
-/// A duration that must not be zero.
-pub fn positive(key: &str, value: Duration) -> Result<(), Violation> {
-    check(!value.is_zero(), key, humantime::format_duration(value), "a duration > 0")
-}
-
-/// A file that must be readable now (a CA bundle, …), so a bad path fails `config check`.
-pub fn readable_file(key: &str, path: &Path) -> Result<(), Violation> {
-    std::fs::File::open(path)
-        .map(drop)
-        .map_err(|e| Violation::new(key, format!("cannot read {}: {e}", path.display()), "a readable file"))
-}
-
-/// A URL the PostgreSQL driver accepts, checked at load time so a bad deploy fails
-/// `config check` instead of every tick. TLS to PostgreSQL is not built in yet: `sslmode=require`
-/// is refused here with that reason rather than failing at the first connection.
-fn check_postgres_url(key: &str, url: &str) -> Result<(), Violation> {
-    let shown = redact_url(url);
-    check(url_scheme(url, &["postgres", "postgresql"]), key, &shown, "a postgres:// URL")?;
-    crate::db::check_url(url).map_err(|problem| {
-        Violation::new(
-            key,
-            format!("not accepted by the PostgreSQL driver ({problem}): {shown}"),
-            "a postgres:// URL; sslmode=disable|prefer|require|verify-ca|verify-full, \
-             sslrootcert=<file>|system, sslcert + sslkey",
-        )
-    })
-}
-
-fn url_scheme(url: &str, schemes: &[&str]) -> bool {
-    url::Url::parse(url).is_ok_and(|u| schemes.contains(&u.scheme()))
-}
-
 impl Config {
     /// Range checks serde cannot express. Returns the first violation as (key, problem, expected).
     fn validate(&self) -> Result<(), Violation> {
-        let db = &self.database;
-        check_postgres_url("database.url", &db.url)?;
-        if let Some(url) = &db.listen_url {
-            check_postgres_url("database.listen_url", url)?;
-        }
-        if let Some(url) = &db.migrate_url {
-            check_postgres_url("database.migrate_url", url)?;
-        }
-        check((1..=1000).contains(&db.pool_size), "database.pool_size", db.pool_size, "1..=1000")?;
-        positive("database.statement_timeout", db.statement_timeout)?;
-        positive("database.connect_timeout", db.connect_timeout)?;
-        positive("database.acquire_timeout", db.acquire_timeout)?;
-        check(
-            url_scheme(&self.redis.url, &["redis", "rediss", "redis-cluster", "rediss-cluster"]),
-            "redis.url",
-            redact_url(&self.redis.url),
-            "a redis:// URL",
-        )?;
-        check(!self.redis.prefix.is_empty(), "redis.prefix", "\"\"", "a non-empty key prefix")?;
-        if let Some(path) = &self.redis.ca_file {
-            readable_file("redis.ca_file", path)?;
-        }
-        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(Violation::new(
-                "log.level",
-                format!("not a tracing filter ({error}): {}", self.log.level),
-                "a level (error|warn|info|debug|trace) or directives such as `worker=debug,info`",
-            ));
-        }
+        self.database.validate().map_err(|v| v.under("database"))?;
+        self.redis.validate().map_err(|v| v.under("redis"))?;
+        self.log.validate().map_err(|v| v.under("log"))?;
         positive("app.shutdown_timeout", self.app.shutdown_timeout)?;
         check(!self.app.env.is_empty(), "app.env", "\"\"", "a non-empty environment name")?;
-        positive("telemetry.export_interval", self.telemetry.export_interval)?;
-        let rt = &self.runtime;
-        check((0.0..=0.5).contains(&rt.jitter), "runtime.jitter", rt.jitter, "0.0..=0.5")?;
-        check(
-            (1..=10_000).contains(&rt.max_drain_ticks),
-            "runtime.max_drain_ticks",
-            rt.max_drain_ticks,
-            "1..=10000",
-        )?;
-        positive("runtime.error_log_interval", rt.error_log_interval)?;
+        self.telemetry.validate().map_err(|v| v.under("telemetry"))?;
+        self.runtime.validate().map_err(|v| v.under("runtime"))?;
         self.workers.validate().map_err(|v| v.under("workers"))?;
         self.outbox.validate().map_err(|v| v.under("outbox"))?;
         self.counters.validate().map_err(|v| v.under("counters"))?;
@@ -643,7 +447,7 @@ impl Config {
         // The reconciler holds the leader lock on one connection and reads its snapshot on a
         // second: with one connection it could never tick.
         check(
-            !self.prebuilds.enabled || self.database.pool_size >= 2,
+            !self.prebuilds.base.enabled || self.database.pool_size >= 2,
             "database.pool_size",
             self.database.pool_size,
             "at least 2 while prebuilds.enabled (leader lock + snapshot)",
@@ -750,23 +554,6 @@ fn collect_leaves(path: &str, value: &toml::Value, keys: &mut Vec<String>) {
     }
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`. A URL that does not parse
-/// has everything between `://` and the last `@` masked, so a password is never echoed.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("***"));
-            }
-            url.to_string()
-        }
-        Err(_) => match (raw.find("://"), raw.rfind('@')) {
-            (Some(start), Some(at)) if at > start + 3 => format!("{}***{}", &raw[..start + 3], &raw[at..]),
-            _ => raw.to_owned(),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -807,6 +594,26 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains(&format!("{}:5", file.path().display())), "{text}");
         assert!(text.contains("batch_size"), "lists the known keys: {text}");
+    }
+
+    #[test]
+    fn a_bad_value_among_a_loops_shared_keys_names_the_key() {
+        let mut env = ConfigInputs::default();
+        env.env.insert("WORKER__COUNTERS__INTERVAL".into(), "5 parsecs".into());
+        let err = load(&env).expect_err("bad duration");
+        assert_eq!(err.key(), Some("counters.interval"), "{err}");
+        assert!(err.to_string().contains("env WORKER__COUNTERS__INTERVAL"), "{err}");
+
+        let file = write("[prebuilds]\nenabled = \"maybe\"\n");
+        let err = load(&inputs(&file)).expect_err("not a bool");
+        assert_eq!(err.key(), Some("prebuilds.enabled"), "{err}");
+        assert!(err.to_string().contains(&format!("{}:2", file.path().display())), "{err}");
+
+        let file = write("[workers]\ntick_timeot = \"1s\"\n");
+        let err = load(&inputs(&file)).expect_err("unknown key");
+        assert_eq!(err.key(), Some("workers.tick_timeot"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("tick_timeout") && text.contains("retention"), "lists the known keys: {text}");
     }
 
     #[test]
@@ -1103,5 +910,115 @@ mod tests {
         config.database.pool_size = 40;
         config.prebuilds.concurrency = 3;
         assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 3, gitsync: 10 });
+    }
+
+    /// Two valid keys, and one whose base64 starts with `true` (figment's env parser reads a
+    /// bare `true` as a boolean, so a list holding it stays a string: the fallback splits it).
+    fn keys() -> [String; 3] {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let mut truthy = engine.decode("true").expect("b64");
+        truthy.resize(32, 9);
+        [engine.encode([1u8; 32]), engine.encode([2u8; 32]), engine.encode(truthy)]
+    }
+
+    fn from_env(value: &str) -> Result<Loaded, ConfigError> {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("WORKER__GITSYNC__TOKEN_KEYS".into(), value.into());
+        load(&inputs)
+    }
+
+    fn exposed(loaded: &Loaded) -> Vec<String> {
+        loaded.config.gitsync.token_keys.iter().map(|k| k.expose().to_owned()).collect()
+    }
+
+    #[test]
+    fn token_keys_come_from_the_environment_as_a_list_or_comma_separated() {
+        let [a, b, t] = keys();
+        assert!(t.starts_with("true"), "{t}");
+        for (value, want) in [
+            (format!("[{a},{b}]"), vec![a.clone(), b.clone()]),
+            (format!("[\"{a}\", \"{b}\"]"), vec![a.clone(), b.clone()]),
+            (format!("{a},{b}"), vec![a.clone(), b.clone()]),
+            (format!(" {a} , {b} "), vec![a.clone(), b.clone()]),
+            (a.clone(), vec![a.clone()]),
+            (format!("[{t},{a}]"), vec![t.clone(), a.clone()]),
+            (format!("{t},{a}"), vec![t.clone(), a.clone()]),
+            (String::new(), vec![]),
+            ("[]".into(), vec![]),
+        ] {
+            let loaded = from_env(&value).unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(exposed(&loaded), want, "{value}");
+            let keys = loaded.config.gitsync.token_keys().expect("valid");
+            assert_eq!(keys.ids().len(), want.len());
+            assert_eq!(
+                loaded.sources["gitsync.token_keys"],
+                Source::Env("WORKER__GITSYNC__TOKEN_KEYS".into())
+            );
+        }
+    }
+
+    #[test]
+    fn token_keys_in_a_file_are_a_toml_list() {
+        let [a, b, _] = keys();
+        let file = write(&format!("[gitsync]\ntoken_keys = [\"{a}\", \"{b}\"]\n"));
+        let config = load(&inputs(&file)).expect("loads").config.gitsync;
+        assert_eq!(config.token_keys().expect("valid").ids().len(), 2);
+
+        let file = write(&format!("[gitsync]\ntoken_keys = [\n  \"{a}\",\n  \"{a}\",\n]\n"));
+        let err = load(&inputs(&file)).expect_err("duplicate");
+        assert_eq!(err.key(), Some("gitsync.token_keys.1"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("{}:4", file.path().display())) && !text.contains(&a), "{text}");
+    }
+
+    #[test]
+    fn a_bad_token_key_is_refused_naming_its_index_and_source_never_the_key() {
+        use base64::Engine;
+        let [a, b, _] = keys();
+        let short = base64::engine::general_purpose::STANDARD.encode([5u8; 31]);
+        for (value, key, problem) in [
+            (format!("{a},{b},not*base64*at*all"), "gitsync.token_keys.2", "not base64"),
+            (format!("{a},{short}"), "gitsync.token_keys.1", "decodes to 31 bytes"),
+            (format!("{a},{b},{a}"), "gitsync.token_keys.2", "the same key as gitsync.token_keys.0"),
+            (format!("{a},,{b}"), "gitsync.token_keys.1", "empty"),
+        ] {
+            let err = from_env(&value).expect_err(&value);
+            assert_eq!(err.key(), Some(key), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(problem) && text.contains("env WORKER__GITSYNC__TOKEN_KEYS"), "{text}");
+            for secret in [&a, &b, &short] {
+                assert!(!text.contains(secret.as_str()), "the key is never shown: {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn config_print_and_debug_never_show_a_token_key() {
+        let [a, b, _] = keys();
+        let loaded = from_env(&format!("{a},{b}")).expect("loads");
+        let printed = loaded.config.render(&loaded.sources);
+        let debug = format!("{:?}", loaded.config);
+        let ids = loaded.config.gitsync.token_keys().expect("valid");
+        for text in [&printed, &debug] {
+            assert!(!text.contains(&a) && !text.contains(&b), "{text}");
+        }
+        let line = format!(
+            "token_keys = [\"*** (key id {})\", \"*** (key id {})\"]  # env WORKER__GITSYNC__TOKEN_KEYS",
+            ids.ids()[0],
+            ids.ids()[1]
+        );
+        assert!(printed.contains(&line), "{printed}");
+    }
+
+    #[test]
+    fn configured_providers_replace_the_default() {
+        let file = write(
+            "[[gitsync.providers]]\nid = \"ghe\"\nkind = \"github\"\n\
+             api_base_url = \"https://ghe.example.com/api/v3\"\norigin_host = \"ghe.example.com\"",
+        );
+        let config = load(&inputs(&file)).expect("loads").config.gitsync;
+        let ids: Vec<_> = config.effective_providers().into_iter().map(|p| p.id).collect();
+        assert_eq!(ids, ["ghe"]);
     }
 }

@@ -16,16 +16,12 @@ use opentelemetry::metrics::Meter;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::chats::ChatLoops;
-use crate::config::{Concurrency, Config, DatabaseConfig};
-use crate::counters::Counters;
-use crate::db::Db;
-use crate::gitsync::Gitsync;
+use crate::config::{Concurrency, Config};
+use crate::db::{DatabaseConfig, Db};
 use crate::health::Health;
 use crate::identity::WorkerIdentity;
+use crate::loops::{self, Shared};
 use crate::migrate;
-use crate::outbox::Sweeper;
-use crate::prebuilds::Reconciler;
 use crate::runtime::Runtime;
 use crate::telemetry::{Identity, Metrics};
 use crate::workers::WorkerLease;
@@ -87,56 +83,17 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     register_gauges(&meter, &db, concurrency);
 
     let runtime = Runtime::for_worker(db.clone(), health.clone(), &meter, config.runtime.clone(), me.clone());
-    let publishing_lease = || {
-        WorkerLease::new(lease_db.clone(), me.clone(), config.workers.clone())
-            .publishing_to(runtime.lease_publisher())
+    let guard_program = std::env::current_exe()?;
+    let shared = Shared {
+        runtime: &runtime,
+        config: &config,
+        meter: &meter,
+        db: db.clone(),
+        lease_db,
+        concurrency,
+        guard_program: &guard_program,
     };
-    if config.chats.enabled {
-        // The chat heartbeat is the one loop that writes the lease.
-        if nix::unistd::geteuid().is_root() && config.chats.runner.user.is_none() {
-            // Agents would run as root: nothing between them and the machine.
-            anyhow::ensure!(
-                config.app.env != "production",
-                "the worker runs as root and chats.runner.user is not set: agents would run as root; \
-                 set chats.runner.user to an unprivileged user (or run the worker as one)"
-            );
-            // Development machines often run everything as root; said once, not as a warning.
-            tracing::info!(
-                "the worker runs as root and chats.runner.user is not set: agents run as root \
-                 (refused when app.env = production)"
-            );
-        }
-        let guard_program = std::env::current_exe()?;
-        let chats = ChatLoops::new(&runtime, config.chats.clone(), &meter, &guard_program).await?;
-        runtime.spawn(chats.heartbeat(publishing_lease()));
-        runtime.spawn(chats.acquire());
-        runtime.spawn(chats.recover(config.workers.retention));
-    } else if config.workers.enabled {
-        runtime.spawn(publishing_lease());
-    }
-    let redis = if config.outbox.enabled || config.counters.enabled {
-        Some(crate::redis::connect_and_wait(&config.redis).await?)
-    } else {
-        None
-    };
-    if let Some(redis) = redis.as_ref().filter(|_| config.outbox.enabled) {
-        let sweeper =
-            Sweeper::new(db.clone(), redis.clone(), &config.redis.prefix, config.outbox.clone(), &meter);
-        runtime.spawn(sweeper);
-    }
-    if let Some(redis) = redis.as_ref().filter(|_| config.counters.enabled) {
-        let counters =
-            Counters::new(db.clone(), redis.clone(), &config.redis.prefix, config.counters.clone(), &meter);
-        runtime.spawn(counters);
-    }
-    if config.prebuilds.enabled {
-        runtime.spawn(Reconciler::new(config.prebuilds.clone(), concurrency.prebuilds, &meter));
-    }
-
-    if config.gitsync.enabled {
-        let gitsync = Gitsync::new(db.clone(), config.gitsync.clone(), concurrency.gitsync, &meter)?;
-        runtime.spawn(gitsync);
-    }
+    let redis = loops::start(shared).await?;
 
     let listener_stop = CancellationToken::new();
     runtime.listener().start(config.database.listen_url().to_owned(), health.clone(), listener_stop.clone());

@@ -1,6 +1,6 @@
 //! PostgreSQL access: the pool, the statement policy and the tick transaction helper.
 //!
-//! Statement policy (SPEC §5): every statement goes through [`Exec`], which only uses
+//! Statement policy (`docs/database.md`): every statement goes through [`Exec`], which only uses
 //! tokio-postgres's `*_typed` family. Those send an unnamed Parse/Bind/Execute in one round trip
 //! with the parameter types given by the caller, so no named prepared statement ever exists and
 //! pgbouncer in transaction mode can route each transaction to any server connection. The
@@ -14,9 +14,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, RowStream};
 
-use crate::config::DatabaseConfig;
-
+mod config;
 mod tls;
+
+pub use config::DatabaseConfig;
 
 pub use tls::{MakeRustls, check as check_url};
 
@@ -222,6 +223,24 @@ async fn set_local_statement_timeout(tx: &Transaction<'_>, timeout: Duration) ->
 /// Commits `tx`; the one place a commit error becomes a [`DbError`].
 pub async fn commit(tx: Transaction<'_>) -> Result<(), DbError> {
     Ok(tx.commit().await?)
+}
+
+/// The short transaction most statements run in: a pooled connection, [`begin`] (bounded by
+/// `database.statement_timeout`), `work`, [`commit`]. An error from `work` rolls back: the
+/// transaction is dropped uncommitted. Callers that hold a connection across several
+/// transactions, or keep one open across a tick (the leader lock), use [`begin`] themselves.
+pub async fn in_transaction<T, E>(
+    db: &Db,
+    work: impl AsyncFnOnce(&Transaction<'_>) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<DbError>,
+{
+    let mut conn = db.get().await?;
+    let tx = begin(&mut conn, db.statement_timeout()).await?;
+    let value = work(&tx).await?;
+    commit(tx).await?;
+    Ok(value)
 }
 
 /// `pg_try_advisory_xact_lock(key)` inside `tx`: held until the transaction ends, never a

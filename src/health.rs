@@ -11,10 +11,23 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Db;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Address of `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([0, 0, 0, 0], 8080)) }
+    }
+}
 
 /// How long `/readyz` waits for `SELECT 1`.
 const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);

@@ -63,4 +63,5 @@ pub mod runtime;
 pub mod status;
 pub mod telemetry;
 pub mod text;
+pub mod validate;
 pub mod workers;

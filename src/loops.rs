@@ -1,70 +1,35 @@
-//! The one list of the loops this binary runs: their names (what `worker loop pause NAME`
-//! accepts, the `loop` attribute of every metric) and the config table each is set up by.
-//! Adding a loop adds one entry here; nothing else keeps a list of loops.
+//! The one list of loops: what each is ([`ALL`], from the `INFO` of each loop's module) and how
+//! `worker run` starts the ones the config enables ([`start`]). The daemon builds the shared
+//! pieces once and hands them here; nothing else keeps a list of loops.
+//!
+//! Adding a loop touches two existing files: this one (its `INFO` in [`ALL`], its start in
+//! [`start`]) and `config.rs` (its table in [`Config`] and in `Config::validate`). A test starts a
+//! fully enabled daemon and compares what registered with [`ALL`] (`tests/loops.rs`).
 
-use crate::chats::{acquire, heartbeat, recover};
-use crate::{counters, gitsync, outbox, prebuilds, workers};
+use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct LoopInfo {
-    pub name: &'static str,
-    /// The config table with this loop's `enabled`, interval and limits.
-    pub config_table: &'static str,
-    pub about: &'static str,
-    /// Whether `worker loop pause` may stop it (its `Schedule::pausable` says the same).
-    pub pausable: bool,
-}
+use opentelemetry::metrics::Meter;
+
+use crate::chats::{ChatLoops, acquire, heartbeat, recover};
+use crate::config::{Concurrency, Config};
+use crate::counters::{self, Counters};
+use crate::db::Db;
+use crate::gitsync::{self, Gitsync};
+use crate::outbox::{self, Sweeper};
+use crate::prebuilds::{self, Reconciler};
+use crate::redis::Client;
+use crate::runtime::{LoopInfo, Runtime};
+use crate::workers::{self, WorkerLease};
 
 pub const ALL: &[LoopInfo] = &[
-    LoopInfo {
-        name: workers::NAME,
-        config_table: "workers",
-        about: "this worker's lease row in `workers` (when chats are disabled)",
-        pausable: true,
-    },
-    LoopInfo {
-        name: heartbeat::NAME,
-        config_table: "chats",
-        about: "the lease row plus the set difference of running and owned chats (chats enabled)",
-        // Paused, the lease would lapse and every agent of the fleet be killed.
-        pausable: false,
-    },
-    LoopInfo {
-        name: acquire::NAME,
-        config_table: "chats",
-        about: "claims pending chats and starts their runners",
-        pausable: true,
-    },
-    LoopInfo {
-        name: recover::NAME,
-        config_table: "chats",
-        about: "returns running chats of dead workers to pending",
-        pausable: true,
-    },
-    LoopInfo {
-        name: outbox::NAME,
-        config_table: "outbox",
-        about: "task_outbox rows into Redis sorted sets",
-        pausable: true,
-    },
-    LoopInfo {
-        name: counters::NAME,
-        config_table: "counters",
-        about: "Redis running-task counters into jobs.running_tasks",
-        pausable: true,
-    },
-    LoopInfo {
-        name: gitsync::NAME,
-        config_table: "gitsync",
-        about: "pull-request status of each chat's branch into chat_diff_statuses",
-        pausable: true,
-    },
-    LoopInfo {
-        name: prebuilds::NAME,
-        config_table: "prebuilds",
-        about: "keeps each preset's prebuilt workspaces at the desired count (leader only)",
-        pausable: true,
-    },
+    workers::INFO,
+    heartbeat::INFO,
+    acquire::INFO,
+    recover::INFO,
+    outbox::INFO,
+    counters::INFO,
+    gitsync::INFO,
+    prebuilds::INFO,
 ];
 
 pub fn find(name: &str) -> Option<&'static LoopInfo> {
@@ -75,21 +40,78 @@ pub fn names() -> Vec<&'static str> {
     ALL.iter().map(|info| info.name).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What the daemon builds once and every loop may need.
+pub struct Shared<'a> {
+    pub runtime: &'a Runtime,
+    pub config: &'a Config,
+    pub meter: &'a Meter,
+    /// The shared pool.
+    pub db: Db,
+    /// The pool the lease is written through (a one-connection pool of its own with chats).
+    pub lease_db: Db,
+    pub concurrency: Concurrency,
+    /// The `worker` binary, for the chat loops' lease guard (`worker agent-guard`).
+    pub guard_program: &'a Path,
+}
 
-    #[test]
-    fn every_loop_has_its_own_config_table_with_an_enabled_switch() {
-        let config = toml::Table::try_from(crate::config::Config::default()).expect("config serializes");
-        for info in ALL {
-            let table = config.get(info.config_table).and_then(toml::Value::as_table);
-            let enabled = table.and_then(|t| t.get("enabled")).and_then(toml::Value::as_bool);
-            assert!(enabled.is_some(), "[{}] has no `enabled` for loop {}", info.config_table, info.name);
-        }
-        let mut names = names();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), ALL.len(), "loop names are unique");
+/// Starts every loop `shared.config` enables on `shared.runtime`. Returns the Redis client when a
+/// loop needed one, for the daemon to close at exit.
+pub async fn start(shared: Shared<'_>) -> anyhow::Result<Option<Client>> {
+    let Shared { runtime, config, meter, db, lease_db, concurrency, guard_program } = shared;
+    let me = runtime.worker().clone();
+    let publishing_lease = || {
+        WorkerLease::new(lease_db.clone(), me.clone(), config.workers.clone())
+            .publishing_to(runtime.lease_publisher())
+    };
+    if config.chats.enabled {
+        refuse_root_agents_in_production(config)?;
+        let chats = ChatLoops::new(runtime, config.chats.clone(), meter, guard_program).await?;
+        // The chat heartbeat is the one loop that writes the lease.
+        runtime.spawn(chats.heartbeat(publishing_lease()));
+        runtime.spawn(chats.acquire());
+        runtime.spawn(chats.recover(config.workers.retention));
+    } else if config.workers.base.enabled {
+        runtime.spawn(publishing_lease());
     }
+    let redis = if config.outbox.base.enabled || config.counters.base.enabled {
+        Some(crate::redis::connect_and_wait(&config.redis).await?)
+    } else {
+        None
+    };
+    if let Some(redis) = redis.as_ref().filter(|_| config.outbox.base.enabled) {
+        let sweeper =
+            Sweeper::new(db.clone(), redis.clone(), &config.redis.prefix, config.outbox.clone(), meter);
+        runtime.spawn(sweeper);
+    }
+    if let Some(redis) = redis.as_ref().filter(|_| config.counters.base.enabled) {
+        let counters =
+            Counters::new(db.clone(), redis.clone(), &config.redis.prefix, config.counters.clone(), meter);
+        runtime.spawn(counters);
+    }
+    if config.prebuilds.base.enabled {
+        runtime.spawn(Reconciler::new(config.prebuilds.clone(), concurrency.prebuilds, meter));
+    }
+    if config.gitsync.base.enabled {
+        runtime.spawn(Gitsync::new(db, config.gitsync.clone(), concurrency.gitsync, meter)?);
+    }
+    Ok(redis)
+}
+
+/// A root worker without `chats.runner.user` would run its agents as root: nothing between them
+/// and the machine. Refused in production; said once elsewhere (development machines often run
+/// everything as root).
+fn refuse_root_agents_in_production(config: &Config) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() || config.chats.runner.user.is_some() {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        config.app.env != "production",
+        "the worker runs as root and chats.runner.user is not set: agents would run as root; \
+         set chats.runner.user to an unprivileged user (or run the worker as one)"
+    );
+    tracing::info!(
+        "the worker runs as root and chats.runner.user is not set: agents run as root \
+         (refused when app.env = production)"
+    );
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! The Redis client shared by the loops that talk to Redis (outbox, counters).
 //!
-//! fred facts this module encodes (10.1, measured, SPEC §7.3): the default `Builder` has no
+//! fred facts this module encodes (10.1, measured; `docs/outbox.md`): the default `Builder` has no
 //! reconnect policy, so a dropped connection would stay dropped; here it reconnects forever with
 //! capped exponential backoff, also when Redis is down at start-up (the daemon must come up and
 //! recover by itself; that takes `Config::fail_fast = false`, whose default `true` silently gives
@@ -24,8 +24,43 @@ use fred::rustls::pki_types::CertificateDer;
 use fred::rustls::pki_types::pem::PemObject;
 use fred::rustls::{ClientConfig, RootCertStore};
 use fred::types::config::TlsConnector;
+use serde::{Deserialize, Serialize};
 
-use crate::config::RedisConfig;
+use crate::validate::{Violation, check, readable_file, url_scheme};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Prefix of every key this worker writes (`{prefix}:sched:{queue}`, …).
+    pub prefix: String,
+    /// PEM file of the CA(s) that sign the server certificate of a `rediss://` URL. Unset: the
+    /// platform's root certificates (what managed Redis services are signed by).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: "redis://127.0.0.1:6379".into(), prefix: "worker".into(), ca_file: None }
+    }
+}
+
+impl RedisConfig {
+    /// Keys are relative to `[redis]`.
+    pub fn validate(&self) -> Result<(), Violation> {
+        check(
+            url_scheme(&self.url, &["redis", "rediss", "redis-cluster", "rediss-cluster"]),
+            "url",
+            crate::text::redact_url(&self.url),
+            "a redis:// URL",
+        )?;
+        check(!self.prefix.is_empty(), "prefix", "\"\"", "a non-empty key prefix")?;
+        match &self.ca_file {
+            Some(path) => readable_file("ca_file", path),
+            None => Ok(()),
+        }
+    }
+}
 
 pub use fred::prelude::Client;
 
@@ -79,7 +114,7 @@ pub async fn connect_and_wait(config: &RedisConfig) -> Result<Client, RedisError
 
 /// Builds a client without connecting (the caller decides when: `connect` or `init`).
 pub fn build(config: &RedisConfig) -> Result<Client, RedisError> {
-    let redacted = crate::config::redact_url(&config.url);
+    let redacted = crate::text::redact_url(&config.url);
     let mut fred_config =
         Config::from_url(&config.url).map_err(|source| RedisError::Url { url: redacted, source })?;
     // fred's default (`true`) ends the connection task for good when the FIRST connection fails,

@@ -23,11 +23,86 @@ use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
 use opentelemetry_otlp::{MetricExporter, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::{LogConfig, LogFormat, OtlpProtocol, TelemetryConfig};
+use crate::validate::{Violation, positive};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `worker=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Pretty }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP base endpoint (`http://collector:4318`, or `:4317` for grpc). Unset, and with no
+    /// `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` either, nothing is exported and nothing is logged.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    #[serde(with = "humantime_serde")]
+    pub export_interval: Duration,
+    /// Used only when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::HttpProtobuf,
+            export_interval: Duration::from_secs(60),
+            service_name: "worker".into(),
+        }
+    }
+}
+
+impl LogConfig {
+    /// Keys are relative to `[log]`.
+    pub fn validate(&self) -> Result<(), Violation> {
+        match EnvFilter::try_new(&self.level) {
+            Ok(_) => Ok(()),
+            Err(error) => Err(Violation::new(
+                "level",
+                format!("not a tracing filter ({error}): {}", self.level),
+                "a level (error|warn|info|debug|trace) or directives such as `worker=debug,info`",
+            )),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// Keys are relative to `[telemetry]`.
+    pub fn validate(&self) -> Result<(), Violation> {
+        positive("export_interval", self.export_interval)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {

@@ -1,4 +1,4 @@
-//! Bounding text for storage and for the terminal.
+//! Bounding text for storage and for the terminal, and keeping secrets out of what is shown.
 
 /// `text` as PostgreSQL can store it: `text` and `jsonb` cannot hold a NUL character, so each
 /// one becomes U+FFFD (the replacement character) instead of failing the whole write.
@@ -28,6 +28,23 @@ pub fn one_line(text: &str, max: usize) -> String {
     match line.char_indices().nth(max) {
         Some((end, _)) => format!("{}…", &line[..end]),
         None => line.to_owned(),
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`. A URL that does not parse
+/// has everything between `://` and the last `@` masked, so a password is never echoed.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => match (raw.find("://"), raw.rfind('@')) {
+            (Some(start), Some(at)) if at > start + 3 => format!("{}***{}", &raw[..start + 3], &raw[at..]),
+            _ => raw.to_owned(),
+        },
     }
 }
 

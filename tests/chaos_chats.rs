@@ -1,4 +1,5 @@
-//! Reliability suite, the chat loops under faults (SPEC §7.1 and §11, `scripts/chaos.sh`):
+//! Reliability suite, the chat loops under faults (docs/lease-and-fencing.md, docs/reliability.md,
+//! `scripts/chaos.sh`):
 //! 5. two replicas running 200 chats, one of them SIGKILLed mid-turn: its chats come back after
 //!    `stale_after` and finish on the survivor, no chat ever has two live runners;
 //! 8. resource bounds: one worker with 1,000 pending chats and `max_running = 50` never holds

@@ -1,6 +1,6 @@
-//! Reliability suite, scenario 7: bad input (SPEC §11, `scripts/chaos.sh`). Malformed TOML and
-//! environment overrides, agents that print garbage or 10 MiB lines, a GitHub answering HTML,
-//! 500s and huge bodies, rows with invalid origins or odd payloads: each must end in an error
+//! Reliability suite, scenario 7: bad input (docs/reliability.md, `scripts/chaos.sh`). Malformed
+//! TOML and environment overrides, agents that print garbage or 10 MiB lines, a GitHub answering
+//! HTML, 500s and huge bodies, rows with invalid origins or odd payloads: each must end in an error
 //! that names the thing, nothing may be lost, and a running daemon stays ready throughout.
 //!
 //! 7a. the config: `worker config check` and `worker run` on each bad input;

@@ -1,4 +1,4 @@
-//! Reliability suite, scenario 6 (SPEC §11, `scripts/chaos.sh`): the network path to
+//! Reliability suite, scenario 6 (docs/reliability.md, `scripts/chaos.sh`): the network path to
 //! PostgreSQL freezes for 20 s — half-open, no RST, no FIN — under a worker running every loop
 //! that needs no outside service. Every tick stays bounded by its timeout, the pool recovers
 //! when the path thaws, and no loop wedges.
@@ -151,7 +151,7 @@ async fn a_pool_checkout_on_a_frozen_path_ends_within_its_timeouts() {
     let test_db = TestDb::new().await;
     let proxy = FreezingProxy::start("127.0.0.1:5432").await;
     let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
-    let config = worker::config::DatabaseConfig {
+    let config = worker::db::DatabaseConfig {
         connect_timeout: Duration::from_secs(1),
         acquire_timeout: Duration::from_secs(1),
         ..TestDb::database_config_for(&url, 2)

@@ -1,4 +1,5 @@
-//! Reliability suite, the outbox under faults (SPEC §11, `scripts/chaos.sh`):
+//! Reliability suite, the outbox under faults (docs/outbox.md, docs/reliability.md,
+//! `scripts/chaos.sh`):
 //! 1. three replicas draining 100k tasks while one of them is SIGKILLed and restarted every
 //!    second; 2. PostgreSQL restarted under a running worker; 3. Redis stopped for 30 s mid-drain.
 

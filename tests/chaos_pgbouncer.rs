@@ -1,10 +1,11 @@
-//! Reliability suite, scenario 4 (SPEC §5, §11, `scripts/chaos.sh`): two real replicas whose
-//! pooled connections go through a private pgbouncer in transaction mode (LISTEN and migrations
-//! direct, as `database.listen_url` / `database.migrate_url` are meant for), running every loop
-//! for 60 s on short intervals while the test keeps feeding them work the way the API tier
-//! would (outbox tasks, chats and user messages, running-task counters, diff-status marks,
-//! template activations, a fake provisioner finishing jobs and users claiming prebuilds) and an
-//! operator runs the CLI through the same pgbouncer (pauses, resumes, stats, plans, chats).
+//! Reliability suite, scenario 4 (docs/database.md#statement-policy, docs/reliability.md,
+//! `scripts/chaos.sh`): two real replicas whose pooled connections go through a private pgbouncer
+//! in transaction mode (LISTEN and migrations direct, as `database.listen_url` /
+//! `database.migrate_url` are meant for), running every loop for 60 s on short intervals while the
+//! test keeps feeding them work the way the API tier would (outbox tasks, chats and user messages,
+//! running-task counters, diff-status marks, template activations, a fake provisioner finishing
+//! jobs and users claiming prebuilds) and an operator runs the CLI through the same pgbouncer
+//! (pauses, resumes, stats, plans, chats).
 //!
 //! Then: both replicas alive and ready, the work done (outbox drained into Redis, every chat
 //! answered, counters in sync, diff statuses refreshed, prebuilds created and deleted), a clean

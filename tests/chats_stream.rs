@@ -22,9 +22,9 @@ const LIMIT: Duration = Duration::from_secs(15);
 /// Long enough that no settle tick fires during a test that settles by hand.
 const NEVER: Duration = Duration::from_secs(3600);
 
-/// What a runner does to publish a message (SPEC §7.1): INSERT and notify in one transaction.
-/// Unlike `post_chat_message` it does not lock the chat row, so two of these (or one of these
-/// and one `post_chat_message`) on one chat can commit out of id order.
+/// What a runner does to publish a message (docs/stream.md#the-algorithm): INSERT and notify in one
+/// transaction. Unlike `post_chat_message` it does not lock the chat row, so two of these (or one
+/// of these and one `post_chat_message`) on one chat can commit out of id order.
 const PUBLISH: &str = "WITH m AS (INSERT INTO chat_messages (chat_id, role, content) \
          VALUES ($1, 'assistant', to_jsonb($2::text)) RETURNING id) \
      SELECT id, pg_notify('chat_' || $1::text, json_build_object('after_message_id', id - 1)::text)::text \

@@ -149,7 +149,7 @@ async fn two_replicas_sync_through_pgbouncer_transaction_mode_without_errors() {
 async fn an_unreachable_redis_fails_the_tick_and_zeroes_nothing() {
     let mut h = Harness::new().await;
     h.config.redis.url = outbox_support::redis_server::url_for(outbox_support::redis_server::free_port());
-    h.config.counters.tick_timeout = Duration::from_millis(600);
+    h.config.counters.base.tick_timeout = Duration::from_millis(600);
     let redis = worker::redis::connect(&h.config.redis).expect("client");
     let sync = counters(&h, h.db().clone(), redis, &MetricsProbe::new().meter());
     h.exec("INSERT INTO jobs (id, status, running_tasks) VALUES ('a', 'running', 3)").await;

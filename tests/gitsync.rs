@@ -11,11 +11,12 @@ use common::TestDb;
 use gitsync_support::{Answer, FakeGitHub, fixture};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
-use worker::config::{Concurrency, Config, RuntimeConfig};
+use worker::config::{Concurrency, Config};
 use worker::db::{Db, Exec};
 use worker::gitsync::cli::{self, GitsyncCommand};
 use worker::gitsync::{Gitsync, GitsyncConfig, ProviderConfig, ProviderKind, RefreshOutcome, RefreshReport};
 use worker::health::Health;
+use worker::runtime::RuntimeConfig;
 use worker::runtime::{Outcome, Runtime, Tick};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -439,7 +440,7 @@ async fn a_branch_without_a_pr_is_retried_in_15s_while_recently_marked_else_afte
 #[tokio::test]
 async fn a_provider_that_hangs_costs_its_rows_a_timeout_error_inside_the_tick_and_others_refresh() {
     let mut h = Harness::new().await;
-    h.config.tick_timeout = Duration::from_secs(2);
+    h.config.base.tick_timeout = Duration::from_secs(2);
     h.fake.pr("hang", "r", "b", 1);
     h.fake.pr("good", "r", "b", 1);
     let hanging = h.row(h.owner().await, "https://github.com/hang/r", "b").await;
@@ -684,4 +685,29 @@ async fn a_status_the_database_refuses_by_value_is_recorded_as_the_rows_error_no
         (row.stale_in_secs - 120.0).abs() < 5.0,
         "due again one ttl later, like any other error: {row:?}"
     );
+}
+
+/// The labels the refresher writes are exactly those the `last_outcome` CHECK admits, read from
+/// the schema itself: a label added on one side only fails here, not at the first write.
+#[tokio::test]
+async fn outcome_labels_match_the_check_constraint() {
+    let tdb = TestDb::new().await;
+    let conn = tdb.db.get().await.expect("connection");
+    let row = conn
+        .fetch_one(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid = 'chat_diff_statuses'::regclass AND contype = 'c' \
+               AND pg_get_constraintdef(oid) LIKE '%last_outcome%'",
+            &[],
+        )
+        .await
+        .expect("the CHECK on last_outcome");
+    let definition: String = row.get(0);
+    // e.g. CHECK ((last_outcome = ANY (ARRAY['ok'::text, 'not_modified'::text, …])))
+    let mut allowed: Vec<&str> = definition.split('\'').skip(1).step_by(2).collect();
+    allowed.sort_unstable();
+    let mut written: Vec<&str> = RefreshOutcome::ALL.iter().map(|o| o.as_str()).collect();
+    written.sort_unstable();
+    assert!(!allowed.is_empty(), "no labels found in {definition}");
+    assert_eq!(written, allowed, "RefreshOutcome::ALL against {definition}");
 }

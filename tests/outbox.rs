@@ -13,10 +13,10 @@ use fred::prelude::{ClientLike, KeysInterface, SortedSetsInterface};
 use outbox_support::redis_server::{self, RedisServer};
 use outbox_support::{Harness, connected};
 use tokio_postgres::types::Type;
-use worker::config::RuntimeConfig;
 use worker::db::{self, Db, Exec};
 use worker::health::Health;
 use worker::outbox::{SweepError, Sweeper};
+use worker::runtime::RuntimeConfig;
 use worker::runtime::{Loop, Outcome, Progress, Runtime, Tick};
 
 /// Generous bound for conditions that should hold in well under a second; reaching it fails.
@@ -230,7 +230,7 @@ async fn a_hanging_redis_is_bounded_by_the_sub_deadline_and_the_rows_are_release
     let server = RedisServer::start_on(redis_server::free_port()).await;
     h.config.redis.url = server.url();
     h.config.outbox.redis_timeout = Duration::from_millis(500);
-    h.config.outbox.tick_timeout = Duration::from_secs(10);
+    h.config.outbox.base.tick_timeout = Duration::from_secs(10);
     h.redis = connected(&h.config.redis).await;
     h.enqueue(20, &["q"], None).await;
     let before = row_states(h.db()).await;
@@ -527,7 +527,7 @@ async fn the_claim_is_an_index_range_scan_in_run_at_id_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_wakes_a_running_sweeper_through_notify_long_before_its_interval() {
     let mut h = Harness::new().await;
-    h.config.outbox.interval = Duration::from_secs(3600);
+    h.config.outbox.base.interval = Duration::from_secs(3600);
     let metrics = MetricsProbe::new();
     let runtime = Runtime::new(
         h.db().clone(),

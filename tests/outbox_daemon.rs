@@ -11,8 +11,8 @@ use common::{TestDb, eventually};
 use fred::prelude::{ClientLike, HashesInterface, SortedSetsInterface};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use worker::config::RedisConfig;
 use worker::db::Exec;
+use worker::redis::RedisConfig;
 
 const LIMIT: Duration = Duration::from_secs(10);
 

@@ -17,7 +17,7 @@ use common::{TestDb, admin_url, eventually};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
-use worker::config::DatabaseConfig;
+use worker::db::DatabaseConfig;
 use worker::db::{Db, Exec};
 use worker::health::Health;
 use worker::listen::{APPLICATION_NAME as LISTEN_APPLICATION_NAME, Listener};

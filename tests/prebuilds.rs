@@ -1,6 +1,6 @@
-//! The prebuilds reconciler (SPEC §7.5) against a real database: a cycle's writes, one leader
-//! per cycle, the connection bound during the fan-out, idle presets skipped before a slot, the
-//! claim race on delete, failures isolated per preset, `plan`/`status` through the real binary
+//! The prebuilds reconciler (docs/prebuilds.md) against a real database: a cycle's writes, one
+//! leader per cycle, the connection bound during the fan-out, idle presets skipped before a slot,
+//! the claim race on delete, failures isolated per preset, `plan`/`status` through the real binary
 //! (and `plan` matching what the next cycle does), the activation trigger.
 //!
 //! Overlap is arranged with row locks, not sleeps: the test holds `FOR UPDATE` on the template
@@ -22,13 +22,14 @@ use common::{TestDb, eventually};
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use worker::config::{Concurrency, RuntimeConfig};
+use worker::config::Concurrency;
 use worker::db::{Db, Exec};
 use worker::health::Health;
 use worker::listen::ListenEvent;
 use worker::prebuilds::config::DEFAULT_SYSTEM_USER_ID as SYSTEM;
 use worker::prebuilds::reconciler::{self, CycleStats, DeleteOutcome};
 use worker::prebuilds::{PrebuildsConfig, Reconciler};
+use worker::runtime::RuntimeConfig;
 use worker::runtime::{Outcome, Runtime, Tick};
 
 /// Generous bound for conditions that should hold in milliseconds; reaching it is a failure.

@@ -1,6 +1,6 @@
-//! The prebuilds schema (SPEC §5): the migration applies, a whole prebuild (template → version →
-//! preset → workspace → build → job) can be written, and the CHECK constraints that stand in for
-//! enums reject values outside their set.
+//! The prebuilds schema (docs/database.md#the-schema): the migration applies, a whole prebuild
+//! (template → version → preset → workspace → build → job) can be written, and the CHECK
+//! constraints that stand in for enums reject values outside their set.
 
 mod common;
 

@@ -12,8 +12,8 @@ use fred::prelude::{ClientLike, EventInterface};
 use outbox_support::Harness;
 use outbox_support::redis_server::free_port;
 use tls_support::TestPki;
-use worker::config::RedisConfig;
 use worker::db::Db;
+use worker::redis::RedisConfig;
 use worker::runtime::{Loop, Progress, Tick};
 
 const LIMIT: Duration = Duration::from_secs(20);

@@ -1,6 +1,6 @@
-//! SPEC §11: `kill -9` of a replica in the middle of draining the outbox loses nothing — every
-//! task ends in Redis or in the outbox, and a replica started afterwards finishes the job with
-//! each task scheduled exactly once.
+//! Reliability requirement 1 (docs/reliability.md#requirements): `kill -9` of a replica in the
+//! middle of draining the outbox loses nothing — every task ends in Redis or in the outbox, and a
+//! replica started afterwards finishes the job with each task scheduled exactly once.
 
 mod common;
 mod outbox_support;

@@ -13,10 +13,10 @@ use common::metrics::MetricsProbe;
 use tokio::sync::{Semaphore, watch};
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
-use worker::config::RuntimeConfig;
 use worker::db::{Db, Exec};
 use worker::health::Health;
 use worker::listen::{self, ListenEvent};
+use worker::runtime::RuntimeConfig;
 use worker::runtime::{Loop, LoopError, Outcome, Progress, Runtime, Schedule, Tick};
 
 /// Generous bound for conditions that should hold in milliseconds; reaching it is a failure.

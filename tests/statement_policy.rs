@@ -1,6 +1,6 @@
-//! The pgbouncer-safe statement policy (SPEC §5), checked where it can silently regress: the
-//! source never calls tokio-postgres's named-statement paths, and the schema never puts a
-//! non-built-in type (enum, domain, composite) on the wire.
+//! The pgbouncer-safe statement policy (docs/database.md#statement-policy), checked where it can
+//! silently regress: the source never calls tokio-postgres's named-statement paths, and the schema
+//! never puts a non-built-in type (enum, domain, composite) on the wire.
 
 mod common;
 

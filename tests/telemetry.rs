@@ -19,10 +19,11 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::metric;
 use prost::Message;
 use tokio::sync::mpsc;
-use worker::config::{OtlpProtocol, TelemetryConfig};
 use worker::health::Health;
 use worker::identity::WorkerIdentity;
 use worker::runtime::{Outcome, Runtime};
+use worker::telemetry::OtlpProtocol;
+use worker::telemetry::TelemetryConfig;
 use worker::telemetry::{Identity, Metrics};
 use worker::workers::WorkerLease;
 

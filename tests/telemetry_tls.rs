@@ -26,7 +26,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use worker::config::{OtlpProtocol, TelemetryConfig};
+use worker::telemetry::OtlpProtocol;
+use worker::telemetry::TelemetryConfig;
 use worker::telemetry::{Identity, Metrics};
 
 const LIMIT: Duration = Duration::from_secs(15);

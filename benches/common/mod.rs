@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use fred::prelude::{Client, ClientLike, KeysInterface};
-use worker::config::{DatabaseConfig, RedisConfig};
+use worker::db::DatabaseConfig;
 use worker::db::Db;
+use worker::redis::RedisConfig;
 
 pub fn admin_url() -> String {
     std::env::var("WORKER_BENCH_ADMIN_URL")

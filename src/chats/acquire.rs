@@ -13,18 +13,24 @@
 //! would hand it back) or the reverse.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_postgres::types::Type;
 
-use super::runner::{self, Claimed, RunnerContext, Runners};
+use super::runner::{self, ChatsContext, Claimed, Runners};
 use crate::db::{self, DbError, Exec};
-use crate::runtime::{Loop, Progress, Schedule, StartError, Tick};
+use crate::runtime::{Loop, LoopInfo, Progress, Schedule, StartError, Tick};
 
 pub const NAME: &str = "chats_acquire";
+
+pub const INFO: LoopInfo = LoopInfo {
+    name: NAME,
+    config_table: "chats",
+    interval_key: "acquire_interval",
+    about: "claims pending chats and starts their runners",
+    pausable: true,
+};
 /// NOTIFY channel of `post_chat_message` when a chat becomes pending.
 pub const WAKE_CHANNEL: &str = "chat_pending";
-const TICK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The claim (public for `benches/chats.rs`, which measures it on its own).
 pub const CLAIM: &str = "WITH picked AS (\
@@ -36,9 +42,11 @@ pub const CLAIM: &str = "WITH picked AS (\
      RETURNING c.id, c.generation, c.owner_id, c.workspace_id, c.title";
 
 pub struct Acquire {
-    pub(super) ctx: Arc<RunnerContext>,
+    pub(super) ctx: Arc<ChatsContext>,
     pub(super) runners: Runners,
     pub(super) ownership: Arc<tokio::sync::Mutex<()>>,
+    /// Test support: see [`Acquire::gated_after_claim`].
+    #[cfg(feature = "test-support")]
     pub(super) after_claim: Option<Arc<tokio::sync::Semaphore>>,
 }
 
@@ -51,6 +59,7 @@ pub fn claim_limit(max_per_acquire: u32, max_running: u32, running: usize) -> u3
 impl Acquire {
     /// For tests that force an interleaving: each tick waits for a permit of `gate` between
     /// committing its claim and registering the runners (still holding the ownership lock).
+    #[cfg(feature = "test-support")]
     #[must_use]
     pub fn gated_after_claim(mut self, gate: Arc<tokio::sync::Semaphore>) -> Self {
         self.after_claim = Some(gate);
@@ -87,15 +96,16 @@ impl Acquire {
             Err(StartError::ShuttingDown) => "shutting down",
         };
         tracing::info!(chat_id = %id, generation, reason, "claimed chat not started; returning it");
-        let db = &self.ctx.db;
-        let mut conn = db.get().await?;
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-        tx.exec(
-            runner::RELEASE,
-            &[(&id, Type::UUID), (&self.ctx.worker_id, Type::UUID), (&generation, Type::INT8)],
-        )
+        let worker_id = self.ctx.worker_id;
+        db::in_transaction(&self.ctx.db, async |tx| {
+            tx.exec(
+                runner::RELEASE,
+                &[(&id, Type::UUID), (&worker_id, Type::UUID), (&generation, Type::INT8)],
+            )
+            .await
+        })
         .await?;
-        db::commit(tx).await
+        Ok(())
     }
 }
 
@@ -107,7 +117,8 @@ impl Loop for Acquire {
     }
 
     fn schedule(&self) -> Schedule {
-        Schedule::every(self.ctx.config.acquire_interval, TICK_TIMEOUT).woken_by(WAKE_CHANNEL)
+        Schedule::every(self.ctx.config.acquire_interval, self.ctx.config.acquire_tick_timeout)
+            .woken_by(WAKE_CHANNEL)
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, DbError> {
@@ -132,6 +143,7 @@ impl Loop for Acquire {
         }
         let claimed = self.claim(&mut conn, limit).await?;
         drop(conn);
+        #[cfg(feature = "test-support")]
         if let Some(gate) = &self.after_claim {
             // Tests hold the claim here, committed but not yet registered.
             gate.acquire().await.map(|permit| permit.forget()).ok();

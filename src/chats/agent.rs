@@ -1,4 +1,4 @@
-//! One agent turn as a subprocess (SPEC §7.1, the runner's process handling; no database).
+//! One agent turn as a subprocess (`docs/chats.md`, "Bounds on the agent"; no database).
 //!
 //! [`Agent::spawn`] starts `chats.runner.command` in a process group of its own, inside its
 //! [`AgentBoundary`] (an allow-listed environment with `CHAT_ID` and `CHAT_GENERATION`, the agent

@@ -30,7 +30,7 @@ pub const RESERVED: &[&str] = &["CHAT_ID", "CHAT_GENERATION"];
 pub fn refused_pass_env(name: &str) -> Option<&'static str> {
     if name == "DATABASE_URL" || name == "REDIS_URL" {
         Some("the worker's own connection URL (with its password)")
-    } else if name.starts_with(crate::config::ENV_PREFIX) {
+    } else if name.starts_with(crate::validate::ENV_PREFIX) {
         Some("a WORKER__* variable: the worker's own configuration (database and Redis URLs, token keys)")
     } else if name.starts_with("OTEL_") && name.ends_with("HEADERS") {
         Some("OTLP export headers: the telemetry backend's credentials")

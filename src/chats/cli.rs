@@ -213,14 +213,14 @@ pub async fn list(db: &Db, status: Option<&str>, limit: i64) -> Result<Vec<ChatS
 /// Inserts a `waiting` chat and, when `text` is given, its first user message (which makes it
 /// `pending`), in one transaction.
 pub async fn create(db: &Db, owner: Uuid, title: &str, text: Option<&str>) -> Result<Uuid, DbError> {
-    let mut conn = db.get().await?;
-    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-    let chat: Uuid = tx.fetch_one(CREATE, &[(&owner, Type::UUID), (&title, Type::TEXT)]).await?.get(0);
-    if let Some(text) = text {
-        tx.fetch_one(POST_USER_MESSAGE, &[(&chat, Type::UUID), (&text, Type::TEXT)]).await?;
-    }
-    db::commit(tx).await?;
-    Ok(chat)
+    db::in_transaction(db, async |tx| {
+        let chat: Uuid = tx.fetch_one(CREATE, &[(&owner, Type::UUID), (&title, Type::TEXT)]).await?.get(0);
+        if let Some(text) = text {
+            tx.fetch_one(POST_USER_MESSAGE, &[(&chat, Type::UUID), (&text, Type::TEXT)]).await?;
+        }
+        Ok(chat)
+    })
+    .await
 }
 
 /// Posts a user message; its content is the JSON string `text`. Returns the message id.

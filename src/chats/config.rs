@@ -9,17 +9,21 @@ use serde::{Deserialize, Serialize};
 use super::agent::{self, AgentCommand, AgentLimits};
 use super::boundary::{self, AgentUser};
 use super::limits::LimitsConfig;
-use crate::config::{Violation, check, positive};
+use crate::validate::{Violation, check, positive};
 
 pub const DEFAULT_MAX_RUNNING: u32 = 10;
 pub const DEFAULT_MAX_PER_ACQUIRE: u32 = 5;
 pub const DEFAULT_ACQUIRE_INTERVAL: Duration = Duration::from_secs(1);
+/// A claim is one short transaction; starting the runners is in memory.
+pub const DEFAULT_ACQUIRE_TICK_TIMEOUT: Duration = Duration::from_secs(10);
 /// The lease is one row: renewing it every 30s costs one write per worker, whatever it runs.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 /// Ten missed heartbeats: long enough to ride out a database failover, short enough that a
 /// dead worker's chats resume within minutes.
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(300);
 pub const DEFAULT_RECOVER_INTERVAL: Duration = Duration::from_secs(60);
+/// Recovery returns up to a batch of chats and reaps dead workers' rows in one tick.
+pub const DEFAULT_RECOVER_TICK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Slack between the instant every agent of a worker is dead and the earliest instant another
 /// worker may recover its chats (the end of `stale_after` after the renewal's start): covers the
 /// kernel delivering SIGKILL and the guard's wake-up.
@@ -41,12 +45,16 @@ pub struct ChatsConfig {
     #[serde(with = "humantime_serde")]
     pub acquire_interval: Duration,
     #[serde(with = "humantime_serde")]
+    pub acquire_tick_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// A worker whose lease is older than this is dead: its running chats go back to `pending`.
     #[serde(with = "humantime_serde")]
     pub stale_after: Duration,
     #[serde(with = "humantime_serde")]
     pub recover_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub recover_tick_timeout: Duration,
     pub runner: RunnerConfig,
 }
 
@@ -57,9 +65,11 @@ impl Default for ChatsConfig {
             max_running: DEFAULT_MAX_RUNNING,
             max_per_acquire: DEFAULT_MAX_PER_ACQUIRE,
             acquire_interval: DEFAULT_ACQUIRE_INTERVAL,
+            acquire_tick_timeout: DEFAULT_ACQUIRE_TICK_TIMEOUT,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             stale_after: DEFAULT_STALE_AFTER,
             recover_interval: DEFAULT_RECOVER_INTERVAL,
+            recover_tick_timeout: DEFAULT_RECOVER_TICK_TIMEOUT,
             runner: RunnerConfig::default(),
         }
     }
@@ -188,8 +198,10 @@ impl ChatsConfig {
             "1..=10000",
         )?;
         positive("acquire_interval", self.acquire_interval)?;
+        positive("acquire_tick_timeout", self.acquire_tick_timeout)?;
         positive("heartbeat_interval", self.heartbeat_interval)?;
         positive("recover_interval", self.recover_interval)?;
+        positive("recover_tick_timeout", self.recover_tick_timeout)?;
         check(
             self.stale_after > self.heartbeat_interval,
             "stale_after",

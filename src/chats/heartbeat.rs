@@ -41,18 +41,27 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use super::guard::GuardError;
-use super::runner::{InterruptCause, RunnerContext, Runners};
+use super::runner::{ChatsContext, InterruptCause, Runners};
 use crate::db::{self, DbError, Exec};
-use crate::runtime::{Loop, LoopError, Progress, Schedule, Tick};
+use crate::runtime::{Loop, LoopError, LoopInfo, Progress, Schedule, Tick};
 use crate::workers::WorkerLease;
 
 pub const NAME: &str = "chats_heartbeat";
+
+pub const INFO: LoopInfo = LoopInfo {
+    name: NAME,
+    config_table: "chats",
+    interval_key: "heartbeat_interval",
+    about: "the lease row plus the set difference of running and owned chats (chats enabled)",
+    // Paused, the lease would lapse and every agent of the fleet be killed.
+    pausable: false,
+};
 
 /// How fresh `workspaces.last_used_at` is kept for workspaces in use.
 pub const WORKSPACE_ACTIVITY_GRANULARITY: Duration = Duration::from_secs(60);
 
 /// The chats this worker owns, streamed (see [`Exec::fetch_stream`]): at 100k chats the result
-/// is 100k small rows fed one at a time to the [`Reconciler`], never one 2–3 MB value that the
+/// is 100k small rows fed one at a time to the [`OwnershipDiff`], never one 2–3 MB value that the
 /// pooled connection's read buffer would grow to and keep.
 const OWNED: &str = "SELECT id, generation FROM chats WHERE worker_id = $1 AND status = 'running'";
 /// Owned here but not running here: back to the queue, fenced by (id, generation).
@@ -65,7 +74,7 @@ const TOUCH_WORKSPACES: &str = "UPDATE workspaces SET last_used_at = now() WHERE
      AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => $2))";
 
 pub struct Heartbeat {
-    pub(super) ctx: Arc<RunnerContext>,
+    pub(super) ctx: Arc<ChatsContext>,
     pub(super) runners: Runners,
     pub(super) ownership: Arc<tokio::sync::Mutex<()>>,
     pub(super) lease: WorkerLease,
@@ -81,7 +90,7 @@ pub struct Reconciliation {
 }
 
 /// The set difference of the heartbeat, both ways (pure), fed the owned chats one at a time.
-pub struct Reconciler {
+pub struct OwnershipDiff {
     /// What runs here and was not matched yet: what is left at the end runs here without being
     /// ours.
     registered: HashMap<Uuid, i64>,
@@ -89,7 +98,7 @@ pub struct Reconciler {
     result: Reconciliation,
 }
 
-impl Reconciler {
+impl OwnershipDiff {
     pub fn new(registered: HashMap<Uuid, i64>) -> Self {
         Self { registered, owned: 0, result: Reconciliation::default() }
     }
@@ -192,12 +201,12 @@ impl Heartbeat {
             // its own chat while the rows stream is then counted as interrupted: harmless (it is
             // past waiting for its signal), and a release is still safe, since nothing registers
             // under the ownership lock.
-            let mut reconciler = Reconciler::new(self.runners.snapshot());
+            let mut diff = OwnershipDiff::new(self.runners.snapshot());
             let mut rows = std::pin::pin!(tx.fetch_stream(OWNED, &[(&worker, Type::UUID)]).await?);
             while let Some(row) = rows.try_next().await? {
-                reconciler.owned(row.try_get(0)?, row.try_get(1)?);
+                diff.owned(row.try_get(0)?, row.try_get(1)?);
             }
-            let (decided, owned) = reconciler.finish();
+            let (decided, owned) = diff.finish();
             let released = if decided.release.is_empty() {
                 0
             } else {
@@ -262,9 +271,9 @@ mod tests {
         // elsewhere and back to us under a newer generation; d: ours but not running here.
         let registered = HashMap::from([(a, 1), (b, 1), (c, 1)]);
         let owned = [(a, 1), (c, 2), (d, 5)];
-        let mut reconciler = Reconciler::new(registered);
-        owned.into_iter().for_each(|(id, generation)| reconciler.owned(id, generation));
-        let (decided, n) = reconciler.finish();
+        let mut diff = OwnershipDiff::new(registered);
+        owned.into_iter().for_each(|(id, generation)| diff.owned(id, generation));
+        let (decided, n) = diff.finish();
         assert_eq!(decided.interrupt, vec![b, c]);
         assert_eq!(decided.release, vec![(d, 5)]);
         assert_eq!(n, 3);
@@ -273,8 +282,8 @@ mod tests {
     #[test]
     fn nothing_to_do_when_both_sides_agree() {
         let a = Uuid::from_u128(1);
-        let mut reconciler = Reconciler::new(HashMap::from([(a, 3)]));
-        reconciler.owned(a, 3);
-        assert_eq!(reconciler.finish(), (Reconciliation::default(), 1));
+        let mut diff = OwnershipDiff::new(HashMap::from([(a, 3)]));
+        diff.owned(a, 3);
+        assert_eq!(diff.finish(), (Reconciliation::default(), 1));
     }
 }

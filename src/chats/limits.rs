@@ -38,7 +38,7 @@ use std::time::Duration;
 use nix::sys::resource::{Resource, getrlimit, rlim_t, setrlimit};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Violation, check};
+use crate::validate::{Violation, check};
 
 /// Enough for a compiler or a test suite, far from what a runaway allocation reaches.
 pub const DEFAULT_MEMORY: u64 = 8 << 30;

@@ -4,8 +4,6 @@
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 
-use super::runner::Runners;
-
 #[derive(Clone)]
 pub struct ChatMetrics {
     acquisitions: Counter<u64>,
@@ -17,13 +15,13 @@ pub struct ChatMetrics {
 }
 
 impl ChatMetrics {
-    /// Registers the instruments, and the `chats.running` gauge over `runners`.
-    pub fn new(meter: &Meter, runners: &Runners) -> Self {
-        let observed = runners.clone();
+    /// Registers the instruments, and the `chats.running` gauge that reads `running` (the number
+    /// of runners) at each export.
+    pub fn new(meter: &Meter, running: impl Fn() -> usize + Send + Sync + 'static) -> Self {
         meter
             .u64_observable_gauge("chats.running")
             .with_description("Agent turns running in this worker")
-            .with_callback(move |o| o.observe(observed.len() as u64, &[]))
+            .with_callback(move |o| o.observe(running() as u64, &[]))
             .build();
         Self {
             acquisitions: meter

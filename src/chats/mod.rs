@@ -1,4 +1,4 @@
-//! Chats: AI agent conversations run as subprocesses (SPEC §7.1).
+//! Chats: AI agent conversations run as subprocesses (`docs/chats.md`).
 //!
 //! The schema and the API tier's entry point, `post_chat_message(...)`, are in
 //! `migrations/V3__chats.sql`. Three loops and one kind of long-lived task:
@@ -43,13 +43,13 @@ pub use config::{ChatsConfig, RunnerConfig};
 
 use self::boundary::AgentBoundary;
 use self::metrics::ChatMetrics;
-use self::runner::{RunnerContext, Runners};
+use self::runner::{ChatsContext, Runners};
 use crate::runtime::Runtime;
 use crate::workers::WorkerLease;
 
 /// The chat loops of one process, sharing one registry of runners and one ownership lock.
 pub struct ChatLoops {
-    ctx: Arc<RunnerContext>,
+    ctx: Arc<ChatsContext>,
     runners: Runners,
     ownership: Arc<tokio::sync::Mutex<()>>,
 }
@@ -136,8 +136,9 @@ impl ChatLoops {
         let cgroup = limits::CgroupSupport::detect();
         rt.health.set_info("agent_limits", limits::readyz_info(agent.resource_limits(), &cgroup, runs_as));
         let runners: Runners = rt.supervisor().task_set("chat_runners", runner::SHUTDOWN_CAUSE);
-        let metrics = ChatMetrics::new(meter, &runners);
-        let ctx = Arc::new(RunnerContext {
+        let observed = runners.clone();
+        let metrics = ChatMetrics::new(meter, move || observed.len());
+        let ctx = Arc::new(ChatsContext {
             db: rt.db.clone(),
             worker_id: rt.worker().id,
             agent,
@@ -154,6 +155,7 @@ impl ChatLoops {
             ctx: self.ctx.clone(),
             runners: self.runners.clone(),
             ownership: self.ownership.clone(),
+            #[cfg(feature = "test-support")]
             after_claim: None,
         }
     }

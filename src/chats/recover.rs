@@ -14,13 +14,20 @@ use std::time::Duration;
 
 use tokio_postgres::types::Type;
 
-use super::runner::RunnerContext;
+use super::runner::ChatsContext;
 use crate::db::{self, DbError, Exec};
-use crate::runtime::{Loop, Progress, Schedule, Tick};
+use crate::runtime::{Loop, LoopInfo, Progress, Schedule, Tick};
 use crate::workers;
 
 pub const NAME: &str = "chats_recover";
-const TICK_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub const INFO: LoopInfo = LoopInfo {
+    name: NAME,
+    config_table: "chats",
+    interval_key: "recover_interval",
+    about: "returns running chats of dead workers to pending",
+    pausable: true,
+};
 /// Chats recovered per statement.
 pub const BATCH: i64 = 500;
 
@@ -39,7 +46,7 @@ const RECOVER: &str = "WITH stale AS (\
      RETURNING c.id";
 
 pub struct Recover {
-    pub(super) ctx: Arc<RunnerContext>,
+    pub(super) ctx: Arc<ChatsContext>,
     pub(super) retention: Duration,
 }
 
@@ -47,11 +54,11 @@ impl Recover {
     /// One batch; returns how many chats went back to `pending`.
     pub async fn recover(&self) -> Result<u64, DbError> {
         let db = &self.ctx.db;
-        let mut conn = db.get().await?;
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
         let stale_after = self.ctx.config.stale_after.as_secs_f64();
-        let rows = tx.fetch_all(RECOVER, &[(&stale_after, Type::FLOAT8), (&BATCH, Type::INT8)]).await?;
-        db::commit(tx).await?;
+        let rows = db::in_transaction(db, async |tx| {
+            tx.fetch_all(RECOVER, &[(&stale_after, Type::FLOAT8), (&BATCH, Type::INT8)]).await
+        })
+        .await?;
         let recovered = rows.len() as u64;
         if let Some(first) = rows.first() {
             let first: uuid::Uuid = first.get(0);
@@ -70,7 +77,7 @@ impl Loop for Recover {
     }
 
     fn schedule(&self) -> Schedule {
-        Schedule::every(self.ctx.config.recover_interval, TICK_TIMEOUT)
+        Schedule::every(self.ctx.config.recover_interval, self.ctx.config.recover_tick_timeout)
     }
 
     async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, DbError> {

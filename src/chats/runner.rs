@@ -126,7 +126,7 @@ pub struct Claimed {
 }
 
 /// What a runner needs, shared by every runner of the process.
-pub struct RunnerContext {
+pub struct ChatsContext {
     pub db: Db,
     pub worker_id: Uuid,
     pub agent: Agent,
@@ -137,7 +137,7 @@ pub struct RunnerContext {
     pub guard: LeaseGuard,
 }
 
-impl RunnerContext {
+impl ChatsContext {
     /// The bound of one runner write (see [`WRITE_BUDGET_STATEMENTS`]).
     fn write_budget(&self) -> Duration {
         self.db.statement_timeout() * WRITE_BUDGET_STATEMENTS
@@ -162,14 +162,10 @@ struct Fence {
 
 impl Fence {
     async fn write(&self, db: &Db, sql: &str, extra: &[db::Param<'_>]) -> Result<u64, DbError> {
-        let mut conn = db.get().await?;
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
         let mut params: Vec<db::Param<'_>> =
             vec![(&self.chat, Type::UUID), (&self.worker, Type::UUID), (&self.generation, Type::INT8)];
         params.extend(extra.iter().cloned());
-        let n = tx.exec(sql, &params).await?;
-        db::commit(tx).await?;
-        Ok(n)
+        db::in_transaction(db, async |tx| tx.exec(sql, &params).await).await
     }
 }
 
@@ -217,7 +213,7 @@ impl Ending {
 
 /// Runs one turn of `chat` until it ends or `stop` is raised. Never panics on agent output or
 /// database errors: whatever happens, the chat ends settled, released, or left for recovery.
-pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, mut stop: StopSignal<InterruptCause>) {
+pub async fn run(ctx: Arc<ChatsContext>, chat: Claimed, mut stop: StopSignal<InterruptCause>) {
     let fence = Fence { chat: chat.id, worker: ctx.worker_id, generation: chat.generation };
     let started_epoch = ctx.lease.current().epoch;
     let ending = match turn(&ctx, &chat, &fence, &mut stop, started_epoch).await {
@@ -269,7 +265,7 @@ pub async fn run(ctx: Arc<RunnerContext>, chat: Claimed, mut stop: StopSignal<In
 }
 
 async fn turn(
-    ctx: &RunnerContext,
+    ctx: &ChatsContext,
     chat: &Claimed,
     fence: &Fence,
     signal: &mut StopSignal<InterruptCause>,
@@ -368,7 +364,7 @@ async fn turn(
 }
 
 /// Whether the guard's deadline (the last renewal's start + `stale_after` − margin) has passed.
-fn lease_expired(ctx: &RunnerContext) -> bool {
+fn lease_expired(ctx: &ChatsContext) -> bool {
     ctx.lease
         .current()
         .renewed_at
@@ -393,7 +389,7 @@ fn over_output_limit(runner: &super::config::RunnerConfig, events: u32, bytes: u
 }
 
 /// Stops the agent (SIGTERM to its group, SIGKILL after `kill_grace`) and returns `ending`.
-async fn stop(agent: &mut AgentTurn, ctx: &RunnerContext, ending: Ending) -> Ending {
+async fn stop(agent: &mut AgentTurn, ctx: &ChatsContext, ending: Ending) -> Ending {
     if let Err(error) = agent.interrupt(ctx.config.runner.kill_grace).await {
         tracing::warn!(%error, "stopping the agent failed");
     }
@@ -402,7 +398,7 @@ async fn stop(agent: &mut AgentTurn, ctx: &RunnerContext, ending: Ending) -> End
 
 /// Exit 0: `waiting`, or `pending` when a user message arrived during the turn (two statements
 /// under the row lock, see [`LOCK_OWNED`]).
-async fn finish(ctx: &RunnerContext, fence: &Fence, last_seen: i64) -> Ending {
+async fn finish(ctx: &ChatsContext, fence: &Fence, last_seen: i64) -> Ending {
     let result = ctx
         .bounded(async {
             let mut conn = ctx.db.get().await?;
@@ -443,7 +439,7 @@ async fn finish(ctx: &RunnerContext, fence: &Fence, last_seen: i64) -> Ending {
 }
 
 /// Records how the turn ended, where that needs a write.
-async fn settle(ctx: &RunnerContext, fence: &Fence, ending: &Ending) -> Result<(), DbError> {
+async fn settle(ctx: &ChatsContext, fence: &Fence, ending: &Ending) -> Result<(), DbError> {
     match ending {
         Ending::Finished { .. } | Ending::FencedOut | Ending::Interrupted(InterruptCause::Stolen) => Ok(()),
         Ending::Failed(error) => {

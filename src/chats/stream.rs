@@ -1,5 +1,5 @@
-//! Following a chat's visible messages: each exactly once, none missing (SPEC §7.1, "Messages
-//! and streaming"). Used by `worker chat tail --follow`; any other reader of a chat (a websocket
+//! Following a chat's visible messages: each exactly once, none missing (the argument:
+//! `docs/stream.md`). Used by `worker chat tail --follow`; any other reader of a chat (a websocket
 //! relay, say) can use [`Follower`] the same way.
 //!
 //! # Why this is not just "read everything above the last id"

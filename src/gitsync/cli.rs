@@ -170,10 +170,8 @@ pub async fn stats(db: &Db) -> Result<GitsyncStats, DbError> {
 
 /// `worker gitsync refresh <chat_id>`.
 pub async fn mark_due(db: &Db, chat_id: Uuid) -> Result<(), CliError> {
-    let mut conn = db.get().await?;
-    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-    let updated = tx.exec(REFRESH, &[(&chat_id, Type::UUID)]).await?;
-    db::commit(tx).await?;
+    let updated =
+        db::in_transaction(db, async |tx| tx.exec(REFRESH, &[(&chat_id, Type::UUID)]).await).await?;
     if updated == 0 {
         return Err(CliError::NoDiffStatus(chat_id));
     }
@@ -378,10 +376,9 @@ pub async fn encrypt_tokens(
         }
     }
     // Bounded like every other statement (a count over the whole table).
-    let mut conn = db.get().await?;
-    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-    report.remaining = count(tx.fetch_one(&remaining(), &[(&key_id, Type::TEXT)]).await?.get(0));
-    db::commit(tx).await?;
+    let remaining =
+        db::in_transaction(db, async |tx| tx.fetch_one(&remaining(), &[(&key_id, Type::TEXT)]).await).await?;
+    report.remaining = count(remaining.get(0));
     Ok(report)
 }
 

@@ -2,7 +2,7 @@
 //! origin, the [`Provider`] trait the refresher calls, and what it answers.
 //!
 //! A token is only ever sent to the provider whose `origin_host` matches the origin's host
-//! (SPEC §7.2): [`provider_for`] is the one place that decides the match, and `id` is the
+//! (`docs/gitsync.md`): [`provider_for`] is the one place that decides the match, and `id` is the
 //! `external_auth_links.provider_id` whose tokens belong to that provider.
 
 use std::fmt;
@@ -140,12 +140,19 @@ pub enum PrState {
 }
 
 impl PrState {
+    pub const ALL: [PrState; 3] = [PrState::Open, PrState::Closed, PrState::Merged];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PrState::Open => "open",
             PrState::Closed => "closed",
             PrState::Merged => "merged",
         }
+    }
+
+    /// The state a stored `pull_request_state` names; `None` for any other text.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == s)
     }
 }
 
@@ -160,6 +167,9 @@ pub enum ChecksState {
 }
 
 impl ChecksState {
+    pub const ALL: [ChecksState; 4] =
+        [ChecksState::Success, ChecksState::Failure, ChecksState::Pending, ChecksState::None];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ChecksState::Success => "success",
@@ -167,6 +177,11 @@ impl ChecksState {
             ChecksState::Pending => "pending",
             ChecksState::None => "none",
         }
+    }
+
+    /// The verdict a stored `checks_state` names; `None` for any other text.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == s)
     }
 }
 
@@ -199,7 +214,7 @@ pub struct PrStatus {
 /// A provider call that failed. Every variant names the URL it was about; none holds the token.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
-    /// The provider asked us to wait (SPEC §7.2: the group's remaining rows are skipped).
+    /// The provider asked us to wait (`docs/gitsync.md`: the group's remaining rows are skipped).
     #[error("rate limited by {url}: retry in {}s", wait.as_secs())]
     RateLimited { url: String, wait: Duration },
     /// A non-success answer that is not a rate limit. `message` is the provider's own
@@ -369,6 +384,17 @@ mod tests {
             "id = \"g\"\nkind = \"gitlab\"\napi_base_url = \"https://a\"\norigin_host = \"h\"",
         );
         assert!(gitlab.is_err());
+    }
+
+    #[test]
+    fn stored_state_texts_parse_back_to_their_state() {
+        for state in PrState::ALL {
+            assert_eq!(PrState::parse(state.as_str()), Some(state));
+        }
+        for state in ChecksState::ALL {
+            assert_eq!(ChecksState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!((PrState::parse("Open"), ChecksState::parse("")), (None, None));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The `gitsync` loop: due `chat_diff_statuses` rows → their pull request's status (SPEC §7.2).
+//! The `gitsync` loop: due `chat_diff_statuses` rows → their pull request's status
+//! (`docs/gitsync.md`).
 //!
 //! A tick:
 //!
@@ -20,18 +21,17 @@
 //!    row alone and releases the others only once that answer is not a rate limit, so a group
 //!    whose token is rate-limited costs exactly one HTTP call; a rate limit seen later flags the
 //!    group and its rows not yet started are skipped without a call. Other groups carry on.
-//! 4. **Write back** each row in its own short transaction; a failed write leaves that row
-//!    leased (retried after the lease) and the others go on. Every write is fenced on the
-//!    `stale_at` its lease set: a row re-marked by `mark_diff_stale` meanwhile (or re-leased after
-//!    an expired lease) is left alone, so an answer about an old branch never overwrites a newer
-//!    mark; the re-marked row is simply refreshed again by the next tick.
+//! 4. **Write back** each row in its own short transaction: read what the row holds under its
+//!    lock, [`decide`] what to write (pure: the outcome, the fields, when the row is due again),
+//!    write it. A failed write leaves that row leased (retried after the lease) and the others go
+//!    on. Every write is fenced on the `stale_at` its lease set: a row re-marked by
+//!    `mark_diff_stale` meanwhile (or re-leased after an expired lease) is left alone, so an
+//!    answer about an old branch never overwrites a newer mark; the re-marked row is simply
+//!    refreshed again by the next tick.
 //!
 //! Each HTTP request is bounded by [`Tick::budget`] at the moment its row starts, so the fan-out
 //! ends inside the tick. If the runner drops the tick at its timeout anyway, rows not written
 //! keep their lease and come back once it expires: nothing is lost.
-//!
-//! `updated_at` is when the row was last *marked*; the no-PR backoff is short only while that is
-//! recent (a PR usually follows a push), else the row waits a full `ttl`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,28 +42,26 @@ use futures_util::future::join_all;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Meter};
 use tokio::sync::Semaphore;
+use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use super::config::GitsyncConfig;
+use super::decide::{Fields, Found, RefreshOutcome, Stored, decide};
 use super::github::{GitHub, GitHubBuildError, GitHubOptions, HttpStats, StatusClass};
 use super::origin::Origin;
-use super::provider::{PrNumber, PrStatus, Provider, ProviderConfig, ProviderError, provider_for};
+use super::provider::{
+    ChecksState, PrNumber, PrState, PrStatus, Provider, ProviderConfig, ProviderError, provider_for,
+};
 use super::tokens::{self, Column, KeyConfigError, TokenKeys};
-use crate::db::{self, Db, DbError, Exec, Transaction};
+use crate::db::{self, Db, DbError, Exec};
 use crate::runtime::{Loop, LoopError, Progress, Schedule, Tick};
-use crate::text;
-use tokio_postgres::Row;
 
 pub const NAME: &str = "gitsync";
-/// Added to a provider's rate-limit wait before a skipped row is due again (SPEC §7.2).
-pub const RATE_LIMIT_PADDING: Duration = Duration::from_secs(300);
 /// Longest single HTTP request; [`Tick::budget`] shortens it as the tick runs out.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A row whose request could get less than this is not started (it keeps its lease).
 const MIN_REQUEST_TIMEOUT: Duration = Duration::from_millis(50);
-/// Longest `last_error` stored.
-const MAX_ERROR_LEN: usize = 500;
 
 /// `$1` batch size, `$2` lease in seconds. Returns what a refresh needs, with the chat's owner
 /// and the `stale_at` the lease set (the fence of the write-back).
@@ -83,36 +81,38 @@ const TOKEN: &str = "SELECT access_token, access_token_key_id FROM external_auth
      WHERE user_id = $1 AND provider_id = $2 \
        AND (expires_at IS NULL OR expires_at > now() OR refresh_token IS NOT NULL)";
 
-/// `$1` chat, `$2` the lease's stale_at, `$3..$19` the PR fields, `$20` ttl in seconds. The
-/// outcome is `not_modified` when every field equals what was stored (SET sees the old values).
-const WRITE_OK: &str = "UPDATE chat_diff_statuses SET \
-     last_outcome = CASE WHEN last_error IS NULL AND ROW(url, pr_number, pull_request_state, title, \
-       draft, additions, deletions, changed_files, commits, approved, changes_requested, \
-       reviewer_count, checks_state, author_login, base_branch, head_branch, head_sha) \
-       IS NOT DISTINCT FROM ROW($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-       $18, $19) THEN 'not_modified' ELSE 'ok' END, \
-     url = $3, pr_number = $4, pull_request_state = $5, title = $6, draft = $7, additions = $8, \
-     deletions = $9, changed_files = $10, commits = $11, approved = $12, changes_requested = $13, \
-     reviewer_count = $14, checks_state = $15, author_login = $16, base_branch = $17, \
-     head_branch = $18, head_sha = $19, last_error = NULL, refreshed_at = now(), \
-     stale_at = now() + make_interval(secs => $20), leased_at = NULL \
-     WHERE chat_id = $1 AND stale_at = $2 RETURNING last_outcome";
+/// `$1` chat, `$2` the lease's stale_at. What [`decide`] needs of the row, locked until the write
+/// commits, with the transaction's `now()`, which the write's `now()` equals. No row: the row was
+/// re-marked or re-leased since the lease (the fence).
+const STORED: &str = "SELECT now(), updated_at, last_error IS NOT NULL, url, pr_number, \
+     pull_request_state, title, draft, additions, deletions, changed_files, commits, approved, \
+     changes_requested, reviewer_count, checks_state, author_login, base_branch, head_branch, \
+     head_sha FROM chat_diff_statuses WHERE chat_id = $1 AND stale_at = $2 FOR UPDATE";
 
-/// `$1` chat, `$2` the lease's stale_at, `$3` ttl, `$4` no-PR backoff (seconds).
-const WRITE_NO_PR: &str = "UPDATE chat_diff_statuses SET \
+/// `$1` chat, `$2` the lease's stale_at, `$3` outcome, `$4..$20` the PR fields, `$21` delay in
+/// seconds.
+const WRITE_STATUS: &str = "UPDATE chat_diff_statuses SET \
+     last_outcome = $3, url = $4, pr_number = $5, pull_request_state = $6, title = $7, draft = $8, \
+     additions = $9, deletions = $10, changed_files = $11, commits = $12, approved = $13, \
+     changes_requested = $14, reviewer_count = $15, checks_state = $16, author_login = $17, \
+     base_branch = $18, head_branch = $19, head_sha = $20, last_error = NULL, refreshed_at = now(), \
+     stale_at = now() + make_interval(secs => $21), leased_at = NULL \
+     WHERE chat_id = $1 AND stale_at = $2";
+
+/// `$1` chat, `$2` the lease's stale_at, `$3` outcome, `$4` delay in seconds.
+const WRITE_CLEARED: &str = "UPDATE chat_diff_statuses SET \
      url = NULL, pr_number = NULL, pull_request_state = NULL, title = NULL, draft = NULL, \
      additions = NULL, deletions = NULL, changed_files = NULL, commits = NULL, approved = NULL, \
      changes_requested = NULL, reviewer_count = NULL, checks_state = NULL, author_login = NULL, \
      base_branch = NULL, head_branch = NULL, head_sha = NULL, last_error = NULL, \
-     last_outcome = 'no_pr', refreshed_at = now(), leased_at = NULL, \
-     stale_at = now() + make_interval(secs => \
-       CASE WHEN updated_at > now() - make_interval(secs => $3) THEN $4 ELSE $3 END) \
-     WHERE chat_id = $1 AND stale_at = $2 RETURNING last_outcome";
+     last_outcome = $3, refreshed_at = now(), leased_at = NULL, \
+     stale_at = now() + make_interval(secs => $4) \
+     WHERE chat_id = $1 AND stale_at = $2";
 
 /// `$1` chat, `$2` the lease's stale_at, `$3` outcome, `$4` last_error, `$5` delay in seconds.
-const WRITE_BACKOFF: &str = "UPDATE chat_diff_statuses SET \
+const WRITE_KEPT: &str = "UPDATE chat_diff_statuses SET \
      last_outcome = $3, last_error = $4, stale_at = now() + make_interval(secs => $5), leased_at = NULL \
-     WHERE chat_id = $1 AND stale_at = $2 RETURNING last_outcome";
+     WHERE chat_id = $1 AND stale_at = $2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitsyncError {
@@ -125,44 +125,6 @@ impl LoopError for GitsyncError {
         match self {
             GitsyncError::Db(e) => e.metric_label(),
         }
-    }
-}
-
-/// What a row's refresh came to (`chat_diff_statuses.last_outcome`, `gitsync.refreshes{outcome}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RefreshOutcome {
-    Ok,
-    /// Refreshed, and nothing changed.
-    NotModified,
-    NoPr,
-    NoToken,
-    RateLimited,
-    Error,
-}
-
-impl RefreshOutcome {
-    pub const ALL: [RefreshOutcome; 6] = [
-        RefreshOutcome::Ok,
-        RefreshOutcome::NotModified,
-        RefreshOutcome::NoPr,
-        RefreshOutcome::NoToken,
-        RefreshOutcome::RateLimited,
-        RefreshOutcome::Error,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RefreshOutcome::Ok => "ok",
-            RefreshOutcome::NotModified => "not_modified",
-            RefreshOutcome::NoPr => "no_pr",
-            RefreshOutcome::NoToken => "no_token",
-            RefreshOutcome::RateLimited => "rate_limited",
-            RefreshOutcome::Error => "error",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|o| o.as_str() == s)
     }
 }
 
@@ -198,16 +160,6 @@ struct Leased {
     lease_until: DateTime<Utc>,
 }
 
-/// What a row's refresh found, before it is written.
-#[derive(Debug, Clone)]
-enum Found {
-    Status(Box<PrStatus>),
-    NoPr,
-    NoToken(String),
-    RateLimited { wait: Duration, error: String },
-    Failed(String),
-}
-
 /// An `external_auth_links.access_token` as stored: ciphertext under `key_id`, or plaintext.
 struct StoredToken {
     access_token: String,
@@ -220,9 +172,27 @@ enum Access {
     Denied(Found),
 }
 
+/// The rows of one (owner, origin) and their way to the provider.
 struct Group {
     access: Access,
     rows: Vec<Leased>,
+}
+
+/// What every row of one tick shares: the tick's budget, the permits of the fan-out and the
+/// report the rows add to.
+struct FanOut<'a, 't> {
+    tick: &'a Tick<'t>,
+    semaphore: Semaphore,
+    report: Mutex<RefreshReport>,
+}
+
+/// What the rows of one group with a token share while they are refreshed.
+struct GroupCall<'g, P> {
+    provider: &'g P,
+    origin: &'g Origin,
+    token: &'g str,
+    /// The first rate limit a row of the group met; the rows not started by then skip their call.
+    limited: Mutex<Option<(Duration, String)>>,
 }
 
 /// Instruments of the loop.
@@ -313,14 +283,15 @@ impl<P: Provider> Gitsync<P> {
     pub async fn refresh(&self, tick: &Tick<'_>) -> Result<RefreshReport, GitsyncError> {
         let started = Instant::now();
         let rows = self.lease().await?;
-        let report = Mutex::new(RefreshReport { leased: rows.len(), ..RefreshReport::default() });
+        let report = RefreshReport { leased: rows.len(), ..RefreshReport::default() };
         if rows.is_empty() {
-            return Ok(report.into_inner().unwrap_or_else(|e| e.into_inner()));
+            return Ok(report);
         }
         let groups = self.resolve(rows).await;
-        let semaphore = Semaphore::new(self.concurrency);
-        join_all(groups.iter().map(|group| self.refresh_group(tick, &semaphore, group, &report))).await;
-        let report = report.into_inner().unwrap_or_else(|e| e.into_inner());
+        let fan_out =
+            FanOut { tick, semaphore: Semaphore::new(self.concurrency), report: Mutex::new(report) };
+        join_all(groups.iter().map(|group| self.refresh_group(&fan_out, group))).await;
+        let report = fan_out.report.into_inner().unwrap_or_else(|e| e.into_inner());
         tracing::debug!(
             leased = report.leased,
             groups = groups.len(),
@@ -414,36 +385,29 @@ impl<P: Provider> Gitsync<P> {
             .map_err(|e| format!("{}: access_token: {e}", row()))
     }
 
-    async fn refresh_group(
-        &self,
-        tick: &Tick<'_>,
-        semaphore: &Semaphore,
-        group: &Group,
-        report: &Mutex<RefreshReport>,
-    ) {
-        let (provider, origin, token) = match &group.access {
+    async fn refresh_group(&self, fan_out: &FanOut<'_, '_>, group: &Group) {
+        let call = match &group.access {
             Access::Token { provider, origin, token } => {
-                (&self.providers[*provider].1, origin, token.as_str())
+                GroupCall { provider: &self.providers[*provider].1, origin, token, limited: Mutex::new(None) }
             }
             Access::Denied(found) => {
                 for row in &group.rows {
-                    let Ok(_permit) = semaphore.acquire().await else { return };
-                    self.settle(row, found.clone(), report).await;
+                    let Ok(_permit) = fan_out.semaphore.acquire().await else { return };
+                    self.settle(row, found.clone(), &fan_out.report).await;
                 }
                 return;
             }
         };
-        let limited: Mutex<Option<(Duration, String)>> = Mutex::new(None);
-        let refresh = |row| self.refresh_row(tick, semaphore, provider, origin, token, row, &limited, report);
+        let refresh = |row| self.refresh_row(fan_out, &call, row);
         let Some((first, rest)) = group.rows.split_first() else { return };
         // The first row alone: a rate-limited token then costs this one call.
         refresh(first).await;
         join_all(rest.iter().map(refresh)).await;
-        if let Some((wait, error)) = limited.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        if let Some((wait, error)) = call.limited.into_inner().unwrap_or_else(|e| e.into_inner()) {
             self.metrics.rate_limited_groups.add(1, &[]);
-            report.lock().unwrap_or_else(|e| e.into_inner()).rate_limited_groups += 1;
+            fan_out.report.lock().unwrap_or_else(|e| e.into_inner()).rate_limited_groups += 1;
             tracing::info!(
-                origin = %origin,
+                origin = %call.origin,
                 rows = group.rows.len(),
                 wait_s = wait.as_secs(),
                 %error,
@@ -452,47 +416,36 @@ impl<P: Provider> Gitsync<P> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn refresh_row(
-        &self,
-        tick: &Tick<'_>,
-        semaphore: &Semaphore,
-        provider: &P,
-        origin: &Origin,
-        token: &str,
-        row: &Leased,
-        limited: &Mutex<Option<(Duration, String)>>,
-        report: &Mutex<RefreshReport>,
-    ) {
-        let Ok(_permit) = semaphore.acquire().await else { return };
-        let seen = limited.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    async fn refresh_row(&self, fan_out: &FanOut<'_, '_>, call: &GroupCall<'_, P>, row: &Leased) {
+        let Ok(_permit) = fan_out.semaphore.acquire().await else { return };
+        let seen = call.limited.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let found = if let Some((wait, error)) = seen {
             Found::RateLimited { wait, error }
         } else {
-            let timeout = tick.budget(MAX_REQUEST_TIMEOUT);
-            if timeout < MIN_REQUEST_TIMEOUT || tick.shutdown().is_cancelled() {
-                report.lock().unwrap_or_else(|e| e.into_inner()).left_leased += 1;
+            let timeout = fan_out.tick.budget(MAX_REQUEST_TIMEOUT);
+            if timeout < MIN_REQUEST_TIMEOUT || fan_out.tick.shutdown().is_cancelled() {
+                fan_out.report.lock().unwrap_or_else(|e| e.into_inner()).left_leased += 1;
                 return;
             }
-            let found = found(fetch(provider, origin, row, token, timeout).await);
+            let found = Found::from_answer(fetch(call, row, timeout).await);
             if let Found::RateLimited { wait, error } = &found {
-                limited.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((*wait, error.clone()));
+                call.limited.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((*wait, error.clone()));
             }
             found
         };
-        self.settle(row, found, report).await;
+        self.settle(row, found, &fan_out.report).await;
     }
 
     /// Writes one row's result, fenced on its lease, and records the outcome.
     async fn settle(&self, row: &Leased, found: Found, report: &Mutex<RefreshReport>) {
-        let mut written = self.write(row, &found).await;
+        let mut written = self.write(row, found).await;
         if let Err(error) = &written
             && error.is_refused_value()
         {
             // What the provider answered cannot be stored (writing it again would fail again):
             // record that as the row's error instead of leaving it leased with no word why.
             let refused = Found::Failed(format!("the provider's answer cannot be stored: {error}"));
-            written = self.write(row, &refused).await;
+            written = self.write(row, refused).await;
         }
         let mut report = report.lock().unwrap_or_else(|e| e.into_inner());
         match written {
@@ -508,21 +461,31 @@ impl<P: Provider> Gitsync<P> {
         }
     }
 
-    async fn write(&self, row: &Leased, found: &Found) -> Result<Option<RefreshOutcome>, DbError> {
+    /// Reads what the row holds, decides what to write and writes it, in one transaction.
+    /// `None`: the row was re-marked or re-leased since its lease, and is left alone.
+    async fn write(&self, row: &Leased, found: Found) -> Result<Option<RefreshOutcome>, DbError> {
         let mut conn = self.db.get().await?;
         let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
         let (id, fence) = (&row.chat_id, &row.lease_until);
-        let ttl = self.config.ttl.as_secs_f64();
-        let written = match found {
-            Found::Status(status) => {
+        let Some(held) = tx.fetch_opt(STORED, &[(id, Type::UUID), (fence, Type::TIMESTAMPTZ)]).await? else {
+            db::commit(tx).await?;
+            return Ok(None);
+        };
+        let (now, stored) = stored(&held);
+        let decided = decide(found, &stored, &self.config, now);
+        let outcome = decided.outcome.as_str().to_owned();
+        let due_in = decided.due_in.as_secs_f64();
+        let written = match &decided.fields {
+            Fields::Status(status) => {
                 let s = status.as_ref();
                 let state = s.state.as_str().to_owned();
                 let checks = s.checks_state.as_str().to_owned();
-                tx.fetch_opt(
-                    WRITE_OK,
+                tx.exec(
+                    WRITE_STATUS,
                     &[
                         (id, Type::UUID),
                         (fence, Type::TIMESTAMPTZ),
+                        (&outcome, Type::TEXT),
                         (&s.url, Type::TEXT),
                         (&s.pr_number.0, Type::INT8),
                         (&state, Type::TEXT),
@@ -540,70 +503,77 @@ impl<P: Provider> Gitsync<P> {
                         (&s.base_branch, Type::TEXT),
                         (&s.head_branch, Type::TEXT),
                         (&s.head_sha, Type::TEXT),
-                        (&ttl, Type::FLOAT8),
+                        (&due_in, Type::FLOAT8),
                     ],
                 )
                 .await?
             }
-            Found::NoPr => {
-                let backoff = self.config.no_pr_backoff.as_secs_f64();
-                tx.fetch_opt(
-                    WRITE_NO_PR,
+            Fields::Cleared => {
+                tx.exec(
+                    WRITE_CLEARED,
                     &[
                         (id, Type::UUID),
                         (fence, Type::TIMESTAMPTZ),
-                        (&ttl, Type::FLOAT8),
-                        (&backoff, Type::FLOAT8),
+                        (&outcome, Type::TEXT),
+                        (&due_in, Type::FLOAT8),
                     ],
                 )
                 .await?
             }
-            Found::NoToken(error) => {
-                backoff(&tx, row, RefreshOutcome::NoToken, error, self.config.no_token_backoff).await?
+            Fields::Kept { error } => {
+                tx.exec(
+                    WRITE_KEPT,
+                    &[
+                        (id, Type::UUID),
+                        (fence, Type::TIMESTAMPTZ),
+                        (&outcome, Type::TEXT),
+                        (error, Type::TEXT),
+                        (&due_in, Type::FLOAT8),
+                    ],
+                )
+                .await?
             }
-            Found::RateLimited { wait, error } => {
-                backoff(&tx, row, RefreshOutcome::RateLimited, error, *wait + RATE_LIMIT_PADDING).await?
-            }
-            Found::Failed(error) => backoff(&tx, row, RefreshOutcome::Error, error, self.config.ttl).await?,
         };
         db::commit(tx).await?;
-        Ok(written.and_then(|r| RefreshOutcome::parse(r.get::<_, &str>(0))))
+        Ok((written > 0).then_some(decided.outcome))
     }
 }
 
-/// Writes an outcome that is not a status: `last_error` and the delay until the row is due.
-async fn backoff(
-    tx: &Transaction<'_>,
-    row: &Leased,
-    outcome: RefreshOutcome,
-    error: &str,
-    delay: Duration,
-) -> Result<Option<Row>, DbError> {
-    let outcome = outcome.as_str().to_owned();
-    let error = text::clip(error.to_owned(), MAX_ERROR_LEN);
-    let delay = delay.as_secs_f64();
-    tx.fetch_opt(
-        WRITE_BACKOFF,
-        &[
-            (&row.chat_id, Type::UUID),
-            (&row.lease_until, Type::TIMESTAMPTZ),
-            (&outcome, Type::TEXT),
-            (&error, Type::TEXT),
-            (&delay, Type::FLOAT8),
-        ],
-    )
-    .await
+/// The transaction's `now()` and what the row holds, from a [`STORED`] row.
+fn stored(row: &Row) -> (DateTime<Utc>, Stored) {
+    // Every PR field or none is written; a row with some unset shows no PR to compare with.
+    let status = || {
+        Some(PrStatus {
+            url: row.get::<_, Option<String>>("url")?,
+            pr_number: PrNumber(row.get::<_, Option<i64>>("pr_number")?),
+            state: PrState::parse(row.get::<_, Option<&str>>("pull_request_state")?)?,
+            title: row.get::<_, Option<String>>("title")?,
+            draft: row.get::<_, Option<bool>>("draft")?,
+            additions: row.get::<_, Option<i64>>("additions")?,
+            deletions: row.get::<_, Option<i64>>("deletions")?,
+            changed_files: row.get::<_, Option<i64>>("changed_files")?,
+            commits: row.get::<_, Option<i64>>("commits")?,
+            approved: row.get::<_, Option<bool>>("approved")?,
+            changes_requested: row.get::<_, Option<bool>>("changes_requested")?,
+            reviewer_count: row.get::<_, Option<i64>>("reviewer_count")?,
+            checks_state: ChecksState::parse(row.get::<_, Option<&str>>("checks_state")?)?,
+            author_login: row.get::<_, Option<String>>("author_login")?,
+            base_branch: row.get::<_, Option<String>>("base_branch")?,
+            head_branch: row.get::<_, Option<String>>("head_branch")?,
+            head_sha: row.get::<_, Option<String>>("head_sha")?,
+        })
+    };
+    (row.get(0), Stored { status: status(), has_error: row.get(2), marked_at: row.get(1) })
 }
 
 /// The row's PR: the stored number while its head is still the row's branch, else looked up
-/// again by branch (SPEC §7.2). `None`: the branch has no open PR.
+/// again by branch (`docs/gitsync.md`). `None`: the branch has no open PR.
 async fn fetch<P: Provider>(
-    provider: &P,
-    origin: &Origin,
+    call: &GroupCall<'_, P>,
     row: &Leased,
-    token: &str,
     timeout: Duration,
 ) -> Result<Option<PrStatus>, ProviderError> {
+    let GroupCall { provider, origin, token, .. } = *call;
     if let Some(number) = row.pr_number {
         let status = provider.status(origin, PrNumber(number), token, timeout).await?;
         if status.head_branch == row.branch {
@@ -616,18 +586,6 @@ async fn fetch<P: Provider>(
     }
 }
 
-fn found(result: Result<Option<PrStatus>, ProviderError>) -> Found {
-    match result {
-        Ok(Some(status)) => Found::Status(Box::new(status)),
-        Ok(None) => Found::NoPr,
-        Err(ProviderError::RateLimited { url, wait }) => {
-            let error = ProviderError::RateLimited { url, wait }.to_string();
-            Found::RateLimited { wait, error }
-        }
-        Err(error) => Found::Failed(error.to_string()),
-    }
-}
-
 impl<P: Provider + 'static> Loop for Gitsync<P> {
     type Error = GitsyncError;
 
@@ -636,41 +594,12 @@ impl<P: Provider + 'static> Loop for Gitsync<P> {
     }
 
     fn schedule(&self) -> Schedule {
-        Schedule::every(self.config.interval, self.config.tick_timeout)
+        self.config.base.schedule()
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, GitsyncError> {
         let report = self.refresh(tick).await?;
         let full = report.leased >= self.config.batch_size as usize;
         Ok(if full { Progress::More } else { Progress::Done })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outcome_labels_match_the_check_constraint() {
-        let labels: Vec<_> = RefreshOutcome::ALL.iter().map(|o| o.as_str()).collect();
-        assert_eq!(labels, ["ok", "not_modified", "no_pr", "no_token", "rate_limited", "error"]);
-        for outcome in RefreshOutcome::ALL {
-            assert_eq!(RefreshOutcome::parse(outcome.as_str()), Some(outcome));
-        }
-    }
-
-    #[test]
-    fn a_rate_limit_keeps_its_wait_and_names_the_url() {
-        let err = ProviderError::RateLimited {
-            url: "https://api.github.com/x".into(),
-            wait: Duration::from_secs(7),
-        };
-        match found(Err(err)) {
-            Found::RateLimited { wait, error } => {
-                assert_eq!(wait, Duration::from_secs(7));
-                assert!(error.contains("https://api.github.com/x"), "{error}");
-            }
-            other => panic!("expected a rate limit, got {other:?}"),
-        }
     }
 }

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Violation, check, positive};
+use crate::runtime::LoopConfig;
+use crate::validate::{Violation, check, positive};
 
 /// 200 ms: with the NOTIFY wake most tasks move in milliseconds; polling is the fallback.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
@@ -21,11 +22,8 @@ pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub tick_timeout: Duration,
+    #[serde(flatten)]
+    pub base: LoopConfig,
     /// Deadline of the Redis pipeline inside a tick (also at most half of what is left of the
     /// tick), leaving time to settle the rows.
     #[serde(with = "humantime_serde")]
@@ -44,9 +42,7 @@ pub struct OutboxConfig {
 impl Default for OutboxConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
-            interval: DEFAULT_INTERVAL,
-            tick_timeout: DEFAULT_TICK_TIMEOUT,
+            base: LoopConfig::new(DEFAULT_INTERVAL, DEFAULT_TICK_TIMEOUT),
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
             batch_size: DEFAULT_BATCH_SIZE,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -60,10 +56,9 @@ impl Default for OutboxConfig {
 impl OutboxConfig {
     /// Keys are relative to `[outbox]`.
     pub fn validate(&self) -> Result<(), Violation> {
-        positive("interval", self.interval)?;
-        positive("tick_timeout", self.tick_timeout)?;
+        self.base.validate()?;
         check(
-            !self.redis_timeout.is_zero() && self.redis_timeout < self.tick_timeout,
+            !self.redis_timeout.is_zero() && self.redis_timeout < self.base.tick_timeout,
             "redis_timeout",
             humantime::format_duration(self.redis_timeout),
             "a duration > 0 and below outbox.tick_timeout",

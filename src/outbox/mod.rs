@@ -1,4 +1,4 @@
-//! The transactional outbox: `task_outbox` rows → Redis sorted sets (SPEC §7.3).
+//! The transactional outbox: `task_outbox` rows → Redis sorted sets (`docs/outbox.md`).
 //!
 //! Producers call `enqueue_task(...)` (migrations/V2) inside their own transaction, so a task
 //! exists exactly when the change that created it commits; its NOTIFY wakes the sweeper, which
@@ -21,5 +21,15 @@ pub mod settle;
 pub mod stats;
 pub mod sweeper;
 
+use crate::runtime::LoopInfo;
+
 pub use config::OutboxConfig;
 pub use sweeper::{NAME, SweepError, SweepReport, Sweeper, WAKE_CHANNEL};
+
+pub const INFO: LoopInfo = LoopInfo {
+    name: NAME,
+    config_table: "outbox",
+    interval_key: "interval",
+    about: "task_outbox rows into Redis sorted sets",
+    pausable: true,
+};

@@ -32,11 +32,8 @@ pub struct Backlog {
 }
 
 pub async fn backlog(db: &Db) -> Result<Backlog, DbError> {
-    let mut conn = db.get().await?;
     // Runs inside the sweeper's tick: bounded by the statement timeout like every tick statement.
-    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-    let row = tx.fetch_one(BACKLOG, &[]).await?;
-    db::commit(tx).await?;
+    let row = db::in_transaction(db, async |tx| tx.fetch_one(BACKLOG, &[]).await).await?;
     Ok(Backlog {
         due: count(row.get(0)),
         oldest_due_age_secs: row.get::<_, f64>(1).max(0.0),

@@ -39,7 +39,7 @@ pub const NAME: &str = "outbox";
 pub const WAKE_CHANNEL: &str = "task_outbox";
 /// Longest `last_error` stored (Redis error replies are short; this bounds a pathological one).
 const MAX_ERROR_LEN: usize = 1000;
-/// Identical dispatch failures are logged once per this window (SPEC §6).
+/// Identical dispatch failures are logged once per this window (ARCHITECTURE.md, "Errors").
 const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(60);
 /// Backoff cap while Redis is unreachable ([`LoopError::backoff_cap`]).
 const REDIS_RECONNECT_CHECK: Duration = Duration::from_secs(2);
@@ -212,7 +212,7 @@ impl Sweeper {
             Err(DispatchError::Unavailable(_)) => {}
         }
         let outcomes = dispatched?;
-        let mut plan = Plan::default();
+        let mut plan = Settlements::default();
         for (row, outcome) in rows.iter().zip(outcomes) {
             plan.add(row, settle::settle(row.attempts, outcome, self.config.max_attempts), &self.config);
         }
@@ -288,7 +288,7 @@ fn register_gauges(meter: &Meter, probe: &Arc<Probe>) {
 
 /// The settlements of one batch, grouped into the three batched statements.
 #[derive(Default)]
-struct Plan {
+struct Settlements {
     dispatched: Vec<i64>,
     retry_ids: Vec<i64>,
     retry_errors: Vec<String>,
@@ -299,7 +299,7 @@ struct Plan {
     untouched_error: Option<String>,
 }
 
-impl Plan {
+impl Settlements {
     fn add(&mut self, row: &Claimed, settlement: Settlement, config: &OutboxConfig) {
         match settlement {
             Settlement::Dispatched => self.dispatched.push(row.id),
@@ -368,7 +368,7 @@ impl Loop for Sweeper {
     }
 
     fn schedule(&self) -> Schedule {
-        Schedule::every(self.config.interval, self.config.tick_timeout).woken_by(WAKE_CHANNEL)
+        self.config.base.schedule().woken_by(WAKE_CHANNEL)
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, SweepError> {

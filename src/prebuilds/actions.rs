@@ -1,7 +1,7 @@
 //! What one reconciliation cycle does to one preset: pure, no I/O, no clock (`now` is a
 //! parameter, the snapshot's database time), so every rule below is a table test.
 //!
-//! Rules (SPEC §7.5), and why:
+//! Rules (`docs/prebuilds.md`), and why:
 //!
 //! - A preset is *active* when its template version is the template's active version and the
 //!   template is neither deleted nor deprecated: only then can a user claim its prebuilds, so only

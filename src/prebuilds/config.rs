@@ -6,9 +6,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::config::{Violation, check, positive};
+use crate::runtime::LoopConfig;
+use crate::validate::{Violation, check, positive};
 
-/// SPEC §7.5: a cycle a minute; NOTIFY `template_version_activated` wakes it earlier.
+/// A cycle a minute (`docs/prebuilds.md`); NOTIFY `template_version_activated` wakes it earlier.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_TICK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The owner of every unclaimed prebuild. A fixed, well-known id (not the nil uuid, which
@@ -23,11 +24,8 @@ pub const DEFAULT_FAILURE_WINDOW: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrebuildsConfig {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub tick_timeout: Duration,
+    #[serde(flatten)]
+    pub base: LoopConfig,
     /// Owner of unclaimed prebuilds (`workspaces.owner_id`); a claim changes the owner.
     pub system_user_id: Uuid,
     /// Backoff after failed builds: nothing is created before `last failure + failures ×
@@ -45,9 +43,7 @@ pub struct PrebuildsConfig {
 impl Default for PrebuildsConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
-            interval: DEFAULT_INTERVAL,
-            tick_timeout: DEFAULT_TICK_TIMEOUT,
+            base: LoopConfig::new(DEFAULT_INTERVAL, DEFAULT_TICK_TIMEOUT),
             system_user_id: DEFAULT_SYSTEM_USER_ID,
             backoff_interval: DEFAULT_BACKOFF_INTERVAL,
             failure_window: DEFAULT_FAILURE_WINDOW,
@@ -59,8 +55,7 @@ impl Default for PrebuildsConfig {
 impl PrebuildsConfig {
     /// Keys are relative to `[prebuilds]`.
     pub fn validate(&self) -> Result<(), Violation> {
-        positive("interval", self.interval)?;
-        positive("tick_timeout", self.tick_timeout)?;
+        self.base.validate()?;
         check(!self.system_user_id.is_nil(), "system_user_id", self.system_user_id, "a non-nil uuid")?;
         positive("backoff_interval", self.backoff_interval)?;
         positive("failure_window", self.failure_window)?;

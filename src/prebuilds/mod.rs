@@ -1,5 +1,5 @@
-//! Prebuilds (SPEC §7.5): keep the desired number of prebuilt workspaces ready per preset, so a
-//! user who picks a preset gets a workspace that is already built.
+//! Prebuilds (`docs/prebuilds.md`): keep the desired number of prebuilt workspaces ready per
+//! preset, so a user who picks a preset gets a workspace that is already built.
 //!
 //! - [`actions`]: the pure decision per preset (what to create, delete and cancel given one
 //!   snapshot and `now`), including which cron schedule sets the desired count.
@@ -18,5 +18,15 @@ pub mod config;
 pub mod reconciler;
 pub mod snapshot;
 
+use crate::runtime::LoopInfo;
+
 pub use config::PrebuildsConfig;
 pub use reconciler::{CycleStats, LEADER_KEY, NAME, ReconcileError, Reconciler, WAKE_CHANNEL};
+
+pub const INFO: LoopInfo = LoopInfo {
+    name: NAME,
+    config_table: "prebuilds",
+    interval_key: "interval",
+    about: "keeps each preset's prebuilt workspaces at the desired count (leader only)",
+    pausable: true,
+};

@@ -1,5 +1,5 @@
-//! The `prebuilds` loop (SPEC §7.5): every minute, on the leader only, bring each preset's
-//! prebuilds to the desired count.
+//! The `prebuilds` loop (`docs/prebuilds.md`): every minute, on the leader only, bring each
+//! preset's prebuilds to the desired count.
 //!
 //! A cycle:
 //! 1. Under the leader lock (the runner's READ COMMITTED transaction, held for the whole tick),
@@ -20,7 +20,6 @@
 //! 4. Stats and metrics for the cycle ([`CycleStats`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -117,7 +116,7 @@ pub struct PresetPlan {
 
 /// One cycle's decisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
+pub struct CyclePlan {
     /// The snapshot's database time the decisions were made at.
     pub now: DateTime<Utc>,
     pub presets_total: usize,
@@ -127,7 +126,7 @@ pub struct Plan {
     pub reconcile: Vec<PresetPlan>,
 }
 
-impl Plan {
+impl CyclePlan {
     /// The presets with something to write.
     pub fn with_actions(&self) -> impl Iterator<Item = &PresetPlan> {
         self.reconcile.iter().filter(|p| !p.actions.is_empty())
@@ -135,7 +134,7 @@ impl Plan {
 }
 
 /// Decides a cycle: skip what [`can_skip`], [`calculate_actions`] for the rest. Pure.
-pub fn plan(presets: Vec<PresetState>, now: DateTime<Utc>, backoff_interval: Duration) -> Plan {
+pub fn plan(presets: Vec<PresetState>, now: DateTime<Utc>, backoff_interval: Duration) -> CyclePlan {
     let presets_total = presets.len();
     let reconcile: Vec<PresetPlan> = presets
         .into_iter()
@@ -145,12 +144,12 @@ pub fn plan(presets: Vec<PresetState>, now: DateTime<Utc>, backoff_interval: Dur
             PresetPlan { preset, actions }
         })
         .collect();
-    Plan { now, presets_total, skipped: presets_total - reconcile.len(), reconcile }
+    CyclePlan { now, presets_total, skipped: presets_total - reconcile.len(), reconcile }
 }
 
 /// Reads a fresh snapshot (REPEATABLE READ, read-only, ended before this returns) and plans
 /// from it, writing nothing: what the next cycle would do.
-pub async fn plan_from_snapshot(db: &Db, config: &PrebuildsConfig) -> Result<Plan, ReconcileError> {
+pub async fn plan_from_snapshot(db: &Db, config: &PrebuildsConfig) -> Result<CyclePlan, ReconcileError> {
     let snapshot = db::begin_snapshot(db).await?;
     let loaded = snapshot::load(&snapshot, config.system_user_id, config.failure_window).await?;
     snapshot.finish().await?;
@@ -393,10 +392,12 @@ impl CycleStats {
     }
 }
 
-/// The last cycle's stats, readable while the loop runs (tests, tools).
+/// The last cycle's stats, readable by tests and benchmarks while the loop runs.
+#[cfg(feature = "test-support")]
 #[derive(Debug, Clone, Default)]
-pub struct LastCycle(Arc<Mutex<Option<CycleStats>>>);
+pub struct LastCycle(std::sync::Arc<std::sync::Mutex<Option<CycleStats>>>);
 
+#[cfg(feature = "test-support")]
 impl LastCycle {
     pub fn get(&self) -> Option<CycleStats> {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
@@ -418,6 +419,7 @@ pub struct Reconciler {
     config: PrebuildsConfig,
     concurrency: usize,
     instruments: Instruments,
+    #[cfg(feature = "test-support")]
     last: LastCycle,
 }
 
@@ -439,10 +441,17 @@ impl Reconciler {
                 .with_description("Wall time of one reconciliation cycle")
                 .build(),
         };
-        Self { config, concurrency: concurrency.max(1), instruments, last: LastCycle::default() }
+        Self {
+            config,
+            concurrency: concurrency.max(1),
+            instruments,
+            #[cfg(feature = "test-support")]
+            last: LastCycle::default(),
+        }
     }
 
     /// A handle on the last cycle's stats that outlives handing the loop to a runner.
+    #[cfg(feature = "test-support")]
     pub fn last_cycle(&self) -> LastCycle {
         self.last.clone()
     }
@@ -508,6 +517,7 @@ impl Reconciler {
             }
         }
         i.duration.record(stats.elapsed.as_secs_f64(), &[]);
+        #[cfg(feature = "test-support")]
         self.last.set(*stats);
         macro_rules! log_cycle {
             ($level:ident) => {
@@ -543,9 +553,7 @@ impl Loop for Reconciler {
     }
 
     fn schedule(&self) -> Schedule {
-        Schedule::every(self.config.interval, self.config.tick_timeout)
-            .leader_only(LEADER_KEY)
-            .woken_by(WAKE_CHANNEL)
+        self.config.base.schedule().leader_only(LEADER_KEY).woken_by(WAKE_CHANNEL)
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, ReconcileError> {

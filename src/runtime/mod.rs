@@ -17,6 +17,7 @@
 //! Shutdown ([`Runtime::begin_shutdown`]) stops new ticks and cancels every supervised task at
 //! once; [`Runtime::drained`] resolves when both in-flight ticks and tasks have ended.
 
+mod config;
 pub mod lease;
 pub mod pauses;
 pub mod supervisor;
@@ -31,10 +32,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use self::config::{LoopConfig, RuntimeConfig};
 pub use self::lease::{LeasePublisher, LeaseState, LeaseStatus, LeaseWatch};
 pub use self::supervisor::{StartError, StopSignal, Supervisor, TaskSet};
 pub use self::tick::Tick;
-use crate::config::RuntimeConfig;
 use crate::db::{self, Db, DbError, Transaction};
 use crate::health::{self, Health, LoopFacts, TickRecord};
 use crate::identity::WorkerIdentity;
@@ -167,6 +168,22 @@ impl LoopError for DbError {
     fn is_transient(&self) -> bool {
         !matches!(self, DbError::Url(_))
     }
+}
+
+/// What the rest of the process knows of a loop without running it: each loop module declares
+/// its own as `INFO`, and [`crate::loops::ALL`] lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LoopInfo {
+    /// What `worker loop pause NAME` accepts and the `loop` attribute of every metric.
+    pub name: &'static str,
+    /// The config table with this loop's `enabled`, interval and limits.
+    pub config_table: &'static str,
+    /// Its interval key in that table (`interval`, or `acquire_interval` where a table serves
+    /// several loops).
+    pub interval_key: &'static str,
+    pub about: &'static str,
+    /// Whether `worker loop pause` may stop it (its `Schedule::pausable` says the same).
+    pub pausable: bool,
 }
 
 /// One background loop.

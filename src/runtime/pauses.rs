@@ -58,10 +58,7 @@ impl Pauses {
 
     async fn read(&self) -> Result<HashSet<String>, DbError> {
         self.reads.fetch_add(1, Ordering::Relaxed);
-        let mut conn = self.db.get().await?;
-        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
-        let rows = tx.fetch_all(PAUSED_LOOPS, &[]).await?;
-        db::commit(tx).await?;
+        let rows = db::in_transaction(&self.db, async |tx| tx.fetch_all(PAUSED_LOOPS, &[]).await).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::lease::{LeasePublisher, LeaseState, LeaseWatch};
+use super::lease::{LeaseState, LeaseWatch};
 use crate::db::{self, Db, DbError, Snapshot, Transaction};
 use crate::identity::WorkerIdentity;
 
@@ -73,15 +73,16 @@ impl<'a> Tick<'a> {
         db::begin_snapshot(&self.db).await
     }
 
-    /// A tick outside any runner, for tests and tools that drive `tick` directly: a fresh
+    /// A tick outside any runner, for tests and benchmarks that drive `tick` directly: a fresh
     /// identity, no shutdown, a healthy lease, an hour until the deadline.
+    #[cfg(feature = "test-support")]
     pub fn detached(db: &Db) -> Tick<'static> {
         Tick {
             db: db.clone(),
             deadline: Instant::now() + Duration::from_secs(3600),
             shutdown: CancellationToken::new(),
             worker: Arc::new(WorkerIdentity::generate()),
-            lease: LeasePublisher::default().watch(),
+            lease: super::lease::LeasePublisher::default().watch(),
             leader: None,
         }
     }

@@ -1,7 +1,7 @@
-//! The reliability suite's harness (SPEC §11, `scripts/chaos.sh`): real `worker` processes with
-//! a config of their own and a JSON log on disk, the faults an incident brings (SIGKILL,
-//! SIGTERM, a PostgreSQL restart, a Redis that goes away, a network path that freezes), and
-//! one line of figures per scenario.
+//! The reliability suite's harness (docs/reliability.md, `scripts/chaos.sh`): real `worker`
+//! processes with a config of their own and a JSON log on disk, the faults an incident brings
+//! (SIGKILL, SIGTERM, a PostgreSQL restart, a Redis that goes away, a network path that freezes),
+//! and one line of figures per scenario.
 //!
 //! The chaos binaries are not part of `cargo test` (`test = false` in Cargo.toml): some of their
 //! faults (restarting the shared PostgreSQL) would break tests running beside them, so

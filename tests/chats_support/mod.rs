@@ -8,11 +8,11 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 use worker::chats::{ChatLoops, ChatsConfig, RunnerConfig};
-use worker::config::RuntimeConfig;
 use worker::db::{Db, Exec};
 use worker::health::Health;
 use worker::identity::WorkerIdentity;
 use worker::runtime::Runtime;
+use worker::runtime::RuntimeConfig;
 use worker::workers::{WorkerLease, WorkersConfig};
 
 use crate::common::{self, TestDb};

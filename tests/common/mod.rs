@@ -13,7 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
-use worker::config::{Config, DatabaseConfig};
+use worker::config::Config;
+use worker::db::DatabaseConfig;
 use worker::db::{Db, Exec};
 
 /// Admin connection (any database but the test ones); override with WORKER_TEST_ADMIN_URL.

@@ -9,10 +9,11 @@ use std::collections::{BTreeMap, HashMap};
 use fred::prelude::{ClientLike, HashesInterface, SortedSetsInterface};
 use opentelemetry::metrics::Meter;
 use tokio_postgres::types::Type;
-use worker::config::{Config, RedisConfig};
+use worker::config::Config;
 use worker::db::{Db, Exec};
 use worker::outbox::Sweeper;
 use worker::redis::Client;
+use worker::redis::RedisConfig;
 
 use crate::common::TestDb;
 

@@ -1,4 +1,5 @@
-//! The `counters` loop: Redis running-task counters → `jobs.running_tasks` (SPEC §7.4).
+//! The `counters` loop: Redis running-task counters → `jobs.running_tasks`
+//! (`docs/counters.md`).
 //!
 //! Task runners keep `HINCRBY {prefix}:running {job_id} ±1` in Redis; this loop copies the hash
 //! into Postgres every `counters.interval` so the API tier can read it with the job. One
@@ -19,43 +20,25 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::{ClientLike, HashesInterface, Value};
 use opentelemetry::metrics::{Histogram, Meter};
-use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
 
-use crate::config::{Violation, positive};
 use crate::db::{self, Db, DbError, Exec};
 use crate::redis::Client;
-use crate::runtime::{ErrorLog, Loop, LoopError, Progress, Schedule, Tick};
+use crate::runtime::{ErrorLog, Loop, LoopError, LoopInfo, Progress, Schedule, Tick};
+
+mod config;
+
+pub use config::CountersConfig;
 
 pub const NAME: &str = "counters";
 
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
-pub const DEFAULT_TICK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `[counters]`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct CountersConfig {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub tick_timeout: Duration,
-}
-
-impl Default for CountersConfig {
-    fn default() -> Self {
-        Self { enabled: true, interval: DEFAULT_INTERVAL, tick_timeout: DEFAULT_TICK_TIMEOUT }
-    }
-}
-
-impl CountersConfig {
-    /// Keys are relative to `[counters]`.
-    pub fn validate(&self) -> Result<(), Violation> {
-        positive("interval", self.interval)?;
-        positive("tick_timeout", self.tick_timeout)
-    }
-}
+pub const INFO: LoopInfo = LoopInfo {
+    name: NAME,
+    config_table: "counters",
+    interval_key: "interval",
+    about: "Redis running-task counters into jobs.running_tasks",
+    pausable: true,
+};
 
 /// `$1` job ids, `$2` their counts (NULL = unreadable: keep the current count). Returns
 /// `(skew, jobs with that skew, jobs updated with that skew)`.
@@ -140,7 +123,7 @@ impl Counters {
     /// One sync: read the hash, write every active job's count in one statement. Redis gets
     /// half the tick timeout, leaving the other half for the statement.
     pub async fn sync(&self) -> Result<SyncReport, CountersError> {
-        self.sync_within(self.config.tick_timeout / 2).await
+        self.sync_within(self.config.base.tick_timeout / 2).await
     }
 
     /// [`Counters::sync`] with the time Redis may take given by the caller (the tick's budget).
@@ -166,12 +149,10 @@ impl Counters {
             }
         }
 
-        let mut conn = self.db.get().await?;
-        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
-        let rows = tx
-            .fetch_all(SYNC, &[(&parsed.ids, Type::TEXT_ARRAY), (&parsed.counts, Type::INT8_ARRAY)])
-            .await?;
-        db::commit(tx).await?;
+        let rows = db::in_transaction(&self.db, async |tx| {
+            tx.fetch_all(SYNC, &[(&parsed.ids, Type::TEXT_ARRAY), (&parsed.counts, Type::INT8_ARRAY)]).await
+        })
+        .await?;
 
         let mut report = SyncReport {
             entries: parsed.ids.len(),
@@ -235,7 +216,7 @@ impl Loop for Counters {
     }
 
     fn schedule(&self) -> Schedule {
-        Schedule::every(self.config.interval, self.config.tick_timeout)
+        self.config.base.schedule()
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, CountersError> {

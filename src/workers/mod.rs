@@ -11,15 +11,25 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
 
-use crate::config::{Violation, check, positive};
 use crate::db::{self, Db, DbError, Exec};
 use crate::identity::WorkerIdentity;
-use crate::runtime::{LeasePublisher, Loop, Progress, Schedule, Tick};
+use crate::runtime::{LeasePublisher, Loop, LoopInfo, Progress, Schedule, Tick};
+
+mod config;
+
+pub use config::WorkersConfig;
 
 pub const NAME: &str = "workers";
+
+pub const INFO: LoopInfo = LoopInfo {
+    name: NAME,
+    config_table: "workers",
+    interval_key: "interval",
+    about: "this worker's lease row in `workers` (when chats are disabled)",
+    pausable: true,
+};
 
 /// Registers (or re-registers after being reaped) this worker.
 const REGISTER: &str = "INSERT INTO workers (id, hostname, version) VALUES ($1, $2, $3) \
@@ -29,50 +39,6 @@ const REAP: &str = "DELETE FROM workers WHERE id IN (\
      SELECT id FROM workers WHERE last_seen_at < now() - make_interval(secs => $1) \
      ORDER BY last_seen_at LIMIT 100 FOR UPDATE SKIP LOCKED)";
 const DEREGISTER: &str = "DELETE FROM workers WHERE id = $1";
-
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
-pub const DEFAULT_TICK_TIMEOUT: Duration = Duration::from_secs(5);
-/// A day: long enough to read a dead worker's row in an incident review.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
-
-/// `[workers]`: this process's lease row.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct WorkersConfig {
-    pub enabled: bool,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub tick_timeout: Duration,
-    /// Worker rows unseen for longer than this are deleted.
-    #[serde(with = "humantime_serde")]
-    pub retention: Duration,
-}
-
-impl Default for WorkersConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: DEFAULT_INTERVAL,
-            tick_timeout: DEFAULT_TICK_TIMEOUT,
-            retention: DEFAULT_RETENTION,
-        }
-    }
-}
-
-impl WorkersConfig {
-    /// Keys are relative to `[workers]`.
-    pub fn validate(&self) -> Result<(), Violation> {
-        positive("interval", self.interval)?;
-        positive("tick_timeout", self.tick_timeout)?;
-        check(
-            self.retention > self.interval * 3,
-            "retention",
-            humantime::format_duration(self.retention),
-            "more than 3 × workers.interval",
-        )
-    }
-}
 
 pub struct WorkerLease {
     db: Db,
@@ -110,7 +76,6 @@ impl WorkerLease {
         Ok(())
     }
 
-    /// Removes this worker's row on a graceful stop, so others need not wait for it to go stale.
     /// Renews the lease: ONE write (`UPDATE workers SET last_seen_at = now() WHERE id = me`).
     /// A missing row means this worker was reaped as dead: the lease state records the loss
     /// (a new epoch, so everything run under the old one stops) and the row is registered
@@ -133,13 +98,13 @@ impl WorkerLease {
         Ok(())
     }
 
+    /// Removes this worker's row on a graceful stop, so others need not wait for it to go stale.
     /// Bounded by `database.statement_timeout` like every tick statement: a row lock held by
     /// someone else must not hold the exit hostage.
     pub async fn deregister(&self) -> Result<(), DbError> {
-        let mut conn = self.db.get().await?;
-        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
-        tx.exec(DEREGISTER, &[(&self.me.id, Type::UUID)]).await?;
-        db::commit(tx).await
+        let id = self.me.id;
+        db::in_transaction(&self.db, async |tx| tx.exec(DEREGISTER, &[(&id, Type::UUID)]).await).await?;
+        Ok(())
     }
 }
 
@@ -151,7 +116,7 @@ impl Loop for WorkerLease {
     }
 
     fn schedule(&self) -> Schedule {
-        Schedule::every(self.config.interval, self.config.tick_timeout)
+        self.config.base.schedule()
     }
 
     async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, DbError> {
@@ -166,10 +131,6 @@ impl Loop for WorkerLease {
 
 /// Deletes worker rows unseen for longer than `retention` (a small batch per call).
 pub async fn reap(db: &Db, retention: Duration) -> Result<u64, DbError> {
-    let mut conn = db.get().await?;
-    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
     let retention = retention.as_secs_f64();
-    let reaped = tx.exec(REAP, &[(&retention, Type::FLOAT8)]).await?;
-    db::commit(tx).await?;
-    Ok(reaped)
+    db::in_transaction(db, async |tx| tx.exec(REAP, &[(&retention, Type::FLOAT8)]).await).await
 }
