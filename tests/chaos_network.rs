@@ -62,10 +62,15 @@ async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recov
         .set("prebuilds.interval", "1s")
         .set("gitsync.enabled", true)
         .set("gitsync.interval", "1s");
-    for section in ["outbox", "counters", "chats", "prebuilds", "gitsync"] {
-        if section != "chats" {
-            config = config.set(&format!("{section}.tick_timeout"), TICK_TIMEOUT);
-        }
+    for key in [
+        "outbox.tick_timeout",
+        "counters.tick_timeout",
+        "prebuilds.tick_timeout",
+        "gitsync.tick_timeout",
+        "chats.acquire_tick_timeout",
+        "chats.recover_tick_timeout",
+    ] {
+        config = config.set(key, TICK_TIMEOUT);
     }
     let mut replica = Replica::start(dir.path(), "replica", &config);
     replica.ready().await;
