@@ -7,6 +7,12 @@
 //! The server runs in the test process as the daemon runs it: `health::serve` plus the readiness
 //! probe in a supervisor. Its pool has an application name of its own, so `pg_stat_activity`
 //! shows exactly its connections.
+//!
+//! Each property was seen failing without its fix: with no header-read timeout the trickling
+//! connections stay open past the deadline; with a ping per `/readyz` request the server's
+//! connections grow from 1 to 10 under the separate client; with no cap the fourth connection is
+//! served; with no write bound the slot of a client that never reads is never freed; with detail
+//! forced on the body carries the database name and the loop's message.
 
 mod common;
 
