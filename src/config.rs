@@ -419,6 +419,7 @@ impl Config {
         positive("app.shutdown_timeout", self.app.shutdown_timeout)?;
         check(!self.app.env.is_empty(), "app.env", "\"\"", "a non-empty environment name")?;
         self.telemetry.validate().map_err(|v| v.under("telemetry"))?;
+        self.health.validate().map_err(|v| v.under("health"))?;
         self.runtime.validate().map_err(|v| v.under("runtime"))?;
         self.workers.validate().map_err(|v| v.under("workers"))?;
         self.outbox.validate().map_err(|v| v.under("outbox"))?;

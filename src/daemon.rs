@@ -97,9 +97,9 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
 
     let listener_stop = CancellationToken::new();
     runtime.listener().start(config.database.listen_url().to_owned(), health.clone(), listener_stop.clone());
+    start_readiness_probe(&runtime, health.clone(), db.clone())?;
     let server_stop = CancellationToken::new();
-    let server =
-        crate::health::serve(config.health.listen, health.clone(), db.clone(), server_stop.clone()).await?;
+    let server = crate::health::serve(&config.health, health.clone(), &meter, server_stop.clone()).await?;
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -134,7 +134,7 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     }
     listener_stop.cancel();
     server_stop.cancel();
-    let _ = server.await;
+    let _ = server.task.await;
     // What is left of the budget goes to the last metrics export.
     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
     if tokio::time::timeout(left, metrics.shutdown()).await.is_err() {
@@ -142,6 +142,16 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     }
     tracing::info!(drained, "worker stopped");
     Ok(if drained { 0 } else { EXIT_DRAIN_TIMEOUT })
+}
+
+/// The probe behind `/readyz` (one `SELECT 1` a second, so no request checks out a connection)
+/// is a long-lived task: supervised, so the drain stops and awaits it with the others.
+fn start_readiness_probe(runtime: &Runtime, health: Health, db: Db) -> anyhow::Result<()> {
+    let probes = runtime.supervisor().task_set("health_probe", ());
+    probes.start("readiness", (), |mut stop| async move {
+        crate::health::probe(health, db, stop.stopped()).await;
+    })?;
+    Ok(())
 }
 
 /// After the first signal: the next one ends the process at once, whatever phase it is in.

@@ -75,6 +75,9 @@ enum OnlineCommand {
         #[arg(long)]
         json: bool,
     },
+    /// GET this worker's own /healthz (on health.listen; 127.0.0.1 for 0.0.0.0): exit 0 on 200,
+    /// else 1. The container's HEALTHCHECK.
+    Health,
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +239,11 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
         OnlineCommand::Prebuilds(command) => {
             let db = Db::new(&config.database)?;
             prebuilds::cli::run(&db, &config.prebuilds, &command, &mut std::io::stdout().lock()).await?;
+            Ok(0)
+        }
+        OnlineCommand::Health => {
+            let url = worker::health::check_own(&config.health).await?;
+            println!("healthy: GET {url} answered 200");
             Ok(0)
         }
         OnlineCommand::Status { json } => {

@@ -37,7 +37,7 @@ pub use self::lease::{LeasePublisher, LeaseState, LeaseStatus, LeaseWatch};
 pub use self::supervisor::{StartError, StopSignal, Supervisor, TaskSet};
 pub use self::tick::Tick;
 use crate::db::{self, Db, DbError, Transaction};
-use crate::health::{self, Health, LoopFacts, TickRecord};
+use crate::health::{self, Health, LoopFacts, TickError, TickRecord};
 use crate::identity::WorkerIdentity;
 use crate::listen::Listener;
 
@@ -505,7 +505,7 @@ impl<L: Loop> Runner<L> {
         let record = TickRecord {
             outcome: outcome.as_str(),
             completed: outcome.completed(),
-            error: failure.as_ref().map(|f| f.message.as_str()),
+            error: failure.as_ref().map(|f| TickError { label: f.label, message: &f.message }),
         };
         self.rt.health.record(name, record);
         match failure {
