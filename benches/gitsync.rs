@@ -240,6 +240,7 @@ async fn over_http(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     }
     let mut github = ProviderConfig::github_default();
     github.api_base_url = fake.base_url.clone();
+    github.allow_insecure_http = true;
     let meter = opentelemetry::global::meter("bench");
     let mut rows = Vec::new();
     for (name, known_pr) in [
@@ -295,6 +296,7 @@ async fn rate_limited(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     );
     let mut github = ProviderConfig::github_default();
     github.api_base_url = fake.base_url.clone();
+    github.allow_insecure_http = true;
     seed(bench, 10, 1, true).await?;
     let gitsync =
         Gitsync::new(bench.db.clone(), GitsyncConfig { providers: vec![github], ..config(10) }, 10, &meter)?;

@@ -38,6 +38,9 @@ use crate::workers::WorkersConfig;
 /// Default config file, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/worker.toml";
 
+/// The `app.env` that turns on the production floors (verified TLS, see [`Config::tls_floor`]).
+pub const PRODUCTION: &str = "production";
+
 /// Conventional environment variables mapped onto config keys (lower precedence than
 /// `WORKER__…`, which is the more specific spelling).
 const ENV_ALIASES: &[(&str, &str)] = &[
@@ -176,6 +179,9 @@ impl ConfigInputs {
 pub struct Loaded {
     pub config: Config,
     pub sources: BTreeMap<String, Source>,
+    /// Risks the config accepts explicitly (a production floor relaxed by an `allow_*` key):
+    /// printed by `config check`, logged by `run` and `migrate`.
+    pub warnings: Vec<String>,
 }
 
 pub fn load(inputs: &ConfigInputs) -> Result<Loaded, ConfigError> {
@@ -205,15 +211,19 @@ pub fn load(inputs: &ConfigInputs) -> Result<Loaded, ConfigError> {
         let (key, problem, expected) = describe_figment_error(&precise_error(&figment, error));
         ConfigError::Invalid { origin: locate(&key), key, problem, expected }
     })?;
-    if let Err(Violation { key, problem, expected }) = config.validate() {
-        return Err(ConfigError::Invalid { origin: locate(&key), key, problem, expected });
-    }
+    let invalid = |Violation { key, problem, expected }| ConfigError::Invalid {
+        origin: locate(&key),
+        key,
+        problem,
+        expected,
+    };
+    let warnings = config.validate().map_err(invalid)?;
 
     let sources = leaf_keys(&config).into_iter().map(|key| {
         let source = locate(&key);
         (key, source)
     });
-    Ok(Loaded { sources: sources.collect(), config })
+    Ok(Loaded { sources: sources.collect(), config, warnings })
 }
 
 /// One override from the environment or a flag, in precedence order (later wins).
@@ -411,8 +421,9 @@ fn describe_figment_error(error: &figment::Error) -> (String, String, String) {
 }
 
 impl Config {
-    /// Range checks serde cannot express. Returns the first violation as (key, problem, expected).
-    fn validate(&self) -> Result<(), Violation> {
+    /// Range checks serde cannot express, and the checks spanning sections. Returns the first
+    /// violation as (key, problem, expected), else the warnings of risks the config accepts.
+    fn validate(&self) -> Result<Vec<String>, Violation> {
         self.database.validate().map_err(|v| v.under("database"))?;
         self.redis.validate().map_err(|v| v.under("redis"))?;
         self.log.validate().map_err(|v| v.under("log"))?;
@@ -453,7 +464,26 @@ impl Config {
             self.database.pool_size,
             "at least 2 while prebuilds.enabled (leader lock + snapshot)",
         )?;
-        Ok(())
+        self.tls_floor()
+    }
+
+    /// With `app.env = production`, every connection leaving the process must be verified TLS:
+    /// PostgreSQL URLs `sslmode=verify-ca|verify-full`, `rediss://` while a loop uses Redis,
+    /// `https` providers while gitsync runs. Each weaker one is refused naming its key, unless
+    /// its section's `allow_*` key accepts it; the warnings of those are returned. Elsewhere
+    /// (development, tests) nothing is checked: local servers rarely have certificates.
+    pub fn tls_floor(&self) -> Result<Vec<String>, Violation> {
+        if self.app.env != PRODUCTION {
+            return Ok(Vec::new());
+        }
+        let mut warnings = self.database.tls_floor().map_err(|v| v.under("database"))?;
+        if self.outbox.base.enabled || self.counters.base.enabled {
+            warnings.extend(self.redis.tls_floor().map_err(|v| v.under("redis"))?);
+        }
+        if self.gitsync.base.enabled {
+            warnings.extend(self.gitsync.tls_floor().map_err(|v| v.under("gitsync"))?);
+        }
+        Ok(warnings)
     }
 
     /// The effective config as TOML with secrets redacted, each value annotated with its source
@@ -883,7 +913,7 @@ mod tests {
         let mut config = Config::default();
         config.chats.enabled = true;
         config.chats.runner.command = vec!["/bin/cat".into()];
-        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.validate(), Ok(Vec::new()));
         config.workers.retention = Duration::from_secs(120);
         let refused = config.validate().expect_err("retention under stale_after");
         assert_eq!(refused.key, "workers.retention");
@@ -1021,5 +1051,150 @@ mod tests {
         let config = load(&inputs(&file)).expect("loads").config.gitsync;
         let ids: Vec<_> = config.effective_providers().into_iter().map(|p| p.id).collect();
         assert_eq!(ids, ["ghe"]);
+    }
+
+    const VERIFIED: &str = "postgres://u:hunter2@db/app?sslmode=verify-full&sslrootcert=system";
+
+    /// `APP_ENV=production` with verified database and Redis URLs, plus `extra`.
+    fn production(extra: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("APP_ENV".into(), PRODUCTION.into());
+        inputs.env.insert("DATABASE_URL".into(), VERIFIED.into());
+        inputs.env.insert("REDIS_URL".into(), "rediss://default:hunter2@cache:6380".into());
+        for (name, value) in extra {
+            inputs.env.insert((*name).into(), (*value).into());
+        }
+        load(&inputs)
+    }
+
+    #[test]
+    fn production_refuses_a_database_url_that_checks_no_certificate_naming_key_mode_and_fix() {
+        assert_eq!(production(&[]).expect("verified").warnings, Vec::<String>::new());
+        for (url, mode) in [
+            ("postgres://u:hunter2@db/app?sslmode=require", "sslmode=require"),
+            ("postgres://u:hunter2@db/app?sslmode=disable", "sslmode=disable"),
+            ("postgres://u:hunter2@db/app?sslmode=prefer", "sslmode=prefer"),
+            ("postgres://u:hunter2@db/app", "sslmode=prefer (libpq's default"),
+        ] {
+            let err = production(&[("DATABASE_URL", url)]).expect_err(url);
+            assert_eq!(err.key(), Some("database.url"), "{err}");
+            let text = err.to_string();
+            for needle in [
+                mode,
+                "(from env DATABASE_URL)",
+                "sslmode=verify-full",
+                "sslrootcert=system",
+                "allow_unverified_tls",
+            ] {
+                assert!(text.contains(needle), "{url}: `{needle}` missing: {text}");
+            }
+            assert!(!text.contains("hunter2"), "{text}");
+
+            let allowed =
+                production(&[("DATABASE_URL", url), ("WORKER__DATABASE__ALLOW_UNVERIFIED_TLS", "true")])
+                    .unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(allowed.warnings.len(), 1, "{:?}", allowed.warnings);
+            assert!(
+                allowed.warnings[0].starts_with(&format!("database.url: {mode}")),
+                "{:?}",
+                allowed.warnings
+            );
+            assert!(!allowed.warnings[0].contains("hunter2"));
+
+            // Development (APP_ENV unset or `development`) keeps today's defaults.
+            for env in [&[("DATABASE_URL", url), ("APP_ENV", "development")][..], &[("DATABASE_URL", url)]] {
+                let mut inputs = ConfigInputs::default();
+                inputs.env.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+                let loaded = load(&inputs).unwrap_or_else(|e| panic!("{url}: {e}"));
+                assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+            }
+        }
+        let err = production(&[("WORKER__DATABASE__MIGRATE_URL", "postgres://db/app?sslmode=require")])
+            .expect_err("migrate_url");
+        assert_eq!(err.key(), Some("database.migrate_url"), "{err}");
+        let err =
+            production(&[("WORKER__DATABASE__LISTEN_URL", "postgres://db/app")]).expect_err("listen_url");
+        assert_eq!(err.key(), Some("database.listen_url"), "{err}");
+        // `app.env` from a file line is named like any other key's source.
+        let file =
+            write("[app]\nenv = \"production\"\n\n[database]\nurl = \"postgres://db/app?sslmode=require\"\n");
+        let err = load(&inputs(&file)).expect_err("file");
+        assert!(err.to_string().contains(&format!("{}:5", file.path().display())), "{err}");
+    }
+
+    #[test]
+    fn production_refuses_plaintext_redis_while_a_loop_uses_it() {
+        let err = production(&[("REDIS_URL", "redis://:hunter2@cache:6379")]).expect_err("plaintext");
+        assert_eq!(err.key(), Some("redis.url"), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("rediss://") && text.contains("redis.allow_plaintext") && !text.contains("hunter2"),
+            "{text}"
+        );
+        let allowed =
+            production(&[("REDIS_URL", "redis://cache:6379"), ("WORKER__REDIS__ALLOW_PLAINTEXT", "true")])
+                .expect("allowed");
+        assert_eq!(allowed.warnings.len(), 1, "{:?}", allowed.warnings);
+        assert!(
+            allowed.warnings[0].starts_with("redis.url: redis:// is plaintext"),
+            "{:?}",
+            allowed.warnings
+        );
+        let unused = production(&[
+            ("REDIS_URL", "redis://cache:6379"),
+            ("WORKER__OUTBOX__ENABLED", "false"),
+            ("WORKER__COUNTERS__ENABLED", "false"),
+        ]);
+        assert_eq!(unused.expect("no loop uses Redis").warnings, Vec::<String>::new());
+    }
+
+    #[test]
+    fn production_refuses_a_provider_that_is_not_https_unless_it_allows_insecure_http() {
+        let provider = |allow: bool| {
+            format!(
+                "[[gitsync.providers]]\nid = \"fake\"\nkind = \"github\"\n\
+                 api_base_url = \"http://127.0.0.1:9\"\n\
+                 origin_host = \"github.com\"\nallow_insecure_http = {allow}\n"
+            )
+        };
+        let with_file = |text: &str, extra: &[(&str, &str)]| {
+            let file = write(text);
+            let mut inputs = inputs(&file);
+            inputs.env.insert("APP_ENV".into(), PRODUCTION.into());
+            inputs.env.insert("DATABASE_URL".into(), VERIFIED.into());
+            inputs.env.insert("REDIS_URL".into(), "rediss://cache:6380".into());
+            inputs.env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+            (load(&inputs), file)
+        };
+        let (refused, file) = with_file(&provider(false), &[]);
+        let err = refused.expect_err("http provider");
+        assert_eq!(err.key(), Some("gitsync.providers.0.api_base_url"), "{err}");
+        assert!(err.to_string().contains(&format!("{}:4", file.path().display())), "{err}");
+        assert!(err.to_string().contains("allow_insecure_http = true"), "{err}");
+        let (allowed, _) = with_file(&provider(true), &[]);
+        let warnings = allowed.expect("allowed").warnings;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("gitsync.providers.0.allow_insecure_http = true"), "{warnings:?}");
+        let (disabled, _) = with_file(&provider(false), &[("WORKER__GITSYNC__ENABLED", "false")]);
+        assert!(disabled.is_ok(), "gitsync off: its providers are not used");
+    }
+
+    #[test]
+    fn print_and_errors_redact_a_password_in_a_query_string_or_a_key_value_string() {
+        let mut inputs = ConfigInputs::default();
+        inputs.env.insert("DATABASE_URL".into(), "postgres://h/db?user=u&password=hunter2".into());
+        inputs.env.insert("WORKER__DATABASE__LISTEN_URL".into(), "postgres://u:hunter2@h/db".into());
+        let loaded = load(&inputs).expect("loads");
+        let printed = loaded.config.render(&loaded.sources);
+        assert!(printed.contains("postgres://h/db?user=u&password=***"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        // A key=value string is refused (the config wants a URL), without echoing the password.
+        inputs.env.insert("DATABASE_URL".into(), "host=h user=u password=hunter2".into());
+        let err = load(&inputs).expect_err("not a URL").to_string();
+        assert!(err.contains("password=***") && !err.contains("hunter2"), "{err}");
+        let mut config = Config::default();
+        config.database.migrate_url = Some("host=h password='hunter2 x'".into());
+        let printed = config.render(&BTreeMap::new());
+        assert!(printed.contains("host=h password=***") && !printed.contains("hunter2"), "{printed}");
     }
 }

@@ -133,6 +133,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--database-url` is convenient but puts the URL, password included, where any local user can
+/// read it.
+const ARGV_WARNING: &str = "warning: --database-url puts the URL, and any password in it, in this \
+     process's argv, which every user of the machine can read (ps, /proc/<pid>/cmdline); set the \
+     DATABASE_URL environment variable instead";
+
 fn load_config(global: &GlobalArgs) -> anyhow::Result<Loaded> {
     let mut inputs = ConfigInputs::from_process(global.config.clone());
     for assignment in &global.set {
@@ -142,6 +148,7 @@ fn load_config(global: &GlobalArgs) -> anyhow::Result<Loaded> {
         inputs = inputs.flag(key.trim(), value.trim(), &format!("--set {}", key.trim()));
     }
     if let Some(url) = &global.database_url {
+        eprintln!("{ARGV_WARNING}");
         inputs = inputs.flag("database.url", url, "--database-url");
     }
     if let Some(level) = &global.log_level {
@@ -154,6 +161,9 @@ fn execute(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
     // Config commands must work without a runtime, a database or a log subscriber.
     let command = match command {
         Command::Config(ConfigCommand::Check) => {
+            for warning in &loaded.warnings {
+                eprintln!("warning: {warning}");
+            }
             println!("config ok");
             return Ok(0);
         }
@@ -164,6 +174,12 @@ fn execute(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
         Command::Online(command) => command,
     };
     telemetry::init_tracing(&loaded.config.log)?;
+    // The commands that open the daemon's connections say what risk the config accepts.
+    if matches!(command, OnlineCommand::Run | OnlineCommand::Migrate) {
+        for warning in &loaded.warnings {
+            tracing::warn!(%warning, "a production floor is relaxed by config");
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(execute_async(command, loaded.config))
 }

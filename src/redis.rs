@@ -37,11 +37,19 @@ pub struct RedisConfig {
     /// PEM file of the CA(s) that sign the server certificate of a `rediss://` URL. Unset: the
     /// platform's root certificates (what managed Redis services are signed by).
     pub ca_file: Option<PathBuf>,
+    /// With `app.env = production`, accept a plaintext `redis://` URL, with a warning, instead
+    /// of refusing it.
+    pub allow_plaintext: bool,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379".into(), prefix: "worker".into(), ca_file: None }
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "worker".into(),
+            ca_file: None,
+            allow_plaintext: false,
+        }
     }
 }
 
@@ -59,6 +67,27 @@ impl RedisConfig {
             Some(path) => readable_file("ca_file", path),
             None => Ok(()),
         }
+    }
+}
+
+impl RedisConfig {
+    /// The production TLS floor (`Config::validate` asks when `app.env = production` and a loop
+    /// uses Redis): a plaintext URL is refused unless `allow_plaintext` accepts it, with the
+    /// warning returned. Keys are relative to `[redis]`.
+    pub fn tls_floor(&self) -> Result<Option<String>, Violation> {
+        if !url_scheme(&self.url, &["redis", "redis-cluster"]) {
+            return Ok(None);
+        }
+        let risk = "is plaintext: the password, task payloads and counters cross the network unencrypted";
+        if !self.allow_plaintext {
+            return Err(Violation::new(
+                "url",
+                format!("{} {risk} (refused when app.env = production)", crate::text::redact_url(&self.url)),
+                "a rediss:// URL (TLS, checked against the platform roots or redis.ca_file); or \
+                 redis.allow_plaintext = true to accept the risk",
+            ));
+        }
+        Ok(Some(format!("redis.url: redis:// {risk}; accepted because redis.allow_plaintext = true")))
     }
 }
 
@@ -185,7 +214,7 @@ mod tests {
             ("redis://user:secret@[::1", "redis://***@[::1"),
             ("redis://user:secret@127.0.0.1:6379/not-a-db", "redis://user:***@127.0.0.1:6379/not-a-db"),
         ] {
-            let config = RedisConfig { url: url.into(), prefix: "p".into(), ca_file: None };
+            let config = RedisConfig { url: url.into(), ..RedisConfig::default() };
             let text = build(&config).expect_err("bad url").to_string();
             assert!(!text.contains("secret"), "{text}");
             assert!(text.contains("redis.url") && text.contains(shown), "{text}");
@@ -196,5 +225,28 @@ mod tests {
     fn a_client_has_a_reconnect_policy() {
         let client = build(&RedisConfig::default()).expect("client");
         assert!(client.client_reconnect_policy().is_some(), "the default builder has none; we must set one");
+    }
+
+    #[test]
+    fn the_tls_floor_refuses_plaintext_unless_allowed() {
+        for url in ["redis://:secret@cache:6379", "redis-cluster://cache:6379"] {
+            let config = RedisConfig { url: url.into(), ..RedisConfig::default() };
+            let refused = config.tls_floor().expect_err(url);
+            assert_eq!(refused.key, "url");
+            assert!(
+                refused.problem.contains("is plaintext") && !refused.problem.contains("secret"),
+                "{refused:?}"
+            );
+            assert!(
+                refused.expected.contains("rediss://") && refused.expected.contains("redis.allow_plaintext")
+            );
+            let allowed = RedisConfig { allow_plaintext: true, ..config };
+            let warning = allowed.tls_floor().expect(url).expect("a warning");
+            assert!(warning.contains("redis.allow_plaintext = true"), "{warning}");
+        }
+        for url in ["rediss://:secret@cache:6380", "rediss-cluster://cache:6380"] {
+            let config = RedisConfig { url: url.into(), ..RedisConfig::default() };
+            assert_eq!(config.tls_floor(), Ok(None), "{url}");
+        }
     }
 }

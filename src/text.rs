@@ -1,5 +1,7 @@
 //! Bounding text for storage and for the terminal, and keeping secrets out of what is shown.
 
+use std::borrow::Cow;
+
 /// `text` as PostgreSQL can store it: `text` and `jsonb` cannot hold a NUL character, so each
 /// one becomes U+FFFD (the replacement character) instead of failing the whole write.
 pub fn storable(text: String) -> String {
@@ -22,7 +24,7 @@ pub fn clip(text: String, max_bytes: usize) -> String {
 }
 
 /// The first line of `text`, at most `max` characters (with `…` when cut): how CLI tables show
-/// multi-line errors.
+/// multi-line errors. Not escaped: text for a terminal goes through [`terminal`] as well.
 pub fn one_line(text: &str, max: usize) -> String {
     let line = text.lines().next().unwrap_or("");
     match line.char_indices().nth(max) {
@@ -31,21 +33,130 @@ pub fn one_line(text: &str, max: usize) -> String {
     }
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`. A URL that does not parse
-/// has everything between `://` and the last `@` masked, so a password is never echoed.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("***"));
-            }
-            url.to_string()
-        }
-        Err(_) => match (raw.find("://"), raw.rfind('@')) {
-            (Some(start), Some(at)) if at > start + 3 => format!("{}***{}", &raw[..start + 3], &raw[at..]),
-            _ => raw.to_owned(),
-        },
+/// `text` safe to write to a terminal: every control character (C0 including newline and tab,
+/// DEL, C1) is shown escaped (`\x1b`, `\r`, `\n`, `\u{9b}`) instead of written raw. Chat
+/// messages, task ids and errors are written by models and producers: raw, an ESC or CSI could
+/// clear the screen, move the cursor, retitle the window or forge lines that look like the
+/// CLI's own; a CR could overwrite what the line showed. `--json` output needs none of this
+/// (JSON escapes control characters itself).
+pub fn terminal(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
     }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => shown.push_str("\\n"),
+            '\r' => shown.push_str("\\r"),
+            '\t' => shown.push_str("\\t"),
+            // C0 and DEL: one byte each.
+            '\0'..='\x1f' | '\x7f' => shown.push_str(&format!("\\x{:02x}", u32::from(c))),
+            // C1 (U+0080..=U+009F): `\u{9b}`, the spelling Rust and JSON readers know.
+            c if c.is_control() => shown.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => shown.push(c),
+        }
+    }
+    Cow::Owned(shown)
+}
+
+/// Connection-string parameters whose values are secrets (libpq: the password and the client
+/// key's passphrase).
+const SECRET_PARAMETERS: [&str; 2] = ["password", "sslpassword"];
+
+/// A connection string with its secrets masked, for errors, logs and `config print`:
+/// - a URL's user-info password: `postgres://user:secret@host/db` → `postgres://user:***@host/db`;
+/// - a secret in a URL's query: `postgres://h/db?user=u&password=p` → `…&password=***`;
+/// - a secret in a key=value string: `host=h password=p` → `host=h password=***` (quoted values
+///   too).
+///
+/// A URL that does not parse has everything between `://` and the last `@` masked, and its
+/// query secrets too, so a password is never echoed.
+pub fn redact_url(raw: &str) -> String {
+    let Some(scheme_end) = raw.find("://") else { return redact_key_values(raw) };
+    if let Ok(mut url) = url::Url::parse(raw) {
+        if url.password().is_some() {
+            let _ = url.set_password(Some("***"));
+        }
+        if let Some(query) = url.query().map(redact_query) {
+            url.set_query(Some(&query));
+        }
+        return url.to_string();
+    }
+    // Everything up to the last `@` may be user-info (a password can hold `/`, `?` or `@`).
+    let (masked, rest) = match raw.rfind('@') {
+        Some(at) if at > scheme_end + 3 => (format!("{}***", &raw[..scheme_end + 3]), &raw[at..]),
+        _ => (String::new(), raw),
+    };
+    match rest.split_once('?') {
+        Some((before, query)) => format!("{masked}{before}?{}", redact_query(query)),
+        None => format!("{masked}{rest}"),
+    }
+}
+
+/// `name=value&…` with the value of every secret parameter replaced by `***` (names compared
+/// after percent-decoding; everything else kept as written).
+fn redact_query(query: &str) -> String {
+    let pairs = query.split('&').map(|pair| {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        let decoded = url::form_urlencoded::parse(name.as_bytes()).next().map(|(name, _)| name);
+        match decoded {
+            Some(decoded) if SECRET_PARAMETERS.contains(&&*decoded) => format!("{name}=***"),
+            _ => pair.to_owned(),
+        }
+    });
+    pairs.collect::<Vec<_>>().join("&")
+}
+
+/// libpq's `key = value …` form with every secret value replaced by `***`. Values may be
+/// single-quoted with `\'` and `\\` escapes; spaces around `=` are allowed.
+fn redact_key_values(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    loop {
+        let spaces = rest.len() - rest.trim_start().len();
+        out.push_str(&rest[..spaces]);
+        rest = &rest[spaces..];
+        if rest.is_empty() {
+            return out;
+        }
+        let name_end = rest.find(|c: char| c == '=' || c.is_whitespace()).unwrap_or(rest.len());
+        let name = &rest[..name_end];
+        let after_name = &rest[name_end..];
+        let Some(after_eq) = after_name.trim_start().strip_prefix('=') else {
+            // Not `key=value`: keep the word (a stray `=` is a word of its own) and go on.
+            let word = name_end.max(1);
+            out.push_str(&rest[..word]);
+            rest = &rest[word..];
+            continue;
+        };
+        let value_start = rest.len() - after_eq.trim_start().len();
+        let value_len = value_len(&rest[value_start..]);
+        out.push_str(&rest[..value_start]);
+        if SECRET_PARAMETERS.contains(&name) {
+            out.push_str("***");
+        } else {
+            out.push_str(&rest[value_start..value_start + value_len]);
+        }
+        rest = &rest[value_start + value_len..];
+    }
+}
+
+/// Length in bytes of the value at the start of `text`: a single-quoted string (to its closing
+/// quote, or the end) or a word (to the next whitespace).
+fn value_len(text: &str) -> usize {
+    if !text.starts_with('\'') {
+        return text.find(char::is_whitespace).unwrap_or(text.len());
+    }
+    let mut escaped = false;
+    for (i, c) in text.char_indices().skip(1) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '\'' => return i + 1,
+            _ => {}
+        }
+    }
+    text.len()
 }
 
 #[cfg(test)]
@@ -71,5 +182,49 @@ mod tests {
         assert_eq!(one_line("WRONGTYPE x\nsecond", 120), "WRONGTYPE x");
         assert_eq!(one_line("abcdef", 3), "abc…");
         assert_eq!(one_line("ééé", 3), "ééé");
+    }
+
+    #[test]
+    fn terminal_escapes_every_control_character_and_leaves_other_text_alone() {
+        assert!(matches!(terminal("plain text, é ü 中"), Cow::Borrowed(_)));
+        assert_eq!(terminal("\x1b[2Jgone"), "\\x1b[2Jgone");
+        assert_eq!(terminal("ok\rfake"), "ok\\rfake");
+        assert_eq!(terminal("a\nb\tc\x07d\x7fe\0"), "a\\nb\\tc\\x07d\\x7fe\\x00");
+        // C1: U+009B is a one-character CSI on terminals that honour 8-bit controls.
+        assert_eq!(terminal("x\u{9b}2Jy\u{85}"), "x\\u{9b}2Jy\\u{85}");
+        for raw in ["\x1b]0;title\x07", "\u{9b}31m", "\r\n\x08\x7f"] {
+            let shown = terminal(raw);
+            assert!(!shown.chars().any(char::is_control), "{raw:?} → {shown:?}");
+        }
+    }
+
+    #[test]
+    fn redact_url_masks_a_password_in_the_query_string() {
+        assert_eq!(redact_url("postgres://h/db?user=u&password=p"), "postgres://h/db?user=u&password=***");
+        assert_eq!(
+            redact_url("postgres://h/db?password=p%26q&sslmode=verify-full&sslpassword=k"),
+            "postgres://h/db?password=***&sslmode=verify-full&sslpassword=***"
+        );
+        assert_eq!(redact_url("postgres://u:a@h/db?pass%77ord=b"), "postgres://u:***@h/db?pass%77ord=***");
+        // Unparseable: both the user-info and the query secret are masked.
+        assert_eq!(redact_url("postgres://u:a@[::1/db?password=b"), "postgres://***@[::1/db?password=***");
+        assert_eq!(redact_url("postgres://h/db?application_name=x"), "postgres://h/db?application_name=x");
+    }
+
+    #[test]
+    fn redact_url_masks_a_password_in_a_key_value_string() {
+        assert_eq!(redact_url("host=h password=p"), "host=h password=***");
+        assert_eq!(redact_url("host=h password = p dbname=d"), "host=h password = *** dbname=d");
+        assert_eq!(redact_url("password='a \\' secret' host=h user=u"), "password=*** host=h user=u");
+        assert_eq!(redact_url("host=h sslpassword=k user=u"), "host=h sslpassword=*** user=u");
+        assert_eq!(redact_url("host=h user=password"), "host=h user=password");
+        for raw in ["password=hunter2", "  password=hunter2  ", "host=h password='hunter2"] {
+            assert!(!redact_url(raw).contains("hunter2"), "{raw}: {}", redact_url(raw));
+        }
+        // Outside input: no prefix of an awkward string makes it panic.
+        let awkward = " host = 'a\\' b' ü=é password = 'x y' = =  ";
+        for (end, _) in awkward.char_indices() {
+            redact_url(&awkward[..end]);
+        }
     }
 }

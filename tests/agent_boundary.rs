@@ -243,6 +243,9 @@ async fn a_root_worker_in_production_refuses_to_run_agents_as_root() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = WorkerConfig::for_test(&test_db)
         .set("app.env", "production")
+        // The test servers have no certificates: the TLS floor is relaxed, not the agent check.
+        .set("database.allow_unverified_tls", true)
+        .set("redis.allow_plaintext", true)
         .set("health.listen", format!("127.0.0.1:{}", free_port()))
         .set("chats.enabled", true)
         .set("chats.runner.command", toml::Value::Array(vec!["/bin/cat".into()]));

@@ -193,10 +193,22 @@ fn config_check_exits_1_naming_the_key_and_source_and_0_on_the_shipped_config() 
             assert!(stderr.contains(&needle), "{args:?}: `{needle}` missing from: {stderr}");
         }
     }
-    for shipped in ["config/worker.toml", "config/production.toml"] {
-        let out = worker(&["config", "check", "--config", shipped], &[]);
-        assert!(out.status.success(), "{shipped}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let out = worker(&["config", "check", "--config", "config/worker.toml"], &[]);
+    assert!(out.status.success(), "worker.toml: {}", String::from_utf8_lossy(&out.stderr));
+    // production.toml takes its URLs from the environment, and only verified TLS ones: with
+    // them it passes without a warning; without them the built-in local defaults are refused.
+    let production = ["config", "check", "--config", "config/production.toml"];
+    let verified = [
+        ("DATABASE_URL", "postgres://app:pw@db.internal:5432/app?sslmode=verify-full&sslrootcert=system"),
+        ("REDIS_URL", "rediss://default:pw@cache.internal:6380"),
+    ];
+    let out = worker(&production, &verified);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.is_empty(), "production.toml: {stderr}");
+    let out = worker(&production, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "production.toml without URLs: {stderr}");
+    assert!(stderr.contains("config key `database.url`") && stderr.contains("sslmode=prefer"), "{stderr}");
 }
 
 /// Starts `worker run` on `config` with extra `--set` overrides; its output is discarded.

@@ -52,6 +52,7 @@ impl Harness {
         let fake = FakeGitHub::start().await;
         let mut github = ProviderConfig::github_default();
         github.api_base_url = fake.base_url.clone();
+        github.allow_insecure_http = true;
         let config = GitsyncConfig { providers: vec![github], ..GitsyncConfig::default() };
         Self { tdb, fake, config, pool_size }
     }
@@ -396,6 +397,7 @@ async fn a_token_is_only_taken_from_a_link_to_the_provider_serving_the_origins_h
         kind: ProviderKind::Github,
         api_base_url: h.fake.base_url.clone(),
         origin_host: "ghe.example.com".into(),
+        allow_insecure_http: true,
     };
     h.config.providers.push(ghe);
     h.fake.pr("o", "r", "b", 1);

@@ -154,6 +154,7 @@ async fn setup(options: GitHubOptions) -> Bundle {
 
     let mut config = ProviderConfig::github_default();
     config.api_base_url = format!("http://{addr}");
+    config.allow_insecure_http = true;
     let options = GitHubOptions { epoch_secs: || NOW, ..options };
     let github = GitHub::new(&config, options).expect("client");
     let origin = Origin::parse("git@github.com:octocat/Hello-World.git").expect("origin");

@@ -107,6 +107,7 @@ impl Harness {
     fn config(&self, keys: &[&str]) -> GitsyncConfig {
         let mut github = ProviderConfig::github_default();
         github.api_base_url = self.fake.base_url.clone();
+        github.allow_insecure_http = true;
         let token_keys = keys.iter().map(|k| TokenKeySecret::new(*k)).collect();
         GitsyncConfig { providers: vec![github], token_keys, ..GitsyncConfig::default() }
     }

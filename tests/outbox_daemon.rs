@@ -28,7 +28,7 @@ fn loop_field(body: &serde_json::Value, name: &str, field: &str) -> serde_json::
 async fn the_daemon_sweeps_enqueued_tasks_at_once_and_syncs_counters() {
     let test_db = TestDb::new().await;
     let redis_config =
-        RedisConfig { url: common::redis_url(), prefix: common::unique_prefix(), ca_file: None };
+        RedisConfig { url: common::redis_url(), prefix: common::unique_prefix(), ..RedisConfig::default() };
     let redis = worker::redis::build(&redis_config).expect("client");
     redis.init().await.expect("redis");
     let dir = tempfile::tempdir().expect("dir");

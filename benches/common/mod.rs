@@ -54,7 +54,7 @@ impl BenchDb {
 }
 
 pub async fn redis(prefix: &str) -> anyhow::Result<(Client, RedisConfig)> {
-    let config = RedisConfig { url: redis_url(), prefix: prefix.to_owned(), ca_file: None };
+    let config = RedisConfig { url: redis_url(), prefix: prefix.to_owned(), ..RedisConfig::default() };
     let client = worker::redis::build(&config)?;
     client.init().await?;
     Ok((client, config))

@@ -19,7 +19,7 @@ use super::stream::{self, DEFAULT_SETTLE_EVERY, Follower, Message};
 use crate::db::{self, Db, DbError, Exec};
 use crate::health::Health;
 use crate::listen::Listener;
-use crate::text::one_line;
+use crate::text::{one_line, terminal};
 
 /// The chat statuses (the CHECK on `chats.status`).
 pub const STATUSES: [&str; 6] = ["waiting", "pending", "running", "paused", "completed", "error"];
@@ -291,7 +291,8 @@ fn print_messages(out: &mut impl Write, messages: &[Message], json: bool) -> Res
             serde_json::to_writer(&mut *out, message)?;
             writeln!(out)?;
         } else {
-            writeln!(out, "#{} {}: {}", message.id, message.role, message.text())?;
+            // Written by the agent (a model): escaped, so it cannot drive the terminal.
+            writeln!(out, "#{} {}: {}", message.id, terminal(&message.role), terminal(&message.text()))?;
         }
         out.flush()?;
     }
@@ -310,6 +311,8 @@ fn write_table(out: &mut impl Write, chats: &[ChatSummary]) -> io::Result<()> {
         if let Some(error) = &c.last_error {
             about = format!("{about} / {error}");
         }
+        // Titles and errors come from users and agents: escaped for the terminal.
+        let about = terminal(&about);
         writeln!(
             out,
             "{:<36} {:<9} {:>4} {:<20} {:<36} {:<36} {}",
@@ -336,5 +339,43 @@ mod tests {
     fn a_malformed_chat_id_is_an_error_naming_it() {
         let error = parse_chat("not-a-uuid").expect_err("rejected");
         assert_eq!(error.to_string(), "invalid chat id `not-a-uuid`: expected a UUID");
+    }
+
+    fn message(text: &str) -> Message {
+        Message { id: 7, role: "assistant".into(), content: serde_json::json!(text), created_at: Utc::now() }
+    }
+
+    #[test]
+    fn tail_text_escapes_control_characters_and_tail_json_keeps_the_exact_text() {
+        let raw = "hi\u{1b}[2J\u{1b}]0;owned\u{7}\rforged\n#8 user: fake";
+        let mut text = Vec::new();
+        print_messages(&mut text, &[message(raw)], false).expect("text");
+        let text = String::from_utf8(text).expect("utf-8");
+        assert_eq!(text, "#7 assistant: hi\\x1b[2J\\x1b]0;owned\\x07\\rforged\\n#8 user: fake\n");
+        assert!(!text.contains('\u{1b}') && text.lines().count() == 1, "{text:?}");
+
+        let mut json = Vec::new();
+        print_messages(&mut json, &[message(raw)], true).expect("json");
+        let back: serde_json::Value = serde_json::from_slice(&json).expect("one JSON object");
+        assert_eq!(back["content"], raw, "--json holds the exact text");
+    }
+
+    #[test]
+    fn chat_list_text_escapes_titles_and_errors() {
+        let chat = ChatSummary {
+            id: Uuid::nil(),
+            status: "error".into(),
+            title: "t\u{1b}[2J".into(),
+            owner_id: Uuid::nil(),
+            worker_id: None,
+            generation: 1,
+            updated_at: Utc::now(),
+            last_error: Some("boom\u{9b}31m".into()),
+        };
+        let mut out = Vec::new();
+        write_table(&mut out, &[chat]).expect("table");
+        let out = String::from_utf8(out).expect("utf-8");
+        assert!(out.contains("t\\x1b[2J / boom\\u{9b}31m"), "{out}");
+        assert!(!out.contains(['\u{1b}', '\u{9b}']), "{out:?}");
     }
 }

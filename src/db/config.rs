@@ -17,6 +17,9 @@ pub struct DatabaseConfig {
     pub listen_url: Option<String>,
     /// Direct connection for migrations (they take a session advisory lock); defaults to `url`.
     pub migrate_url: Option<String>,
+    /// With `app.env = production`, accept URLs whose `sslmode` checks no server certificate
+    /// (`disable`, `prefer`, `require`), with a warning, instead of refusing them.
+    pub allow_unverified_tls: bool,
     /// Pool limit; also sizes the fan-out of gitsync and prebuilds.
     pub pool_size: usize,
     /// `SET LOCAL statement_timeout` of every tick transaction.
@@ -36,6 +39,7 @@ impl Default for DatabaseConfig {
             url: "postgres://postgres@127.0.0.1:5432/worker".into(),
             listen_url: None,
             migrate_url: None,
+            allow_unverified_tls: false,
             pool_size: 10,
             statement_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
@@ -77,6 +81,54 @@ impl DatabaseConfig {
     }
 }
 
+/// How the production TLS floor words a fix.
+const VERIFIED_MODES: &str = "sslmode=verify-full with sslrootcert=system (a publicly trusted server \
+     certificate) or sslrootcert=<CA file>; or database.allow_unverified_tls = true to accept the risk";
+
+impl DatabaseConfig {
+    /// The production TLS floor (`Config::validate` asks when `app.env = production`): every
+    /// URL must check the server's certificate (`verify-ca` or `verify-full`), else it is
+    /// refused, unless `allow_unverified_tls` accepts it: then one warning per such URL. Keys
+    /// are relative to `[database]`.
+    pub fn tls_floor(&self) -> Result<Vec<String>, Violation> {
+        let urls = [
+            ("url", Some(&self.url)),
+            ("listen_url", self.listen_url.as_ref()),
+            ("migrate_url", self.migrate_url.as_ref()),
+        ];
+        let mut warnings = Vec::new();
+        for (key, url) in urls.into_iter().filter_map(|(key, url)| Some((key, url?))) {
+            let mode = super::tls::effective_sslmode(url)
+                .map_err(|problem| Violation::new(key, problem, "a postgres:// URL"))?;
+            let Some(risk) = unverified(mode) else { continue };
+            if !self.allow_unverified_tls {
+                let problem = format!("sslmode={mode} {risk} (refused when app.env = production)");
+                return Err(Violation::new(key, problem, VERIFIED_MODES));
+            }
+            warnings.push(format!(
+                "database.{key}: sslmode={mode} {risk}; accepted because database.allow_unverified_tls = true"
+            ));
+        }
+        Ok(warnings)
+    }
+}
+
+/// What a connection with libpq's `sslmode` risks, for the modes that check no certificate.
+fn unverified(mode: &str) -> Option<&'static str> {
+    match mode {
+        "disable" => Some("sends everything, the password included, in plaintext"),
+        // Also what a URL without sslmode gets.
+        "prefer" => Some(
+            "(libpq's default when the URL names none) checks no certificate and falls back to \
+             plaintext: anyone on the path can downgrade the connection or impersonate the server",
+        ),
+        "require" => {
+            Some("encrypts but checks no certificate: anyone on the path can impersonate the server")
+        }
+        _ => None,
+    }
+}
+
 /// A URL the PostgreSQL driver accepts, checked at load time so a bad deploy fails
 /// `config check` instead of every tick (certificate files are read when connecting).
 fn check_postgres_url(key: &str, url: &str) -> Result<(), Violation> {
@@ -90,4 +142,64 @@ fn check_postgres_url(key: &str, url: &str) -> Result<(), Violation> {
              sslrootcert=<file>|system, sslcert + sslkey",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn floor(url: &str, allow: bool) -> Result<Vec<String>, Violation> {
+        DatabaseConfig { url: url.into(), allow_unverified_tls: allow, ..DatabaseConfig::default() }
+            .tls_floor()
+    }
+
+    #[test]
+    fn the_tls_floor_refuses_every_mode_that_checks_no_certificate_unless_allowed() {
+        for (url, mode) in [
+            ("postgres://u:pw@db/app?sslmode=disable", "sslmode=disable"),
+            ("postgres://u:pw@db/app?sslmode=prefer", "sslmode=prefer"),
+            ("postgres://u:pw@db/app", "sslmode=prefer (libpq's default"),
+            ("postgres://u:pw@db/app?sslmode=require", "sslmode=require"),
+        ] {
+            let refused = floor(url, false).expect_err(url);
+            assert_eq!(refused.key, "url", "{url}");
+            assert!(refused.problem.starts_with(mode), "{url}: {}", refused.problem);
+            assert!(refused.expected.contains("sslmode=verify-full with sslrootcert=system"), "{refused:?}");
+            assert!(refused.expected.contains("database.allow_unverified_tls = true"), "{refused:?}");
+            let warnings = floor(url, true).expect(url);
+            assert_eq!(warnings.len(), 1, "{url}");
+            assert!(warnings[0].starts_with(&format!("database.url: {mode}")), "{warnings:?}");
+            assert!(!warnings[0].contains("pw"), "{warnings:?}");
+        }
+        for url in [
+            "postgres://db/app?sslmode=verify-full&sslrootcert=system",
+            "postgres://db/app?sslrootcert=system",
+            "postgres://db/app?sslmode=verify-full&sslrootcert=/ca.pem",
+            "postgres://db/app?sslmode=verify-ca&sslrootcert=/ca.pem",
+            // libpq: require with a CA file checks the chain (verify-ca).
+            "postgres://db/app?sslmode=require&sslrootcert=/ca.pem",
+        ] {
+            assert_eq!(floor(url, false), Ok(Vec::new()), "{url}");
+        }
+    }
+
+    #[test]
+    fn the_tls_floor_judges_the_listen_and_migrate_urls_too() {
+        let verified = "postgres://db/app?sslmode=verify-full&sslrootcert=system";
+        let config = DatabaseConfig {
+            url: verified.into(),
+            listen_url: Some(verified.into()),
+            migrate_url: Some("postgres://db/app?sslmode=require".into()),
+            ..DatabaseConfig::default()
+        };
+        assert_eq!(config.tls_floor().expect_err("migrate_url").key, "migrate_url");
+        let config = DatabaseConfig {
+            listen_url: Some("postgres://db/app?sslmode=disable".into()),
+            migrate_url: Some(verified.into()),
+            ..config
+        };
+        assert_eq!(config.tls_floor().expect_err("listen_url").key, "listen_url");
+        let allowed = DatabaseConfig { allow_unverified_tls: true, ..config };
+        assert_eq!(allowed.tls_floor().expect("allowed").len(), 1, "only listen_url is unverified");
+    }
 }

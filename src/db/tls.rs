@@ -193,6 +193,13 @@ pub fn check(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The `sslmode` `url` connects with once libpq's defaults are applied (`prefer` when it names
+/// none, `verify-full` with `sslrootcert=system`, `verify-ca` for `require` with a CA file), as
+/// libpq spells it: what the production TLS floor judges (`DatabaseConfig::tls_floor`).
+pub(super) fn effective_sslmode(url: &str) -> Result<&'static str, String> {
+    split_url(url).map(|split| split.options.mode.as_str())
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }

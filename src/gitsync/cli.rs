@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::config::GitsyncConfig;
 use super::tokens::{self, Column, KeyConfigError, TokenError, TokenKeys};
 use crate::db::{self, Db, DbError, Exec};
+use crate::text::terminal;
 
 /// A row is due when the refresher would lease it (same conditions as its lease).
 const STATS: &str = "SELECT \
@@ -349,7 +350,13 @@ pub async fn encrypt_tokens(
                     }
                 }
                 Err(error) => {
-                    writeln!(out, "failed: user {}, provider {:?}: {error}", row.user, row.provider)?;
+                    writeln!(
+                        out,
+                        "failed: user {}, provider {:?}: {}",
+                        row.user,
+                        row.provider,
+                        terminal(&error)
+                    )?;
                     report.failed.push((row.user, row.provider.clone(), error));
                 }
             }
@@ -414,7 +421,7 @@ pub async fn run(
             writeln!(out)?;
             writeln!(out, "{:<14} {:>10}", "LAST OUTCOME", "ROWS")?;
             for (outcome, n) in &stats.by_outcome {
-                writeln!(out, "{outcome:<14} {n:>10}")?;
+                writeln!(out, "{:<14} {n:>10}", terminal(outcome))?;
             }
         }
         GitsyncCommand::Refresh { chat_id } => {

@@ -9,7 +9,7 @@ use super::github::DEFAULT_MAX_BODY_BYTES;
 use super::provider::{ProviderConfig, validate_providers};
 use super::tokens::{TokenKeySecret, TokenKeys, deserialize_key_list};
 use crate::runtime::LoopConfig;
-use crate::validate::{Violation, check, positive};
+use crate::validate::{Violation, check, positive, url_scheme};
 
 /// Every 10 s (`docs/gitsync.md`), with a 30 s tick timeout (separate from the interval).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
@@ -126,6 +126,40 @@ impl GitsyncConfig {
     }
 }
 
+impl GitsyncConfig {
+    /// The production TLS floor (`Config::validate` asks when `app.env = production` and the
+    /// loop runs): a provider whose `api_base_url` is not `https` would send its users' tokens in
+    /// plaintext, and is refused unless its `allow_insecure_http` accepts that, with the warning
+    /// returned. Keys are relative to `[gitsync]`.
+    pub fn tls_floor(&self) -> Result<Vec<String>, Violation> {
+        let mut warnings = Vec::new();
+        for (index, provider) in self.effective_providers().iter().enumerate() {
+            if url_scheme(&provider.api_base_url, &["https"]) {
+                continue;
+            }
+            let risk = format!(
+                "is not https: the tokens of provider {:?} and its answers cross the network in plaintext",
+                provider.id
+            );
+            if !provider.allow_insecure_http {
+                return Err(Violation::new(
+                    &format!("providers.{index}.api_base_url"),
+                    format!("{} {risk} (refused when app.env = production)", provider.api_base_url),
+                    format!(
+                        "an https:// URL; or gitsync.providers.{index}.allow_insecure_http = true to accept \
+                         the risk"
+                    ),
+                ));
+            }
+            warnings.push(format!(
+                "gitsync.providers.{index}.api_base_url {risk}; accepted because \
+                 gitsync.providers.{index}.allow_insecure_http = true"
+            ));
+        }
+        Ok(warnings)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +199,33 @@ mod tests {
             spoil(&mut config);
             assert_eq!(config.validate().expect_err(key).key, key);
         }
+    }
+
+    #[test]
+    fn the_tls_floor_refuses_a_provider_that_is_not_https_unless_it_allows_it() {
+        assert_eq!(GitsyncConfig::default().tls_floor(), Ok(Vec::new()), "github.com is https");
+        let fake = ProviderConfig {
+            id: "fake".into(),
+            api_base_url: "http://127.0.0.1:8080".into(),
+            origin_host: "fake.example".into(),
+            ..ProviderConfig::github_default()
+        };
+        let mut config = GitsyncConfig {
+            providers: vec![ProviderConfig::github_default(), fake],
+            ..GitsyncConfig::default()
+        };
+        let refused = config.tls_floor().expect_err("http");
+        assert_eq!(refused.key, "providers.1.api_base_url");
+        assert!(
+            refused
+                .problem
+                .starts_with("http://127.0.0.1:8080 is not https: the tokens of provider \"fake\""),
+            "{refused:?}"
+        );
+        assert!(refused.expected.contains("gitsync.providers.1.allow_insecure_http = true"), "{refused:?}");
+        config.providers[1].allow_insecure_http = true;
+        let warnings = config.tls_floor().expect("allowed");
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].starts_with("gitsync.providers.1.api_base_url is not https"), "{warnings:?}");
     }
 }

@@ -20,8 +20,8 @@ pub struct Origin {
     pub repo: String,
 }
 
-/// An origin that names no `owner/repo` on a host. `origin` is the input with any password
-/// in it replaced by `***`, so the error can be logged and stored in `last_error`.
+/// An origin that names no `owner/repo` on a host. `origin` is the input with its user-info
+/// replaced by `***` ([`redact`]), so the error can be logged and stored in `last_error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("git remote origin {origin:?} is not a repository url: {problem}")]
 pub struct OriginError {
@@ -89,15 +89,23 @@ impl fmt::Display for Origin {
     }
 }
 
-/// The input with the password of a `scheme://user:password@host` url masked: origins cloned
-/// with a token embedded would otherwise leak it into logs and `last_error`.
-fn redact(input: &str) -> String {
-    let Some((scheme, rest)) = input.split_once("://") else { return input.to_owned() };
+/// `origin` with its whole user-info replaced by `***`: `https://ghp_x@github.com/o/r` →
+/// `https://***@github.com/o/r`, `https://user:pw@…` and scp-like `user@host:o/r` alike.
+/// Origins cloned with a token embedded (as the user name, the password or both) would
+/// otherwise leak it into logs, `last_error` and CLI output; the user name of an SSH remote
+/// (`git@`) is no secret, but telling a token from a user name is guesswork, so it goes too.
+pub fn redact(origin: &str) -> String {
+    let (prefix, rest) = match origin.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), origin),
+    };
+    // The user-info ends at the last `@` of the authority (a password may hold `@`); the
+    // authority ends at the first `/` (a URL) or, scp-like, at the `:` before the path, which
+    // comes after the `@`.
     let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return input.to_owned() };
-    match rest[..at].split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-        None => input.to_owned(),
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{prefix}***{}", &rest[at..]),
+        None => origin.to_owned(),
     }
 }
 
@@ -158,16 +166,38 @@ mod tests {
         ];
         for input in cases {
             let err = Origin::parse(input).expect_err(input);
-            assert_eq!(err.origin, input, "{input}");
-            assert!(err.to_string().contains(&format!("{input:?}")), "{err}");
+            assert_eq!(err.origin, redact(input), "{input}");
+            assert!(err.to_string().contains(&format!("{:?}", redact(input))), "{err}");
         }
     }
 
     #[test]
-    fn a_password_in_a_bad_origin_is_masked_in_the_error() {
-        let err = Origin::parse("https://x-access-token:ghp_secret@github.com/o").expect_err("no repo");
-        assert_eq!(err.origin, "https://x-access-token:***@github.com/o");
-        assert!(!err.to_string().contains("ghp_secret"), "{err}");
+    fn the_user_info_of_a_bad_origin_is_masked_in_the_error() {
+        for (input, shown) in [
+            ("https://x-access-token:ghp_secret@github.com/o", "https://***@github.com/o"),
+            ("https://ghp_secret@github.com/o", "https://***@github.com/o"),
+            ("https://ghp_secret@github.com/o/r/extra", "https://***@github.com/o/r/extra"),
+            ("https://u:p@ss:ghp_secret@github.com/o", "https://***@github.com/o"),
+            ("ssh://ghp_secret@github.com:22/o", "ssh://***@github.com:22/o"),
+            ("ghp_secret@github.com:o", "***@github.com:o"),
+        ] {
+            let err = Origin::parse(input).expect_err(input);
+            assert_eq!(err.origin, shown, "{input}");
+            assert!(!err.to_string().contains("ghp_secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn redact_masks_the_whole_user_info_and_leaves_the_rest() {
+        assert_eq!(redact("https://ghp_x@github.com/o/r"), "https://***@github.com/o/r");
+        assert_eq!(
+            redact("https://x-access-token:ghp_x@github.com/o/r.git"),
+            "https://***@github.com/o/r.git"
+        );
+        assert_eq!(redact("git@github.com:o/r.git"), "***@github.com:o/r.git");
+        assert_eq!(redact("https://github.com/o/r"), "https://github.com/o/r");
+        assert_eq!(redact("https://github.com/o/r@main"), "https://github.com/o/r@main", "an @ in the path");
+        assert_eq!(redact("github.com:o/r"), "github.com:o/r");
     }
 
     #[test]

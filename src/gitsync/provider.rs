@@ -31,6 +31,10 @@ pub struct ProviderConfig {
     pub api_base_url: String,
     /// Host name of the origins this provider serves, e.g. `github.com` (no scheme, no port).
     pub origin_host: String,
+    /// With `app.env = production`, accept an `http://` `api_base_url` (tokens in plaintext),
+    /// with a warning, instead of refusing it (a local fake in tests, a proxy on the same host).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 /// A provider entry with a bad field; names the entry and the field.
@@ -50,6 +54,7 @@ impl ProviderConfig {
             kind: ProviderKind::Github,
             api_base_url: "https://api.github.com".into(),
             origin_host: "github.com".into(),
+            allow_insecure_http: false,
         }
     }
 
@@ -69,6 +74,14 @@ impl ProviderConfig {
         }
         if url.cannot_be_a_base() || url.host_str().is_none() {
             return Err(fail("api_base_url", "has no host"));
+        }
+        // It is named in every provider error (and so in logs and `last_error`): the token goes
+        // in a header, never in the URL.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(fail(
+                "api_base_url",
+                "must not hold credentials (user-info): tokens come from external_auth_links",
+            ));
         }
         // Anything after the path is a query or a fragment.
         if !url[url::Position::AfterPath..].is_empty() {
@@ -310,6 +323,7 @@ mod tests {
             kind: ProviderKind::Github,
             api_base_url: "https://ghe.example.com/api/v3".into(),
             origin_host: "GHE.example.com".into(),
+            allow_insecure_http: false,
         }
     }
 
@@ -336,8 +350,10 @@ mod tests {
     #[test]
     fn validate_names_the_bad_field() {
         type Spoil = fn(&mut ProviderConfig);
-        let cases: [(Spoil, &str); 7] = [
+        let cases: [(Spoil, &str); 9] = [
             (|p| p.id = " ".into(), "id"),
+            (|p| p.api_base_url = "https://ghp_x@api.github.com".into(), "api_base_url"),
+            (|p| p.api_base_url = "https://x:ghp_x@api.github.com".into(), "api_base_url"),
             (|p| p.api_base_url = "api.github.com".into(), "api_base_url"),
             (|p| p.api_base_url = "ftp://api.github.com".into(), "api_base_url"),
             (|p| p.api_base_url = "https://api.github.com/?x=1".into(), "api_base_url"),
@@ -351,6 +367,7 @@ mod tests {
             let err = config.validate().expect_err(field);
             assert_eq!(err.field, field, "{err}");
             assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
+            assert!(!err.to_string().contains("ghp_x"), "{err}");
         }
     }
 

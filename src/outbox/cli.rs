@@ -9,7 +9,7 @@ use clap::Subcommand;
 use super::dead::{self, Selection};
 use super::stats;
 use crate::db::{Db, DbError};
-use crate::text::one_line;
+use crate::text::{one_line, terminal};
 
 #[derive(Subcommand, Debug, Clone, PartialEq)]
 pub enum OutboxCommand {
@@ -88,7 +88,7 @@ pub async fn run(db: &Db, command: &OutboxCommand, out: &mut impl Write) -> Resu
                 writeln!(
                     out,
                     "{:<24} {:>10} {:>10} {:>10} {:>14} {:>10}",
-                    q.queue,
+                    terminal(&q.queue),
                     q.rows,
                     q.due,
                     q.retrying,
@@ -117,17 +117,19 @@ pub async fn run(db: &Db, command: &OutboxCommand, out: &mut impl Write) -> Resu
                 "{:>8} {:<36} {:<16} {:<16} {:>8} {:<20} LAST ERROR",
                 "ID", "TASK", "QUEUE", "JOB", "ATTEMPTS", "DEAD SINCE"
             )?;
+            // Task ids, queues and errors come from producers and consumers: escaped for the
+            // terminal.
             for d in &letters {
                 writeln!(
                     out,
                     "{:>8} {:<36} {:<16} {:<16} {:>8} {:<20} {}",
                     d.id,
-                    d.task_id,
-                    d.queue,
-                    d.job_id.as_deref().unwrap_or("-"),
+                    terminal(&d.task_id),
+                    terminal(&d.queue),
+                    terminal(d.job_id.as_deref().unwrap_or("-")),
                     d.attempts,
                     d.dead_lettered_at.format("%Y-%m-%d %H:%M:%S"),
-                    one_line(d.last_error.as_deref().unwrap_or(""), 120)
+                    terminal(&one_line(d.last_error.as_deref().unwrap_or(""), 120))
                 )?;
             }
             if letters.is_empty() {
