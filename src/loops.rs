@@ -105,7 +105,7 @@ fn refuse_root_agents_in_production(config: &Config) -> anyhow::Result<()> {
         return Ok(());
     }
     anyhow::ensure!(
-        config.app.env != "production",
+        config.app.env != crate::config::PRODUCTION,
         "the worker runs as root and chats.runner.user is not set: agents would run as root; \
          set chats.runner.user to an unprivileged user (or run the worker as one)"
     );
