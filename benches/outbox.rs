@@ -98,6 +98,9 @@ async fn measured<T>(work: impl Future<Output = anyhow::Result<T>>) -> anyhow::R
     Ok((value, elapsed, Cpu::now(port).since(before)))
 }
 
+/// The claim's byte budget in the baselines: the sweeper's default (`outbox.max_batch_bytes`).
+const BUDGET: i64 = worker::outbox::config::DEFAULT_MAX_BATCH_BYTES as i64;
+
 /// The SQL-only limit: the sweeper's claim and delete statements in its transaction shape.
 async fn sql_only(db: &Db, batch: u32) -> anyhow::Result<u64> {
     let limit = i64::from(batch);
@@ -105,8 +108,12 @@ async fn sql_only(db: &Db, batch: u32) -> anyhow::Result<u64> {
     loop {
         let mut conn = db.get().await?;
         let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-        let ids: Vec<i64> =
-            tx.fetch_all(CLAIM, &[(&limit, Type::INT8)]).await?.iter().map(|r| r.get(0)).collect();
+        let ids: Vec<i64> = tx
+            .fetch_all(CLAIM, &[(&limit, Type::INT8), (&BUDGET, Type::INT8)])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         if ids.is_empty() {
             return Ok(total);
         }
@@ -123,7 +130,9 @@ async fn per_row(db: &Db, redis: &Client, prefix: &str) -> anyhow::Result<u64> {
     loop {
         let mut conn = db.get().await?;
         let tx = db::begin(&mut conn, db.statement_timeout()).await?;
-        let Some(row) = tx.fetch_opt(CLAIM, &[(&one, Type::INT8)]).await? else { return Ok(total) };
+        let Some(row) = tx.fetch_opt(CLAIM, &[(&one, Type::INT8), (&BUDGET, Type::INT8)]).await? else {
+            return Ok(total);
+        };
         let (id, task_id, queue, payload, score): (i64, String, String, String, i64) =
             (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
         let _: i64 =

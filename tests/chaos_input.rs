@@ -685,13 +685,14 @@ async fn scenario_7b_a_running_replica_names_each_bad_input_loses_nothing_and_st
         row.chat = diff_row(db, owner, row.origin, "b").await;
     }
 
-    // Outbox: a 5 MiB payload, 10,000 levels of nesting, bare scalars, control characters,
-    // queue names and task ids with spaces, unicode, newlines, glob and hash-tag characters,
-    // a 1,000-character queue; a queue whose Redis key has the wrong type (dead-lettered).
+    // Outbox: a payload of exactly outbox.max_payload_bytes (1 MiB of JSON text; 5 MiB is refused
+    // at enqueue, below), 10,000 levels of nesting, bare scalars, control characters, queue names
+    // and task ids with spaces, unicode, newlines, glob and hash-tag characters, a 1,000-character
+    // queue; a queue whose Redis key has the wrong type (dead-lettered).
     let long_queue = "q".repeat(1000);
     let long_task = format!("task-{}", "t".repeat(10_000));
     let tasks_spec: Vec<(String, String, &'static str, bool)> = vec![
-        ("huge-5mib".into(), "q-odd".into(), "jsonb_build_object('blob', repeat('x', 5242880))", false),
+        ("huge-1mib".into(), "q-odd".into(), "jsonb_build_object('blob', repeat('x', 1048564))", false),
         ("nested-10000".into(), "q-odd".into(), "(repeat('[', 10000) || repeat(']', 10000))::jsonb", false),
         ("scalar-null".into(), "q-odd".into(), "'null'::jsonb", false),
         ("scalar-string".into(), "q-odd".into(), "to_jsonb('just a string'::text)", false),
@@ -740,6 +741,12 @@ async fn scenario_7b_a_running_replica_names_each_bad_input_loses_nothing_and_st
     // Inputs the producer API itself refuses, with an error naming the problem: nothing is
     // enqueued, and the producer knows.
     let refused_at_enqueue = [
+        (
+            "huge-5mib",
+            "q-odd",
+            "jsonb_build_object('blob', repeat('x', 5242880))",
+            "payload is 5242892 bytes, over the limit of 1048576 bytes",
+        ),
         ("too-deep", "q-odd", "(repeat('[', 100000) || repeat(']', 100000))::jsonb", "stack depth"),
         ("not-json", "q-odd", "'{not json'::jsonb", "invalid input syntax for type json"),
         ("empty-queue", "", "'{}'::jsonb", "task_outbox_queue_check"),

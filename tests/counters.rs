@@ -1,19 +1,19 @@
 //! The counters loop against real PostgreSQL and Redis: which jobs it writes, clamping, jobs
-//! missing from the hash, the skew histogram, and two replicas behind pgbouncer in transaction
-//! mode.
+//! missing from the hash, the skew histogram, two replicas behind pgbouncer in transaction
+//! mode, and a large hash read in HSCAN pages with poison fields in it.
 
 mod common;
 mod outbox_support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use common::TestDb;
 use common::metrics::MetricsProbe;
 use common::pgbouncer::PgBouncer;
-use fred::prelude::{HashesInterface, KeysInterface};
+use fred::prelude::{HashesInterface, KeysInterface, Value};
 use outbox_support::{Harness, connected};
-use worker::counters::Counters;
+use worker::counters::{Counters, Skipped};
 use worker::db::{Db, Exec};
 use worker::runtime::{Loop, Progress, Tick};
 
@@ -94,7 +94,7 @@ async fn hash_values_land_in_running_tasks_of_active_jobs_only() {
         (5, 0, 0),
         "a second sync changes nothing"
     );
-    assert_eq!(again.unreadable, 1);
+    assert_eq!(again.skipped, Skipped { not_a_number: 1, ..Skipped::default() }, "e's value");
 }
 
 #[tokio::test]
@@ -160,4 +160,63 @@ async fn an_unreachable_redis_fails_the_tick_and_zeroes_nothing() {
         BTreeMap::from([("a".into(), 3)]),
         "no answer is not an empty hash"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hash_of_200k_fields_with_3_poison_fields_is_read_in_pages_and_syncs_the_rest() {
+    const JOBS: i64 = 200_000;
+    let h = Harness::new().await;
+    let sync = counters(&h, h.db().clone(), h.redis.clone(), &MetricsProbe::new().meter());
+    // Most jobs already hold their hash value: one statement updating 200k rows takes longer than
+    // the 5 s statement timeout on a busy 2-core machine, and that is not what this test is about.
+    // Every 50th job and the last three hold 7 instead, so 4,001 rows change.
+    h.exec(&format!(
+        "INSERT INTO jobs (id, status, running_tasks) \
+         SELECT 'job-' || g, 'running', CASE WHEN g % 50 = 0 OR g >= {JOBS} - 2 THEN 7 ELSE g % 5 END \
+         FROM generate_series(1, {JOBS}) g"
+    ))
+    .await;
+    let key = format!("{}:running", h.prefix());
+    // Jobs 1 ..= JOBS - 3 count g % 5; job JOBS - 2 holds a value that is no number; jobs JOBS - 1
+    // and JOBS are not in the hash (→ 0). Two more fields are no job id PostgreSQL can hold: 200k
+    // fields in all.
+    for from in (1..=JOBS - 3).step_by(10_000) {
+        let fields: Vec<(String, String)> = (from..(from + 10_000).min(JOBS - 2))
+            .map(|g| (format!("job-{g}"), (g % 5).to_string()))
+            .collect();
+        let _: () = h.redis.hset(&key, fields).await.expect("hset");
+    }
+    let not_a_number = format!("job-{}", JOBS - 2);
+    let not_utf8: &[u8] = b"job-\xff\xfe";
+    let _: () = h.redis.hset(&key, vec![(not_a_number.as_str(), "lots")]).await.expect("hset");
+    let _: () = h.redis.hset(&key, vec![(not_utf8, "1")]).await.expect("hset");
+    let _: () = h.redis.hset(&key, vec![("job-\0-1", "1")]).await.expect("hset");
+    let fields: i64 = h.redis.hlen(&key).await.expect("hlen");
+    assert_eq!(fields, JOBS);
+
+    // Without the fix: the whole-hash read fails on the one field that is not UTF-8, and a NUL
+    // in a job id fails any statement it is sent in (so every job's sync with it).
+    let whole: Result<HashMap<String, Value>, _> = h.redis.hgetall(&key).await;
+    assert!(whole.is_err(), "HGETALL into strings fails on a non-UTF-8 field");
+    let conn = h.db().get().await.expect("conn");
+    let refused =
+        conn.fetch_one("SELECT $1::text", &[(&"job-\0-1", tokio_postgres::types::Type::TEXT)]).await;
+    assert!(refused.is_err(), "PostgreSQL text holds no NUL");
+    drop(conn);
+
+    let report = sync.sync().await.expect("the sync does not fail on poison fields");
+    assert_eq!(report.entries, JOBS as usize);
+    assert_eq!(report.skipped, Skipped { not_utf8: 1, nul: 1, not_a_number: 1 });
+    assert_eq!(report.skipped.total(), 3);
+    assert!(report.pages >= 100, "read in pages of about scan_count (1000) fields: {} pages", report.pages);
+    assert_eq!(report.active_jobs, JOBS as u64);
+    assert_eq!(report.updated, (JOBS - 3) as u64 / 50 + 2, "every 50th job, and the two not in the hash");
+    let wrong = h
+        .scalar(&format!(
+            "SELECT count(*) FROM (SELECT split_part(id, '-', 2)::int8 AS g, running_tasks FROM jobs) j \
+             WHERE running_tasks <> CASE WHEN g <= {JOBS} - 3 THEN g % 5 WHEN g = {JOBS} - 2 THEN 7 ELSE 0 END"
+        ))
+        .await;
+    assert_eq!(wrong, 0, "every valid field synced; the job with a bad value kept its count");
+    let _: i64 = h.redis.del(&key).await.expect("del");
 }

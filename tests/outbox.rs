@@ -1,6 +1,6 @@
 //! The outbox sweeper against real PostgreSQL and Redis: the happy path at 10,000 rows,
-//! per-row settlement with dead letters, outages and hangs, concurrent sweepers, locks, and the
-//! producer SQL functions. Time moves by updating rows; ticks are driven directly.
+//! per-row settlement with dead letters, outages and hangs, concurrent sweepers, locks, the
+//! payload bound and the byte budget of a batch, and the producer SQL functions. Time moves by updating rows; ticks are driven directly.
 
 mod common;
 mod outbox_support;
@@ -508,20 +508,30 @@ async fn the_claim_is_an_index_range_scan_in_run_at_id_order() {
     let h = Harness::new().await;
     h.enqueue(20_000, &["q"], None).await;
     h.exec("ANALYZE task_outbox").await;
+    let budget = 16i64 << 20;
     let plan: Vec<String> = h
         .db()
         .get()
         .await
         .expect("conn")
-        .fetch_all(&format!("EXPLAIN {}", worker::outbox::sweeper::CLAIM), &[(&500i64, Type::INT8)])
+        .fetch_all(
+            &format!("EXPLAIN {}", worker::outbox::sweeper::CLAIM),
+            &[(&500i64, Type::INT8), (&budget, Type::INT8)],
+        )
         .await
         .expect("explain")
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let plan = plan.join("\n");
-    assert!(plan.contains("Index Scan using task_outbox_run_at_id_idx"), "{plan}");
-    assert!(!plan.contains("Sort"), "no sort over the due rows: {plan}");
+    // The locking scan and what is under it: the lines after `LockRows` indented deeper. The
+    // byte budget's window sorts the (at most 500) locked rows above it, never the due rows.
+    let indent = |line: &str| line.len() - line.trim_start().len();
+    let lock = plan.iter().position(|l| l.contains("LockRows")).unwrap_or_else(|| panic!("{plan:#?}"));
+    let locking: Vec<&String> =
+        plan[lock + 1..].iter().take_while(|l| indent(l) > indent(&plan[lock])).collect();
+    let text = plan.join("\n");
+    assert!(locking.iter().any(|l| l.contains("Index Scan using task_outbox_run_at_id_idx")), "{text}");
+    assert!(!locking.iter().any(|l| l.contains("Sort")), "no sort over the due rows: {text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -622,4 +632,119 @@ async fn a_non_finite_run_at_is_refused_by_name_and_v6_settles_rows_that_have_on
         1,
         "the never-due task is dead-lettered with the reason, not lost"
     );
+}
+
+#[tokio::test]
+async fn a_payload_over_max_payload_bytes_is_refused_at_enqueue_task_with_its_size() {
+    let mut h = Harness::new().await;
+    let conn = h.db().get().await.expect("conn");
+    // Before any worker wrote its setting, the migration's default (1 MiB) holds.
+    let error = conn
+        .exec(
+            "SELECT enqueue_task('two-mib', 'q', jsonb_build_object('pad', repeat('x', 2 * 1024 * 1024)))",
+            &[],
+        )
+        .await
+        .expect_err("a 2 MiB payload is refused");
+    assert_eq!(error.code(), Some("54000"), "{error}");
+    let message = error.server_message().unwrap_or_default().to_owned();
+    assert!(
+        message.contains("enqueue_task(two-mib)")
+            && message.contains("payload is 2097163 bytes")
+            && message.contains("limit of 1048576 bytes"),
+        "{message}"
+    );
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0, "nothing enqueued");
+    h.exec("SELECT enqueue_task('900-kib', 'q', jsonb_build_object('pad', repeat('x', 921600 - 11)))").await;
+    assert_eq!(h.scalar("SELECT octet_length(payload::text)::int8 FROM task_outbox").await, 921_600);
+
+    // The worker's own setting reaches the database on the loop's first tick.
+    h.config.outbox.max_payload_bytes = 4096;
+    let metrics = MetricsProbe::new();
+    let sweeper = h.sweeper(&metrics.meter());
+    sweeper.tick(&Tick::detached(h.db())).await.expect("tick");
+    assert_eq!(h.scalar("SELECT max_payload_bytes FROM outbox_settings").await, 4096);
+    assert_eq!(sweeper.publish_payload_limit().await.expect("publish"), None, "unchanged: nothing written");
+    let five_k = "SELECT enqueue_task('5k', 'q', jsonb_build_object('pad', repeat('x', 5000)))";
+    let error = conn.exec(five_k, &[]).await.expect_err("over the worker's limit");
+    let message = error.server_message().unwrap_or_default().to_owned();
+    assert!(message.contains("enqueue_task(5k): payload is 5011 bytes, over the limit of 4096"), "{message}");
+
+    // Another replica with another setting: the last writer wins and says what it replaced.
+    let mut other = h.config.outbox.clone();
+    other.max_payload_bytes = 8192;
+    let replica =
+        Sweeper::new(h.test_db.another_pool(), h.redis.clone(), h.prefix(), other, &metrics.meter());
+    assert_eq!(replica.publish_payload_limit().await.expect("publish"), Some(4096));
+    conn.exec(five_k, &[]).await.expect("within 8192 bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_payloads_of_900_kib_are_claimed_in_batches_within_the_byte_budget() {
+    const PAYLOAD: u64 = 900 * 1024;
+    const TASKS: usize = 500;
+    let h = Harness::new().await;
+    let budget = h.config.outbox.max_batch_bytes;
+    assert_eq!(budget, 16 << 20, "the default budget");
+    let sweeper = h.sweeper(&MetricsProbe::new().meter());
+    h.exec(&format!(
+        "SELECT count(enqueue_task('big' || g, 'q', jsonb_build_object('pad', repeat('x', {PAYLOAD} - 11)))) \
+         FROM generate_series(1, {TASKS}) g"
+    ))
+    .await;
+    let payloads = worker::redis::key(h.prefix(), "payload", "q");
+    let sched = worker::redis::key(h.prefix(), "sched", "q");
+
+    let per_batch = (budget / PAYLOAD) as usize; // 18
+    let mut batches = Vec::new();
+    loop {
+        let report = sweeper.sweep().await.expect("sweep");
+        if report.claimed == 0 {
+            break;
+        }
+        assert_eq!(report.dispatched.len(), report.claimed);
+        assert_eq!(report.bytes, report.claimed as u64 * PAYLOAD, "{report:?}");
+        assert!(report.bytes <= budget, "a batch of {} bytes, over the budget", report.bytes);
+        if batches.is_empty() {
+            // Locking 500 rows to keep 18 is work thrown away: the next claim locks twice what fit.
+            assert_eq!(sweeper.batch_limit() as usize, 2 * per_batch);
+        }
+        batches.push(report.claimed);
+        // Consumed as a consumer would: Redis holds one batch of payloads at a time.
+        let _: i64 = h.redis.del(&payloads).await.expect("del");
+        assert!(batches.len() <= TASKS, "the outbox never drained");
+    }
+    assert_eq!(batches.iter().sum::<usize>(), TASKS);
+    let (last, full) = batches.split_last().expect("batches");
+    assert!(
+        full.iter().all(|n| *n == per_batch) && *last <= per_batch,
+        "each batch as full as the budget allows, no more: {batches:?}"
+    );
+    let scheduled: i64 = h.redis.zcard(&sched).await.expect("zcard");
+    assert_eq!(scheduled, TASKS as i64, "every task scheduled");
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
+    let _: i64 = h.redis.del(&sched).await.expect("del");
+}
+
+#[tokio::test]
+async fn a_payload_larger_than_the_byte_budget_still_moves_in_a_batch_of_its_own() {
+    let mut h = Harness::new().await;
+    h.config.outbox.max_batch_bytes = 1024;
+    let sweeper = h.sweeper(&MetricsProbe::new().meter());
+    h.exec(
+        "SELECT count(enqueue_task('big' || g, 'q', jsonb_build_object('pad', repeat('x', 2000)), \
+         now() - make_interval(secs => 100 - g))) FROM generate_series(1, 3) g",
+    )
+    .await;
+    h.exec("SELECT count(enqueue_task('small' || g, 'q', '{}', now() - interval '1 second')) FROM generate_series(1, 10) g")
+        .await;
+    for n in 1..=3 {
+        let report = sweeper.sweep().await.expect("sweep");
+        assert_eq!(report.claimed, 1, "sweep {n}: {report:?}");
+        assert!(report.bytes > 1024 && report.cut_by_bytes && report.full, "sweep {n}: {report:?}");
+        assert!(h.scheduled("q").await.contains_key(&format!("big{n}")), "oldest first");
+    }
+    drain(&sweeper, h.db()).await;
+    assert_eq!(h.scheduled("q").await.len(), 13);
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
 }

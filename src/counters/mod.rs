@@ -2,11 +2,17 @@
 //! (`docs/counters.md`).
 //!
 //! Task runners keep `HINCRBY {prefix}:running {job_id} ±1` in Redis; this loop copies the hash
-//! into Postgres every `counters.interval` so the API tier can read it with the job. One
-//! `HGETALL`, then ONE batched statement for every active job (`pending|running`): the hash's
-//! value clamped to `0..=i32::MAX`, or 0 for an active job missing from the hash. Completed,
-//! canceled and failed jobs are never touched. A value that is not an integer is logged and
-//! skipped (that job keeps its count) rather than failing the sync for every job.
+//! into Postgres every `counters.interval` so the API tier can read it with the job. The hash is
+//! read in `HSCAN` pages of `counters.scan_count` fields, each page parsed into ids and counts and
+//! dropped before the next is asked for (never one reply as large as the hash, as `HGETALL`
+//! was), then ONE batched statement for every active job (`pending|running`): the hash's value
+//! clamped to `0..=i32::MAX`, or 0 for an active job missing from the hash. Completed, canceled
+//! and failed jobs are never touched.
+//!
+//! Runners write the hash, and anything can: a field that cannot be a job's count is skipped
+//! and counted by why ([`Invalid`]), never failing the sync for every job. A field name that is
+//! not UTF-8 or holds a NUL is no job id PostgreSQL can store (sent as one, it would fail the
+//! statement for all); a value that is not an integer leaves that job's count as it was.
 //!
 //! The statement locks the jobs it changes in id order (concurrent replicas and `cancel_job`
 //! cannot deadlock on it), writes only rows whose count changed, and returns the skew (|Redis −
@@ -14,11 +20,13 @@
 //! through [`Exec`] like everything else: no named prepared statement, so pgbouncer in
 //! transaction mode is fine.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use fred::prelude::{ClientLike, HashesInterface, Value};
+use fred::prelude::{ClientLike, Value};
+use fred::types::scan::Scanner;
+use futures_util::StreamExt;
 use opentelemetry::metrics::{Histogram, Meter};
 use tokio_postgres::types::Type;
 
@@ -67,7 +75,7 @@ pub enum CountersError {
     Db(#[from] DbError),
     #[error("cannot read the running-task counters from redis: {0}")]
     Redis(#[from] fred::error::Error),
-    #[error("redis did not answer HGETALL within {0:?}")]
+    #[error("redis did not finish the HSCAN of the running-task counters within {0:?}")]
     RedisTimeout(Duration),
     #[error("redis is not connected (reconnecting)")]
     RedisDisconnected,
@@ -84,13 +92,48 @@ impl LoopError for CountersError {
     }
 }
 
+/// Why a field of the hash was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    /// The field name or the value is not UTF-8.
+    NotUtf8,
+    /// The field name or the value holds a NUL character (PostgreSQL text cannot).
+    Nul,
+    /// The value is not an integer.
+    NotANumber,
+}
+
+/// Fields skipped, counted by why.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped {
+    pub not_utf8: usize,
+    pub nul: usize,
+    pub not_a_number: usize,
+}
+
+impl Skipped {
+    pub fn total(&self) -> usize {
+        self.not_utf8 + self.nul + self.not_a_number
+    }
+
+    fn count(&mut self, why: Invalid) {
+        match why {
+            Invalid::NotUtf8 => self.not_utf8 += 1,
+            Invalid::Nul => self.nul += 1,
+            Invalid::NotANumber => self.not_a_number += 1,
+        }
+    }
+}
+
 /// What one sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncReport {
-    /// Entries in the Redis hash.
+    /// Fields read from the Redis hash (each once, skipped ones included).
     pub entries: usize,
-    /// Entries skipped because their value is not an integer.
-    pub unreadable: usize,
+    /// Fields skipped (their job, if the name is one, keeps its count), by why.
+    pub skipped: Skipped,
+    /// `HSCAN` pages read.
+    pub pages: usize,
     /// Active jobs compared.
     pub active_jobs: u64,
     /// Jobs whose count was changed.
@@ -105,8 +148,8 @@ pub struct Counters {
     key: String,
     config: CountersConfig,
     skew: Histogram<u64>,
-    /// Unreadable values are reported once per minute, not every tick.
-    unreadable_log: Mutex<ErrorLog>,
+    /// Skipped fields are reported once per minute, not every tick.
+    skipped_log: Mutex<ErrorLog>,
 }
 
 impl Counters {
@@ -116,8 +159,8 @@ impl Counters {
             .with_description("Per active job at each sync: |Redis running count − jobs.running_tasks|")
             .with_boundaries(vec![0.0, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 1000.0])
             .build();
-        let unreadable_log = Mutex::new(ErrorLog::new(Duration::from_secs(60)));
-        Self { db, redis, key: format!("{prefix}:running"), config, skew, unreadable_log }
+        let skipped_log = Mutex::new(ErrorLog::new(Duration::from_secs(60)));
+        Self { db, redis, key: format!("{prefix}:running"), config, skew, skipped_log }
     }
 
     /// One sync: read the hash, write every active job's count in one statement. Redis gets
@@ -131,32 +174,37 @@ impl Counters {
         if !self.redis.is_connected() {
             return Err(CountersError::RedisDisconnected);
         }
-        let deadline = redis_budget;
-        let hash: HashMap<String, Value> = tokio::time::timeout(deadline, self.redis.hgetall(&self.key))
+        // The whole scan or nothing: a partial one would zero the jobs of the pages not read.
+        let parsed = tokio::time::timeout(redis_budget, self.scan())
             .await
-            .map_err(|_| CountersError::RedisTimeout(deadline))??;
-        let parsed = parse_counts(hash);
-        if let Some(example) = parsed.unreadable.first() {
-            let mut log = self.unreadable_log.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(repeated) = log.should_log("unreadable running-task counters", Instant::now()) {
+            .map_err(|_| CountersError::RedisTimeout(redis_budget))??;
+        if let Some((field, why)) = &parsed.example {
+            let mut log = self.skipped_log.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(repeated) = log.should_log("skipped running-task counters", Instant::now()) {
                 tracing::warn!(
                     key = %self.key,
-                    unreadable = parsed.unreadable.len(),
-                    example_job_id = %example,
+                    not_utf8 = parsed.skipped.not_utf8,
+                    nul = parsed.skipped.nul,
+                    not_a_number = parsed.skipped.not_a_number,
+                    example_field = %field,
+                    example_reason = ?why,
                     repeated,
-                    "running-task counters that are not integers were skipped"
+                    "running-task counter fields that are no job's count were skipped"
                 );
             }
         }
 
+        let (ids, counts): (Vec<&str>, Vec<Option<i64>>) =
+            parsed.counts.iter().map(|(id, n)| (id.as_str(), *n)).unzip();
         let rows = db::in_transaction(&self.db, async |tx| {
-            tx.fetch_all(SYNC, &[(&parsed.ids, Type::TEXT_ARRAY), (&parsed.counts, Type::INT8_ARRAY)]).await
+            tx.fetch_all(SYNC, &[(&ids, Type::TEXT_ARRAY), (&counts, Type::INT8_ARRAY)]).await
         })
         .await?;
 
         let mut report = SyncReport {
-            entries: parsed.ids.len(),
-            unreadable: parsed.unreadable.len(),
+            entries: parsed.entries,
+            skipped: parsed.skipped,
+            pages: parsed.pages,
             ..SyncReport::default()
         };
         for row in &rows {
@@ -178,34 +226,86 @@ impl Counters {
         }
         Ok(report)
     }
+
+    /// Every field of the hash, a page at a time (each page parsed and dropped before the next
+    /// is requested: fred asks for the next page only when told to).
+    async fn scan(&self) -> Result<Parsed, CountersError> {
+        let mut pages =
+            std::pin::pin!(self.redis.hscan(self.key.as_str(), "*", Some(self.config.scan_count)));
+        let mut parsed = Parsed::default();
+        while let Some(page) = pages.next().await {
+            let mut page = page?;
+            parsed.pages += 1;
+            if let Some(fields) = page.take_results() {
+                for (field, value) in fields.inner() {
+                    parsed.add(field.as_bytes(), &value);
+                }
+            }
+            page.next();
+        }
+        Ok(parsed)
+    }
 }
 
-/// The hash as statement parameters: ids in sorted order, `None` for unreadable values.
+/// The hash as statement parameters.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Parsed {
-    ids: Vec<String>,
-    counts: Vec<Option<i64>>,
-    unreadable: Vec<String>,
+    /// Job id → count, `None` for a value that is not a count (that job keeps its count). Sorted
+    /// and without duplicates: `HSCAN` may return a field twice when the hash is resized
+    /// meanwhile, and each job must appear once in the statement.
+    counts: BTreeMap<String, Option<i64>>,
+    /// Fields read, each once.
+    entries: usize,
+    pages: usize,
+    skipped: Skipped,
+    /// The first skipped field (escaped for the log) and why.
+    example: Option<(String, Invalid)>,
 }
 
-fn parse_counts(hash: HashMap<String, Value>) -> Parsed {
-    let mut entries: Vec<(String, Value)> = hash.into_iter().collect();
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut parsed = Parsed::default();
-    for (id, value) in entries {
-        let count = match &value {
-            Value::Integer(n) => Some(*n),
-            Value::String(s) => s.trim().parse().ok(),
-            Value::Bytes(b) => std::str::from_utf8(b).ok().and_then(|s| s.trim().parse().ok()),
-            _ => None,
-        };
-        if count.is_none() {
-            parsed.unreadable.push(id.clone());
+impl Parsed {
+    fn add(&mut self, field: &[u8], value: &Value) {
+        match job_id(field) {
+            Err(why) => {
+                self.entries += 1;
+                self.skip(field, why);
+            }
+            Ok(id) => {
+                let n = count(value);
+                // A field seen again in a later page is one entry, with its latest value.
+                if self.counts.insert(id.to_owned(), n.ok()).is_none() {
+                    self.entries += 1;
+                    if let Err(why) = n {
+                        self.skip(field, why);
+                    }
+                }
+            }
         }
-        parsed.ids.push(id);
-        parsed.counts.push(count);
     }
-    parsed
+
+    fn skip(&mut self, field: &[u8], why: Invalid) {
+        self.skipped.count(why);
+        self.example.get_or_insert_with(|| (String::from_utf8_lossy(field).escape_debug().to_string(), why));
+    }
+}
+
+/// A field name as a job id: UTF-8 without NUL (what a PostgreSQL `text` can hold).
+fn job_id(field: &[u8]) -> Result<&str, Invalid> {
+    let id = std::str::from_utf8(field).map_err(|_| Invalid::NotUtf8)?;
+    if id.contains('\0') { Err(Invalid::Nul) } else { Ok(id) }
+}
+
+/// A value as a running-task count: an integer (surrounding whitespace allowed).
+fn count(value: &Value) -> Result<i64, Invalid> {
+    let text = match value {
+        Value::Integer(n) => return Ok(*n),
+        Value::String(s) => &**s,
+        Value::Bytes(b) => std::str::from_utf8(b).map_err(|_| Invalid::NotUtf8)?,
+        _ => return Err(Invalid::NotANumber),
+    };
+    if text.contains('\0') {
+        return Err(Invalid::Nul);
+    }
+    text.trim().parse().map_err(|_| Invalid::NotANumber)
 }
 
 impl Loop for Counters {
@@ -229,17 +329,62 @@ impl Loop for Counters {
 mod tests {
     use super::*;
 
+    fn parse(fields: &[(&[u8], Value)]) -> Parsed {
+        let mut parsed = Parsed::default();
+        for (field, value) in fields {
+            parsed.add(field, value);
+        }
+        parsed
+    }
+
     #[test]
-    fn counts_are_parsed_in_id_order_and_garbage_is_kept_as_unknown() {
-        let hash = HashMap::from([
-            ("b".to_owned(), Value::String("-2".into())),
-            ("a".to_owned(), Value::String("3".into())),
-            ("c".to_owned(), Value::String("lots".into())),
-            ("d".to_owned(), Value::Integer(7)),
+    fn counts_are_parsed_in_id_order_and_a_value_that_is_no_number_keeps_its_job_as_it_was() {
+        let parsed = parse(&[
+            (b"b".as_slice(), Value::String("-2".into())),
+            (b"a".as_slice(), Value::String(" 3\n".into())),
+            (b"c".as_slice(), Value::String("lots".into())),
+            (b"d".as_slice(), Value::Integer(7)),
+            (b"e".as_slice(), Value::Bytes(b"5".to_vec().into())),
         ]);
-        let parsed = parse_counts(hash);
-        assert_eq!(parsed.ids, ["a", "b", "c", "d"]);
-        assert_eq!(parsed.counts, [Some(3), Some(-2), None, Some(7)]);
-        assert_eq!(parsed.unreadable, ["c"]);
+        let counts: Vec<(&str, Option<i64>)> = parsed.counts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(counts, [("a", Some(3)), ("b", Some(-2)), ("c", None), ("d", Some(7)), ("e", Some(5))]);
+        assert_eq!(parsed.skipped, Skipped { not_a_number: 1, ..Skipped::default() });
+        assert_eq!(parsed.entries, 5);
+    }
+
+    #[test]
+    fn each_kind_of_poison_field_is_skipped_and_counted_by_why() {
+        let parsed = parse(&[
+            (b"ok".as_slice(), Value::String("1".into())),
+            (b"\xff\xfejob".as_slice(), Value::String("1".into())), // name not UTF-8: no job id
+            (b"jo\0b".as_slice(), Value::String("1".into())),       // name with NUL: PostgreSQL refuses it
+            (b"v-bytes".as_slice(), Value::Bytes(b"\xff1".to_vec().into())), // value not UTF-8
+            (b"v-nul".as_slice(), Value::String("1\0".into())),     // value with NUL
+            (b"v-float".as_slice(), Value::String("1.5".into())),   // not an integer
+            (b"v-array".as_slice(), Value::Array(vec![])),          // not a string at all
+        ]);
+        assert_eq!(parsed.skipped, Skipped { not_utf8: 2, nul: 2, not_a_number: 2 });
+        assert_eq!(parsed.skipped.total(), 6);
+        assert_eq!(parsed.entries, 7);
+        let ids: Vec<&str> = parsed.counts.keys().map(String::as_str).collect();
+        assert_eq!(
+            ids,
+            ["ok", "v-array", "v-bytes", "v-float", "v-nul"],
+            "bad names never reach the statement"
+        );
+        assert_eq!(parsed.counts["ok"], Some(1));
+        assert!(parsed.counts.iter().filter(|(k, _)| *k != "ok").all(|(_, v)| v.is_none()));
+        let (example, why) = parsed.example.expect("an example");
+        assert_eq!((example.as_str(), why), ("\u{fffd}\u{fffd}job", Invalid::NotUtf8), "escaped for the log");
+    }
+
+    #[test]
+    fn a_field_seen_twice_is_one_entry_with_its_latest_value() {
+        let parsed = parse(&[
+            (b"a".as_slice(), Value::String("1".into())),
+            (b"a".as_slice(), Value::String("2".into())),
+        ]);
+        assert_eq!(parsed.entries, 1);
+        assert_eq!(parsed.counts["a"], Some(2));
     }
 }

@@ -1,4 +1,5 @@
-//! `[outbox]`: the sweeper's interval, batch, Redis budget, retry backoff and dead-lettering.
+//! `[outbox]`: the sweeper's interval, batch (rows and bytes), Redis budget, retry backoff,
+//! dead-lettering, and the payload bound `enqueue_task` enforces.
 
 use std::time::Duration;
 
@@ -17,6 +18,13 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(15);
+/// 1 MiB: the default `enqueue_task` starts with (migrations/V8), before a worker writes its own.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 1 << 20;
+/// 16 MiB of payload per sweep: a batch of small tasks (500 × 1 KiB) never comes near it, while a
+/// backlog of large ones cannot make a sweep hold `batch_size` × `max_payload_bytes`.
+pub const DEFAULT_MAX_BATCH_BYTES: u64 = 16 << 20;
+/// Redis refuses strings over 512 MiB (`proto-max-bulk-len`): a larger payload could never move.
+pub const MAX_PAYLOAD_BYTES_LIMIT: u64 = 512 << 20;
 
 /// The outbox sweeper: `task_outbox` → Redis sorted sets.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -37,6 +45,13 @@ pub struct OutboxConfig {
     /// How often the backlog gauges are refreshed.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// Largest payload (bytes of its JSON text) `enqueue_task` accepts. The database enforces it:
+    /// the loop writes it into `outbox_settings` on its first tick (migrations/V8 says why one
+    /// row, last writer wins, is right with many replicas).
+    pub max_payload_bytes: u64,
+    /// Payload bytes one sweep claims at most: the claim stops adding rows once their running sum
+    /// would pass it, but always takes one row, so a payload larger than the budget still moves.
+    pub max_batch_bytes: u64,
 }
 
 impl Default for OutboxConfig {
@@ -49,6 +64,8 @@ impl Default for OutboxConfig {
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_max: DEFAULT_BACKOFF_MAX,
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
         }
     }
 }
@@ -72,6 +89,18 @@ impl OutboxConfig {
             humantime::format_duration(self.backoff_max),
             "at least outbox.backoff_base",
         )?;
-        positive("probe_interval", self.probe_interval)
+        positive("probe_interval", self.probe_interval)?;
+        check(
+            (1024..=MAX_PAYLOAD_BYTES_LIMIT).contains(&self.max_payload_bytes),
+            "max_payload_bytes",
+            self.max_payload_bytes,
+            "1024..=536870912 (1 KiB to 512 MiB, Redis's largest string)",
+        )?;
+        check(
+            (1024..=1 << 30).contains(&self.max_batch_bytes),
+            "max_batch_bytes",
+            self.max_batch_bytes,
+            "1024..=1073741824 (1 KiB to 1 GiB)",
+        )
     }
 }

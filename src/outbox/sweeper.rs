@@ -2,7 +2,8 @@
 //!
 //! A tick: `BEGIN; SET LOCAL statement_timeout`; claim up to the batch limit of due rows
 //! `ORDER BY run_at, id FOR UPDATE SKIP LOCKED` (replicas sweep side by side, never the same
-//! row); send them to Redis (an HSET pipeline, then a ZADD pipeline for the chunks whose payload
+//! row), and of those the oldest whose payloads fit `outbox.max_batch_bytes` (at least one); send
+//! them to Redis (an HSET pipeline, then a ZADD pipeline for the chunks whose payload
 //! is in place, see [`scheduler`]) under `outbox.redis_timeout` (inside the tick timeout, so
 //! time is left to settle); settle each row by its own answer — delete the dispatched, bump
 //! the failed with a backoff and their own error, move the exhausted to `task_outbox_dead` —
@@ -16,7 +17,7 @@
 //! `kill -9` at any point loses nothing: before COMMIT every row is still in the outbox (maybe
 //! also in Redis, which the idempotent re-send absorbs).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,11 +45,31 @@ const FAILURE_LOG_WINDOW: Duration = Duration::from_secs(60);
 /// Backoff cap while Redis is unreachable ([`LoopError::backoff_cap`]).
 const REDIS_RECONNECT_CHECK: Duration = Duration::from_secs(2);
 
-/// Due rows, oldest first, skipping rows another sweeper (or a producer) holds. Public for the
+/// Due rows, oldest first, skipping rows another sweeper (or a producer) holds: at most `$1`
+/// rows, and of those only the prefix whose payloads (bytes of their JSON text, what Redis gets)
+/// add up to at most `$2`, but always the first row, so a payload larger than the budget still
+/// moves on its own. The innermost query locks and sizes the rows without returning their
+/// payloads; only the kept rows' payloads are read back (by primary key). A window function
+/// cannot run in a query that locks (`FOR UPDATE` is not allowed with window functions), hence
+/// the nesting; locking drops the index order, so the window sorts the locked rows (at most `$1`
+/// small tuples), never the due rows. The rows locked but not kept are released at COMMIT.
+/// Columns: id, task_id, queue, payload, run_at in ms, attempts, rows locked. Public for the
 /// benchmark's baselines, which must run the very same statements.
-pub const CLAIM: &str = "SELECT id, task_id, queue, payload::text, \
-     floor(extract(epoch FROM run_at) * 1000)::int8, attempts \
-     FROM task_outbox WHERE run_at <= now() ORDER BY run_at, id LIMIT $1 FOR UPDATE SKIP LOCKED";
+pub const CLAIM: &str = "SELECT o.id, o.task_id, o.queue, o.payload::text, \
+     floor(extract(epoch FROM o.run_at) * 1000)::int8, o.attempts, s.locked \
+     FROM (SELECT id, row_number() OVER w AS n, sum(bytes) OVER w AS running, count(*) OVER () AS locked \
+       FROM (SELECT id, run_at, octet_length(payload::text)::int8 AS bytes FROM task_outbox \
+         WHERE run_at <= now() ORDER BY run_at, id LIMIT $1 FOR UPDATE SKIP LOCKED) AS l \
+       WINDOW w AS (ORDER BY run_at, id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) AS s \
+     JOIN task_outbox AS o ON o.id = s.id \
+     WHERE s.n = 1 OR s.running <= $2::int8 ORDER BY s.n";
+/// Writes `outbox.max_payload_bytes` where `enqueue_task` reads it (migrations/V8), only when it
+/// differs; returns the value it replaced (NULL when unchanged).
+const PUBLISH_PAYLOAD_LIMIT: &str = "WITH old AS (SELECT max_payload_bytes FROM outbox_settings), \
+     written AS (INSERT INTO outbox_settings (id, max_payload_bytes) VALUES (true, $1) \
+       ON CONFLICT (id) DO UPDATE SET max_payload_bytes = EXCLUDED.max_payload_bytes, updated_at = now() \
+       WHERE outbox_settings.max_payload_bytes <> EXCLUDED.max_payload_bytes RETURNING 1) \
+     SELECT CASE WHEN EXISTS (SELECT 1 FROM written) THEN (SELECT max_payload_bytes FROM old) END";
 pub const DELETE_DISPATCHED: &str = "DELETE FROM task_outbox WHERE id = ANY($1)";
 const RETRY: &str = "UPDATE task_outbox AS o \
      SET attempts = o.attempts + 1, last_error = u.error, run_at = now() + make_interval(secs => u.delay) \
@@ -94,6 +115,11 @@ impl LoopError for SweepError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
     pub claimed: usize,
+    /// Payload bytes of the claimed rows (their JSON text): at most `outbox.max_batch_bytes`,
+    /// unless the batch is one row.
+    pub bytes: u64,
+    /// The byte budget ended the claim before the row limit: more rows were locked than kept.
+    pub cut_by_bytes: bool,
     /// Outbox ids of the rows now in Redis (deleted from the outbox).
     pub dispatched: Vec<i64>,
     pub retried: u64,
@@ -102,7 +128,7 @@ pub struct SweepReport {
     pub untouched: usize,
     /// The first error among untouched rows.
     pub untouched_error: Option<String>,
-    /// The sweep claimed as many rows as it was allowed to: more may be due.
+    /// The sweep claimed as many rows (or bytes) as it was allowed to: more may be due.
     pub full: bool,
 }
 
@@ -134,12 +160,31 @@ pub struct Sweeper {
     batch_limit: AtomicU32,
     /// Dispatch failures are logged once per minute per distinct error, with a count.
     failure_log: Mutex<ErrorLog>,
+    /// `outbox.max_payload_bytes` is in `outbox_settings` (written on the first tick that could).
+    payload_limit_published: AtomicBool,
 }
 
-/// The next sweep's batch limit (see [`Sweeper`]): halve on a Redis timeout, grow back by
-/// doubling after a sweep that got its answers, never below 1 or above `configured`.
-pub fn next_batch_limit(current: u32, configured: u32, redis_timed_out: bool) -> u32 {
-    if redis_timed_out { (current / 2).max(1) } else { current.saturating_mul(2).min(configured) }
+/// How a sweep that claimed rows ended, as far as the next batch limit is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Redis did not answer within the budget.
+    TimedOut,
+    /// Redis answered, and the byte budget kept only `kept` of the rows the claim locked.
+    CutByBytes { kept: u32 },
+    /// Redis answered, and the row limit was what bounded the batch.
+    Answered,
+}
+
+/// The next sweep's batch limit (see [`Sweeper`]): halve on a Redis timeout; after a sweep the
+/// byte budget cut short, twice the rows it kept (every locked row's payload is sized by the
+/// database, so locking hundreds of large rows to keep a few is work thrown away); otherwise grow
+/// back by doubling. Never below 1 or above `configured`.
+pub fn next_batch_limit(current: u32, configured: u32, outcome: BatchOutcome) -> u32 {
+    match outcome {
+        BatchOutcome::TimedOut => (current / 2).max(1),
+        BatchOutcome::CutByBytes { kept } => kept.saturating_mul(2).clamp(1, configured),
+        BatchOutcome::Answered => current.saturating_mul(2).min(configured),
+    }
 }
 
 impl Sweeper {
@@ -152,7 +197,34 @@ impl Sweeper {
             .build();
         let batch_limit = AtomicU32::new(config.batch_size);
         let failure_log = Mutex::new(ErrorLog::new(FAILURE_LOG_WINDOW));
-        Self { db, redis, prefix: prefix.to_owned(), config, rows, probe, batch_limit, failure_log }
+        Self {
+            db,
+            redis,
+            prefix: prefix.to_owned(),
+            config,
+            rows,
+            probe,
+            batch_limit,
+            failure_log,
+            payload_limit_published: AtomicBool::new(false),
+        }
+    }
+
+    /// Writes `outbox.max_payload_bytes` into `outbox_settings`, where `enqueue_task` reads it,
+    /// unless it is already there; returns the value it replaced, if any. The loop does this on
+    /// its first tick (and again on the next one if it failed); see migrations/V8 for why one
+    /// row, last writer wins, is correct with many replicas.
+    pub async fn publish_payload_limit(&self) -> Result<Option<i64>, DbError> {
+        let limit = i64::try_from(self.config.max_payload_bytes).unwrap_or(i64::MAX);
+        let replaced: Option<i64> = db::in_transaction(&self.db, async |tx| {
+            Ok::<_, DbError>(tx.fetch_one(PUBLISH_PAYLOAD_LIMIT, &[(&limit, Type::INT8)]).await?.get(0))
+        })
+        .await?;
+        self.payload_limit_published.store(true, Ordering::Relaxed);
+        if let Some(from) = replaced {
+            tracing::info!(from, to = limit, "outbox.max_payload_bytes written for enqueue_task");
+        }
+        Ok(replaced)
     }
 
     /// Rows the next sweep claims at most.
@@ -160,15 +232,15 @@ impl Sweeper {
         self.batch_limit.load(Ordering::Relaxed)
     }
 
-    fn adapt_batch_limit(&self, redis_timed_out: bool) {
+    fn adapt_batch_limit(&self, outcome: BatchOutcome) {
         let current = self.batch_limit();
-        let next = next_batch_limit(current, self.config.batch_size, redis_timed_out);
+        let next = next_batch_limit(current, self.config.batch_size, outcome);
         if next != current {
             self.batch_limit.store(next, Ordering::Relaxed);
-            if redis_timed_out {
+            if outcome == BatchOutcome::TimedOut {
                 tracing::warn!(from = current, to = next, "redis timed out; outbox batch limit lowered");
             } else {
-                tracing::debug!(from = current, to = next, "outbox batch limit raised");
+                tracing::debug!(from = current, to = next, "outbox batch limit adapted");
             }
         }
     }
@@ -187,9 +259,10 @@ impl Sweeper {
         let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
         let batch_limit = self.batch_limit();
         let limit = i64::from(batch_limit);
-        let rows: Vec<Claimed> = tx
-            .fetch_all(CLAIM, &[(&limit, Type::INT8)])
-            .await?
+        let budget = i64::try_from(self.config.max_batch_bytes).unwrap_or(i64::MAX);
+        let claimed = tx.fetch_all(CLAIM, &[(&limit, Type::INT8), (&budget, Type::INT8)]).await?;
+        let locked = claimed.first().map_or(0, |r| r.get::<_, i64>(6));
+        let rows: Vec<Claimed> = claimed
             .iter()
             .map(|r| Claimed {
                 id: r.get(0),
@@ -200,15 +273,20 @@ impl Sweeper {
                 attempts: r.get(5),
             })
             .collect();
+        drop(claimed);
         if rows.is_empty() {
             db::commit(tx).await?;
             return Ok(SweepReport::default());
         }
+        let cut_by_bytes = (rows.len() as i64) < locked;
         // Dropping `tx` on the error path rolls back: no row changes, locks released.
         let dispatched = scheduler::dispatch(&self.redis, &self.prefix, &rows, redis_budget).await;
         match &dispatched {
-            Ok(_) => self.adapt_batch_limit(false),
-            Err(DispatchError::TimedOut(_)) => self.adapt_batch_limit(true),
+            Ok(_) if cut_by_bytes => self.adapt_batch_limit(BatchOutcome::CutByBytes {
+                kept: u32::try_from(rows.len()).unwrap_or(u32::MAX),
+            }),
+            Ok(_) => self.adapt_batch_limit(BatchOutcome::Answered),
+            Err(DispatchError::TimedOut(_)) => self.adapt_batch_limit(BatchOutcome::TimedOut),
             Err(DispatchError::Unavailable(_)) => {}
         }
         let outcomes = dispatched?;
@@ -218,7 +296,9 @@ impl Sweeper {
         }
         let first_error = plan.retry_errors.first().or(plan.dead_errors.first()).cloned();
         let mut report = plan.apply(&tx, rows.len()).await?;
-        report.full = rows.len() >= batch_limit as usize;
+        report.bytes = rows.iter().map(|r| r.payload.len() as u64).sum();
+        report.cut_by_bytes = cut_by_bytes;
+        report.full = cut_by_bytes || rows.len() >= batch_limit as usize;
         db::commit(tx).await?;
         self.record(&report, first_error.as_deref());
         Ok(report)
@@ -350,6 +430,8 @@ impl Settlements {
         };
         Ok(SweepReport {
             claimed,
+            bytes: 0,
+            cut_by_bytes: false,
             dispatched: self.dispatched,
             retried,
             dead_lettered,
@@ -372,6 +454,9 @@ impl Loop for Sweeper {
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, SweepError> {
+        if !self.payload_limit_published.load(Ordering::Relaxed) {
+            self.publish_payload_limit().await?;
+        }
         self.probe_if_due().await?;
         let report = self.sweep_within(tick.budget(self.config.redis_timeout)).await?;
         if let Some(error) = report.untouched_error {
@@ -388,10 +473,26 @@ mod tests {
 
     #[test]
     fn the_batch_limit_halves_on_a_redis_timeout_and_grows_back() {
-        assert_eq!(next_batch_limit(500, 500, true), 250);
-        assert_eq!(next_batch_limit(1, 500, true), 1, "never below one row");
-        assert_eq!(next_batch_limit(250, 500, false), 500);
-        assert_eq!(next_batch_limit(300, 500, false), 500, "never above the configured size");
-        assert_eq!(next_batch_limit(500, 500, false), 500);
+        use BatchOutcome::{Answered, TimedOut};
+        assert_eq!(next_batch_limit(500, 500, TimedOut), 250);
+        assert_eq!(next_batch_limit(1, 500, TimedOut), 1, "never below one row");
+        assert_eq!(next_batch_limit(250, 500, Answered), 500);
+        assert_eq!(next_batch_limit(300, 500, Answered), 500, "never above the configured size");
+        assert_eq!(next_batch_limit(500, 500, Answered), 500);
+    }
+
+    #[test]
+    fn after_a_sweep_the_byte_budget_cut_short_the_limit_is_twice_what_it_kept() {
+        use BatchOutcome::{Answered, CutByBytes};
+        assert_eq!(next_batch_limit(500, 500, CutByBytes { kept: 18 }), 36);
+        assert_eq!(next_batch_limit(36, 500, CutByBytes { kept: 1 }), 2, "one large row: lock two");
+        assert_eq!(
+            next_batch_limit(500, 500, CutByBytes { kept: 400 }),
+            500,
+            "never above the configured size"
+        );
+        assert_eq!(next_batch_limit(2, 500, CutByBytes { kept: 0 }), 1, "never below one row");
+        // Small payloads again: the limit doubles back to the configured size.
+        assert_eq!(next_batch_limit(36, 500, Answered), 72);
     }
 }

@@ -248,6 +248,129 @@ pub async fn redis_client(url: &str) -> fred::prelude::Client {
     client
 }
 
+/// What a [`Consumer`] executed.
+#[derive(Debug, Default)]
+pub struct Executions {
+    /// Task id → how many times it ran (a pop that found its payload).
+    pub by_task: std::collections::HashMap<String, u32>,
+    /// Pops whose payload was already gone, so nothing ran: a re-send wrote the payload and the
+    /// member again between this consumer's read and delete of the payload, and the delete took
+    /// the re-sent payload with it. Each is a second pop of a task that already ran once.
+    pub without_payload: u64,
+}
+
+impl Executions {
+    /// Tasks `task-1` … `task-n` that never ran.
+    pub fn lost(&self, n: i64) -> usize {
+        (1..=n).filter(|g| !self.by_task.contains_key(&format!("task-{g}"))).count()
+    }
+
+    /// Runs beyond the first, over all tasks.
+    pub fn duplicates(&self) -> u64 {
+        self.by_task.values().map(|n| u64::from(n.saturating_sub(1))).sum()
+    }
+
+    /// Tasks that ran more than once.
+    pub fn repeated_tasks(&self) -> usize {
+        self.by_task.values().filter(|n| **n > 1).count()
+    }
+
+    pub fn most_runs_of_one_task(&self) -> u32 {
+        self.by_task.values().copied().max().unwrap_or(0)
+    }
+}
+
+/// A task consumer as the outbox's delivery contract describes one (docs/outbox.md): pops tasks
+/// from `{prefix}:sched:{queue}` with `ZPOPMIN`, reads and deletes their payloads from
+/// `{prefix}:payload:{queue}` (`HMGET`, `HDEL`), and records each execution by task id, without
+/// deduplicating, so what at-least-once costs a consumer is measured. When every queue is empty
+/// it looks again after [`CONSUMER_IDLE`], as a polling consumer does (`BZPOPMIN` would block
+/// instead, but fred times a blocking command out on its own clock and fails it). Every task the
+/// scenarios enqueue is due at once, so the lowest score is always due.
+pub struct Consumer {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Executions>,
+}
+
+/// Tasks popped from one queue at a time.
+const CONSUMER_BATCH: usize = 200;
+/// The consumer's poll interval while every queue is empty.
+const CONSUMER_IDLE: Duration = Duration::from_millis(5);
+
+impl Consumer {
+    pub async fn start(redis_url: &str, prefix: &str, queues: &[&str]) -> Self {
+        use fred::prelude::{HashesInterface, SortedSetsInterface, Value};
+
+        let client = redis_client(redis_url).await;
+        let keys: Vec<(String, String)> = queues
+            .iter()
+            .map(|q| (worker::redis::key(prefix, "sched", q), worker::redis::key(prefix, "payload", q)))
+            .collect();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut executions = Executions::default();
+                let run = async |executions: &mut Executions, payload_key: &str, tasks: Vec<String>| {
+                    let payloads: Vec<Option<String>> =
+                        client.hmget(payload_key, tasks.clone()).await.expect("HMGET");
+                    let _: i64 = client.hdel(payload_key, tasks.clone()).await.expect("HDEL");
+                    for (task, payload) in tasks.into_iter().zip(payloads) {
+                        match payload {
+                            Some(_) => *executions.by_task.entry(task).or_default() += 1,
+                            None => executions.without_payload += 1,
+                        }
+                    }
+                };
+                loop {
+                    let mut popped = false;
+                    for (sched, payload_key) in &keys {
+                        let answer: Value =
+                            client.zpopmin(sched, Some(CONSUMER_BATCH)).await.expect("ZPOPMIN");
+                        let tasks = popped_members(answer);
+                        if !tasks.is_empty() {
+                            popped = true;
+                            run(&mut executions, payload_key, tasks).await;
+                        }
+                    }
+                    if popped {
+                        continue;
+                    }
+                    if stop.is_cancelled() {
+                        return executions;
+                    }
+                    tokio::time::sleep(CONSUMER_IDLE).await;
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops once the queues are empty (within one poll interval) and returns what ran.
+    pub async fn stop(self) -> Executions {
+        self.stop.cancel();
+        self.task.await.expect("the consumer task")
+    }
+}
+
+/// The members of a `ZPOPMIN key count` answer: a flat `[member, score, …]` (RESP2) or
+/// `[[member, score], …]` (RESP3).
+fn popped_members(answer: fred::prelude::Value) -> Vec<String> {
+    use fred::prelude::Value;
+    let Value::Array(items) = answer else { return Vec::new() };
+    if items.iter().all(|item| matches!(item, Value::Array(_))) {
+        items
+            .into_iter()
+            .filter_map(|pair| match pair {
+                Value::Array(pair) => pair.first().and_then(Value::as_string),
+                _ => None,
+            })
+            .collect()
+    } else {
+        items.iter().step_by(2).filter_map(Value::as_string).collect()
+    }
+}
+
 /// The pids whose parent is `parent` (an agent runs as a direct child of its worker).
 pub fn children_of(parent: i32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
