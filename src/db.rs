@@ -8,9 +8,11 @@
 //! Parameters and result columns must be built-in types: a Postgres enum or domain would make
 //! tokio-postgres look the type up with a named statement, so status columns are `text` + CHECK.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, RowStream};
 
@@ -91,6 +93,8 @@ impl DbError {
 pub struct Db {
     pool: Pool,
     statement_timeout: Duration,
+    /// Whether the last checkout that had to connect could not (see [`Db::unreachable`]).
+    unreachable: Arc<AtomicBool>,
 }
 
 impl Db {
@@ -119,11 +123,28 @@ impl Db {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Url(e.to_string()))?;
-        Ok(Self { pool, statement_timeout: config.statement_timeout })
+        Ok(Self { pool, statement_timeout: config.statement_timeout, unreachable: Arc::default() })
     }
 
     pub async fn get(&self) -> Result<Conn, DbError> {
-        Ok(self.pool.get().await?)
+        let checkout = self.pool.get().await;
+        match &checkout {
+            Ok(_) => self.unreachable.store(false, Ordering::Relaxed),
+            // A connect that failed or timed out. (No free slot in time says nothing about the
+            // server, and a recycle check that timed out is retried with another connection.)
+            Err(PoolError::Backend(_) | PoolError::Timeout(TimeoutType::Create)) => {
+                self.unreachable.store(true, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+        Ok(checkout?)
+    }
+
+    /// Whether the database could not be reached at the last checkout that had to connect, until
+    /// one succeeds: the runtime then retries failed ticks within seconds, so every loop resumes
+    /// soon after the database returns (a silent path, a restart, a failover).
+    pub fn unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
     }
 
     pub fn statement_timeout(&self) -> Duration {
