@@ -49,7 +49,7 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     );
 
     if config.database.migrate_on_start {
-        let applied = migrate::run(config.database.migrate_url()).await?;
+        let applied = migrate::run(&config.database).await?;
         tracing::info!(applied = ?applied, "migrations up to date");
     }
 
@@ -96,7 +96,7 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     let redis = loops::start(shared).await?;
 
     let listener_stop = CancellationToken::new();
-    runtime.listener().start(config.database.listen_url().to_owned(), health.clone(), listener_stop.clone());
+    runtime.listener().start(config.database.listen_direct(), health.clone(), listener_stop.clone());
     start_readiness_probe(&runtime, health.clone(), db.clone())?;
     let server_stop = CancellationToken::new();
     let server = crate::health::serve(&config.health, health.clone(), &meter, server_stop.clone()).await?;

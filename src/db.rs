@@ -8,9 +8,11 @@
 //! Parameters and result columns must be built-in types: a Postgres enum or domain would make
 //! tokio-postgres look the type up with a named statement, so status columns are `text` + CHECK.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, RowStream};
 
@@ -19,7 +21,7 @@ mod tls;
 
 pub use config::DatabaseConfig;
 
-pub use tls::{MakeRustls, check as check_url};
+pub use tls::{MakeRustls, RustlsStream, check as check_url};
 
 pub use deadpool_postgres::{Object as Conn, Transaction};
 
@@ -91,13 +93,15 @@ impl DbError {
 pub struct Db {
     pool: Pool,
     statement_timeout: Duration,
+    /// Whether the last checkout that had to connect could not (see [`Db::unreachable`]).
+    unreachable: Arc<AtomicBool>,
 }
 
 impl Db {
     /// Builds the pool; connections are opened lazily, so this does not touch the network.
     pub fn new(config: &DatabaseConfig) -> Result<Self, DbError> {
         let (mut pg, tls) = pg_config(&config.url)?;
-        pg.connect_timeout(config.connect_timeout);
+        config.socket().apply(&mut pg);
         if pg.get_application_name().is_none() {
             pg.application_name("worker");
         }
@@ -119,11 +123,28 @@ impl Db {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Url(e.to_string()))?;
-        Ok(Self { pool, statement_timeout: config.statement_timeout })
+        Ok(Self { pool, statement_timeout: config.statement_timeout, unreachable: Arc::default() })
     }
 
     pub async fn get(&self) -> Result<Conn, DbError> {
-        Ok(self.pool.get().await?)
+        let checkout = self.pool.get().await;
+        match &checkout {
+            Ok(_) => self.unreachable.store(false, Ordering::Relaxed),
+            // A connect that failed or timed out. (No free slot in time says nothing about the
+            // server, and a recycle check that timed out is retried with another connection.)
+            Err(PoolError::Backend(_) | PoolError::Timeout(TimeoutType::Create)) => {
+                self.unreachable.store(true, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+        Ok(checkout?)
+    }
+
+    /// Whether the database could not be reached at the last checkout that had to connect, until
+    /// one succeeds: the runtime then retries failed ticks within seconds, so every loop resumes
+    /// soon after the database returns (a silent path, a restart, a failover).
+    pub fn unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
     }
 
     pub fn statement_timeout(&self) -> Duration {
@@ -316,15 +337,110 @@ pub fn pg_config(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), DbEr
     tls::parse(url).map_err(DbError::Url)
 }
 
-/// Opens one direct (unpooled) connection, driving it on a background task.
-pub async fn connect_direct(url: &str, application_name: &str) -> Result<tokio_postgres::Client, DbError> {
-    let (mut pg, tls) = pg_config(url)?;
-    pg.application_name(application_name);
-    let (client, connection) = pg.connect(tls).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "direct connection closed");
+/// How every connection to PostgreSQL opens and keeps its socket (`[database]`): opening is
+/// bounded, and a connection whose path goes silent (packets dropped, no RST, no FIN: a dead NAT
+/// entry, a failed-over load balancer, a cut cable) is noticed by the kernel within about
+/// `keepalives_idle + tcp_user_timeout`, instead of waiting on it for hours (Linux's defaults:
+/// no keepalives for 2 h, retransmissions for about 15 min). Values from the config win over
+/// the same options in a URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketSettings {
+    /// Opening a connection: the TCP connect, TLS and the login (the pool bounds its creates by
+    /// it too).
+    pub connect_timeout: Duration,
+    pub keepalives_idle: Duration,
+    pub keepalives_interval: Duration,
+    pub keepalives_retries: u32,
+    pub tcp_user_timeout: Duration,
+}
+
+impl Default for SocketSettings {
+    fn default() -> Self {
+        DatabaseConfig::default().socket()
+    }
+}
+
+impl SocketSettings {
+    fn apply(&self, pg: &mut tokio_postgres::Config) {
+        pg.connect_timeout(self.connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(self.keepalives_idle)
+            .keepalives_interval(self.keepalives_interval)
+            .keepalives_retries(self.keepalives_retries)
+            .tcp_user_timeout(self.tcp_user_timeout);
+    }
+}
+
+/// A direct (unpooled) connection to open: LISTEN and migrations need one (session state), with
+/// the URL and socket settings of `[database]` ([`DatabaseConfig::listen_direct`],
+/// [`DatabaseConfig::migrate_direct`]). A bare URL converts with the default settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Direct {
+    pub url: String,
+    pub socket: SocketSettings,
+}
+
+impl From<&str> for Direct {
+    fn from(url: &str) -> Self {
+        Self { url: url.to_owned(), socket: SocketSettings::default() }
+    }
+}
+
+impl From<String> for Direct {
+    fn from(url: String) -> Self {
+        Self { url, socket: SocketSettings::default() }
+    }
+}
+
+/// The driver's side of a direct connection: poll it (or spawn it) for the client to work.
+pub type DirectConnection =
+    tokio_postgres::Connection<tokio_postgres::Socket, RustlsStream<tokio_postgres::Socket>>;
+
+/// A direct connection that could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The driver bounds only the TCP connect; a path that accepts and then stays silent would
+    /// otherwise hold the TLS handshake or the login forever.
+    #[error("no connection within database.connect_timeout ({})", humantime::format_duration(*.0))]
+    Timeout(Duration),
+}
+
+impl Direct {
+    /// Opens the connection (TCP, TLS and login within `connect_timeout`) and returns its driver
+    /// for the caller to poll.
+    pub async fn open(
+        &self,
+        application_name: &str,
+    ) -> Result<(tokio_postgres::Client, DirectConnection), ConnectError> {
+        let (mut pg, tls) = pg_config(&self.url)?;
+        self.socket.apply(&mut pg);
+        pg.application_name(application_name);
+        let timeout = self.socket.connect_timeout;
+        match tokio::time::timeout(timeout, pg.connect(tls)).await {
+            Ok(connected) => Ok(connected.map_err(DbError::from)?),
+            Err(_) => Err(ConnectError::Timeout(timeout)),
         }
-    });
-    Ok(client)
+    }
+
+    /// Opens the connection and drives it on a background task.
+    pub async fn connect(&self, application_name: &str) -> Result<tokio_postgres::Client, ConnectError> {
+        let (client, connection) = self.open(application_name).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "direct connection closed");
+            }
+        });
+        Ok(client)
+    }
+}
+
+/// Opens one direct connection to `url` with the default socket settings (tools and tests),
+/// driving it on a background task.
+pub async fn connect_direct(
+    url: &str,
+    application_name: &str,
+) -> Result<tokio_postgres::Client, ConnectError> {
+    Direct::from(url).connect(application_name).await
 }

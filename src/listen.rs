@@ -12,7 +12,10 @@
 //!   notifications sent while it was down are lost and the subscriber must re-read.
 //!
 //! When the connection drops it is re-established with backoff, every channel is LISTENed
-//! again, every wake fires once and every stream is told.
+//! again, every wake fires once and every stream is told. The connection carries `[database]`'s
+//! TCP keepalives and `tcp_user_timeout`, so a path that went silent ends it (an idle LISTEN
+//! connection would otherwise wait for a notification forever), and opening it is bounded by
+//! `connect_timeout`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +27,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{self, DbError};
+use crate::db::{ConnectError, DbError, Direct};
 use crate::health::Health;
 
 const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(100);
@@ -104,15 +107,23 @@ impl Listener {
         Subscription { channel, id, events, commands: self.commands.clone() }
     }
 
-    /// Starts the connection task (once; later calls return the same kind of stats but start
-    /// nothing). Runs until `shutdown`.
-    pub fn start(&self, url: String, health: Health, shutdown: CancellationToken) -> ListenerStats {
+    /// Starts the connection task on `target` (`[database]`'s [`DatabaseConfig::listen_direct`],
+    /// or a bare URL with the default socket settings) once; later calls return the same kind
+    /// of stats but start nothing. Runs until `shutdown`.
+    ///
+    /// [`DatabaseConfig::listen_direct`]: crate::db::DatabaseConfig::listen_direct
+    pub fn start(
+        &self,
+        target: impl Into<Direct>,
+        health: Health,
+        shutdown: CancellationToken,
+    ) -> ListenerStats {
         let (connects_tx, connects) = watch::channel(0);
         let (received_tx, received) = watch::channel(0);
         let taken = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(commands) = taken {
             let task = ListenerTask {
-                url,
+                target: target.into(),
                 health,
                 commands,
                 channels: HashMap::new(),
@@ -156,7 +167,7 @@ struct Subscriber {
 }
 
 struct ListenerTask {
-    url: String,
+    target: Direct,
     health: Health,
     commands: mpsc::UnboundedReceiver<Command>,
     channels: HashMap<String, Vec<Subscriber>>,
@@ -167,24 +178,30 @@ struct ListenerTask {
 /// Acks held until the channel is LISTENed on a live connection.
 type Acks = Vec<oneshot::Sender<()>>;
 
+/// What the connection's driver hands on: a notification's channel and payload, or the error
+/// that ended the connection.
+type Driven = Result<(String, String), tokio_postgres::Error>;
+
 impl ListenerTask {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut delay = MIN_RECONNECT_DELAY;
         let mut acks: Acks = Vec::new();
         loop {
+            let connects = *self.connects.borrow();
             let result = tokio::select! {
                 result = self.session(&mut acks) => result,
                 _ = shutdown.cancelled() => return,
             };
             self.health.set_listener_connected(false);
+            // Only failed attempts in a row grow the delay: a connection that was up and then
+            // closed or failed (a restart, a silent path noticed) is retried at once.
+            if *self.connects.borrow() > connects {
+                delay = MIN_RECONNECT_DELAY;
+            }
+            let retry_in_ms = delay.as_millis() as u64;
             match result {
-                Ok(()) => {
-                    tracing::warn!("LISTEN connection closed; reconnecting");
-                    delay = MIN_RECONNECT_DELAY;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "LISTEN connection failed");
-                }
+                Ok(()) => tracing::warn!(retry_in_ms, "LISTEN connection closed; reconnecting"),
+                Err(error) => tracing::warn!(%error, retry_in_ms, "LISTEN connection failed"),
             }
             // Keep taking subscriptions while waiting to reconnect; they are LISTENed (and
             // acked) as soon as the connection is back.
@@ -204,25 +221,25 @@ impl ListenerTask {
         }
     }
 
-    /// One connection's lifetime: connect, LISTEN every channel, then serve commands and
-    /// forward notifications until the connection closes.
-    async fn session(&mut self, acks: &mut Acks) -> Result<(), DbError> {
-        let (mut pg, tls) = db::pg_config(&self.url)?;
-        pg.application_name(APPLICATION_NAME);
-        let (client, mut connection) = pg.connect(tls).await?;
+    /// One connection's lifetime: connect (bounded by `connect_timeout`), LISTEN every channel,
+    /// then serve commands and forward notifications until the connection closes or fails (a
+    /// silent path fails it through the socket's keepalives and `tcp_user_timeout`).
+    async fn session(&mut self, acks: &mut Acks) -> Result<(), ConnectError> {
+        let (client, mut connection) = self.target.open(APPLICATION_NAME).await?;
         let (tx, mut notifications) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
                     Ok(AsyncMessage::Notification(n)) => {
-                        if tx.send((n.channel().to_owned(), n.payload().to_owned())).is_err() {
+                        if tx.send(Ok((n.channel().to_owned(), n.payload().to_owned()))).is_err() {
                             break;
                         }
                     }
                     Ok(_) => {}
                     Err(error) => {
-                        tracing::debug!(%error, "LISTEN connection error");
+                        // Handed to `serve`, so the reconnect is logged with its cause.
+                        let _ = tx.send(Err(error));
                         break;
                     }
                 }
@@ -230,13 +247,13 @@ impl ListenerTask {
         });
         let result = self.serve(&client, &mut notifications, acks).await;
         driver.abort();
-        Ok(result?)
+        Ok(result.map_err(DbError::from)?)
     }
 
     async fn serve(
         &mut self,
         client: &tokio_postgres::Client,
-        notifications: &mut mpsc::UnboundedReceiver<(String, String)>,
+        notifications: &mut mpsc::UnboundedReceiver<Driven>,
         acks: &mut Acks,
     ) -> Result<(), tokio_postgres::Error> {
         // Subscriptions queued before this connection (e.g. before `start`) are LISTENed below
@@ -270,7 +287,8 @@ impl ListenerTask {
         loop {
             tokio::select! {
                 notification = notifications.recv() => {
-                    let Some((channel, payload)) = notification else { return Ok(()) };
+                    let Some(notification) = notification else { return Ok(()) };
+                    let (channel, payload) = notification?;
                     self.dispatch(&channel, payload);
                     self.received.send_modify(|n| *n += 1);
                 }

@@ -192,7 +192,7 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
             Ok(u8::try_from(code).unwrap_or(1))
         }
         OnlineCommand::Migrate => {
-            let applied = migrate::run(config.database.migrate_url()).await?;
+            let applied = migrate::run(&config.database).await?;
             if applied.is_empty() {
                 println!("migrations up to date");
             }
@@ -242,8 +242,8 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
             // Registered before any output, so a signal during `tail --follow` ends it cleanly.
             let shutdown = chats::cli::interrupted()?;
             let db = Db::new(&config.database)?;
-            let listen_url = config.database.listen_url();
-            chats::cli::run(&db, listen_url, &command, &mut std::io::stdout().lock(), shutdown).await?;
+            let listen = config.database.listen_direct();
+            chats::cli::run(&db, listen, &command, &mut std::io::stdout().lock(), shutdown).await?;
             Ok(0)
         }
         OnlineCommand::Gitsync(command) => {

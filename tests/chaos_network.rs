@@ -2,6 +2,12 @@
 //! PostgreSQL freezes for 20 s — half-open, no RST, no FIN — under a worker running every loop
 //! that needs no outside service. Every tick stays bounded by its timeout, the pool recovers
 //! when the path thaws, and no loop wedges.
+//!
+//! Scenario 6b: the path goes silent for 60 s — every packet dropped, nothing acknowledged — and
+//! every connection the worker had on it notices by itself (keepalives, `tcp_user_timeout`)
+//! within `keepalives_idle + tcp_user_timeout`, while a connection with the driver's defaults
+//! does not notice at all; the worker is ready within 5 s of the path returning and nothing is
+//! lost.
 
 mod chaos_support;
 mod chats_support;
@@ -10,7 +16,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use chaos_support::{FreezingProxy, LIMIT, Replica, WorkerConfig, agent, redis_client, report, scalar};
+use chaos_support::silent_path::SilentPath;
+use chaos_support::{
+    FreezingProxy, LIMIT, Replica, WorkerConfig, agent, redis_client, report, scalar, scenario_dir,
+};
 use common::{TestDb, eventually};
 use worker::db::{Db, Exec};
 
@@ -172,4 +181,155 @@ async fn a_pool_checkout_on_a_frozen_path_ends_within_its_timeouts() {
     assert!(checkout.expect("ended").is_err(), "no connection can be had while the path is frozen");
     proxy.thaw();
     assert_eq!(scalar(&db, "SELECT 1::int8").await, 1, "the pool serves again after the thaw");
+}
+
+const SILENCE: Duration = Duration::from_secs(60);
+/// The socket settings of scenario 6b: short, so every connection notices well inside the
+/// silence. A connection notices within `keepalives_idle + tcp_user_timeout`.
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(5);
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How soon after the path returns the worker must be ready (acceptance 6).
+const READY_AFTER_RESTORE: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_6b_a_silent_path_is_noticed_by_every_connection_and_the_worker_is_ready_within_5s() {
+    let test_db = TestDb::new().await;
+    let dir = scenario_dir();
+    let mut path = SilentPath::start("127.0.0.1:5432").await;
+    let through_path = format!("postgres://postgres@127.0.0.1:{}/{}", path.port, test_db.name);
+    let quick_agent = agent(
+        dir.path(),
+        "agent",
+        "cat >/dev/null\necho '{\"type\":\"message\",\"role\":\"assistant\",\"content\":\"hi\"}'",
+    );
+    let mut config = WorkerConfig::for_test(&test_db)
+        .set("database.url", through_path.as_str())
+        .set("database.listen_url", through_path.as_str())
+        .set("database.connect_timeout", "2s")
+        .set("database.acquire_timeout", "2s")
+        .set("database.statement_timeout", "2s")
+        .set("database.keepalives_idle", humantime::format_duration(KEEPALIVES_IDLE).to_string())
+        .set("database.keepalives_interval", "2s")
+        .set("database.keepalives_retries", 3i64)
+        .set("database.tcp_user_timeout", humantime::format_duration(TCP_USER_TIMEOUT).to_string())
+        .set("outbox.enabled", true)
+        .set("counters.enabled", true)
+        .set("counters.interval", "500ms")
+        .set("chats.enabled", true)
+        .set("chats.acquire_interval", "200ms")
+        .set("chats.heartbeat_interval", "1s")
+        .set("chats.recover_interval", "1s")
+        .set("chats.runner.command", vec![quick_agent])
+        .set("prebuilds.enabled", true)
+        .set("prebuilds.interval", "1s")
+        .set("gitsync.enabled", true)
+        .set("gitsync.interval", "1s");
+    for section in ["outbox", "counters", "prebuilds", "gitsync"] {
+        config = config.set(&format!("{section}.tick_timeout"), TICK_TIMEOUT);
+    }
+    let mut replica = Replica::start(dir.path(), "replica", &config);
+    replica.ready().await;
+    // A connection with the driver's defaults (keepalive after 2 h, no user timeout), idle on
+    // the same path: the control that shows the silence is real and noticing it is not free.
+    let (control, control_driver) =
+        tokio_postgres::connect(&format!("{through_path}?sslmode=disable"), tokio_postgres::NoTls)
+            .await
+            .expect("control connection");
+    let control_driver = tokio::spawn(control_driver);
+    control.simple_query("SELECT 1").await.expect("control answers");
+    let test_pid = std::process::id() as i32;
+    let control_ports: Vec<u16> = path.connections_of(test_pid).into_keys().collect();
+    assert_eq!(control_ports.len(), 1, "the test holds one connection on the path");
+    // Every connection the worker holds on the path when it goes silent (pool, lease, LISTEN).
+    eventually(LIMIT, "the LISTEN connection to be up", || async {
+        replica.readyz().await.is_some_and(|(_, body)| body["listener_connected"] == true)
+    })
+    .await;
+    let worker_connections: Vec<u16> =
+        path.connections_of(replica.pid()).into_iter().filter(|(_, up)| *up).map(|(port, _)| port).collect();
+    assert!(worker_connections.len() >= 2, "the pool and LISTEN hold connections: {worker_connections:?}");
+    let log_before = replica.log().len();
+
+    path.silence();
+    let silenced_at = Instant::now();
+    // Work arrives during the silence (straight to PostgreSQL, not through the path).
+    test_db
+        .db
+        .get()
+        .await
+        .expect("conn")
+        .exec(
+            "SELECT count(enqueue_task('task-' || g, 'q', '{}'::jsonb)) FROM generate_series(1, 1000) g",
+            &[],
+        )
+        .await
+        .expect("enqueue");
+    let chat = chats_support::pending_chat(&test_db.db, "hello").await;
+    // When each connection left ESTABLISHED (the kernel gave up on it, or the worker closed it),
+    // and when the worker logged that its LISTEN connection failed.
+    let mut noticed: BTreeMap<u16, Duration> = BTreeMap::new();
+    let mut listen_noticed = None;
+    while silenced_at.elapsed() < SILENCE {
+        let now = path.connections_of(replica.pid());
+        for port in &worker_connections {
+            if !noticed.contains_key(port) && now.get(port) != Some(&true) {
+                noticed.insert(*port, silenced_at.elapsed());
+            }
+        }
+        if listen_noticed.is_none()
+            && replica.log().get(log_before..).is_some_and(|new| new.contains("LISTEN connection"))
+        {
+            listen_noticed = Some(silenced_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    replica.assert_alive();
+    let control_noticed =
+        control_ports.iter().any(|port| path.connections_of(test_pid).get(port) != Some(&true));
+
+    path.restore();
+    let restored_at = Instant::now();
+    replica.ready().await;
+    let ready_after = restored_at.elapsed();
+    eventually(LIMIT, "the outbox to drain after the path returned", || async {
+        scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await == 0
+    })
+    .await;
+    eventually(LIMIT, "the chat sent during the silence to be answered", || async {
+        chats_support::chat(&test_db.db, chat).await.status == "waiting"
+    })
+    .await;
+    let dead = scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox_dead").await;
+    let lost = 1000 - outbox_in_redis(&config).await;
+    let bound = KEEPALIVES_IDLE + TCP_USER_TIMEOUT;
+    let slowest = noticed.values().max().copied();
+    let seconds = |d: Option<Duration>| d.map_or("never".to_owned(), |d| format!("{:.1}", d.as_secs_f64()));
+    report(
+        6,
+        "network-silent",
+        &[
+            ("silence_s", SILENCE.as_secs().to_string()),
+            ("connections", worker_connections.len().to_string()),
+            ("noticed", noticed.len().to_string()),
+            ("noticed_max_s", seconds(slowest)),
+            ("listen_noticed_s", seconds(listen_noticed)),
+            ("bound_s", bound.as_secs().to_string()),
+            ("control_noticed", control_noticed.to_string()),
+            ("ready_after_restore_s", format!("{:.1}", ready_after.as_secs_f64())),
+            ("proxy_connections", path.connections().to_string()),
+            ("dead_lettered", dead.to_string()),
+            ("lost", lost.to_string()),
+        ],
+    );
+    assert_eq!(noticed.len(), worker_connections.len(), "connections that never noticed: {noticed:?}");
+    assert!(
+        slowest.is_some_and(|s| s <= bound),
+        "a connection noticed only after {slowest:?} (bound {bound:?})"
+    );
+    assert!(listen_noticed.is_some_and(|s| s <= bound), "LISTEN noticed after {listen_noticed:?}");
+    assert!(!control_noticed, "the control connection noticed: the path was not silent, or not only");
+    assert!(ready_after <= READY_AFTER_RESTORE, "ready {ready_after:?} after the path returned");
+    assert_eq!((lost, dead), (0, 0));
+    assert_eq!(replica.sigterm(LIMIT).await.code(), Some(0));
+    control_driver.abort();
 }

@@ -11,10 +11,12 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{TestDb, admin_url, eventually};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use worker::db::DatabaseConfig;
@@ -320,4 +322,201 @@ async fn a_production_config_with_verify_full_against_the_test_ca_checks_migrate
     let status =
         tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("drains").expect("wait");
     assert_eq!(status.code(), Some(0));
+}
+
+/// A role that can only log in with SCRAM-SHA-256 over TCP (a pg_hba.conf line of its own, ahead
+/// of the trust lines), for channel binding.
+const SCRAM_USER: &str = "worker_scram_test";
+const SCRAM_PASSWORD: &str = "worker-scram-test-password";
+
+static SCRAM: OnceCell<()> = OnceCell::const_new();
+
+/// Sets up [`SCRAM_USER`] once (TLS first): the role with a SCRAM verifier, and its pg_hba.conf
+/// line, under the same lock as the TLS setup. Left in place afterwards: it concerns that role
+/// only.
+async fn scram_user() {
+    SCRAM.get_or_init(configure_scram_user).await;
+}
+
+async fn configure_scram_user() {
+    server_ca().await;
+    let admin = worker::db::connect_direct(&admin_url(), "worker-tests").await.expect("admin connection");
+    admin.batch_execute(&format!("SELECT pg_advisory_lock({SETUP_LOCK_KEY})")).await.expect("setup lock");
+    let exists = admin
+        .fetch_opt(
+            "SELECT 1::int4 FROM pg_roles WHERE rolname = $1",
+            &[(&SCRAM_USER, tokio_postgres::types::Type::TEXT)],
+        )
+        .await
+        .expect("look up the role")
+        .is_some();
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    // The password is hashed by the server with the session's password_encryption.
+    admin
+        .batch_execute(&format!(
+            "SET password_encryption = 'scram-sha-256'; \
+             {verb} ROLE {SCRAM_USER} LOGIN PASSWORD '{SCRAM_PASSWORD}'"
+        ))
+        .await
+        .expect("SCRAM role");
+    let hba_file: String =
+        admin.fetch_one("SELECT current_setting('hba_file')", &[]).await.expect("hba_file").get(0);
+    let rules = std::fs::read_to_string(&hba_file).expect("read pg_hba.conf");
+    let line = format!("host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256");
+    if !rules.lines().any(|l| l.trim() == line) {
+        // First match wins, so the line goes ahead of every trust line.
+        let marked = format!("# worker tests (tests/postgres_tls.rs): channel binding\n{line}\n{rules}");
+        std::fs::write(&hba_file, marked).expect("write pg_hba.conf");
+    }
+    // Also when the line was there: a run that wrote it may have stopped before the reload.
+    admin.batch_execute("SELECT pg_reload_conf()").await.expect("reload");
+    // The reload is asynchronous: wait until a login without the password is refused.
+    let without_password = url_for_user(&common::url_for("postgres"), None, "sslmode=disable");
+    eventually(Duration::from_secs(10), "the server to ask the SCRAM user for a password", || async {
+        worker::db::connect_direct(&without_password, "worker-tests")
+            .await
+            .is_err_and(|e| e.to_string().contains("password"))
+    })
+    .await;
+    admin.batch_execute(&format!("SELECT pg_advisory_unlock({SETUP_LOCK_KEY})")).await.expect("unlock");
+}
+
+/// `url` as [`SCRAM_USER`] (with `password`) and `query` added.
+fn url_for_user(url: &str, password: Option<&str>, query: &str) -> String {
+    let mut url = url::Url::parse(url).expect("url");
+    url.set_username(SCRAM_USER).expect("user");
+    url.set_password(password).expect("password");
+    format!("{url}?{query}")
+}
+
+#[tokio::test]
+async fn channel_binding_require_logs_in_over_tls_and_is_refused_by_name_without_it() {
+    let ca = server_ca().await;
+    scram_user().await;
+    let test_db = TestDb::new().await;
+    let scram = |query: &str| url_for_user(&test_db.url, Some(SCRAM_PASSWORD), query);
+
+    // tokio-postgres refuses a `require` login that did not run SCRAM-SHA-256-PLUS, so each
+    // success is a bound login (without the stream's tls-server-end-point these fail).
+    assert_eq!(encrypted_direct(&scram("sslmode=require&channel_binding=require")).await, Ok(true));
+    let verified = url_with_user_at_localhost(&test_db, &ca);
+    assert_eq!(encrypted_direct(&verified).await, Ok(true), "verify-full + channel_binding=require");
+    let pool = Db::new(&DatabaseConfig {
+        url: scram("sslmode=require&channel_binding=require"),
+        pool_size: 1,
+        ..DatabaseConfig::default()
+    })
+    .expect("pool");
+    let conn = pool.get().await.expect("the pool logs in with channel binding");
+    assert!(conn.fetch_one(ENCRYPTED, &[]).await.expect("pg_stat_ssl").get::<_, bool>(0));
+
+    // Without TLS there is nothing to bind to: refused by name, before any connection, and by
+    // `config check`.
+    let plaintext = scram("sslmode=disable&channel_binding=require");
+    let err = encrypted_direct(&plaintext).await.expect_err("require without TLS");
+    assert!(err.contains("channel_binding=require needs TLS") && err.contains("sslmode=disable"), "{err}");
+    let violation = DatabaseConfig { url: plaintext, ..DatabaseConfig::default() }
+        .validate()
+        .expect_err("config check refuses it");
+    assert_eq!(violation.key, "url");
+    assert!(violation.problem.contains("channel_binding=require"), "{violation:?}");
+
+    // A login that skips SCRAM (trust, as the `postgres` user here) cannot satisfy it either:
+    // a server, or an interceptor, that never asks for the password proves nothing.
+    let trust = url_with(&test_db, "127.0.0.1", "sslmode=require&channel_binding=require");
+    let err = encrypted_direct(&trust).await.expect_err("a trust login is not bound");
+    assert!(err.contains("channel binding"), "{err}");
+    // The role itself is fine without binding, where it is not required.
+    assert_eq!(encrypted_direct(&scram("sslmode=disable")).await, Ok(false));
+}
+
+/// The production form: verify-full against the test CA, as [`SCRAM_USER`], binding required.
+fn url_with_user_at_localhost(test_db: &TestDb, ca: &Path) -> String {
+    let mut url = url::Url::parse(&test_db.url).expect("test url");
+    url.set_host(Some("localhost")).expect("host");
+    let query = format!(
+        "hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={}&channel_binding=require",
+        ca.display()
+    );
+    url_for_user(url.as_str(), Some(SCRAM_PASSWORD), &query)
+}
+
+/// PostgreSQL's SSLRequest: length 8, code 80877103.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// An interceptor on the path, as an attacker would run one: it answers the client's TLS with a
+/// certificate of its own (a client with `sslmode=require` checks none), opens a TLS session of
+/// its own to the real server, and relays the decrypted bytes both ways, login included.
+/// Returns its port.
+async fn start_interceptor(server_ca: &Path) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let key = KeyPair::generate().expect("interceptor key");
+    let params = CertificateParams::new(vec!["localhost".to_owned()]).expect("interceptor params");
+    let certificate = params.self_signed(&key).expect("interceptor certificate");
+    let own = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![certificate.der().clone()], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .expect("interceptor server config");
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(server_ca).expect("read ca") {
+        roots.add(ca.expect("ca pem")).expect("add ca");
+    }
+    let upstream = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(own));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(upstream));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind interceptor");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (acceptor, connector) = (acceptor.clone(), connector.clone());
+            tokio::spawn(async move {
+                let mut request = [0u8; 8];
+                client.read_exact(&mut request).await?;
+                assert_eq!(request, SSL_REQUEST, "the client asks for TLS first");
+                client.write_all(b"S").await?;
+                let mut client = acceptor.accept(client).await?;
+                let mut server = tokio::net::TcpStream::connect("127.0.0.1:5432").await?;
+                server.write_all(&SSL_REQUEST).await?;
+                let mut answer = [0u8; 1];
+                server.read_exact(&mut answer).await?;
+                assert_eq!(&answer, b"S", "the server offers TLS");
+                let name = ServerName::try_from("localhost").expect("name");
+                let mut server = connector.connect(name, server).await?;
+                tokio::io::copy_bidirectional(&mut client, &mut server).await.map(drop)
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn an_interceptor_relaying_a_scram_login_is_refused_once_the_login_is_bound_to_tls() {
+    let ca = server_ca().await;
+    scram_user().await;
+    let test_db = TestDb::new().await;
+    let port = start_interceptor(&ca).await;
+    let through = |binding: &str| {
+        format!(
+            "postgres://{SCRAM_USER}:{SCRAM_PASSWORD}@127.0.0.1:{port}/{}?sslmode=require&channel_binding={binding}",
+            test_db.name
+        )
+    };
+    // Unbound, the relayed login succeeds: the interceptor is in the session as the user.
+    assert_eq!(encrypted_direct(&through("disable")).await, Ok(true), "the attack, without binding");
+    // Bound (require, and prefer, the default, since the server offers SCRAM-SHA-256-PLUS), the
+    // server compares the hash of its own certificate with the one the client saw, the
+    // interceptor's, and refuses the login.
+    for binding in ["require", "prefer"] {
+        let err = encrypted_direct(&through(binding)).await.expect_err(binding);
+        assert!(err.contains("SCRAM channel binding check failed"), "channel_binding={binding}: {err}");
+    }
 }

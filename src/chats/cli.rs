@@ -115,11 +115,11 @@ pub struct ChatSummary {
     pub last_error: Option<String>,
 }
 
-/// Runs one `worker chat` command, writing to `out`. `listen_url` is the direct connection
+/// Runs one `worker chat` command, writing to `out`. `listen` is the direct connection
 /// `tail --follow` LISTENs on; `shutdown` ends a `tail --follow`.
 pub async fn run(
     db: &Db,
-    listen_url: &str,
+    listen: db::Direct,
     command: &ChatCommand,
     out: &mut impl Write,
     shutdown: impl Future<Output = ()>,
@@ -160,7 +160,7 @@ pub async fn run(
                 return Err(CliError::NoSuchChat(chat));
             }
             let result = if *follow {
-                follow_chat(db, listen_url, chat, *after, *json, out, shutdown).await
+                follow_chat(db, listen, chat, *after, *json, out, shutdown).await
             } else {
                 print_snapshot(db, chat, *after, *json, out).await
             };
@@ -255,7 +255,7 @@ async fn print_snapshot(
 
 async fn follow_chat(
     db: &Db,
-    listen_url: &str,
+    listen: db::Direct,
     chat: Uuid,
     after: i64,
     json: bool,
@@ -264,7 +264,7 @@ async fn follow_chat(
 ) -> Result<(), CliError> {
     let listener = Listener::default();
     let stop = CancellationToken::new();
-    listener.start(listen_url.to_owned(), Health::default(), stop.clone());
+    listener.start(listen, Health::default(), stop.clone());
     let _stop_listener = stop.drop_guard();
     tokio::pin!(shutdown);
     let started = tokio::select! {

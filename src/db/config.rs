@@ -1,10 +1,12 @@
 //! `[database]`: the pooled URL (may be pgbouncer), the direct URLs for LISTEN and migrations,
-//! the pool limit and the timeouts of every tick transaction.
+//! the pool limit, the timeouts of every tick transaction, the TCP settings of every connection
+//! and the bound on the migration lock wait.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::{Direct, SocketSettings};
 use crate::text::redact_url;
 use crate::validate::{Violation, check, positive, url_scheme};
 
@@ -30,6 +32,24 @@ pub struct DatabaseConfig {
     /// How long a loop waits for a pooled connection before its tick fails.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
+    /// TCP keepalives on every connection (pool, LISTEN, migrations): the first probe after
+    /// this long without traffic, then one every `keepalives_interval`, so a connection whose
+    /// path went silent (no RST, no FIN) is noticed instead of waited on for hours.
+    #[serde(with = "humantime_serde")]
+    pub keepalives_idle: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalives_interval: Duration,
+    /// Unanswered probes before the connection is dropped (where `tcp_user_timeout` is
+    /// supported, Linux, that timeout decides instead).
+    pub keepalives_retries: u32,
+    /// `TCP_USER_TIMEOUT` (Linux): a connection whose sent data or probes stay unacknowledged
+    /// this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
+    /// How long `worker migrate` (and migrate_on_start) waits for another session's migration
+    /// lock before failing with that session's pid.
+    #[serde(with = "humantime_serde")]
+    pub migrate_lock_timeout: Duration,
     pub migrate_on_start: bool,
 }
 
@@ -44,6 +64,11 @@ impl Default for DatabaseConfig {
             statement_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             acquire_timeout: Duration::from_secs(5),
+            keepalives_idle: Duration::from_secs(30),
+            keepalives_interval: Duration::from_secs(10),
+            keepalives_retries: 3,
+            tcp_user_timeout: Duration::from_secs(30),
+            migrate_lock_timeout: Duration::from_secs(60),
             migrate_on_start: true,
         }
     }
@@ -56,6 +81,27 @@ impl DatabaseConfig {
 
     pub fn migrate_url(&self) -> &str {
         self.migrate_url.as_deref().unwrap_or(&self.url)
+    }
+
+    /// The connect bound and TCP settings every connection gets.
+    pub fn socket(&self) -> SocketSettings {
+        SocketSettings {
+            connect_timeout: self.connect_timeout,
+            keepalives_idle: self.keepalives_idle,
+            keepalives_interval: self.keepalives_interval,
+            keepalives_retries: self.keepalives_retries,
+            tcp_user_timeout: self.tcp_user_timeout,
+        }
+    }
+
+    /// The LISTEN connection.
+    pub fn listen_direct(&self) -> Direct {
+        Direct { url: self.listen_url().to_owned(), socket: self.socket() }
+    }
+
+    /// The migrations' connection.
+    pub fn migrate_direct(&self) -> Direct {
+        Direct { url: self.migrate_url().to_owned(), socket: self.socket() }
     }
 
     /// The shared pool's limit: `pool_size`, less the connection reserved for the lease when
@@ -75,6 +121,7 @@ impl DatabaseConfig {
             check_postgres_url("migrate_url", url)?;
         }
         check((1..=1000).contains(&self.pool_size), "pool_size", self.pool_size, "1..=1000")?;
+        self.validate_socket()?;
         positive("statement_timeout", self.statement_timeout)?;
         positive("connect_timeout", self.connect_timeout)?;
         positive("acquire_timeout", self.acquire_timeout)
@@ -127,6 +174,43 @@ fn unverified(mode: &str) -> Option<&'static str> {
         }
         _ => None,
     }
+}
+
+impl DatabaseConfig {
+    /// The TCP settings become socket options in whole seconds (keepalives) or milliseconds
+    /// (`TCP_USER_TIMEOUT`, `lock_timeout`); Linux's limits for the keepalive ones.
+    fn validate_socket(&self) -> Result<(), Violation> {
+        whole_seconds("keepalives_idle", self.keepalives_idle, MAX_KEEPALIVE_SECONDS)?;
+        whole_seconds("keepalives_interval", self.keepalives_interval, MAX_KEEPALIVE_SECONDS)?;
+        check(
+            (1..=MAX_KEEPALIVE_PROBES).contains(&self.keepalives_retries),
+            "keepalives_retries",
+            self.keepalives_retries,
+            "1..=127",
+        )?;
+        milliseconds("tcp_user_timeout", self.tcp_user_timeout)?;
+        milliseconds("migrate_lock_timeout", self.migrate_lock_timeout)
+    }
+}
+
+/// `TCP_KEEPIDLE` and `TCP_KEEPINTVL` at most (Linux).
+const MAX_KEEPALIVE_SECONDS: u64 = 32_767;
+/// `TCP_KEEPCNT` at most (Linux).
+const MAX_KEEPALIVE_PROBES: u32 = 127;
+
+/// A duration of 1 s..=`max_seconds` s in whole seconds: the socket option has no finer unit, and
+/// 0 would be refused when connecting.
+fn whole_seconds(key: &str, value: Duration, max_seconds: u64) -> Result<(), Violation> {
+    let ok = value.subsec_nanos() == 0 && (1..=max_seconds).contains(&value.as_secs());
+    let expected = format!("whole seconds, 1s..={max_seconds}s");
+    check(ok, key, humantime::format_duration(value), &expected)
+}
+
+/// A positive duration that fits PostgreSQL's and Linux's millisecond settings (an int4).
+fn milliseconds(key: &str, value: Duration) -> Result<(), Violation> {
+    positive(key, value)?;
+    let ok = value.as_millis() <= i32::MAX as u128;
+    check(ok, key, humantime::format_duration(value), "at most 24 days (2147483647 ms)")
 }
 
 /// A URL the PostgreSQL driver accepts, checked at load time so a bad deploy fails
@@ -201,5 +285,39 @@ mod tests {
         assert_eq!(config.tls_floor().expect_err("listen_url").key, "listen_url");
         let allowed = DatabaseConfig { allow_unverified_tls: true, ..config };
         assert_eq!(allowed.tls_floor().expect("allowed").len(), 1, "only listen_url is unverified");
+    }
+
+    #[test]
+    fn the_defaults_are_valid_and_every_socket_setting_is_checked_by_key() {
+        DatabaseConfig::default().validate().expect("the defaults are valid");
+        let refused = |change: fn(&mut DatabaseConfig)| {
+            let mut config = DatabaseConfig::default();
+            change(&mut config);
+            config.validate().expect_err("refused").key
+        };
+        assert_eq!(refused(|c| c.keepalives_idle = Duration::from_millis(500)), "keepalives_idle");
+        assert_eq!(refused(|c| c.keepalives_idle = Duration::from_millis(1500)), "keepalives_idle");
+        assert_eq!(refused(|c| c.keepalives_interval = Duration::from_secs(40_000)), "keepalives_interval");
+        assert_eq!(refused(|c| c.keepalives_retries = 0), "keepalives_retries");
+        assert_eq!(refused(|c| c.keepalives_retries = 128), "keepalives_retries");
+        assert_eq!(refused(|c| c.tcp_user_timeout = Duration::ZERO), "tcp_user_timeout");
+        assert_eq!(refused(|c| c.migrate_lock_timeout = Duration::ZERO), "migrate_lock_timeout");
+        assert_eq!(
+            refused(|c| c.migrate_lock_timeout = Duration::from_secs(30 * 24 * 3600)),
+            "migrate_lock_timeout"
+        );
+    }
+
+    #[test]
+    fn listen_and_migrations_connect_with_the_sections_socket_settings() {
+        let config = DatabaseConfig {
+            migrate_url: Some("postgres://direct/db".into()),
+            keepalives_idle: Duration::from_secs(7),
+            ..DatabaseConfig::default()
+        };
+        assert_eq!(config.listen_direct().url, config.url);
+        assert_eq!(config.migrate_direct().url, "postgres://direct/db");
+        assert_eq!(config.listen_direct().socket.keepalives_idle, Duration::from_secs(7));
+        assert_eq!(config.migrate_direct().socket, config.socket());
     }
 }

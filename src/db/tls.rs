@@ -17,6 +17,12 @@
 //! `sslrootcert` is a PEM file or `system` (the platform roots; as in libpq 16 it defaults
 //! sslmode to `verify-full` and refuses weaker modes). `sslcert` + `sslkey` (PEM) present a
 //! client certificate. `sslmode=allow` is refused: tokio-postgres cannot try plain first.
+//!
+//! `channel_binding=disable|prefer|require` (libpq's, read by tokio-postgres) binds a SCRAM
+//! login to the TLS session: the stream reports `tls-server-end-point`, so the driver uses
+//! SCRAM-SHA-256-PLUS whenever the server offers it, and with `require` refuses a login without
+//! it (a server that does not ask for SCRAM, or no TLS). `require` with `sslmode=disable` is
+//! refused here, by name, before any connection.
 
 use std::future::Future;
 use std::io;
@@ -122,6 +128,7 @@ fn split_url(url: &str) -> Result<Split, String> {
     let mut root_cert = None;
     let mut cert = None;
     let mut key = None;
+    let mut binding_required = false;
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let Some((name, value)) = url::form_urlencoded::parse(pair.as_bytes()).next() else {
@@ -133,6 +140,11 @@ fn split_url(url: &str) -> Result<Split, String> {
             "sslrootcert" => root_cert = Some(RootCert::File(value.into_owned())),
             "sslcert" => cert = Some(value.into_owned()),
             "sslkey" => key = Some(value.into_owned()),
+            // The driver reads it too (SCRAM-SHA-256-PLUS); read here only to check it fits.
+            "channel_binding" => {
+                binding_required = value == "require";
+                kept.push(pair);
+            }
             _ => kept.push(pair),
         }
     }
@@ -156,6 +168,11 @@ fn split_url(url: &str) -> Result<Split, String> {
         (Some(SslMode::Require), Some(RootCert::File(_))) => SslMode::VerifyCa,
         (mode, _) => mode.unwrap_or(SslMode::Prefer),
     };
+    if binding_required && mode == SslMode::Disable {
+        return Err("channel_binding=require needs TLS, and sslmode=disable never uses it: \
+                    use sslmode=verify-full (or require) with channel_binding=require"
+            .to_owned());
+    }
     if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
         return Err(format!("sslmode={} needs sslrootcert=<CA file> or sslrootcert=system", mode.as_str()));
     }
@@ -478,11 +495,90 @@ impl<S> tokio_postgres::tls::TlsStream for RustlsStream<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    /// `tls-server-end-point` (RFC 5929): the hash of the certificate the server presented, so
+    /// SCRAM-SHA-256-PLUS binds the password exchange to this TLS session and a relay that
+    /// terminated TLS with a certificate of its own cannot complete it. Without a certificate or
+    /// with a signature hash RFC 5929 does not cover, SCRAM runs unbound (refused with
+    /// `channel_binding=require`).
     fn channel_binding(&self) -> ChannelBinding {
-        // tls-server-end-point needs the hash named by the certificate's signature algorithm;
-        // without it SCRAM runs without channel binding (channel_binding=prefer, the default).
-        ChannelBinding::none()
+        let (_, session) = self.0.get_ref();
+        match session.peer_certificates().and_then(|chain| chain.first()) {
+            Some(end_entity) => match tls_server_end_point(end_entity) {
+                Some(hash) => ChannelBinding::tls_server_end_point(hash),
+                None => ChannelBinding::none(),
+            },
+            None => ChannelBinding::none(),
+        }
     }
+}
+
+/// The hash of a DER certificate that `tls-server-end-point` is made of (RFC 5929 section 4.1):
+/// the hash function of the certificate's signature algorithm, SHA-256 where that is MD5 or
+/// SHA-1. `None` when the signature names no single hash of these (RSA-PSS, Ed25519) or the
+/// certificate cannot be read.
+fn tls_server_end_point(certificate: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    let hash = match signature_algorithm(certificate)? {
+        oid::MD5_RSA | oid::SHA1_RSA | oid::SHA256_RSA | oid::ECDSA_SHA1 | oid::ECDSA_SHA256 => {
+            sha2::Sha256::digest(certificate).to_vec()
+        }
+        oid::SHA224_RSA | oid::ECDSA_SHA224 => sha2::Sha224::digest(certificate).to_vec(),
+        oid::SHA384_RSA | oid::ECDSA_SHA384 => sha2::Sha384::digest(certificate).to_vec(),
+        oid::SHA512_RSA | oid::ECDSA_SHA512 => sha2::Sha512::digest(certificate).to_vec(),
+        _ => return None,
+    };
+    Some(hash)
+}
+
+/// DER contents of the signature algorithm OIDs `tls-server-end-point` knows.
+mod oid {
+    // 1.2.840.113549.1.1.n: PKCS #1 (RSA) signatures.
+    pub const MD5_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x04];
+    pub const SHA1_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x05];
+    pub const SHA256_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b];
+    pub const SHA384_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c];
+    pub const SHA512_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d];
+    pub const SHA224_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0e];
+    // 1.2.840.10045.4.1 and 1.2.840.10045.4.3.n: ECDSA signatures.
+    pub const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    pub const ECDSA_SHA224: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x01];
+    pub const ECDSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
+    pub const ECDSA_SHA384: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
+    pub const ECDSA_SHA512: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04];
+}
+
+const DER_SEQUENCE: u8 = 0x30;
+const DER_OID: u8 = 0x06;
+
+/// The OID of a DER certificate's `signatureAlgorithm`:
+/// `Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm SEQUENCE { OID, … }, … }`.
+fn signature_algorithm(certificate: &[u8]) -> Option<&[u8]> {
+    let (certificate, _) = der_element(certificate, DER_SEQUENCE)?;
+    let (_tbs_certificate, rest) = der_element(certificate, DER_SEQUENCE)?;
+    let (algorithm, _) = der_element(rest, DER_SEQUENCE)?;
+    let (oid, _) = der_element(algorithm, DER_OID)?;
+    Some(oid)
+}
+
+/// The DER element with `tag` at the start of `input`: its contents and the bytes after it.
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&found, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    if found != tag {
+        return None;
+    }
+    let (length, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        // Long form: the low bits count the length bytes (0 is BER's indefinite length).
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > std::mem::size_of::<u32>() || rest.len() < count {
+            return None;
+        }
+        let (bytes, rest) = rest.split_at(count);
+        (bytes.iter().fold(0usize, |length, byte| (length << 8) | usize::from(*byte)), rest)
+    };
+    (rest.len() >= length).then(|| rest.split_at(length))
 }
 
 impl<S> AsyncRead for RustlsStream<S>
@@ -560,6 +656,95 @@ mod tests {
             let err = options(url).expect_err(url);
             assert!(err.contains(needle), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn channel_binding_require_without_tls_is_refused_by_name() {
+        let err = options("postgres://db/app?sslmode=disable&channel_binding=require").expect_err("refused");
+        assert!(err.contains("channel_binding=require") && err.contains("sslmode=disable"), "{err}");
+        for url in [
+            "postgres://db/app?sslmode=require&channel_binding=require",
+            "postgres://db/app?channel_binding=require",
+            "postgres://db/app?sslmode=disable&channel_binding=prefer",
+        ] {
+            let split = split_url(url).expect(url);
+            assert!(split.driver_url.contains("channel_binding="), "{url}: kept for the driver");
+        }
+    }
+
+    /// A DER `Certificate` with an empty `tbsCertificate` and the signature algorithm `oid`:
+    /// only the structure [`signature_algorithm`] walks.
+    fn certificate_signed_with(oid: &[u8]) -> Vec<u8> {
+        let mut algorithm = vec![DER_OID, oid.len() as u8];
+        algorithm.extend_from_slice(oid);
+        algorithm.extend_from_slice(&[0x05, 0x00]); // NULL parameters
+        let mut body = vec![DER_SEQUENCE, 0x00, DER_SEQUENCE, algorithm.len() as u8];
+        body.extend_from_slice(&algorithm);
+        body.extend_from_slice(&[0x03, 0x01, 0x00]); // an empty BIT STRING signature
+        let mut der = vec![DER_SEQUENCE, body.len() as u8];
+        der.extend_from_slice(&body);
+        der
+    }
+
+    #[test]
+    fn the_end_point_hash_follows_the_signature_hash_and_sha1_and_md5_become_sha256() {
+        let ed25519: &[u8] = &[0x2b, 0x65, 0x70];
+        let rsa_pss: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a];
+        for (oid, length) in [
+            (oid::MD5_RSA, Some(32)),
+            (oid::SHA1_RSA, Some(32)),
+            (oid::ECDSA_SHA1, Some(32)),
+            (oid::SHA224_RSA, Some(28)),
+            (oid::ECDSA_SHA224, Some(28)),
+            (oid::SHA256_RSA, Some(32)),
+            (oid::ECDSA_SHA256, Some(32)),
+            (oid::SHA384_RSA, Some(48)),
+            (oid::ECDSA_SHA384, Some(48)),
+            (oid::SHA512_RSA, Some(64)),
+            (oid::ECDSA_SHA512, Some(64)),
+            (ed25519, None),
+            (rsa_pss, None),
+        ] {
+            let certificate = certificate_signed_with(oid);
+            assert_eq!(signature_algorithm(&certificate), Some(oid));
+            assert_eq!(tls_server_end_point(&certificate).map(|h| h.len()), length, "{oid:02x?}");
+        }
+        let sha1 = certificate_signed_with(oid::SHA1_RSA);
+        use sha2::Digest;
+        assert_eq!(tls_server_end_point(&sha1), Some(sha2::Sha256::digest(&sha1).to_vec()));
+    }
+
+    #[test]
+    fn a_real_certificate_is_hashed_whole_with_its_signature_hash() {
+        use sha2::Digest;
+        for (name, algorithm, expected) in [
+            ("ECDSA P-256 SHA-256", &rcgen::PKCS_ECDSA_P256_SHA256, 32),
+            ("ECDSA P-384 SHA-384", &rcgen::PKCS_ECDSA_P384_SHA384, 48),
+            ("Ed25519", &rcgen::PKCS_ED25519, 0),
+        ] {
+            let key = rcgen::KeyPair::generate_for(algorithm).expect("key");
+            let params = rcgen::CertificateParams::new(vec!["db.example.com".to_owned()]).expect("params");
+            let certificate = params.self_signed(&key).expect("certificate");
+            let der: &[u8] = certificate.der();
+            let hash = tls_server_end_point(der);
+            assert_eq!(hash.as_ref().map_or(0, Vec::len), expected, "{name}");
+            if expected == 48 {
+                assert_eq!(hash, Some(sha2::Sha384::digest(der).to_vec()));
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_or_indefinite_der_is_not_read() {
+        let certificate = certificate_signed_with(oid::SHA256_RSA);
+        for cut in 0..certificate.len() {
+            assert_eq!(signature_algorithm(&certificate[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(der_element(&[DER_SEQUENCE, 0x80, 0x00, 0x00], DER_SEQUENCE), None);
+        assert_eq!(
+            der_element(&[DER_SEQUENCE, 0x82, 0x00, 0x01, 0xaa], DER_SEQUENCE),
+            Some((&[0xaa][..], &[][..]))
+        );
     }
 
     #[test]

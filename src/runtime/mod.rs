@@ -44,6 +44,12 @@ use crate::listen::Listener;
 /// Ceiling of the delay after repeated failed ticks (never below the loop's own interval).
 pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Ceiling of the delay after a failed tick while the database cannot be reached
+/// ([`Db::unreachable`]): looking again costs one connect, bounded by `database.connect_timeout`,
+/// and every loop should tick again within seconds of the database's return, not up to
+/// [`MAX_ERROR_BACKOFF`] later (readiness waits for every loop).
+pub const DB_RECONNECT_CHECK: Duration = Duration::from_secs(2);
+
 /// When and how a loop ticks.
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -518,7 +524,7 @@ impl<L: Loop> Runner<L> {
             }
             Some(failure) => {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-                self.backoff_cap = failure.backoff_cap;
+                self.backoff_cap = outage_backoff_cap(failure.backoff_cap, self.rt.db.unreachable());
                 if let Some(repeats) = self.errors.should_log(failure.label, Instant::now()) {
                     log_failure(name, outcome, &failure, repeats, self.consecutive_failures);
                 }
@@ -629,6 +635,13 @@ async fn wait_for(wake: Option<Arc<Notify>>) {
 /// loop cannot starve the others or spin forever on a batch that never shrinks).
 pub fn drain_again(progress: Progress, drained_so_far: u32, max_drain_ticks: u32) -> bool {
     progress == Progress::More && drained_so_far < max_drain_ticks
+}
+
+/// A failed tick's backoff cap, at most [`DB_RECONNECT_CHECK`] while the database cannot be
+/// reached: whatever ended the tick (a pool error, a statement on a dead connection, its
+/// timeout), what the loop waits for is the database, and noticing its return is cheap.
+pub fn outage_backoff_cap(cap: Duration, database_unreachable: bool) -> Duration {
+    if database_unreachable { cap.min(DB_RECONNECT_CHECK) } else { cap }
 }
 
 /// The backoff cap after a failure: the error's own ([`LoopError::backoff_cap`]; `None` for a
@@ -764,6 +777,20 @@ mod tests {
             Duration::from_secs(60),
             "still never below the interval"
         );
+    }
+
+    #[test]
+    fn while_the_database_cannot_be_reached_every_failure_is_tried_again_within_the_reconnect_check() {
+        let s = Schedule::every(Duration::from_millis(500), Duration::from_secs(5));
+        let timeout = backoff_cap(&s, None);
+        assert_eq!(outage_backoff_cap(timeout, false), MAX_ERROR_BACKOFF, "a reachable database: as before");
+        let cap = outage_backoff_cap(timeout, true);
+        assert_eq!(cap, DB_RECONNECT_CHECK);
+        assert_eq!(next_delay(&s, 0.0, 40, cap, 0.5), DB_RECONNECT_CHECK, "after a long outage");
+        let short = Duration::from_millis(700);
+        assert_eq!(outage_backoff_cap(short, true), short, "a shorter cap of its own stays");
+        let lease = Schedule::every(Duration::from_secs(1), Duration::from_secs(1)).without_backoff();
+        assert_eq!(outage_backoff_cap(backoff_cap(&lease, None), true), Duration::ZERO);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! `scripts/chaos.sh` runs them one scenario at a time.
 #![allow(dead_code)] // each chaos binary uses a different subset
 
+pub mod silent_path;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
