@@ -12,6 +12,7 @@ source scripts/lib/services.sh
 ensure_postgres
 ensure_redis
 ensure_pgbouncer
+ensure_tc
 
 figures=$(mktemp)
 log=$(mktemp)

@@ -36,6 +36,14 @@ ensure_pgbouncer() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
 }
 
+# `tc` (iproute2): chaos scenario 6b drops a path's packets with a BPF filter on loopback.
+ensure_tc() {
+  if command -v tc >/dev/null || [ -x /usr/sbin/tc ] || [ -x /sbin/tc ]; then return 0; fi
+  echo "installing iproute2 (tc)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+}
+
 ensure_database() { # ensure_database NAME
   if ! psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$1'" | grep -q 1; then
     psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE \"$1\""

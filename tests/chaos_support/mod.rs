@@ -44,7 +44,8 @@ pub fn report(scenario: u32, name: &str, figures: &[(&str, String)]) {
 }
 
 /// A worker config as a TOML table: every loop off except the lease, a JSON log, the test's
-/// database and Redis prefix. Scenarios switch on what they exercise with [`WorkerConfig::set`].
+/// database and Redis prefix, and `/readyz` with raw error messages (`health.detail`), so a
+/// scenario's failure says what went wrong, not only its label. Scenarios switch on what they exercise with [`WorkerConfig::set`].
 #[derive(Clone)]
 pub struct WorkerConfig(toml::Table);
 
@@ -54,7 +55,7 @@ impl WorkerConfig {
             "[app]\nenv = \"test\"\nshutdown_timeout = \"15s\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n\
              [database]\nurl = \"{database_url}\"\npool_size = 4\nmigrate_on_start = false\n\n\
              [redis]\nurl = \"{redis_url}\"\nprefix = \"{redis_prefix}\"\n\n\
-             [runtime]\njitter = 0.0\n\n\
+             [health]\ndetail = true\n\n[runtime]\njitter = 0.0\n\n\
              [outbox]\nenabled = false\n\n[counters]\nenabled = false\n\n[chats]\nenabled = false\n\n\
              [gitsync]\nenabled = false\n\n[prebuilds]\nenabled = false\n"
         );
