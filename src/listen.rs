@@ -188,10 +188,16 @@ impl ListenerTask {
         let mut acks: Acks = Vec::new();
         loop {
             let connects = *self.connects.borrow();
+            // Shutdown first: once the process is stopping, the session can also end because
+            // the command senders are being dropped, and that is no reason to warn.
             let result = tokio::select! {
-                result = self.session(&mut acks) => result,
+                biased;
                 _ = shutdown.cancelled() => return,
+                result = self.session(&mut acks) => result,
             };
+            if shutdown.is_cancelled() {
+                return;
+            }
             self.health.set_listener_connected(false);
             // Only failed attempts in a row grow the delay: a connection that was up and then
             // closed or failed (a restart, a silent path noticed) is retried at once.
