@@ -405,8 +405,17 @@ pub async fn backends(name: &str) -> i64 {
         .get(0)
 }
 
-/// `pg_ctlcluster … restart` of the local cluster (the one every test uses).
-pub fn restart_postgres() {
+/// `pg_ctlcluster … stop` of the local cluster (the one every test uses), fast mode.
+pub fn stop_postgres() {
+    pg_ctlcluster(&["stop", "-m", "fast"]);
+}
+
+/// `pg_ctlcluster … start` of the local cluster.
+pub fn start_postgres() {
+    pg_ctlcluster(&["start"]);
+}
+
+fn pg_ctlcluster(action: &[&str]) {
     let version = std::fs::read_dir("/etc/postgresql")
         .expect("/etc/postgresql: a Debian PostgreSQL cluster")
         .flatten()
@@ -421,10 +430,11 @@ pub fn restart_postgres() {
         sudo
     };
     let status = command
-        .args(["--skip-systemctl-redirect", &version, "main", "restart", "-m", "fast"])
+        .args(["--skip-systemctl-redirect", &version, "main"])
+        .args(action)
         .status()
         .expect("run pg_ctlcluster");
-    assert!(status.success(), "pg_ctlcluster restart: {status}");
+    assert!(status.success(), "pg_ctlcluster {action:?}: {status}");
 }
 
 /// A redis-server of the scenario's own that can be stopped and started again on the same port
