@@ -42,20 +42,18 @@ async fn loops(replica: &Replica) -> BTreeMap<String, (u64, String)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recovers() {
-    let test_db = TestDb::new().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let proxy = FreezingProxy::start("127.0.0.1:5432").await;
-    let through_proxy = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
+/// A worker running every loop that needs no outside service, its database connections (pool,
+/// lease and LISTEN) through `url`, every tick bounded by [`TICK_TIMEOUT`] and every checkout,
+/// connect and statement by 2 s.
+fn every_loop_through(test_db: &TestDb, url: &str, dir: &std::path::Path) -> WorkerConfig {
     let quick_agent = agent(
-        dir.path(),
+        dir,
         "agent",
         "cat >/dev/null\necho '{\"type\":\"message\",\"role\":\"assistant\",\"content\":\"hi\"}'",
     );
-    let mut config = WorkerConfig::for_test(&test_db)
-        .set("database.url", through_proxy.as_str())
-        .set("database.listen_url", through_proxy.as_str())
+    let mut config = WorkerConfig::for_test(test_db)
+        .set("database.url", url)
+        .set("database.listen_url", url)
         .set("database.connect_timeout", "2s")
         .set("database.acquire_timeout", "2s")
         .set("database.statement_timeout", "2s")
@@ -81,13 +79,12 @@ async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recov
     ] {
         config = config.set(key, TICK_TIMEOUT);
     }
-    let mut replica = Replica::start(dir.path(), "replica", &config);
-    replica.ready().await;
-    let before = loops(&replica).await;
+    config
+}
 
-    proxy.freeze();
-    let frozen_at = Instant::now();
-    // Work arrives during the freeze (straight to PostgreSQL, not through the frozen path).
+/// Work that arrives during a fault, straight to PostgreSQL (not through the faulty path): 1,000
+/// tasks in the outbox and a pending chat, whose id is returned.
+async fn work_arrives(test_db: &TestDb) -> uuid::Uuid {
     test_db
         .db
         .get()
@@ -99,7 +96,24 @@ async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recov
         )
         .await
         .expect("enqueue");
-    let chat = chats_support::pending_chat(&test_db.db, "hello").await;
+    chats_support::pending_chat(&test_db.db, "hello").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recovers() {
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let proxy = FreezingProxy::start("127.0.0.1:5432").await;
+    let through_proxy = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
+    let config = every_loop_through(&test_db, &through_proxy, dir.path());
+    let mut replica = Replica::start(dir.path(), "replica", &config);
+    replica.ready().await;
+    let before = loops(&replica).await;
+
+    proxy.freeze();
+    let frozen_at = Instant::now();
+    // Work arrives during the freeze (straight to PostgreSQL, not through the frozen path).
+    let chat = work_arrives(&test_db).await;
     eventually(LIMIT, "/readyz to report the frozen database", || async {
         matches!(replica.readyz().await, Some((503, _)))
     })
@@ -197,36 +211,11 @@ async fn scenario_6b_a_silent_path_is_noticed_by_every_connection_and_the_worker
     let dir = scenario_dir();
     let mut path = SilentPath::start("127.0.0.1:5432").await;
     let through_path = format!("postgres://postgres@127.0.0.1:{}/{}", path.port, test_db.name);
-    let quick_agent = agent(
-        dir.path(),
-        "agent",
-        "cat >/dev/null\necho '{\"type\":\"message\",\"role\":\"assistant\",\"content\":\"hi\"}'",
-    );
-    let mut config = WorkerConfig::for_test(&test_db)
-        .set("database.url", through_path.as_str())
-        .set("database.listen_url", through_path.as_str())
-        .set("database.connect_timeout", "2s")
-        .set("database.acquire_timeout", "2s")
-        .set("database.statement_timeout", "2s")
+    let config = every_loop_through(&test_db, &through_path, dir.path())
         .set("database.keepalives_idle", humantime::format_duration(KEEPALIVES_IDLE).to_string())
         .set("database.keepalives_interval", "2s")
         .set("database.keepalives_retries", 3i64)
-        .set("database.tcp_user_timeout", humantime::format_duration(TCP_USER_TIMEOUT).to_string())
-        .set("outbox.enabled", true)
-        .set("counters.enabled", true)
-        .set("counters.interval", "500ms")
-        .set("chats.enabled", true)
-        .set("chats.acquire_interval", "200ms")
-        .set("chats.heartbeat_interval", "1s")
-        .set("chats.recover_interval", "1s")
-        .set("chats.runner.command", vec![quick_agent])
-        .set("prebuilds.enabled", true)
-        .set("prebuilds.interval", "1s")
-        .set("gitsync.enabled", true)
-        .set("gitsync.interval", "1s");
-    for section in ["outbox", "counters", "prebuilds", "gitsync"] {
-        config = config.set(&format!("{section}.tick_timeout"), TICK_TIMEOUT);
-    }
+        .set("database.tcp_user_timeout", humantime::format_duration(TCP_USER_TIMEOUT).to_string());
     let mut replica = Replica::start(dir.path(), "replica", &config);
     replica.ready().await;
     // A connection with the driver's defaults (keepalive after 2 h, no user timeout), idle on
@@ -253,18 +242,7 @@ async fn scenario_6b_a_silent_path_is_noticed_by_every_connection_and_the_worker
     path.silence();
     let silenced_at = Instant::now();
     // Work arrives during the silence (straight to PostgreSQL, not through the path).
-    test_db
-        .db
-        .get()
-        .await
-        .expect("conn")
-        .exec(
-            "SELECT count(enqueue_task('task-' || g, 'q', '{}'::jsonb)) FROM generate_series(1, 1000) g",
-            &[],
-        )
-        .await
-        .expect("enqueue");
-    let chat = chats_support::pending_chat(&test_db.db, "hello").await;
+    let chat = work_arrives(&test_db).await;
     // When each connection left ESTABLISHED (the kernel gave up on it, or the worker closed it),
     // and when the worker logged that its LISTEN connection failed.
     let mut noticed: BTreeMap<u16, Duration> = BTreeMap::new();
