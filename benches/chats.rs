@@ -14,8 +14,8 @@
 //!    the real `worker` binary with chats enabled, idle and then running `--real-chats` (1000)
 //!    real chats, each with its agent subprocess. The headline figure, the worker holding the
 //!    largest set at its peak, is the real binary's idle peak plus the child's peak increase.
-//! 3. Acquisition: two workers (two pools) claiming pending chats side by side with the acquire
-//!    loop's `CLAIM` statement (batch 500) and registering a runner per claimed chat, versus one
+//! 3. Acquisition: two workers (two pools) claiming pending chats (each of its own owner) with
+//!    the acquire loop's claim (`admission::claim`, batch 500; claims are serialised by its lock) and registering a runner per claimed chat, versus one
 //!    claim per chat (`LIMIT 1`); every chat must end claimed exactly once (generation 1).
 //!
 //! `cargo bench --bench chats -- [--sizes 1000,10000,100000] [--samples N] [--per-chat-max N]
@@ -33,6 +33,7 @@ use anyhow::Context;
 use common::{BenchDb, ms, quantile, rate, table};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
+use worker::chats::admission::{self, Rules};
 use worker::chats::runner::{self, ChatsContext, Claimed};
 use worker::chats::{Agent, ChatLoops, ChatsConfig, RunnerConfig};
 use worker::db::DatabaseConfig;
@@ -734,15 +735,14 @@ async fn claim_all(w: &BenchWorker, limit: i64) -> anyhow::Result<u64> {
     loop {
         let mut conn = w.db.get().await?;
         let tx = db::begin(&mut conn, w.db.statement_timeout()).await?;
-        let rows = tx
-            .fetch_all(worker::chats::acquire::CLAIM, &[(&w.me.id, Type::UUID), (&limit, Type::INT8)])
-            .await?;
+        let rules = Rules::of(&ChatsConfig::default());
+        let admitted = admission::claim(&tx, w.me.id, u32::try_from(limit)?, rules).await?;
         db::commit(tx).await?;
-        if rows.is_empty() {
+        if admitted.chats.is_empty() {
             return Ok(total);
         }
-        total += rows.len() as u64;
-        w.register(rows.iter().map(|r| (r.get(0), r.get(1))))?;
+        total += admitted.chats.len() as u64;
+        w.register(admitted.chats.iter().map(|(c, _)| (c.id, c.generation)))?;
     }
 }
 
@@ -782,7 +782,7 @@ async fn acquire(
         w.unregister_all().await;
     }
     Ok(AcquireResult {
-        label: format!("{m} pending, `CLAIM` with LIMIT {limit}"),
+        label: format!("{m} pending, the claim with LIMIT {limit}"),
         claimed: a + b,
         elapsed,
         split: (a, b),

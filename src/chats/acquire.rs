@@ -1,21 +1,26 @@
 //! The `chats_acquire` loop: claims pending chats for this worker and starts their runners.
 //!
 //! Every second, and at once on NOTIFY `chat_pending`: claim up to
-//! `min(max_per_acquire, max_running - running)` pending, non-archived chats, oldest first,
-//! `FOR UPDATE SKIP LOCKED` (replicas claim side by side, never the same chat), setting
-//! `running`, `worker_id = me`, `generation = generation + 1` (the fencing token every later
-//! write checks). Then one runner per chat in the runtime's supervisor. Nothing is claimed while
-//! this worker's lease is not healthy (another replica may be recovering its chats) or while it
-//! shuts down.
+//! `min(max_per_acquire, max_running - running)` pending, non-archived chats in the order and
+//! within the caps of [`admission`](super::admission) (one short transaction: the claim lock,
+//! then one statement), setting `running`, `worker_id = me`, `generation = generation + 1` (the
+//! fencing token every later write checks). Then one runner per chat in the runtime's
+//! supervisor. Nothing is claimed while this worker's lease is not healthy (another replica may
+//! be recovering its chats) or while it shuts down.
+//!
+//! Every [`CENSUS_EVERY`], the tick also counts the pending chats and the oldest wait for the
+//! `chats.pending` gauges (the same numbers on every replica: dashboards take the max).
 //!
 //! Claim and registration happen under the ownership lock the heartbeat also takes, so a
 //! heartbeat never sees a chat that is ours in the database but not yet registered here (it
 //! would hand it back) or the reverse.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
 
+use super::admission::{self, Rules};
 use super::runner::{self, ChatsContext, Claimed, Runners};
 use crate::db::{self, DbError, Exec};
 use crate::runtime::{Loop, LoopInfo, Progress, Schedule, StartError, Tick};
@@ -32,17 +37,17 @@ pub const INFO: LoopInfo = LoopInfo {
 /// NOTIFY channel of `post_chat_message` when a chat becomes pending.
 pub const WAKE_CHANNEL: &str = "chat_pending";
 
-/// The claim (public for `benches/chats.rs`, which measures it on its own).
-pub const CLAIM: &str = "WITH picked AS (\
-       SELECT id FROM chats WHERE status = 'pending' AND NOT archived \
-       ORDER BY created_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
-     UPDATE chats AS c SET status = 'running', worker_id = $1, generation = c.generation + 1, \
-       started_at = now(), updated_at = now(), last_error = NULL \
-     FROM picked WHERE c.id = picked.id \
-     RETURNING c.id, c.generation, c.owner_id, c.workspace_id, c.title";
+/// How often the acquire tick counts the pending chats for the gauges.
+pub const CENSUS_EVERY: Duration = Duration::from_secs(10);
+
+/// Pending chats and the oldest wait in seconds (0 when none waits).
+const CENSUS: &str = "SELECT count(*)::int8, \
+       coalesce(extract(epoch FROM now() - min(pending_since)), 0)::float8 \
+     FROM chats WHERE status = 'pending' AND NOT archived";
 
 pub struct Acquire {
     pub(super) ctx: Arc<ChatsContext>,
+    pub(super) last_census: std::sync::Mutex<Option<Instant>>,
     pub(super) runners: Runners,
     pub(super) ownership: Arc<tokio::sync::Mutex<()>>,
     /// Test support: see [`Acquire::gated_after_claim`].
@@ -68,19 +73,33 @@ impl Acquire {
 
     async fn claim(&self, conn: &mut db::Conn, limit: u32) -> Result<Vec<Claimed>, DbError> {
         let tx = db::begin(conn, self.ctx.db.statement_timeout()).await?;
-        let limit = i64::from(limit);
-        let rows = tx.fetch_all(CLAIM, &[(&self.ctx.worker_id, Type::UUID), (&limit, Type::INT8)]).await?;
+        let admitted = admission::claim(&tx, self.ctx.worker_id, limit, Rules::of(&self.ctx.config)).await?;
         db::commit(tx).await?;
-        Ok(rows
-            .iter()
-            .map(|r| Claimed {
-                id: r.get(0),
-                generation: r.get(1),
-                owner_id: r.get(2),
-                workspace_id: r.get(3),
-                title: r.get(4),
+        let metrics = &self.ctx.metrics;
+        metrics.capped("owner_cap", admitted.owners_capped);
+        metrics.capped("org_cap", admitted.orgs_capped);
+        Ok(admitted
+            .chats
+            .into_iter()
+            .map(|(chat, waited)| {
+                metrics.admitted(waited);
+                chat
             })
             .collect())
+    }
+
+    /// The pending census for the gauges, when [`CENSUS_EVERY`] has passed since the last one.
+    async fn census_if_due(&self) -> Result<(), DbError> {
+        {
+            let mut last = self.last_census.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < CENSUS_EVERY) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let row = db::in_transaction(&self.ctx.db, async |tx| tx.fetch_one(CENSUS, &[]).await).await?;
+        self.ctx.metrics.set_pending(row.get(0), row.get(1));
+        Ok(())
     }
 
     /// Starts the runner of a claimed chat; a chat that cannot start here goes back to pending.
@@ -125,6 +144,7 @@ impl Loop for Acquire {
         if tick.shutdown().is_cancelled() {
             return Ok(Progress::Done);
         }
+        self.census_if_due().await?;
         if !self.ctx.lease.current().is_healthy() {
             tracing::debug!("lease not healthy; acquiring nothing");
             return Ok(Progress::Done);

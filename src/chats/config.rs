@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::admission::Order;
 use super::agent::{self, AgentCommand, AgentLimits};
 use super::boundary::{self, AgentUser};
 use super::limits::LimitsConfig;
@@ -55,6 +56,14 @@ pub struct ChatsConfig {
     pub recover_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub recover_tick_timeout: Duration,
+    /// Running chats one owner may have at once over every replica; 0 = no cap. A
+    /// `chat_quotas` row overrides it per owner.
+    pub max_running_per_owner: u32,
+    /// Running chats one org (`chats.org_id`) may have at once over every replica; 0 = no cap.
+    pub max_running_per_org: u32,
+    /// The order among chats under their caps: `fair` (the owner with the fewest running,
+    /// weighted, first) or `fifo` (the oldest wait first).
+    pub admission: Order,
     pub runner: RunnerConfig,
 }
 
@@ -70,6 +79,9 @@ impl Default for ChatsConfig {
             stale_after: DEFAULT_STALE_AFTER,
             recover_interval: DEFAULT_RECOVER_INTERVAL,
             recover_tick_timeout: DEFAULT_RECOVER_TICK_TIMEOUT,
+            max_running_per_owner: 0,
+            max_running_per_org: 0,
+            admission: Order::Fair,
             runner: RunnerConfig::default(),
         }
     }
@@ -197,6 +209,13 @@ impl ChatsConfig {
             self.max_per_acquire,
             "1..=10000",
         )?;
+        // A cap is an int4 in the database (`chat_quotas.max_running`).
+        for (key, cap) in [
+            ("max_running_per_owner", self.max_running_per_owner),
+            ("max_running_per_org", self.max_running_per_org),
+        ] {
+            check(cap <= 1_000_000, key, cap, "0 (no cap) ..= 1000000")?;
+        }
         positive("acquire_interval", self.acquire_interval)?;
         positive("acquire_tick_timeout", self.acquire_tick_timeout)?;
         positive("heartbeat_interval", self.heartbeat_interval)?;

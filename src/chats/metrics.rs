@@ -1,6 +1,9 @@
 //! The chat loops' instruments (`chats.*`). Labels are fixed strings (outcome kinds, causes),
 //! never chat ids.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 
@@ -12,6 +15,17 @@ pub struct ChatMetrics {
     recovered: Counter<u64>,
     released: Counter<u64>,
     heartbeat: Histogram<f64>,
+    admission_wait: Histogram<f64>,
+    capped: Counter<u64>,
+    census: Arc<Census>,
+}
+
+/// The last pending census (`chats.pending`, `chats.pending.oldest_age`), read at each export.
+#[derive(Default)]
+struct Census {
+    pending: AtomicU64,
+    /// Seconds, as f64 bits.
+    oldest_age: AtomicU64,
 }
 
 impl ChatMetrics {
@@ -23,7 +37,35 @@ impl ChatMetrics {
             .with_description("Agent turns running in this worker")
             .with_callback(move |o| o.observe(running() as u64, &[]))
             .build();
+        let census = Arc::new(Census::default());
+        let observed = census.clone();
+        meter
+            .u64_observable_gauge("chats.pending")
+            .with_description("Pending chats over every replica (the last census of this worker)")
+            .with_callback(move |o| o.observe(observed.pending.load(Ordering::Relaxed), &[]))
+            .build();
+        let observed = census.clone();
+        meter
+            .f64_observable_gauge("chats.pending.oldest_age")
+            .with_unit("s")
+            .with_description("How long the longest-waiting pending chat has waited (the last census)")
+            .with_callback(move |o| {
+                o.observe(f64::from_bits(observed.oldest_age.load(Ordering::Relaxed)), &[])
+            })
+            .build();
         Self {
+            census,
+            admission_wait: meter
+                .f64_histogram("chats.admission.wait")
+                .with_unit("s")
+                .with_description("Time from pending to running of the chats this worker claimed")
+                .build(),
+            capped: meter
+                .u64_counter("chats.admission.capped")
+                .with_description(
+                    "Subjects passed over by a claim because they were at their cap with chats waiting, by cap (owner_cap, org_cap)",
+                )
+                .build(),
             acquisitions: meter
                 .u64_counter("chats.acquisitions")
                 .with_description("Chats claimed from pending by this worker")
@@ -82,6 +124,22 @@ impl ChatMetrics {
         if n > 0 {
             self.released.add(n, &[]);
         }
+    }
+
+    /// A claimed chat had waited `seconds` since it became pending.
+    pub fn admitted(&self, seconds: f64) {
+        self.admission_wait.record(seconds.max(0.0), &[]);
+    }
+
+    pub fn capped(&self, cap: &'static str, subjects: u64) {
+        if subjects > 0 {
+            self.capped.add(subjects, &[KeyValue::new("cap", cap)]);
+        }
+    }
+
+    pub fn set_pending(&self, pending: i64, oldest_age_seconds: f64) {
+        self.census.pending.store(u64::try_from(pending).unwrap_or(0), Ordering::Relaxed);
+        self.census.oldest_age.store(oldest_age_seconds.max(0.0).to_bits(), Ordering::Relaxed);
     }
 
     pub fn heartbeat(&self, seconds: f64) {

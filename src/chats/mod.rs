@@ -21,6 +21,7 @@
 //! - [`cli`]: `worker chat list|create|send|tail`.
 
 pub mod acquire;
+pub mod admission;
 pub mod agent;
 pub mod boundary;
 pub mod cli;
@@ -155,6 +156,7 @@ impl ChatLoops {
             ctx: self.ctx.clone(),
             runners: self.runners.clone(),
             ownership: self.ownership.clone(),
+            last_census: std::sync::Mutex::default(),
             #[cfg(feature = "test-support")]
             after_claim: None,
         }
