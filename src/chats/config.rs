@@ -324,6 +324,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn caps_default_to_none_and_a_cap_past_an_int4_quota_is_refused_by_its_key() {
+        let config = ChatsConfig::default();
+        assert_eq!((config.max_running_per_owner, config.max_running_per_org), (0, 0));
+        assert_eq!(config.admission, Order::Fair);
+        let owner = ChatsConfig { max_running_per_owner: 1_000_001, ..ChatsConfig::default() };
+        assert_eq!(owner.validate().expect_err("too large").key, "max_running_per_owner");
+        let org = ChatsConfig { max_running_per_org: 1_000_001, ..ChatsConfig::default() };
+        assert_eq!(org.validate().expect_err("too large").key, "max_running_per_org");
+        let fine = ChatsConfig {
+            max_running_per_owner: 5,
+            max_running_per_org: 1_000_000,
+            ..ChatsConfig::default()
+        };
+        assert_eq!(fine.validate(), Ok(()));
+    }
+
+    #[test]
     fn the_defaults_leave_room_for_one_failed_renewal() {
         let config = ChatsConfig::default();
         // 2 × (30s × 1.1 + 30s) + 30s + 10s + 1s.
