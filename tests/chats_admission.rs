@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use chats_support::{Worker, agent, chat, config, exec, exec_count, wait_status};
 use common::TestDb;
+use common::metrics::MetricsProbe;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 use worker::chats::ChatsConfig;
@@ -466,4 +467,36 @@ async fn a_claim_waits_for_a_concurrent_one_and_counts_its_chats_against_the_cap
     db::commit(tx_a).await.expect("commit a");
     assert_eq!(b.await.expect("b"), (0, 1), "B sees A's three and claims nothing: the owner is at its cap");
     assert_eq!(running_by_owner(db).await.get(&owner), Some(&3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_records_the_wait_and_the_capped_owners_and_the_tick_counts_the_pending() {
+    let test_db = TestDb::new().await;
+    let db = &test_db.db;
+    let dir = tempfile::tempdir().expect("dir");
+    let probe = MetricsProbe::new();
+    let mut cfg = config(sleeping_agent(dir.path(), "30"));
+    cfg.max_running_per_owner = 1;
+    let w = Worker::start_with_meter(db.clone(), cfg, probe.meter()).await;
+    pending(db, Uuid::new_v4(), None, 3, 60.0).await;
+
+    w.chats.acquire().tick(&Tick::detached(db)).await.expect("acquire");
+    let (wait, attributed) = probe.histogram("chats.admission.wait").await;
+    assert_eq!(wait.count, 1, "one chat claimed");
+    assert!((60..120).contains(&wait.sum), "it had waited a minute: {wait:?}");
+    assert!(!attributed, "no attributes on the wait");
+    assert_eq!(probe.counter("chats.admission.capped", &[("cap", "owner_cap")]).await, 0, "room at first");
+    // The census ran at the start of the tick, before the claim.
+    assert_eq!(probe.gauge("chats.pending").await, Some(3.0));
+    let oldest = probe.gauge("chats.pending.oldest_age").await.expect("oldest age");
+    assert!((60.0..120.0).contains(&oldest), "oldest wait {oldest}");
+
+    w.chats.acquire().tick(&Tick::detached(db)).await.expect("acquire");
+    assert_eq!(
+        probe.counter("chats.admission.capped", &[("cap", "owner_cap")]).await,
+        1,
+        "the owner is at its cap"
+    );
+    assert_eq!(probe.histogram("chats.admission.wait").await.0.count, 1, "nothing more claimed");
+    w.stop().await;
 }

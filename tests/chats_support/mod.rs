@@ -49,10 +49,14 @@ pub struct Worker {
 
 impl Worker {
     pub async fn start(db: Db, config: ChatsConfig) -> Self {
+        Self::start_with_meter(db, config, opentelemetry::global::meter("chats-tests")).await
+    }
+
+    /// As [`Worker::start`], its instruments registered on `meter` (e.g. a `MetricsProbe`'s).
+    pub async fn start_with_meter(db: Db, config: ChatsConfig, meter: opentelemetry::metrics::Meter) -> Self {
         let me = WorkerIdentity::generate();
         let settings =
             RuntimeConfig { jitter: 0.0, controls_refresh: Duration::ZERO, ..RuntimeConfig::default() };
-        let meter = opentelemetry::global::meter("chats-tests");
         let rt = Runtime::for_worker(db.clone(), Health::default(), &meter, settings, me.clone());
         WorkerLease::new(db.clone(), me.clone(), WorkersConfig::default())
             .publishing_to(rt.lease_publisher())

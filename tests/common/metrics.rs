@@ -77,19 +77,31 @@ impl MetricsProbe {
         .flatten()
     }
 
-    /// The u64 histogram `name`; also reports whether any point carries an attribute.
+    /// The histogram `name` (u64, or f64 with its sum and max truncated); also reports whether
+    /// any point carries an attribute.
     pub async fn histogram(&self, name: &str) -> (HistogramPoint, bool) {
         self.with_last(|rm| {
             let mut point = HistogramPoint::default();
             let mut attributed = false;
             for m in rm.scope_metrics().flat_map(|s| s.metrics()).filter(|m| m.name() == name) {
-                if let AggregatedMetrics::U64(MetricData::Histogram(h)) = m.data() {
-                    for p in h.data_points() {
-                        point.count += p.count();
-                        point.sum += p.sum();
-                        point.max = point.max.max(p.max().unwrap_or(0));
-                        attributed |= p.attributes().next().is_some();
+                match m.data() {
+                    AggregatedMetrics::U64(MetricData::Histogram(h)) => {
+                        for p in h.data_points() {
+                            point.count += p.count();
+                            point.sum += p.sum();
+                            point.max = point.max.max(p.max().unwrap_or(0));
+                            attributed |= p.attributes().next().is_some();
+                        }
                     }
+                    AggregatedMetrics::F64(MetricData::Histogram(h)) => {
+                        for p in h.data_points() {
+                            point.count += p.count();
+                            point.sum += p.sum() as u64;
+                            point.max = point.max.max(p.max().unwrap_or(0.0) as u64);
+                            attributed |= p.attributes().next().is_some();
+                        }
+                    }
+                    _ => {}
                 }
             }
             (point, attributed)
