@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every check CI runs: formatting, clippy, and all tests against real PostgreSQL, Redis and a
-# private pgbouncer (installed here when missing). Safe on a fresh machine.
+# Every check CI runs: formatting, clippy, the alert rules' unit tests (promtool), and all tests
+# against real PostgreSQL, Redis and a private pgbouncer (pgbouncer and promtool are installed
+# here when missing). Safe on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/services.sh
@@ -8,6 +9,7 @@ source scripts/lib/services.sh
 ensure_postgres
 ensure_redis
 ensure_pgbouncer
+ensure_promtool
 
 # Databases left behind by interrupted runs (in use ones are skipped: no FORCE).
 for db in $(psql -h 127.0.0.1 -U postgres -d postgres -tAc \
@@ -21,6 +23,9 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 # The library and binary as shipped: without the dev-dependency's `test-support` feature.
 cargo clippy --locked -- -D warnings
+echo "== promtool: alert rules and their unit tests"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts_test.yml
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

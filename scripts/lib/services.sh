@@ -44,6 +44,15 @@ ensure_tc() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
 }
 
+# `promtool` (Debian's prometheus package): unit tests of deploy/prometheus/alerts.yml. Only the
+# tool is wanted; the package's service is not started (policy-rc.d, or no init in containers).
+ensure_promtool() {
+  if command -v promtool >/dev/null; then return 0; fi
+  echo "installing prometheus (for promtool)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+}
+
 ensure_database() { # ensure_database NAME
   if ! psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$1'" | grep -q 1; then
     psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE \"$1\""
