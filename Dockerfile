@@ -6,6 +6,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# `.git` is not in the build context: pass the commit for `worker --version` and /readyz, e.g.
+# `docker build --build-arg WORKER_GIT_COMMIT=$(git rev-parse --short=12 HEAD) .` or
+# `fly deploy --build-arg WORKER_GIT_COMMIT=…` (without it the commit reads `unknown`).
+ARG WORKER_GIT_COMMIT=unknown
+ARG SOURCE_DATE_EPOCH
 RUN cargo build --release --locked --bin worker
 
 FROM debian:bookworm-slim

@@ -72,6 +72,7 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     let health = Health::default();
     health.set_info("worker_id", me.id.to_string().into());
     health.set_info("version", me.version.clone().into());
+    health.set_info("build", crate::identity::build_info());
     health.set_info("concurrency", serde_json::to_value(concurrency)?);
     health.set_info(
         "pool",

@@ -15,7 +15,7 @@ use worker::prebuilds::cli::PrebuildsCommand;
 use worker::{chats, controls, daemon, gitsync, migrate, outbox, prebuilds, status, telemetry};
 
 #[derive(Parser, Debug)]
-#[command(name = "worker", version, about = "Control-plane daemon of the chat platform")]
+#[command(name = "worker", version = worker::identity::LONG_VERSION, about = "Control-plane daemon of the chat platform")]
 struct Cli {
     #[command(flatten)]
     global: GlobalArgs,

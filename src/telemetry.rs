@@ -321,7 +321,9 @@ fn resource(config: &TelemetryConfig, identity: &Identity, env: &BTreeMap<String
     }
     let mut attributes = vec![
         KeyValue::new("service.instance.id", identity.worker_id.to_string()),
-        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.version", crate::identity::VERSION),
+        // OpenTelemetry's semantic convention for the commit a service was built from.
+        KeyValue::new("vcs.ref.head.revision", crate::identity::COMMIT),
         KeyValue::new("deployment.environment.name", identity.environment.clone()),
     ];
     for (var, key) in [("FLY_APP_NAME", "fly.app.name"), ("FLY_MACHINE_ID", "fly.machine.id")] {

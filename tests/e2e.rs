@@ -69,6 +69,18 @@ async fn the_binary_migrates_a_fresh_database_becomes_ready_and_drains_on_sigter
     let (_, body) = readyz(port).await.expect("readyz");
     let worker_id = body["worker_id"].as_str().expect("worker_id on /readyz").to_owned();
     assert!(body["loops"].as_array().expect("loops").iter().any(|l| l["name"] == "workers"), "{body}");
+    let build = &body["build"];
+    assert_eq!(build["version"], env!("CARGO_PKG_VERSION"), "{body}");
+    assert_eq!(
+        format!(
+            "{} (commit {}, built {})",
+            build["version"].as_str().unwrap_or_default(),
+            build["commit"].as_str().unwrap_or_default(),
+            build["date"].as_str().unwrap_or_default()
+        ),
+        worker::identity::LONG_VERSION,
+        "/readyz says what --version says"
+    );
 
     let conn = test_db.db.get().await.expect("conn");
     let id = uuid::Uuid::parse_str(&worker_id).expect("uuid");
@@ -152,6 +164,23 @@ async fn three_migrations_at_once_all_succeed() {
     let migrations = std::fs::read_dir(repo_path("migrations")).expect("dir").count();
     assert_eq!(rows.len(), migrations, "every migration recorded");
     assert!(rows.iter().all(|r| r.get::<_, i64>(1) == 1), "a migration applied twice");
+}
+
+#[test]
+fn version_names_the_crate_version_the_commit_and_the_build_date() {
+    let out = worker(&["--version"], &[]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let rest = text
+        .strip_prefix(&format!("worker {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("unexpected --version: {text}"));
+    let (commit, date) = rest.split_once(", built ").unwrap_or_else(|| panic!("no build date: {text}"));
+    assert!(
+        commit == "unknown" || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "commit {commit:?}"
+    );
+    assert!(chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok(), "build date {date:?}");
 }
 
 #[test]
