@@ -66,8 +66,9 @@ const PENDING: &str = "WITH p AS (\
      ORDER BY p.pending_since, p.id";
 
 /// Pending (not archived) and running chats per owner and per org, with each subject's quota:
-/// one scan of `chats_pending_idx` and one of the running partial indexes, grouped. Subjects
-/// with the oldest wait first, those with nothing pending last.
+/// the rows of a pending partial index (`chats_pending_owner_idx`) and of
+/// `chats_running_owner_idx`, grouped, and one quota probe per subject. Subjects with the oldest
+/// wait first (an owner before its org on a tie), those with nothing pending last.
 const QUEUE: &str = "WITH live AS (\
        SELECT owner_id, org_id, true AS pending, pending_since FROM chats \
        WHERE status = 'pending' AND NOT archived \
