@@ -2,10 +2,11 @@
 //! the admission queue's commands (`quota set|list|rm`, `queue`), whose SQL and output are in
 //! [`queue`](super::queue).
 //!
-//! Bad input (an unknown status, a malformed or unknown chat id) is an error naming the value,
-//! so the binary exits 1 with a message rather than clap's usage exit. `tail` prints one line
-//! per message and flushes it, so a pipe sees each message as it arrives; `tail --follow` ends
-//! cleanly (exit 0) when the `shutdown` future passed in completes (SIGTERM/SIGINT in `main`).
+//! Bad input (an unknown status, a malformed or unknown chat id, a quota value out of range, not
+//! exactly one of `--owner`/`--org`) is an error naming the value, so the binary exits 1 with a
+//! message rather than clap's usage exit. `tail` prints one line per message and flushes it, so
+//! a pipe sees each message as it arrives; `tail --follow` ends cleanly (exit 0) when the
+//! `shutdown` future passed in completes (SIGTERM/SIGINT in `main`).
 
 use std::io::{self, Write};
 
