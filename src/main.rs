@@ -61,7 +61,7 @@ enum OnlineCommand {
     /// Outbox backlog and dead letters.
     #[command(subcommand)]
     Outbox(OutboxCommand),
-    /// List, start, message and follow chats.
+    /// List, start, message and follow chats; quotas and the admission queue.
     #[command(subcommand)]
     Chat(ChatCommand),
     /// Pull-request status refresh: backlog, or mark one chat due now.
@@ -243,7 +243,8 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
             let shutdown = chats::cli::interrupted()?;
             let db = Db::new(&config.database)?;
             let listen = config.database.listen_direct();
-            chats::cli::run(&db, listen, &command, &mut std::io::stdout().lock(), shutdown).await?;
+            chats::cli::run(&db, &config.chats, listen, &command, &mut std::io::stdout().lock(), shutdown)
+                .await?;
             Ok(0)
         }
         OnlineCommand::Gitsync(command) => {

@@ -1,20 +1,27 @@
-//! `worker chat …`: list chats, start one, post a user message, follow a chat's messages.
+//! `worker chat …`: list chats, start one, post a user message, follow a chat's messages; and
+//! the admission queue's commands (`quota set|list|rm`, `queue`), whose SQL and output are in
+//! [`queue`](super::queue).
 //!
-//! Bad input (an unknown status, a malformed or unknown chat id) is an error naming the value,
-//! so the binary exits 1 with a message rather than clap's usage exit. `tail` prints one line
-//! per message and flushes it, so a pipe sees each message as it arrives; `tail --follow` ends
-//! cleanly (exit 0) when the `shutdown` future passed in completes (SIGTERM/SIGINT in `main`).
+//! Bad input (an unknown status, a malformed or unknown chat id, a quota value out of range, not
+//! exactly one of `--owner`/`--org`) is an error naming the value, so the binary exits 1 with a
+//! message rather than clap's usage exit. `tail` prints one line per message and flushes it, so
+//! a pipe sees each message as it arrives; `tail --follow` ends cleanly (exit 0) when the
+//! `shutdown` future passed in completes (SIGTERM/SIGINT in `main`).
 
 use std::io::{self, Write};
 
 use chrono::{DateTime, Utc};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::admission::Rules;
+use super::config::ChatsConfig;
+use super::queue::{self, QuotaError, Subject, SubjectKind, WaitsFor};
 use super::stream::{self, DEFAULT_SETTLE_EVERY, Follower, Message};
 use crate::db::{self, Db, DbError, Exec};
 use crate::health::Health;
@@ -30,15 +37,17 @@ const LAST_ERROR_CHARS: usize = 200;
 /// SQLSTATE `no_data_found`: `post_chat_message` raises it for an unknown chat.
 const NO_DATA_FOUND: &str = "P0002";
 
-const LIST: &str = "SELECT id, status, title, owner_id, worker_id, generation, updated_at, last_error \
+const LIST: &str = "SELECT id, status, title, owner_id, worker_id, generation, updated_at, last_error, \
+       org_id \
      FROM chats WHERE ($1::text IS NULL OR status = $1) \
      ORDER BY created_at DESC, id DESC LIMIT $2";
-const CREATE: &str = "INSERT INTO chats (owner_id, title) VALUES ($1, $2) RETURNING id";
+const CREATE: &str = "INSERT INTO chats (owner_id, org_id, title) VALUES ($1, $2, $3) RETURNING id";
 const POST_USER_MESSAGE: &str = "SELECT post_chat_message($1, 'user', to_jsonb($2::text))";
 
 #[derive(Subcommand, Debug, Clone, PartialEq)]
 pub enum ChatCommand {
-    /// Chats, newest first.
+    /// Chats, newest first; with `--status pending`, the queue: oldest wait first, with each
+    /// chat's wait and what it waits for (owner_cap, org_cap or capacity).
     List {
         /// Only chats in this status (waiting, pending, running, paused, completed, error).
         #[arg(long)]
@@ -54,6 +63,9 @@ pub enum ChatCommand {
         /// The chat's owner (default: the nil UUID, "nobody in particular").
         #[arg(long)]
         owner: Option<String>,
+        /// The org the chat is billed to (its running chats count against the org's cap).
+        #[arg(long)]
+        org: Option<String>,
         #[arg(long, default_value = "")]
         title: String,
         /// A first user message.
@@ -74,6 +86,50 @@ pub enum ChatCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Caps and weights per owner or org (`chat_quotas`), read by the next claim on every replica.
+    #[command(subcommand)]
+    Quota(QuotaCommand),
+    /// Pending and running chats per owner and per org with cap, weight and oldest wait (oldest
+    /// first), and the totals.
+    Queue {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq)]
+pub enum QuotaCommand {
+    /// Create or change a subject's quota; prints the row. Omitted flags keep the current value
+    /// (a new row: the worker's default cap, weight 1).
+    Set {
+        #[command(flatten)]
+        subject: SubjectArgs,
+        /// Running chats at most, over every replica (0 = no cap; at most 1000000).
+        #[arg(long, allow_hyphen_values = true)]
+        max_running: Option<String>,
+        /// Share of free capacity (greater than 0, at most 1000; default 1).
+        #[arg(long, allow_hyphen_values = true)]
+        weight: Option<String>,
+    },
+    /// Every quota.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a subject's quota: back to the worker's default cap and weight 1.
+    Rm {
+        #[command(flatten)]
+        subject: SubjectArgs,
+    },
+}
+
+/// Exactly one of `--owner` or `--org`.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct SubjectArgs {
+    #[arg(long)]
+    owner: Option<String>,
+    #[arg(long)]
+    org: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +138,8 @@ pub enum CliError {
     InvalidChatId(String),
     #[error("invalid --owner `{0}`: expected a UUID")]
     InvalidOwner(String),
+    #[error("invalid --org `{0}`: expected a UUID")]
+    InvalidOrg(String),
     #[error("unknown status `{0}`: expected one of waiting, pending, running, paused, completed, error")]
     InvalidStatus(String),
     #[error("invalid --limit {0}: expected 1..=10000")]
@@ -93,6 +151,8 @@ pub enum CliError {
     Refused(String),
     #[error("the LISTEN connection stopped")]
     ListenerStopped,
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("cannot write output: {0}")]
@@ -113,12 +173,20 @@ pub struct ChatSummary {
     pub updated_at: DateTime<Utc>,
     /// The first line, at most 200 characters.
     pub last_error: Option<String>,
+    pub org_id: Option<Uuid>,
+    /// `--status pending` only (else null): when the chat became pending, the seconds since, and
+    /// why it waits.
+    pub pending_since: Option<DateTime<Utc>>,
+    pub wait_seconds: Option<f64>,
+    pub waits_for: Option<WaitsFor>,
 }
 
-/// Runs one `worker chat` command, writing to `out`. `listen` is the direct connection
-/// `tail --follow` LISTENs on; `shutdown` ends a `tail --follow`.
+/// Runs one `worker chat` command, writing to `out`. `config` gives the default caps the
+/// queue's commands show; `listen` is the direct connection `tail --follow` LISTENs on;
+/// `shutdown` ends a `tail --follow`.
 pub async fn run(
     db: &Db,
+    config: &ChatsConfig,
     listen: db::Direct,
     command: &ChatCommand,
     out: &mut impl Write,
@@ -134,21 +202,58 @@ pub async fn run(
             if !(1..=MAX_LIST_LIMIT).contains(limit) {
                 return Err(CliError::InvalidLimit(*limit));
             }
-            let chats = list(db, status.as_deref(), *limit).await?;
+            let pending = status.as_deref() == Some("pending");
+            let chats = if pending {
+                queue::pending(db, Rules::of(config), *limit).await?
+            } else {
+                list(db, status.as_deref(), *limit).await?
+            };
             if *json {
-                serde_json::to_writer_pretty(&mut *out, &chats)?;
-                writeln!(out)?;
+                write_json(out, &chats)?;
+            } else if pending {
+                queue::write_pending(out, &chats)?;
             } else {
                 write_table(out, &chats)?;
             }
         }
-        ChatCommand::Create { owner, title, text } => {
+        ChatCommand::Create { owner, org, title, text } => {
             let owner = match owner {
-                Some(owner) => Uuid::parse_str(owner).map_err(|_| CliError::InvalidOwner(owner.clone()))?,
+                Some(owner) => parse_owner(owner)?,
                 None => Uuid::nil(),
             };
-            let chat = create(db, owner, title, text.as_deref()).await?;
+            let org = org.as_deref().map(parse_org).transpose()?;
+            let chat = create(db, owner, org, title, text.as_deref()).await?;
             writeln!(out, "{chat}")?;
+        }
+        ChatCommand::Quota(QuotaCommand::Set { subject, max_running, weight }) => {
+            let subject = parse_subject(subject)?;
+            let max_running = max_running.as_deref().map(queue::parse_max_running).transpose()?;
+            let weight = weight.as_deref().map(queue::parse_weight).transpose()?;
+            let quota = queue::set_quota(db, subject, max_running, weight).await?;
+            queue::write_quotas(out, &[quota])?;
+        }
+        ChatCommand::Quota(QuotaCommand::List { json }) => {
+            let quotas = queue::quotas(db).await?;
+            if *json {
+                write_json(out, &quotas)?;
+            } else {
+                queue::write_quotas(out, &quotas)?;
+            }
+        }
+        ChatCommand::Quota(QuotaCommand::Rm { subject }) => {
+            let subject = parse_subject(subject)?;
+            if queue::remove_quota(db, subject).await?.is_none() {
+                return Err(QuotaError::NoQuota(subject).into());
+            }
+            writeln!(out, "removed the quota of {subject}: the default cap and weight 1 apply")?;
+        }
+        ChatCommand::Queue { json } => {
+            let queue = queue::queue(db, Rules::of(config)).await?;
+            if *json {
+                write_json(out, &queue)?;
+            } else {
+                queue::write_queue(out, &queue)?;
+            }
         }
         ChatCommand::Send { chat, text } => {
             let id = send(db, parse_chat(chat)?, text).await?;
@@ -191,30 +296,70 @@ fn parse_chat(chat: &str) -> Result<Uuid, CliError> {
     Uuid::parse_str(chat).map_err(|_| CliError::InvalidChatId(chat.to_owned()))
 }
 
-/// Chats newest first, optionally in one status.
-pub async fn list(db: &Db, status: Option<&str>, limit: i64) -> Result<Vec<ChatSummary>, DbError> {
-    let conn = db.get().await?;
-    let rows = conn.fetch_all(LIST, &[(&status, Type::TEXT), (&limit, Type::INT8)]).await?;
-    Ok(rows
-        .iter()
-        .map(|r| ChatSummary {
-            id: r.get(0),
-            status: r.get(1),
-            title: r.get(2),
-            owner_id: r.get(3),
-            worker_id: r.get(4),
-            generation: r.get(5),
-            updated_at: r.get(6),
-            last_error: r.get::<_, Option<String>>(7).map(|e| one_line(&e, LAST_ERROR_CHARS)),
-        })
-        .collect())
+fn parse_owner(owner: &str) -> Result<Uuid, CliError> {
+    Uuid::parse_str(owner).map_err(|_| CliError::InvalidOwner(owner.to_owned()))
 }
 
-/// Inserts a `waiting` chat and, when `text` is given, its first user message (which makes it
-/// `pending`), in one transaction.
-pub async fn create(db: &Db, owner: Uuid, title: &str, text: Option<&str>) -> Result<Uuid, DbError> {
+fn parse_org(org: &str) -> Result<Uuid, CliError> {
+    Uuid::parse_str(org).map_err(|_| CliError::InvalidOrg(org.to_owned()))
+}
+
+fn parse_subject(args: &SubjectArgs) -> Result<Subject, CliError> {
+    match (&args.owner, &args.org) {
+        (Some(owner), None) => Ok(Subject { kind: SubjectKind::Owner, id: parse_owner(owner)? }),
+        (None, Some(org)) => Ok(Subject { kind: SubjectKind::Org, id: parse_org(org)? }),
+        _ => Err(QuotaError::Subject.into()),
+    }
+}
+
+fn write_json(out: &mut impl Write, value: &impl Serialize) -> Result<(), CliError> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Chats newest first, optionally in one status.
+pub async fn list(db: &Db, status: Option<&str>, limit: i64) -> Result<Vec<ChatSummary>, DbError> {
+    let rows = db::in_transaction(db, async |tx| {
+        tx.fetch_all(LIST, &[(&status, Type::TEXT), (&limit, Type::INT8)]).await
+    })
+    .await?;
+    Ok(rows.iter().map(summary).collect())
+}
+
+/// A `chat list` row from columns `id, status, title, owner_id, worker_id, generation,
+/// updated_at, last_error, org_id` (in this order, first); no wait.
+pub(super) fn summary(row: &Row) -> ChatSummary {
+    ChatSummary {
+        id: row.get(0),
+        status: row.get(1),
+        title: row.get(2),
+        owner_id: row.get(3),
+        worker_id: row.get(4),
+        generation: row.get(5),
+        updated_at: row.get(6),
+        last_error: row.get::<_, Option<String>>(7).map(|e| one_line(&e, LAST_ERROR_CHARS)),
+        org_id: row.get(8),
+        pending_since: None,
+        wait_seconds: None,
+        waits_for: None,
+    }
+}
+
+/// Inserts a `waiting` chat (billed to `org`, if any) and, when `text` is given, its first user
+/// message (which makes it `pending`), in one transaction.
+pub async fn create(
+    db: &Db,
+    owner: Uuid,
+    org: Option<Uuid>,
+    title: &str,
+    text: Option<&str>,
+) -> Result<Uuid, DbError> {
     db::in_transaction(db, async |tx| {
-        let chat: Uuid = tx.fetch_one(CREATE, &[(&owner, Type::UUID), (&title, Type::TEXT)]).await?.get(0);
+        let chat: Uuid = tx
+            .fetch_one(CREATE, &[(&owner, Type::UUID), (&org, Type::UUID), (&title, Type::TEXT)])
+            .await?
+            .get(0);
         if let Some(text) = text {
             tx.fetch_one(POST_USER_MESSAGE, &[(&chat, Type::UUID), (&text, Type::TEXT)]).await?;
         }
@@ -371,6 +516,10 @@ mod tests {
             generation: 1,
             updated_at: Utc::now(),
             last_error: Some("boom\u{9b}31m".into()),
+            org_id: None,
+            pending_since: None,
+            wait_seconds: None,
+            waits_for: None,
         };
         let mut out = Vec::new();
         write_table(&mut out, &[chat]).expect("table");

@@ -18,7 +18,8 @@
 //! - [`config`]: `[chats]` and `[chats.runner]`; [`metrics`]: `chats.*`.
 //! - [`stream`]: following a chat's visible messages, each exactly once, even when writers
 //!   commit out of id order or the LISTEN connection drops (`chat tail --follow`).
-//! - [`cli`]: `worker chat list|create|send|tail`.
+//! - [`cli`]: `worker chat list|create|send|tail|quota|queue`; [`queue`]: the quota and queue
+//!   commands' SQL and output, and why a pending chat waits.
 
 pub mod acquire;
 pub mod admission;
@@ -30,6 +31,7 @@ pub mod guard;
 pub mod heartbeat;
 pub mod limits;
 pub mod metrics;
+pub mod queue;
 pub mod recover;
 pub mod runner;
 pub mod stream;
