@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check CI runs: formatting, clippy, the alert rules' unit tests (promtool), and all tests
-# against real PostgreSQL, Redis and a private pgbouncer (pgbouncer and promtool are installed
-# here when missing). Safe on a fresh machine.
+# against real PostgreSQL, Redis, a local Redis Cluster (3 masters + 3 replicas on
+# 127.0.0.1:7101-7106, REDIS_CLUSTER_PORT moves it) and a private pgbouncer (pgbouncer and
+# promtool are installed here when missing). Safe on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/services.sh
@@ -10,6 +11,7 @@ ensure_postgres
 ensure_redis
 ensure_pgbouncer
 ensure_promtool
+ensure_redis_cluster # exports WORKER_TEST_REDIS_CLUSTER_URL for tests/redis_cluster.rs
 
 # Databases left behind by interrupted runs (in use ones are skipped: no FORCE).
 for db in $(psql -h 127.0.0.1 -U postgres -d postgres -tAc \
@@ -28,7 +30,9 @@ promtool check rules deploy/prometheus/alerts.yml
 promtool test rules deploy/prometheus/alerts_test.yml
 echo "== cargo test"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+cluster_figures=$(mktemp)
+trap 'rm -f "$log" "$cluster_figures"' EXIT
+export WORKER_REDIS_CLUSTER_FIGURES=$cluster_figures
 set +e
 cargo test --locked "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
@@ -46,5 +50,9 @@ fi
 passed=$(grep -E '^test result:' "$log" | grep -Eo '[0-9]+ passed' | awk '{s += $1} END {print s + 0}')
 failed=$(grep -E '^test result:' "$log" | grep -Eo '[0-9]+ failed' | awk '{s += $1} END {print s + 0}')
 echo
+if [ -s "$cluster_figures" ]; then
+  echo "== redis cluster figures (tests/redis_cluster.rs)"
+  cat "$cluster_figures"
+fi
 echo "total: ${passed} passed, ${failed} failed"
 exit "$status"

@@ -23,7 +23,7 @@ use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
 use fred::rustls::pki_types::CertificateDer;
 use fred::rustls::pki_types::pem::PemObject;
 use fred::rustls::{ClientConfig, RootCertStore};
-use fred::types::config::TlsConnector;
+use fred::types::config::{ClusterDiscoveryPolicy, TlsConnector};
 use serde::{Deserialize, Serialize};
 
 use crate::validate::{Violation, check, readable_file, url_scheme};
@@ -149,6 +149,15 @@ pub fn build(config: &RedisConfig) -> Result<Client, RedisError> {
     // fred's default (`true`) ends the connection task for good when the FIRST connection fails,
     // reconnect policy or not: a worker started during a Redis outage would never recover.
     fred_config.fail_fast = false;
+    // Cluster: fred's default discovery (`ConfigEndpoint`) looks for the cluster only through
+    // the node(s) in the URL, so once that node dies (kill -9 of the master the URL names,
+    // measured in tests/redis_cluster.rs) the client cannot learn the new topology and stays
+    // disconnected until that very node returns. `UseCache` also tries every master of the last
+    // known routing table: it reconnects through the survivors as soon as a replica took over.
+    if fred_config.server.is_clustered() {
+        // Only fails for a non-cluster config, which this is not.
+        let _ = fred_config.server.set_cluster_discovery_policy(ClusterDiscoveryPolicy::UseCache);
+    }
     // fred gives a TLS URL the platform roots; a private CA replaces them.
     if fred_config.tls.is_some()
         && let Some(path) = &config.ca_file
@@ -225,6 +234,18 @@ mod tests {
     fn a_client_has_a_reconnect_policy() {
         let client = build(&RedisConfig::default()).expect("client");
         assert!(client.client_reconnect_policy().is_some(), "the default builder has none; we must set one");
+    }
+
+    #[test]
+    fn a_cluster_client_finds_the_cluster_through_any_known_master() {
+        let config = RedisConfig { url: "redis-cluster://127.0.0.1:7101".into(), ..RedisConfig::default() };
+        let client = build(&config).expect("client");
+        match client.client_config().server {
+            fred::types::config::ServerConfig::Clustered { policy, .. } => {
+                assert_eq!(policy, ClusterDiscoveryPolicy::UseCache)
+            }
+            other => panic!("not a cluster config: {other:?}"),
+        }
     }
 
     #[test]

@@ -58,3 +58,83 @@ ensure_database() { # ensure_database NAME
     psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE \"$1\""
   fi
 }
+
+# A local Redis Cluster of 3 masters + 3 replicas for tests/redis_cluster.rs, on ports
+# REDIS_CLUSTER_PORT .. +5 (default 7101..7106; cluster bus on port + 10000), data under
+# $REDIS_CLUSTER_DIR (no persistence: each node keeps only its nodes.conf, a log and a pid file).
+# Idempotent: a healthy cluster is reused (the failover tests leave it healthy, roles maybe
+# swapped); a broken one is torn down and created again. Waits for cluster_state:ok on every node
+# and one connected replica per master. A short cluster-node-timeout (2 s, default 15 s) lets the
+# kill -9 test fail over in seconds. Prints the URL to use on stdout's last line.
+REDIS_CLUSTER_PORT=${REDIS_CLUSTER_PORT:-7101}
+REDIS_CLUSTER_DIR=${REDIS_CLUSTER_DIR:-${TMPDIR:-/tmp}/worker-redis-cluster-${REDIS_CLUSTER_PORT}}
+
+redis_cluster_ports() { seq "$REDIS_CLUSTER_PORT" $((REDIS_CLUSTER_PORT + 5)); }
+
+# Healthy: every node answers, sees the cluster ok with 6 nodes and 3 masters, and every master
+# has a connected replica (CLUSTER NODES: 3 connected masters with slots, 3 connected replicas,
+# no node flagged fail).
+redis_cluster_healthy() {
+  local port info nodes
+  for port in $(redis_cluster_ports); do
+    info=$(redis-cli -p "$port" cluster info 2>/dev/null) || return 1
+    grep -q '^cluster_state:ok' <<<"$info" || return 1
+    grep -q '^cluster_known_nodes:6' <<<"$info" || return 1
+    grep -q '^cluster_size:3' <<<"$info" || return 1
+  done
+  nodes=$(redis-cli -p "$REDIS_CLUSTER_PORT" cluster nodes 2>/dev/null) || return 1
+  if grep -Eq 'fail|handshake|noaddr|disconnected' <<<"$nodes"; then return 1; fi
+  [ "$(grep -Ec '(^| |,)slave( |,)' <<<"$nodes")" -eq 3 ] || return 1
+  # Each replica finished its sync with its master.
+  for port in $(redis_cluster_ports); do
+    info=$(redis-cli -p "$port" info replication 2>/dev/null) || return 1
+    if grep -q '^role:slave' <<<"$info"; then
+      grep -q '^master_link_status:up' <<<"$info" || return 1
+      grep -q '^master_sync_in_progress:0' <<<"$info" || return 1
+    fi
+  done
+}
+
+# Stops the nodes this script started (by their pid files: never another server on the ports).
+stop_redis_cluster() {
+  local port pid
+  for port in $(redis_cluster_ports); do
+    pid=$(cat "$REDIS_CLUSTER_DIR/$port/redis.pid" 2>/dev/null) || continue
+    if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = redis-server ]; then
+      kill -9 "$pid" 2>/dev/null || true
+      wait_for 10 "redis-server $pid to exit" sh -c "! kill -0 $pid"
+    fi
+  done
+  rm -rf "$REDIS_CLUSTER_DIR"
+}
+
+start_redis_cluster_node() { # start_redis_cluster_node PORT (nodes.conf kept: it rejoins)
+  local port=$1 dir="$REDIS_CLUSTER_DIR/$1"
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --daemonize yes --dir "$dir" \
+    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+    --appendonly no --save '' --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null
+  wait_for 10 "Redis cluster node on 127.0.0.1:$port" sh -c "redis-cli -p $port ping | grep -q PONG"
+}
+
+ensure_redis_cluster() {
+  export WORKER_TEST_REDIS_CLUSTER_URL="redis-cluster://127.0.0.1:${REDIS_CLUSTER_PORT}"
+  if redis_cluster_healthy; then return 0; fi
+  echo "starting a Redis Cluster (3 masters + 3 replicas) on 127.0.0.1:${REDIS_CLUSTER_PORT}-$((REDIS_CLUSTER_PORT + 5))"
+  stop_redis_cluster
+  local port hosts=()
+  for port in $(redis_cluster_ports); do
+    if ss -ltn 2>/dev/null | grep -Eq "[:.]($port|$((port + 10000)))\b"; then
+      echo "error: port $port or $((port + 10000)) is taken; set REDIS_CLUSTER_PORT to a free range" >&2
+      return 1
+    fi
+    start_redis_cluster_node "$port"
+    hosts+=("127.0.0.1:$port")
+  done
+  redis-cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >"$REDIS_CLUSTER_DIR/create.log" 2>&1 || {
+    cat "$REDIS_CLUSTER_DIR/create.log" >&2
+    return 1
+  }
+  wait_for 60 "the Redis Cluster on 127.0.0.1:${REDIS_CLUSTER_PORT} (cluster_state:ok, 3 masters with a replica each)" \
+    redis_cluster_healthy
+}
