@@ -33,6 +33,7 @@ use crate::telemetry::{LogConfig, TelemetryConfig};
 use crate::text::redact_url;
 pub use crate::validate::ENV_PREFIX;
 use crate::validate::{Violation, check, positive};
+use crate::wakes::ListenConfig;
 use crate::workers::WorkersConfig;
 
 /// Default config file, relative to the working directory.
@@ -67,6 +68,7 @@ pub struct Config {
     pub chats: ChatsConfig,
     pub gitsync: GitsyncConfig,
     pub prebuilds: PrebuildsConfig,
+    pub listen: ListenConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -456,6 +458,7 @@ impl Config {
         }
         self.gitsync.validate().map_err(|v| v.under("gitsync"))?;
         self.prebuilds.validate().map_err(|v| v.under("prebuilds"))?;
+        self.listen.validate().map_err(|v| v.under("listen"))?;
         // The reconciler holds the leader lock on one connection and reads its snapshot on a
         // second: with one connection it could never tick.
         check(

@@ -64,4 +64,5 @@ pub mod status;
 pub mod telemetry;
 pub mod text;
 pub mod validate;
+pub mod wakes;
 pub mod workers;

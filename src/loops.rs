@@ -19,6 +19,7 @@ use crate::outbox::{self, Sweeper};
 use crate::prebuilds::{self, Reconciler};
 use crate::redis::Client;
 use crate::runtime::{LoopInfo, Runtime};
+use crate::wakes::{self, Probe};
 use crate::workers::{self, WorkerLease};
 
 pub const ALL: &[LoopInfo] = &[
@@ -30,6 +31,7 @@ pub const ALL: &[LoopInfo] = &[
     counters::INFO,
     gitsync::INFO,
     prebuilds::INFO,
+    wakes::INFO,
 ];
 
 pub fn find(name: &str) -> Option<&'static LoopInfo> {
@@ -90,6 +92,11 @@ pub async fn start(shared: Shared<'_>) -> anyhow::Result<Option<Client>> {
     }
     if config.prebuilds.base.enabled {
         runtime.spawn(Reconciler::new(config.prebuilds.clone(), concurrency.prebuilds, meter));
+    }
+    if config.listen.enabled {
+        let (listener, health, me) =
+            (runtime.listener().clone(), runtime.health.clone(), runtime.worker().id);
+        runtime.spawn(Probe::new(db.clone(), listener, health, me, config.listen.clone(), meter));
     }
     if config.gitsync.base.enabled {
         runtime.spawn(Gitsync::new(db, config.gitsync.clone(), concurrency.gitsync, meter)?);

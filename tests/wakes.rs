@@ -1,0 +1,112 @@
+//! The wake probe (`listen_probe`) in the real daemon: with a direct LISTEN connection NOTIFY
+//! wakes are known to be delivered; with `database.listen_url` pointing at a transaction-mode
+//! pgbouncer (LISTEN succeeds there and hears nothing) `/readyz` says `wakes: not_delivered`
+//! within 10 s, the probe warns naming `database.listen_url`, and the outbox still drains by
+//! polling.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::pgbouncer::PgBouncer;
+use common::process::{BIN, free_port, inherited_overrides, readyz, repo_path};
+use common::{TestDb, eventually};
+use fred::prelude::{ClientLike, SortedSetsInterface};
+use worker::db::Exec;
+use worker::redis::RedisConfig;
+
+struct Daemon {
+    child: tokio::process::Child,
+    port: u16,
+    /// The daemon's log (stdout).
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// `worker run` with the outbox polling every `outbox_interval` and LISTEN on `listen_url`.
+fn start(test_db: &TestDb, redis: &RedisConfig, listen_url: &str, outbox_interval: &str) -> Daemon {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[app]\nenv = \"test\"\nshutdown_timeout = \"10s\"\n\n[log]\nformat = \"json\"\n\n\
+             [database]\nurl = \"{}\"\nlisten_url = \"{listen_url}\"\npool_size = 4\nmigrate_on_start = false\n\n\
+             [redis]\nurl = \"{}\"\nprefix = \"{}\"\n\n[health]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [outbox]\ninterval = \"{outbox_interval}\"\n\n[listen]\nprobe_timeout = \"2s\"\n",
+            test_db.url, redis.url, redis.prefix
+        ),
+    )
+    .expect("write config");
+    let log = dir.path().join("worker.log");
+    let mut command = tokio::process::Command::new(BIN);
+    for key in inherited_overrides() {
+        command.env_remove(key);
+    }
+    let child = command
+        .args(["run", "--config", config.to_str().expect("utf-8 path")])
+        .current_dir(repo_path(""))
+        .stdout(std::fs::File::create(&log).expect("log file"))
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start worker");
+    Daemon { child, port, log, _dir: dir }
+}
+
+async fn wakes(port: u16) -> Option<String> {
+    readyz(port).await.and_then(|(_, body)| body["wakes"].as_str().map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_listen_connection_is_known_to_deliver_wakes() {
+    let test_db = TestDb::new().await;
+    let redis =
+        RedisConfig { url: common::redis_url(), prefix: common::unique_prefix(), ..RedisConfig::default() };
+    let mut daemon = start(&test_db, &redis, &test_db.url, "1h");
+    eventually(Duration::from_secs(10), "wakes: delivered", || async {
+        wakes(daemon.port).await.as_deref() == Some("delivered")
+    })
+    .await;
+    daemon.child.kill().await.expect("kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_url_through_a_transaction_pooler_is_reported_and_the_outbox_still_drains() {
+    let test_db = TestDb::new().await;
+    let bouncer = PgBouncer::start(4).await;
+    let redis =
+        RedisConfig { url: common::redis_url(), prefix: common::unique_prefix(), ..RedisConfig::default() };
+    let client = worker::redis::build(&redis).expect("client");
+    client.init().await.expect("redis");
+    let started = Instant::now();
+    let mut daemon = start(&test_db, &redis, &bouncer.url(&test_db.name), "200ms");
+
+    eventually(Duration::from_secs(10), "wakes: not_delivered", || async {
+        wakes(daemon.port).await.as_deref() == Some("not_delivered")
+    })
+    .await;
+    let noticed = started.elapsed();
+    println!("wakes: not_delivered {:.1} s after start", noticed.as_secs_f64());
+    let log = std::fs::read_to_string(&daemon.log).expect("log");
+    assert!(log.contains("database.listen_url"), "the warning names the key: {log}");
+
+    // Nothing wakes the outbox now; its 200 ms polling still moves every task.
+    test_db
+        .db
+        .get()
+        .await
+        .expect("conn")
+        .exec("SELECT count(enqueue_task('w' || g, 'wakes', '{}')) FROM generate_series(1, 50) g", &[])
+        .await
+        .expect("enqueue");
+    let key = worker::redis::key(&redis.prefix, "sched", "wakes");
+    eventually(Duration::from_secs(10), "50 tasks in Redis by polling", || {
+        let (client, key) = (client.clone(), key.clone());
+        async move { client.zcard::<u64, _>(key).await.is_ok_and(|n| n == 50) }
+    })
+    .await;
+    daemon.child.kill().await.expect("kill");
+}
