@@ -500,3 +500,23 @@ async fn a_claim_records_the_wait_and_the_capped_owners_and_the_tick_counts_the_
     assert_eq!(probe.histogram("chats.admission.wait").await.0.count, 1, "nothing more claimed");
     w.stop().await;
 }
+
+/// A turn that ends frees a slot, and the acquire loop claims into it at once, not an
+/// `acquire_interval` (here an hour) later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_turn_wakes_acquisition_into_the_free_slot() {
+    let test_db = TestDb::new().await;
+    let db = &test_db.db;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cfg = config(sleeping_agent(dir.path(), "0"));
+    cfg.max_running = 1;
+    cfg.acquire_interval = Duration::from_secs(3600);
+    let w = Worker::start(db.clone(), cfg).await;
+    let chats = pending(db, Uuid::new_v4(), None, 3, 1.0).await;
+    w.run_loops();
+    for id in &chats {
+        let row = wait_status(db, *id, "waiting").await;
+        assert_eq!(row.generation, 1, "chat {id} ran once");
+    }
+    w.stop().await;
+}

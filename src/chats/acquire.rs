@@ -1,6 +1,7 @@
 //! The `chats_acquire` loop: claims pending chats for this worker and starts their runners.
 //!
-//! Every second, and at once on NOTIFY `chat_pending`: claim up to
+//! Every second, at once on NOTIFY `chat_pending`, and at once when one of this worker's turns
+//! ends (a slot is free): claim up to
 //! `min(max_per_acquire, max_running - running)` pending, non-archived chats in the order and
 //! within the caps of [`admission`](super::admission) (one short transaction: the claim lock,
 //! then one statement), setting `running`, `worker_id = me`, `generation = generation + 1` (the
@@ -138,6 +139,8 @@ impl Loop for Acquire {
     fn schedule(&self) -> Schedule {
         Schedule::every(self.ctx.config.acquire_interval, self.ctx.config.acquire_tick_timeout)
             .woken_by(WAKE_CHANNEL)
+            // A turn that ends frees a slot: claim into it now, not up to an interval later.
+            .woken_locally_by(self.runners.ended())
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, DbError> {

@@ -24,8 +24,8 @@
 //! # Cost
 //!
 //! One statement, index-driven: the waiting owners by a skip scan over `chats_pending_owner_idx`
-//! (one probe per owner), each owner's running count from `chats_running_owner_idx` (bounded by
-//! its cap), and each owner's oldest `min(limit, room)` pending chats (LIMIT inside a LATERAL).
+//! (one probe per owner), each owner's running count from `chats_running_owner_idx` (at most its
+//! cap; without a cap, at most what runs on every replica), and each owner's oldest `min(limit, room)` pending chats (LIMIT inside a LATERAL).
 //! Nothing reads more than `limit` rows of one owner, so an owner with 100k pending chats costs
 //! what an owner with 5 does. The owners considered are bounded too: at most [`OWNER_SWEEP`]
 //! consecutive waiting owners from a random point (all of them when that many or fewer wait),
@@ -71,7 +71,9 @@ pub const LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
 /// hold either way), `$6` where the owner sweep starts (a random uuid), `$7`
 /// [`OWNER_SWEEP`], `$8` [`OLDEST_HEAD`].
 ///
-/// Returns one row per claimed chat (`kind = 'claimed'`: id, generation, owner, workspace,
+/// Times are the statement's (`statement_timestamp()`), taken after the claim lock was granted,
+/// not the transaction's start: `started_at` and the wait count the time spent queuing for the
+/// lock. Returns one row per claimed chat (`kind = 'claimed'`: id, generation, owner, workspace,
 /// title, seconds waited) and one row per cap that held chats back (`kind = 'owner_cap'` or
 /// `'org_cap'`, the number of subjects at their cap with chats waiting, in `waited`).
 pub const CLAIM: &str = "WITH RECURSIVE sweep(owner_id, n, wrapped) AS (\
@@ -113,7 +115,8 @@ pub const CLAIM: &str = "WITH RECURSIVE sweep(owner_id, n, wrapped) AS (\
        SELECT g.org_id, coalesce(q.weight, 1) AS weight, \
               CASE WHEN coalesce(q.max_running, $4) = 0 THEN NULL \
                    ELSE coalesce(q.max_running, $4) - (SELECT count(*) FROM chats AS c \
-                        WHERE c.status = 'running' AND c.org_id = g.org_id) END AS room \
+                        WHERE c.status = 'running' AND c.org_id IS NOT NULL AND c.org_id = g.org_id) \
+              END AS room \
        FROM (SELECT DISTINCT org_id FROM candidates WHERE org_id IS NOT NULL) AS g \
        LEFT JOIN chat_quotas AS q ON q.subject_kind = 'org' AND q.subject_id = g.org_id), \
      ranked AS (\
@@ -129,10 +132,10 @@ pub const CLAIM: &str = "WITH RECURSIVE sweep(owner_id, n, wrapped) AS (\
        WHERE c.status = 'pending' AND NOT c.archived FOR UPDATE OF c SKIP LOCKED), \
      claimed AS (\
        UPDATE chats AS c SET status = 'running', worker_id = $1, generation = c.generation + 1, \
-         started_at = now(), updated_at = now(), last_error = NULL \
+         started_at = statement_timestamp(), updated_at = statement_timestamp(), last_error = NULL \
        FROM locked AS l WHERE c.id = l.id \
        RETURNING c.id, c.generation, c.owner_id, c.workspace_id, c.title, \
-         extract(epoch FROM now() - l.pending_since)::float8 AS waited) \
+         extract(epoch FROM statement_timestamp() - l.pending_since)::float8 AS waited) \
      SELECT 'claimed' AS kind, id, generation, owner_id, workspace_id, title, waited FROM claimed \
      UNION ALL \
      SELECT 'owner_cap', NULL, NULL, NULL, NULL, NULL, count(*)::float8 FROM budget WHERE room <= 0 \

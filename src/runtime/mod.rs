@@ -60,6 +60,8 @@ pub struct Schedule {
     pub leader_key: Option<i64>,
     /// A NOTIFY channel whose notifications wake the loop before its interval.
     pub wake_channel: Option<&'static str>,
+    /// An in-process wake (e.g. a runner ended: a slot is free), besides the channel's.
+    pub local_wake: Option<Arc<Notify>>,
     /// Ceiling of the pause after failed (or timed-out) ticks; never below the interval.
     pub max_backoff: Duration,
     /// Whether `worker loop pause` applies (checked before each tick, on the shared pool).
@@ -73,6 +75,7 @@ impl Schedule {
             tick_timeout,
             leader_key: None,
             wake_channel: None,
+            local_wake: None,
             max_backoff: MAX_ERROR_BACKOFF,
             pausable: true,
         }
@@ -106,6 +109,13 @@ impl Schedule {
     #[must_use]
     pub fn woken_by(mut self, channel: &'static str) -> Self {
         self.wake_channel = Some(channel);
+        self
+    }
+
+    /// Also woken (before the interval) when `notify` is notified in this process.
+    #[must_use]
+    pub fn woken_locally_by(mut self, notify: Arc<Notify>) -> Self {
+        self.local_wake = Some(notify);
         self
     }
 
@@ -585,12 +595,15 @@ impl<L: Loop> Runner<L> {
             );
             // While backing off from failures a wake must not cut the backoff short (its permit
             // stays stored and is honoured by the next wait).
-            let wake = self.wake.clone().filter(|_| self.consecutive_failures == 0);
+            let healthy = self.consecutive_failures == 0;
+            let wake = self.wake.clone().filter(|_| healthy);
+            let local_wake = self.schedule.local_wake.clone().filter(|_| healthy);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
                 _ = wait_for(wake) => {}
+                _ = wait_for(local_wake) => {}
             }
         }
         tracing::info!(loop_name = name, "loop stopped");

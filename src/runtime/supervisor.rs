@@ -19,6 +19,7 @@ use std::task::Poll;
 
 use futures_util::FutureExt;
 use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
@@ -64,7 +65,12 @@ impl Supervisor {
         M: Clone + Send + 'static,
         C: Clone + Send + Sync + 'static,
     {
-        let set = Arc::new(SetInner { name, shutdown_cause, entries: Mutex::new(HashMap::new()) });
+        let set = Arc::new(SetInner {
+            name,
+            shutdown_cause,
+            entries: Mutex::new(HashMap::new()),
+            ended: Arc::default(),
+        });
         let mut sets = locked(&self.shared.sets);
         sets.retain(|set| set.strong_count() > 0);
         sets.push(Arc::downgrade(&set) as Weak<dyn ShutDown>);
@@ -163,6 +169,8 @@ struct SetInner<K, M, C> {
     name: &'static str,
     shutdown_cause: C,
     entries: Mutex<HashMap<K, Entry<M, C>>>,
+    /// Notified after a task's entry is removed ([`TaskSet::ended`]).
+    ended: Arc<Notify>,
 }
 
 impl<K, M, C> ShutDown for SetInner<K, M, C>
@@ -271,6 +279,13 @@ where
     pub fn name(&self) -> &'static str {
         self.set.name
     }
+
+    /// Notified (one stored permit) each time a task of this set has ended and its entry is
+    /// gone, so [`TaskSet::len`] already counts it out: what a loop that fills free slots waits
+    /// on ([`crate::runtime::Schedule::woken_locally_by`]).
+    pub fn ended(&self) -> Arc<Notify> {
+        self.set.ended.clone()
+    }
 }
 
 /// Removes a task's entry when the task ends, however it ends (return, panic, runtime gone);
@@ -288,6 +303,8 @@ impl<K: Eq + Hash, M, C> Drop for Registration<K, M, C> {
         let mut entries = locked(&self.set.entries);
         if entries.get(&self.key).is_some_and(|e| Arc::ptr_eq(&e.signal, &self.signal)) {
             entries.remove(&self.key);
+            drop(entries);
+            self.set.ended.notify_one();
         }
     }
 }
@@ -325,6 +342,23 @@ mod tests {
         supervisor.cancel_all();
         within("the drain", supervisor.wait()).await;
         assert!(set.is_empty(), "the entry left with its task");
+    }
+
+    #[tokio::test]
+    async fn ended_is_notified_once_the_entry_is_gone() {
+        let supervisor = Supervisor::default();
+        let set: TaskSet<u32, (), ()> = supervisor.task_set("test", ());
+        let ended = set.ended();
+        let (release, released) = oneshot::channel::<()>();
+        set.start(1, (), |_| async move {
+            let _ = released.await;
+        })
+        .expect("starts");
+        set.start(2, (), |_| async {}).expect("starts");
+        within("the first end", ended.notified()).await;
+        release.send(()).expect("task alive");
+        within("the second end", ended.notified()).await;
+        assert!(set.is_empty(), "notified after the entry left, never before");
     }
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
