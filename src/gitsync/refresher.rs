@@ -6,7 +6,8 @@
 //! 1. **Lease** up to `batch_size` due rows (`stale_at <= now()`, non-empty origin and branch,
 //!    chat not archived), oldest first, `FOR UPDATE SKIP LOCKED`, moving `stale_at` a lease
 //!    ahead in the same statement, which commits at once. Every replica runs this loop; SKIP
-//!    LOCKED plus the moved `stale_at` hand each row to one replica per lease.
+//!    LOCKED plus the moved `stale_at` hand each row to one replica per lease. The same
+//!    transaction then counts the due rows left per provider (the `gitsync.due*` gauges).
 //! 2. **Resolve** a provider and a token once per (owner, origin) group, sequentially (DB only):
 //!    the provider is the one whose `origin_host` is the origin's host ([`provider_for`]) and the
 //!    token the owner's `external_auth_links` row for that provider's id, never another's. An

@@ -132,8 +132,8 @@ pub struct SweepReport {
     pub full: bool,
 }
 
-/// Backlog gauges (`outbox.backlog.*`, `outbox.queue.*`, `outbox.dead_letters`), refreshed at most every
-/// `outbox.probe_interval` by a tick and read by the meter's callbacks.
+/// Backlog gauges (`outbox.backlog.*`, `outbox.queue.*`, `outbox.dead_letters`), refreshed at
+/// most every `outbox.probe_interval` by a tick and read by the meter's callbacks.
 #[derive(Default)]
 struct Probe {
     last: Mutex<Option<Instant>>,

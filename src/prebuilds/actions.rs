@@ -291,15 +291,12 @@ pub fn calculate_actions(preset: &PresetState, now: DateTime<Utc>, backoff_inter
 pub fn assess(preset: &PresetState, now: DateTime<Utc>, backoff_interval: Duration) -> (Actions, Conditions) {
     let mut actions =
         Actions { backoff_until: preset.backoff_until(now, backoff_interval), ..Actions::default() };
-    let mut conditions = Conditions {
-        backing_off: actions.backoff_until.is_some(),
-        expired_present: preset.running.iter().any(|p| preset.is_expired(p, now)),
-        ..Conditions::default()
-    };
+    let mut conditions = Conditions { backing_off: actions.backoff_until.is_some(), ..Conditions::default() };
     if !preset.active {
         actions.cancel_jobs = preset.pending_initial_jobs.clone();
         actions.delete = preset.running.iter().map(|p| p.workspace_id).collect();
         conditions.excess = !preset.running.is_empty();
+        conditions.expired_present = preset.running.iter().any(|p| preset.is_expired(p, now));
         return (actions, conditions);
     }
 
@@ -322,6 +319,7 @@ pub fn assess(preset: &PresetState, now: DateTime<Utc>, backoff_interval: Durati
     let live = u32::try_from(live.len()).unwrap_or(u32::MAX);
     // Saturating, so never below 0; every term subtracted is >= 0, so never above desired.
     let missing = desired.saturating_sub(live).saturating_sub(preset.starting);
+    conditions.expired_present = !expired.is_empty();
     conditions.excess = extraneous > 0;
     conditions.deficit = missing > 0;
     if preset.prebuild_status.creates_prebuilds() && actions.backoff_until.is_none() {
