@@ -710,6 +710,20 @@ mod tests {
     }
 
     #[test]
+    fn outbox_metrics_queues_defaults_to_20_and_out_of_range_names_the_key() {
+        let file = write("[database]\npool_size = 4\n");
+        assert_eq!(load(&inputs(&file)).expect("defaults").config.outbox.metrics_queues, 20);
+        for bad in ["0", "1001"] {
+            let file = write(&format!("[outbox]\nmetrics_queues = {bad}\n"));
+            let err = load(&inputs(&file)).expect_err("out of range");
+            assert_eq!(err.key(), Some("outbox.metrics_queues"), "{err}");
+            assert!(err.to_string().contains("1..=1000"), "{err}");
+        }
+        let file = write("[outbox]\nmetrics_queues = 1000\n");
+        assert_eq!(load(&inputs(&file)).expect("in range").config.outbox.metrics_queues, 1000);
+    }
+
+    #[test]
     fn an_unreadable_redis_ca_file_names_the_key_and_the_path() {
         let file = write("[redis]\nurl = \"rediss://127.0.0.1:6380\"\nca_file = \"/nonexistent/ca.pem\"\n");
         let err = load(&inputs(&file)).expect_err("unreadable CA file");

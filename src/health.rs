@@ -162,6 +162,13 @@ struct LoopStatus {
     last_error_at: Option<DateTime<Utc>>,
 }
 
+impl LoopStatus {
+    /// Completed a tick within its staleness limit.
+    fn ready_at(&self, now: Instant) -> bool {
+        self.last_completed.is_some_and(|at| now.duration_since(at) <= self.facts.staleness_limit)
+    }
+}
+
 #[derive(Debug, Default)]
 struct State_ {
     loops: BTreeMap<&'static str, LoopStatus>,
@@ -275,6 +282,16 @@ impl Health {
         self.report(database, detail)
     }
 
+    /// Whether `/readyz` would answer ready now, from the same state (no database work): read
+    /// by the `worker.ready` gauge at each export.
+    pub fn is_ready(&self) -> bool {
+        let state = self.lock();
+        let now = Instant::now();
+        database_now(state.probed.as_ref(), now).is_ok()
+            && !state.draining
+            && state.loops.values().all(|s| s.ready_at(now))
+    }
+
     fn report(&self, database: Result<(), Failure>, detail: bool) -> Readiness {
         let state = self.lock();
         let now = Instant::now();
@@ -283,7 +300,7 @@ impl Health {
             .iter()
             .map(|(name, s)| LoopReport {
                 name,
-                ready: s.last_completed.is_some_and(|at| now.duration_since(at) <= s.facts.staleness_limit),
+                ready: s.ready_at(now),
                 paused: s.last_outcome == Some(PAUSED),
                 leader_only: s.facts.leader_only,
                 ticks: s.ticks,
@@ -413,6 +430,12 @@ pub async fn serve(
 ) -> std::io::Result<HealthServer> {
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
+    let ready = health.clone();
+    meter
+        .u64_observable_gauge("worker.ready")
+        .with_description("1 when this worker's /readyz answers ready, else 0")
+        .with_callback(move |o| o.observe(u64::from(ready.is_ready()), &[]))
+        .build();
     let app = axum::Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -64,6 +64,7 @@ pub async fn start(shared: Shared<'_>) -> anyhow::Result<Option<Client>> {
     let publishing_lease = || {
         WorkerLease::new(lease_db.clone(), me.clone(), config.workers.clone())
             .publishing_to(runtime.lease_publisher())
+            .measured_by(meter)
     };
     if config.chats.enabled {
         refuse_root_agents_in_production(config)?;

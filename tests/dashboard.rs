@@ -361,6 +361,16 @@ fn the_source_scan_finds_the_instruments_the_code_registers() {
         "gitsync_http_requests_total",
         "counters_skew_count",
         "prebuilds_cycle_presets",
+        // The operator metrics, under the names alert rules use.
+        "worker_ready",
+        "workers_lease_age_at_renewal_seconds_bucket",
+        "outbox_queue_backlog",
+        "outbox_queue_oldest_due_age_seconds",
+        "gitsync_due",
+        "gitsync_due_oldest_age_seconds",
+        "gitsync_rate_limit_remaining",
+        "gitsync_rate_limit_reset_seconds",
+        "prebuilds_presets",
     ] {
         assert!(index.contains_key(series), "{series} missing from {:?}", index.keys());
     }

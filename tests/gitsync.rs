@@ -8,7 +8,8 @@ mod gitsync_support;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::TestDb;
-use gitsync_support::{Answer, FakeGitHub, fixture};
+use common::metrics::MetricsProbe;
+use gitsync_support::{Answer, FakeGitHub, RATE_LIMIT, fixture};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 use worker::config::{Concurrency, Config};
@@ -72,6 +73,10 @@ impl Harness {
     fn gitsync_on(&self, db: Db) -> Gitsync {
         let meter = opentelemetry::global::meter("gitsync-test");
         Gitsync::new(db, self.config.clone(), self.concurrency(), &meter).expect("gitsync")
+    }
+
+    fn gitsync_measured(&self, meter: &opentelemetry::metrics::Meter) -> Gitsync {
+        Gitsync::new(self.db().clone(), self.config.clone(), self.concurrency(), meter).expect("gitsync")
     }
 
     fn gitsync(&self) -> Gitsync {
@@ -712,4 +717,118 @@ async fn outcome_labels_match_the_check_constraint() {
     written.sort_unstable();
     assert!(!allowed.is_empty(), "no labels found in {definition}");
     assert_eq!(written, allowed, "RefreshOutcome::ALL against {definition}");
+}
+
+#[tokio::test]
+async fn due_rows_and_the_oldest_due_age_are_counted_per_provider_after_each_lease() {
+    let mut h = Harness::new().await;
+    let mut ghe = ProviderConfig::github_default();
+    ghe.id = "ghe".into();
+    ghe.origin_host = "GHE.example.com".into();
+    ghe.api_base_url = h.fake.base_url.clone();
+    ghe.allow_insecure_http = true;
+    h.config.providers.push(ghe);
+    h.config.batch_size = 1;
+    let metrics = MetricsProbe::new();
+    let gitsync = h.gitsync_measured(&metrics.meter());
+    // Owners without tokens: a leased row is settled as no_token, without an HTTP call.
+    let owner = Uuid::new_v4();
+    let due = async |origin: &str, due_secs: i64| {
+        let chat = h.row(owner, origin, "b").await;
+        h.sql(&format!(
+            "UPDATE chat_diff_statuses SET stale_at = now() - interval '{due_secs} seconds' WHERE chat_id = '{chat}'"
+        ))
+        .await;
+        chat
+    };
+    due("git@gitlab.com:o/r.git", 600).await; // the oldest: leased by the first tick
+    due("https://github.com/o/r", 300).await;
+    due("git@github.com:o/r.git", 200).await;
+    due("ssh://git@GitHub.com:2222/o/r.git", 10).await;
+    due("https://x-access-token:s3cret@github.com/o/r.git", 10).await;
+    due("https://ghe.example.com:8443/o/r", 100).await;
+    due("gitlab.com:x/y", 50).await;
+    let archived = due("https://github.com/o/archived", 900).await;
+    h.sql(&format!("UPDATE chats SET archived = true WHERE id = '{archived}'")).await;
+    let later = due("https://github.com/o/later", 0).await;
+    h.sql(&format!(
+        "UPDATE chat_diff_statuses SET stale_at = now() + interval '1 hour' WHERE chat_id = '{later}'"
+    ))
+    .await;
+    assert!(metrics.gauge_points("gitsync.due").await.is_empty(), "nothing before the first lease");
+
+    let gauges = async || {
+        let mut found = Vec::new();
+        for provider in ["github", "ghe", "none"] {
+            let rows = metrics.gauge_at("gitsync.due", &[("provider", provider)]).await.expect(provider);
+            let age =
+                metrics.gauge_at("gitsync.due.oldest_age", &[("provider", provider)]).await.expect(provider);
+            found.push((provider, rows, age));
+        }
+        assert_eq!(
+            metrics.gauge_points("gitsync.due").await.len(),
+            3,
+            "each provider and none, nothing else"
+        );
+        found
+    };
+    let near_age = |(_, _, age): (&str, f64, f64), want: f64| (want..want + 30.0).contains(&age);
+
+    assert_eq!(h.refresh(&gitsync).await.leased, 1);
+    let [github, ghe, none] = <[_; 3]>::try_from(gauges().await).expect("three");
+    assert_eq!((github.1, ghe.1, none.1), (4.0, 1.0, 1.0), "{github:?} {ghe:?} {none:?}");
+    assert!(
+        near_age(github, 300.0) && near_age(ghe, 100.0) && near_age(none, 50.0),
+        "{github:?} {ghe:?} {none:?}"
+    );
+
+    // The next tick leases the oldest github row: the count and the oldest age move on.
+    assert_eq!(h.refresh(&gitsync).await.leased, 1);
+    let [github, ..] = <[_; 3]>::try_from(gauges().await).expect("three");
+    assert_eq!(github.1, 3.0);
+    assert!(near_age(github, 200.0), "{github:?}");
+
+    // Nothing due for a provider: observed as 0, not left out.
+    h.sql("UPDATE chat_diff_statuses SET stale_at = now() + interval '1 hour'").await;
+    assert_eq!(h.refresh(&gitsync).await.leased, 0);
+    for (provider, rows, age) in gauges().await {
+        assert_eq!((rows, age), (0.0, 0.0), "{provider}");
+    }
+}
+
+#[tokio::test]
+async fn the_rate_limit_gauges_show_what_the_last_response_reported() {
+    let h = Harness::new().await;
+    let metrics = MetricsProbe::new();
+    let gitsync = h.gitsync_measured(&metrics.meter());
+    assert!(
+        metrics.gauge_points("gitsync.rate_limit.remaining").await.is_empty(),
+        "nothing before a response"
+    );
+
+    assert_eq!(h.fake.rate_limit().0, RATE_LIMIT, "a fresh window");
+    let reset = epoch_secs() + 754;
+    h.fake.set_rate_limit(4321, reset);
+    h.fake.pr("octocat", "Hello-World", "new-topic", 1347);
+    h.row(h.owner().await, "https://github.com/octocat/Hello-World", "new-topic").await;
+    assert_eq!(h.refresh(&gitsync).await.count(RefreshOutcome::Ok), 1);
+    let requests = h.fake.seen().len() as u64;
+    assert_eq!(h.fake.rate_limit().0, 4321 - requests, "the fake counts its answers down");
+    let remaining = metrics.gauge_at("gitsync.rate_limit.remaining", &[("provider", "github")]).await;
+    assert_eq!(remaining, Some((4321 - requests) as f64));
+    let reset_in =
+        metrics.gauge_at("gitsync.rate_limit.reset", &[("provider", "github")]).await.expect("reset");
+    assert!((740.0..=754.0).contains(&reset_in), "seconds until the reset: {reset_in}");
+
+    // A primary rate limit: remaining 0, and when it resets.
+    let limited = h.owner().await;
+    h.fake.pr("limited", "r", "b1", 1);
+    h.row(limited, "git@github.com:limited/r.git", "b1").await;
+    h.fake.answer("/repos/limited/", primary_rate_limit());
+    h.refresh(&gitsync).await;
+    assert_eq!(metrics.gauge_at("gitsync.rate_limit.remaining", &[("provider", "github")]).await, Some(0.0));
+    let reset_in =
+        metrics.gauge_at("gitsync.rate_limit.reset", &[("provider", "github")]).await.expect("reset");
+    assert!((740.0..=754.0).contains(&reset_in), "{reset_in}");
+    assert_eq!(metrics.gauge_points("gitsync.rate_limit.reset").await.len(), 1, "one series per provider");
 }

@@ -488,3 +488,44 @@ async fn worker_health_exits_0_against_a_live_health_port_and_1_against_a_closed
     println!("closed port: {}", stderr.trim());
     port.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ready_gauge_follows_what_readyz_answers() {
+    let test_db = TestDb::new().await;
+    let health = Health::default();
+    let facts = LoopFacts {
+        interval: Duration::from_secs(1),
+        tick_timeout: Duration::from_secs(1),
+        staleness_limit: Duration::from_secs(60),
+        leader_only: false,
+    };
+    health.register("outbox", facts);
+    let metrics = MetricsProbe::new();
+    let port =
+        Port::start(HealthConfig::default(), health.clone(), server_pool(&test_db), &metrics.meter()).await;
+    let client = client();
+    let readyz = || async { get(&client, port.addr(), "/readyz").await.expect("/readyz").0 };
+
+    // The database answers, but the loop has not completed a tick: not ready.
+    eventually(Duration::from_secs(10), "the probe's first result", || async {
+        let (_, body) = get(&client, port.addr(), "/readyz").await.expect("/readyz");
+        !body.contains("not_probed")
+    })
+    .await;
+    assert_eq!(readyz().await, 503);
+    assert_eq!(metrics.gauge("worker.ready").await, Some(0.0));
+    assert_eq!(
+        metrics.gauge_points("worker.ready").await[0].0,
+        Vec::<(String, String)>::new(),
+        "no attributes"
+    );
+
+    health.record("outbox", TickRecord { outcome: "ok", completed: true, error: None });
+    assert_eq!(readyz().await, 200);
+    assert_eq!(metrics.gauge("worker.ready").await, Some(1.0));
+
+    health.set_draining();
+    assert_eq!(readyz().await, 503);
+    assert_eq!(metrics.gauge("worker.ready").await, Some(0.0));
+    port.shut_down().await;
+}

@@ -748,3 +748,84 @@ async fn a_payload_larger_than_the_byte_budget_still_moves_in_a_batch_of_its_own
     assert_eq!(h.scheduled("q").await.len(), 13);
     assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
 }
+
+#[tokio::test]
+async fn the_probe_reports_the_busiest_queues_by_name_and_sums_the_rest_as_other() {
+    let mut h = Harness::new().await;
+    h.config.outbox.metrics_queues = 3;
+    h.config.outbox.batch_size = 1;
+    let metrics = MetricsProbe::new();
+    let sweeper = h.sweeper(&metrics.meter());
+    // Due rows: busy 5 (a sixth is not due), second 3, a queue literally named `other` 2, old 1
+    // (its row 300 s old).
+    h.enqueue(6, &["busy"], None).await;
+    h.exec("UPDATE task_outbox SET task_id = 'busy-' || task_id").await;
+    h.enqueue(3, &["second"], None).await;
+    h.exec("UPDATE task_outbox SET task_id = 'second-' || task_id WHERE queue = 'second'").await;
+    h.enqueue(3, &["old", "other"], None).await;
+    h.exec("UPDATE task_outbox SET created_at = now() - interval '300 seconds' WHERE queue = 'old'").await;
+    h.exec("UPDATE task_outbox SET run_at = now() + interval '1 hour' WHERE task_id = 'busy-t1'").await;
+    assert!(metrics.gauge_points("outbox.queue.backlog").await.is_empty(), "nothing before the first probe");
+
+    sweeper.tick(&Tick::detached(h.db())).await.expect("tick"); // probes, then sweeps one row
+    let backlog = |q: &'static str| {
+        let metrics = &metrics;
+        async move { metrics.gauge_at("outbox.queue.backlog", &[("queue", q)]).await }
+    };
+    assert_eq!(backlog("busy").await, Some(5.0));
+    assert_eq!(backlog("second").await, Some(3.0));
+    // The queue named `other` is third busiest, but shares its series with the rest (`old`):
+    // one `other` series, never two.
+    assert_eq!(backlog("other").await, Some(3.0));
+    assert_eq!(backlog("old").await, None, "not among the 3 busiest: no series of its own");
+    assert_eq!(metrics.gauge_points("outbox.queue.backlog").await.len(), 3);
+    let age =
+        metrics.gauge_at("outbox.queue.oldest_due_age", &[("queue", "other")]).await.expect("other age");
+    assert!((299.0..360.0).contains(&age), "the oldest among the rest: {age}");
+    let busy_age =
+        metrics.gauge_at("outbox.queue.oldest_due_age", &[("queue", "busy")]).await.expect("busy age");
+    assert!((0.0..60.0).contains(&busy_age), "{busy_age}");
+    // The totals agree with the per-queue gauges.
+    assert_eq!(metrics.gauge("outbox.backlog.due").await, Some(11.0));
+}
+
+#[tokio::test]
+async fn with_1000_queues_the_per_queue_gauges_never_exceed_metrics_queues_plus_one_series() {
+    let mut h = Harness::new().await;
+    h.config.outbox.probe_interval = Duration::from_millis(1); // probe on every tick
+    h.config.outbox.batch_size = 300;
+    let limit = h.config.outbox.metrics_queues as usize + 1;
+    assert_eq!(limit, 21, "the default");
+    let metrics = MetricsProbe::new();
+    let sweeper = h.sweeper(&metrics.meter());
+    let queues: Vec<String> = (0..1000).map(|i| format!("q{i:04}")).collect();
+    let names: Vec<&str> = queues.iter().map(String::as_str).collect();
+    // 1,500 rows round-robin: q0001..q0500 get 2 rows, the other 500 queues 1.
+    h.enqueue(1500, &names, None).await;
+
+    let tick = Tick::detached(h.db());
+    sweeper.tick(&tick).await.expect("tick");
+    let points = metrics.gauge_points("outbox.queue.backlog").await;
+    assert_eq!(points.len(), limit, "{} series", points.len());
+    let expected_top: Vec<String> = (1..=20).map(|i| format!("q{i:04}")).collect();
+    for queue in &expected_top {
+        assert_eq!(metrics.gauge_at("outbox.queue.backlog", &[("queue", queue)]).await, Some(2.0), "{queue}");
+    }
+    assert_eq!(metrics.gauge_at("outbox.queue.backlog", &[("queue", "other")]).await, Some(1460.0));
+    assert_eq!(metrics.gauge_points("outbox.queue.oldest_due_age").await.len(), limit);
+
+    // As the sweeps drain it the busiest change: still never more than 21 series at an export,
+    // and the queues that dropped out are no longer reported.
+    loop {
+        let progress = sweeper.tick(&tick).await.expect("tick");
+        let points = metrics.gauge_points("outbox.queue.backlog").await;
+        assert!(points.len() <= limit, "{} series", points.len());
+        assert_eq!(metrics.gauge_points("outbox.queue.oldest_due_age").await.len(), points.len());
+        if progress == Progress::Done {
+            break;
+        }
+    }
+    sweeper.tick(&tick).await.expect("tick"); // probes the empty outbox
+    let points = metrics.gauge_points("outbox.queue.backlog").await;
+    assert_eq!(points, vec![(vec![("queue".to_owned(), "other".to_owned())], 0.0)]);
+}

@@ -685,3 +685,39 @@ async fn status_json_shows_each_presets_counts_and_backoff() {
     );
     assert_eq!(table.lines().count(), 11, "a header and a line per preset: {table}");
 }
+
+#[tokio::test]
+async fn a_cycle_counts_presets_by_condition_in_the_presets_gauge() {
+    let test_db = TestDb::new().await;
+    let db = &test_db.db;
+    seed_mixed(db).await;
+    let metrics = MetricsProbe::new();
+    let reconciler = Reconciler::new(config(), 2, &metrics.meter());
+    assert!(metrics.gauge_points("prebuilds.presets").await.is_empty(), "nothing before a cycle");
+
+    let stats = cycle(db, &reconciler).await;
+    // Deficit: wants-three (1 of 3), expiring (its one prebuild expired), failing (in backoff,
+    // none running). Excess: too-many (3 of 1), retired (inactive, one running). Backing off:
+    // failing. Expired present: expiring. The idle presets are in no condition.
+    let expected = [("deficit", 3.0), ("excess", 2.0), ("backing_off", 1.0), ("expired_present", 1.0)];
+    for (condition, n) in expected {
+        assert_eq!(
+            metrics.gauge_at("prebuilds.presets", &[("condition", condition)]).await,
+            Some(n),
+            "{condition}: {stats:?}"
+        );
+    }
+    assert_eq!(metrics.gauge_points("prebuilds.presets").await.len(), 4, "one series per condition");
+
+    // The next cycle sees the creates and deletes in progress: no deficit or excess is left but
+    // the failing preset's (still in backoff, nothing starting), and nothing expired is running.
+    cycle(db, &reconciler).await;
+    let expected = [("deficit", 1.0), ("excess", 0.0), ("backing_off", 1.0), ("expired_present", 0.0)];
+    for (condition, n) in expected {
+        assert_eq!(
+            metrics.gauge_at("prebuilds.presets", &[("condition", condition)]).await,
+            Some(n),
+            "{condition}"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 mod common;
 
 use common::TestDb;
+use common::metrics::MetricsProbe;
 use tokio_postgres::types::Type;
 use worker::db::{Db, Exec};
 use worker::identity::WorkerIdentity;
@@ -117,4 +118,39 @@ async fn the_lease_state_goes_failing_on_an_error_and_lost_then_healthy_when_rea
     run(&test_db.db, "ALTER TABLE workers_gone RENAME TO workers").await;
     lease.tick(&tick).await.expect("tick");
     assert_eq!(watch.current().status, LeaseStatus::Healthy);
+}
+
+#[tokio::test]
+async fn each_renewal_records_the_age_the_lease_had_just_before_it() {
+    let test_db = TestDb::new().await;
+    let metrics = MetricsProbe::new();
+    let me = WorkerIdentity::generate();
+    let lease = WorkerLease::new(test_db.db.clone(), me.clone(), WorkersConfig::default())
+        .measured_by(&metrics.meter());
+    lease.register().await.expect("register");
+    assert_eq!(
+        metrics.histogram("workers.lease.age_at_renewal").await.0.count,
+        0,
+        "a registration is no renewal"
+    );
+
+    // The last renewal 40 s ago on the database clock: this one finds the lease 40 s old.
+    run(&test_db.db, "UPDATE workers SET last_seen_at = now() - interval '40 seconds'").await;
+    let tick = Tick::detached(&test_db.db);
+    lease.tick(&tick).await.expect("tick");
+    let (point, attributed) = metrics.histogram("workers.lease.age_at_renewal").await;
+    assert_eq!(point.count, 1);
+    assert!((40..60).contains(&point.max), "age at renewal {}", point.max);
+    assert!(!attributed, "no attributes");
+
+    // At once again: a fresh lease.
+    lease.tick(&tick).await.expect("tick");
+    let (point, _) = metrics.histogram("workers.lease.age_at_renewal").await;
+    assert_eq!(point.count, 2);
+    assert!((40..100).contains(&point.sum), "the second age is small: sum {}", point.sum);
+
+    // Reaped: the tick registers again and records nothing (there was no lease to renew).
+    run(&test_db.db, "DELETE FROM workers").await;
+    lease.tick(&tick).await.expect("tick");
+    assert_eq!(metrics.histogram("workers.lease.age_at_renewal").await.0.count, 2);
 }

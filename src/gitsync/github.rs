@@ -69,6 +69,50 @@ impl HttpStats {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rate limit as GitHub reports it.
+
+/// The primary rate limit of a response: `x-ratelimit-remaining` and `x-ratelimit-reset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests left in the current window.
+    pub remaining: u64,
+    /// When the window resets, in Unix seconds.
+    pub reset_epoch_secs: u64,
+}
+
+impl RateLimit {
+    /// Both headers, when the response carries them as numbers.
+    fn from_headers(headers: &HeaderMap) -> Option<Self> {
+        let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
+        Some(RateLimit {
+            remaining: number("x-ratelimit-remaining")?,
+            reset_epoch_secs: number("x-ratelimit-reset")?,
+        })
+    }
+
+    /// Seconds from `now_epoch_secs` until the window resets (0 once it has).
+    pub fn reset_in(&self, now_epoch_secs: u64) -> u64 {
+        self.reset_epoch_secs.saturating_sub(now_epoch_secs)
+    }
+}
+
+/// The rate limit of the last response that carried one (whichever token it was sent with), for
+/// the `gitsync.rate_limit.*` gauges.
+#[derive(Debug, Default)]
+pub struct RateLimitSeen(Mutex<Option<RateLimit>>);
+
+impl RateLimitSeen {
+    fn record(&self, limit: RateLimit) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(limit);
+    }
+
+    /// `None` until a response carried both headers.
+    pub fn last(&self) -> Option<RateLimit> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // ETag cache.
 
 #[derive(Clone)]
@@ -203,6 +247,7 @@ pub struct GitHub {
     options: GitHubOptions,
     cache: Mutex<EtagCache>,
     stats: Arc<HttpStats>,
+    rate_limit: Arc<RateLimitSeen>,
 }
 
 /// A successful body, fresh or from the cache.
@@ -229,12 +274,17 @@ impl GitHub {
             .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
             .build()?;
         let cache = Mutex::new(EtagCache::new(options.etag_cache_entries, options.etag_cache_bytes));
-        Ok(GitHub { http, api, options, cache, stats: Arc::default() })
+        Ok(GitHub { http, api, options, cache, stats: Arc::default(), rate_limit: Arc::default() })
     }
 
     /// Request counts by status class.
     pub fn stats(&self) -> Arc<HttpStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// The rate limit GitHub reported last (any status, a 304 included).
+    pub fn rate_limit(&self) -> Arc<RateLimitSeen> {
+        Arc::clone(&self.rate_limit)
     }
 
     /// Entries in the ETag cache.
@@ -298,6 +348,9 @@ impl GitHub {
         };
         let status = response.status();
         self.stats.record(StatusClass::of(status.as_u16()));
+        if let Some(limit) = RateLimit::from_headers(response.headers()) {
+            self.rate_limit.record(limit);
+        }
         tracing::debug!(url = %url, status = status.as_u16(), revalidated = cached.is_some(), "github response");
 
         if status == StatusCode::NOT_MODIFIED {
@@ -446,6 +499,20 @@ mod tests {
         assert!(cache.get("e").is_none(), "a body over the byte bound is not cached");
         cache.insert("d".into(), entry(5));
         assert_eq!((cache.len(), cache.bytes), (1, 5), "replacing an entry releases its bytes");
+    }
+
+    #[test]
+    fn the_rate_limit_needs_both_headers_as_numbers() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ratelimit-remaining", "4987".parse().expect("value"));
+        assert_eq!(RateLimit::from_headers(&headers), None, "no reset");
+        headers.insert("x-ratelimit-reset", "1700000754".parse().expect("value"));
+        let limit = RateLimit::from_headers(&headers).expect("both");
+        assert_eq!(limit, RateLimit { remaining: 4987, reset_epoch_secs: 1_700_000_754 });
+        assert_eq!(limit.reset_in(1_700_000_000), 754);
+        assert_eq!(limit.reset_in(1_800_000_000), 0, "a reset in the past is 0 s away");
+        headers.insert("x-ratelimit-remaining", "lots".parse().expect("value"));
+        assert_eq!(RateLimit::from_headers(&headers), None);
     }
 
     #[test]

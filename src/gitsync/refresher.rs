@@ -6,7 +6,8 @@
 //! 1. **Lease** up to `batch_size` due rows (`stale_at <= now()`, non-empty origin and branch,
 //!    chat not archived), oldest first, `FOR UPDATE SKIP LOCKED`, moving `stale_at` a lease
 //!    ahead in the same statement, which commits at once. Every replica runs this loop; SKIP
-//!    LOCKED plus the moved `stale_at` hand each row to one replica per lease.
+//!    LOCKED plus the moved `stale_at` hand each row to one replica per lease. The same
+//!    transaction then counts the due rows left per provider (the `gitsync.due*` gauges).
 //! 2. **Resolve** a provider and a token once per (owner, origin) group, sequentially (DB only):
 //!    the provider is the one whose `origin_host` is the origin's host ([`provider_for`]) and the
 //!    token the owner's `external_auth_links` row for that provider's id, never another's. An
@@ -48,7 +49,7 @@ use uuid::Uuid;
 
 use super::config::GitsyncConfig;
 use super::decide::{Fields, Found, RefreshOutcome, Stored, decide};
-use super::github::{GitHub, GitHubBuildError, GitHubOptions, HttpStats, StatusClass};
+use super::github::{GitHub, GitHubBuildError, GitHubOptions, HttpStats, RateLimitSeen, StatusClass};
 use super::origin::Origin;
 use super::provider::{
     ChecksState, PrNumber, PrState, PrStatus, Provider, ProviderConfig, ProviderError, provider_for,
@@ -74,6 +75,26 @@ pub const LEASE: &str = "UPDATE chat_diff_statuses AS d \
          AND NOT sc.archived \
        ORDER BY s.stale_at LIMIT $1 FOR UPDATE OF s SKIP LOCKED) \
      RETURNING d.chat_id, c.owner_id, d.git_remote_origin, d.git_branch, d.pr_number, d.stale_at";
+
+/// `$1` the providers' `origin_host`s (lower-cased), `$2` their ids. The rows due (as [`LEASE`]
+/// picks them) that no lease holds, per provider id (NULL: no provider serves the host), with the
+/// age of the oldest `stale_at`. The host is cut from the origin as [`Origin::parse`] does for the
+/// accepted forms (URL: after the scheme and any user-info, up to a port or path; scp-like: after
+/// any user-info, up to the `:`). Runs in the lease's transaction, after the lease, so the rows
+/// this tick leased are not due any more.
+const DUE: &str = "SELECT p.id, count(*)::int8, \
+       coalesce(extract(epoch FROM now() - min(d.stale_at)), 0)::float8 \
+     FROM (SELECT s.stale_at, lower(CASE WHEN s.git_remote_origin LIKE '%://%' \
+         THEN substring(btrim(s.git_remote_origin) FROM '^[^:/]+://(?:[^/]*@)?([^/:?#]+)') \
+         ELSE substring(btrim(s.git_remote_origin) FROM '^(?:[^:/]*@)?([^:/@]+):') END) AS host \
+       FROM chat_diff_statuses AS s JOIN chats AS c ON c.id = s.chat_id \
+       WHERE s.stale_at <= now() AND s.git_remote_origin <> '' AND s.git_branch <> '' \
+         AND NOT c.archived) AS d \
+     LEFT JOIN unnest($1::text[], $2::text[]) AS p(host, id) ON p.host = d.host \
+     GROUP BY p.id";
+
+/// The `provider` attribute of due rows whose origin's host no configured provider serves.
+pub const NO_PROVIDER: &str = "none";
 
 /// `$1` owner, `$2` provider id. An expired token counts only with a refresh token beside it.
 /// The key id is NULL for a plaintext token.
@@ -199,6 +220,29 @@ struct GroupCall<'g, P> {
 struct Metrics {
     refreshes: Counter<u64>,
     rate_limited_groups: Counter<u64>,
+    due: Arc<DueCensus>,
+}
+
+/// Due rows of one provider (or of none).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Due {
+    rows: u64,
+    oldest_age_secs: f64,
+}
+
+/// The last tick's count of due rows per provider id (every configured provider, then
+/// [`NO_PROVIDER`]), read by the `gitsync.due*` gauges; `None` before the first lease.
+#[derive(Default)]
+struct DueCensus(Mutex<Option<Vec<(String, Due)>>>);
+
+impl DueCensus {
+    fn read(&self) -> Option<Vec<(String, Due)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, due: Vec<(String, Due)>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(due);
+    }
 }
 
 /// The gitsync loop over providers of type `P` (the daemon: [`GitHub`]).
@@ -240,6 +284,36 @@ impl Gitsync<GitHub> {
                 }
             })
             .build();
+        // The rate limit each provider's client saw last, by provider id (from the config).
+        let limits: Vec<(KeyValue, Arc<RateLimitSeen>)> = providers
+            .iter()
+            .map(|(c, client)| (KeyValue::new("provider", c.id.clone()), client.rate_limit()))
+            .collect();
+        let epoch_secs = options.epoch_secs;
+        let remaining = limits.clone();
+        meter
+            .u64_observable_gauge("gitsync.rate_limit.remaining")
+            .with_description("Requests left in the provider's rate-limit window (x-ratelimit-remaining of the last response)")
+            .with_callback(move |observer| {
+                for (provider, seen) in &remaining {
+                    if let Some(limit) = seen.last() {
+                        observer.observe(limit.remaining, std::slice::from_ref(provider));
+                    }
+                }
+            })
+            .build();
+        meter
+            .u64_observable_gauge("gitsync.rate_limit.reset")
+            .with_unit("s")
+            .with_description("Seconds until the provider's rate-limit window resets (x-ratelimit-reset of the last response)")
+            .with_callback(move |observer| {
+                for (provider, seen) in &limits {
+                    if let Some(limit) = seen.last() {
+                        observer.observe(limit.reset_in(epoch_secs()), std::slice::from_ref(provider));
+                    }
+                }
+            })
+            .build();
         Ok(Self::with_providers(db, config, concurrency, meter, providers))
     }
 }
@@ -265,7 +339,31 @@ impl<P: Provider> Gitsync<P> {
                 .u64_counter("gitsync.rate_limited_groups")
                 .with_description("(owner, origin) groups whose remaining rows were skipped after a rate limit")
                 .build(),
+            due: Arc::default(),
         };
+        let due = metrics.due.clone();
+        meter
+            .u64_observable_gauge("gitsync.due")
+            .with_description("Diff-status rows due for a refresh that no lease holds, per provider (the last tick's count)")
+            .with_callback(move |o| {
+                for (provider, d) in due.read().unwrap_or_default() {
+                    o.observe(d.rows, &[KeyValue::new("provider", provider)]);
+                }
+            })
+            .build();
+        let due = metrics.due.clone();
+        meter
+            .f64_observable_gauge("gitsync.due.oldest_age")
+            .with_unit("s")
+            .with_description(
+                "How long the longest-due unleased diff-status row has been due, per provider (0: none)",
+            )
+            .with_callback(move |o| {
+                for (provider, d) in due.read().unwrap_or_default() {
+                    o.observe(d.oldest_age_secs, &[KeyValue::new("provider", provider)]);
+                }
+            })
+            .build();
         let keys = config.token_keys();
         Self { db, config, concurrency: concurrency.max(1), providers, keys, metrics }
     }
@@ -304,12 +402,14 @@ impl<P: Provider> Gitsync<P> {
         Ok(report)
     }
 
+    /// Leases this tick's rows, and counts the due rows left (the `gitsync.due*` gauges) in the
+    /// same transaction.
     async fn lease(&self) -> Result<Vec<Leased>, DbError> {
         let mut conn = self.db.get().await?;
         let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
         let limit = i64::from(self.config.batch_size);
         let lease = self.config.lease.as_secs_f64();
-        let rows = tx
+        let rows: Vec<Leased> = tx
             .fetch_all(LEASE, &[(&limit, Type::INT8), (&lease, Type::FLOAT8)])
             .await?
             .iter()
@@ -322,7 +422,22 @@ impl<P: Provider> Gitsync<P> {
                 lease_until: r.get(5),
             })
             .collect();
+        let hosts: Vec<String> =
+            self.providers.iter().map(|(c, _)| c.origin_host.to_ascii_lowercase()).collect();
+        let ids: Vec<String> = self.providers.iter().map(|(c, _)| c.id.clone()).collect();
+        let counted = tx.fetch_all(DUE, &[(&hosts, Type::TEXT_ARRAY), (&ids, Type::TEXT_ARRAY)]).await?;
+        let mut due: Vec<(String, Due)> = ids.into_iter().map(|id| (id, Due::default())).collect();
+        due.push((NO_PROVIDER.to_owned(), Due::default()));
+        for row in &counted {
+            let provider: Option<String> = row.get(0);
+            let provider = provider.as_deref().unwrap_or(NO_PROVIDER);
+            if let Some((_, d)) = due.iter_mut().find(|(id, _)| id == provider) {
+                d.rows += u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
+                d.oldest_age_secs = d.oldest_age_secs.max(row.get::<_, f64>(2));
+            }
+        }
         db::commit(tx).await?;
+        self.metrics.due.set(due);
         Ok(rows)
     }
 

@@ -18,6 +18,8 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(15);
+/// Queues with a series of their own in `outbox.queue.*`; the rest are summed as `other`.
+pub const DEFAULT_METRICS_QUEUES: u32 = 20;
 /// 1 MiB: the default `enqueue_task` starts with (migrations/V8), before a worker writes its own.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 1 << 20;
 /// 16 MiB of payload per sweep: a batch of small tasks (500 × 1 KiB) never comes near it, while a
@@ -45,6 +47,10 @@ pub struct OutboxConfig {
     /// How often the backlog gauges are refreshed.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// The busiest queues (by due rows) that get a series of their own in `outbox.queue.backlog`
+    /// and `outbox.queue.oldest_due_age`; the others are summed as `queue="other"`. Bounds those
+    /// gauges to `metrics_queues + 1` series however many queues exist.
+    pub metrics_queues: u32,
     /// Largest payload (bytes of its JSON text) `enqueue_task` accepts. The database enforces it:
     /// the loop writes it into `outbox_settings` on its first tick (migrations/V8 says why one
     /// row, last writer wins, is right with many replicas).
@@ -64,6 +70,7 @@ impl Default for OutboxConfig {
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_max: DEFAULT_BACKOFF_MAX,
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            metrics_queues: DEFAULT_METRICS_QUEUES,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
         }
@@ -90,6 +97,7 @@ impl OutboxConfig {
             "at least outbox.backoff_base",
         )?;
         positive("probe_interval", self.probe_interval)?;
+        check((1..=1000).contains(&self.metrics_queues), "metrics_queues", self.metrics_queues, "1..=1000")?;
         check(
             (1024..=MAX_PAYLOAD_BYTES_LIMIT).contains(&self.max_payload_bytes),
             "max_payload_bytes",

@@ -2,14 +2,28 @@
 //! breakdown of `worker outbox stats`.
 
 use serde::Serialize;
+use tokio_postgres::types::Type;
 
 use crate::db::{self, Db, DbError, Exec};
 
-/// One statement; the due rows are read through the (run_at, id) index.
-const BACKLOG: &str = "SELECT due.n, due.age, (SELECT count(*) FROM task_outbox_dead) \
-     FROM (SELECT count(*) AS n, \
-           coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS age \
-           FROM task_outbox WHERE run_at <= now()) AS due";
+/// One statement, one row: the due rows (read through the (run_at, id) index) grouped by queue
+/// once, then the totals, the `$1` queues with the most due rows (ties by name) in that order,
+/// and the rest summed (their oldest row's age is the oldest among them). Dead letters counted.
+const BACKLOG: &str = "WITH q AS (SELECT queue, count(*) AS n, min(created_at) AS oldest \
+       FROM task_outbox WHERE run_at <= now() GROUP BY queue), \
+     r AS (SELECT queue, n, oldest, row_number() OVER (ORDER BY n DESC, queue) AS rank FROM q) \
+     SELECT coalesce(sum(n), 0)::int8, \
+       coalesce(extract(epoch FROM now() - min(oldest)), 0)::float8, \
+       (SELECT count(*) FROM task_outbox_dead), \
+       coalesce(array_agg(queue ORDER BY rank) FILTER (WHERE rank <= $1), '{}'), \
+       coalesce(array_agg(n ORDER BY rank) FILTER (WHERE rank <= $1), '{}'), \
+       coalesce(array_agg(extract(epoch FROM now() - oldest)::float8 ORDER BY rank) FILTER (WHERE rank <= $1), '{}'), \
+       coalesce(sum(n) FILTER (WHERE rank > $1), 0)::int8, \
+       coalesce(extract(epoch FROM now() - min(oldest) FILTER (WHERE rank > $1)), 0)::float8 \
+     FROM r";
+
+/// The `queue` attribute of the queues summed together.
+pub const OTHER_QUEUES: &str = "other";
 
 const PER_QUEUE: &str = "WITH live AS (\
        SELECT queue, count(*) AS total, \
@@ -22,22 +36,56 @@ const PER_QUEUE: &str = "WITH live AS (\
             coalesce(dead, 0) \
      FROM live FULL JOIN dead USING (queue) ORDER BY queue";
 
+/// Due rows of one queue (or of the queues summed as [`OTHER_QUEUES`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QueueBacklog {
+    pub due: u64,
+    /// Age of the oldest due row, from its `created_at`; 0 when nothing is due.
+    pub oldest_due_age_secs: f64,
+}
+
 /// The sweeper's probe.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Backlog {
     pub due: u64,
     /// Age of the oldest due row, from its `created_at`; 0 when nothing is due.
     pub oldest_due_age_secs: f64,
     pub dead: u64,
+    /// The busiest queues by due rows (at most the `queues` asked for), busiest first; a queue
+    /// with no due row is not among them.
+    pub busiest: Vec<(String, QueueBacklog)>,
+    /// Every other queue with due rows, summed: the rows added up, the oldest age the largest.
+    /// A queue literally named `other` is counted here too, so no two series share a label.
+    pub other: QueueBacklog,
 }
 
-pub async fn backlog(db: &Db) -> Result<Backlog, DbError> {
+/// The probe, in one statement of its own transaction (the sweeper calls it from its tick at most
+/// every `outbox.probe_interval`). `queues`: how many of the busiest queues to name.
+pub async fn backlog(db: &Db, queues: u32) -> Result<Backlog, DbError> {
+    let top = i64::from(queues);
     // Runs inside the sweeper's tick: bounded by the statement timeout like every tick statement.
-    let row = db::in_transaction(db, async |tx| tx.fetch_one(BACKLOG, &[]).await).await?;
+    let row = db::in_transaction(db, async |tx| tx.fetch_one(BACKLOG, &[(&top, Type::INT8)]).await).await?;
+    let names: Vec<String> = row.get(3);
+    let dues: Vec<i64> = row.get(4);
+    let ages: Vec<f64> = row.get(5);
+    let mut other =
+        QueueBacklog { due: count(row.get(6)), oldest_due_age_secs: row.get::<_, f64>(7).max(0.0) };
+    let mut busiest = Vec::with_capacity(names.len());
+    for ((name, due), age) in names.into_iter().zip(dues).zip(ages) {
+        let queue = QueueBacklog { due: count(due), oldest_due_age_secs: age.max(0.0) };
+        if name == OTHER_QUEUES {
+            other.due += queue.due;
+            other.oldest_due_age_secs = other.oldest_due_age_secs.max(queue.oldest_due_age_secs);
+        } else {
+            busiest.push((name, queue));
+        }
+    }
     Ok(Backlog {
         due: count(row.get(0)),
         oldest_due_age_secs: row.get::<_, f64>(1).max(0.0),
         dead: count(row.get(2)),
+        busiest,
+        other,
     })
 }
 

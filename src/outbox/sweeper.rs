@@ -132,8 +132,8 @@ pub struct SweepReport {
     pub full: bool,
 }
 
-/// Backlog gauges (`outbox.backlog.*`, `outbox.dead_letters`), refreshed at most every
-/// `outbox.probe_interval` by a tick and read by the meter's callbacks.
+/// Backlog gauges (`outbox.backlog.*`, `outbox.queue.*`, `outbox.dead_letters`), refreshed at
+/// most every `outbox.probe_interval` by a tick and read by the meter's callbacks.
 #[derive(Default)]
 struct Probe {
     last: Mutex<Option<Instant>>,
@@ -143,7 +143,7 @@ struct Probe {
 
 impl Probe {
     fn read(&self) -> Option<stats::Backlog> {
-        *self.backlog.lock().unwrap_or_else(|e| e.into_inner())
+        self.backlog.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -338,7 +338,7 @@ impl Sweeper {
             }
             *last = Some(Instant::now());
         }
-        let backlog = stats::backlog(&self.db).await?;
+        let backlog = stats::backlog(&self.db, self.config.metrics_queues).await?;
         *self.probe.backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(backlog);
         Ok(())
     }
@@ -363,6 +363,39 @@ fn register_gauges(meter: &Meter, probe: &Arc<Probe>) {
         .u64_observable_gauge("outbox.dead_letters")
         .with_description("Rows in task_outbox_dead")
         .with_callback(move |o| p.read().into_iter().for_each(|b| o.observe(b.dead, &[])))
+        .build();
+    // Per queue: the `outbox.metrics_queues` busiest by name, the rest as `other` (always
+    // observed, 0 when there is no other), so at most `metrics_queues + 1` series.
+    let p = probe.clone();
+    meter
+        .u64_observable_gauge("outbox.queue.backlog")
+        .with_description(
+            "Due outbox rows per queue: the busiest outbox.metrics_queues queues, the rest as other",
+        )
+        .with_callback(move |o| {
+            if let Some(b) = p.read() {
+                for (queue, q) in &b.busiest {
+                    o.observe(q.due, &[KeyValue::new("queue", queue.clone())]);
+                }
+                o.observe(b.other.due, &[KeyValue::new("queue", stats::OTHER_QUEUES)]);
+            }
+        })
+        .build();
+    let p = probe.clone();
+    meter
+        .f64_observable_gauge("outbox.queue.oldest_due_age")
+        .with_unit("s")
+        .with_description(
+            "Age (from created_at) of the oldest due row per queue, as outbox.queue.backlog groups them",
+        )
+        .with_callback(move |o| {
+            if let Some(b) = p.read() {
+                for (queue, q) in &b.busiest {
+                    o.observe(q.oldest_due_age_secs, &[KeyValue::new("queue", queue.clone())]);
+                }
+                o.observe(b.other.oldest_due_age_secs, &[KeyValue::new("queue", stats::OTHER_QUEUES)]);
+            }
+        })
         .build();
 }
 

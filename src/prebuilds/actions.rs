@@ -268,14 +268,36 @@ pub fn desired_instances(preset: &PresetState, now: DateTime<Utc>) -> Result<u32
     }
 }
 
+/// The conditions `prebuilds.presets{condition}` counts presets by; any number may hold at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Conditions {
+    /// Active, and fewer live (unexpired) plus starting prebuilds than desired: short of
+    /// prebuilds, whether or not this cycle may create them (backoff, hard limit).
+    pub deficit: bool,
+    /// More live prebuilds than desired (an inactive preset desires none, so any running one).
+    pub excess: bool,
+    /// Inside its failure backoff: nothing is created until it ends.
+    pub backing_off: bool,
+    /// At least one running prebuild has outlived the preset's TTL.
+    pub expired_present: bool,
+}
+
 /// Decides this cycle's actions for `preset` (see the module doc for the rules).
 pub fn calculate_actions(preset: &PresetState, now: DateTime<Utc>, backoff_interval: Duration) -> Actions {
+    assess(preset, now, backoff_interval).0
+}
+
+/// [`calculate_actions`], and the [`Conditions`] the preset is in, from the same numbers.
+pub fn assess(preset: &PresetState, now: DateTime<Utc>, backoff_interval: Duration) -> (Actions, Conditions) {
     let mut actions =
         Actions { backoff_until: preset.backoff_until(now, backoff_interval), ..Actions::default() };
+    let mut conditions = Conditions { backing_off: actions.backoff_until.is_some(), ..Conditions::default() };
     if !preset.active {
         actions.cancel_jobs = preset.pending_initial_jobs.clone();
         actions.delete = preset.running.iter().map(|p| p.workspace_id).collect();
-        return actions;
+        conditions.excess = !preset.running.is_empty();
+        conditions.expired_present = preset.running.iter().any(|p| preset.is_expired(p, now));
+        return (actions, conditions);
     }
 
     let desired = desired_instances(preset, now).unwrap_or_else(|warning| {
@@ -294,12 +316,16 @@ pub fn calculate_actions(preset: &PresetState, now: DateTime<Utc>, backoff_inter
         actions.delete.extend(live[..extraneous].iter().map(|p| p.workspace_id));
     }
 
+    let live = u32::try_from(live.len()).unwrap_or(u32::MAX);
+    // Saturating, so never below 0; every term subtracted is >= 0, so never above desired.
+    let missing = desired.saturating_sub(live).saturating_sub(preset.starting);
+    conditions.expired_present = !expired.is_empty();
+    conditions.excess = extraneous > 0;
+    conditions.deficit = missing > 0;
     if preset.prebuild_status.creates_prebuilds() && actions.backoff_until.is_none() {
-        let live = u32::try_from(live.len()).unwrap_or(u32::MAX);
-        // Saturating, so never below 0; every term subtracted is >= 0, so never above desired.
-        actions.create = desired.saturating_sub(live).saturating_sub(preset.starting);
+        actions.create = missing;
     }
-    actions
+    (actions, conditions)
 }
 
 #[cfg(test)]
@@ -414,6 +440,36 @@ mod tests {
 
     fn ids(ns: &[u128]) -> Vec<Uuid> {
         ns.iter().copied().map(id).collect()
+    }
+
+    #[test]
+    fn conditions_count_deficit_excess_backoff_and_expired_from_the_same_numbers() {
+        let c = |deficit, excess, backing_off, expired_present| Conditions {
+            deficit,
+            excess,
+            backing_off,
+            expired_present,
+        };
+        let cases = [
+            (preset().desired(2).running(&[(1, 5), (2, 5)]), c(false, false, false, false)),
+            (preset().desired(3).running(&[(1, 5)]), c(true, false, false, false)),
+            // Starting builds fill the deficit.
+            (preset().desired(3).running(&[(1, 5)]).starting(2), c(false, false, false, false)),
+            (preset().desired(1).running(&[(1, 5), (2, 6)]), c(false, true, false, false)),
+            // Expired ones are not live: deleted and short of them at once.
+            (preset().desired(2).ttl_minutes(60).running(&[(1, 90), (2, 5)]), c(true, false, false, true)),
+            // In backoff (or hard limited) nothing is created, but the deficit is still there.
+            (preset().desired(2).failed(3, 2), c(true, false, true, false)),
+            (preset().desired(2).status(PrebuildStatus::HardLimited), c(true, false, false, false)),
+            // Inactive: any running prebuild is in excess; no deficit.
+            (preset().desired(3).ttl_minutes(60).inactive().running(&[(1, 90)]), c(false, true, false, true)),
+            (preset().desired(3).inactive(), c(false, false, false, false)),
+        ];
+        for (state, expected) in cases {
+            let (actions, conditions) = assess(&state, now(), BACKOFF);
+            assert_eq!(conditions, expected, "{state:?}");
+            assert_eq!(actions, calculate_actions(&state, now(), BACKOFF));
+        }
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::actions::{Actions, PresetState, calculate_actions, can_skip};
+use super::actions::{Actions, Conditions, PresetState, assess, can_skip};
 use super::config::PrebuildsConfig;
 use super::snapshot::{self, LoadError};
 use crate::db::{self, Conn, Db, DbError, Exec};
@@ -124,6 +124,36 @@ pub struct CyclePlan {
     pub skipped: usize,
     /// Every other preset, in snapshot order (by id), with its actions (possibly none).
     pub reconcile: Vec<PresetPlan>,
+    /// How many presets are in each condition (a skipped preset is in none).
+    pub conditions: ConditionCounts,
+}
+
+/// Presets per [`Conditions`] flag in one cycle (`prebuilds.presets{condition}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConditionCounts {
+    pub deficit: usize,
+    pub excess: usize,
+    pub backing_off: usize,
+    pub expired_present: usize,
+}
+
+impl ConditionCounts {
+    fn add(&mut self, c: Conditions) {
+        self.deficit += usize::from(c.deficit);
+        self.excess += usize::from(c.excess);
+        self.backing_off += usize::from(c.backing_off);
+        self.expired_present += usize::from(c.expired_present);
+    }
+
+    /// Each count with its `condition` attribute.
+    pub fn labelled(&self) -> [(&'static str, usize); 4] {
+        [
+            ("deficit", self.deficit),
+            ("excess", self.excess),
+            ("backing_off", self.backing_off),
+            ("expired_present", self.expired_present),
+        ]
+    }
 }
 
 impl CyclePlan {
@@ -133,18 +163,21 @@ impl CyclePlan {
     }
 }
 
-/// Decides a cycle: skip what [`can_skip`], [`calculate_actions`] for the rest. Pure.
+/// Decides a cycle: skip what [`can_skip`], [`assess`] the rest (their actions and conditions).
+/// Pure.
 pub fn plan(presets: Vec<PresetState>, now: DateTime<Utc>, backoff_interval: Duration) -> CyclePlan {
     let presets_total = presets.len();
+    let mut conditions = ConditionCounts::default();
     let reconcile: Vec<PresetPlan> = presets
         .into_iter()
         .filter(|p| !can_skip(p, now, backoff_interval))
         .map(|preset| {
-            let actions = calculate_actions(&preset, now, backoff_interval);
+            let (actions, found) = assess(&preset, now, backoff_interval);
+            conditions.add(found);
             PresetPlan { preset, actions }
         })
         .collect();
-    CyclePlan { now, presets_total, skipped: presets_total - reconcile.len(), reconcile }
+    CyclePlan { now, presets_total, skipped: presets_total - reconcile.len(), reconcile, conditions }
 }
 
 /// Reads a fresh snapshot (REPEATABLE READ, read-only, ended before this returns) and plans
@@ -378,6 +411,8 @@ pub struct CycleStats {
     pub canceled: u64,
     /// Presets whose actions stopped on an error.
     pub failed: usize,
+    /// Presets per condition, as planned (before the executor ran).
+    pub conditions: ConditionCounts,
     pub slots_taken: usize,
     pub peak_in_flight: usize,
     /// Reading the snapshot (from asking for it to ending it).
@@ -410,6 +445,7 @@ impl LastCycle {
 
 struct Instruments {
     presets: Gauge<u64>,
+    conditions: Gauge<u64>,
     actions: Counter<u64>,
     duration: Histogram<f64>,
 }
@@ -430,6 +466,12 @@ impl Reconciler {
             presets: meter
                 .u64_gauge("prebuilds.cycle.presets")
                 .with_description("Presets in the last cycle, by state (total|skipped|reconciled)")
+                .build(),
+            conditions: meter
+                .u64_gauge("prebuilds.presets")
+                .with_description(
+                    "Presets in each condition in the last cycle (deficit|excess|backing_off|expired_present)",
+                )
                 .build(),
             actions: meter
                 .u64_counter("prebuilds.actions")
@@ -495,6 +537,7 @@ impl Reconciler {
             claimed: report.done.claimed,
             canceled: report.done.canceled,
             failed: report.failed,
+            conditions: plan.conditions,
             slots_taken: report.slots_taken,
             peak_in_flight: report.peak_in_flight,
             snapshot: snapshot_elapsed,
@@ -510,6 +553,9 @@ impl Reconciler {
             [("total", stats.presets_total), ("skipped", stats.skipped), ("reconciled", stats.reconciled)]
         {
             i.presets.record(n as u64, &[KeyValue::new("state", state)]);
+        }
+        for (condition, n) in stats.conditions.labelled() {
+            i.conditions.record(n as u64, &[KeyValue::new("condition", condition)]);
         }
         for (kind, n) in [("create", stats.created), ("delete", stats.deleted), ("cancel", stats.canceled)] {
             if n > 0 {
@@ -530,6 +576,10 @@ impl Reconciler {
                     claimed = stats.claimed,
                     canceled = stats.canceled,
                     failed = stats.failed,
+                    deficit = stats.conditions.deficit,
+                    excess = stats.conditions.excess,
+                    backing_off = stats.conditions.backing_off,
+                    expired_present = stats.conditions.expired_present,
                     peak_in_flight = stats.peak_in_flight,
                     snapshot_ms = stats.snapshot.as_millis() as u64,
                     elapsed_ms = stats.elapsed.as_millis() as u64,

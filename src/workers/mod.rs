@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use opentelemetry::metrics::{Histogram, Meter};
 use tokio_postgres::types::Type;
 
 use crate::db::{self, Db, DbError, Exec};
@@ -34,7 +35,11 @@ pub const INFO: LoopInfo = LoopInfo {
 /// Registers (or re-registers after being reaped) this worker.
 const REGISTER: &str = "INSERT INTO workers (id, hostname, version) VALUES ($1, $2, $3) \
      ON CONFLICT (id) DO UPDATE SET last_seen_at = now(), hostname = EXCLUDED.hostname, version = EXCLUDED.version";
-const RENEW: &str = "UPDATE workers SET last_seen_at = now() WHERE id = $1";
+/// The renewal, returning how old the lease was just before it (seconds, on the database clock):
+/// the previous `last_seen_at` is read under the row lock in the same statement.
+const RENEW: &str = "WITH prev AS (SELECT last_seen_at FROM workers WHERE id = $1 FOR UPDATE) \
+     UPDATE workers AS w SET last_seen_at = now() FROM prev WHERE w.id = $1 \
+     RETURNING extract(epoch FROM now() - prev.last_seen_at)::float8";
 const REAP: &str = "DELETE FROM workers WHERE id IN (\
      SELECT id FROM workers WHERE last_seen_at < now() - make_interval(secs => $1) \
      ORDER BY last_seen_at LIMIT 100 FOR UPDATE SKIP LOCKED)";
@@ -45,11 +50,35 @@ pub struct WorkerLease {
     me: WorkerIdentity,
     config: WorkersConfig,
     lease: LeasePublisher,
+    /// `workers.lease.age_at_renewal`, when measured ([`WorkerLease::measured_by`]).
+    age_at_renewal: Option<Histogram<f64>>,
 }
+
+/// Buckets of `workers.lease.age_at_renewal` (s): around the renewal intervals (`workers.interval`
+/// 10 s, `chats.heartbeat_interval` 30 s) up to past the default `chats.stale_after` (300 s).
+const AGE_BUCKETS: [f64; 14] =
+    [1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0];
 
 impl WorkerLease {
     pub fn new(db: Db, me: WorkerIdentity, config: WorkersConfig) -> Self {
-        Self { db, me, config, lease: LeasePublisher::default() }
+        Self { db, me, config, lease: LeasePublisher::default(), age_at_renewal: None }
+    }
+
+    /// Records, at each successful renewal, the age the lease had just before it
+    /// (`workers.lease.age_at_renewal`): how close this worker came to being judged stale.
+    #[must_use]
+    pub fn measured_by(mut self, meter: &Meter) -> Self {
+        self.age_at_renewal = Some(
+            meter
+                .f64_histogram("workers.lease.age_at_renewal")
+                .with_unit("s")
+                .with_description(
+                    "Age of this worker's lease (now - last_seen_at, database clock) when it was renewed",
+                )
+                .with_boundaries(AGE_BUCKETS.to_vec())
+                .build(),
+        );
+        self
     }
 
     /// Publishes what each renewal finds to the runtime's lease state (the daemon's lease loop
@@ -76,7 +105,8 @@ impl WorkerLease {
         Ok(())
     }
 
-    /// Renews the lease: ONE write (`UPDATE workers SET last_seen_at = now() WHERE id = me`).
+    /// Renews the lease: ONE write (`UPDATE workers SET last_seen_at = now() WHERE id = me`,
+    /// returning the lease's age before it, recorded once the renewal committed).
     /// A missing row means this worker was reaped as dead: the lease state records the loss
     /// (a new epoch, so everything run under the old one stops) and the row is registered
     /// again. Any way out but success (an error, a timeout dropping this future) records a
@@ -87,7 +117,8 @@ impl WorkerLease {
         let mut conn = self.db.get().await?;
         // A transaction, so SET LOCAL statement_timeout bounds even a lease write stuck on a lock.
         let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
-        if tx.exec(RENEW, &[(&me.id, Type::UUID)]).await? == 0 {
+        let age: Option<f64> = tx.fetch_opt(RENEW, &[(&me.id, Type::UUID)]).await?.map(|row| row.get(0));
+        if age.is_none() {
             tracing::warn!(worker_id = %me.id, "worker row was missing (reaped as dead?); registering again");
             self.lease.lost();
             tx.exec(REGISTER, &[(&me.id, Type::UUID), (&me.hostname, Type::TEXT), (&me.version, Type::TEXT)])
@@ -95,6 +126,9 @@ impl WorkerLease {
         }
         db::commit(tx).await?;
         attempt.succeeded();
+        if let (Some(age), Some(histogram)) = (age, &self.age_at_renewal) {
+            histogram.record(age.max(0.0), &[]);
+        }
         Ok(())
     }
 

@@ -77,6 +77,45 @@ impl MetricsProbe {
         .flatten()
     }
 
+    /// Every data point of gauge `name` (u64, i64 or f64, as f64) in the last export, each with
+    /// its attributes as (key, value) pairs sorted by key.
+    pub async fn gauge_points(&self, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+        fn attrs<'a>(kvs: impl Iterator<Item = &'a opentelemetry::KeyValue>) -> Vec<(String, String)> {
+            let mut out: Vec<(String, String)> =
+                kvs.map(|kv| (kv.key.as_str().to_owned(), kv.value.as_str().into_owned())).collect();
+            out.sort();
+            out
+        }
+        self.with_last(|rm| {
+            let mut points = Vec::new();
+            for m in rm.scope_metrics().flat_map(|s| s.metrics()).filter(|m| m.name() == name) {
+                match m.data() {
+                    AggregatedMetrics::U64(MetricData::Gauge(g)) => {
+                        points.extend(g.data_points().map(|p| (attrs(p.attributes()), p.value() as f64)))
+                    }
+                    AggregatedMetrics::I64(MetricData::Gauge(g)) => {
+                        points.extend(g.data_points().map(|p| (attrs(p.attributes()), p.value() as f64)))
+                    }
+                    AggregatedMetrics::F64(MetricData::Gauge(g)) => {
+                        points.extend(g.data_points().map(|p| (attrs(p.attributes()), p.value())))
+                    }
+                    _ => {}
+                }
+            }
+            points
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// The value of gauge `name` at the data point whose attributes are exactly `attributes`.
+    pub async fn gauge_at(&self, name: &str, attributes: &[(&str, &str)]) -> Option<f64> {
+        let mut want: Vec<(String, String)> =
+            attributes.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        want.sort();
+        self.gauge_points(name).await.into_iter().find(|(a, _)| *a == want).map(|(_, v)| v)
+    }
+
     /// The histogram `name` (u64, or f64 with its sum and max truncated); also reports whether
     /// any point carries an attribute.
     pub async fn histogram(&self, name: &str) -> (HistogramPoint, bool) {

@@ -3,6 +3,9 @@
 //! example, reviews and check runs from the other fixtures, an `etag` on every answer (a matching
 //! `If-None-Match` gets a 304), per-path overrides (errors, rate limits, hangs), and a gate that
 //! holds matching requests until the test opens it while counting how many are held at once.
+//! Its own answers carry GitHub's primary rate-limit headers (`x-ratelimit-limit`, `-remaining`,
+//! `-used`, `-reset`, `-resource`), `remaining` counting down with every answer but a 304 (which
+//! GitHub does not count), from a window set with [`FakeGitHub::set_rate_limit`].
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::HashMap;
@@ -78,7 +81,6 @@ impl Gate {
     }
 }
 
-#[derive(Default)]
 struct Inner {
     /// (owner, repo) → branch → PR number.
     prs: Mutex<HashMap<(String, String), HashMap<String, i64>>>,
@@ -86,7 +88,12 @@ struct Inner {
     seen: Mutex<Vec<Seen>>,
     gate: Mutex<Option<Arc<Gate>>>,
     latency: Mutex<Duration>,
+    /// The primary rate-limit window: (remaining, reset in Unix seconds).
+    rate_limit: Mutex<(u64, u64)>,
 }
+
+/// The limit of an authenticated user's window (requests per hour).
+pub const RATE_LIMIT: u64 = 5000;
 
 #[derive(Clone)]
 pub struct FakeGitHub {
@@ -96,7 +103,16 @@ pub struct FakeGitHub {
 
 impl FakeGitHub {
     pub async fn start() -> Self {
-        let inner = Arc::new(Inner::default());
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+        let inner = Arc::new(Inner {
+            prs: Mutex::default(),
+            overrides: Mutex::default(),
+            seen: Mutex::default(),
+            gate: Mutex::default(),
+            latency: Mutex::default(),
+            rate_limit: Mutex::new((RATE_LIMIT, now + 3600)),
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake github");
         let addr = listener.local_addr().expect("fake github address");
         let router = Router::new().fallback(serve).with_state(Arc::clone(&inner));
@@ -134,6 +150,16 @@ impl FakeGitHub {
         });
         *self.inner.gate.lock().expect("gate") = Some(Arc::clone(&gate));
         gate
+    }
+
+    /// The rate-limit window the next answers report: `remaining` requests until `reset`.
+    pub fn set_rate_limit(&self, remaining: u64, reset_epoch_secs: u64) {
+        *self.inner.rate_limit.lock().expect("rate limit") = (remaining, reset_epoch_secs);
+    }
+
+    /// (remaining, reset) as the last answer reported it.
+    pub fn rate_limit(&self) -> (u64, u64) {
+        *self.inner.rate_limit.lock().expect("rate limit")
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -207,6 +233,28 @@ fn route(inner: &Inner, path: &str, query: &str, if_none_match: Option<&str>) ->
     }
 }
 
+/// GitHub's rate-limit headers on one of the fake's own answers; a 304 costs nothing.
+fn with_rate_limit(inner: &Inner, mut response: Response) -> Response {
+    let (remaining, reset) = {
+        let mut window = inner.rate_limit.lock().expect("rate limit");
+        if response.status() != StatusCode::NOT_MODIFIED {
+            window.0 = window.0.saturating_sub(1);
+        }
+        *window
+    };
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-ratelimit-limit", RATE_LIMIT.to_string()),
+        ("x-ratelimit-remaining", remaining.to_string()),
+        ("x-ratelimit-used", (RATE_LIMIT.saturating_sub(remaining)).to_string()),
+        ("x-ratelimit-reset", reset.to_string()),
+        ("x-ratelimit-resource", "core".to_owned()),
+    ] {
+        headers.insert(HeaderName::from_static(name), HeaderValue::from_str(&value).expect("header"));
+    }
+    response
+}
+
 async fn serve(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     let (request, _) = request.into_parts();
     let get =
@@ -253,7 +301,7 @@ async fn serve(State(inner): State<Arc<Inner>>, request: Request) -> Response {
             }
             (StatusCode::from_u16(status).expect("status"), map, body).into_response()
         }
-        None => route(&inner, &path, &query, if_none_match.as_deref()),
+        None => with_rate_limit(&inner, route(&inner, &path, &query, if_none_match.as_deref())),
     };
     inner.seen.lock().expect("seen").push(Seen {
         path_and_query: format!(
