@@ -456,3 +456,75 @@ fn the_dashboard_has_a_uid_a_title_and_panels_that_query_something() {
         );
     }
 }
+
+const ALERTS: &str = "deploy/prometheus/alerts.yml";
+const RUNBOOK: &str = "docs/runbook.md";
+
+/// One alerting rule of `deploy/prometheus/alerts.yml` (the file keeps each field on one line).
+#[derive(Debug, Default)]
+struct AlertRule {
+    name: String,
+    expr: String,
+    runbook_url: String,
+}
+
+fn alert_rules() -> Vec<AlertRule> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(ALERTS)).expect(ALERTS);
+    let mut rules: Vec<AlertRule> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alert: ") {
+            rules.push(AlertRule { name: name.to_owned(), ..AlertRule::default() });
+        } else if let Some(rule) = rules.last_mut() {
+            if let Some(expr) = line.strip_prefix("expr: ") {
+                rule.expr = expr.to_owned();
+            } else if let Some(url) = line.strip_prefix("runbook_url: ") {
+                rule.runbook_url = url.to_owned();
+            }
+        }
+    }
+    rules
+}
+
+/// GitHub's anchor of a markdown heading: lower case, spaces to hyphens, other punctuation gone.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_alert_queries_metrics_the_code_registers_and_links_its_runbook_section() {
+    let rules = alert_rules();
+    assert!(rules.len() >= 9, "the alerts of the operator-plane issue: {rules:?}");
+    let index = prometheus_index(&registered());
+    let unknown = unknown_metrics(rules.iter().map(|r| r.expr.as_str()), &index);
+    assert!(
+        unknown.is_empty(),
+        "{ALERTS} queries metrics the code does not register:\n{}",
+        unknown.join("\n")
+    );
+
+    let runbook =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(RUNBOOK)).expect(RUNBOOK);
+    let sections: HashSet<String> =
+        runbook.lines().filter_map(|l| l.strip_prefix("## ")).map(anchor).collect();
+    for rule in &rules {
+        assert!(!rule.expr.is_empty(), "{} has no one-line expr", rule.name);
+        let (page, section) = rule.runbook_url.rsplit_once('#').unwrap_or_default();
+        assert!(
+            page.ends_with(RUNBOOK),
+            "{}: runbook_url {:?} is not into {RUNBOOK}",
+            rule.name,
+            rule.runbook_url
+        );
+        assert!(sections.contains(section), "{}: {RUNBOOK} has no section #{section}", rule.name);
+        assert_eq!(section, anchor(&rule.name), "{}: its section is named after the alert", rule.name);
+    }
+}
