@@ -67,7 +67,7 @@ enum OnlineCommand {
     /// Pull-request status refresh: backlog, or mark one chat due now.
     #[command(subcommand)]
     Gitsync(GitsyncCommand),
-    /// Prebuilds per preset, and what the reconciler's next cycle would do.
+    /// Prebuilds per preset, what the reconciler's next cycle would do, and preset invalidation.
     #[command(subcommand)]
     Prebuilds(PrebuildsCommand),
     /// Registered workers (with the age of their lease) and paused loops.

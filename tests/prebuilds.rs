@@ -1,7 +1,8 @@
 //! The prebuilds reconciler (docs/prebuilds.md) against a real database: a cycle's writes, one
 //! leader per cycle, the connection bound during the fan-out, idle presets skipped before a slot,
 //! the claim race on delete, failures isolated per preset, `plan`/`status` through the real binary
-//! (and `plan` matching what the next cycle does), the activation trigger.
+//! (and `plan` matching what the next cycle does), the activation trigger, `invalidate` (every
+//! prebuild replaced in one cycle, a claimed workspace untouched).
 //!
 //! Overlap is arranged with row locks, not sleeps: the test holds `FOR UPDATE` on the template
 //! row (a prebuild insert's foreign-key check needs `FOR KEY SHARE` on it) or on the workspace
@@ -673,7 +674,7 @@ async fn status_json_shows_each_presets_counts_and_backoff() {
     assert_eq!(counts("wants-three"), [3, 1, 0, 0, 0]);
     assert_eq!(counts("expiring"), [1, 0, 1, 0, 0]);
     assert_eq!(counts("too-many"), [1, 3, 0, 0, 0]);
-    assert_eq!(counts("retired"), [2, 1, 0, 1, 1]);
+    assert_eq!(counts("retired"), [0, 1, 0, 1, 1], "inactive: the planner's target is 0");
     assert_eq!(by_name("retired")["active"], false);
     assert!(by_name("failing")["backoff_until"].is_string(), "one failure just now: in backoff");
     assert!(by_name("wants-three")["backoff_until"].is_null());
@@ -720,4 +721,219 @@ async fn a_cycle_counts_presets_by_condition_in_the_presets_gauge() {
             "{condition}"
         );
     }
+}
+
+/// A second version of `template`, not activated.
+async fn other_version(db: &Db, template: Uuid) -> Uuid {
+    db.get()
+        .await
+        .expect("conn")
+        .fetch_one(
+            "INSERT INTO template_versions (template_id, name) VALUES ($1, 'v2') RETURNING id",
+            &[(&template, Type::UUID)],
+        )
+        .await
+        .expect("version")
+        .get(0)
+}
+
+#[tokio::test]
+async fn status_json_shows_the_planners_target_desired_0_for_inactive_presets() {
+    let test_db = TestDb::new().await;
+    let db = &test_db.db;
+    let (template_id, active) = template(db, true).await;
+    let inactive_version = other_version(db, template_id).await;
+    let (deprecated_template, deprecated_version) = template(db, true).await;
+    exec(db, "UPDATE templates SET deprecated = true WHERE id = $1", &[(&deprecated_template, Type::UUID)])
+        .await;
+
+    let plain = preset(db, active, "plain", 2, None).await;
+    let scheduled = preset(db, active, "scheduled", 2, None).await;
+    let old_version = preset(db, inactive_version, "old-version", 2, None).await;
+    let deprecated = preset(db, deprecated_version, "deprecated", 2, None).await;
+    // A schedule matching every minute applies to an active preset only.
+    for id in [scheduled, old_version] {
+        exec(
+            db,
+            "INSERT INTO preset_schedules (preset_id, cron_expression, desired_instances) VALUES ($1, '* * * * *', 5)",
+            &[(&id, Type::UUID)],
+        )
+        .await;
+    }
+    prebuild(db, deprecated, "succeeded", 10).await;
+
+    let status = json(&worker_cli(&test_db, &["prebuilds", "status", "--json"]));
+    let desired: BTreeMap<Uuid, (i64, bool)> = status["presets"]
+        .as_array()
+        .expect("presets")
+        .iter()
+        .map(|p| {
+            let id = p["id"].as_str().expect("id").parse().expect("uuid");
+            (id, (p["desired"].as_i64().expect("desired"), p["active"].as_bool().expect("active")))
+        })
+        .collect();
+    assert_eq!(
+        desired,
+        BTreeMap::from([
+            (plain, (2, true)),
+            (scheduled, (5, true)),
+            (old_version, (0, false)),
+            (deprecated, (0, false)),
+        ]),
+        "{status}"
+    );
+
+    // The planner agrees: creates only for the active presets, the deprecated one's prebuild goes.
+    let plan = json(&worker_cli(&test_db, &["prebuilds", "plan", "--json"]));
+    let creates: BTreeMap<Uuid, i64> = plan["actions"]
+        .as_array()
+        .expect("actions")
+        .iter()
+        .map(|a| {
+            (a["preset_id"].as_str().expect("id").parse().expect("uuid"), a["create"].as_i64().expect("n"))
+        })
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    assert_eq!(creates, BTreeMap::from([(plain, 2), (scheduled, 5)]), "{plan}");
+    assert_eq!(plan["totals"]["delete"], 1, "{plan}");
+}
+
+#[tokio::test]
+async fn invalidate_replaces_every_prebuild_of_the_preset_in_one_cycle_and_a_claimed_workspace_is_untouched()
+{
+    let test_db = TestDb::new().await;
+    let db = &test_db.db;
+    let (template_id, version) = template(db, true).await;
+    let invalidated = preset(db, version, "invalidated", 3, None).await;
+    let mut old = BTreeSet::new();
+    for age in [30, 20, 10] {
+        old.insert(prebuild(db, invalidated, "succeeded", age).await.0);
+    }
+    // A workspace that was a prebuild of the preset and is now a user's (the claim changed the
+    // owner; preset_id stays).
+    let (claimed, _) = prebuild(db, invalidated, "succeeded", 40).await;
+    let user = Uuid::new_v4();
+    exec(
+        db,
+        "UPDATE workspaces SET owner_id = $1 WHERE id = $2",
+        &[(&user, Type::UUID), (&claimed, Type::UUID)],
+    )
+    .await;
+    // Another preset of the same version: satisfied, and not invalidated.
+    let other = preset(db, version, "other", 1, None).await;
+    let (other_prebuild, _) = prebuild(db, other, "succeeded", 30).await;
+
+    let rt = runtime(db.clone(), &opentelemetry::global::meter("test"));
+    let stop = CancellationToken::new();
+    let stats = rt.listener().start(test_db.url.clone(), rt.health.clone(), stop.clone());
+    let mut connects = stats.connects.clone();
+    tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1)).await.expect("listening").expect("watch");
+    let mut wake = rt.listener().subscribe(worker::prebuilds::WAKE_CHANNEL).await;
+
+    let reconciler = reconciler(2);
+    let before = cycle(db, &reconciler).await;
+    assert_eq!((before.created, before.deleted), (0, 0), "converged before the invalidation: {before:?}");
+
+    let id = invalidated.to_string();
+    let report = json(&worker_cli(&test_db, &["prebuilds", "invalidate", &id, "--json"]));
+    assert_eq!(report["preset_id"], id.as_str(), "{report}");
+    assert_eq!(report["preset"], "invalidated", "{report}");
+    assert_eq!((report["expired"].as_i64(), report["starting"].as_i64()), (Some(3), Some(0)), "{report}");
+    assert!(report["invalidated_at"].is_string(), "{report}");
+    // The reconciler's wake channel, with the template id as the activation trigger sends it.
+    let event = tokio::time::timeout(LIMIT, wake.recv()).await.expect("woken in time").expect("listener");
+    assert_eq!(event, ListenEvent::Notification(template_id.to_string()));
+
+    let status = json(&worker_cli(&test_db, &["prebuilds", "status", "--json"]));
+    let row = status["presets"]
+        .as_array()
+        .expect("presets")
+        .iter()
+        .find(|p| p["id"] == id.as_str())
+        .cloned()
+        .expect("the preset");
+    assert_eq!((row["running"].as_i64(), row["expired"].as_i64()), (Some(0), Some(3)), "{row}");
+    assert_eq!(row["last_invalidated_at"], report["invalidated_at"], "{row}");
+
+    // One cycle: every old prebuild gets a `delete` build with a pending job, and as many
+    // replacements are created.
+    let stats = cycle(db, &reconciler).await;
+    assert_eq!((stats.deleted, stats.created, stats.claimed, stats.failed), (3, 3, 0, 0), "{stats:?}");
+    let deleted = uuids(
+        db,
+        "SELECT b.workspace_id FROM workspace_builds AS b JOIN provisioner_jobs AS j ON j.id = b.job_id \
+         WHERE b.transition = 'delete' AND b.build_number = 2 AND j.status = 'pending'",
+    )
+    .await;
+    assert_eq!(deleted, old);
+    let replacements = count(
+        db,
+        "SELECT count(*) FROM workspaces AS w JOIN workspace_builds AS b ON b.workspace_id = w.id \
+         WHERE w.preset_id = $1 AND w.owner_id = $2 AND w.name LIKE 'prebuild-%' \
+           AND b.transition = 'start' AND b.build_number = 1",
+        &[(&invalidated, Type::UUID), (&SYSTEM, Type::UUID)],
+    )
+    .await;
+    assert_eq!(replacements, 3);
+
+    // The claimed workspace: still the user's, no new build; the other preset: untouched.
+    let builds = |workspace: Uuid| async move {
+        count(
+            db,
+            "SELECT count(*) FROM workspace_builds WHERE workspace_id = $1",
+            &[(&workspace, Type::UUID)],
+        )
+        .await
+    };
+    assert_eq!(builds(claimed).await, 1, "no build for the claimed workspace");
+    assert_eq!(builds(other_prebuild).await, 1, "no build for another preset's prebuild");
+    let owner = count(
+        db,
+        "SELECT count(*) FROM workspaces WHERE id = $1 AND owner_id = $2 AND NOT deleted",
+        &[(&claimed, Type::UUID), (&user, Type::UUID)],
+    )
+    .await;
+    assert_eq!(owner, 1, "the claimed workspace is still the user's");
+
+    // The replacements postdate the invalidation: once running they are live, not expired, and
+    // the preset is converged.
+    exec(
+        db,
+        "UPDATE provisioner_jobs AS j SET status = 'succeeded', completed_at = now() \
+         FROM workspace_builds AS b JOIN workspaces AS w ON w.id = b.workspace_id \
+         WHERE b.job_id = j.id AND w.preset_id = $1 AND w.name LIKE 'prebuild-%'",
+        &[(&invalidated, Type::UUID)],
+    )
+    .await;
+    let after = cycle(db, &reconciler).await;
+    assert_eq!((after.created, after.deleted), (0, 0), "{after:?}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn invalidate_counts_starting_prebuilds_and_names_a_malformed_or_unknown_preset() {
+    let test_db = TestDb::new().await;
+    let db = &test_db.db;
+    let (_, version) = template(db, true).await;
+    let id = preset(db, version, "starting", 2, None).await;
+    prebuild(db, id, "succeeded", 20).await;
+    prebuild(db, id, "pending", 10).await;
+
+    let text = stdout(&worker_cli(&test_db, &["prebuilds", "invalidate", &id.to_string()]));
+    assert!(text.starts_with(&format!("preset {id} (starting) invalidated at ")), "{text}");
+    assert!(text.contains("1 running prebuild(s) expired") && text.contains("1 still starting"), "{text}");
+    // The starting one counts towards the target while it starts: one delete, one create.
+    let stats = cycle(db, &reconciler(1)).await;
+    assert_eq!((stats.deleted, stats.created), (1, 1), "{stats:?}");
+
+    let failing = |args: &[&str]| {
+        let output = worker_cli(&test_db, args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {}", String::from_utf8_lossy(&output.stdout));
+        String::from_utf8(output.stderr).expect("utf-8")
+    };
+    let error = failing(&["prebuilds", "invalidate", "not-a-uuid"]);
+    assert!(error.contains("`not-a-uuid`"), "{error}");
+    let unknown = Uuid::new_v4();
+    let error = failing(&["prebuilds", "invalidate", &unknown.to_string(), "--json"]);
+    assert!(error.contains(&format!("preset {unknown} does not exist")), "{error}");
 }

@@ -5,15 +5,17 @@
 //!
 //! - A preset is *active* when its template version is the template's active version and the
 //!   template is neither deleted nor deprecated: only then can a user claim its prebuilds, so only
-//!   then are new ones created.
-//! - Active preset: delete *expired* prebuilds (`created_at + ttl <= now`) so a claim never hands
-//!   out state older than the preset allows, and replace them in the same cycle (an expired
-//!   prebuild is not counted as live). Delete *extraneous* live prebuilds, oldest first, when more
-//!   are live than desired (the desired count dropped, or an operator started some by hand):
-//!   the oldest are the stalest. Create `desired − live − starting`: builds already in progress
-//!   count, so a slow provisioner is not flooded with duplicates every cycle.
-//! - Inactive preset: nothing can claim its prebuilds any more, so cancel its pending jobs (initial
-//!   builds no provisioner has started) and delete every running prebuild, expired or not.
+//!   then are new ones created. [`target_instances`] is 0 for an inactive preset.
+//! - Delete *expired* prebuilds (`created_at + ttl <= now`, or created before the preset's
+//!   `last_invalidated_at`: [`PresetState::is_expired`]) so a claim never hands out state older
+//!   than the preset allows, and replace them in the same cycle (an expired prebuild is not
+//!   counted as live). Delete *extraneous* live prebuilds, oldest first, when more are live than
+//!   the target (the desired count dropped, or an operator started some by hand): the oldest are
+//!   the stalest. Create `target − live − starting`: builds already in progress count, so a slow
+//!   provisioner is not flooded with duplicates every cycle.
+//! - Inactive preset: nothing can claim its prebuilds any more, so its target is 0: every running
+//!   prebuild is deleted (expired or not), and its pending jobs (initial builds no provisioner
+//!   has started) are cancelled.
 //! - Backoff: after `failures` failed builds, the last at `last_failure_at`, nothing is created
 //!   before `last_failure_at + failures × backoff_interval`: a broken template must not burn
 //!   provisioner capacity every cycle. Deletes and cancels still happen; they free resources and
@@ -21,8 +23,8 @@
 //! - `hard_limited` and `validation_failed` presets create nothing: the first has failed too
 //!   often, the second has parameters every build would fail on. (SPEC names only hard-limited;
 //!   creating builds that cannot succeed would only feed the backoff.)
-//! - The desired count comes from [`desired_instances`]: the preset's cron schedule matching
-//!   `now` in the preset's timezone, else its own `desired_instances`.
+//! - The target of an active preset comes from [`desired_instances`]: the preset's cron schedule
+//!   matching `now` in the preset's timezone, else its own `desired_instances`.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -103,8 +105,11 @@ pub struct PresetState {
     pub prebuild_status: PrebuildStatus,
     /// Used when no schedule matches (and as the fallback when the schedules are unusable).
     pub desired_instances: u32,
-    /// TTL of a prebuild (`invalidate_after_secs`); `None`: prebuilds never expire.
+    /// TTL of a prebuild (`invalidate_after_secs`); `None`: prebuilds never expire by age.
     pub invalidate_after: Option<Duration>,
+    /// `worker prebuilds invalidate` was last run at this instant: prebuilds created before it are
+    /// expired. `None`: never invalidated.
+    pub last_invalidated_at: Option<DateTime<Utc>>,
     /// IANA zone name the schedules are read in (`scheduling_timezone`).
     pub timezone: String,
     pub schedules: Vec<PresetSchedule>,
@@ -125,12 +130,14 @@ pub struct PresetState {
 }
 
 impl PresetState {
-    /// Whether `prebuild` has outlived the preset's TTL at `now`. A prebuild created after `now`
-    /// (clock skew between rows) is not expired.
+    /// Whether `prebuild` is expired at `now`: created before the preset's last invalidation
+    /// ([`invalidated`]), or outlived the preset's TTL. A prebuild created after `now` (clock
+    /// skew between rows) has not outlived any TTL.
     pub fn is_expired(&self, prebuild: &RunningPrebuild, now: DateTime<Utc>) -> bool {
-        self.invalidate_after.is_some_and(|ttl| {
-            now.signed_duration_since(prebuild.created_at).to_std().is_ok_and(|age| age >= ttl)
-        })
+        invalidated(prebuild.created_at, self.last_invalidated_at)
+            || self.invalidate_after.is_some_and(|ttl| {
+                now.signed_duration_since(prebuild.created_at).to_std().is_ok_and(|age| age >= ttl)
+            })
     }
 
     /// The end of the failure backoff, when `now` is inside it: `last_failure_at + failures ×
@@ -153,8 +160,8 @@ impl PresetState {
 pub struct Actions {
     /// New prebuilds to create.
     pub create: u32,
-    /// Workspaces to delete. Active preset: expired ones, then extraneous ones oldest first;
-    /// inactive preset: every running prebuild.
+    /// Workspaces to delete: expired ones, then extraneous ones oldest first (every running
+    /// prebuild of an inactive preset, whose target is 0).
     pub delete: Vec<Uuid>,
     /// Pending provisioner jobs to cancel.
     pub cancel_jobs: Vec<Uuid>,
@@ -201,6 +208,13 @@ pub struct ScheduleWarning {
     pub preset_name: String,
     pub problem: ScheduleProblem,
     pub fallback: u32,
+}
+
+/// Whether a prebuild created at `created_at` predates its preset's last invalidation
+/// (`presets.last_invalidated_at`), and so is expired whatever its TTL: strictly before, as
+/// upstream coder decides, so a prebuild created at the invalidation's instant is a replacement.
+pub fn invalidated(created_at: DateTime<Utc>, last_invalidated_at: Option<DateTime<Utc>>) -> bool {
+    last_invalidated_at.is_some_and(|at| created_at < at)
 }
 
 /// True when reconciling `preset` cannot produce any work, so the reconciler drops it before
@@ -274,12 +288,22 @@ pub struct Conditions {
     /// Active, and fewer live (unexpired) plus starting prebuilds than desired: short of
     /// prebuilds, whether or not this cycle may create them (backoff, hard limit).
     pub deficit: bool,
-    /// More live prebuilds than desired (an inactive preset desires none, so any running one).
+    /// More live (unexpired) prebuilds than the target (an inactive preset's target is 0, so any
+    /// live one).
     pub excess: bool,
     /// Inside its failure backoff: nothing is created until it ends.
     pub backing_off: bool,
-    /// At least one running prebuild has outlived the preset's TTL.
+    /// At least one running prebuild is expired (outlived the preset's TTL, or was created
+    /// before `presets.last_invalidated_at`).
     pub expired_present: bool,
+}
+
+/// The number of prebuilds the planner keeps `preset` at, at `now`: 0 for an inactive preset
+/// (nothing can claim its prebuilds, so every one is extraneous), else [`desired_instances`].
+/// [`calculate_actions`] aims at it and `worker prebuilds status` shows it, so the two never
+/// disagree. `Err` carries the fallback as [`desired_instances`] does.
+pub fn target_instances(preset: &PresetState, now: DateTime<Utc>) -> Result<u32, ScheduleWarning> {
+    if preset.active { desired_instances(preset, now) } else { Ok(0) }
 }
 
 /// Decides this cycle's actions for `preset` (see the module doc for the rules).
@@ -293,14 +317,11 @@ pub fn assess(preset: &PresetState, now: DateTime<Utc>, backoff_interval: Durati
         Actions { backoff_until: preset.backoff_until(now, backoff_interval), ..Actions::default() };
     let mut conditions = Conditions { backing_off: actions.backoff_until.is_some(), ..Conditions::default() };
     if !preset.active {
+        // No build of an inactive preset can become a claimable prebuild.
         actions.cancel_jobs = preset.pending_initial_jobs.clone();
-        actions.delete = preset.running.iter().map(|p| p.workspace_id).collect();
-        conditions.excess = !preset.running.is_empty();
-        conditions.expired_present = preset.running.iter().any(|p| preset.is_expired(p, now));
-        return (actions, conditions);
     }
 
-    let desired = desired_instances(preset, now).unwrap_or_else(|warning| {
+    let desired = target_instances(preset, now).unwrap_or_else(|warning| {
         let fallback = warning.fallback;
         actions.schedule_warning = Some(warning);
         fallback
@@ -362,6 +383,7 @@ mod tests {
             prebuild_status: PrebuildStatus::Healthy,
             desired_instances: 0,
             invalidate_after: None,
+            last_invalidated_at: None,
             timezone: "UTC".into(),
             schedules: Vec::new(),
             running: Vec::new(),
@@ -382,6 +404,11 @@ mod tests {
 
         fn ttl_minutes(mut self, minutes: u64) -> Self {
             self.invalidate_after = Some(Duration::from_secs(minutes * 60));
+            self
+        }
+
+        fn invalidated_minutes_ago(mut self, minutes: i64) -> Self {
+            self.last_invalidated_at = Some(minutes_ago(minutes));
             self
         }
 
@@ -461,8 +488,16 @@ mod tests {
             // In backoff (or hard limited) nothing is created, but the deficit is still there.
             (preset().desired(2).failed(3, 2), c(true, false, true, false)),
             (preset().desired(2).status(PrebuildStatus::HardLimited), c(true, false, false, false)),
-            // Inactive: any running prebuild is in excess; no deficit.
-            (preset().desired(3).ttl_minutes(60).inactive().running(&[(1, 90)]), c(false, true, false, true)),
+            // Inactive: the target is 0, so every live prebuild is in excess (an expired one counts
+            // as expired, like an active preset's); no deficit.
+            (
+                preset().desired(3).ttl_minutes(60).inactive().running(&[(1, 90)]),
+                c(false, false, false, true),
+            ),
+            (
+                preset().desired(3).ttl_minutes(60).inactive().running(&[(1, 90), (2, 5)]),
+                c(false, true, false, true),
+            ),
             (preset().desired(3).inactive(), c(false, false, false, false)),
         ];
         for (state, expected) in cases {
@@ -508,6 +543,73 @@ mod tests {
     }
 
     #[test]
+    fn a_prebuild_created_before_the_last_invalidation_is_invalidated() {
+        let cases = [
+            (60, Some(30), true),
+            (31, Some(30), true),
+            (30, Some(30), false), // created at the invalidation's instant: a replacement
+            (29, Some(30), false),
+            (-5, Some(-10), true), // both after `now` (clock skew): the order of the two decides
+            (600, None, false),    // never invalidated
+        ];
+        for (created, invalidated_at, expected) in cases {
+            assert_eq!(
+                invalidated(minutes_ago(created), invalidated_at.map(minutes_ago)),
+                expected,
+                "created {created} min ago, invalidated {invalidated_at:?} min ago"
+            );
+        }
+    }
+
+    #[test]
+    fn prebuilds_created_before_the_last_invalidation_are_expired_deleted_and_replaced() {
+        let running = [(1, 90), (2, 31), (3, 30), (4, 5)];
+        let cases = [
+            // Invalidated 30 minutes ago, no TTL: 1 and 2 predate it, 3 was created at that instant.
+            (preset().desired(4).invalidated_minutes_ago(30).running(&running), 2, &[1, 2][..]),
+            // Both rules: TTL 60 expires 1, the invalidation 10 minutes ago everything older.
+            (
+                preset().desired(4).ttl_minutes(60).invalidated_minutes_ago(10).running(&running),
+                3,
+                &[1, 2, 3],
+            ),
+            // Invalidated just now: every running prebuild is replaced in this cycle.
+            (preset().desired(4).invalidated_minutes_ago(0).running(&running), 4, &[1, 2, 3, 4]),
+            // Invalidated before every prebuild was created: nothing to replace.
+            (preset().desired(4).invalidated_minutes_ago(120).running(&running), 0, &[]),
+            // Expired ones are replaced only up to the target; the extra live one is extraneous.
+            (preset().desired(1).invalidated_minutes_ago(30).running(&running), 0, &[1, 2, 3]),
+            // A starting prebuild counts towards the target while it starts.
+            (preset().desired(4).invalidated_minutes_ago(30).running(&running).starting(1), 1, &[1, 2]),
+            // In backoff: expired ones are still deleted, nothing is created.
+            (preset().desired(4).invalidated_minutes_ago(30).running(&running).failed(3, 1), 0, &[1, 2]),
+        ];
+        for (state, create, delete) in cases {
+            let actions = calculate_actions(&state, now(), BACKOFF);
+            assert_eq!((actions.create, &actions.delete), (create, &ids(delete)), "{state:?}");
+        }
+    }
+
+    #[test]
+    fn the_target_is_zero_for_an_inactive_preset_and_desired_instances_for_an_active_one() {
+        let scheduled = || preset().desired(2).schedule("* * * * *", 5);
+        let cases = [
+            (preset().desired(3), 3),
+            (scheduled(), 5),
+            (preset().desired(3).inactive(), 0),
+            (scheduled().inactive(), 0),
+        ];
+        for (state, target) in cases {
+            assert_eq!(target_instances(&state, now()), Ok(target), "{state:?}");
+        }
+        // An unusable schedule: the active preset's fallback, no warning for an inactive one.
+        let broken = || preset().desired(3).schedule("* 25 * * *", 5);
+        assert_eq!(target_instances(&broken(), now()).map_err(|w| w.fallback), Err(3));
+        assert_eq!(target_instances(&broken().inactive(), now()), Ok(0));
+        assert_eq!(calculate_actions(&broken().inactive(), now(), BACKOFF).schedule_warning, None);
+    }
+
+    #[test]
     fn builds_in_progress_count_towards_desired_but_stops_and_deletes_do_not() {
         let cases = [
             (preset().desired(4).running(&[(1, 5)]).starting(2), 1),
@@ -549,9 +651,11 @@ mod tests {
 
     #[test]
     fn an_inactive_preset_deletes_its_running_and_expired_prebuilds() {
-        let state = preset().desired(3).ttl_minutes(60).inactive().running(&[(1, 90), (2, 10)]);
+        // Expired first, then the others oldest first (its target is 0: all are extraneous).
+        let state =
+            preset().desired(3).ttl_minutes(60).inactive().running(&[(3, 5), (1, 90), (2, 10), (4, 20)]);
         let actions = calculate_actions(&state, now(), BACKOFF);
-        assert_eq!(actions, Actions { delete: ids(&[1, 2]), ..Actions::default() });
+        assert_eq!(actions, Actions { delete: ids(&[1, 4, 2, 3]), ..Actions::default() });
     }
 
     #[test]

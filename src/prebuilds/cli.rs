@@ -1,19 +1,47 @@
 //! `worker prebuilds …`: what the reconciler sees and what its next cycle would do, from a fresh
-//! snapshot read the way the loop reads it, writing nothing. A table by default, JSON with
-//! `--json`.
+//! snapshot read the way the loop reads it, writing nothing (`status`, `plan`); and `invalidate`,
+//! which marks a preset's current prebuilds expired and wakes the reconciler. A table by default,
+//! JSON with `--json`.
+//!
+//! A malformed or unknown preset id is an error naming it, so the binary exits 1 with a message
+//! rather than clap's usage exit.
 
 use std::io::Write;
 
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use serde::Serialize;
+use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use super::actions::desired_instances;
+use super::actions::{invalidated, target_instances};
 use super::config::PrebuildsConfig;
-use super::reconciler::{self, ReconcileError};
-use super::snapshot;
-use crate::db::{self, Db, DbError};
+use super::reconciler::{self, ReconcileError, WAKE_CHANNEL};
+use super::snapshot::{self, BuildState, classify};
+use crate::db::{self, Db, DbError, Exec};
+
+/// `$1` preset, `$2` the reconciler's wake channel ([`WAKE_CHANNEL`]). Sets
+/// `last_invalidated_at = now()` and NOTIFYs the channel with the preset's template id (delivered
+/// at commit, never for a rolled-back transaction), so the leader runs a cycle at once. The
+/// channel is the `templates.active_version_id` trigger's (migration V4), whose payload is a
+/// template id too; the reconciler only needs the wake-up, and a second channel would mean a
+/// second LISTEN for the same effect. No row: no such preset, and nothing is notified.
+const INVALIDATE: &str = "WITH p AS (\
+       UPDATE presets AS p SET last_invalidated_at = now() FROM template_versions AS v \
+       WHERE p.id = $1 AND v.id = p.template_version_id \
+       RETURNING p.name, p.last_invalidated_at, v.template_id) \
+     SELECT p.name, p.last_invalidated_at \
+     FROM p, LATERAL (SELECT pg_notify($2, p.template_id::text)) AS n";
+
+/// `$1` the system user, `$2` preset. The preset's live prebuilds with their latest build's
+/// transition and job status: [`snapshot::PREBUILDS`] for one preset, classified the same way.
+const PRESET_PREBUILDS: &str = "SELECT w.created_at, b.transition, j.status \
+     FROM workspaces AS w \
+     CROSS JOIN LATERAL (\
+       SELECT transition, job_id FROM workspace_builds \
+       WHERE workspace_id = w.id ORDER BY build_number DESC LIMIT 1) AS b \
+     JOIN provisioner_jobs AS j ON j.id = b.job_id \
+     WHERE w.owner_id = $1 AND NOT w.deleted AND w.preset_id = $2";
 
 #[derive(Subcommand, Debug, Clone, PartialEq)]
 pub enum PrebuildsCommand {
@@ -29,6 +57,16 @@ pub enum PrebuildsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Mark every current prebuild of a preset expired (`presets.last_invalidated_at = now()`) and
+    /// wake the reconciler: its next cycle deletes them and creates replacements. A claimed
+    /// workspace is no longer a prebuild and is untouched.
+    Invalidate {
+        /// The preset's id.
+        preset_id: String,
+        /// Print JSON instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +77,19 @@ pub enum CliError {
     Io(#[from] std::io::Error),
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("invalid preset id `{0}`: expected a UUID")]
+    InvalidPresetId(String),
+    #[error(transparent)]
+    Invalidate(#[from] InvalidateError),
+}
+
+/// Why `invalidate` changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidateError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("preset {0} does not exist")]
+    UnknownPreset(Uuid),
 }
 
 impl From<DbError> for CliError {
@@ -54,12 +105,16 @@ pub struct PresetStatus {
     pub name: String,
     pub active: bool,
     pub prebuild_status: &'static str,
-    /// From the matching schedule, else `desired_instances` (also when the schedules are
-    /// unusable).
+    /// What the planner aims at ([`target_instances`]): 0 for an inactive preset, else from the
+    /// matching schedule, else `desired_instances` (also when the schedules are unusable).
     pub desired: u32,
     /// Running and not expired.
     pub running: usize,
+    /// Running and expired (TTL, or created before `last_invalidated_at`): the next cycle
+    /// deletes them.
     pub expired: usize,
+    /// When `worker prebuilds invalidate` last ran for this preset.
+    pub last_invalidated_at: Option<DateTime<Utc>>,
     pub starting: u32,
     pub stopping: u32,
     pub deleting: u32,
@@ -121,9 +176,10 @@ pub async fn status(db: &Db, config: &PrebuildsConfig) -> Result<StatusReport, R
                 name: p.name.clone(),
                 active: p.active,
                 prebuild_status: p.prebuild_status.as_str(),
-                desired: desired_instances(p, now).unwrap_or_else(|w| w.fallback),
+                desired: target_instances(p, now).unwrap_or_else(|w| w.fallback),
                 running: p.running.len() - expired,
                 expired,
+                last_invalidated_at: p.last_invalidated_at,
                 starting: p.starting,
                 stopping: p.stopping,
                 deleting: p.deleting,
@@ -166,6 +222,90 @@ pub async fn plan(db: &Db, config: &PrebuildsConfig) -> Result<PlanReport, Recon
         totals,
         actions,
     })
+}
+
+/// One preset's invalidation, as `invalidate` committed it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Invalidated {
+    pub preset_id: Uuid,
+    pub preset: String,
+    /// The new `last_invalidated_at`: prebuilds created before it are expired.
+    pub invalidated_at: DateTime<Utc>,
+}
+
+/// The effect of `worker prebuilds invalidate`, inside the caller's transaction `tx`: sets the
+/// preset's `last_invalidated_at` to the transaction's `now()` and NOTIFYs the reconciler's wake
+/// channel (delivered when `tx` commits). `UnknownPreset` when there is no such preset; the
+/// caller then rolls back (nothing was written).
+pub async fn invalidate(tx: &impl Exec, preset: Uuid) -> Result<Invalidated, InvalidateError> {
+    let row = tx
+        .fetch_opt(INVALIDATE, &[(&preset, Type::UUID), (&WAKE_CHANNEL, Type::TEXT)])
+        .await?
+        .ok_or(InvalidateError::UnknownPreset(preset))?;
+    Ok(Invalidated { preset_id: preset, preset: row.get(0), invalidated_at: row.get(1) })
+}
+
+/// What `worker prebuilds invalidate` prints.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InvalidateReport {
+    #[serde(flatten)]
+    pub invalidated: Invalidated,
+    /// Running prebuilds created before `invalidated_at`, now expired: the next cycle deletes
+    /// them and creates replacements.
+    pub expired: u64,
+    /// Prebuilds created before `invalidated_at` whose `start` is still in progress: they count
+    /// towards the desired number while they start, and are replaced by the first cycle that
+    /// finds them running (then expired).
+    pub starting: u64,
+}
+
+/// The preset's live prebuilds that `invalidated` made expired, read in `tx` (the system user
+/// owns unclaimed prebuilds; a claimed workspace is not counted).
+pub async fn invalidated_prebuilds(
+    tx: &impl Exec,
+    system_user_id: Uuid,
+    invalidation: &Invalidated,
+) -> Result<InvalidateReport, DbError> {
+    let params: [db::Param<'_>; 2] = [(&system_user_id, Type::UUID), (&invalidation.preset_id, Type::UUID)];
+    let mut report = InvalidateReport { invalidated: invalidation.clone(), expired: 0, starting: 0 };
+    for row in tx.fetch_all(PRESET_PREBUILDS, &params).await? {
+        if !invalidated(row.get(0), Some(invalidation.invalidated_at)) {
+            continue;
+        }
+        match classify(row.get(1), row.get(2)) {
+            BuildState::Running => report.expired += 1,
+            BuildState::Starting { .. } => report.starting += 1,
+            BuildState::Stopping | BuildState::Deleting | BuildState::Other => {}
+        }
+    }
+    Ok(report)
+}
+
+/// `worker prebuilds invalidate PRESET_ID`: [`invalidate`] and [`invalidated_prebuilds`] in one
+/// transaction.
+pub async fn invalidate_preset(
+    db: &Db,
+    config: &PrebuildsConfig,
+    preset: Uuid,
+) -> Result<InvalidateReport, InvalidateError> {
+    let report = db::in_transaction(db, async |tx| {
+        let invalidated = invalidate(tx, preset).await?;
+        Ok::<_, InvalidateError>(invalidated_prebuilds(tx, config.system_user_id, &invalidated).await?)
+    })
+    .await?;
+    tracing::info!(
+        preset_id = %preset,
+        preset = %report.invalidated.preset,
+        invalidated_at = %report.invalidated.invalidated_at,
+        expired = report.expired,
+        starting = report.starting,
+        "prebuilds: preset invalidated; the reconciler is woken"
+    );
+    Ok(report)
+}
+
+fn parse_preset(id: &str) -> Result<Uuid, CliError> {
+    Uuid::parse_str(id).map_err(|_| CliError::InvalidPresetId(id.to_owned()))
 }
 
 /// Runs one `worker prebuilds` command, writing its output to `out`.
@@ -253,6 +393,23 @@ pub async fn run(
                 }
             }
         }
+        PrebuildsCommand::Invalidate { preset_id, json } => {
+            let report = invalidate_preset(db, config, parse_preset(preset_id)?).await?;
+            if *json {
+                return write_json(out, &report);
+            }
+            let i = &report.invalidated;
+            writeln!(
+                out,
+                "preset {} ({}) invalidated at {}: {} running prebuild(s) expired, replaced by the next \
+                 cycle; {} still starting, replaced once running",
+                i.preset_id,
+                i.preset,
+                i.invalidated_at.to_rfc3339(),
+                report.expired,
+                report.starting
+            )?;
+        }
     }
     Ok(())
 }
@@ -265,4 +422,17 @@ fn write_json(out: &mut impl Write, value: &impl Serialize) -> Result<(), CliErr
 
 fn time(at: Option<DateTime<Utc>>) -> String {
     at.map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_preset_id_is_an_error_naming_it() {
+        let error = parse_preset("not-a-uuid").expect_err("rejected");
+        assert_eq!(error.to_string(), "invalid preset id `not-a-uuid`: expected a UUID");
+        let id = Uuid::from_u128(7);
+        assert_eq!(parse_preset(&id.to_string()).ok(), Some(id));
+    }
 }

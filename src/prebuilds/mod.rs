@@ -7,10 +7,11 @@
 //! - [`reconciler`]: the `prebuilds` loop — snapshot, plan (skip idle presets before they take a
 //!   slot), bounded concurrent execution, cycle stats and metrics.
 //! - [`config`]: the `[prebuilds]` table.
-//! - [`cli`]: `worker prebuilds status | plan`.
+//! - [`cli`]: `worker prebuilds status | plan | invalidate`.
 //!
 //! Tables: `templates`, `template_versions`, `presets`, `preset_schedules`, `workspaces`,
-//! `workspace_builds`, `provisioner_jobs` (migration `V4__prebuilds.sql`).
+//! `workspace_builds`, `provisioner_jobs` (migration `V4__prebuilds.sql`);
+//! `presets.last_invalidated_at` (`V10__operator_plane.sql`).
 
 pub mod actions;
 pub mod cli;

@@ -627,6 +627,7 @@ mod tests {
             prebuild_status: PrebuildStatus::Healthy,
             desired_instances: desired,
             invalidate_after: None,
+            last_invalidated_at: None,
             timezone: "UTC".into(),
             schedules: Vec::new(),
             running: Vec::new(),

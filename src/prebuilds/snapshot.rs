@@ -3,7 +3,7 @@
 //! them are idle), then assembled into [`PresetState`]s in memory.
 //!
 //! - presets with their template's state (active = the template's active version, template
-//!   neither deleted nor deprecated);
+//!   neither deleted nor deprecated) and when they were last invalidated;
 //! - their cron schedules;
 //! - every live prebuild (owned by the system user, not deleted) with its latest build and that
 //!   build's job: a succeeded `start` is running, a `start` in progress is starting (and its job,
@@ -29,7 +29,8 @@ pub const NOW: &str = "SELECT now()";
 /// version.
 pub const PRESETS: &str = "SELECT p.id, p.name, t.id, p.template_version_id, \
      coalesce(t.active_version_id = p.template_version_id AND NOT t.deleted AND NOT t.deprecated, false), \
-     p.prebuild_status, p.desired_instances, p.invalidate_after_secs, p.scheduling_timezone \
+     p.prebuild_status, p.desired_instances, p.invalidate_after_secs, p.scheduling_timezone, \
+     p.last_invalidated_at \
      FROM presets AS p \
      JOIN template_versions AS v ON v.id = p.template_version_id \
      JOIN templates AS t ON t.id = v.template_id \
@@ -100,6 +101,7 @@ pub async fn load(
             desired_instances: u32::try_from(desired)
                 .map_err(|_| bad(format!("desired_instances {desired}")))?,
             invalidate_after: ttl.and_then(|s| u64::try_from(s).ok()).map(Duration::from_secs),
+            last_invalidated_at: row.get(9),
             timezone: row.get(8),
             schedules: Vec::new(),
             running: Vec::new(),
