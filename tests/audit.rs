@@ -218,8 +218,7 @@ async fn every_state_changing_command_leaves_exactly_one_row_and_read_only_ones_
         "updated_by is the actor"
     );
 
-    let chat = h.scalar("SELECT count(*) FROM chats").await;
-    assert_eq!(chat, 1);
+    assert_eq!(h.scalar("SELECT count(*) FROM chats").await, 1, "chat create made one chat");
     let chat: Uuid = h
         .tdb
         .db
@@ -539,4 +538,35 @@ async fn audit_list_shows_the_newest_first_escaped_as_text_and_exact_as_json() {
     assert!(!text.contains(['\u{1b}', '\r']), "{text:?}");
 
     assert!(h.fails(&["audit", "list", "--limit", "0"]).await.contains("invalid --limit 0"));
+}
+
+/// `encrypt-tokens` commits batch by batch: one row for the run, with the rows it changed, and
+/// outcome `error` when a row could not be decrypted.
+#[tokio::test]
+async fn encrypt_tokens_records_one_row_with_its_total_and_its_failed_rows_as_an_error() {
+    let h = Harness::new().await;
+    let conn = h.tdb.db.get().await.expect("conn");
+    for key_id in [None, None, Some("0000000")] {
+        let user = Uuid::new_v4();
+        conn.exec(
+            "INSERT INTO external_auth_links (user_id, provider_id, access_token, access_token_key_id) \
+             VALUES ($1, 'github', 'plain', $2)",
+            &[(&user, Type::UUID), (&key_id, Type::TEXT)],
+        )
+        .await
+        .expect("link");
+    }
+    let stderr = h.fails(&["gitsync", "encrypt-tokens", "--batch", "1"]).await;
+    assert!(stderr.contains("1 row(s) could not be encrypted"), "{stderr}");
+    let rows = h.rows().await;
+    assert_eq!(rows.len(), 1, "one row for the run: {rows:#?}");
+    assert_eq!(
+        summary(&rows[0]),
+        (json!("gitsync encrypt-tokens"), json!({ "batch": 1 }), json!(2), json!("error"), json!("ops"))
+    );
+    assert!(rows[0]["error"].as_str().is_some_and(|e| e.contains("could not be encrypted")), "{rows:#?}");
+    assert_eq!(
+        h.scalar("SELECT count(*) FROM external_auth_links WHERE access_token_key_id IS NULL").await,
+        0
+    );
 }
