@@ -40,8 +40,9 @@ pub struct LoopControl {
     pub updated_at: String,
 }
 
+/// Pauses or resumes `name` in `tx` (the caller commits; the NOTIFY is delivered then).
 pub async fn set_paused(
-    db: &Db,
+    tx: &impl Exec,
     name: &str,
     paused: bool,
     reason: Option<&str>,
@@ -54,9 +55,8 @@ pub async fn set_paused(
         }
         Some(_) => {}
     }
-    let conn = db.get().await?;
     let channel = crate::runtime::pauses::CHANNEL;
-    conn.exec(
+    tx.exec(
         SET_PAUSED,
         &[
             (&name, Type::TEXT),

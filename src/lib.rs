@@ -10,6 +10,8 @@
 //!   context, the supervisor of long-lived tasks, the lease state, the pause cache.
 //! - [`listen`]: the shared LISTEN connection: early wakes for loops, payload streams.
 //! - [`loops`]: the one list of loops (names, config tables).
+//! - [`audit`]: the audit trail of state-changing CLI commands (`operator_actions`), written in
+//!   the same transaction as their effect; `worker audit list`.
 //! - [`controls`]: pause/resume of loops on every replica through `loop_controls`.
 //! - [`identity`]: who this process is (its `workers` id).
 //! - [`health`]: `/healthz` and `/readyz`.
@@ -44,6 +46,7 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+pub mod audit;
 pub mod chats;
 pub mod config;
 pub mod controls;

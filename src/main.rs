@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use serde_json::json;
+use worker::audit::{self, Action, Actor, AuditCommand};
 use worker::chats::cli::ChatCommand;
 use worker::config::{self, Config, ConfigInputs, Loaded};
 use worker::db::Db;
@@ -37,6 +39,10 @@ struct GlobalArgs {
     /// Shorthand for `--set log.level=…`.
     #[arg(long, global = true)]
     log_level: Option<String>,
+    /// Who runs a state-changing command, as the audit trail records it (default:
+    /// `$USER@hostname`).
+    #[arg(long, value_name = "NAME", global = true)]
+    actor: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -70,6 +76,9 @@ enum OnlineCommand {
     /// Prebuilds per preset, what the reconciler's next cycle would do, and preset invalidation.
     #[command(subcommand)]
     Prebuilds(PrebuildsCommand),
+    /// The audit trail of state-changing commands (operator_actions).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Registered workers (with the age of their lease) and paused loops.
     Status {
         #[arg(long)]
@@ -123,7 +132,11 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::from(1)
         }
-        Ok(loaded) => match execute(cli.command.unwrap_or(Command::Online(OnlineCommand::Run)), loaded) {
+        Ok(loaded) => match execute(
+            cli.command.unwrap_or(Command::Online(OnlineCommand::Run)),
+            loaded,
+            cli.global.actor,
+        ) {
             Ok(code) => ExitCode::from(code),
             Err(error) => {
                 eprintln!("error: {error:#}");
@@ -157,7 +170,7 @@ fn load_config(global: &GlobalArgs) -> anyhow::Result<Loaded> {
     Ok(config::load(&inputs)?)
 }
 
-fn execute(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
+fn execute(command: Command, loaded: Loaded, actor: Option<String>) -> anyhow::Result<u8> {
     // Config commands must work without a runtime, a database or a log subscriber.
     let command = match command {
         Command::Config(ConfigCommand::Check) => {
@@ -181,10 +194,12 @@ fn execute(command: Command, loaded: Loaded) -> anyhow::Result<u8> {
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(execute_async(command, loaded.config))
+    // Refused before anything runs: a state-changing command could not record who ran it.
+    let actor = Actor::of_process(actor.as_deref())?;
+    runtime.block_on(execute_async(command, loaded.config, actor))
 }
 
-async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result<u8> {
+async fn execute_async(command: OnlineCommand, config: Config, actor: Actor) -> anyhow::Result<u8> {
     match command {
         OnlineCommand::Run => {
             let env = std::env::vars().collect();
@@ -203,17 +218,24 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
         }
         OnlineCommand::Loop(command) => {
             let db = Db::new(&config.database)?;
-            let who = format!(
-                "cli@{}",
-                hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
-            );
             match command {
                 LoopCommand::Pause { name, reason } => {
-                    controls::set_paused(&db, &name, true, reason.as_deref(), &who).await?;
+                    let arguments =
+                        json!({ "name": audit::typed(&name), "reason": reason.as_deref().map(audit::typed) });
+                    audit::run(&db, &actor, Action::new("loop pause", arguments), async |tx| {
+                        controls::set_paused(tx, &name, true, reason.as_deref(), actor.as_str()).await?;
+                        Ok::<_, controls::ControlError>(((), Some(1)))
+                    })
+                    .await?;
                     println!("paused {name} on every replica (effective at its next tick)");
                 }
                 LoopCommand::Resume { name } => {
-                    controls::set_paused(&db, &name, false, None, &who).await?;
+                    let arguments = json!({ "name": audit::typed(&name) });
+                    audit::run(&db, &actor, Action::new("loop resume", arguments), async |tx| {
+                        controls::set_paused(tx, &name, false, None, actor.as_str()).await?;
+                        Ok::<_, controls::ControlError>(((), Some(1)))
+                    })
+                    .await?;
                     println!("resumed {name}");
                 }
                 LoopCommand::List { json } => {
@@ -235,7 +257,7 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
         }
         OnlineCommand::Outbox(command) => {
             let db = Db::new(&config.database)?;
-            outbox::cli::run(&db, &command, &mut std::io::stdout().lock()).await?;
+            outbox::cli::run(&db, &actor, &command, &mut std::io::stdout().lock()).await?;
             Ok(0)
         }
         OnlineCommand::Chat(command) => {
@@ -243,19 +265,25 @@ async fn execute_async(command: OnlineCommand, config: Config) -> anyhow::Result
             let shutdown = chats::cli::interrupted()?;
             let db = Db::new(&config.database)?;
             let listen = config.database.listen_direct();
-            chats::cli::run(&db, &config.chats, listen, &command, &mut std::io::stdout().lock(), shutdown)
-                .await?;
+            let out = &mut std::io::stdout().lock();
+            chats::cli::run(&db, &actor, &config.chats, listen, &command, out, shutdown).await?;
             Ok(0)
         }
         OnlineCommand::Gitsync(command) => {
             let db = Db::new(&config.database)?;
             let (mut stdin, mut stdout) = (std::io::stdin().lock(), std::io::stdout().lock());
-            gitsync::cli::run(&db, &config.gitsync, &command, &mut stdin, &mut stdout).await?;
+            gitsync::cli::run(&db, &actor, &config.gitsync, &command, &mut stdin, &mut stdout).await?;
             Ok(0)
         }
         OnlineCommand::Prebuilds(command) => {
             let db = Db::new(&config.database)?;
-            prebuilds::cli::run(&db, &config.prebuilds, &command, &mut std::io::stdout().lock()).await?;
+            prebuilds::cli::run(&db, &actor, &config.prebuilds, &command, &mut std::io::stdout().lock())
+                .await?;
+            Ok(0)
+        }
+        OnlineCommand::Audit(command) => {
+            let db = Db::new(&config.database)?;
+            audit::cli(&db, &command, &mut std::io::stdout().lock()).await?;
             Ok(0)
         }
         OnlineCommand::Health => {

@@ -12,6 +12,7 @@ use common::metrics::MetricsProbe;
 use gitsync_support::{Answer, FakeGitHub, RATE_LIMIT, fixture};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
+use worker::audit::Actor;
 use worker::config::{Concurrency, Config};
 use worker::db::{Db, Exec};
 use worker::gitsync::cli::{self, GitsyncCommand};
@@ -181,6 +182,11 @@ impl Harness {
             branch: r.get(7),
         }
     }
+}
+
+/// Who the CLI calls of these tests are, in the audit trail.
+fn actor() -> Actor {
+    Actor::named("tests").expect("actor")
 }
 
 fn epoch_secs() -> u64 {
@@ -635,15 +641,23 @@ async fn gitsync_stats_counts_rows_by_state_and_refresh_marks_one_due() {
     assert_eq!(stats.by_outcome.get("ok"), Some(&1));
     assert_eq!(stats.by_outcome.get("never"), Some(&2));
     let mut out = Vec::new();
-    cli::run(h.db(), &h.config, &GitsyncCommand::Stats { json: true }, &mut std::io::empty(), &mut out)
-        .await
-        .expect("stats --json");
+    cli::run(
+        h.db(),
+        &actor(),
+        &h.config,
+        &GitsyncCommand::Stats { json: true },
+        &mut std::io::empty(),
+        &mut out,
+    )
+    .await
+    .expect("stats --json");
     let json: serde_json::Value = serde_json::from_slice(&out).expect("json");
     assert_eq!(json["due"], 1);
 
     let mut out = Vec::new();
     cli::run(
         h.db(),
+        &actor(),
         &h.config,
         &GitsyncCommand::Refresh { chat_id: refreshed },
         &mut std::io::empty(),
@@ -656,6 +670,7 @@ async fn gitsync_stats_counts_rows_by_state_and_refresh_marks_one_due() {
     let unknown = Uuid::new_v4();
     let err = cli::run(
         h.db(),
+        &actor(),
         &h.config,
         &GitsyncCommand::Refresh { chat_id: unknown },
         &mut std::io::empty(),

@@ -169,9 +169,16 @@ impl Harness {
     /// `token` sealed for `user`'s github row under the first of `keys`, written as the API tier
     /// would (the library function `put-token` runs).
     async fn put(&self, keys: &[&str], user: Uuid, token: &str) {
-        cli::put_token(self.db(), &keyring(keys), user, "github", &(token.to_owned(), None), None)
-            .await
-            .expect("put token");
+        cli::put_token(
+            &self.db().get().await.expect("conn"),
+            &keyring(keys),
+            user,
+            "github",
+            &(token.to_owned(), None),
+            None,
+        )
+        .await
+        .expect("put token");
     }
 
     async fn link(&self, user: Uuid) -> Link {

@@ -124,8 +124,12 @@ async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_b
     assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "retried")]).await, 90);
     assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "dispatched")]).await, 60);
 
-    let report =
-        worker::outbox::dead::requeue(h.db(), &worker::outbox::dead::Selection::All).await.expect("requeue");
+    let report = worker::outbox::dead::requeue(
+        &h.db().get().await.expect("conn"),
+        &worker::outbox::dead::Selection::All,
+    )
+    .await
+    .expect("requeue");
     assert_eq!((report.removed, report.requeued), (30, 30));
     assert_eq!(h.scalar("SELECT count(*) FROM task_outbox WHERE attempts = 0 AND run_at <= now()").await, 30);
     let _: i64 = h.redis.del(&bad_key).await.expect("del");

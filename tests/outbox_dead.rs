@@ -70,7 +70,8 @@ async fn requeue_brings_back_the_newest_dead_copy_of_a_task_and_removes_the_supe
     dead_letter(&test_db, 2, "t", None, r#"{"v": "new"}"#).await;
     dead_letter(&test_db, 3, "u", None, r#"{"v": "only"}"#).await;
 
-    let report = dead::requeue(&test_db.db, &Selection::All).await.expect("requeue");
+    let report =
+        dead::requeue(&test_db.db.get().await.expect("conn"), &Selection::All).await.expect("requeue");
     assert_eq!(
         texts(&test_db, "SELECT task_id || '=' || (payload->>'v') FROM task_outbox ORDER BY task_id").await,
         ["t=new", "u=only"]
@@ -84,14 +85,17 @@ async fn requeue_brings_back_the_newest_dead_copy_of_a_task_and_removes_the_supe
     exec(&test_db, "DELETE FROM task_outbox").await;
     dead_letter(&test_db, 10, "t", None, r#"{"v": "old"}"#).await;
     dead_letter(&test_db, 11, "t", None, r#"{"v": "new"}"#).await;
-    let report = dead::requeue(&test_db.db, &Selection::Ids(vec![11, 10])).await.expect("requeue");
+    let report = dead::requeue(&test_db.db.get().await.expect("conn"), &Selection::Ids(vec![11, 10]))
+        .await
+        .expect("requeue");
     assert_eq!(texts(&test_db, "SELECT payload->>'v' FROM task_outbox WHERE task_id = 't'").await, ["new"]);
     assert_eq!((report.removed, report.requeued, report.superseded), (2, 1, 1));
 
     // Already back in the outbox: every dead copy of that task is removed, none requeued.
     dead_letter(&test_db, 20, "t", None, r#"{"v": "older"}"#).await;
     dead_letter(&test_db, 21, "t", None, r#"{"v": "old"}"#).await;
-    let report = dead::requeue(&test_db.db, &Selection::All).await.expect("requeue");
+    let report =
+        dead::requeue(&test_db.db.get().await.expect("conn"), &Selection::All).await.expect("requeue");
     assert_eq!((report.removed, report.requeued, report.superseded, report.already_pending), (2, 0, 0, 2));
     assert_eq!(texts(&test_db, "SELECT payload->>'v' FROM task_outbox WHERE task_id = 't'").await, ["new"]);
 }
@@ -122,7 +126,8 @@ async fn requeue_keeps_dead_letters_of_jobs_that_are_over_and_requeues_the_rest(
     assert_eq!(scalar(&test_db, "SELECT cancel_job('canceled')").await, 1);
     assert_eq!(scalar(&test_db, "SELECT count(*) FROM task_outbox_dead").await, 8);
 
-    let report = dead::requeue(&test_db.db, &Selection::All).await.expect("requeue");
+    let report =
+        dead::requeue(&test_db.db.get().await.expect("conn"), &Selection::All).await.expect("requeue");
     assert_eq!(
         texts(&test_db, "SELECT task_id FROM task_outbox ORDER BY task_id").await,
         ["t1", "t2", "t7", "t8"],
@@ -139,7 +144,9 @@ async fn requeue_keeps_dead_letters_of_jobs_that_are_over_and_requeues_the_rest(
     assert_eq!(by_status, [("canceled", 2), ("completed", 1), ("failed", 1)]);
 
     // By id, too; a skipped id is not "not found".
-    let report = dead::requeue(&test_db.db, &Selection::Ids(vec![3, 5, 99])).await.expect("requeue");
+    let report = dead::requeue(&test_db.db.get().await.expect("conn"), &Selection::Ids(vec![3, 5, 99]))
+        .await
+        .expect("requeue");
     assert_eq!((report.removed, report.requeued, report.skipped), (0, 0, 2));
     assert_eq!(report.not_found, [99]);
     assert_eq!(scalar(&test_db, "SELECT count(*) FROM task_outbox_dead").await, 4);
@@ -160,7 +167,7 @@ async fn requeue_racing_cancel_job_does_not_bring_the_canceled_task_back() {
 
     let requeue = tokio::spawn({
         let db = test_db.db.clone();
-        async move { dead::requeue(&db, &Selection::All).await }
+        async move { dead::requeue(&db.get().await?, &Selection::All).await }
     });
     // Either requeue waits for the job's row lock (correct) or it already finished (the bug).
     eventually(Duration::from_secs(10), "requeue to wait for cancel_job or finish", || async {
@@ -191,7 +198,7 @@ async fn cancel_job_that_starts_while_requeue_runs_deletes_what_requeue_brought_
 
     let requeue = tokio::spawn({
         let db = test_db.db.clone();
-        async move { dead::requeue(&db, &Selection::All).await }
+        async move { dead::requeue(&db.get().await?, &Selection::All).await }
     });
     eventually(Duration::from_secs(10), "requeue to reach its INSERT", || async {
         lock_waiters(&test_db).await == 1

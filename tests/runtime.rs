@@ -704,16 +704,33 @@ async fn a_pause_is_pushed_by_notify_and_takes_effect_at_the_next_tick_despite_t
 
     let mut received = stats.received.clone();
     let seen = *received.borrow();
-    worker::controls::set_paused(&test_db.db, "outbox", true, Some("test"), "tests").await.expect("pause");
+    worker::controls::set_paused(
+        &test_db.db.get().await.expect("conn"),
+        "outbox",
+        true,
+        Some("test"),
+        "tests",
+    )
+    .await
+    .expect("pause");
     tokio::time::timeout(LIMIT, received.wait_for(|n| *n > seen)).await.expect("notified").expect("watch");
     assert_eq!(runner.tick_once().await.outcome, Outcome::Paused);
 
     let seen = *received.borrow();
-    worker::controls::set_paused(&test_db.db, "outbox", false, None, "tests").await.expect("resume");
+    worker::controls::set_paused(&test_db.db.get().await.expect("conn"), "outbox", false, None, "tests")
+        .await
+        .expect("resume");
     tokio::time::timeout(LIMIT, received.wait_for(|n| *n > seen)).await.expect("notified").expect("watch");
     assert_eq!(runner.tick_once().await.outcome, Outcome::Ok);
     assert_eq!(state.started(), 3);
-    let refused = worker::controls::set_paused(&test_db.db, "chats_heartbeat", true, None, "tests").await;
+    let refused = worker::controls::set_paused(
+        &test_db.db.get().await.expect("conn"),
+        "chats_heartbeat",
+        true,
+        None,
+        "tests",
+    )
+    .await;
     assert!(
         matches!(refused, Err(worker::controls::ControlError::NotPausable { .. })),
         "the lease loop cannot be paused: {refused:?}"

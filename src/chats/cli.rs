@@ -13,6 +13,7 @@ use std::io::{self, Write};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use serde::Serialize;
+use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_postgres::Row;
 use tokio_postgres::types::Type;
@@ -23,6 +24,7 @@ use super::admission::Rules;
 use super::config::ChatsConfig;
 use super::queue::{self, QuotaError, Subject, SubjectKind, WaitsFor};
 use super::stream::{self, DEFAULT_SETTLE_EVERY, Follower, Message};
+use crate::audit::{self, Action, Actor};
 use crate::db::{self, Db, DbError, Exec};
 use crate::health::Health;
 use crate::listen::Listener;
@@ -183,9 +185,12 @@ pub struct ChatSummary {
 
 /// Runs one `worker chat` command, writing to `out`. `config` gives the default caps the
 /// queue's commands show; `listen` is the direct connection `tail --follow` LISTENs on;
-/// `shutdown` ends a `tail --follow`.
+/// `shutdown` ends a `tail --follow`. `create`, `send` and `quota set|rm` are recorded in the
+/// audit trail as `actor`'s, with their input checks inside (a refused value is recorded too);
+/// message texts by their size in bytes, not their text.
 pub async fn run(
     db: &Db,
+    actor: &Actor,
     config: &ChatsConfig,
     listen: db::Direct,
     command: &ChatCommand,
@@ -217,19 +222,36 @@ pub async fn run(
             }
         }
         ChatCommand::Create { owner, org, title, text } => {
-            let owner = match owner {
-                Some(owner) => parse_owner(owner)?,
-                None => Uuid::nil(),
-            };
-            let org = org.as_deref().map(parse_org).transpose()?;
-            let chat = create(db, owner, org, title, text.as_deref()).await?;
+            let arguments = json!({
+                "owner": owner.as_deref().map(audit::typed),
+                "org": org.as_deref().map(audit::typed),
+                "title": audit::typed(title),
+                "text_bytes": text.as_ref().map(String::len),
+            });
+            let chat = audit::run(db, actor, Action::new("chat create", arguments), async |tx| {
+                let owner = match owner {
+                    Some(owner) => parse_owner(owner)?,
+                    None => Uuid::nil(),
+                };
+                let org = org.as_deref().map(parse_org).transpose()?;
+                let chat = create(tx, owner, org, title, text.as_deref()).await?;
+                Ok::<_, CliError>((chat, Some(1 + u64::from(text.is_some()))))
+            })
+            .await?;
             writeln!(out, "{chat}")?;
         }
         ChatCommand::Quota(QuotaCommand::Set { subject, max_running, weight }) => {
-            let subject = parse_subject(subject)?;
-            let max_running = max_running.as_deref().map(queue::parse_max_running).transpose()?;
-            let weight = weight.as_deref().map(queue::parse_weight).transpose()?;
-            let quota = queue::set_quota(db, subject, max_running, weight).await?;
+            let mut arguments = subject_arguments(subject);
+            arguments["max_running"] = json!(max_running.as_deref().map(audit::typed));
+            arguments["weight"] = json!(weight.as_deref().map(audit::typed));
+            let quota = audit::run(db, actor, Action::new("chat quota set", arguments), async |tx| {
+                let subject = parse_subject(subject)?;
+                let max_running = max_running.as_deref().map(queue::parse_max_running).transpose()?;
+                let weight = weight.as_deref().map(queue::parse_weight).transpose()?;
+                let quota = queue::set_quota(tx, subject, max_running, weight).await?;
+                Ok::<_, CliError>((quota, Some(1)))
+            })
+            .await?;
             queue::write_quotas(out, &[quota])?;
         }
         ChatCommand::Quota(QuotaCommand::List { json }) => {
@@ -240,11 +262,16 @@ pub async fn run(
                 queue::write_quotas(out, &quotas)?;
             }
         }
-        ChatCommand::Quota(QuotaCommand::Rm { subject }) => {
-            let subject = parse_subject(subject)?;
-            if queue::remove_quota(db, subject).await?.is_none() {
-                return Err(QuotaError::NoQuota(subject).into());
-            }
+        ChatCommand::Quota(QuotaCommand::Rm { subject: args }) => {
+            let action = Action::new("chat quota rm", subject_arguments(args));
+            let subject = audit::run(db, actor, action, async |tx| {
+                let subject = parse_subject(args)?;
+                if queue::remove_quota(tx, subject).await?.is_none() {
+                    return Err(QuotaError::NoQuota(subject).into());
+                }
+                Ok::<_, CliError>((subject, Some(1)))
+            })
+            .await?;
             writeln!(out, "removed the quota of {subject}: the default cap and weight 1 apply")?;
         }
         ChatCommand::Queue { json } => {
@@ -256,7 +283,12 @@ pub async fn run(
             }
         }
         ChatCommand::Send { chat, text } => {
-            let id = send(db, parse_chat(chat)?, text).await?;
+            let arguments = json!({ "chat": audit::typed(chat), "text_bytes": text.len() });
+            let id = audit::run(db, actor, Action::new("chat send", arguments), async |tx| {
+                let id = send(tx, parse_chat(chat)?, text).await?;
+                Ok::<_, CliError>((id, Some(1)))
+            })
+            .await?;
             writeln!(out, "{id}")?;
         }
         ChatCommand::Tail { chat, after, follow, json } => {
@@ -304,6 +336,11 @@ fn parse_org(org: &str) -> Result<Uuid, CliError> {
     Uuid::parse_str(org).map_err(|_| CliError::InvalidOrg(org.to_owned()))
 }
 
+/// `--owner`/`--org` as typed, for the audit trail.
+fn subject_arguments(args: &SubjectArgs) -> serde_json::Value {
+    json!({ "owner": args.owner.as_deref().map(audit::typed), "org": args.org.as_deref().map(audit::typed) })
+}
+
 fn parse_subject(args: &SubjectArgs) -> Result<Subject, CliError> {
     match (&args.owner, &args.org) {
         (Some(owner), None) => Ok(Subject { kind: SubjectKind::Owner, id: parse_owner(owner)? }),
@@ -347,31 +384,25 @@ pub(super) fn summary(row: &Row) -> ChatSummary {
 }
 
 /// Inserts a `waiting` chat (billed to `org`, if any) and, when `text` is given, its first user
-/// message (which makes it `pending`), in one transaction.
+/// message (which makes it `pending`), in `tx`.
 pub async fn create(
-    db: &Db,
+    tx: &impl Exec,
     owner: Uuid,
     org: Option<Uuid>,
     title: &str,
     text: Option<&str>,
 ) -> Result<Uuid, DbError> {
-    db::in_transaction(db, async |tx| {
-        let chat: Uuid = tx
-            .fetch_one(CREATE, &[(&owner, Type::UUID), (&org, Type::UUID), (&title, Type::TEXT)])
-            .await?
-            .get(0);
-        if let Some(text) = text {
-            tx.fetch_one(POST_USER_MESSAGE, &[(&chat, Type::UUID), (&text, Type::TEXT)]).await?;
-        }
-        Ok(chat)
-    })
-    .await
+    let chat: Uuid =
+        tx.fetch_one(CREATE, &[(&owner, Type::UUID), (&org, Type::UUID), (&title, Type::TEXT)]).await?.get(0);
+    if let Some(text) = text {
+        tx.fetch_one(POST_USER_MESSAGE, &[(&chat, Type::UUID), (&text, Type::TEXT)]).await?;
+    }
+    Ok(chat)
 }
 
-/// Posts a user message; its content is the JSON string `text`. Returns the message id.
-pub async fn send(db: &Db, chat: Uuid, text: &str) -> Result<i64, CliError> {
-    let conn = db.get().await?;
-    match conn.fetch_one(POST_USER_MESSAGE, &[(&chat, Type::UUID), (&text, Type::TEXT)]).await {
+/// Posts a user message in `tx`; its content is the JSON string `text`. Returns the message id.
+pub async fn send(tx: &impl Exec, chat: Uuid, text: &str) -> Result<i64, CliError> {
+    match tx.fetch_one(POST_USER_MESSAGE, &[(&chat, Type::UUID), (&text, Type::TEXT)]).await {
         Ok(row) => Ok(row.get(0)),
         Err(e) if e.code() == Some(NO_DATA_FOUND) => {
             Err(CliError::Refused(e.server_message().unwrap_or("chat does not exist").to_owned()))

@@ -230,27 +230,24 @@ impl Quota {
 
 /// Inserts or updates `subject`'s quota (see [`QUOTA_SET`]); returns the row as stored.
 pub async fn set_quota(
-    db: &Db,
+    tx: &impl Exec,
     subject: Subject,
     max_running: Option<i32>,
     weight: Option<f64>,
 ) -> Result<Quota, DbError> {
     let kind = subject.kind.as_str();
-    db::in_transaction(db, async |tx| {
-        let row = tx
-            .fetch_one(
-                QUOTA_SET,
-                &[
-                    (&kind, Type::TEXT),
-                    (&subject.id, Type::UUID),
-                    (&max_running, Type::INT4),
-                    (&weight, Type::FLOAT8),
-                ],
-            )
-            .await?;
-        Ok(Quota::of(&row))
-    })
-    .await
+    let row = tx
+        .fetch_one(
+            QUOTA_SET,
+            &[
+                (&kind, Type::TEXT),
+                (&subject.id, Type::UUID),
+                (&max_running, Type::INT4),
+                (&weight, Type::FLOAT8),
+            ],
+        )
+        .await?;
+    Ok(Quota::of(&row))
 }
 
 /// Every quota, owners first.
@@ -262,13 +259,10 @@ pub async fn quotas(db: &Db) -> Result<Vec<Quota>, DbError> {
 }
 
 /// Deletes `subject`'s quota; the removed row, or `None` when it had none.
-pub async fn remove_quota(db: &Db, subject: Subject) -> Result<Option<Quota>, DbError> {
+pub async fn remove_quota(tx: &impl Exec, subject: Subject) -> Result<Option<Quota>, DbError> {
     let kind = subject.kind.as_str();
-    db::in_transaction(db, async |tx| {
-        let row = tx.fetch_opt(QUOTA_RM, &[(&kind, Type::TEXT), (&subject.id, Type::UUID)]).await?;
-        Ok(row.as_ref().map(Quota::of))
-    })
-    .await
+    let row = tx.fetch_opt(QUOTA_RM, &[(&kind, Type::TEXT), (&subject.id, Type::UUID)]).await?;
+    Ok(row.as_ref().map(Quota::of))
 }
 
 /// The oldest `limit` pending chats, oldest first, each with its wait and why it waits.

@@ -9,11 +9,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use serde::Serialize;
+use serde_json::json;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use super::config::GitsyncConfig;
 use super::tokens::{self, Column, KeyConfigError, TokenError, TokenKeys};
+use crate::audit::{self, Action, Actor};
 use crate::db::{self, Db, DbError, Exec};
 use crate::text::terminal;
 
@@ -169,10 +171,9 @@ pub async fn stats(db: &Db) -> Result<GitsyncStats, DbError> {
     })
 }
 
-/// `worker gitsync refresh <chat_id>`.
-pub async fn mark_due(db: &Db, chat_id: Uuid) -> Result<(), CliError> {
-    let updated =
-        db::in_transaction(db, async |tx| tx.exec(REFRESH, &[(&chat_id, Type::UUID)]).await).await?;
+/// `worker gitsync refresh <chat_id>`, in `tx`.
+pub async fn mark_due(tx: &impl Exec, chat_id: Uuid) -> Result<(), CliError> {
+    let updated = tx.exec(REFRESH, &[(&chat_id, Type::UUID)]).await?;
     if updated == 0 {
         return Err(CliError::NoDiffStatus(chat_id));
     }
@@ -193,9 +194,10 @@ pub struct EncryptReport {
     pub remaining: u64,
 }
 
-/// `worker gitsync put-token`: `true` when the row was inserted, `false` when replaced.
+/// `worker gitsync put-token`, in `tx`: `true` when the row was inserted, `false` when
+/// replaced.
 pub async fn put_token(
-    db: &Db,
+    tx: &impl Exec,
     keys: &TokenKeys,
     user: Uuid,
     provider: &str,
@@ -210,8 +212,6 @@ pub async fn put_token(
     };
     let (refresh, refresh_key_id) = refresh.unzip();
     let provider = provider.to_owned();
-    let mut conn = db.get().await?;
-    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
     let inserted = tx
         .fetch_one(
             PUT_TOKEN,
@@ -227,7 +227,6 @@ pub async fn put_token(
         )
         .await?
         .get(0);
-    db::commit(tx).await?;
     Ok(inserted)
 }
 
@@ -298,17 +297,52 @@ fn reseal_row(keys: &TokenKeys, row: &Stored) -> Result<(String, Option<String>,
 
 /// `worker gitsync encrypt-tokens`: every row with a token not under the first key, in batches
 /// of `batch` rows, each its own transaction (`FOR UPDATE SKIP LOCKED`). A row that cannot be
-/// decrypted is reported and skipped. Failed rows are written to `out` as they are met.
+/// decrypted is reported and skipped. Failed rows are written to `out` as they are met. The run
+/// is recorded as `actor`'s in one audit row, written after the last batch with the count of
+/// rows left (see [`crate::audit`]): rows re-encrypted in all, outcome `error` when a row failed
+/// or a batch did (the batches before stay committed).
 pub async fn encrypt_tokens(
     db: &Db,
+    actor: &Actor,
     keys: &TokenKeys,
     batch: u32,
     out: &mut impl Write,
 ) -> Result<EncryptReport, CliError> {
+    let action = Action::new("gitsync encrypt-tokens", json!({ "batch": batch }));
     let Some(key_id) = keys.primary_id().map(str::to_owned) else {
-        return Err(CliError::NoKeys("encrypt-tokens"));
+        return Err(audit::failed(db, actor, &action, CliError::NoKeys("encrypt-tokens")).await);
     };
     let mut report = EncryptReport::default();
+    let batches = encrypt_batches(db, keys, &key_id, batch, out, &mut report).await;
+    let failure = match &batches {
+        Err(error) => Some(audit::error_text(error)),
+        Ok(()) if !report.failed.is_empty() => {
+            Some(audit::error_text(&CliError::Failed(report.failed.len() as u64)))
+        }
+        Ok(()) => None,
+    };
+    let changed = report.encrypted + report.re_encrypted;
+    // Bounded like every other statement (a count over the whole table).
+    let remaining = db::in_transaction(db, async |tx| {
+        audit::record(tx, actor, &action, Some(changed), failure.as_deref()).await?;
+        tx.fetch_one(&remaining(), &[(&key_id, Type::TEXT)]).await
+    })
+    .await;
+    batches?;
+    report.remaining = count(remaining?.get(0));
+    Ok(report)
+}
+
+/// The batches of [`encrypt_tokens`], counting into `report`.
+async fn encrypt_batches(
+    db: &Db,
+    keys: &TokenKeys,
+    key_id: &str,
+    batch: u32,
+    out: &mut impl Write,
+    report: &mut EncryptReport,
+) -> Result<(), CliError> {
+    let key_id = key_id.to_owned();
     let (mut after_user, mut after_provider) = (Uuid::nil(), String::new());
     let limit = i64::from(batch.max(1));
     let select = to_encrypt();
@@ -379,14 +413,9 @@ pub async fn encrypt_tokens(
             Some(last) if rows.len() as i64 == limit => {
                 (after_user, after_provider) = (last.user, last.provider.clone())
             }
-            _ => break,
+            _ => return Ok(()),
         }
     }
-    // Bounded like every other statement (a count over the whole table).
-    let remaining =
-        db::in_transaction(db, async |tx| tx.fetch_one(&remaining(), &[(&key_id, Type::TEXT)]).await).await?;
-    report.remaining = count(remaining.get(0));
-    Ok(report)
 }
 
 fn keys_for(config: &GitsyncConfig, command: &'static str) -> Result<TokenKeys, CliError> {
@@ -397,10 +426,35 @@ fn keys_for(config: &GitsyncConfig, command: &'static str) -> Result<TokenKeys, 
     Ok(keys)
 }
 
+/// `put-token`'s key ring and tokens: checked and read before its transaction begins (stdin
+/// may be a terminal, and a transaction must not wait on it).
+fn prepare_put_token(
+    config: &GitsyncConfig,
+    provider: &str,
+    two: bool,
+    input: &mut impl Read,
+) -> Result<(TokenKeys, (String, Option<String>)), CliError> {
+    let keys = keys_for(config, "put-token")?;
+    let providers = config.effective_providers();
+    if !providers.iter().any(|p| p.id == provider) {
+        let configured = providers.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(", ");
+        return Err(CliError::UnknownProvider { id: provider.to_owned(), configured });
+    }
+    let mut stdin = Vec::new();
+    input.take(MAX_STDIN_BYTES + 1).read_to_end(&mut stdin)?;
+    if stdin.len() as u64 > MAX_STDIN_BYTES {
+        return Err(CliError::Input(format!("stdin holds more than {MAX_STDIN_BYTES} bytes")));
+    }
+    Ok((keys, parse_token_input(&stdin, two)?))
+}
+
 /// Runs one `worker gitsync` command, reading `put-token`'s stdin from `input` and writing its
-/// output to `out`.
+/// output to `out`. `refresh`, `put-token` and `encrypt-tokens` are recorded in the audit trail
+/// as `actor`'s; `put-token` records the user, the provider, `--expires-at` and whether a
+/// refresh token was given, never a token.
 pub async fn run(
     db: &Db,
+    actor: &Actor,
     config: &GitsyncConfig,
     command: &GitsyncCommand,
     input: &mut impl Read,
@@ -425,23 +479,31 @@ pub async fn run(
             }
         }
         GitsyncCommand::Refresh { chat_id } => {
-            mark_due(db, *chat_id).await?;
+            let action = Action::new("gitsync refresh", json!({ "chat_id": chat_id }));
+            audit::run(db, actor, action, async |tx| {
+                mark_due(tx, *chat_id).await?;
+                Ok::<_, CliError>(((), Some(1)))
+            })
+            .await?;
             writeln!(out, "chat {chat_id} is due now; the next gitsync tick refreshes it")?;
         }
         GitsyncCommand::PutToken { user, provider, expires_at, refresh_token_stdin } => {
-            let keys = keys_for(config, "put-token")?;
-            let providers = config.effective_providers();
-            if !providers.iter().any(|p| &p.id == provider) {
-                let configured = providers.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(", ");
-                return Err(CliError::UnknownProvider { id: provider.clone(), configured });
-            }
-            let mut stdin = Vec::new();
-            input.take(MAX_STDIN_BYTES + 1).read_to_end(&mut stdin)?;
-            if stdin.len() as u64 > MAX_STDIN_BYTES {
-                return Err(CliError::Input(format!("stdin holds more than {MAX_STDIN_BYTES} bytes")));
-            }
-            let tokens = parse_token_input(&stdin, *refresh_token_stdin)?;
-            let inserted = put_token(db, &keys, *user, provider, &tokens, *expires_at).await?;
+            let arguments = json!({
+                "user": user,
+                "provider": audit::typed(provider),
+                "expires_at": expires_at,
+                "refresh_token_stdin": refresh_token_stdin,
+            });
+            let action = Action::new("gitsync put-token", arguments);
+            let (keys, tokens) = match prepare_put_token(config, provider, *refresh_token_stdin, input) {
+                Ok(prepared) => prepared,
+                Err(error) => return Err(audit::failed(db, actor, &action, error).await),
+            };
+            let inserted = audit::run(db, actor, action, async |tx| {
+                let inserted = put_token(tx, &keys, *user, provider, &tokens, *expires_at).await?;
+                Ok::<_, CliError>((inserted, Some(1)))
+            })
+            .await?;
             writeln!(
                 out,
                 "{} the token of user {user} for provider {provider:?}, encrypted under key {}",
@@ -450,8 +512,14 @@ pub async fn run(
             )?;
         }
         GitsyncCommand::EncryptTokens { batch } => {
-            let keys = keys_for(config, "encrypt-tokens")?;
-            let report = encrypt_tokens(db, &keys, *batch, out).await?;
+            let keys = match keys_for(config, "encrypt-tokens") {
+                Ok(keys) => keys,
+                Err(error) => {
+                    let action = Action::new("gitsync encrypt-tokens", json!({ "batch": batch }));
+                    return Err(audit::failed(db, actor, &action, error).await);
+                }
+            };
+            let report = encrypt_tokens(db, actor, &keys, *batch, out).await?;
             let key = keys.primary_id().unwrap_or_default();
             writeln!(out, "{:<14} {key:>10}", "key")?;
             writeln!(out, "{:<14} {:>10}", "encrypted", report.encrypted)?;

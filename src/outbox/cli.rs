@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
+use serde_json::json;
+
 use super::dead::{self, Selection};
 use super::stats;
+use crate::audit::{self, Action, Actor};
 use crate::db::{Db, DbError};
 use crate::text::{one_line, terminal};
 
@@ -71,8 +74,14 @@ pub enum CliError {
     Json(#[from] serde_json::Error),
 }
 
-/// Runs one `worker outbox` command, writing its output to `out`.
-pub async fn run(db: &Db, command: &OutboxCommand, out: &mut impl Write) -> Result<(), CliError> {
+/// Runs one `worker outbox` command, writing its output to `out`; `requeue` and `purge` are
+/// recorded in the audit trail as `actor`'s (rows: the dead letters removed).
+pub async fn run(
+    db: &Db,
+    actor: &Actor,
+    command: &OutboxCommand,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
     match command {
         OutboxCommand::Stats { json } => {
             let stats = stats::outbox_stats(db).await?;
@@ -137,8 +146,18 @@ pub async fn run(db: &Db, command: &OutboxCommand, out: &mut impl Write) -> Resu
             }
         }
         OutboxCommand::Dead(DeadCommand::Requeue { ids, all, json }) => {
-            let selection = if *all { Selection::All } else { Selection::Ids(ids.clone()) };
-            let report = dead::requeue(db, &selection).await?;
+            let (selection, arguments) = if *all {
+                (Selection::All, json!({ "all": true }))
+            } else {
+                (Selection::Ids(ids.clone()), json!({ "ids": ids }))
+            };
+            let action = Action::new("outbox dead requeue", arguments);
+            let report = audit::run(db, actor, action, async |tx| {
+                let report = dead::requeue(tx, &selection).await?;
+                let removed = report.removed;
+                Ok::<_, CliError>((report, Some(removed)))
+            })
+            .await?;
             if *json {
                 return write_json(out, &report);
             }
@@ -173,7 +192,13 @@ pub async fn run(db: &Db, command: &OutboxCommand, out: &mut impl Write) -> Resu
             }
         }
         OutboxCommand::Dead(DeadCommand::Purge { older_than, json }) => {
-            let purged = dead::purge(db, *older_than).await?;
+            let older = humantime::format_duration(*older_than).to_string();
+            let action = Action::new("outbox dead purge", json!({ "older_than": older }));
+            let purged = audit::run(db, actor, action, async |tx| {
+                let purged = dead::purge(tx, *older_than).await?;
+                Ok::<_, CliError>((purged, Some(purged)))
+            })
+            .await?;
             if *json {
                 return write_json(out, &serde_json::json!({ "purged": purged }));
             }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio_postgres::types::Type;
 
 use super::sweeper::WAKE_CHANNEL;
-use crate::db::{self, Db, DbError, Exec};
+use crate::db::{Db, DbError, Exec};
 
 const LIST: &str = "SELECT id, original_id, task_id, job_id, queue, payload, run_at, attempts, last_error, \
      created_at, dead_lettered_at FROM task_outbox_dead \
@@ -125,14 +125,12 @@ pub async fn list(db: &Db, queue: Option<&str>, limit: i64) -> Result<Vec<DeadLe
         .collect())
 }
 
-/// Requeues dead letters in one transaction and wakes the sweepers.
-pub async fn requeue(db: &Db, selection: &Selection) -> Result<RequeueReport, DbError> {
+/// Requeues dead letters in `tx` and wakes the sweepers (at commit).
+pub async fn requeue(tx: &impl Exec, selection: &Selection) -> Result<RequeueReport, DbError> {
     let ids: Option<&[i64]> = match selection {
         Selection::Ids(ids) => Some(ids),
         Selection::All => None,
     };
-    let mut conn = db.get().await?;
-    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
     let row = tx.fetch_one(REQUEUE, &[(&ids, Type::INT8_ARRAY)]).await?;
     let count = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
     let statuses: Vec<String> = row.get(4);
@@ -151,13 +149,11 @@ pub async fn requeue(db: &Db, selection: &Selection) -> Result<RequeueReport, Db
     if report.requeued > 0 {
         tx.fetch_one(NOTIFY, &[(&WAKE_CHANNEL, Type::TEXT)]).await?;
     }
-    db::commit(tx).await?;
     Ok(report)
 }
 
-/// Deletes dead letters older than `older_than`; returns how many.
-pub async fn purge(db: &Db, older_than: Duration) -> Result<u64, DbError> {
-    let conn = db.get().await?;
+/// Deletes dead letters older than `older_than` in `tx`; returns how many.
+pub async fn purge(tx: &impl Exec, older_than: Duration) -> Result<u64, DbError> {
     let secs = older_than.as_secs_f64();
-    conn.exec(PURGE, &[(&secs, Type::FLOAT8)]).await
+    tx.exec(PURGE, &[(&secs, Type::FLOAT8)]).await
 }

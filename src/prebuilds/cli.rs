@@ -11,6 +11,7 @@ use std::io::Write;
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use serde::Serialize;
+use serde_json::json;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
@@ -18,6 +19,7 @@ use super::actions::{invalidated, target_instances};
 use super::config::PrebuildsConfig;
 use super::reconciler::{self, ReconcileError, WAKE_CHANNEL};
 use super::snapshot::{self, BuildState, classify};
+use crate::audit::{self, Action, Actor};
 use crate::db::{self, Db, DbError, Exec};
 
 /// `$1` preset, `$2` the reconciler's wake channel ([`WAKE_CHANNEL`]). Sets
@@ -282,19 +284,25 @@ pub async fn invalidated_prebuilds(
 }
 
 /// `worker prebuilds invalidate PRESET_ID`: [`invalidate`] and [`invalidated_prebuilds`] in one
-/// transaction.
+/// transaction with its audit row (`prebuilds invalidate`; a malformed or unknown id is recorded
+/// as an `error` row, and nothing is written).
 pub async fn invalidate_preset(
     db: &Db,
+    actor: &Actor,
     config: &PrebuildsConfig,
-    preset: Uuid,
-) -> Result<InvalidateReport, InvalidateError> {
-    let report = db::in_transaction(db, async |tx| {
+    preset_id: &str,
+) -> Result<InvalidateReport, CliError> {
+    let action = Action::new("prebuilds invalidate", json!({ "preset_id": audit::typed(preset_id) }));
+    let report = audit::run(db, actor, action, async |tx| {
+        let preset = parse_preset(preset_id)?;
         let invalidated = invalidate(tx, preset).await?;
-        Ok::<_, InvalidateError>(invalidated_prebuilds(tx, config.system_user_id, &invalidated).await?)
+        let report = invalidated_prebuilds(tx, config.system_user_id, &invalidated).await?;
+        // One preset row changed.
+        Ok::<_, CliError>((report, Some(1)))
     })
     .await?;
     tracing::info!(
-        preset_id = %preset,
+        preset_id = %report.invalidated.preset_id,
         preset = %report.invalidated.preset,
         invalidated_at = %report.invalidated.invalidated_at,
         expired = report.expired,
@@ -311,6 +319,7 @@ fn parse_preset(id: &str) -> Result<Uuid, CliError> {
 /// Runs one `worker prebuilds` command, writing its output to `out`.
 pub async fn run(
     db: &Db,
+    actor: &Actor,
     config: &PrebuildsConfig,
     command: &PrebuildsCommand,
     out: &mut impl Write,
@@ -394,7 +403,7 @@ pub async fn run(
             }
         }
         PrebuildsCommand::Invalidate { preset_id, json } => {
-            let report = invalidate_preset(db, config, parse_preset(preset_id)?).await?;
+            let report = invalidate_preset(db, actor, config, preset_id).await?;
             if *json {
                 return write_json(out, &report);
             }
