@@ -43,10 +43,20 @@
 //! - **wait** = `started_at − pending_since`, with `pending_since` as the load set it, except
 //!   that the heavy owner's back-dating is not counted: every chat's wait starts at `t0`, when the
 //!   load committed. (`pending_since` is cleared when a chat leaves pending, so `t0` is kept
-//!   here.) `started_at` is the claim transaction's `now()`, its start, before the claim lock.
-//! - **runner time** of a chat = `[started_at, updated_at]` of the ended turn (`FINISH_TURN`
-//!   sets `updated_at`): the slot it held, agent start-up and writes included.
+//!   here.) `started_at`, like the `waited` the claim returns for the `chats.admission.wait`
+//!   metric, is the claim transaction's `now()`: its BEGIN, *before* the claim lock. So a second
+//!   column measures the wait to the claim statement itself: a bench-only statement trigger on
+//!   `chats` logs, for every chat a claim makes `running`, the worker, `now()`,
+//!   `statement_timestamp()` (the `CLAIM` statement's start, after the lock) and
+//!   `clock_timestamp()` (its rows written). It costs each claim one small INSERT, in every run
+//!   alike.
+//! - **runner time** of a chat = from the claim statement to `updated_at` of the ended turn
+//!   (`FINISH_TURN` sets it): the slot it held, agent start-up and writes included.
 //! - **throughput** = chats / makespan, makespan = `t0` → the last turn's end.
+//! - **where the claims' time went**, from the same log: the `CLAIM` statement, BEGIN → `CLAIM`
+//!   (the claim lock's wait), and the lock's hand-off (a claim's statement end → the start of the
+//!   next, already waiting, claim's statement: the holder's reply and COMMIT and the next one's
+//!   LOCK reply and CLAIM, two client round trips inside the serialised section).
 //! - **Jain's index** over owners, in the contended window `W = [t0, t0 + one turn]`: all 260
 //!   chats are pending at `t0` and only 150 can run, so who is handed runner time during the
 //!   first turn is what the order of admission decides. Each owner's demand in `W` is
@@ -61,9 +71,7 @@
 //!   left idle in `W` (start-up, or a cap: the capped run scores high because what it hands out
 //!   is shared fairly) show in "runners busy in W" and in the throughput instead.
 //!
-//! `--timeline` prints each run's claims to stderr (start, heavy + light chats, first turn end):
-//! on a loaded machine the workers are bound by the claim → runner start-up pipeline, not by the
-//! 150 runners, and this shows it.
+//! `--timeline` prints each run's claims to stderr (when, heavy + light chats, first turn end).
 //!
 //! # Part 2: the claim statement against a large backlog
 //!
@@ -189,6 +197,10 @@ impl Args {
 
     fn runners(&self) -> usize {
         self.workers * self.max_running as usize
+    }
+
+    fn chats(&self) -> usize {
+        (self.heavy + self.light_owners as i64 * self.light_chats) as usize
     }
 }
 
@@ -342,15 +354,49 @@ async fn make_pending(bench: &BenchDb, owners: &Owners, args: &Args) -> anyhow::
 /// One chat's turn, in seconds since `t0`.
 struct Turn {
     owner: Uuid,
-    start: f64,
+    /// `started_at`: the claim transaction's `now()` (its BEGIN, before the claim lock).
+    started: f64,
+    /// When the claim statement wrote the chat `running` (the claim log's clock).
+    claimed: f64,
+    /// `updated_at` of the ended turn.
     end: f64,
 }
+
+/// One claim, from the claim log: its transaction's start, its `CLAIM` statement's start (after
+/// the claim lock) and end, in seconds since `t0`.
+#[derive(Clone, Copy)]
+struct ClaimTimes {
+    worker: Uuid,
+    began: f64,
+    stmt: f64,
+    done: f64,
+}
+
+/// A bench-only statement trigger logs every chat a claim makes `running`: the worker, the claim
+/// transaction's `now()` (= `started_at`), `statement_timestamp()` (the `CLAIM` statement's
+/// start, after the claim lock: READ COMMITTED takes its snapshot then) and `clock_timestamp()`
+/// (its rows written). It costs the claim one small INSERT, in every run alike.
+const CLAIM_LOG: &str = "CREATE TABLE bench_claimed (id uuid, worker uuid, began timestamptz, \
+                                                     stmt timestamptz, done timestamptz); \
+     CREATE FUNCTION bench_log_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+       INSERT INTO bench_claimed \
+       SELECT id, worker_id, now(), statement_timestamp(), clock_timestamp() \
+       FROM new_rows WHERE status = 'running' AND started_at = now(); \
+       RETURN NULL; END $$; \
+     CREATE TRIGGER bench_log_claim AFTER UPDATE ON chats REFERENCING NEW TABLE AS new_rows \
+       FOR EACH STATEMENT EXECUTE FUNCTION bench_log_claim()";
+const CLAIM_LOG_DROP: &str =
+    "DROP TRIGGER bench_log_claim ON chats; DROP FUNCTION bench_log_claim(); DROP TABLE bench_claimed";
 
 /// What one run measured.
 struct RunResult {
     variant: Variant,
+    /// Waits (`started_at − t0`), sorted.
     heavy_waits: Vec<f64>,
     light_waits: Vec<f64>,
+    /// Waits to the claim statement, sorted.
+    heavy_claimed: Vec<f64>,
+    light_claimed: Vec<f64>,
     makespan: f64,
     chats: usize,
     jain: f64,
@@ -360,6 +406,39 @@ struct RunResult {
     peak_running: usize,
     /// Runner time handed out in W over W's capacity (runners × W).
     busy: f64,
+    pipeline: Pipeline,
+}
+
+/// Where the claims' time went (seconds, unsorted; pooled over reps by [`summarize`]).
+#[derive(Default)]
+struct Pipeline {
+    claims: usize,
+    /// BEGIN → the `CLAIM` statement's start: `SET LOCAL` and the claim lock's wait.
+    lock_wait: Vec<f64>,
+    /// The `CLAIM` statement, start to rows written.
+    statement: Vec<f64>,
+    /// Claims run one at a time: when the next one already waited, the time from this
+    /// statement's end to the next one's start. Spent outside the server while the lock is held:
+    /// this claim's reply and its COMMIT, the next one's LOCK reply and its CLAIM.
+    handoff: Vec<f64>,
+}
+
+impl Pipeline {
+    fn of(claims: &[ClaimTimes]) -> Self {
+        let mut sorted = claims.to_vec();
+        sorted.sort_by(|a, b| a.stmt.total_cmp(&b.stmt));
+        let mut pipeline = Pipeline { claims: sorted.len(), ..Pipeline::default() };
+        for c in &sorted {
+            pipeline.lock_wait.push(c.stmt - c.began);
+            pipeline.statement.push(c.done - c.stmt);
+        }
+        for pair in sorted.windows(2) {
+            if pair[1].began < pair[0].done {
+                pipeline.handoff.push(pair[1].stmt - pair[0].done);
+            }
+        }
+        pipeline
+    }
 }
 
 /// Waits until every chat of the load has ended its turn; fails on a chat in `error`.
@@ -408,43 +487,52 @@ async fn run_once(
     let conn = bench.db.get().await?;
     let rows = conn
         .fetch_all(
-            "SELECT owner_id, extract(epoch FROM started_at - $1)::float8, \
-                    extract(epoch FROM updated_at - $1)::float8, generation FROM chats",
+            "SELECT c.owner_id, extract(epoch FROM c.started_at - $1)::float8, \
+                    extract(epoch FROM l.done - $1)::float8, extract(epoch FROM c.updated_at - $1)::float8, \
+                    c.generation, l.worker, extract(epoch FROM l.began - $1)::float8, \
+                    extract(epoch FROM l.stmt - $1)::float8 \
+             FROM chats AS c JOIN bench_claimed AS l ON l.id = c.id",
             &[(&t0, Type::TIMESTAMPTZ)],
         )
         .await?;
+    anyhow::ensure!(rows.len() == args.chats(), "{} of {} chats in the claim log", rows.len(), args.chats());
     let mut turns = Vec::with_capacity(rows.len());
+    let mut claims: HashMap<(Uuid, u64), ClaimTimes> = HashMap::new();
     for row in &rows {
-        let generation: i64 = row.get(3);
+        let generation: i64 = row.get(4);
         anyhow::ensure!(generation == 1, "a chat was claimed {generation} times");
-        turns.push(Turn { owner: row.get(0), start: row.get(1), end: row.get(2) });
+        turns.push(Turn { owner: row.get(0), started: row.get(1), claimed: row.get(2), end: row.get(3) });
+        let times = ClaimTimes { worker: row.get(5), began: row.get(6), stmt: row.get(7), done: row.get(2) };
+        claims.insert((times.worker, times.began.to_bits()), times);
     }
+    let claims: Vec<ClaimTimes> = claims.into_values().collect();
     if args.timeline {
         print_timeline(variant, &turns, owners, args);
     }
     conn.exec("DELETE FROM workers WHERE id = ANY($1)", &[(&ids, Type::UUID_ARRAY)]).await?;
     conn.exec("DELETE FROM chats", &[]).await?;
-    Ok(measure(variant, &turns, owners, args))
+    conn.exec("DELETE FROM bench_claimed", &[]).await?;
+    Ok(measure(variant, &turns, &claims, owners, args))
 }
 
-/// Each claim (chats sharing a `started_at`: the claim transaction's `now()`) in start order:
-/// when, how many heavy and light chats, and when its first turn ended.
+/// Each claim in order (chats sharing a `started_at`): its start, heavy + light chats, the end of
+/// its first turn (ms since `t0`).
 fn print_timeline(variant: Variant, turns: &[Turn], owners: &Owners, args: &Args) {
     let mut claims: Vec<(f64, usize, usize, f64)> = Vec::new();
     let mut sorted: Vec<&Turn> = turns.iter().collect();
-    sorted.sort_by(|a, b| a.start.total_cmp(&b.start));
+    sorted.sort_by(|a, b| a.claimed.total_cmp(&b.claimed).then(a.started.total_cmp(&b.started)));
     for t in sorted {
         let heavy = usize::from(t.owner == owners.heavy);
         match claims.last_mut() {
-            Some(last) if last.0 == t.start => {
+            Some(last) if last.0 == t.claimed => {
                 last.1 += heavy;
                 last.2 += 1 - heavy;
                 last.3 = last.3.min(t.end);
             }
-            _ => claims.push((t.start, heavy, 1 - heavy, t.end)),
+            _ => claims.push((t.claimed, heavy, 1 - heavy, t.end)),
         }
     }
-    eprintln!("{}: {} claims (start ms: heavy+light, first end ms)", variant.label(args), claims.len());
+    eprintln!("{}: {} claims (claimed ms: heavy+light → first end ms)", variant.label(args), claims.len());
     let line: Vec<String> =
         claims.iter().map(|(at, h, l, end)| format!("{:.0}:{h}+{l}→{:.0}", at * 1e3, end * 1e3)).collect();
     eprintln!("{}", line.join(" "));
@@ -470,20 +558,29 @@ fn jain(x: &[f64]) -> f64 {
     if squares == 0.0 { 0.0 } else { sum * sum / (x.len() as f64 * squares) }
 }
 
-fn measure(variant: Variant, turns: &[Turn], owners: &Owners, args: &Args) -> RunResult {
+fn sorted(mut values: Vec<f64>) -> Vec<f64> {
+    values.sort_by(f64::total_cmp);
+    values
+}
+
+fn measure(
+    variant: Variant,
+    turns: &[Turn],
+    claims: &[ClaimTimes],
+    owners: &Owners,
+    args: &Args,
+) -> RunResult {
     let window = args.turn.as_secs_f64();
     let runners = args.runners();
     let owner_list: Vec<Uuid> = owners.all().collect();
     let mut chats_of: HashMap<Uuid, usize> = HashMap::new();
     let mut served: HashMap<Uuid, f64> = HashMap::new();
-    let (mut heavy_waits, mut light_waits) = (Vec::new(), Vec::new());
+    let is_heavy = |t: &&Turn| t.owner == owners.heavy;
     for t in turns {
         *chats_of.entry(t.owner).or_default() += 1;
-        *served.entry(t.owner).or_default() += (t.end.min(window) - t.start.max(0.0)).max(0.0);
-        if t.owner == owners.heavy { &mut heavy_waits } else { &mut light_waits }.push(t.start);
+        // The runner is held from the claim to the turn's end.
+        *served.entry(t.owner).or_default() += (t.end.min(window) - t.claimed.max(0.0)).max(0.0);
     }
-    heavy_waits.sort_by(f64::total_cmp);
-    light_waits.sort_by(f64::total_cmp);
     let demands: Vec<f64> = owner_list
         .iter()
         .map(|o| chats_of.get(o).copied().unwrap_or(0).min(runners) as f64 * window)
@@ -500,8 +597,8 @@ fn measure(variant: Variant, turns: &[Turn], owners: &Owners, args: &Args) -> Ru
         .collect();
     let light_owed: f64 = owed[1..].iter().sum();
     let light_served: f64 = owner_list[1..].iter().map(|o| served.get(o).copied().unwrap_or(0.0)).sum();
-    // Peak concurrency: +1 at each start, −1 at each end.
-    let mut events: Vec<(f64, i32)> = turns.iter().flat_map(|t| [(t.start, 1), (t.end, -1)]).collect();
+    // Peak concurrency: +1 at each claim, −1 at each end.
+    let mut events: Vec<(f64, i32)> = turns.iter().flat_map(|t| [(t.claimed, 1), (t.end, -1)]).collect();
     events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let (mut running, mut peak) = (0i32, 0i32);
     for (_, delta) in events {
@@ -510,8 +607,10 @@ fn measure(variant: Variant, turns: &[Turn], owners: &Owners, args: &Args) -> Ru
     }
     RunResult {
         variant,
-        heavy_waits,
-        light_waits,
+        heavy_waits: sorted(turns.iter().filter(is_heavy).map(|t| t.started).collect()),
+        light_waits: sorted(turns.iter().filter(|t| !is_heavy(t)).map(|t| t.started).collect()),
+        heavy_claimed: sorted(turns.iter().filter(is_heavy).map(|t| t.claimed).collect()),
+        light_claimed: sorted(turns.iter().filter(|t| !is_heavy(t)).map(|t| t.claimed).collect()),
         makespan: turns.iter().map(|t| t.end).fold(0.0, f64::max),
         chats: turns.len(),
         jain: jain(&x),
@@ -519,6 +618,7 @@ fn measure(variant: Variant, turns: &[Turn], owners: &Owners, args: &Args) -> Ru
         light_served: if light_owed > 0.0 { light_served / light_owed } else { 1.0 },
         peak_running: peak.max(0) as usize,
         busy: delivered / (runners as f64 * window),
+        pipeline: Pipeline::of(claims),
     }
 }
 
@@ -531,8 +631,8 @@ fn quantile_s(sorted: &[f64], q: f64) -> f64 {
     quantile(&durations, q).as_secs_f64()
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
+fn median(values: Vec<f64>) -> f64 {
+    let values = sorted(values);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
@@ -540,6 +640,8 @@ fn median(mut values: Vec<f64>) -> f64 {
 struct Summary {
     heavy_waits: Vec<f64>,
     light_waits: Vec<f64>,
+    heavy_claimed: Vec<f64>,
+    light_claimed: Vec<f64>,
     reps: usize,
     chats: usize,
     makespan: f64,
@@ -549,6 +651,8 @@ struct Summary {
     light_served: f64,
     peak_running: usize,
     busy: f64,
+    /// Median claims per rep; the rest pooled and sorted.
+    pipeline: Pipeline,
 }
 
 fn summarize(results: &[RunResult], variant: Variant) -> Option<Summary> {
@@ -556,13 +660,13 @@ fn summarize(results: &[RunResult], variant: Variant) -> Option<Summary> {
     if runs.is_empty() {
         return None;
     }
-    let mut heavy_waits: Vec<f64> = runs.iter().flat_map(|r| r.heavy_waits.iter().copied()).collect();
-    let mut light_waits: Vec<f64> = runs.iter().flat_map(|r| r.light_waits.iter().copied()).collect();
-    heavy_waits.sort_by(f64::total_cmp);
-    light_waits.sort_by(f64::total_cmp);
+    let pooled =
+        |f: fn(&RunResult) -> &Vec<f64>| sorted(runs.iter().flat_map(|r| f(r).iter().copied()).collect());
     Some(Summary {
-        heavy_waits,
-        light_waits,
+        heavy_waits: pooled(|r| &r.heavy_waits),
+        light_waits: pooled(|r| &r.light_waits),
+        heavy_claimed: pooled(|r| &r.heavy_claimed),
+        light_claimed: pooled(|r| &r.light_claimed),
         reps: runs.len(),
         chats: runs[0].chats,
         makespan: median(runs.iter().map(|r| r.makespan).collect()),
@@ -572,6 +676,12 @@ fn summarize(results: &[RunResult], variant: Variant) -> Option<Summary> {
         light_served: median(runs.iter().map(|r| r.light_served).collect()),
         peak_running: runs.iter().map(|r| r.peak_running).max().unwrap_or(0),
         busy: median(runs.iter().map(|r| r.busy).collect()),
+        pipeline: Pipeline {
+            claims: median(runs.iter().map(|r| r.pipeline.claims as f64).collect()) as usize,
+            lock_wait: pooled(|r| &r.pipeline.lock_wait),
+            statement: pooled(|r| &r.pipeline.statement),
+            handoff: pooled(|r| &r.pipeline.handoff),
+        },
     })
 }
 
@@ -579,10 +689,16 @@ fn ms_s(s: f64) -> String {
     ms(secs(s))
 }
 
+/// `p50 / p90` (or the given quantiles) of sorted seconds, in ms.
+fn spread(sorted: &[f64], low: f64, high: f64) -> String {
+    format!("{} / {}", ms_s(quantile_s(sorted, low)), ms_s(quantile_s(sorted, high)))
+}
+
 async fn fairness(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<(Variant, Summary)>> {
     let dir = tempfile::tempdir()?;
     let agent = write_agent(dir.path(), args.turn)?;
     let owners = Owners::new(args);
+    bench.direct().await?.batch_execute(CLAIM_LOG).await?;
     let mut results = Vec::new();
     for rep in 0..args.reps.max(args.capped_reps) {
         let mut variants = Vec::new();
@@ -596,17 +712,21 @@ async fn fairness(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<(Variant, 
             let started = Instant::now();
             let result = run_once(bench, variant, args, &agent, &owners).await?;
             eprintln!(
-                "rep {}: {}: makespan {:.2} s, light p99 {} ms, Jain {:.3} ({:.1} s)",
+                "rep {}: {}: makespan {:.2} s, light p99 {} ms, Jain {:.3}, {} claims, lock hand-off p50 {} ms \
+                 ({:.1} s)",
                 rep + 1,
                 variant.label(args),
                 result.makespan,
                 ms_s(quantile_s(&result.light_waits, 0.99)),
                 result.jain,
+                result.pipeline.claims,
+                ms_s(median(result.pipeline.handoff.clone())),
                 started.elapsed().as_secs_f64()
             );
             results.push(result);
         }
     }
+    bench.direct().await?.batch_execute(CLAIM_LOG_DROP).await?;
     let summaries: Vec<(Variant, Summary)> = [Variant::Fifo, Variant::Fair, Variant::FairCapped]
         .into_iter()
         .filter_map(|v| summarize(&results, v).map(|s| (v, s)))
@@ -615,9 +735,13 @@ async fn fairness(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<(Variant, 
     let light_total = args.light_owners as i64 * args.light_chats;
     let mut rows = Vec::new();
     for (variant, s) in &summaries {
-        for (class, waits) in [
-            (format!("heavy owner ({} chats)", args.heavy), &s.heavy_waits),
-            (format!("light owners ({} × {} chats)", args.light_owners, args.light_chats), &s.light_waits),
+        for (class, waits, claimed) in [
+            (format!("heavy owner ({} chats)", args.heavy), &s.heavy_waits, &s.heavy_claimed),
+            (
+                format!("light owners ({} × {} chats)", args.light_owners, args.light_chats),
+                &s.light_waits,
+                &s.light_claimed,
+            ),
         ] {
             rows.push(vec![
                 variant.label(args),
@@ -626,6 +750,7 @@ async fn fairness(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<(Variant, 
                 ms_s(quantile_s(waits, 0.5)),
                 format!("**{}**", ms_s(quantile_s(waits, 0.99))),
                 ms_s(waits.last().copied().unwrap_or(0.0)),
+                spread(claimed, 0.5, 0.99),
             ]);
         }
     }
@@ -639,8 +764,15 @@ async fn fairness(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<(Variant, 
             args.heavy,
             light_total
         ),
-        &["run", "class", "chats", "p50", "p99", "max"],
+        &["run", "class", "chats", "p50", "p99", "max", "to the claim statement: p50 / p99"],
         &rows,
+    );
+    println!(
+        "\nWait = started_at − t0, as the product records it (started_at and the `chats.admission.wait` metric \
+         take the claim transaction's now(): its BEGIN, before the claim lock). \"To the claim statement\" = \
+         when the CLAIM statement wrote the chat running (a bench-only trigger's clock_timestamp()): the \
+         claim lock's wait included. Every wait starts at t0 (the heavy owner's pending_since is back-dated \
+         by 1 s only to order it first)."
     );
 
     let rows: Vec<Vec<String>> = summaries
@@ -680,17 +812,57 @@ async fn fairness(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<(Variant, 
     );
     println!(
         "\nJain's index over the {} owners' runner time in the first turn after the load landed (W = [t0, t0 + \
-         {} ms]; all {} chats pending at t0, {} runners): x_i = runner-seconds owner i held in W / its max-min \
-         fair share of the runner-seconds handed out in W (water-filled over each owner's demand, min(chats, \
-         runners) × turn); index = (Σx)² / (n·Σx²): 1 = every owner got the same fraction of its share, 1/{} = \
-         one owner got everything. Runners left idle in W (start-up, a cap) are not in the index: see \
-         \"runners busy in W\" and the throughput. Throughput = chats / makespan (t0 → the last turn's end). \
-         Every wait starts at t0 (the heavy owner's pending_since is back-dated by 1 s only to order it first).",
+         {} ms]; all {} chats pending at t0, {} runners; a runner is held from the claim statement to the \
+         turn's end): x_i = runner-seconds owner i held in W / its max-min fair share of the runner-seconds \
+         handed out in W (water-filled over each owner's demand, min(chats, runners) × turn); index = (Σx)² / \
+         (n·Σx²): 1 = every owner got the same fraction of its share, 1/{} = one owner got everything. \
+         Runners left idle in W (start-up, a cap) are not in the index: see \"runners busy in W\" and the \
+         throughput. Throughput = chats / makespan (t0 → the last turn's end).",
         args.light_owners + 1,
         args.turn.as_millis(),
         args.heavy + light_total,
         args.runners(),
         args.light_owners + 1,
+    );
+
+    let rows: Vec<Vec<String>> = summaries
+        .iter()
+        .map(|(variant, s)| {
+            let p = &s.pipeline;
+            vec![
+                variant.label(args),
+                p.claims.to_string(),
+                spread(&p.statement, 0.5, 0.9),
+                spread(&p.lock_wait, 0.5, 0.9),
+                format!(
+                    "{} ({} of {} claims waited)",
+                    spread(&p.handoff, 0.5, 0.9),
+                    p.handoff.len(),
+                    p.statement.len()
+                ),
+            ]
+        })
+        .collect();
+    table(
+        &format!(
+            "Where the claims' time went (ms, p50 / p90 pooled over the reps; {} per claim at most)",
+            args.max_per_acquire
+        ),
+        &[
+            "run",
+            "claims per rep",
+            "CLAIM statement",
+            "BEGIN → CLAIM (claim lock wait)",
+            "lock hand-off: a CLAIM's end → the waiting next CLAIM's start",
+        ],
+        &rows,
+    );
+    println!(
+        "\nClaims are serialised by the claim lock, held from LOCK to COMMIT. The hand-off is the part of the \
+         serialised section spent outside the server: the holder's reply and COMMIT, the next one's LOCK reply \
+         and CLAIM, i.e. two client round trips, with this process's scheduling in them (the {} workers share \
+         its cores).",
+        args.workers
     );
     Ok(summaries)
 }
@@ -937,6 +1109,14 @@ fn targets(args: &Args, fairness: &[(Variant, Summary)], claims: &[ClaimResult])
         let ratio = fair_p99 / fifo_p99.max(f64::EPSILON);
         rows.push(vec![
             "light owners' p99 wait, fair ≤ 1/5 of FIFO's".to_owned(),
+            format!("{} ms vs {} ms: {ratio:.3}×", ms_s(fair_p99), ms_s(fifo_p99)),
+            verdict(ratio <= LIGHT_P99_RATIO_TARGET).to_owned(),
+        ]);
+        let (fifo_p99, fair_p99) =
+            (quantile_s(&fifo.light_claimed, 0.99), quantile_s(&fair.light_claimed, 0.99));
+        let ratio = fair_p99 / fifo_p99.max(f64::EPSILON);
+        rows.push(vec![
+            "… the same, waits measured to the claim statement (the claim lock's wait included)".to_owned(),
             format!("{} ms vs {} ms: {ratio:.3}×", ms_s(fair_p99), ms_s(fifo_p99)),
             verdict(ratio <= LIGHT_P99_RATIO_TARGET).to_owned(),
         ]);
