@@ -89,12 +89,23 @@
 //! backlog would show it there. The text plan of the fair claim with the cap at the largest
 //! backlog is printed whole.
 //!
-//! `cargo bench --bench admission -- [--small] [--reps N] [--capped-reps N] [--workers N]
+//! # Part 3: the claim alone, against today's claim
+//!
+//! Part 1's FIFO run takes the claim lock and runs the new statement too (`admission = fifo`),
+//! so it cannot show what the lock and the heavier statement cost the acquire path. Here
+//! `--workers` claimers, each on its own connection, drain the same backlog (`--drain-heavy`
+//! 1,000 chats of one owner, `--drain-light` 15 of each of 20) with no agent, a transaction per
+//! claim as the acquire loop runs it, 5 per claim: the claim before issue 19 (V3's SKIP LOCKED
+//! statement without a lock, ordered by V9's `pending_since` index), `admission::claim` in FIFO
+//! and in fair order; then one claimer each for the old claim and the fair one, which separates
+//! the statement's cost from the serialisation. Every chat must end claimed exactly once.
+//!
+//! `cargo bench --bench admission -- [--small] [--parts 1,2,3] [--reps N] [--capped-reps N] [--workers N]
 //! [--max-running N] [--cap N] [--heavy N] [--light-owners N] [--light-chats N] [--turn-ms N]
 //! [--acquire-interval-ms N] [--max-per-acquire N] [--backlogs 1000,100000] [--samples N]
-//! [--timeline]`;
-//! `--small` is one rep of each run and backlogs of 1k and 10k with 50 samples (for a quick
-//! dev-profile check). `scripts/bench.sh admission` runs it and prints the machine it ran on.
+//! [--drain-heavy N] [--drain-light N] [--timeline]`;
+//! `--small` is one rep of each run, backlogs of 1k and 10k with 50 samples and a drain of 700
+//! chats (for a quick dev-profile check). `scripts/bench.sh admission` runs it and prints the machine it ran on.
 
 mod common;
 
@@ -136,6 +147,11 @@ struct Args {
     capped_reps: usize,
     backlogs: Vec<i64>,
     samples: usize,
+    /// Which parts run (1: the load with agents, 2: the claim statement, 3: the claim alone).
+    parts: Vec<u8>,
+    /// Part 3's backlog: chats of the heavy owner, chats of each light owner.
+    drain_heavy: i64,
+    drain_light: i64,
     /// Print each run's claims (start instant, heavy and light chats) to stderr.
     timeline: bool,
 }
@@ -156,6 +172,9 @@ impl Args {
             capped_reps: 1,
             backlogs: vec![1_000, CLAIM_TARGET_BACKLOG],
             samples: 300,
+            parts: vec![1, 2, 3],
+            drain_heavy: 1_000,
+            drain_light: 15,
             timeline: false,
         };
         let mut it = std::env::args().skip(1);
@@ -167,6 +186,8 @@ impl Args {
                     args.capped_reps = 1;
                     args.backlogs = vec![1_000, 10_000];
                     args.samples = 50;
+                    args.drain_heavy = 500;
+                    args.drain_light = 10;
                 }
                 "--workers" => args.workers = value()?.parse()?,
                 "--max-running" => args.max_running = value()?.parse()?,
@@ -185,6 +206,11 @@ impl Args {
                 }
                 "--samples" => args.samples = value()?.parse()?,
                 "--timeline" => args.timeline = true,
+                "--parts" => {
+                    args.parts = value()?.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
+                }
+                "--drain-heavy" => args.drain_heavy = value()?.parse()?,
+                "--drain-light" => args.drain_light = value()?.parse()?,
                 _ => {} // cargo bench passes --bench
             }
         }
@@ -869,7 +895,7 @@ async fn fairness(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<(Variant, 
 
 /// `n` pending chats of `heavy` (oldest first, distinct `pending_since`), the light owners'
 /// chats after them, `VACUUM ANALYZE`d.
-async fn fill_backlog(bench: &BenchDb, owners: &Owners, n: i64, args: &Args) -> anyhow::Result<()> {
+async fn fill_backlog(bench: &BenchDb, owners: &Owners, n: i64, light_chats: i64) -> anyhow::Result<()> {
     let direct = bench.direct().await?;
     direct.batch_execute("TRUNCATE chats CASCADE").await?;
     direct
@@ -884,7 +910,7 @@ async fn fill_backlog(bench: &BenchDb, owners: &Owners, n: i64, args: &Args) -> 
         .exec(
             "INSERT INTO chats (owner_id, status, pending_since) \
              SELECT o, 'pending', now() FROM unnest($1::uuid[]) AS o, generate_series(1, $2) AS g",
-            &[(&owners.light, Type::UUID_ARRAY), (&args.light_chats, Type::INT8)],
+            &[(&owners.light, Type::UUID_ARRAY), (&light_chats, Type::INT8)],
         )
         .await?;
     direct.batch_execute("VACUUM ANALYZE chats").await?;
@@ -991,7 +1017,7 @@ async fn claim_statement(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<Cla
     let mut results = Vec::new();
     let mut printed_plan = None;
     for &backlog in &args.backlogs {
-        fill_backlog(bench, &owners, backlog, args).await?;
+        fill_backlog(bench, &owners, backlog, args.light_chats).await?;
         for (label, rules) in &variants {
             let direct = bench.direct().await?;
             direct.batch_execute("VACUUM chats").await?;
@@ -1097,6 +1123,137 @@ async fn claim_statement(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<Cla
     Ok(results)
 }
 
+/// The claim before issue 19 (migration V3's statement, ordered by V9's `pending_since` index
+/// instead of `created_at`, whose index V9 replaced): no claim lock, so claimers run side by side,
+/// each skipping the rows another holds.
+const PRE_V9_CLAIM: &str = "WITH picked AS (\
+       SELECT id FROM chats WHERE status = 'pending' AND NOT archived \
+       ORDER BY pending_since, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     UPDATE chats AS c SET status = 'running', worker_id = $1, generation = c.generation + 1, \
+       started_at = now(), updated_at = now(), last_error = NULL \
+     FROM picked WHERE c.id = picked.id \
+     RETURNING c.id";
+
+#[derive(Clone, Copy)]
+enum Claimer {
+    PreV9,
+    Admission(Rules),
+}
+
+/// Claims until a claim finds nothing, a transaction per claim as the acquire loop runs it
+/// (BEGIN, `SET LOCAL statement_timeout`, the claim, COMMIT). Returns the chats claimed.
+async fn drain(db: &Db, claimer: Claimer, limit: u32) -> anyhow::Result<u64> {
+    let worker = Uuid::new_v4();
+    let mut conn = db.get().await?;
+    let mut chats = 0;
+    loop {
+        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let n = match claimer {
+            Claimer::PreV9 => {
+                let limit = i64::from(limit);
+                tx.fetch_all(PRE_V9_CLAIM, &[(&worker, Type::UUID), (&limit, Type::INT8)]).await?.len()
+            }
+            Claimer::Admission(rules) => admission::claim(&tx, worker, limit, rules).await?.chats.len(),
+        };
+        db::commit(tx).await?;
+        if n == 0 {
+            return Ok(chats);
+        }
+        chats += n as u64;
+    }
+}
+
+/// Part 3: the claim alone, without agents: `--workers` claimers on connections of their own
+/// drain the same backlog with today's (pre-issue-19) claim, the claim in FIFO order and in the
+/// fair order. What the claim lock costs the acquire path, which the FIFO run of part 1 (the same
+/// locked statement) cannot show.
+async fn claim_throughput(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
+    let owners = Owners::new(args);
+    let (heavy, light) = (args.drain_heavy, args.drain_light);
+    let total = heavy + owners.light.len() as i64 * light;
+    let limit = args.max_per_acquire;
+    let db = Db::new(&DatabaseConfig {
+        url: bench.url.clone(),
+        pool_size: args.workers,
+        ..DatabaseConfig::default()
+    })?;
+    let variants = [
+        ("pre-issue-19 claim (SKIP LOCKED, no claim lock)", Claimer::PreV9, args.workers),
+        (
+            "admission::claim, FIFO, no cap",
+            Claimer::Admission(Rules { owner_cap: 0, org_cap: 0, order: Order::Fifo }),
+            args.workers,
+        ),
+        (
+            "admission::claim, fair, no cap",
+            Claimer::Admission(Rules { owner_cap: 0, org_cap: 0, order: Order::Fair }),
+            args.workers,
+        ),
+        ("pre-issue-19 claim, one claimer", Claimer::PreV9, 1),
+        (
+            "admission::claim, fair, no cap, one claimer",
+            Claimer::Admission(Rules { owner_cap: 0, org_cap: 0, order: Order::Fair }),
+            1,
+        ),
+    ];
+    let mut rows = Vec::new();
+    let mut base = None;
+    for (label, claimer, claimers) in variants {
+        fill_backlog(bench, &owners, heavy, light).await?;
+        // Every claimer's connection open before the clock starts.
+        drop(futures_util::future::try_join_all((0..claimers).map(|_| db.get())).await?);
+        let started = Instant::now();
+        let claimed: u64 =
+            futures_util::future::try_join_all((0..claimers).map(|_| drain(&db, claimer, limit)))
+                .await?
+                .iter()
+                .sum();
+        let elapsed = started.elapsed();
+        let check = bench
+            .db
+            .get()
+            .await?
+            .fetch_one(
+                "SELECT count(*) FILTER (WHERE status = 'running' AND generation = 1)::int8 FROM chats",
+                &[],
+            )
+            .await?;
+        let running: i64 = check.get(0);
+        anyhow::ensure!(
+            claimed == total as u64 && running == total,
+            "{label}: claimed {claimed}, running once {running}, of {total}"
+        );
+        let per_s = common::rate(claimed, elapsed);
+        let base = *base.get_or_insert(per_s);
+        rows.push(vec![
+            label.to_owned(),
+            claimers.to_string(),
+            format!("{:.2}", elapsed.as_secs_f64()),
+            format!("**{per_s:.0}**"),
+            format!("{:.2}×", per_s / base),
+        ]);
+    }
+    bench.direct().await?.batch_execute("TRUNCATE chats CASCADE").await?;
+    table(
+        &format!(
+            "The claim alone: claimers (each its own connection) draining {total} pending chats ({heavy} of one \
+             owner, {light} each of {}), {limit} per claim, a transaction per claim (BEGIN, SET LOCAL, [claim \
+             lock,] claim, COMMIT)",
+            owners.light.len()
+        ),
+        &["claim", "claimers", "seconds", "chats/s", "vs pre-issue-19"],
+        &rows,
+    );
+    println!(
+        "\nEvery chat ended running with generation 1 (claimed once). Part 1 compares the fair order with \
+         FIFO under the same claim lock and statement; this is what the lock and the new statement cost the \
+         acquire path against the claim before issue 19, with no agent running: the one-claimer rows are the \
+         statement's cost alone, the rows with more claimers add the serialisation (the lock is held from LOCK to \
+         COMMIT, over two client round trips).",
+    );
+    Ok(())
+}
+
 fn verdict(pass: bool) -> &'static str {
     if pass { "**PASS**" } else { "**FAIL**" }
 }
@@ -1148,12 +1305,17 @@ fn targets(args: &Args, fairness: &[(Variant, Summary)], claims: &[ClaimResult])
             verdict(p99 <= CLAIM_P99_TARGET && largest == CLAIM_TARGET_BACKLOG).to_owned(),
         ]);
     }
-    table("Targets (from this run)", &["target", "measured", "result"], &rows);
+    if !rows.is_empty() {
+        table("Targets (from this run)", &["target", "measured", "result"], &rows);
+    }
 }
 
 async fn run(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
-    let summaries = fairness(bench, args).await?;
-    let claims = claim_statement(bench, args).await?;
+    let summaries = if args.parts.contains(&1) { fairness(bench, args).await? } else { Vec::new() };
+    let claims = if args.parts.contains(&2) { claim_statement(bench, args).await? } else { Vec::new() };
+    if args.parts.contains(&3) {
+        claim_throughput(bench, args).await?;
+    }
     targets(args, &summaries, &claims);
     Ok(())
 }
