@@ -23,7 +23,8 @@
 //! Runs, each `--reps` times (5), interleaved so drift on a shared machine hits all alike, each
 //! on fresh workers and a fresh load in the same database:
 //!
-//! 1. **FIFO** (`chats.admission = fifo`, no cap): today's behaviour, oldest wait first.
+//! 1. **FIFO** (`chats.admission = fifo`, no cap): today's order, oldest wait first, through the
+//!    new claim and its lock (part 3 compares the claim itself with the one before issue 19).
 //! 2. **fair** (`chats.admission = fair`, no cap): work-conserving; this is the run whose
 //!    throughput is compared with FIFO's.
 //! 3. **fair + cap** (`max_running_per_owner = 5`, point 2's config; `--capped-reps`, 1): shown
