@@ -4,7 +4,7 @@
 # the machine. Record the output in BENCHMARKS.md.
 #
 #   scripts/bench.sh                     every benchmark
-#   scripts/bench.sh outbox              one of them (outbox, chats)
+#   scripts/bench.sh outbox              one of them (outbox, chats, admission, …)
 #   scripts/bench.sh outbox -- --rows 50000 --samples 200   arguments for the benchmark
 #
 # A copy of the output is kept in target/bench/<bench>-<timestamp>.md. Each benchmark creates
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/services.sh
 
-BENCHES=(outbox chats gitsync prebuilds agent_memory)
+BENCHES=(outbox chats gitsync prebuilds agent_memory admission)
 
 selected=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do selected+=("$1"); shift; done
