@@ -32,10 +32,10 @@
 //!    65 of 150 runners are busy while the heavy owner waits), so its throughput is not comparable
 //!    and no target applies to it.
 //!
-//! `chats.acquire_interval` is `--acquire-interval-ms` (50 ms) instead of the shipped 1 s: a
-//! runner that ends frees its slot without waking the acquire loop (only new pending chats
-//! NOTIFY), so with 1 s every second-round claim would wait for the next tick, for FIFO and fair
-//! alike, and the figures would measure the poll interval, not the order of admission.
+//! `chats.acquire_interval` is the shipped 1 s (`--acquire-interval-ms` changes it): a turn that
+//! ends wakes its worker's acquire loop into the free slot (`TaskSet::ended`), and new pending
+//! chats NOTIFY, so the interval is only the fallback and the figures measure the order of
+//! admission, not the poll interval.
 //! `max_per_acquire` stays at its default (5): a claim takes 5 chats, and a loop with room drains
 //! at once (`Progress::More`).
 //!
@@ -167,7 +167,7 @@ impl Args {
             light_owners: 20,
             light_chats: 3,
             turn: Duration::from_millis(200),
-            acquire_interval: Duration::from_millis(50),
+            acquire_interval: Duration::from_secs(1),
             max_per_acquire: 5,
             reps: 5,
             capped_reps: 1,
