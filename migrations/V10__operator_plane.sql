@@ -1,4 +1,5 @@
--- The operator plane (issue 20): an audit trail of operator actions, and preset invalidation.
+-- The operator plane (issue 20): an audit trail of operator actions, what the retention loop
+-- removed, and preset invalidation.
 
 -- One row per state-changing CLI command (`loop pause|resume`, `outbox dead requeue|purge`,
 -- `gitsync refresh|put-token|encrypt-tokens`, `prebuilds invalidate`, `chat create|send`,
@@ -26,6 +27,18 @@ CREATE TABLE operator_actions (
 
 -- `audit list --since 1d`, newest first; retention deletes the oldest.
 CREATE INDEX operator_actions_at_idx ON operator_actions (at);
+
+-- What the `retention` loop last removed, per table (`task_outbox_dead` after
+-- `outbox.dead_retention`, `operator_actions` after `audit.retention`): one row per table, upserted
+-- by each tick, shown by `worker status`.
+CREATE TABLE retention_runs (
+    table_name    text        PRIMARY KEY CHECK (table_name IN ('task_outbox_dead', 'operator_actions')),
+    ran_at        timestamptz NOT NULL,
+    last_removed  bigint      NOT NULL CHECK (last_removed >= 0),
+    total_removed bigint      NOT NULL CHECK (total_removed >= 0)
+);
+
+-- Dead letters are deleted oldest first by `dead_lettered_at` (V2's index covers it).
 
 -- `worker prebuilds invalidate PRESET`: prebuilds created before this instant count as expired
 -- and are replaced by the next reconciler cycle (the rule upstream coder uses). NULL = never

@@ -28,6 +28,7 @@ use crate::health::HealthConfig;
 use crate::outbox::OutboxConfig;
 use crate::prebuilds::PrebuildsConfig;
 use crate::redis::RedisConfig;
+use crate::retention::{AuditConfig, RetentionConfig};
 use crate::runtime::RuntimeConfig;
 use crate::telemetry::{LogConfig, TelemetryConfig};
 use crate::text::redact_url;
@@ -69,6 +70,8 @@ pub struct Config {
     pub gitsync: GitsyncConfig,
     pub prebuilds: PrebuildsConfig,
     pub listen: ListenConfig,
+    pub retention: RetentionConfig,
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -459,6 +462,8 @@ impl Config {
         self.gitsync.validate().map_err(|v| v.under("gitsync"))?;
         self.prebuilds.validate().map_err(|v| v.under("prebuilds"))?;
         self.listen.validate().map_err(|v| v.under("listen"))?;
+        self.retention.validate().map_err(|v| v.under("retention"))?;
+        self.audit.validate().map_err(|v| v.under("audit"))?;
         // The reconciler holds the leader lock on one connection and reads its snapshot on a
         // second: with one connection it could never tick.
         check(

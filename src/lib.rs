@@ -62,6 +62,7 @@ pub mod migrate;
 pub mod outbox;
 pub mod prebuilds;
 pub mod redis;
+pub mod retention;
 pub mod runtime;
 pub mod status;
 pub mod telemetry;

@@ -18,6 +18,7 @@ use crate::gitsync::{self, Gitsync};
 use crate::outbox::{self, Sweeper};
 use crate::prebuilds::{self, Reconciler};
 use crate::redis::Client;
+use crate::retention::{self, Retention};
 use crate::runtime::{LoopInfo, Runtime};
 use crate::wakes::{self, Probe};
 use crate::workers::{self, WorkerLease};
@@ -32,6 +33,7 @@ pub const ALL: &[LoopInfo] = &[
     gitsync::INFO,
     prebuilds::INFO,
     wakes::INFO,
+    retention::INFO,
 ];
 
 pub fn find(name: &str) -> Option<&'static LoopInfo> {
@@ -93,6 +95,10 @@ pub async fn start(shared: Shared<'_>) -> anyhow::Result<Option<Client>> {
     }
     if config.prebuilds.base.enabled {
         runtime.spawn(Reconciler::new(config.prebuilds.clone(), concurrency.prebuilds, meter));
+    }
+    if config.retention.base.enabled {
+        let (dead_letters, audit) = (config.outbox.dead_retention, config.audit.retention);
+        runtime.spawn(Retention::new(db.clone(), config.retention.clone(), dead_letters, audit));
     }
     if config.listen.enabled {
         let (listener, health, me) =

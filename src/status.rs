@@ -1,10 +1,12 @@
 //! `worker status`: what the fleet looks like from the database (registered workers with the
-//! age of their lease, and loop controls), for operators without access to each replica.
+//! age of their lease, loop controls, and what the retention loop last removed), for operators
+//! without access to each replica.
 
 use serde::Serialize;
 
 use crate::controls::{self, LoopControl};
 use crate::db::{Db, DbError, Exec};
+use crate::retention::{self, RetentionRun};
 
 const WORKERS: &str = "SELECT id::text, hostname, version, \
      to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
@@ -25,6 +27,8 @@ pub struct WorkerStatus {
 pub struct FleetStatus {
     pub workers: Vec<WorkerStatus>,
     pub loop_controls: Vec<LoopControl>,
+    /// Per table, the `retention` loop's last run (empty before its first).
+    pub retention: Vec<RetentionRun>,
 }
 
 pub async fn fleet(db: &Db) -> Result<FleetStatus, DbError> {
@@ -40,7 +44,8 @@ pub async fn fleet(db: &Db) -> Result<FleetStatus, DbError> {
             last_seen_secs: r.get(4),
         })
         .collect();
-    Ok(FleetStatus { workers, loop_controls: controls::list(db).await? })
+    let retention = retention::runs(&conn).await?;
+    Ok(FleetStatus { workers, loop_controls: controls::list(db).await?, retention })
 }
 
 impl FleetStatus {
@@ -63,6 +68,19 @@ impl FleetStatus {
             "\nPAUSED LOOPS: {}\n",
             if paused.is_empty() { "none".to_owned() } else { paused.join(", ") }
         ));
+        out.push_str("\nRETENTION\n");
+        if self.retention.is_empty() {
+            out.push_str("  the retention loop has not run yet\n");
+        }
+        for run in &self.retention {
+            out.push_str(&format!(
+                "  {:<18} last run {}: removed {} ({} in all)\n",
+                run.table,
+                run.ran_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                run.last_removed,
+                run.total_removed
+            ));
+        }
         out
     }
 }

@@ -68,7 +68,10 @@ fn every_loop_through(test_db: &TestDb, url: &str, dir: &std::path::Path) -> Wor
         .set("prebuilds.enabled", true)
         .set("prebuilds.interval", "1s")
         .set("gitsync.enabled", true)
-        .set("gitsync.interval", "1s");
+        .set("gitsync.interval", "1s")
+        .set("retention.interval", "1s")
+        .set("listen.probe_interval", "1s")
+        .set("listen.probe_timeout", "500ms");
     for key in [
         "outbox.tick_timeout",
         "counters.tick_timeout",
@@ -76,6 +79,7 @@ fn every_loop_through(test_db: &TestDb, url: &str, dir: &std::path::Path) -> Wor
         "gitsync.tick_timeout",
         "chats.acquire_tick_timeout",
         "chats.recover_tick_timeout",
+        "retention.tick_timeout",
     ] {
         config = config.set(key, TICK_TIMEOUT);
     }

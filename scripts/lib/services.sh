@@ -15,15 +15,45 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   return 1
 }
 
+# PostgreSQL on 127.0.0.1:5432 with trust auth for `postgres` (what the tests and dev.sh use).
+# Missing entirely (Debian or Ubuntu): installs the `postgresql` package and creates a cluster if
+# the package did not; only a cluster this script created gets trust auth on 127.0.0.1 and ::1 (an
+# existing cluster's pg_hba.conf is never changed). Says what it did.
 ensure_postgres() {
   if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then return 0; fi
-  echo "starting PostgreSQL"
-  as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
+  local created=""
+  if ! command -v pg_ctlcluster >/dev/null; then
+    echo "installing PostgreSQL (apt-get install postgresql)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    created=yes # the package creates its first cluster with peer/scram auth
+  fi
+  local version
+  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)
+  if [ -z "$version" ] || [ ! -f "/etc/postgresql/$version/main/postgresql.conf" ]; then
+    version=$(ls /usr/lib/postgresql | sort -V | tail -1)
+    echo "creating PostgreSQL cluster $version/main"
+    as_root pg_createcluster "$version" main >/dev/null
+    created=yes
+  fi
+  if [ -n "$created" ]; then
+    local hba="/etc/postgresql/$version/main/pg_hba.conf"
+    echo "allowing trust auth from 127.0.0.1 and ::1 in $hba (a development and test cluster)"
+    as_root sh -c "{ printf '# added by worker scripts/lib/services.sh: local development and tests\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n'; cat '$hba'; } > '$hba.new' && mv '$hba.new' '$hba' && chown postgres:postgres '$hba'"
+  fi
+  echo "starting PostgreSQL $version/main"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
   wait_for 30 "PostgreSQL on 127.0.0.1:5432" pg_isready -h 127.0.0.1 -p 5432 -q
 }
 
+# Redis on 127.0.0.1:6379, nothing kept on disk; installs `redis-server` when it is missing.
 ensure_redis() {
   if redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then return 0; fi
+  if ! command -v redis-server >/dev/null; then
+    echo "installing Redis (apt-get install redis-server)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
   echo "starting Redis"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
   wait_for 30 "Redis on 127.0.0.1:6379" sh -c 'redis-cli -h 127.0.0.1 -p 6379 ping | grep -q PONG'

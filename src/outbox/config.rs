@@ -25,6 +25,8 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 1 << 20;
 /// 16 MiB of payload per sweep: a batch of small tasks (500 × 1 KiB) never comes near it, while a
 /// backlog of large ones cannot make a sweep hold `batch_size` × `max_payload_bytes`.
 pub const DEFAULT_MAX_BATCH_BYTES: u64 = 16 << 20;
+/// A month: time to notice, fix the cause and requeue, then the table stops growing.
+pub const DEFAULT_DEAD_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Redis refuses strings over 512 MiB (`proto-max-bulk-len`): a larger payload could never move.
 pub const MAX_PAYLOAD_BYTES_LIMIT: u64 = 512 << 20;
 
@@ -58,6 +60,10 @@ pub struct OutboxConfig {
     /// Payload bytes one sweep claims at most: the claim stops adding rows once their running sum
     /// would pass it, but always takes one row, so a payload larger than the budget still moves.
     pub max_batch_bytes: u64,
+    /// Dead letters older than this are deleted by the `retention` loop (requeue or purge them
+    /// before; `worker outbox dead purge` removes them sooner).
+    #[serde(with = "humantime_serde")]
+    pub dead_retention: Duration,
 }
 
 impl Default for OutboxConfig {
@@ -73,6 +79,7 @@ impl Default for OutboxConfig {
             metrics_queues: DEFAULT_METRICS_QUEUES,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            dead_retention: DEFAULT_DEAD_RETENTION,
         }
     }
 }
@@ -81,6 +88,12 @@ impl OutboxConfig {
     /// Keys are relative to `[outbox]`.
     pub fn validate(&self) -> Result<(), Violation> {
         self.base.validate()?;
+        check(
+            self.dead_retention >= Duration::from_secs(3600),
+            "dead_retention",
+            humantime::format_duration(self.dead_retention),
+            "at least 1h",
+        )?;
         check(
             !self.redis_timeout.is_zero() && self.redis_timeout < self.base.tick_timeout,
             "redis_timeout",
