@@ -36,8 +36,8 @@
 //! ends wakes its worker's acquire loop into the free slot (`TaskSet::ended`), and new pending
 //! chats NOTIFY, so the interval is only the fallback and the figures measure the order of
 //! admission, not the poll interval.
-//! `max_per_acquire` stays at its default (5): a claim takes 5 chats, and a loop with room drains
-//! at once (`Progress::More`).
+//! `max_per_acquire` stays at its default (25, `--max-per-acquire` changes it): a claim takes up
+//! to 25 chats, and a loop with room drains at once (`Progress::More`).
 //!
 //! Measured, from the database clock:
 //!
@@ -45,10 +45,10 @@
 //!   that the heavy owner's back-dating is not counted: every chat's wait starts at `t0`, when the
 //!   load committed. (`pending_since` is cleared when a chat leaves pending, so `t0` is kept
 //!   here.) `started_at`, like the `waited` the claim returns for the `chats.admission.wait`
-//!   metric, is the claim transaction's `now()`: its BEGIN, *before* the claim lock. So a second
-//!   column measures the wait to the claim statement itself: a bench-only statement trigger on
-//!   `chats` logs, for every chat a claim makes `running`, the worker, `now()`,
-//!   `statement_timestamp()` (the `CLAIM` statement's start, after the lock) and
+//!   metric, is the `CLAIM` statement's `statement_timestamp()`: after the claim lock was granted.
+//!   A second column measures the wait to the claim's rows being written: a bench-only statement
+//!   trigger on `chats` logs, for every chat a claim makes `running`, the worker, the claim
+//!   transaction's `now()` (its BEGIN, before the lock), `statement_timestamp()` and
 //!   `clock_timestamp()` (its rows written). It costs each claim one small INSERT, in every run
 //!   alike.
 //! - **runner time** of a chat = from the claim statement to `updated_at` of the ended turn
@@ -79,7 +79,7 @@
 //! `--backlogs` (1k and 100k) pending chats of ONE owner (distinct `pending_since`) plus the 20
 //! light owners' 3 each, `VACUUM ANALYZE`d; then `--samples` (300) calls of
 //! `admission::claim` (the claim lock and the `CLAIM` statement, two round trips, as the acquire
-//! loop runs them) with limit 5, each in a transaction rolled back, for the fair order with
+//! loop runs them) with the `max_per_acquire` limit (25), each in a transaction rolled back, for the fair order with
 //! `max_running_per_owner = 5`, the fair order without a cap, and FIFO. Each variant also runs
 //! `EXPLAIN (ANALYZE, BUFFERS)` of `CLAIM` with the same parameters once (rolled back: the
 //! statement writes): the table shows the buffers it touched and the largest `rows × loops` of any
@@ -96,7 +96,7 @@
 //! so it cannot show what the lock and the heavier statement cost the acquire path. Here
 //! `--workers` claimers, each on its own connection, drain the same backlog (`--drain-heavy`
 //! 1,000 chats of one owner, `--drain-light` 15 of each of 20) with no agent, a transaction per
-//! claim as the acquire loop runs it, 5 per claim: the claim before issue 19 (V3's SKIP LOCKED
+//! claim as the acquire loop runs it, `max_per_acquire` per claim: the claim before issue 19 (V3's SKIP LOCKED
 //! statement without a lock, ordered by V9's `pending_since` index), `admission::claim` in FIFO
 //! and in fair order; then one claimer each for the old claim and the fair one, which separates
 //! the statement's cost from the serialisation. Every chat must end claimed exactly once.
@@ -168,7 +168,7 @@ impl Args {
             light_chats: 3,
             turn: Duration::from_millis(200),
             acquire_interval: Duration::from_secs(1),
-            max_per_acquire: 5,
+            max_per_acquire: worker::chats::config::DEFAULT_MAX_PER_ACQUIRE,
             reps: 5,
             capped_reps: 1,
             backlogs: vec![1_000, CLAIM_TARGET_BACKLOG],
@@ -381,7 +381,7 @@ async fn make_pending(bench: &BenchDb, owners: &Owners, args: &Args) -> anyhow::
 /// One chat's turn, in seconds since `t0`.
 struct Turn {
     owner: Uuid,
-    /// `started_at`: the claim transaction's `now()` (its BEGIN, before the claim lock).
+    /// `started_at`: the `CLAIM` statement's start (after the claim lock).
     started: f64,
     /// When the claim statement wrote the chat `running` (the claim log's clock).
     claimed: f64,
@@ -400,15 +400,15 @@ struct ClaimTimes {
 }
 
 /// A bench-only statement trigger logs every chat a claim makes `running`: the worker, the claim
-/// transaction's `now()` (= `started_at`), `statement_timestamp()` (the `CLAIM` statement's
-/// start, after the claim lock: READ COMMITTED takes its snapshot then) and `clock_timestamp()`
-/// (its rows written). It costs the claim one small INSERT, in every run alike.
+/// transaction's `now()` (its BEGIN, before the claim lock), `statement_timestamp()` (the `CLAIM`
+/// statement's start, after the claim lock: READ COMMITTED takes its snapshot then; =
+/// `started_at`) and `clock_timestamp()` (its rows written). It costs the claim one small INSERT, in every run alike.
 const CLAIM_LOG: &str = "CREATE TABLE bench_claimed (id uuid, worker uuid, began timestamptz, \
                                                      stmt timestamptz, done timestamptz); \
      CREATE FUNCTION bench_log_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
        INSERT INTO bench_claimed \
        SELECT id, worker_id, now(), statement_timestamp(), clock_timestamp() \
-       FROM new_rows WHERE status = 'running' AND started_at = now(); \
+       FROM new_rows WHERE status = 'running' AND started_at = statement_timestamp(); \
        RETURN NULL; END $$; \
      CREATE TRIGGER bench_log_claim AFTER UPDATE ON chats REFERENCING NEW TABLE AS new_rows \
        FOR EACH STATEMENT EXECUTE FUNCTION bench_log_claim()";
@@ -796,9 +796,8 @@ async fn fairness(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<(Variant, 
     );
     println!(
         "\nWait = started_at − t0, as the product records it (started_at and the `chats.admission.wait` metric \
-         take the claim transaction's now(): its BEGIN, before the claim lock). \"To the claim statement\" = \
-         when the CLAIM statement wrote the chat running (a bench-only trigger's clock_timestamp()): the \
-         claim lock's wait included. Every wait starts at t0 (the heavy owner's pending_since is back-dated \
+         take the CLAIM statement's start, after the claim lock). \"To the claim statement\" = \
+         when the CLAIM statement wrote the chat running (a bench-only trigger's clock_timestamp()). Every wait starts at t0 (the heavy owner's pending_since is back-dated \
          by 1 s only to order it first)."
     );
 

@@ -13,7 +13,11 @@ use super::limits::LimitsConfig;
 use crate::validate::{Violation, check, positive};
 
 pub const DEFAULT_MAX_RUNNING: u32 = 10;
-pub const DEFAULT_MAX_PER_ACQUIRE: u32 = 5;
+/// Claims are serialised across replicas (the claim lock of `admission`), so a burst is filled
+/// in few, larger claims: with 5 a claim, 150 free runners took 30 claims in a row and the last
+/// light owner waited for all of them (BENCHMARKS.md, admission). One claim's plan reads at most
+/// `limit` rows of any owner, so 25 costs a claim little more than 5.
+pub const DEFAULT_MAX_PER_ACQUIRE: u32 = 25;
 pub const DEFAULT_ACQUIRE_INTERVAL: Duration = Duration::from_secs(1);
 /// A claim is one short transaction; starting the runners is in memory.
 pub const DEFAULT_ACQUIRE_TICK_TIMEOUT: Duration = Duration::from_secs(10);
