@@ -44,8 +44,17 @@ const GITSYNC_ROWS_PER_OWNER: usize = 3;
 const TEMPLATES: usize = 3;
 /// Every loop of a replica with chats enabled (the chat heartbeat renews the worker lease, so
 /// the separate `workers` loop does not run).
-const LOOPS: [&str; 7] =
-    ["chats_heartbeat", "chats_acquire", "chats_recover", "outbox", "counters", "gitsync", "prebuilds"];
+const LOOPS: [&str; 9] = [
+    "chats_heartbeat",
+    "chats_acquire",
+    "chats_recover",
+    "outbox",
+    "counters",
+    "gitsync",
+    "prebuilds",
+    "retention",
+    "listen_probe",
+];
 /// Agent: reads its input, sets a title, writes a tool message and an answer, exits 0.
 const AGENT: &str = "cat >/dev/null\n\
      echo '{\"type\":\"title\",\"title\":\"chaos\"}'\n\
@@ -257,6 +266,9 @@ impl World {
             .set("prebuilds.enabled", true)
             .set("prebuilds.interval", "1s")
             .set("prebuilds.tick_timeout", "10s")
+            .set("retention.interval", "1s")
+            .set("listen.probe_interval", "1s")
+            .set("listen.probe_timeout", "500ms")
     }
 
     // -----------------------------------------------------------------------------------------
