@@ -1,8 +1,9 @@
 //! The operator metrics on a real run: a `worker run` process (workers, outbox, gitsync against
 //! the fake GitHub, prebuilds) exporting OTLP/HTTP to an in-test receiver, which must see each of
 //! them with its documented attributes: `worker.ready`, `workers.lease.age_at_renewal`,
-//! `outbox.queue.*{queue}`, `gitsync.due*{provider}`, `gitsync.rate_limit.*{provider}` and
-//! `prebuilds.presets{condition}`.
+//! `outbox.queue.*{queue}`, `gitsync.due*{provider}`, `gitsync.rate_limit.*{provider}`,
+//! `prebuilds.presets{condition}`, and the chats' admission metrics (`chats.pending`,
+//! `chats.pending.oldest_age`, `chats.admission.wait`, `chats.admission.capped{cap}`).
 
 mod chaos_support;
 mod common;
@@ -71,13 +72,19 @@ fn number(value: &Option<number_data_point::Value>) -> f64 {
     }
 }
 
-/// Every (metric, labels) → the largest value seen in any export (a histogram's value is its
-/// count).
+/// Every (metric, labels) → the largest value seen in any export (a counter's value is its
+/// cumulative sum, a histogram's its count).
 fn points(request: &ExportMetricsServiceRequest, into: &mut BTreeMap<(String, String), f64>) {
     for metric in request.resource_metrics.iter().flat_map(|r| &r.scope_metrics).flat_map(|s| &s.metrics) {
         match &metric.data {
             Some(metric::Data::Gauge(g)) => {
                 for p in &g.data_points {
+                    let entry = into.entry((metric.name.clone(), labels(&p.attributes))).or_insert(f64::MIN);
+                    *entry = entry.max(number(&p.value));
+                }
+            }
+            Some(metric::Data::Sum(sum)) => {
+                for p in &sum.data_points {
                     let entry = into.entry((metric.name.clone(), labels(&p.attributes))).or_insert(f64::MIN);
                     *entry = entry.max(number(&p.value));
                 }
@@ -172,6 +179,16 @@ async fn each_operator_metric_is_exported_by_a_real_run_with_its_documented_attr
     )
     .await;
     preset(db).await;
+    // Two pending chats of one owner capped at one running: one is claimed (its wait is
+    // recorded), the other waits with its owner at the cap.
+    exec(
+        db,
+        "WITH c AS (INSERT INTO chats (owner_id) SELECT $1 FROM generate_series(1, 2) RETURNING id) \
+         SELECT post_chat_message(c.id, 'user', '\"hi\"') FROM c",
+        &[(&Uuid::new_v4(), Type::UUID)],
+    )
+    .await;
+    let agent = chaos_support::agent(dir.path(), "agent", "cat >/dev/null\nsleep 60");
 
     let config = WorkerConfig::for_test(&test_db)
         .set("telemetry.otlp_endpoint", endpoint)
@@ -181,7 +198,10 @@ async fn each_operator_metric_is_exported_by_a_real_run_with_its_documented_attr
         .set("gitsync.enabled", true)
         .set("gitsync.interval", "200ms")
         .set("gitsync.providers", github_provider(&fake))
-        .set("prebuilds.enabled", true);
+        .set("prebuilds.enabled", true)
+        .set("chats.enabled", true)
+        .set("chats.max_running_per_owner", 1)
+        .set("chats.runner.command", vec![agent]);
     let mut replica = Replica::start(dir.path(), "replica", &config);
     replica.ready().await;
 
@@ -202,6 +222,10 @@ async fn each_operator_metric_is_exported_by_a_real_run_with_its_documented_attr
         ("prebuilds.presets", "condition=excess"),
         ("prebuilds.presets", "condition=backing_off"),
         ("prebuilds.presets", "condition=expired_present"),
+        ("chats.pending", ""),
+        ("chats.pending.oldest_age", ""),
+        ("chats.admission.wait", ""),
+        ("chats.admission.capped", "cap=owner_cap"),
     ]
     .into_iter()
     .collect();
@@ -238,5 +262,7 @@ async fn each_operator_metric_is_exported_by_a_real_run_with_its_documented_attr
     let remaining = seen[&("gitsync.rate_limit.remaining".to_owned(), "provider=github".to_owned())];
     assert!(remaining < gitsync_support::RATE_LIMIT as f64, "{remaining}");
     assert!(seen[&("workers.lease.age_at_renewal".to_owned(), String::new())] >= 1.0);
+    assert_eq!(seen[&("chats.admission.wait".to_owned(), String::new())], 1.0, "one chat claimed: {seen:?}");
+    assert!(seen[&("chats.admission.capped".to_owned(), "cap=owner_cap".to_owned())] >= 1.0);
     replica.sigterm(Duration::from_secs(20)).await;
 }

@@ -110,3 +110,39 @@ async fn a_listen_url_through_a_transaction_pooler_is_reported_and_the_outbox_st
     .await;
     daemon.child.kill().await.expect("kill");
 }
+
+/// The probe loop itself, in process: through a transaction-mode pgbouncer its NOTIFY never comes
+/// back, the tick says `not_delivered` and `listen.wakes.not_delivered` counts it; on a direct
+/// LISTEN connection the same probe is delivered and counts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_hears_nothing_is_counted_and_one_that_hears_its_notify_is_not() {
+    use worker::health::Health;
+    use worker::listen::Listener;
+    use worker::runtime::{Loop, Tick};
+    use worker::wakes::{Delivery, ListenConfig, Probe};
+
+    let test_db = TestDb::new().await;
+    let bouncer = PgBouncer::start(4).await;
+    let config = ListenConfig { probe_timeout: Duration::from_millis(500), ..ListenConfig::default() };
+    for (listen_url, expected, counted) in [
+        (bouncer.url(&test_db.name), Delivery::NotDelivered, 1),
+        (test_db.url.clone(), Delivery::Delivered, 0),
+    ] {
+        let metrics = common::metrics::MetricsProbe::new();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let listener = Listener::default();
+        listener.start(listen_url.as_str(), Health::default(), stop.clone());
+        let probe = Probe::new(
+            test_db.db.clone(),
+            listener,
+            Health::default(),
+            uuid::Uuid::new_v4(),
+            config.clone(),
+            &metrics.meter(),
+        );
+        assert_eq!(probe.probe().await.expect("probe"), expected, "LISTEN on {listen_url}");
+        probe.tick(&Tick::detached(&test_db.db)).await.expect("tick");
+        assert_eq!(metrics.counter("listen.wakes.not_delivered", &[]).await, counted, "{listen_url}");
+        stop.cancel();
+    }
+}
