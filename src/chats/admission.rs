@@ -47,6 +47,7 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use super::config::ChatsConfig;
+pub use super::config::Order;
 use super::runner::Claimed;
 use crate::db::{DbError, Exec};
 
@@ -224,15 +225,4 @@ pub async fn claim(
         }
     }
     Ok(admitted)
-}
-
-/// The order among those under their caps (`chats.admission`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Order {
-    /// The fewest running (weighted) first, then the oldest wait.
-    #[default]
-    Fair,
-    /// The oldest wait first, whoever the owner.
-    Fifo,
 }

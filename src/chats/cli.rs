@@ -10,32 +10,28 @@
 
 use std::io::{self, Write};
 
-use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::admission::Rules;
 use super::config::ChatsConfig;
-use super::queue::{self, QuotaError, Subject, SubjectKind, WaitsFor};
+use super::queue::{self, ChatSummary, QuotaError, Subject, SubjectKind, summary};
 use super::stream::{self, DEFAULT_SETTLE_EVERY, Follower, Message};
 use crate::audit::{self, Action, Actor};
 use crate::db::{self, Db, DbError, Exec};
 use crate::health::Health;
 use crate::listen::Listener;
-use crate::text::{one_line, terminal};
+use crate::text::terminal;
 
 /// The chat statuses (the CHECK on `chats.status`).
 pub const STATUSES: [&str; 6] = ["waiting", "pending", "running", "paused", "completed", "error"];
 /// Longest `--limit` of `chat list`; a larger listing wants SQL, not a terminal.
 pub const MAX_LIST_LIMIT: i64 = 10_000;
-/// `last_error` is shown on one line of at most this many characters.
-const LAST_ERROR_CHARS: usize = 200;
 /// SQLSTATE `no_data_found`: `post_chat_message` raises it for an unknown chat.
 const NO_DATA_FOUND: &str = "P0002";
 
@@ -161,26 +157,6 @@ pub enum CliError {
     Io(#[from] io::Error),
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
-}
-
-/// One row of `chat list`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChatSummary {
-    pub id: Uuid,
-    pub status: String,
-    pub title: String,
-    pub owner_id: Uuid,
-    pub worker_id: Option<Uuid>,
-    pub generation: i64,
-    pub updated_at: DateTime<Utc>,
-    /// The first line, at most 200 characters.
-    pub last_error: Option<String>,
-    pub org_id: Option<Uuid>,
-    /// `--status pending` only (else null): when the chat became pending, the seconds since, and
-    /// why it waits.
-    pub pending_since: Option<DateTime<Utc>>,
-    pub wait_seconds: Option<f64>,
-    pub waits_for: Option<WaitsFor>,
 }
 
 /// Runs one `worker chat` command, writing to `out`. `config` gives the default caps the
@@ -364,25 +340,6 @@ pub async fn list(db: &Db, status: Option<&str>, limit: i64) -> Result<Vec<ChatS
     Ok(rows.iter().map(summary).collect())
 }
 
-/// A `chat list` row from columns `id, status, title, owner_id, worker_id, generation,
-/// updated_at, last_error, org_id` (in this order, first); no wait.
-pub(super) fn summary(row: &Row) -> ChatSummary {
-    ChatSummary {
-        id: row.get(0),
-        status: row.get(1),
-        title: row.get(2),
-        owner_id: row.get(3),
-        worker_id: row.get(4),
-        generation: row.get(5),
-        updated_at: row.get(6),
-        last_error: row.get::<_, Option<String>>(7).map(|e| one_line(&e, LAST_ERROR_CHARS)),
-        org_id: row.get(8),
-        pending_since: None,
-        wait_seconds: None,
-        waits_for: None,
-    }
-}
-
 /// Inserts a `waiting` chat (billed to `org`, if any) and, when `text` is given, its first user
 /// message (which makes it `pending`), in `tx`.
 pub async fn create(
@@ -509,6 +466,8 @@ fn write_table(out: &mut impl Write, chats: &[ChatSummary]) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use chrono::Utc;
+
     use super::*;
 
     #[test]

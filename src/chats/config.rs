@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::admission::Order;
 use super::agent::{self, AgentCommand, AgentLimits};
 use super::boundary::{self, AgentUser};
 use super::limits::LimitsConfig;
@@ -38,6 +37,17 @@ pub const DEFAULT_MAX_INPUT_BYTES: usize = 8 << 20;
 /// A very busy turn writes hundreds of messages; thousands is a loop.
 pub const DEFAULT_MAX_OUTPUT_MESSAGES: u32 = 2_000;
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 << 20;
+
+/// The order among those under their caps (`chats.admission`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// The fewest running (weighted) first, then the oldest wait.
+    #[default]
+    Fair,
+    /// The oldest wait first, whoever the owner.
+    Fifo,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -17,9 +17,50 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use super::admission::Rules;
-use super::cli::{ChatSummary, summary};
 use crate::db::{self, Db, DbError, Exec};
-use crate::text::terminal;
+use crate::text::{one_line, terminal};
+
+/// `last_error` is shown on one line of at most this many characters.
+const LAST_ERROR_CHARS: usize = 200;
+
+/// One row of `chat list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatSummary {
+    pub id: Uuid,
+    pub status: String,
+    pub title: String,
+    pub owner_id: Uuid,
+    pub worker_id: Option<Uuid>,
+    pub generation: i64,
+    pub updated_at: DateTime<Utc>,
+    /// The first line, at most 200 characters.
+    pub last_error: Option<String>,
+    pub org_id: Option<Uuid>,
+    /// `--status pending` only (else null): when the chat became pending, the seconds since, and
+    /// why it waits.
+    pub pending_since: Option<DateTime<Utc>>,
+    pub wait_seconds: Option<f64>,
+    pub waits_for: Option<WaitsFor>,
+}
+
+/// A `chat list` row from columns `id, status, title, owner_id, worker_id, generation,
+/// updated_at, last_error, org_id` (in this order, first); no wait.
+pub(super) fn summary(row: &Row) -> ChatSummary {
+    ChatSummary {
+        id: row.get(0),
+        status: row.get(1),
+        title: row.get(2),
+        owner_id: row.get(3),
+        worker_id: row.get(4),
+        generation: row.get(5),
+        updated_at: row.get(6),
+        last_error: row.get::<_, Option<String>>(7).map(|e| one_line(&e, LAST_ERROR_CHARS)),
+        org_id: row.get(8),
+        pending_since: None,
+        wait_seconds: None,
+        waits_for: None,
+    }
+}
 
 /// Largest `--max-running` of a quota (the same bound as the config's default caps).
 pub const MAX_QUOTA_RUNNING: i32 = 1_000_000;
