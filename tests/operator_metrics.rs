@@ -7,46 +7,22 @@
 
 mod chaos_support;
 mod common;
+
+use common::otlp::otlp_http_receiver;
 mod gitsync_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::routing::post;
 use chaos_support::{Replica, WorkerConfig};
 use common::TestDb;
 use gitsync_support::FakeGitHub;
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
-use prost::Message;
-use tokio::sync::mpsc;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 use worker::db::{Db, Exec};
-
-/// Receives `POST /v1/metrics`; returns its base URL and the decoded requests.
-async fn otlp_http_receiver() -> (String, mpsc::UnboundedReceiver<ExportMetricsServiceRequest>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let app = axum::Router::new().route(
-        "/v1/metrics",
-        post(move |body: Bytes| {
-            let tx = tx.clone();
-            async move {
-                let request = ExportMetricsServiceRequest::decode(body).expect("valid OTLP protobuf");
-                let _ = tx.send(request);
-                ExportMetricsServiceResponse::default().encode_to_vec()
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
-    (format!("http://{addr}"), rx)
-}
 
 /// A data point's attributes as `key=value` strings, sorted.
 fn labels(attributes: &[KeyValue]) -> String {

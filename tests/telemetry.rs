@@ -3,11 +3,11 @@
 
 mod common;
 
+use common::otlp::otlp_http_receiver;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::routing::post;
 use common::TestDb;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
@@ -17,7 +17,6 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::metric;
-use prost::Message;
 use tokio::sync::mpsc;
 use worker::health::Health;
 use worker::identity::WorkerIdentity;
@@ -26,26 +25,6 @@ use worker::telemetry::OtlpProtocol;
 use worker::telemetry::TelemetryConfig;
 use worker::telemetry::{Identity, Metrics};
 use worker::workers::WorkerLease;
-
-/// Starts a receiver for `POST /v1/metrics`; returns its base URL and the decoded requests.
-async fn otlp_http_receiver() -> (String, mpsc::UnboundedReceiver<ExportMetricsServiceRequest>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let app = axum::Router::new().route(
-        "/v1/metrics",
-        post(move |body: Bytes| {
-            let tx = tx.clone();
-            async move {
-                let request = ExportMetricsServiceRequest::decode(body).expect("valid OTLP protobuf");
-                let _ = tx.send(request);
-                ExportMetricsServiceResponse::default().encode_to_vec()
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
-    (format!("http://{addr}"), rx)
-}
 
 fn string_value(value: &Option<AnyValue>) -> Option<&str> {
     match value.as_ref()?.value.as_ref()? {

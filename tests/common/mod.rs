@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
 pub mod metrics;
+pub mod otlp;
 pub mod pgbouncer;
 pub mod process;
 
