@@ -50,8 +50,18 @@ enum Sink {
 }
 
 enum Command {
-    Subscribe { channel: String, id: u64, sink: Sink, ack: Option<oneshot::Sender<()>> },
-    Unsubscribe { channel: String, id: u64 },
+    Subscribe {
+        channel: String,
+        id: u64,
+        sink: Sink,
+        ack: Option<oneshot::Sender<()>>,
+    },
+    /// Notified each time the connection is (re)established, whatever the channels.
+    OnConnect(Arc<Notify>),
+    Unsubscribe {
+        channel: String,
+        id: u64,
+    },
 }
 
 /// Counters a caller can await: connections made and notifications received.
@@ -84,6 +94,14 @@ impl Listener {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sink = Sink::Wake(notify.clone());
         let _ = self.commands.send(Command::Subscribe { channel: channel.to_owned(), id, sink, ack: None });
+        notify
+    }
+
+    /// A wake that fires each time the LISTEN connection is established or re-established
+    /// (notifications may have been missed, and what was known about delivery may have changed).
+    pub fn on_connect(&self) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        let _ = self.commands.send(Command::OnConnect(notify.clone()));
         notify
     }
 
@@ -127,6 +145,7 @@ impl Listener {
                 health,
                 commands,
                 channels: HashMap::new(),
+                on_connect: Vec::new(),
                 connects: connects_tx,
                 received: received_tx,
             };
@@ -171,6 +190,7 @@ struct ListenerTask {
     health: Health,
     commands: mpsc::UnboundedReceiver<Command>,
     channels: HashMap<String, Vec<Subscriber>>,
+    on_connect: Vec<Arc<Notify>>,
     connects: watch::Sender<u64>,
     received: watch::Sender<u64>,
 }
@@ -276,6 +296,7 @@ impl ListenerTask {
         self.health.set_listener_connected(true);
         self.connects.send_modify(|n| *n += 1);
         tracing::debug!(channels = self.channels.len(), "listening");
+        self.on_connect.iter().for_each(|notify| notify.notify_one());
         // Anything notified while we were not listening is lost: every wake looks once, every
         // stream that was already subscribed re-reads. Streams acked only now need not.
         for subscriber in self.channels.values().flatten() {
@@ -321,6 +342,10 @@ impl ListenerTask {
     /// Records the command; returns the SQL to run on a live connection, if any.
     fn record(&mut self, command: Command, acks: &mut Acks) -> Option<String> {
         match command {
+            Command::OnConnect(notify) => {
+                self.on_connect.push(notify);
+                None
+            }
             Command::Subscribe { channel, id, sink, ack } => {
                 acks.extend(ack);
                 let subscribers = self.channels.entry(channel.clone()).or_default();

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use opentelemetry::metrics::{Counter, Meter};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
@@ -36,10 +36,6 @@ pub const INFO: LoopInfo = LoopInfo {
     about: "checks that NOTIFY wakes reach this worker's LISTEN connection",
     pausable: true,
 };
-
-/// A channel nobody NOTIFYs: its wake fires only when the LISTEN connection is (re)established
-/// (the listener wakes every subscriber then), which is when a new probe is due.
-const CONNECTED_WAKE: &str = "worker_listen_connected";
 
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,7 +100,9 @@ pub struct Probe {
     /// This worker's probe channel (one per process: replicas never hear each other's probes).
     channel: String,
     /// Subscribed on the first tick and kept: a LISTEN that stays, not one per probe.
-    subscription: Arc<Mutex<Option<Subscription>>>,
+    subscription: Mutex<Option<Subscription>>,
+    /// Fires when the LISTEN connection is (re)established: a new probe is due then.
+    connected: Arc<Notify>,
     /// The last verdict, to say when delivery comes back.
     last: std::sync::Mutex<Delivery>,
     not_delivered: Counter<u64>,
@@ -120,13 +118,15 @@ impl Probe {
         meter: &Meter,
     ) -> Self {
         health.set_info("wakes", Delivery::Unknown.as_str().into());
+        let connected = listener.on_connect();
         Self {
             db,
             listener,
             health,
             config,
             channel: format!("worker_probe_{}", worker.simple()),
-            subscription: Arc::default(),
+            subscription: Mutex::default(),
+            connected,
             last: std::sync::Mutex::new(Delivery::Unknown),
             not_delivered: meter
                 .u64_counter("listen.wakes.not_delivered")
@@ -180,7 +180,8 @@ impl Loop for Probe {
 
     fn schedule(&self) -> Schedule {
         // A probe waits at most twice the timeout (subscribe, then the answer) plus one NOTIFY.
-        Schedule::every(self.config.probe_interval, self.config.probe_timeout * 3).woken_by(CONNECTED_WAKE)
+        Schedule::every(self.config.probe_interval, self.config.probe_timeout * 3)
+            .woken_locally_by(self.connected.clone())
     }
 
     async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, DbError> {

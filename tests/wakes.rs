@@ -146,3 +146,23 @@ async fn a_probe_that_hears_nothing_is_counted_and_one_that_hears_its_notify_is_
         stop.cancel();
     }
 }
+
+/// `Listener::on_connect` fires when the LISTEN connection comes up and again when it is
+/// re-established after the server dropped it (what makes the probe run again at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_connect_fires_at_the_first_connection_and_after_each_reconnect() {
+    use worker::health::Health;
+    use worker::listen::Listener;
+
+    let test_db = TestDb::new().await;
+    let listener = Listener::default();
+    let connected = listener.on_connect();
+    let stop = tokio_util::sync::CancellationToken::new();
+    listener.start(test_db.url.as_str(), Health::default(), stop.clone());
+    tokio::time::timeout(Duration::from_secs(10), connected.notified()).await.expect("first connection");
+    // A channel, so the listener holds a session the server can end.
+    let _subscription = listener.subscribe("wakes_test").await;
+    assert_eq!(test_db.terminate_listeners().await, 1);
+    tokio::time::timeout(Duration::from_secs(10), connected.notified()).await.expect("reconnected");
+    stop.cancel();
+}
