@@ -70,6 +70,10 @@ async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_b
     let bad_key = worker::redis::key(h.prefix(), "sched", "bad");
     let _: () = h.redis.set(&bad_key, "not a sorted set", None, None, false).await.expect("set");
     h.enqueue(90, &["good", "bad", "other"], None).await;
+    // The producers traced (enqueue_task's traceparent): a dead letter keeps it, a requeue
+    // carries it back.
+    let traced = "'00-' || md5(task_id) || '-' || substr(md5('s' || task_id), 1, 16) || '-01'";
+    h.exec(&format!("UPDATE task_outbox SET traceparent = {traced}")).await;
 
     let first = sweeper.sweep().await.expect("sweep");
     assert_eq!(first.claimed, 90);
@@ -120,6 +124,10 @@ async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_b
         assert!(r.get::<_, String>(1).contains("WRONGTYPE"));
         assert_eq!(r.get::<_, String>(2), "bad");
     }
+    assert_eq!(
+        h.scalar(&format!("SELECT count(*) FROM task_outbox_dead WHERE traceparent = {traced}")).await,
+        30
+    );
     assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "dead_lettered")]).await, 30);
     assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "retried")]).await, 90);
     assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "dispatched")]).await, 60);
@@ -132,6 +140,7 @@ async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_b
     .expect("requeue");
     assert_eq!((report.removed, report.requeued), (30, 30));
     assert_eq!(h.scalar("SELECT count(*) FROM task_outbox WHERE attempts = 0 AND run_at <= now()").await, 30);
+    assert_eq!(h.scalar(&format!("SELECT count(*) FROM task_outbox WHERE traceparent = {traced}")).await, 30);
     let _: i64 = h.redis.del(&bad_key).await.expect("del");
     assert_eq!(sweeper.sweep().await.expect("sweep").dispatched.len(), 30);
     assert_eq!(h.scheduled("bad").await.len(), 30);
@@ -498,7 +507,7 @@ async fn dead_letter_columns_have_exactly_the_outbox_column_types() {
     };
     let outbox = columns("task_outbox").await;
     let dead: std::collections::BTreeMap<_, _> = columns("task_outbox_dead").await.into_iter().collect();
-    assert_eq!(outbox.len(), 9, "{outbox:?}");
+    assert_eq!(outbox.len(), 10, "{outbox:?}");
     for (name, ty) in &outbox {
         assert_eq!(dead.get(name), Some(ty), "task_outbox_dead.{name} has the type of task_outbox.{name}");
     }

@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use opentelemetry::trace::{SpanBuilder, SpanKind};
+use opentelemetry::{Context, KeyValue};
 use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -29,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use super::origin::Origin;
 use super::provider::{PrNumber, PrStatus, Provider, ProviderConfig, ProviderConfigError, ProviderError};
+use crate::telemetry::traces;
 /// What [`HttpStats`] counts by; here too, beside the client whose requests it classifies.
 pub use wire::StatusClass;
 use wire::{
@@ -339,18 +342,34 @@ impl GitHub {
         if let Some(cached) = &cached {
             request = request.header(header::IF_NONE_MATCH, &cached.etag);
         }
+        // Ends when this call returns (the context holding it drops).
+        let span = request_span(url, cached.is_some());
         let response = match request.send().await {
             Ok(response) => response,
             Err(error) => {
                 self.stats.record(StatusClass::Error);
+                traces::set_attributes(
+                    span.as_ref(),
+                    [KeyValue::new(STATUS_CLASS, StatusClass::Error.label())],
+                );
                 return Err(transport_error(url, timeout, error));
             }
         };
         let status = response.status();
         self.stats.record(StatusClass::of(status.as_u16()));
-        if let Some(limit) = RateLimit::from_headers(response.headers()) {
+        let limit = RateLimit::from_headers(response.headers());
+        if let Some(limit) = limit {
             self.rate_limit.record(limit);
         }
+        traces::set_attributes(
+            span.as_ref(),
+            [
+                KeyValue::new(STATUS_CLASS, StatusClass::of(status.as_u16()).label()),
+                KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+            ]
+            .into_iter()
+            .chain(limit.map(|l| KeyValue::new("github.rate_limit.remaining", l.remaining as i64))),
+        );
         tracing::debug!(url = %url, status = status.as_u16(), revalidated = cached.is_some(), "github response");
 
         if status == StatusCode::NOT_MODIFIED {
@@ -419,6 +438,21 @@ fn transport_error(url: &Url, timeout: Duration, error: reqwest::Error) -> Provi
         // The url is in the variant already; keep it out of the source's message.
         ProviderError::Transport { url: url.to_string(), source: error.without_url() }
     }
+}
+
+/// The span attribute of a request's status class (`2xx` … `5xx`, `error`).
+const STATUS_CLASS: &str = "http.response.status_class";
+
+/// With traces on: a span for one GET, a child of the current context (the gitsync tick's).
+fn request_span(url: &Url, revalidated: bool) -> Option<Context> {
+    traces::start_span(
+        &Context::current(),
+        SpanBuilder::from_name("github request").with_kind(SpanKind::Client).with_attributes([
+            KeyValue::new("http.request.method", "GET"),
+            KeyValue::new("url.path", url.path().to_owned()),
+            KeyValue::new("github.revalidated", revalidated),
+        ]),
+    )
 }
 
 /// An answer declared as something other than JSON (an HTML error page from a proxy, say) is

@@ -714,6 +714,7 @@ impl<P: Provider + 'static> Loop for Gitsync<P> {
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, GitsyncError> {
         let report = self.refresh(tick).await?;
+        tick.record_rows(report.leased);
         let full = report.leased >= self.config.batch_size as usize;
         Ok(if full { Progress::More } else { Progress::Done })
     }

@@ -21,8 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Meter};
+use opentelemetry::trace::{Link, SpanBuilder};
+use opentelemetry::{Context, KeyValue};
 use tokio_postgres::types::Type;
 
 use super::config::OutboxConfig;
@@ -33,6 +34,7 @@ use super::stats;
 use crate::db::{self, Db, DbError, Exec, Transaction};
 use crate::redis::Client;
 use crate::runtime::{ErrorLog, Loop, LoopError, Progress, Schedule, Tick};
+use crate::telemetry::traces;
 use crate::text;
 
 pub const NAME: &str = "outbox";
@@ -53,10 +55,11 @@ const REDIS_RECONNECT_CHECK: Duration = Duration::from_secs(2);
 /// cannot run in a query that locks (`FOR UPDATE` is not allowed with window functions), hence
 /// the nesting; locking drops the index order, so the window sorts the locked rows (at most `$1`
 /// small tuples), never the due rows. The rows locked but not kept are released at COMMIT.
-/// Columns: id, task_id, queue, payload, run_at in ms, attempts, rows locked. Public for the
+/// Columns: id, task_id, queue, payload, run_at in ms, attempts, rows locked, the producer's
+/// traceparent (`enqueue_task`'s, for the sweep span's links). Public for the
 /// benchmark's baselines, which must run the very same statements.
 pub const CLAIM: &str = "SELECT o.id, o.task_id, o.queue, o.payload::text, \
-     floor(extract(epoch FROM o.run_at) * 1000)::int8, o.attempts, s.locked \
+     floor(extract(epoch FROM o.run_at) * 1000)::int8, o.attempts, s.locked, o.traceparent \
      FROM (SELECT id, row_number() OVER w AS n, sum(bytes) OVER w AS running, count(*) OVER () AS locked \
        FROM (SELECT id, run_at, octet_length(payload::text)::int8 AS bytes FROM task_outbox \
          WHERE run_at <= now() ORDER BY run_at, id LIMIT $1 FOR UPDATE SKIP LOCKED) AS l \
@@ -76,10 +79,11 @@ const RETRY: &str = "UPDATE task_outbox AS o \
      FROM unnest($1::int8[], $2::text[], $3::float8[]) AS u(id, error, delay) WHERE o.id = u.id";
 const DEAD_LETTER: &str = "WITH moved AS (\
      DELETE FROM task_outbox AS o USING unnest($1::int8[], $2::text[]) AS u(id, error) WHERE o.id = u.id \
-     RETURNING o.id, o.task_id, o.job_id, o.queue, o.payload, o.run_at, o.attempts, o.created_at, u.error) \
+     RETURNING o.id, o.task_id, o.job_id, o.queue, o.payload, o.run_at, o.attempts, o.created_at, u.error, \
+       o.traceparent) \
      INSERT INTO task_outbox_dead \
-     (original_id, task_id, job_id, queue, payload, run_at, attempts, last_error, created_at) \
-     SELECT id, task_id, job_id, queue, payload, run_at, attempts + 1, error, created_at FROM moved";
+     (original_id, task_id, job_id, queue, payload, run_at, attempts, last_error, created_at, traceparent) \
+     SELECT id, task_id, job_id, queue, payload, run_at, attempts + 1, error, created_at, traceparent FROM moved";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
@@ -262,6 +266,7 @@ impl Sweeper {
         let budget = i64::try_from(self.config.max_batch_bytes).unwrap_or(i64::MAX);
         let claimed = tx.fetch_all(CLAIM, &[(&limit, Type::INT8), (&budget, Type::INT8)]).await?;
         let locked = claimed.first().map_or(0, |r| r.get::<_, i64>(6));
+        let span = sweep_span(&claimed);
         let rows: Vec<Claimed> = claimed
             .iter()
             .map(|r| Claimed {
@@ -301,6 +306,14 @@ impl Sweeper {
         report.full = cut_by_bytes || rows.len() >= batch_limit as usize;
         db::commit(tx).await?;
         self.record(&report, first_error.as_deref());
+        traces::set_attributes(
+            span.as_ref(),
+            [
+                KeyValue::new("outbox.dispatched", report.dispatched.len() as i64),
+                KeyValue::new("outbox.retried", report.retried as i64),
+                KeyValue::new("outbox.dead_lettered", report.dead_lettered as i64),
+            ],
+        );
         Ok(report)
     }
 
@@ -342,6 +355,25 @@ impl Sweeper {
         *self.probe.backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(backlog);
         Ok(())
     }
+}
+
+/// With traces on and rows claimed: the sweep's span, a child of the tick's, linked to the span
+/// of each producer that passed a traceparent to `enqueue_task` (the SDK keeps the first 128
+/// links of a span and counts the rest as dropped).
+fn sweep_span(claimed: &[tokio_postgres::Row]) -> Option<Context> {
+    if claimed.is_empty() || !traces::enabled() {
+        return None;
+    }
+    let links = claimed
+        .iter()
+        .filter_map(|r| r.get::<_, Option<&str>>(7))
+        .filter_map(traces::remote_span)
+        .map(Link::with_context)
+        .collect();
+    let builder = SpanBuilder::from_name("outbox sweep")
+        .with_attributes([KeyValue::new("outbox.claimed", claimed.len() as i64)])
+        .with_links(links);
+    traces::start_span(&Context::current(), builder)
 }
 
 fn register_gauges(meter: &Meter, probe: &Arc<Probe>) {
@@ -492,6 +524,7 @@ impl Loop for Sweeper {
         }
         self.probe_if_due().await?;
         let report = self.sweep_within(tick.budget(self.config.redis_timeout)).await?;
+        tick.record_rows(report.claimed);
         if let Some(error) = report.untouched_error {
             tracing::debug!(untouched = report.untouched, claimed = report.claimed, "rows left undetermined");
             return Err(SweepError::Undetermined { error });
