@@ -88,6 +88,7 @@ impl Provider for SlowProvider {
         &self,
         origin: &Origin,
         pr_number: PrNumber,
+        _known_head_sha: Option<&str>,
         _token: &str,
         _timeout: Duration,
     ) -> Result<PrStatus, ProviderError> {
