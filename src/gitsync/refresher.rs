@@ -18,9 +18,10 @@
 //!    cannot be used is the group's rows' error (`last_outcome` `error`, naming the
 //!    `external_auth_links` row), with no HTTP call; other groups carry on.
 //! 3. **Refresh** under one semaphore of the effective concurrency (permits are per row: a row's
-//!    calls, reviews and checks fetched together, and its write-back). Each group sends its first
-//!    row alone and releases the others only once that answer is not a rate limit, so a group
-//!    whose token is rate-limited costs exactly one HTTP call; a rate limit seen later flags the
+//!    calls and its write-back; a row that knows its PR and head commit sends the PR, reviews and
+//!    checks requests at once). Each group sends its first row alone and releases the others only
+//!    once that answer is not a rate limit, so a group whose token is rate-limited costs one
+//!    row's HTTP calls (one for a lookup, three in steady state); a rate limit seen later flags the
 //!    group and its rows not yet started are skipped without a call. Other groups carry on.
 //! 4. **Write back** each row in its own short transaction: read what the row holds under its
 //!    lock, [`decide`] what to write (pure: the outcome, the fields, when the row is due again),
