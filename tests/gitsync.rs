@@ -160,20 +160,22 @@ impl Harness {
         self.db().get().await.expect("conn").exec(sql, &[]).await.expect(sql);
     }
 
+    /// `columns` of the chat's diff status.
+    async fn columns(&self, chat: Uuid, columns: &str) -> tokio_postgres::Row {
+        let sql = format!("SELECT {columns} FROM chat_diff_statuses WHERE chat_id = $1");
+        let conn = self.db().get().await.expect("conn");
+        conn.fetch_one(&sql, &[(&chat, Type::UUID)]).await.expect("row")
+    }
+
     async fn get(&self, chat: Uuid) -> Row {
         let r = self
-            .db()
-            .get()
-            .await
-            .expect("conn")
-            .fetch_one(
-                "SELECT last_outcome, last_error, extract(epoch FROM stale_at - now())::float8, \
+            .columns(
+                chat,
+                "last_outcome, last_error, extract(epoch FROM stale_at - now())::float8, \
                  extract(epoch FROM stale_at - refreshed_at)::float8, leased_at IS NOT NULL, pr_number, \
-                 pull_request_state, git_branch FROM chat_diff_statuses WHERE chat_id = $1",
-                &[(&chat, Type::UUID)],
+                 pull_request_state, git_branch",
             )
-            .await
-            .expect("row");
+            .await;
         Row {
             outcome: r.get(0),
             last_error: r.get(1),
@@ -578,18 +580,7 @@ struct Verdict {
 
 impl Harness {
     async fn verdict(&self, chat: Uuid) -> Verdict {
-        let r = self
-            .db()
-            .get()
-            .await
-            .expect("conn")
-            .fetch_one(
-                "SELECT title, approved, changes_requested, checks_state, head_sha \
-                 FROM chat_diff_statuses WHERE chat_id = $1",
-                &[(&chat, Type::UUID)],
-            )
-            .await
-            .expect("row");
+        let r = self.columns(chat, "title, approved, changes_requested, checks_state, head_sha").await;
         Verdict {
             title: r.get(0),
             approved: r.get(1),
