@@ -2,9 +2,12 @@
 //! and the pure derivations it applies to them are in [`wire`].
 //!
 //! Requests (`docs/gitsync.md`): the open PR of a branch
-//! (`pulls?state=open&head={owner}:{branch}…`), then `pulls/{n}`, and at once both `pulls/{n}/reviews?per_page=100` and
-//! `commits/{head_sha}/check-runs?per_page=100`. Only the first page of reviews and check runs is
-//! read (100 is GitHub's page maximum; a PR with more is rare and then shows a partial verdict).
+//! (`pulls?state=open&head={owner}:{branch}…`), then `pulls/{n}`, and at once both
+//! `pulls/{n}/reviews?per_page=100` and `commits/{head_sha}/check-runs?per_page=100`. When the
+//! caller knows the head commit from last time, all three go at once (one round trip), and the
+//! checks are asked for again only if the PR's head turns out to have moved. Only the first page
+//! of reviews and check runs is read (100 is GitHub's page maximum; a PR with more is rare and
+//! then shows a partial verdict).
 //!
 //! Every response body is read in chunks up to `max_body_bytes`, so a huge or endless answer
 //! cannot exhaust memory. Successful answers carrying an `etag` are cached (keyed by URL and a
@@ -313,6 +316,18 @@ impl GitHub {
         url
     }
 
+    /// The first page of the check runs of commit `sha`.
+    async fn check_runs(
+        &self,
+        origin: &Origin,
+        sha: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<CheckRuns, ProviderError> {
+        let url = self.endpoint(origin, &["commits", sha, "check-runs"], &[("per_page", "100")]);
+        self.get_json(url, token, timeout).await
+    }
+
     async fn get_json<T: DeserializeOwned>(
         &self,
         url: Url,
@@ -494,19 +509,38 @@ impl Provider for GitHub {
         &self,
         origin: &Origin,
         pr_number: PrNumber,
+        known_head_sha: Option<&str>,
         token: &str,
         timeout: Duration,
     ) -> Result<PrStatus, ProviderError> {
         let number = pr_number.to_string();
-        let pr: PullRequest =
-            self.get_json(self.endpoint(origin, &["pulls", &number], &[]), token, timeout).await?;
+        let pull =
+            self.get_json::<PullRequest>(self.endpoint(origin, &["pulls", &number], &[]), token, timeout);
         let reviews_url = self.endpoint(origin, &["pulls", &number, "reviews"], &[("per_page", "100")]);
-        let checks_url =
-            self.endpoint(origin, &["commits", &pr.head.sha, "check-runs"], &[("per_page", "100")]);
-        let (reviews, checks) = tokio::try_join!(
-            self.get_json::<Vec<Review>>(reviews_url, token, timeout),
-            self.get_json::<CheckRuns>(checks_url, token, timeout),
-        )?;
+        let reviews = self.get_json::<Vec<Review>>(reviews_url, token, timeout);
+        let (pr, reviews, checks) = match known_head_sha {
+            // Steady state: all three at once, the checks of the commit the row stored.
+            Some(known) => {
+                let (pr, reviews, known_checks) =
+                    tokio::join!(pull, reviews, self.check_runs(origin, known, token, timeout));
+                let (pr, reviews) = (pr?, reviews?);
+                // The head moved: the prefetched checks (or their error: the old commit may be
+                // gone) describe another commit; ask for the new head's.
+                let checks = if pr.head.sha == known {
+                    known_checks?
+                } else {
+                    self.check_runs(origin, &pr.head.sha, token, timeout).await?
+                };
+                (pr, reviews, checks)
+            }
+            // First refresh: the head commit is known only once the PR has answered.
+            None => {
+                let pr = pull.await?;
+                let (reviews, checks) =
+                    tokio::try_join!(reviews, self.check_runs(origin, &pr.head.sha, token, timeout))?;
+                (pr, reviews, checks)
+            }
+        };
         Ok(derive_status(&pr, &reviews, &checks.check_runs))
     }
 }
