@@ -23,10 +23,11 @@ ALTER TABLE task_outbox_dead ADD COLUMN traceparent text
 -- would make every existing call ambiguous, so the function is dropped and created again.
 -- Dropping it drops the privileges granted on it: they are copied to the new function (an
 -- operator who revoked EXECUTE from PUBLIC and granted it to the API role keeps exactly that).
-CREATE TEMP TABLE enqueue_task_acl AS
-    SELECT p.proacl IS NULL AS default_acl, a.grantee, a.privilege_type, a.is_grantable
-    FROM pg_proc AS p LEFT JOIN LATERAL aclexplode(p.proacl) AS a ON true
-    WHERE p.oid = 'enqueue_task(text, text, jsonb, timestamptz, text)'::regprocedure;
+-- The old ACL is carried to the end of this transaction in a transaction-local setting (a
+-- temporary table would need the TEMPORARY privilege, which hardened databases revoke); empty
+-- means the built-in default.
+SELECT set_config('worker.enqueue_task_acl', coalesce(proacl::text, ''), true)
+FROM pg_proc WHERE oid = 'enqueue_task(text, text, jsonb, timestamptz, text)'::regprocedure;
 
 DROP FUNCTION enqueue_task(text, text, jsonb, timestamptz, text);
 
@@ -65,7 +66,7 @@ BEGIN
                AND substr(v_traceparent, 4, 32) <> repeat('0', 32)
                AND substr(v_traceparent, 37, 16) <> repeat('0', 16)) THEN
         RAISE WARNING 'enqueue_task(%): traceparent % is not a W3C version-00 traceparent; stored as NULL',
-            p_task_id, p_traceparent;
+            p_task_id, left(p_traceparent, 100);
         v_traceparent := NULL;
     END IF;
     INSERT INTO task_outbox (task_id, job_id, queue, payload, run_at, traceparent)
@@ -85,15 +86,18 @@ $$;
 
 DO $$
 DECLARE
+    old_acl   text := current_setting('worker.enqueue_task_acl');
     grant_row record;
 BEGIN
-    -- NULL proacl: the defaults (EXECUTE for PUBLIC), which the new function has too.
-    IF (SELECT bool_and(default_acl) FROM enqueue_task_acl) THEN
+    REVOKE ALL ON FUNCTION enqueue_task(text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
+    IF old_acl = '' THEN
+        -- The old function had the built-in default, EXECUTE for PUBLIC; said explicitly, since
+        -- ALTER DEFAULT PRIVILEGES may have changed what a new function gets.
+        GRANT EXECUTE ON FUNCTION enqueue_task(text, text, jsonb, timestamptz, text, text) TO PUBLIC;
         RETURN;
     END IF;
-    REVOKE ALL ON FUNCTION enqueue_task(text, text, jsonb, timestamptz, text, text) FROM PUBLIC;
     FOR grant_row IN
-        SELECT grantee, is_grantable FROM enqueue_task_acl WHERE privilege_type = 'EXECUTE'
+        SELECT grantee, is_grantable FROM aclexplode(old_acl::aclitem[]) WHERE privilege_type = 'EXECUTE'
     LOOP
         EXECUTE format(
             'GRANT EXECUTE ON FUNCTION enqueue_task(text, text, jsonb, timestamptz, text, text) TO %s%s',
@@ -102,5 +106,3 @@ BEGIN
     END LOOP;
 END;
 $$;
-
-DROP TABLE enqueue_task_acl;

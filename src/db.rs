@@ -78,6 +78,12 @@ impl DbError {
         self.code().is_some_and(|code| code.starts_with("22") || code == "23502" || code == "23514")
     }
 
+    /// No pooled connection became free within the acquire timeout: the pool is busy (the
+    /// server may be fine).
+    pub fn is_pool_busy(&self) -> bool {
+        matches!(self, DbError::Pool(PoolError::Timeout(TimeoutType::Wait)))
+    }
+
     /// The SQLSTATE, when the server sent one.
     pub fn code(&self) -> Option<&str> {
         match self {

@@ -104,17 +104,6 @@ async fn exec(db: &Db, sql: &str, params: &[worker::db::Param<'_>]) -> Result<u6
     conn.exec(sql, params).await.map_err(|e| e.to_string())
 }
 
-/// A `[[gitsync.providers]]` entry serving github.com from the fake.
-fn github_provider(fake: &FakeGitHub) -> toml::Value {
-    let mut provider = toml::Table::new();
-    provider.insert("id".into(), "github".into());
-    provider.insert("kind".into(), "github".into());
-    provider.insert("api_base_url".into(), fake.base_url.clone().into());
-    provider.insert("origin_host".into(), "github.com".into());
-    provider.insert("allow_insecure_http".into(), true.into());
-    toml::Value::Array(vec![toml::Value::Table(provider)])
-}
-
 /// An owner with a github token.
 async fn github_owner(db: &Db) -> Uuid {
     let owner = Uuid::new_v4();
@@ -509,7 +498,7 @@ fn running_config(test_db: &TestDb, fake: &FakeGitHub, agent_path: &str) -> Work
         .set("gitsync.ttl", "1s")
         .set("gitsync.no_token_backoff", "1s")
         .set("gitsync.max_body_bytes", 65_536)
-        .set("gitsync.providers", github_provider(fake))
+        .set("gitsync.providers", fake.providers_config())
         .set("outbox.enabled", true)
         .set("outbox.interval", "100ms")
         .set("outbox.tick_timeout", "2s")

@@ -234,12 +234,6 @@ impl World {
     /// The replicas' config: pooled through pgbouncer, LISTEN and migrations direct, every
     /// loop on, short intervals.
     fn config(&self, agent: &str) -> WorkerConfig {
-        let mut provider = toml::Table::new();
-        provider.insert("id".into(), "github".into());
-        provider.insert("kind".into(), "github".into());
-        provider.insert("api_base_url".into(), self.fake.base_url.clone().into());
-        provider.insert("origin_host".into(), "github.com".into());
-        provider.insert("allow_insecure_http".into(), true.into());
         WorkerConfig::new(&self.bouncer.url(&self.test_db.name), &common::redis_url(), &self.prefix)
             .set("database.listen_url", self.test_db.url.clone())
             .set("database.migrate_url", self.test_db.url.clone())
@@ -262,7 +256,7 @@ impl World {
             .set("gitsync.lease", "30s")
             .set("gitsync.ttl", "2s")
             .set("gitsync.no_pr_backoff", "1s")
-            .set("gitsync.providers", toml::Value::Array(vec![toml::Value::Table(provider)]))
+            .set("gitsync.providers", self.fake.providers_config())
             .set("prebuilds.enabled", true)
             .set("prebuilds.interval", "1s")
             .set("prebuilds.tick_timeout", "10s")

@@ -113,16 +113,6 @@ async fn preset(db: &Db) {
     .expect("preset");
 }
 
-fn github_provider(fake: &FakeGitHub) -> toml::Value {
-    let mut provider = toml::Table::new();
-    provider.insert("id".into(), "github".into());
-    provider.insert("kind".into(), "github".into());
-    provider.insert("api_base_url".into(), fake.base_url.clone().into());
-    provider.insert("origin_host".into(), "github.com".into());
-    provider.insert("allow_insecure_http".into(), true.into());
-    toml::Value::Array(vec![toml::Value::Table(provider)])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_operator_metric_is_exported_by_a_real_run_with_its_documented_attributes() {
     let test_db = TestDb::new().await;
@@ -139,22 +129,7 @@ async fn each_operator_metric_is_exported_by_a_real_run_with_its_documented_attr
         &[],
     )
     .await;
-    let owner = Uuid::new_v4();
-    let token = format!("tok-{owner}");
-    exec(
-        db,
-        "INSERT INTO external_auth_links (user_id, provider_id, access_token) VALUES ($1, 'github', $2)",
-        &[(&owner, Type::UUID), (&token, Type::TEXT)],
-    )
-    .await;
-    fake.pr("octocat", "Hello-World", "topic", 7);
-    exec(
-        db,
-        "WITH c AS (INSERT INTO chats (owner_id) VALUES ($1) RETURNING id) \
-         SELECT mark_diff_stale(c.id, 'https://github.com/octocat/Hello-World', 'topic') FROM c",
-        &[(&owner, Type::UUID)],
-    )
-    .await;
+    fake.due_diff_status(db).await;
     preset(db).await;
     // Two pending chats of one owner capped at one running: one is claimed (its wait is
     // recorded), the other waits with its owner at the cap.
@@ -174,7 +149,7 @@ async fn each_operator_metric_is_exported_by_a_real_run_with_its_documented_attr
         .set("outbox.enabled", true)
         .set("gitsync.enabled", true)
         .set("gitsync.interval", "200ms")
-        .set("gitsync.providers", github_provider(&fake))
+        .set("gitsync.providers", fake.providers_config())
         .set("prebuilds.enabled", true)
         .set("chats.enabled", true)
         .set("chats.max_running_per_owner", 1)

@@ -858,7 +858,19 @@ async fn with_1000_queues_the_per_queue_gauges_never_exceed_metrics_queues_plus_
 async fn a_drain_claims_and_sends_the_next_batch_while_the_one_before_has_not_committed() {
     let mut h = Harness::new().await;
     h.config.outbox.batch_size = 100;
-    let sweeper = h.sweeper(&MetricsProbe::new().meter());
+    // The held DELETEs wait on the test's lock: a statement timeout far beyond the test's bound.
+    let patient = Db::new(&worker::db::DatabaseConfig {
+        statement_timeout: Duration::from_secs(120),
+        ..h.test_db.database_config()
+    })
+    .expect("pool");
+    let sweeper = Sweeper::new(
+        patient,
+        h.redis.clone(),
+        h.prefix(),
+        h.config.outbox.clone(),
+        &MetricsProbe::new().meter(),
+    );
     h.enqueue(1_000, &["q"], None).await;
     h.exec(
         "CREATE FUNCTION hold_delete() RETURNS trigger LANGUAGE plpgsql AS $$ \
@@ -919,4 +931,35 @@ async fn two_draining_sweepers_dispatch_every_row_exactly_once() {
     }
     assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
     assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "dispatched")]).await, 3_000);
+}
+
+/// A batch that fails while the next one is in flight: the drain returns the error and the
+/// other batch still commits. The failure is the first batch's DELETE,
+/// refused by a trigger (test setup) for its oldest task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_ends_the_drain_with_its_error_and_the_batch_beside_it_still_commits() {
+    let mut h = Harness::new().await;
+    h.config.outbox.batch_size = 100;
+    let sweeper = h.sweeper(&MetricsProbe::new().meter());
+    h.enqueue(1_000, &["q"], None).await;
+    h.exec(
+        "CREATE FUNCTION refuse_t1() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF OLD.task_id = 't1000' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN OLD; END $$",
+    )
+    .await;
+    h.exec("CREATE TRIGGER refuse_t1 BEFORE DELETE ON task_outbox FOR EACH ROW EXECUTE FUNCTION refuse_t1()")
+        .await;
+
+    let error =
+        sweeper.drain(|| Duration::from_secs(10), BATCHES_PER_TICK).await.expect_err("a batch failed");
+    assert!(error.to_string().contains("refused by the test"), "{error}");
+    // t1000 is the oldest due row (enqueue dates task g at now() - g ms): the first batch's.
+    let first_batch = "SELECT count(*) FROM (SELECT id FROM task_outbox ORDER BY run_at, id LIMIT 100) b";
+    assert_eq!(h.scalar(first_batch).await, 100);
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox WHERE task_id = 't1000'").await, 1, "rolled back");
+    let left = h.scalar("SELECT count(*) FROM task_outbox").await;
+    assert!(left <= 900, "the batch beside the failed one committed: {left} rows left");
+    let in_redis = h.scheduled("q").await;
+    assert!(in_redis.len() as i64 >= 1_000 - left, "every committed row is in Redis");
+    assert_eq!(h.scalar("SELECT attempts::int8 FROM task_outbox WHERE task_id = 't1000'").await, 0);
 }

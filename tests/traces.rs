@@ -96,31 +96,9 @@ async fn a_turn_a_sweep_and_a_github_request_are_spans_of_one_trace_each_with_th
         &[(&traceparent, Type::TEXT)],
     )
     .await;
-    let owner = Uuid::new_v4();
-    exec(
-        db,
-        "INSERT INTO external_auth_links (user_id, provider_id, access_token) VALUES ($1, 'github', $2)",
-        &[(&owner, Type::UUID), (&format!("tok-{owner}"), Type::TEXT)],
-    )
-    .await;
-    fake.pr("octocat", "Hello-World", "topic", 7);
-    exec(
-        db,
-        "WITH c AS (INSERT INTO chats (owner_id) VALUES ($1) RETURNING id) \
-         SELECT mark_diff_stale(c.id, 'https://github.com/octocat/Hello-World', 'topic') FROM c",
-        &[(&owner, Type::UUID)],
-    )
-    .await;
+    fake.due_diff_status(db).await;
 
     let demo_agent = repo_path("scripts/demo-agent").to_string_lossy().into_owned();
-    let github = toml::toml! {
-        id = "github"
-        kind = "github"
-        origin_host = "github.com"
-        allow_insecure_http = true
-    };
-    let mut github = github;
-    github.insert("api_base_url".into(), fake.base_url.clone().into());
     let config = WorkerConfig::for_test(&test_db)
         .set("telemetry.otlp_endpoint", otlp.endpoint.clone())
         .set("telemetry.traces", true)
@@ -128,7 +106,7 @@ async fn a_turn_a_sweep_and_a_github_request_are_spans_of_one_trace_each_with_th
         .set("outbox.enabled", true)
         .set("gitsync.enabled", true)
         .set("gitsync.interval", "200ms")
-        .set("gitsync.providers", toml::Value::Array(vec![toml::Value::Table(github)]))
+        .set("gitsync.providers", fake.providers_config())
         .set("chats.enabled", true)
         .set("chats.runner.command", vec![demo_agent])
         .set("chats.runner.env.DEMO_AGENT_DELAY_MS", "0")
@@ -246,6 +224,18 @@ async fn enqueue_task_keeps_a_w3c_traceparent_and_stores_anything_else_as_null()
         )
         .await;
     assert!(direct.is_err(), "the CHECK refuses a malformed traceparent");
+    // Migrated with the built-in default privileges: anyone may call the new function.
+    let role = format!("traces_anyone_{}", Uuid::new_v4().simple());
+    conn.exec(&format!("CREATE ROLE {role}"), &[]).await.expect("role");
+    let anyone = conn
+        .fetch_one(
+            "SELECT has_function_privilege($1, 'enqueue_task(text, text, jsonb, timestamptz, text, text)', 'EXECUTE')",
+            &[(&role, Type::TEXT)],
+        )
+        .await
+        .map(|row| row.get::<_, bool>(0));
+    conn.exec(&format!("DROP ROLE {role}"), &[]).await.expect("drop role");
+    assert!(anyone.expect("privilege"), "EXECUTE for PUBLIC, as before");
 }
 
 /// The function is dropped and created again (a new argument): whoever could call the old one can
@@ -300,4 +290,68 @@ async fn the_new_enqueue_task_keeps_the_privileges_granted_on_the_old_one() {
     assert!(api_can, "the role granted EXECUTE on the old function can call the new one");
     assert!(!other_can, "EXECUTE revoked from PUBLIC stays revoked");
     assert_eq!(old_left, None, "no five-argument overload is left to make calls ambiguous");
+}
+
+/// With traces off the agent gets no `TRACEPARENT` and no span is exported; with traces on and a
+/// sample ratio of 0 it gets the turn's unsampled traceparent (flags `00`) and still no span
+/// leaves the process. (Absence is read after the worker exited: its last export is done.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_traces_off_or_unsampled_no_span_is_exported_and_the_agent_sees_which() {
+    for traces in [false, true] {
+        let test_db = TestDb::new().await;
+        let db = &test_db.db;
+        let dir = tempfile::tempdir().expect("dir");
+        let mut otlp = Otlp::start().await;
+        let chat = Uuid::new_v4();
+        exec(
+            db,
+            "INSERT INTO chats (id, owner_id) VALUES ($1, $2)",
+            &[(&chat, Type::UUID), (&Uuid::new_v4(), Type::UUID)],
+        )
+        .await;
+        exec(db, "SELECT post_chat_message($1, 'user', '\"hi\"')", &[(&chat, Type::UUID)]).await;
+        // Answers with the TRACEPARENT it was given.
+        let agent = chaos_support::agent(
+            dir.path(),
+            "agent",
+            "cat >/dev/null\n\
+             printf '{\"type\":\"message\",\"role\":\"assistant\",\"content\":{\"text\":\"%s\"}}\\n' \"${TRACEPARENT:-none}\"",
+        );
+        let config = WorkerConfig::for_test(&test_db)
+            .set("telemetry.otlp_endpoint", otlp.endpoint.clone())
+            .set("telemetry.traces", traces)
+            .set("telemetry.trace_sample_ratio", 0.0)
+            .set("outbox.enabled", true)
+            .set("chats.enabled", true)
+            .set("chats.runner.command", vec![agent]);
+        let mut replica =
+            Replica::start_with_env(dir.path(), "replica", &config, &[("OTEL_BSP_SCHEDULE_DELAY", "100")]);
+        replica.ready().await;
+        let answer = || async {
+            let conn = db.get().await.ok()?;
+            let row = conn
+                .fetch_opt(
+                    "SELECT content->>'text' FROM chat_messages WHERE chat_id = $1 AND role = 'assistant'",
+                    &[(&chat, Type::UUID)],
+                )
+                .await
+                .ok()??;
+            row.get::<_, Option<String>>(0)
+        };
+        common::eventually(Duration::from_secs(20), "the agent's answer", || async {
+            answer().await.is_some()
+        })
+        .await;
+        let answer = answer().await.expect("answered");
+        replica.sigterm(Duration::from_secs(20)).await;
+        if traces {
+            let parent = answer.strip_prefix("00-").and_then(|rest| rest.strip_suffix("-00"));
+            assert!(parent.is_some_and(|ids| ids.len() == 32 + 1 + 16), "an unsampled traceparent: {answer}");
+        } else {
+            assert_eq!(answer, "none", "traces off: no TRACEPARENT");
+        }
+        let exported: Vec<String> =
+            std::iter::from_fn(|| otlp.spans.try_recv().ok()).map(|s| s.name).collect();
+        assert!(exported.is_empty(), "traces = {traces}: spans exported: {exported:?}");
+    }
 }

@@ -256,13 +256,12 @@ pub async fn run(
 ) {
     let fence = Fence { chat: chat.id, worker: ctx.worker_id, generation: chat.generation };
     let started_epoch = ctx.lease.current().epoch;
-    let span = traces::start_span(
-        &parent,
+    let span = traces::start_span(&parent, || {
         SpanBuilder::from_name("chat turn").with_attributes([
             KeyValue::new("chat.id", chat.id.to_string()),
             KeyValue::new("chat.generation", chat.generation),
-        ]),
-    );
+        ])
+    });
     let mut facts =
         TurnFacts { traceparent: span.as_ref().and_then(traces::traceparent), ..TurnFacts::default() };
     let ending = match turn(&ctx, &chat, &fence, &mut stop, started_epoch, &mut facts).await {

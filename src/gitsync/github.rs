@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use opentelemetry::trace::{SpanBuilder, SpanKind};
+use opentelemetry::trace::{SpanBuilder, SpanKind, Status, TraceContextExt as _};
 use opentelemetry::{Context, KeyValue};
 use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
@@ -367,6 +367,9 @@ impl GitHub {
                     span.as_ref(),
                     [KeyValue::new(STATUS_CLASS, StatusClass::Error.label())],
                 );
+                if let Some(cx) = &span {
+                    cx.span().set_status(Status::error("no response"));
+                }
                 return Err(transport_error(url, timeout, error));
             }
         };
@@ -375,6 +378,11 @@ impl GitHub {
         let limit = RateLimit::from_headers(response.headers());
         if let Some(limit) = limit {
             self.rate_limit.record(limit);
+        }
+        if !(status.is_success() || status == StatusCode::NOT_MODIFIED)
+            && let Some(cx) = &span
+        {
+            cx.span().set_status(Status::error(format!("HTTP {}", status.as_u16())));
         }
         traces::set_attributes(
             span.as_ref(),
@@ -460,14 +468,13 @@ const STATUS_CLASS: &str = "http.response.status_class";
 
 /// With traces on: a span for one GET, a child of the current context (the gitsync tick's).
 fn request_span(url: &Url, revalidated: bool) -> Option<Context> {
-    traces::start_span(
-        &Context::current(),
+    traces::start_span(&Context::current(), || {
         SpanBuilder::from_name("github request").with_kind(SpanKind::Client).with_attributes([
             KeyValue::new("http.request.method", "GET"),
             KeyValue::new("url.path", url.path().to_owned()),
             KeyValue::new("github.revalidated", revalidated),
-        ]),
-    )
+        ])
+    })
 }
 
 /// An answer declared as something other than JSON (an HTML error page from a proxy, say) is

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use opentelemetry::metrics::{Counter, Meter};
-use opentelemetry::trace::{Link, SpanBuilder};
+use opentelemetry::trace::{Link, SpanBuilder, TraceContextExt as _};
 use opentelemetry::{Context, KeyValue};
 use tokio::sync::oneshot;
 use tokio_postgres::types::Type;
@@ -290,16 +290,23 @@ impl Sweeper {
         self.batch_limit.load(Ordering::Relaxed)
     }
 
-    fn adapt_batch_limit(&self, outcome: BatchOutcome) {
-        let current = self.batch_limit();
-        let next = next_batch_limit(current, self.config.batch_size, outcome);
-        if next != current {
-            self.batch_limit.store(next, Ordering::Relaxed);
-            if outcome == BatchOutcome::TimedOut {
-                tracing::warn!(from = current, to = next, "redis timed out; outbox batch limit lowered");
-            } else {
-                tracing::debug!(from = current, to = next, "outbox batch limit adapted");
+    /// The next limit from what a batch claimed with `claimed_with` found. Two batches are in
+    /// flight during a drain: one claimed before the other lowered the limit must not raise it
+    /// back, so growth replaces only the limit the batch was claimed with, and a timeout only
+    /// ever lowers it.
+    fn adapt_batch_limit(&self, claimed_with: u32, outcome: BatchOutcome) {
+        let next = next_batch_limit(claimed_with, self.config.batch_size, outcome);
+        let replaced = if outcome == BatchOutcome::TimedOut {
+            Ok(self.batch_limit.fetch_min(next, Ordering::Relaxed))
+        } else {
+            self.batch_limit.compare_exchange(claimed_with, next, Ordering::Relaxed, Ordering::Relaxed)
+        };
+        match replaced {
+            Ok(from) if from > next && outcome == BatchOutcome::TimedOut => {
+                tracing::warn!(from, to = next, "redis timed out; outbox batch limit lowered");
             }
+            Ok(from) if from != next => tracing::debug!(from, to = next, "outbox batch limit adapted"),
+            _ => {}
         }
     }
 
@@ -324,8 +331,12 @@ impl Sweeper {
     ///
     /// A batch is started only after the previous one's claim was full (more may be due), and
     /// none after a batch failed or left rows undetermined; the batches in flight then finish.
-    /// `redis_budget` is asked for each batch as it starts (the tick's shrinking budget). `Err`
+    /// `redis_budget` is asked for each batch as it starts (the tick's shrinking budget); once
+    /// it is below `outbox.redis_timeout` (the tick is half over) no further batch starts, so a
+    /// slow but healthy Redis is not cut short by a budget the first batch would have had. `Err`
     /// is the first batch error; batches that committed before it stay committed (and counted).
+    /// A later batch that finds no free pooled connection ends the drain quietly (the pool is
+    /// busy, nothing failed).
     pub async fn drain(
         &self,
         redis_budget: impl Fn() -> Duration,
@@ -337,9 +348,15 @@ impl Sweeper {
         let mut pipeline = Pipeline { max_batches, ..Pipeline::default() };
         loop {
             if pipeline.may_start(in_flight.len()) {
-                let (claimed, claim) = oneshot::channel();
-                in_flight.push(self.sweep_batch(redis_budget(), Some(claimed)));
-                pipeline.started(claim);
+                let budget = redis_budget();
+                if pipeline.started > 0 && budget < self.config.redis_timeout {
+                    pipeline.stop();
+                } else {
+                    let (claimed, claim) = oneshot::channel();
+                    let first = pipeline.started == 0;
+                    in_flight.push(async move { (first, self.sweep_batch(budget, Some(claimed)).await) });
+                    pipeline.started(claim);
+                }
             }
             tokio::select! {
                 full = async { pipeline.claiming.as_mut().expect("guarded").await }, if pipeline.claiming.is_some() => {
@@ -347,13 +364,17 @@ impl Sweeper {
                     pipeline.claimed(full.unwrap_or(false));
                 }
                 done = in_flight.next(), if !in_flight.is_empty() => match done {
-                    Some(Ok(report)) => {
+                    Some((_, Ok(report))) => {
                         if report.untouched_error.is_some() {
                             pipeline.stop();
                         }
                         reports.push(report);
                     }
-                    Some(Err(error)) => {
+                    Some((false, Err(SweepError::Db(error)))) if error.is_pool_busy() => {
+                        tracing::debug!(%error, "no pooled connection for another outbox batch; the drain ends here");
+                        pipeline.stop();
+                    }
+                    Some((_, Err(error))) => {
                         pipeline.stop();
                         first_error.get_or_insert(error);
                     }
@@ -408,11 +429,12 @@ impl Sweeper {
         // Dropping `tx` on the error path rolls back: no row changes, locks released.
         let dispatched = scheduler::dispatch(&self.redis, &self.prefix, &rows, redis_budget).await;
         match &dispatched {
-            Ok(_) if cut_by_bytes => self.adapt_batch_limit(BatchOutcome::CutByBytes {
-                kept: u32::try_from(rows.len()).unwrap_or(u32::MAX),
-            }),
-            Ok(_) => self.adapt_batch_limit(BatchOutcome::Answered),
-            Err(DispatchError::TimedOut(_)) => self.adapt_batch_limit(BatchOutcome::TimedOut),
+            Ok(_) if cut_by_bytes => self.adapt_batch_limit(
+                batch_limit,
+                BatchOutcome::CutByBytes { kept: u32::try_from(rows.len()).unwrap_or(u32::MAX) },
+            ),
+            Ok(_) => self.adapt_batch_limit(batch_limit, BatchOutcome::Answered),
+            Err(DispatchError::TimedOut(_)) => self.adapt_batch_limit(batch_limit, BatchOutcome::TimedOut),
             Err(DispatchError::Unavailable(_)) => {}
         }
         let outcomes = dispatched?;
@@ -478,23 +500,29 @@ impl Sweeper {
     }
 }
 
-/// With traces on and rows claimed: the sweep's span, a child of the tick's, linked to the span
-/// of each producer that passed a traceparent to `enqueue_task` (the SDK keeps the first 128
-/// links of a span and counts the rest as dropped).
+/// A span keeps at most this many links (the SDK's default limit; more would be dropped).
+const MAX_SWEEP_LINKS: usize = 128;
+
+/// With traces on, rows claimed and the tick sampled: the sweep's span, a child of the tick's,
+/// linked to the span of each producer that passed a traceparent to `enqueue_task` (the first
+/// [`MAX_SWEEP_LINKS`]). An unsampled tick's sweep would be dropped anyway: nothing is parsed.
 fn sweep_span(claimed: &[tokio_postgres::Row]) -> Option<Context> {
-    if claimed.is_empty() || !traces::enabled() {
+    let parent = Context::current();
+    if claimed.is_empty() || !traces::enabled() || !parent.span().span_context().is_sampled() {
         return None;
     }
-    let links = claimed
-        .iter()
-        .filter_map(|r| r.get::<_, Option<&str>>(7))
-        .filter_map(traces::remote_span)
-        .map(Link::with_context)
-        .collect();
-    let builder = SpanBuilder::from_name("outbox sweep")
-        .with_attributes([KeyValue::new("outbox.claimed", claimed.len() as i64)])
-        .with_links(links);
-    traces::start_span(&Context::current(), builder)
+    traces::start_span(&parent, || {
+        let links = claimed
+            .iter()
+            .filter_map(|r| r.get::<_, Option<&str>>(7))
+            .filter_map(traces::remote_span)
+            .take(MAX_SWEEP_LINKS)
+            .map(Link::with_context)
+            .collect();
+        SpanBuilder::from_name("outbox sweep")
+            .with_attributes([KeyValue::new("outbox.claimed", claimed.len() as i64)])
+            .with_links(links)
+    })
 }
 
 fn register_gauges(meter: &Meter, probe: &Arc<Probe>) {
@@ -683,6 +711,29 @@ mod tests {
         let mut failed = fresh();
         failed.stop();
         assert!(!failed.may_start(0), "after a failure");
+    }
+
+    /// Two batches in flight: the one claimed before the other's timeout halved the limit must
+    /// not double it back; the next batch, claimed with the halved limit, grows it.
+    #[tokio::test]
+    async fn a_batch_claimed_before_a_timeout_does_not_undo_the_halving() {
+        // Neither the pool nor the client connects until used.
+        let db = Db::new(&crate::db::DatabaseConfig::default()).expect("pool");
+        let redis = crate::redis::build(&crate::redis::RedisConfig::default()).expect("client");
+        let meter = opentelemetry::metrics::MeterProvider::meter(
+            &opentelemetry::metrics::NoopMeterProvider::new(),
+            "test",
+        );
+        let sweeper = Sweeper::new(db, redis, "t", OutboxConfig::default(), &meter);
+        let full = sweeper.batch_limit();
+        sweeper.adapt_batch_limit(full, BatchOutcome::TimedOut);
+        assert_eq!(sweeper.batch_limit(), full / 2);
+        sweeper.adapt_batch_limit(full, BatchOutcome::Answered);
+        assert_eq!(sweeper.batch_limit(), full / 2, "the stale batch left the halved limit alone");
+        sweeper.adapt_batch_limit(full, BatchOutcome::TimedOut);
+        assert_eq!(sweeper.batch_limit(), full / 2, "a stale timeout lowers to at most its own half");
+        sweeper.adapt_batch_limit(full / 2, BatchOutcome::Answered);
+        assert_eq!(sweeper.batch_limit(), full, "a batch claimed with the current limit grows it");
     }
 
     #[test]

@@ -483,10 +483,9 @@ impl<L: Loop> Runner<L> {
         let deadline = tokio::time::Instant::now() + self.schedule.tick_timeout;
         // With traces on, the tick's span is the current context of everything the tick awaits
         // (a turn it starts, a GitHub request, a sweep).
-        let span = traces::start_span(
-            &Context::current(),
-            SpanBuilder::from_name(format!("tick {name}")).with_attributes([KeyValue::new("loop", name)]),
-        );
+        let span = traces::start_span(&Context::current(), || {
+            SpanBuilder::from_name(format!("tick {name}")).with_attributes([KeyValue::new("loop", name)])
+        });
         let attempt = match &span {
             Some(cx) => {
                 tokio::time::timeout_at(deadline, self.attempt(deadline).with_context(cx.clone())).await

@@ -71,13 +71,6 @@ impl Traces {
         Ok(Self { provider: Some(provider) })
     }
 
-    /// Exports what is buffered now (tests).
-    pub async fn flush(&self) {
-        if let Some(provider) = self.provider.clone() {
-            let _ = tokio::task::spawn_blocking(move || provider.force_flush()).await;
-        }
-    }
-
     /// Exports what is buffered and stops the exporter. The SDK's shutdown blocks, so it runs
     /// off the runtime.
     pub async fn shutdown(self) {
@@ -101,11 +94,12 @@ pub fn tracer() -> BoxedTracer {
     global::tracer(SCOPE)
 }
 
-/// A context holding a new span `name`, a child of `parent`; `None` with traces off. The span
-/// ends when the caller ends it (`cx.span().end()`) or when the last context holding it drops.
-pub fn start_span(parent: &Context, builder: SpanBuilder) -> Option<Context> {
+/// A context holding a new span, a child of `parent`; `None` with traces off, in which case
+/// `builder` (its name and attributes, which allocate) is never called. The span ends when the
+/// caller ends it (`cx.span().end()`) or when the last context holding it drops.
+pub fn start_span(parent: &Context, builder: impl FnOnce() -> SpanBuilder) -> Option<Context> {
     enabled().then(|| {
-        let span = tracer().build_with_context(builder, parent);
+        let span = tracer().build_with_context(builder(), parent);
         parent.with_span(span)
     })
 }

@@ -162,6 +162,44 @@ impl FakeGitHub {
         Self { base_url: format!("http://{addr}"), inner }
     }
 
+    /// `[[gitsync.providers]]` of a worker process that asks this fake for github.com (over
+    /// plain HTTP), as a config value.
+    pub fn providers_config(&self) -> toml::Value {
+        let mut provider = toml::Table::new();
+        provider.insert("id".into(), "github".into());
+        provider.insert("kind".into(), "github".into());
+        provider.insert("api_base_url".into(), self.base_url.clone().into());
+        provider.insert("origin_host".into(), "github.com".into());
+        provider.insert("allow_insecure_http".into(), true.into());
+        toml::Value::Array(vec![toml::Value::Table(provider)])
+    }
+
+    /// A new owner with a token for provider `github`, and a chat of theirs whose diff status is
+    /// due, on branch `topic` of octocat/Hello-World, where this fake serves PR 7. Returns the
+    /// owner.
+    pub async fn due_diff_status(&self, db: &worker::db::Db) -> uuid::Uuid {
+        use tokio_postgres::types::Type;
+        use worker::db::Exec;
+        let owner = uuid::Uuid::new_v4();
+        let token = format!("tok-{owner}");
+        let conn = db.get().await.expect("conn");
+        conn.exec(
+            "INSERT INTO external_auth_links (user_id, provider_id, access_token) VALUES ($1, 'github', $2)",
+            &[(&owner, Type::UUID), (&token, Type::TEXT)],
+        )
+        .await
+        .expect("token");
+        self.pr("octocat", "Hello-World", "topic", 7);
+        conn.exec(
+            "WITH c AS (INSERT INTO chats (owner_id) VALUES ($1) RETURNING id) \
+             SELECT mark_diff_stale(c.id, 'https://github.com/octocat/Hello-World', 'topic') FROM c",
+            &[(&owner, Type::UUID)],
+        )
+        .await
+        .expect("due diff status");
+        owner
+    }
+
     /// `owner/repo` has an open PR `number` whose head is `branch` at [`HEAD_SHA`].
     pub fn pr(&self, owner: &str, repo: &str, branch: &str, number: i64) {
         let mut prs = self.inner.prs.lock().expect("prs");
