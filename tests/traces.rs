@@ -27,6 +27,19 @@ async fn exec(db: &Db, sql: &str, params: &[worker::db::Param<'_>]) {
     conn.exec(sql, params).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// A chat of a new owner with one user message: pending.
+async fn pending_chat(db: &Db) -> Uuid {
+    let chat = Uuid::new_v4();
+    exec(
+        db,
+        "INSERT INTO chats (id, owner_id) VALUES ($1, $2)",
+        &[(&chat, Type::UUID), (&Uuid::new_v4(), Type::UUID)],
+    )
+    .await;
+    exec(db, "SELECT post_chat_message($1, 'user', '\"hello\"')", &[(&chat, Type::UUID)]).await;
+    chat
+}
+
 /// The spans received so far, by span id.
 #[derive(Default)]
 struct Seen(BTreeMap<String, ReceivedSpan>);
@@ -79,14 +92,7 @@ async fn a_turn_a_sweep_and_a_github_request_are_spans_of_one_trace_each_with_th
 
     // A pending chat; a due task whose producer traced (a span of its own we know); a due diff
     // status whose PR the fake serves, and its owner's token.
-    let chat = Uuid::new_v4();
-    exec(
-        db,
-        "INSERT INTO chats (id, owner_id) VALUES ($1, $2)",
-        &[(&chat, Type::UUID), (&Uuid::new_v4(), Type::UUID)],
-    )
-    .await;
-    exec(db, "SELECT post_chat_message($1, 'user', '\"hello\"')", &[(&chat, Type::UUID)]).await;
+    let chat = pending_chat(db).await;
     let producer_trace = "0af7651916cd43dd8448eb211c80319c";
     let producer_span = "b7ad6b7169203331";
     let traceparent = format!("00-{producer_trace}-{producer_span}-01");
@@ -302,14 +308,7 @@ async fn with_traces_off_or_unsampled_no_span_is_exported_and_the_agent_sees_whi
         let db = &test_db.db;
         let dir = tempfile::tempdir().expect("dir");
         let mut otlp = Otlp::start().await;
-        let chat = Uuid::new_v4();
-        exec(
-            db,
-            "INSERT INTO chats (id, owner_id) VALUES ($1, $2)",
-            &[(&chat, Type::UUID), (&Uuid::new_v4(), Type::UUID)],
-        )
-        .await;
-        exec(db, "SELECT post_chat_message($1, 'user', '\"hi\"')", &[(&chat, Type::UUID)]).await;
+        let chat = pending_chat(db).await;
         // Answers with the TRACEPARENT it was given.
         let agent = chaos_support::agent(
             dir.path(),
