@@ -4,8 +4,8 @@
 //!
 //! The port is built to stay answerable when something hostile reaches it (it should not: keep
 //! it off the public internet). A request handler never touches the database: one background
-//! probe ([`probe`], a supervised task the daemon starts) pings it at most once a second and
-//! `/readyz` reads what it last found. The server is hyper's HTTP/1 connection driven directly,
+//! probe ([`probe`], a supervised task the daemon starts) pings it every 10 s while it answers (once
+//! a second while it does not) and `/readyz` reads what it last found. The server is hyper's HTTP/1 connection driven directly,
 //! because `axum::serve` has neither of the bounds that matter here:
 //!
 //! - `health.header_read_timeout`: a connection that has not sent a complete request head within
@@ -88,13 +88,19 @@ impl HealthConfig {
     }
 }
 
-/// How often (at most) the readiness probe pings the database.
+/// How often the readiness probe pings the database while the last ping failed (or before the
+/// first), and how often it looks at [`Db::unreachable`] (no I/O) between pings.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often it pings while the database answers: an idle replica's readiness costs one
+/// `SELECT 1` (two transactions with the pool's verified checkout) every 10 s, not every second.
+/// A database that dies turns `/readyz` 503 within this plus [`DB_PING_TIMEOUT`] (12 s), and
+/// within a second of a loop's checkout finding it unreachable.
+pub const IDLE_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long the probe waits for `SELECT 1`.
 const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// A probe result older than this no longer counts: the probe is stuck or gone (it pings every
-/// `PROBE_INTERVAL`, each ping bounded by `DB_PING_TIMEOUT`).
-const PROBE_STALE_AFTER: Duration = Duration::from_secs(5);
+/// `IDLE_PROBE_INTERVAL` at most, each ping bounded by `DB_PING_TIMEOUT`).
+const PROBE_STALE_AFTER: Duration = Duration::from_secs(15);
 
 /// What /readyz needs to know about a loop's schedule (the runtime fills it in).
 #[derive(Debug, Clone, Copy)]
@@ -365,21 +371,38 @@ async fn ping(db: &Db) -> Result<(), Failure> {
     }
 }
 
-/// The readiness probe: pings the database (one pooled connection, `SELECT 1`), publishes the
-/// result for `/readyz`, waits [`PROBE_INTERVAL`], again, until `stop` resolves. A long-lived
-/// task: the daemon starts it in the runtime's supervisor, which stops and awaits it at shutdown.
+/// Whether the readiness probe pings now: every [`PROBE_INTERVAL`] while the last ping failed,
+/// every [`IDLE_PROBE_INTERVAL`] while it succeeded, and at once when a loop's checkout found
+/// the database unreachable since.
+pub fn ping_due(last_answered: bool, since_last_ping: Duration, database_unreachable: bool) -> bool {
+    if last_answered && !database_unreachable {
+        since_last_ping >= IDLE_PROBE_INTERVAL
+    } else {
+        since_last_ping >= PROBE_INTERVAL
+    }
+}
+
+/// The readiness probe: pings the database (one pooled connection, `SELECT 1`) when
+/// [`ping_due`], publishes the result for `/readyz`, looks again every [`PROBE_INTERVAL`], until
+/// `stop` resolves. A long-lived task: the daemon starts it in the runtime's supervisor, which
+/// stops and awaits it at shutdown.
 pub async fn probe(health: Health, db: Db, stop: impl Future<Output = ()>) {
     let mut stop = std::pin::pin!(stop);
+    let mut last: Option<(Instant, bool)> = None;
     loop {
-        let database = tokio::select! {
-            biased;
-            () = &mut stop => return,
-            database = ping(&db) => database,
-        };
-        if let Err(failure) = &database {
-            tracing::debug!(label = failure.label, error = %failure.message, "readiness probe: database not ready");
+        let due = last.is_none_or(|(at, answered)| ping_due(answered, at.elapsed(), db.unreachable()));
+        if due {
+            let database = tokio::select! {
+                biased;
+                () = &mut stop => return,
+                database = ping(&db) => database,
+            };
+            if let Err(failure) = &database {
+                tracing::debug!(label = failure.label, error = %failure.message, "readiness probe: database not ready");
+            }
+            last = Some((Instant::now(), database.is_ok()));
+            health.set_probed(database);
         }
-        health.set_probed(database);
         tokio::select! {
             biased;
             () = &mut stop => return,
@@ -736,6 +759,27 @@ mod tests {
         );
         let failed = Probed { at: now, database: Err(Failure::new("db_timeout", "slow")) };
         assert_eq!(database_now(Some(&failed), now).map_err(|e| e.label), Err("db_timeout"));
+    }
+
+    #[test]
+    fn the_probe_pings_slowly_while_the_database_answers_and_every_second_otherwise() {
+        let second = Duration::from_secs(1);
+        // (last ping answered, since it, a loop found the database unreachable, ping now)
+        let table = [
+            (true, second, false, false),
+            (true, IDLE_PROBE_INTERVAL - second, false, false),
+            (true, IDLE_PROBE_INTERVAL, false, true),
+            (true, second, true, true),
+            (false, second, false, true),
+            (false, Duration::ZERO, false, false),
+        ];
+        for (answered, since, unreachable, due) in table {
+            assert_eq!(ping_due(answered, since, unreachable), due, "{answered} {since:?} {unreachable}");
+        }
+        assert!(
+            IDLE_PROBE_INTERVAL + DB_PING_TIMEOUT < PROBE_STALE_AFTER,
+            "a healthy probe's result never goes stale between pings"
+        );
     }
 
     #[test]

@@ -737,3 +737,62 @@ async fn a_pause_is_pushed_by_notify_and_takes_effect_at_the_next_tick_despite_t
     );
     stop.cancel();
 }
+
+/// With wakes known to be delivered a woken loop ticks once per NOTIFY and never at its fast
+/// interval (zero here: polling would tick back to back, dozens of times per round trip); when
+/// the LISTEN connection drops it returns to its fast interval at once, with no NOTIFY at all.
+#[tokio::test]
+async fn a_loop_in_fallback_mode_ticks_only_when_woken_and_polls_fast_again_once_the_listen_connection_drops()
+{
+    let (test_db, _metrics, rt) = setup().await;
+    let background = Background::new();
+    let stats = rt.listener().start(test_db.url.clone(), rt.health.clone(), background.listener.clone());
+    let mut connects = stats.connects.clone();
+    tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1)).await.expect("connected").expect("watch");
+    // What the wake probe reports when its NOTIFY comes back on this connection.
+    let connection = rt.listener().delivery().borrow().connection;
+    assert!(rt.listener().report_delivery(connection, listen::Delivery::Delivered));
+
+    let schedule = Schedule::every(Duration::ZERO, Duration::from_secs(30))
+        .woken_by_with_fallback("fallback_test", Duration::from_secs(3600));
+    let (job, state) = probe("fallback", schedule, Behaviour::Return);
+    background.add(&rt, job);
+    state.wait_finished(1).await; // the tick at start; then the fallback interval (1 h)
+    // Acked once LISTENed, after the runner's own subscription (commands are applied in order).
+    let mut heard = rt.listener().subscribe("fallback_test").await;
+
+    const WAKES: u64 = 20;
+    for n in 1..=WAKES {
+        notify(&test_db.db, "SELECT pg_notify('fallback_test', '')").await;
+        assert_eq!(next(&mut heard).await, ListenEvent::Notification(String::new()));
+        state.wait_finished(1 + n).await;
+    }
+    assert_eq!(state.started(), 1 + WAKES, "one tick per wake, none at the fast interval");
+
+    // The connection drops (and comes back, but no probe vouches for it): fast polling again.
+    assert_eq!(test_db.terminate_listeners().await, 1);
+    state.wait_finished(1 + WAKES + 100).await;
+
+    background.stop().await;
+}
+
+/// Each fallback key is validated against the interval it stands in for, by its own name.
+#[test]
+fn a_fallback_interval_shorter_than_its_interval_is_refused_by_its_key() {
+    use worker::chats::ChatsConfig;
+    use worker::outbox::OutboxConfig;
+    use worker::prebuilds::PrebuildsConfig;
+    let short = Duration::from_millis(100);
+    let outbox = OutboxConfig { fallback_interval: short, ..OutboxConfig::default() };
+    let chats = ChatsConfig { acquire_fallback_interval: short, ..ChatsConfig::default() };
+    let prebuilds = PrebuildsConfig { fallback_interval: short, ..PrebuildsConfig::default() };
+    let runtime = RuntimeConfig { controls_fallback_refresh: short, ..RuntimeConfig::default() };
+    assert_eq!(outbox.validate().map_err(|v| v.key), Err("fallback_interval".to_owned()));
+    assert_eq!(chats.validate().map_err(|v| v.key), Err("acquire_fallback_interval".to_owned()));
+    assert_eq!(prebuilds.validate().map_err(|v| v.key), Err("fallback_interval".to_owned()));
+    assert_eq!(runtime.validate().map_err(|v| v.key), Err("controls_fallback_refresh".to_owned()));
+    assert!(OutboxConfig::default().validate().is_ok());
+    assert!(ChatsConfig::default().validate().is_ok());
+    assert!(PrebuildsConfig::default().validate().is_ok());
+    assert!(RuntimeConfig::default().validate().is_ok());
+}

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::agent::{self, AgentCommand, AgentLimits};
 use super::boundary::{self, AgentUser};
 use super::limits::LimitsConfig;
+use crate::runtime::check_fallback;
 use crate::validate::{Violation, check, positive};
 
 pub const DEFAULT_MAX_RUNNING: u32 = 10;
@@ -18,6 +19,9 @@ pub const DEFAULT_MAX_RUNNING: u32 = 10;
 /// `limit` rows of any owner, so 25 costs a claim little more than 5.
 pub const DEFAULT_MAX_PER_ACQUIRE: u32 = 25;
 pub const DEFAULT_ACQUIRE_INTERVAL: Duration = Duration::from_secs(1);
+/// While `chat_pending` wakes are known to be delivered: a pending chat whose NOTIFY was lost
+/// (or that became admissible without one) waits at most this long.
+pub const DEFAULT_ACQUIRE_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
 /// A claim is one short transaction; starting the runners is in memory.
 pub const DEFAULT_ACQUIRE_TICK_TIMEOUT: Duration = Duration::from_secs(10);
 /// The lease is one row: renewing it every 30s costs one write per worker, whatever it runs.
@@ -59,6 +63,10 @@ pub struct ChatsConfig {
     pub max_per_acquire: u32,
     #[serde(with = "humantime_serde")]
     pub acquire_interval: Duration,
+    /// The acquire interval while the LISTEN connection is known to deliver `chat_pending`
+    /// wakes (a turn's end wakes acquisition in process anyway); at least `acquire_interval`.
+    #[serde(with = "humantime_serde")]
+    pub acquire_fallback_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub acquire_tick_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -88,6 +96,7 @@ impl Default for ChatsConfig {
             max_running: DEFAULT_MAX_RUNNING,
             max_per_acquire: DEFAULT_MAX_PER_ACQUIRE,
             acquire_interval: DEFAULT_ACQUIRE_INTERVAL,
+            acquire_fallback_interval: DEFAULT_ACQUIRE_FALLBACK_INTERVAL,
             acquire_tick_timeout: DEFAULT_ACQUIRE_TICK_TIMEOUT,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             stale_after: DEFAULT_STALE_AFTER,
@@ -231,6 +240,12 @@ impl ChatsConfig {
             check(cap <= 1_000_000, key, cap, "0 (no cap) ..= 1000000")?;
         }
         positive("acquire_interval", self.acquire_interval)?;
+        check_fallback(
+            "acquire_fallback_interval",
+            self.acquire_fallback_interval,
+            "acquire_interval",
+            self.acquire_interval,
+        )?;
         positive("acquire_tick_timeout", self.acquire_tick_timeout)?;
         positive("heartbeat_interval", self.heartbeat_interval)?;
         positive("recover_interval", self.recover_interval)?;

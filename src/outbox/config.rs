@@ -5,11 +5,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::LoopConfig;
+use crate::runtime::{LoopConfig, check_fallback};
 use crate::validate::{Violation, check, positive};
 
 /// 200 ms: with the NOTIFY wake most tasks move in milliseconds; polling is the fallback.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
+/// 5 s while NOTIFY wakes are known to be delivered: an idle replica then costs one sweep every
+/// 5 s instead of five a second; a task enqueued with a future `run_at` (or retried) is then
+/// moved up to this late, since only tasks due at enqueue NOTIFY.
+pub const DEFAULT_FALLBACK_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_TICK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Claim size: measured at 500 the SQL side runs ~85k rows/s on 2 cores (BENCHMARKS.md).
@@ -36,6 +40,10 @@ pub const MAX_PAYLOAD_BYTES_LIMIT: u64 = 512 << 20;
 pub struct OutboxConfig {
     #[serde(flatten)]
     pub base: LoopConfig,
+    /// The interval while the LISTEN connection is known to deliver `task_outbox` wakes (the
+    /// wake probe says so); back to `interval` at once when that stops being known.
+    #[serde(with = "humantime_serde")]
+    pub fallback_interval: Duration,
     /// Deadline of the Redis pipeline inside a tick (also at most half of what is left of the
     /// tick), leaving time to settle the rows.
     #[serde(with = "humantime_serde")]
@@ -70,6 +78,7 @@ impl Default for OutboxConfig {
     fn default() -> Self {
         Self {
             base: LoopConfig::new(DEFAULT_INTERVAL, DEFAULT_TICK_TIMEOUT),
+            fallback_interval: DEFAULT_FALLBACK_INTERVAL,
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
             batch_size: DEFAULT_BATCH_SIZE,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -88,6 +97,7 @@ impl OutboxConfig {
     /// Keys are relative to `[outbox]`.
     pub fn validate(&self) -> Result<(), Violation> {
         self.base.validate()?;
+        check_fallback("fallback_interval", self.fallback_interval, "interval", self.base.interval)?;
         check(
             self.dead_retention >= Duration::from_secs(3600),
             "dead_retention",

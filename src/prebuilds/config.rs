@@ -6,11 +6,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::runtime::LoopConfig;
+use crate::runtime::{LoopConfig, check_fallback};
 use crate::validate::{Violation, check, positive};
 
 /// A cycle a minute (`docs/prebuilds.md`); NOTIFY `template_version_activated` wakes it earlier.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
+/// The same as the interval: the reconciler also repairs what no NOTIFY announces (claims, failed
+/// builds, deleted workspaces), so polling is not only a fallback for lost wakes here.
+pub const DEFAULT_FALLBACK_INTERVAL: Duration = DEFAULT_INTERVAL;
 pub const DEFAULT_TICK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The owner of every unclaimed prebuild. A fixed, well-known id (not the nil uuid, which
 /// too many tools read as "unset") that the API tier must use for the same user.
@@ -26,6 +29,11 @@ pub const DEFAULT_FAILURE_WINDOW: Duration = Duration::from_secs(3600);
 pub struct PrebuildsConfig {
     #[serde(flatten)]
     pub base: LoopConfig,
+    /// The interval while the LISTEN connection is known to deliver `template_version_activated`
+    /// wakes; at least `interval`. The default is the interval: claims and failed builds are
+    /// found by polling alone.
+    #[serde(with = "humantime_serde")]
+    pub fallback_interval: Duration,
     /// Owner of unclaimed prebuilds (`workspaces.owner_id`); a claim changes the owner.
     pub system_user_id: Uuid,
     /// Backoff after failed builds: nothing is created before `last failure + failures ×
@@ -44,6 +52,7 @@ impl Default for PrebuildsConfig {
     fn default() -> Self {
         Self {
             base: LoopConfig::new(DEFAULT_INTERVAL, DEFAULT_TICK_TIMEOUT),
+            fallback_interval: DEFAULT_FALLBACK_INTERVAL,
             system_user_id: DEFAULT_SYSTEM_USER_ID,
             backoff_interval: DEFAULT_BACKOFF_INTERVAL,
             failure_window: DEFAULT_FAILURE_WINDOW,
@@ -56,6 +65,7 @@ impl PrebuildsConfig {
     /// Keys are relative to `[prebuilds]`.
     pub fn validate(&self) -> Result<(), Violation> {
         self.base.validate()?;
+        check_fallback("fallback_interval", self.fallback_interval, "interval", self.base.interval)?;
         check(!self.system_user_id.is_nil(), "system_user_id", self.system_user_id, "a non-nil uuid")?;
         positive("backoff_interval", self.backoff_interval)?;
         positive("failure_window", self.failure_window)?;

@@ -22,6 +22,11 @@ pub struct RuntimeConfig {
     /// once per this interval, whatever the number of loops. 0s reads it before every tick.
     #[serde(with = "humantime_serde")]
     pub controls_refresh: Duration,
+    /// The same while NOTIFY wakes are known to reach the LISTEN connection: every pause or
+    /// resume NOTIFYs, and a notification (or a dropped connection) makes the next check read at
+    /// once, so the cache only needs reading as a fallback.
+    #[serde(with = "humantime_serde")]
+    pub controls_fallback_refresh: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -31,6 +36,7 @@ impl Default for RuntimeConfig {
             max_drain_ticks: 50,
             error_log_interval: Duration::from_secs(60),
             controls_refresh: Duration::from_secs(1),
+            controls_fallback_refresh: Duration::from_secs(60),
         }
     }
 }
@@ -45,8 +51,30 @@ impl RuntimeConfig {
             self.max_drain_ticks,
             "1..=10000",
         )?;
-        positive("error_log_interval", self.error_log_interval)
+        positive("error_log_interval", self.error_log_interval)?;
+        check_fallback(
+            "controls_fallback_refresh",
+            self.controls_fallback_refresh,
+            "controls_refresh",
+            self.controls_refresh,
+        )
     }
+}
+
+/// A fallback interval (used while NOTIFY wakes are known to be delivered) must be at least the
+/// interval it stands in for: `key` and `interval_key` are relative to the same table.
+pub fn check_fallback(
+    key: &str,
+    fallback: Duration,
+    interval_key: &str,
+    interval: Duration,
+) -> Result<(), Violation> {
+    check(
+        fallback >= interval && !fallback.is_zero(),
+        key,
+        humantime::format_duration(fallback),
+        &format!("a duration > 0 and at least {interval_key} ({})", humantime::format_duration(interval)),
+    )
 }
 
 /// `enabled`, `interval` and `tick_timeout`: the keys every single-loop table starts with
