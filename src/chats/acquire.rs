@@ -141,7 +141,7 @@ impl Loop for Acquire {
 
     fn schedule(&self) -> Schedule {
         Schedule::every(self.ctx.config.acquire_interval, self.ctx.config.acquire_tick_timeout)
-            .woken_by_with_fallback(WAKE_CHANNEL, self.ctx.config.acquire_fallback_interval)
+            .woken_by_with_fallback(WAKE_CHANNEL, self.ctx.config.acquire_fallback_interval())
             // A turn that ends frees a slot: claim into it now, not up to an interval later.
             .woken_locally_by(self.runners.ended())
     }

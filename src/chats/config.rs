@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::agent::{self, AgentCommand, AgentLimits};
 use super::boundary::{self, AgentUser};
 use super::limits::LimitsConfig;
-use crate::runtime::check_fallback;
+use crate::runtime::{check_fallback, fallback_or};
 use crate::validate::{Violation, check, positive};
 
 pub const DEFAULT_MAX_RUNNING: u32 = 10;
@@ -65,8 +65,9 @@ pub struct ChatsConfig {
     pub acquire_interval: Duration,
     /// The acquire interval while the LISTEN connection is known to deliver `chat_pending`
     /// wakes (a turn's end wakes acquisition in process anyway); at least `acquire_interval`.
-    #[serde(with = "humantime_serde")]
-    pub acquire_fallback_interval: Duration,
+    /// Unset: 10 s, or `acquire_interval` if longer ([`ChatsConfig::acquire_fallback_interval`]).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub acquire_fallback_interval: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub acquire_tick_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -96,7 +97,7 @@ impl Default for ChatsConfig {
             max_running: DEFAULT_MAX_RUNNING,
             max_per_acquire: DEFAULT_MAX_PER_ACQUIRE,
             acquire_interval: DEFAULT_ACQUIRE_INTERVAL,
-            acquire_fallback_interval: DEFAULT_ACQUIRE_FALLBACK_INTERVAL,
+            acquire_fallback_interval: None,
             acquire_tick_timeout: DEFAULT_ACQUIRE_TICK_TIMEOUT,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             stale_after: DEFAULT_STALE_AFTER,
@@ -223,6 +224,11 @@ impl RunnerConfig {
 }
 
 impl ChatsConfig {
+    /// The effective `acquire_fallback_interval`.
+    pub fn acquire_fallback_interval(&self) -> Duration {
+        fallback_or(self.acquire_fallback_interval, DEFAULT_ACQUIRE_FALLBACK_INTERVAL, self.acquire_interval)
+    }
+
     /// Keys are relative to `[chats]`.
     pub fn validate(&self) -> Result<(), Violation> {
         check((1..=100_000).contains(&self.max_running), "max_running", self.max_running, "1..=100000")?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::{LoopConfig, check_fallback};
+use crate::runtime::{LoopConfig, check_fallback, fallback_or};
 use crate::validate::{Violation, check, positive};
 
 /// 200 ms: with the NOTIFY wake most tasks move in milliseconds; polling is the fallback.
@@ -41,9 +41,10 @@ pub struct OutboxConfig {
     #[serde(flatten)]
     pub base: LoopConfig,
     /// The interval while the LISTEN connection is known to deliver `task_outbox` wakes (the
-    /// wake probe says so); back to `interval` at once when that stops being known.
-    #[serde(with = "humantime_serde")]
-    pub fallback_interval: Duration,
+    /// wake probe says so); back to `interval` at once when that stops being known. Unset: 5 s,
+    /// or `interval` if longer ([`OutboxConfig::fallback_interval`]).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub fallback_interval: Option<Duration>,
     /// Deadline of the Redis pipeline inside a tick (also at most half of what is left of the
     /// tick), leaving time to settle the rows.
     #[serde(with = "humantime_serde")]
@@ -78,7 +79,7 @@ impl Default for OutboxConfig {
     fn default() -> Self {
         Self {
             base: LoopConfig::new(DEFAULT_INTERVAL, DEFAULT_TICK_TIMEOUT),
-            fallback_interval: DEFAULT_FALLBACK_INTERVAL,
+            fallback_interval: None,
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
             batch_size: DEFAULT_BATCH_SIZE,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -94,6 +95,11 @@ impl Default for OutboxConfig {
 }
 
 impl OutboxConfig {
+    /// The effective `fallback_interval`.
+    pub fn fallback_interval(&self) -> Duration {
+        fallback_or(self.fallback_interval, DEFAULT_FALLBACK_INTERVAL, self.base.interval)
+    }
+
     /// Keys are relative to `[outbox]`.
     pub fn validate(&self) -> Result<(), Violation> {
         self.base.validate()?;

@@ -11,9 +11,6 @@ use crate::validate::{Violation, check, positive};
 
 /// A cycle a minute (`docs/prebuilds.md`); NOTIFY `template_version_activated` wakes it earlier.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
-/// The same as the interval: the reconciler also repairs what no NOTIFY announces (claims, failed
-/// builds, deleted workspaces), so polling is not only a fallback for lost wakes here.
-pub const DEFAULT_FALLBACK_INTERVAL: Duration = DEFAULT_INTERVAL;
 pub const DEFAULT_TICK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The owner of every unclaimed prebuild. A fixed, well-known id (not the nil uuid, which
 /// too many tools read as "unset") that the API tier must use for the same user.
@@ -30,10 +27,10 @@ pub struct PrebuildsConfig {
     #[serde(flatten)]
     pub base: LoopConfig,
     /// The interval while the LISTEN connection is known to deliver `template_version_activated`
-    /// wakes; at least `interval`. The default is the interval: claims and failed builds are
-    /// found by polling alone.
-    #[serde(with = "humantime_serde")]
-    pub fallback_interval: Duration,
+    /// wakes; at least `interval`. Unset: the interval (claims and failed builds are found by
+    /// polling alone, so polling is not only a fallback here).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub fallback_interval: Option<Duration>,
     /// Owner of unclaimed prebuilds (`workspaces.owner_id`); a claim changes the owner.
     pub system_user_id: Uuid,
     /// Backoff after failed builds: nothing is created before `last failure + failures ×
@@ -52,7 +49,7 @@ impl Default for PrebuildsConfig {
     fn default() -> Self {
         Self {
             base: LoopConfig::new(DEFAULT_INTERVAL, DEFAULT_TICK_TIMEOUT),
-            fallback_interval: DEFAULT_FALLBACK_INTERVAL,
+            fallback_interval: None,
             system_user_id: DEFAULT_SYSTEM_USER_ID,
             backoff_interval: DEFAULT_BACKOFF_INTERVAL,
             failure_window: DEFAULT_FAILURE_WINDOW,
@@ -62,6 +59,12 @@ impl Default for PrebuildsConfig {
 }
 
 impl PrebuildsConfig {
+    /// The effective `fallback_interval`: unset, the interval, because the reconciler also
+    /// repairs what no NOTIFY announces (claims, failed builds, deleted workspaces).
+    pub fn fallback_interval(&self) -> Duration {
+        self.fallback_interval.unwrap_or(self.base.interval).max(self.base.interval)
+    }
+
     /// Keys are relative to `[prebuilds]`.
     pub fn validate(&self) -> Result<(), Violation> {
         self.base.validate()?;

@@ -607,7 +607,7 @@ impl Loop for Reconciler {
             .base
             .schedule()
             .leader_only(LEADER_KEY)
-            .woken_by_with_fallback(WAKE_CHANNEL, self.config.fallback_interval)
+            .woken_by_with_fallback(WAKE_CHANNEL, self.config.fallback_interval())
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, ReconcileError> {

@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use self::config::{LoopConfig, RuntimeConfig, check_fallback};
+pub use self::config::{LoopConfig, RuntimeConfig, check_fallback, fallback_or};
 pub use self::lease::{LeasePublisher, LeaseState, LeaseStatus, LeaseWatch};
 pub use self::supervisor::{StartError, StopSignal, Supervisor, TaskSet};
 pub use self::tick::Tick;
@@ -337,7 +337,7 @@ impl Runtime {
         Self {
             pauses: pauses::Pauses::new(
                 db.clone(),
-                (settings.controls_refresh, settings.controls_fallback_refresh),
+                (settings.controls_refresh, settings.controls_fallback_refresh()),
                 controls_changed,
                 listener.delivery(),
             ),
