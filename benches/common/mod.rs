@@ -173,8 +173,19 @@ pub async fn start_worker(
     stderr: std::process::Stdio,
     limit: Duration,
 ) -> anyhow::Result<tokio::process::Child> {
-    use anyhow::Context;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    start_worker_at(port, database_url, sets, stderr, limit).await
+}
+
+/// [`start_worker`] with its health port (`/readyz`) on `port`, for a caller that reads it too.
+pub async fn start_worker_at(
+    port: u16,
+    database_url: &str,
+    sets: &[String],
+    stderr: std::process::Stdio,
+    limit: Duration,
+) -> anyhow::Result<tokio::process::Child> {
+    use anyhow::Context;
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"));
     for (key, _) in std::env::vars() {
         if key.starts_with("WORKER")
