@@ -21,7 +21,9 @@ pub const DEFAULT_BATCH_SIZE: u32 = 500;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
-pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(15);
+/// Half the default `telemetry.export_interval` (60 s): every export sees fresh gauges, and an
+/// idle replica spends one statement on them per 30 s.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// Queues with a series of their own in `outbox.queue.*`; the rest are summed as `other`.
 pub const DEFAULT_METRICS_QUEUES: u32 = 20;
 /// 1 MiB: the default `enqueue_task` starts with (migrations/V8), before a worker writes its own.
