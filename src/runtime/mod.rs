@@ -619,7 +619,7 @@ impl<L: Loop> Runner<L> {
             }
             drained = 0;
             let delivery = self.delivery.as_ref().map_or(Delivery::Unknown, |d| d.borrow().delivery);
-            let interval = cadence(&self.schedule, delivery, self.consecutive_failures);
+            let interval = cadence(&self.schedule, delivery, report.progress, self.consecutive_failures);
             let delay = next_delay(
                 interval,
                 self.rt.settings.jitter,
@@ -693,13 +693,20 @@ async fn delivery_lost(delivery: Option<&mut tokio::sync::watch::Receiver<Verdic
 }
 
 /// The interval before the next tick: the fallback interval while the loop's wake channel is
-/// known to deliver and its ticks succeed; the interval otherwise (wakes unproven, or failing:
-/// backoff starts from the fast interval, as without a fallback).
-pub fn cadence(schedule: &Schedule, delivery: Delivery, consecutive_failures: u32) -> Duration {
+/// known to deliver, its ticks succeed and its last tick finished its work; the interval
+/// otherwise (wakes unproven; failing: backoff starts from the fast interval, as without a
+/// fallback; a full batch left after the drain budget: the backlog needs no wake to be found).
+pub fn cadence(
+    schedule: &Schedule,
+    delivery: Delivery,
+    last: Progress,
+    consecutive_failures: u32,
+) -> Duration {
     match schedule.fallback_interval {
         Some(fallback)
             if schedule.wake_channel.is_some()
                 && delivery == Delivery::Delivered
+                && last == Progress::Done
                 && consecutive_failures == 0 =>
         {
             fallback.max(schedule.interval)
@@ -881,18 +888,20 @@ mod tests {
         unwoken.fallback_interval = Some(slow);
         let shorter = Schedule::every(fast, timeout).woken_by_with_fallback("ch", Duration::from_millis(100));
         use Delivery::{Delivered, NotDelivered, Unknown};
-        // (schedule, delivery, consecutive failures, interval)
+        use Progress::{Done, More};
+        // (schedule, delivery, last tick's progress, consecutive failures, interval)
         let table = [
-            (&fallback, Delivered, 0, slow),
-            (&fallback, NotDelivered, 0, fast),
-            (&fallback, Unknown, 0, fast),
-            (&fallback, Delivered, 1, fast),
-            (&woken, Delivered, 0, fast),
-            (&unwoken, Delivered, 0, fast),
-            (&shorter, Delivered, 0, fast),
+            (&fallback, Delivered, Done, 0, slow),
+            (&fallback, NotDelivered, Done, 0, fast),
+            (&fallback, Unknown, Done, 0, fast),
+            (&fallback, Delivered, Done, 1, fast),
+            (&fallback, Delivered, More, 0, fast), // the drain budget ran out with a backlog left
+            (&woken, Delivered, Done, 0, fast),
+            (&unwoken, Delivered, Done, 0, fast),
+            (&shorter, Delivered, Done, 0, fast),
         ];
-        for (i, (schedule, delivery, failures, interval)) in table.into_iter().enumerate() {
-            assert_eq!(cadence(schedule, delivery, failures), interval, "row {i}");
+        for (i, (schedule, delivery, last, failures, interval)) in table.into_iter().enumerate() {
+            assert_eq!(cadence(schedule, delivery, last, failures), interval, "row {i}");
         }
         assert_eq!(shorter.fallback_interval, None, "a fallback no longer than the interval is none");
     }
