@@ -16,15 +16,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use common::{BenchDb, ms, quantile, table};
-use fred::prelude::SortedSetsInterface;
-use tokio_postgres::types::Type;
-use worker::db::Exec;
 
 struct Args {
     seconds: u64,
@@ -132,35 +127,11 @@ async fn idle_rate(
 async fn latency(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<Duration>> {
     let daemon = start(bench, &[]).await?;
     let (watcher, _) = common::redis(&daemon.prefix).await?;
-    let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let key = worker::redis::key(&daemon.prefix, "sched", "idle");
-    let samples = args.samples;
-    let watch = {
-        let started = started.clone();
-        tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(samples);
-            while latencies.len() < samples {
-                let popped: Option<(String, String, f64)> = watcher.bzpopmin(&key, 10.0).await?;
-                let (_, task, _) = popped.context("no task became visible within 10s")?;
-                let at = Instant::now();
-                let since = started.lock().unwrap_or_else(|e| e.into_inner()).remove(&task);
-                latencies.push(at - since.context("popped a task that was never enqueued")?);
-            }
-            anyhow::Ok(latencies)
-        })
-    };
-    let mut ticker = tokio::time::interval(Duration::from_secs(1) / args.rate);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let conn = bench.db.get().await?;
-    for i in 0..samples {
-        ticker.tick().await;
-        let task = format!("idle-{i}");
-        started.lock().unwrap_or_else(|e| e.into_inner()).insert(task.clone(), Instant::now());
-        conn.fetch_one("SELECT enqueue_task($1, 'idle', '{}')", &[(&task, Type::TEXT)]).await?;
-    }
-    let mut latencies = watch.await??;
+    let latencies =
+        common::enqueue_to_visible(&bench.db, (watcher, key), ("idle", "idle"), args.samples, args.rate)
+            .await?;
     daemon.stop().await?;
-    latencies.sort();
     Ok(latencies)
 }
 
