@@ -505,7 +505,7 @@ async fn runner_future_size(w: &BenchWorker) -> anyhow::Result<usize> {
     let set: worker::chats::runner::Runners = supervisor.task_set("size", runner::SHUTDOWN_CAUSE);
     let mut size = 0;
     set.start(chat.id, 1, |signal| {
-        size = std::mem::size_of_val(&runner::run(ctx, chat, signal));
+        size = std::mem::size_of_val(&runner::run(ctx, chat, signal, opentelemetry::Context::new()));
         async {}
     })?;
     Ok(size)

@@ -1,14 +1,19 @@
 //! Gitsync benchmark (target in BENCHMARKS.md#targets): one tick over 50 due rows against a fake
 //! provider answering each call after 200 ms, at the effective concurrency (10) versus sequentially
-//! (1), in the same run against the real PostgreSQL; and the HTTP calls a rate-limited group of 10
-//! rows costs.
+//! (1), in the same run against the real PostgreSQL; the same through the real GitHub client; and
+//! the HTTP calls a rate-limited group of 10 rows costs.
 //!
 //! Two fakes:
 //! - a [`Provider`] whose every call (`status`, `pull_request_by_branch`) takes 200 ms: the
 //!   target's "fake provider with 200 ms latency"; rows that know their PR cost one call each;
 //! - the local fake GitHub of the tests (tests/gitsync_support) with 200 ms per HTTP request,
-//!   through the real client: a known PR costs two round trips (the PR, then its reviews and
-//!   checks together), so the same tick takes about twice as long.
+//!   through the real client. Each row's requests are told apart by path (row `n`: branch `b{n}`,
+//!   PR `n`, head commit `n` in hex) and grouped into round trips (requests sent before an earlier
+//!   one of the row was answered share its round trip); "counted" requests are the fake's
+//!   answers other than 304, as GitHub's primary rate limit counts them. Rows: PR number known
+//!   but no head commit (rows written before head commits were used), first refresh, steady
+//!   state (same client: every answer a 304) and steady state with a cold ETag cache; then the
+//!   counted requests per unchanged row per hour at the default `ttl`.
 //!
 //! `cargo bench --bench gitsync -- [--rows N] [--latency-ms N]`; `scripts/bench.sh gitsync`
 //! runs it and prints the machine it ran on.
@@ -22,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use common::{BenchDb, table};
-use gitsync_support::{Answer, FakeGitHub};
+use gitsync_support::{Answer, FakeGitHub, Seen};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 use worker::db::Exec;
@@ -88,6 +93,7 @@ impl Provider for SlowProvider {
         &self,
         origin: &Origin,
         pr_number: PrNumber,
+        _known_head_sha: Option<&str>,
         _token: &str,
         _timeout: Duration,
     ) -> Result<PrStatus, ProviderError> {
@@ -232,40 +238,154 @@ fn gitsync_calls(gitsync: &Gitsync<SlowProvider>) -> u64 {
     gitsync.providers().iter().map(|(_, p)| p.calls.load(Ordering::Relaxed)).sum()
 }
 
+/// Row `n`'s head commit in the fake GitHub: the row can be told from its check-runs path.
+fn head_sha(n: usize) -> String {
+    format!("{n:040x}")
+}
+
+/// The row (branch `b{n}`, PR `n`) a request of [`over_http`] was for.
+fn row_of(seen: &Seen) -> Option<usize> {
+    let tail = seen.path.strip_prefix("/repos/")?.splitn(3, '/').nth(2)?;
+    let parts: Vec<&str> = tail.split('/').collect();
+    match parts.as_slice() {
+        ["pulls"] => seen.path_and_query.split_once("%3Ab")?.1.split('&').next()?.parse().ok(),
+        ["pulls", n, ..] => n.parse().ok(),
+        ["commits", sha, "check-runs"] => usize::from_str_radix(sha, 16).ok(),
+        _ => None,
+    }
+}
+
+/// Round trips of one row: its requests in waves, a wave being those sent before any earlier
+/// one of the row was answered (sequential requests are one wave each, parallel ones one).
+fn round_trips(requests: &mut [&Seen]) -> usize {
+    requests.sort_by_key(|s| s.arrived);
+    let mut waves = 0;
+    let mut wave_answered = None;
+    for request in requests.iter() {
+        match wave_answered {
+            Some(answered) if request.arrived < answered => {
+                wave_answered = Some(request.answered.max(answered));
+            }
+            _ => {
+                waves += 1;
+                wave_answered = Some(request.answered);
+            }
+        }
+    }
+    waves
+}
+
+/// One measured tick through the GitHub client: what it cost per row.
+struct HttpTick {
+    name: &'static str,
+    report: RefreshReport,
+    requests: usize,
+    round_trips_per_row: f64,
+    counted_per_row: f64,
+    elapsed: Duration,
+}
+
+async fn http_tick(
+    bench: &BenchDb,
+    fake: &FakeGitHub,
+    gitsync: &Gitsync,
+    name: &'static str,
+) -> anyhow::Result<HttpTick> {
+    let (first, before) = (fake.seen().len(), fake.counts());
+    let (elapsed, report) = timed(bench, gitsync).await?;
+    let seen = fake.seen();
+    let seen = &seen[first..];
+    let rows = report.leased.max(1);
+    let mut by_row: std::collections::HashMap<usize, Vec<&Seen>> = std::collections::HashMap::new();
+    for request in seen {
+        by_row.entry(row_of(request).context("a request of no row")?).or_default().push(request);
+    }
+    let round_trips: usize = by_row.values_mut().map(|requests| round_trips(requests)).sum();
+    let counted = (fake.counts() - before).counted;
+    Ok(HttpTick {
+        name,
+        report,
+        requests: seen.len(),
+        round_trips_per_row: round_trips as f64 / rows as f64,
+        counted_per_row: counted as f64 / rows as f64,
+        elapsed,
+    })
+}
+
 async fn over_http(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     let fake = FakeGitHub::start().await;
     fake.set_latency(args.latency);
     for n in 1..=args.rows {
-        fake.pr(&format!("o{}", (n - 1) % 10), "r", &format!("b{n}"), n as i64);
+        let (owner, branch) = (format!("o{}", (n - 1) % 10), format!("b{n}"));
+        fake.pr(&owner, "r", &branch, n as i64);
+        fake.push(&owner, "r", &branch, &head_sha(n));
     }
     let mut github = ProviderConfig::github_default();
     github.api_base_url = fake.base_url.clone();
     github.allow_insecure_http = true;
+    let config = GitsyncConfig { providers: vec![github], ..config(10) };
     let meter = opentelemetry::global::meter("bench");
-    let mut rows = Vec::new();
-    for (name, known_pr) in [
-        ("PRs known: the PR, then reviews + checks", true),
-        ("first refresh: lookup, PR, reviews + checks", false),
-    ] {
-        seed(bench, args.rows, 10, known_pr).await?;
-        let config = GitsyncConfig { providers: vec![github.clone()], ..config(10) };
-        let gitsync = Gitsync::new(bench.db.clone(), config, 10, &meter)?;
-        let before = fake.seen().len();
-        let (elapsed, report) = timed(bench, &gitsync).await?;
-        rows.push(vec![
-            name.to_owned(),
-            format!("{}/{}", refreshed(&report), report.leased),
-            (fake.seen().len() - before).to_string(),
-            format!("{:.2}", elapsed.as_secs_f64()),
-        ]);
-    }
+    let client = || Gitsync::new(bench.db.clone(), config.clone(), 10, &meter);
+    let again = "UPDATE chat_diff_statuses SET stale_at = now()";
+    let mut ticks = Vec::new();
+
+    // Rows stored before head commits were used: the PR, then reviews + checks.
+    seed(bench, args.rows, 10, true).await?;
+    ticks.push(
+        http_tick(bench, &fake, &client()?, "PR number known, head not: PR, then reviews + checks").await?,
+    );
+
+    seed(bench, args.rows, 10, false).await?;
+    let gitsync = client()?;
+    ticks.push(http_tick(bench, &fake, &gitsync, "first refresh: lookup, PR, reviews + checks").await?);
+    bench.direct().await?.batch_execute(again).await?;
+    ticks.push(
+        http_tick(bench, &fake, &gitsync, "steady state: PR + reviews + checks at once, all 304").await?,
+    );
+    // A restarted worker: number and head stored, nothing cached.
+    bench.direct().await?.batch_execute(again).await?;
+    ticks.push(http_tick(bench, &fake, &client()?, "steady state, cold ETag cache (after a restart)").await?);
+
+    let rows: Vec<Vec<String>> = ticks
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.to_owned(),
+                format!("{}/{}", refreshed(&t.report), t.report.leased),
+                t.requests.to_string(),
+                format!("{:.2}", t.round_trips_per_row),
+                format!("{:.2}", t.counted_per_row),
+                format!("{:.2}", t.elapsed.as_secs_f64()),
+            ]
+        })
+        .collect();
     table(
         &format!(
             "The same tick through the GitHub client, local fake GitHub with {} ms per HTTP request (concurrency 10, 10 owners)",
             args.latency.as_millis()
         ),
-        &["variant", "refreshed/leased", "HTTP requests", "tick seconds"],
+        &[
+            "variant",
+            "refreshed/leased",
+            "HTTP requests",
+            "round trips per row",
+            "counted requests (200s) per row",
+            "tick seconds",
+        ],
         &rows,
+    );
+
+    // An unchanged row is refreshed once per ttl (the lease picks it up within an interval).
+    let defaults = GitsyncConfig::default();
+    let per_hour = 3600.0 / defaults.ttl.as_secs_f64();
+    let steady = ticks[2].counted_per_row;
+    println!(
+        "\ncounted requests per unchanged row per hour: {:.1} ({steady:.2} per refresh × at most {per_hour:.0} \
+         refreshes/h: one per ttl {}, leased within an interval of {}), against {:.0} at the old 3 per refresh",
+        steady * per_hour,
+        humantime::format_duration(defaults.ttl),
+        humantime::format_duration(defaults.base.interval),
+        3.0 * per_hour,
     );
     Ok(())
 }

@@ -1,10 +1,13 @@
 //! Outbox benchmarks (targets in BENCHMARKS.md#targets), against the real PostgreSQL and Redis,
 //! every baseline measured in the same run:
 //!
-//! 1. Drain N due rows (default 200,000): the sweeper (one and two replicas) versus the per-row
-//!    baseline (claim one row, HSET, ZADD, DELETE, commit) and versus the SQL-only limit (the
-//!    same claim + delete statements in batches, no Redis); plus Redis alone (the same pipelines,
-//!    no SQL) to show which side limits.
+//! 1. Drain N due rows (default 200,000): the sweeper as its tick runs it (`Sweeper::drain`, two
+//!    batches in flight; one and two replicas, and one replica against a local Redis Cluster when
+//!    `WORKER_TEST_REDIS_CLUSTER_URL` names one, as `scripts/bench.sh` does) and one batch at a
+//!    time (`Sweeper::sweep`, the tick before the pipeline) versus the per-row baseline (claim
+//!    one row, HSET, ZADD, DELETE, commit) and versus the SQL-only limit (the same claim + delete
+//!    statements in batches, no Redis); plus Redis alone (the same pipelines, no SQL) to show
+//!    which side limits.
 //! 2. Latency from `enqueue_task` to the task being in its sorted set, p50/p99 over single
 //!    enqueues at a steady rate, with the NOTIFY wake and with polling only.
 //!
@@ -30,6 +33,8 @@ use worker::runtime::Runtime;
 use worker::runtime::RuntimeConfig;
 
 const QUEUES: usize = 4;
+/// Where `scripts/bench.sh` (like `scripts/test.sh`) puts the local Redis Cluster's URL.
+const CLUSTER_URL_VAR: &str = "WORKER_TEST_REDIS_CLUSTER_URL";
 
 struct Args {
     rows: i64,
@@ -208,8 +213,25 @@ async fn one_pair_per_row(redis: &Client, prefix: &str, rows: &[Claimed]) -> any
     Ok(())
 }
 
-/// `replicas` sweepers (separate pools and Redis clients) side by side until the outbox is empty.
-async fn sweepers(bench: &BenchDb, prefix: &str, replicas: usize, batch: u32) -> anyhow::Result<u64> {
+/// How the sweepers of a variant sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sweep {
+    /// `Sweeper::sweep` in a loop: claim, Redis, settle, commit, then the next batch.
+    OneBatchAtATime,
+    /// `Sweeper::drain` as the tick calls it: the next batch claimed while one waits for Redis.
+    Pipelined,
+}
+
+/// `replicas` sweepers (separate pools and Redis clients, the Redis at `redis_url`) side by side
+/// until the outbox is empty.
+async fn sweepers(
+    bench: &BenchDb,
+    redis_url: &str,
+    prefix: &str,
+    replicas: usize,
+    batch: u32,
+    sweep: Sweep,
+) -> anyhow::Result<u64> {
     let config = OutboxConfig { batch_size: batch, ..OutboxConfig::default() };
     let meter = opentelemetry::global::meter("bench");
     let mut sweepers = Vec::new();
@@ -219,22 +241,31 @@ async fn sweepers(bench: &BenchDb, prefix: &str, replicas: usize, batch: u32) ->
             pool_size: 2,
             ..Default::default()
         })?;
-        let (redis, _) = common::redis(prefix).await?;
+        let (redis, _) = common::redis_at(redis_url, prefix).await?;
         sweepers.push(Sweeper::new(db, redis, prefix, config.clone(), &meter));
     }
     let runs = sweepers.into_iter().map(|sweeper| {
         tokio::spawn(async move {
             let mut total = 0u64;
             loop {
-                let report = sweeper.sweep().await?;
-                anyhow::ensure!(
-                    report.untouched == 0 && report.retried == 0,
-                    "unexpected failures: {report:?}"
-                );
-                if report.claimed == 0 {
+                let reports = match sweep {
+                    Sweep::OneBatchAtATime => vec![sweeper.sweep().await?],
+                    Sweep::Pipelined => {
+                        sweeper
+                            .drain(|| config.redis_timeout, worker::outbox::sweeper::BATCHES_PER_TICK)
+                            .await?
+                    }
+                };
+                for report in &reports {
+                    anyhow::ensure!(
+                        report.untouched == 0 && report.retried == 0,
+                        "unexpected failures: {report:?}"
+                    );
+                    total += report.dispatched.len() as u64;
+                }
+                if reports.iter().all(|r| r.claimed == 0) {
                     return Ok(total);
                 }
-                total += report.dispatched.len() as u64;
             }
         })
     });
@@ -281,22 +312,34 @@ async fn throughput(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         common::delete_keys(&redis, &prefix, &kinds, &queues()).await?;
     }
 
-    for replicas in [1, 2] {
+    let cluster = std::env::var(CLUSTER_URL_VAR).ok().filter(|url| !url.is_empty());
+    let single = common::redis_url();
+    let mut variants = vec![
+        (single.as_str(), 1, Sweep::OneBatchAtATime, "one batch at a time (the tick before the pipeline)"),
+        (single.as_str(), 1, Sweep::Pipelined, "two batches in flight (the tick)"),
+        (single.as_str(), 2, Sweep::Pipelined, "two batches in flight each"),
+    ];
+    match &cluster {
+        Some(url) => variants.push((url.as_str(), 1, Sweep::Pipelined, "Redis Cluster of 3 masters")),
+        None => println!("(no Redis Cluster row: {CLUSTER_URL_VAR} is not set; scripts/bench.sh sets it)\n"),
+    }
+    for (url, replicas, sweep, what) in variants {
+        let (target, _) = common::redis_at(url, &prefix).await?;
         fill(bench, args.rows).await?;
-        let (n, elapsed, cpu) = measured(sweepers(bench, &prefix, replicas, args.batch)).await?;
+        let (n, elapsed, cpu) = measured(sweepers(bench, url, &prefix, replicas, args.batch, sweep)).await?;
         anyhow::ensure!(remaining(&bench.db).await? == 0, "the sweepers left rows behind");
         let mut in_redis = 0u64;
         for queue in queues() {
-            in_redis += redis.zcard::<u64, _>(worker::redis::key(&prefix, "sched", &queue)).await?;
+            in_redis += target.zcard::<u64, _>(worker::redis::key(&prefix, "sched", &queue)).await?;
         }
         anyhow::ensure!(in_redis == n, "{in_redis} tasks in Redis after dispatching {n}");
         let label = format!(
-            "sweeper, {replicas} replica{}, batch {}",
+            "sweeper, {replicas} replica{}, batch {}, {what}",
             if replicas > 1 { "s" } else { "" },
             args.batch
         );
         results.push((label, n, elapsed, cpu));
-        common::delete_keys(&redis, &prefix, &kinds, &queues()).await?;
+        common::delete_keys(&target, &prefix, &kinds, &queues()).await?;
     }
 
     let per_row_rate = rate(results[0].1, results[0].2);

@@ -30,6 +30,10 @@ done
 
 ensure_postgres
 ensure_redis
+# The outbox benchmark's Redis Cluster row (exports WORKER_TEST_REDIS_CLUSTER_URL).
+if [[ " ${selected[*]} " =~ " outbox " ]]; then
+  ensure_redis_cluster
+fi
 for db in $(psql -h 127.0.0.1 -U postgres -d postgres -tAc \
     "SELECT datname FROM pg_database WHERE datname LIKE 'worker_bench_%'"); do
   psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" || true

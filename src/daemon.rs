@@ -23,6 +23,7 @@ use crate::identity::WorkerIdentity;
 use crate::loops::{self, Shared};
 use crate::migrate;
 use crate::runtime::Runtime;
+use crate::telemetry::traces::Traces;
 use crate::telemetry::{Identity, Metrics};
 use crate::workers::WorkerLease;
 
@@ -36,6 +37,7 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     let me = WorkerIdentity::generate();
     let identity = Identity { worker_id: me.id, environment: config.app.env.clone() };
     let metrics = Metrics::init(&config.telemetry, &identity, &env)?;
+    let traces = Traces::init(&config.telemetry, &identity, &env)?;
     let meter = metrics.meter();
     let concurrency = Concurrency::from_config(&config);
     tracing::info!(
@@ -136,10 +138,13 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     listener_stop.cancel();
     server_stop.cancel();
     let _ = server.task.await;
-    // What is left of the budget goes to the last metrics export.
+    // What is left of the budget goes to the last metrics and traces export.
     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
-    if tokio::time::timeout(left, metrics.shutdown()).await.is_err() {
-        tracing::warn!("metrics were not flushed within the shutdown timeout");
+    if tokio::time::timeout(left, async { tokio::join!(metrics.shutdown(), traces.shutdown()) })
+        .await
+        .is_err()
+    {
+        tracing::warn!("metrics and traces were not flushed within the shutdown timeout");
     }
     tracing::info!(drained, "worker stopped");
     Ok(if drained { 0 } else { EXIT_DRAIN_TIMEOUT })

@@ -16,7 +16,7 @@
 //! - [`identity`]: who this process is (its `workers` id).
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`status`]: `worker status`, the fleet as the database sees it.
-//! - [`telemetry`]: tracing and the OTLP meter provider.
+//! - [`telemetry`]: tracing, the OTLP meter provider and, with `telemetry.traces`, the tracer provider.
 //! - [`workers`]: the `workers` loop, this process's lease row.
 //! - [`redis`]: the shared Redis client (reconnect policy, timeouts, key spelling).
 //! - [`outbox`]: the `outbox` loop (task_outbox → Redis sorted sets), dead letters, its CLI.

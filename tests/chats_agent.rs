@@ -45,7 +45,7 @@ fn document(input: &serde_json::Value) -> Vec<u8> {
 }
 
 async fn start(agent: &Agent) -> AgentTurn {
-    agent.spawn(Uuid::new_v4(), 1, document(&json!({"chat": {}, "messages": []}))).await.expect("spawn")
+    agent.spawn(Uuid::new_v4(), 1, None, document(&json!({"chat": {}, "messages": []}))).await.expect("spawn")
 }
 
 /// Every event until EOF or the first error.
@@ -235,7 +235,7 @@ print(json.dumps({"type": "message", "role": "assistant",
     let input =
         json!({"chat": {"id": "c", "title": ""}, "messages": [{"id": 7, "role": "user", "content": big}]});
     let chat_id = Uuid::new_v4();
-    let mut turn = agent.spawn(chat_id, 42, document(&input)).await.expect("spawn");
+    let mut turn = agent.spawn(chat_id, 42, None, document(&input)).await.expect("spawn");
     let (seen, error) = events(&mut turn).await;
     assert!(error.is_none(), "{error:?}");
     let expected = json!({"doc": input, "chat_id": chat_id.to_string(), "generation": "42"});
@@ -246,7 +246,7 @@ print(json.dumps({"type": "message", "role": "assistant",
 #[tokio::test]
 async fn a_missing_program_is_a_spawn_error_naming_it() {
     let agent = Agent::new(command(&["/nonexistent/agent"]), limits());
-    let error = agent.spawn(Uuid::new_v4(), 1, document(&json!({}))).await.err().expect("spawn fails");
+    let error = agent.spawn(Uuid::new_v4(), 1, None, document(&json!({}))).await.err().expect("spawn fails");
     assert_eq!(error.metric_label(), "spawn_failed");
     assert!(error.to_string().contains("/nonexistent/agent"), "{error}");
 }
@@ -268,7 +268,7 @@ async fn the_demo_agent_titles_the_chat_and_answers_the_last_user_message() {
         ],
     });
     let mut turn = demo_agent(&["DEMO_AGENT_DELAY_MS=0"])
-        .spawn(Uuid::new_v4(), 1, document(&input))
+        .spawn(Uuid::new_v4(), 1, None, document(&input))
         .await
         .expect("spawn");
     let (seen, error) = events(&mut turn).await;
@@ -289,8 +289,10 @@ async fn the_demo_agent_titles_the_chat_and_answers_the_last_user_message() {
 #[tokio::test]
 async fn the_demo_agent_fails_on_request_with_its_stderr() {
     let agent = demo_agent(&["DEMO_AGENT_FAIL=5"]);
-    let turn =
-        agent.spawn(Uuid::new_v4(), 1, document(&json!({"chat": {}, "messages": []}))).await.expect("spawn");
+    let turn = agent
+        .spawn(Uuid::new_v4(), 1, None, document(&json!({"chat": {}, "messages": []})))
+        .await
+        .expect("spawn");
     let error = turn.finish().await.expect_err("exit 5");
     assert!(matches!(&error, AgentError::Exited { status, .. } if status.code() == Some(5)), "{error:?}");
     assert!(error.to_string().contains("failing on purpose"), "{error}");
@@ -306,7 +308,8 @@ async fn helper_spawns_an_agent_and_waits_to_be_killed() {
     if std::env::var_os(HELPER_ENV).is_none() {
         return;
     }
-    let turn = sh("exec sleep 1000").spawn(Uuid::new_v4(), 1, document(&json!({}))).await.expect("spawn");
+    let turn =
+        sh("exec sleep 1000").spawn(Uuid::new_v4(), 1, None, document(&json!({}))).await.expect("spawn");
     println!("AGENT_PID={}", turn.process_group_id());
     std::future::pending::<()>().await;
 }
@@ -367,8 +370,9 @@ async fn an_agent_outlives_the_thread_that_spawned_it() {
     let runtime = tokio::runtime::Handle::current();
     // PR_SET_PDEATHSIG fires when the forking *thread* exits; this thread is gone before the
     // agent answers, which must not matter.
-    let short_lived =
-        std::thread::spawn(move || runtime.block_on(agent.spawn(Uuid::new_v4(), 1, document(&json!({})))));
+    let short_lived = std::thread::spawn(move || {
+        runtime.block_on(agent.spawn(Uuid::new_v4(), 1, None, document(&json!({}))))
+    });
     let mut turn = tokio::task::spawn_blocking(move || short_lived.join())
         .await
         .expect("join task")

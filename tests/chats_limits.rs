@@ -188,7 +188,7 @@ fn sh(script: &str, args: &[&str], limits: LimitsConfig) -> Agent {
 }
 
 async fn turn_error(agent: &Agent) -> AgentError {
-    let mut turn = agent.spawn(Uuid::new_v4(), 1, b"{}\n".to_vec()).await.expect("spawn");
+    let mut turn = agent.spawn(Uuid::new_v4(), 1, None, b"{}\n".to_vec()).await.expect("spawn");
     while turn.next_event().await.expect("no bad output").is_some() {}
     turn.finish().await.expect_err("the agent was stopped")
 }

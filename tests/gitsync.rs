@@ -9,14 +9,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::TestDb;
 use common::metrics::MetricsProbe;
-use gitsync_support::{Answer, FakeGitHub, RATE_LIMIT, fixture};
+use gitsync_support::{Answer, Counts, FakeGitHub, RATE_LIMIT, fixture};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 use worker::audit::Actor;
 use worker::config::{Concurrency, Config};
 use worker::db::{Db, Exec};
 use worker::gitsync::cli::{self, GitsyncCommand};
-use worker::gitsync::{Gitsync, GitsyncConfig, ProviderConfig, ProviderKind, RefreshOutcome, RefreshReport};
+use worker::gitsync::{
+    GitHub, GitHubOptions, Gitsync, GitsyncConfig, ProviderConfig, ProviderKind, RefreshOutcome,
+    RefreshReport,
+};
 use worker::health::Health;
 use worker::runtime::RuntimeConfig;
 use worker::runtime::{Outcome, Runtime, Tick};
@@ -157,20 +160,22 @@ impl Harness {
         self.db().get().await.expect("conn").exec(sql, &[]).await.expect(sql);
     }
 
+    /// `columns` of the chat's diff status.
+    async fn columns(&self, chat: Uuid, columns: &str) -> tokio_postgres::Row {
+        let sql = format!("SELECT {columns} FROM chat_diff_statuses WHERE chat_id = $1");
+        let conn = self.db().get().await.expect("conn");
+        conn.fetch_one(&sql, &[(&chat, Type::UUID)]).await.expect("row")
+    }
+
     async fn get(&self, chat: Uuid) -> Row {
         let r = self
-            .db()
-            .get()
-            .await
-            .expect("conn")
-            .fetch_one(
-                "SELECT last_outcome, last_error, extract(epoch FROM stale_at - now())::float8, \
+            .columns(
+                chat,
+                "last_outcome, last_error, extract(epoch FROM stale_at - now())::float8, \
                  extract(epoch FROM stale_at - refreshed_at)::float8, leased_at IS NOT NULL, pr_number, \
-                 pull_request_state, git_branch FROM chat_diff_statuses WHERE chat_id = $1",
-                &[(&chat, Type::UUID)],
+                 pull_request_state, git_branch",
             )
-            .await
-            .expect("row");
+            .await;
         Row {
             outcome: r.get(0),
             last_error: r.get(1),
@@ -560,26 +565,265 @@ async fn a_row_re_marked_during_its_refresh_keeps_the_new_mark() {
     assert!(row.stale_in_secs <= 0.0, "still due for the next tick: {row:?}");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Steady state: the PR, its reviews and its stored head's checks at once, revalidated by ETag.
+
+/// The PR fields the steady-state tests look at.
+#[derive(Debug, PartialEq, Eq)]
+struct Verdict {
+    title: String,
+    approved: bool,
+    changes_requested: bool,
+    checks: String,
+    head_sha: String,
+}
+
+impl Harness {
+    async fn verdict(&self, chat: Uuid) -> Verdict {
+        let r = self.columns(chat, "title, approved, changes_requested, checks_state, head_sha").await;
+        Verdict {
+            title: r.get(0),
+            approved: r.get(1),
+            changes_requested: r.get(2),
+            checks: r.get(3),
+            head_sha: r.get(4),
+        }
+    }
+
+    /// Refreshes every row again, now.
+    async fn refresh_again(&self, gitsync: &Gitsync) -> RefreshReport {
+        self.sql("UPDATE chat_diff_statuses SET stale_at = now()").await;
+        self.refresh(gitsync).await
+    }
+}
+
+/// What the fixtures derive to.
+fn fixture_verdict() -> Verdict {
+    Verdict {
+        title: "Amazing new feature".into(),
+        approved: true,
+        changes_requested: false,
+        checks: "success".into(),
+        head_sha: gitsync_support::HEAD_SHA.into(),
+    }
+}
+
+fn changes_requested() -> String {
+    let mut reviews: serde_json::Value =
+        serde_json::from_str(&fixture("pull-request-review-items.json")).expect("fixture");
+    reviews[0]["state"] = "CHANGES_REQUESTED".into();
+    reviews.to_string()
+}
+
+fn failed_checks() -> String {
+    let mut checks: serde_json::Value =
+        serde_json::from_str(&fixture("check-run-paginated.json")).expect("fixture");
+    checks["check_runs"][0]["conclusion"] = "failure".into();
+    checks.to_string()
+}
+
+/// `repo`: `/repos/{owner}/{repo}`.
+fn checks_path(repo: &str, sha: &str) -> String {
+    format!("{repo}/commits/{sha}/check-runs")
+}
+
+/// (path, status, If-None-Match sent) of the requests from `from` on, sorted by path.
+fn requests_since(fake: &FakeGitHub, from: usize) -> Vec<(String, u16, bool)> {
+    let mut seen: Vec<_> =
+        fake.seen()[from..].iter().map(|s| (s.path.clone(), s.status, s.if_none_match.is_some())).collect();
+    seen.sort();
+    seen
+}
+
 #[tokio::test]
-async fn an_unchanged_pr_is_revalidated_with_its_etag_and_recorded_as_not_modified() {
+async fn an_unchanged_row_costs_one_round_trip_and_no_counted_request() {
     let h = Harness::new().await;
     h.fake.pr("octocat", "Hello-World", "new-topic", 1347);
     let chat = h.row(h.owner().await, "https://github.com/octocat/Hello-World", "new-topic").await;
     let gitsync = h.gitsync();
     h.refresh(&gitsync).await;
-    let first = h.fake.seen().len();
     assert!(h.fake.seen().iter().all(|s| s.if_none_match.is_none() && s.status == 200));
+    assert_eq!(h.fake.counts().counted, 4, "first refresh: lookup, PR, reviews, checks");
+    assert_eq!(h.verdict(chat).await, fixture_verdict());
 
+    let (first, before) = (h.fake.seen().len(), h.fake.counts());
+    // Held until all three are in flight: sent one after the other, they never would be.
+    let gate = h.fake.gate("/repos/");
     h.sql("UPDATE chat_diff_statuses SET stale_at = now()").await;
-    let report = h.refresh(&gitsync).await;
+    let (report, ()) = tokio::join!(h.refresh(&gitsync), async {
+        gate.wait_held(3, WAIT).await;
+        gate.open();
+    });
     assert_eq!(report.count(RefreshOutcome::NotModified), 1, "{report:?}");
-    let again = &h.fake.seen()[first..];
-    assert_eq!(again.len(), 3, "the stored PR number is used: {again:?}");
-    for request in again {
-        assert!(request.if_none_match.is_some(), "{request:?}");
-        assert_eq!(request.status, 304, "{request:?}");
-    }
+    assert_eq!(gate.max_held(), 3);
+    let repo = "/repos/octocat/Hello-World";
+    assert_eq!(
+        requests_since(&h.fake, first),
+        vec![
+            (checks_path(repo, gitsync_support::HEAD_SHA), 304, true),
+            (format!("{repo}/pulls/1347"), 304, true),
+            (format!("{repo}/pulls/1347/reviews"), 304, true),
+        ],
+        "one round trip: the stored PR number and head commit, each revalidated"
+    );
+    assert_eq!(h.fake.counts() - before, Counts { counted: 0, not_modified: 3 });
     assert_eq!(h.get(chat).await.outcome.as_deref(), Some("not_modified"));
+    assert_eq!(h.verdict(chat).await, fixture_verdict(), "the cached bodies, derived again");
+}
+
+#[tokio::test]
+async fn each_call_answered_304_alone_reuses_its_cached_body_beside_fresh_answers() {
+    let h = Harness::new().await;
+    let owner = h.owner().await;
+    // Repository `keep-{call}/r`: only that call's answer stays the same.
+    let calls = ["pr", "reviews", "checks"];
+    let mut chats = Vec::new();
+    for call in calls {
+        h.fake.pr(&format!("keep-{call}"), "r", "b", 1);
+        chats.push(h.row(owner, &format!("https://github.com/keep-{call}/r"), "b").await);
+    }
+    let gitsync = h.gitsync();
+    assert_eq!(h.refresh(&gitsync).await.count(RefreshOutcome::Ok), 3);
+
+    let sha = gitsync_support::HEAD_SHA;
+    for call in calls {
+        let repo = format!("/repos/keep-{call}/r");
+        if call != "pr" {
+            let mut pr: serde_json::Value = serde_json::from_str(&gitsync_support::pull_request(
+                &format!("keep-{call}"),
+                "r",
+                1,
+                "b",
+                sha,
+            ))
+            .expect("pr");
+            pr["title"] = "Renamed".into();
+            h.fake.json(&format!("{repo}/pulls/1"), pr.to_string());
+        }
+        if call != "reviews" {
+            h.fake.json(&format!("{repo}/pulls/1/reviews"), changes_requested());
+        }
+        if call != "checks" {
+            h.fake.json(&checks_path(&repo, sha), failed_checks());
+        }
+    }
+    let (first, before) = (h.fake.seen().len(), h.fake.counts());
+    assert_eq!(h.refresh_again(&gitsync).await.count(RefreshOutcome::Ok), 3);
+    assert_eq!(h.fake.counts() - before, Counts { counted: 6, not_modified: 3 });
+
+    let seen = h.fake.seen()[first..].to_vec();
+    for (call, chat) in calls.into_iter().zip(chats) {
+        let repo = format!("/repos/keep-{call}/r");
+        let path = match call {
+            "pr" => format!("{repo}/pulls/1"),
+            "reviews" => format!("{repo}/pulls/1/reviews"),
+            _ => checks_path(&repo, sha),
+        };
+        for request in seen.iter().filter(|s| s.path.starts_with(&format!("{repo}/"))) {
+            assert!(request.if_none_match.is_some(), "{request:?}");
+            let want = if request.path == path { 304 } else { 200 };
+            assert_eq!(request.status, want, "{call}: {request:?}");
+        }
+        let verdict = h.verdict(chat).await;
+        let want = Verdict {
+            title: if call == "pr" { "Amazing new feature" } else { "Renamed" }.into(),
+            approved: call == "reviews",
+            changes_requested: call != "reviews",
+            checks: if call == "checks" { "success" } else { "failure" }.into(),
+            head_sha: sha.into(),
+        };
+        assert_eq!(verdict, want, "{call}");
+    }
+}
+
+#[tokio::test]
+async fn a_moved_head_fetches_the_new_commits_checks_and_stores_their_verdict() {
+    let h = Harness::new().await;
+    h.fake.pr("o", "r", "b", 1);
+    let chat = h.row(h.owner().await, "https://github.com/o/r", "b").await;
+    let gitsync = h.gitsync();
+    h.refresh(&gitsync).await;
+    assert_eq!(h.verdict(chat).await.head_sha, gitsync_support::HEAD_SHA);
+
+    let moved = "0123456789abcdef0123456789abcdef01234567";
+    h.fake.push("o", "r", "b", moved);
+    h.fake.json(&checks_path("/repos/o/r", moved), failed_checks());
+    let (first, before) = (h.fake.seen().len(), h.fake.counts());
+    assert_eq!(h.refresh_again(&gitsync).await.count(RefreshOutcome::Ok), 1);
+    let seen = h.fake.seen()[first..].to_vec();
+    assert_eq!(
+        requests_since(&h.fake, first),
+        vec![
+            (checks_path("/repos/o/r", moved), 200, false),
+            (checks_path("/repos/o/r", gitsync_support::HEAD_SHA), 304, true),
+            ("/repos/o/r/pulls/1".into(), 200, true),
+            ("/repos/o/r/pulls/1/reviews".into(), 304, true),
+        ]
+    );
+    // The new commit's checks were asked for only once the PR had named it: a second round trip.
+    let pr_answered = seen.iter().find(|s| s.path == "/repos/o/r/pulls/1").expect("pr").answered;
+    let new_checks = seen.iter().find(|s| s.path.contains(moved)).expect("new checks");
+    assert!(new_checks.arrived >= pr_answered, "{seen:?}");
+    assert_eq!(h.fake.counts() - before, Counts { counted: 2, not_modified: 2 });
+    let verdict = h.verdict(chat).await;
+    assert_eq!((verdict.head_sha.as_str(), verdict.checks.as_str()), (moved, "failure"));
+
+    // And the moved head is the one revalidated from then on.
+    let first = h.fake.seen().len();
+    assert_eq!(h.refresh_again(&gitsync).await.count(RefreshOutcome::NotModified), 1);
+    let again = requests_since(&h.fake, first);
+    assert_eq!(again.len(), 3, "{again:?}");
+    assert!(again.iter().all(|(_, status, _)| *status == 304), "{again:?}");
+    assert_eq!(again[0].0, checks_path("/repos/o/r", moved));
+}
+
+#[tokio::test]
+async fn a_branch_without_a_pr_is_looked_up_again_with_its_etag() {
+    let h = Harness::new().await;
+    h.fake.pr("o", "r", "other", 1);
+    let chat = h.row(h.owner().await, "https://github.com/o/r", "b").await;
+    let gitsync = h.gitsync();
+    assert_eq!(h.refresh(&gitsync).await.count(RefreshOutcome::NoPr), 1);
+    assert_eq!(h.fake.counts(), Counts { counted: 1, not_modified: 0 });
+
+    assert_eq!(h.refresh_again(&gitsync).await.count(RefreshOutcome::NoPr), 1);
+    assert_eq!(h.fake.counts(), Counts { counted: 1, not_modified: 1 });
+    assert_eq!(requests_since(&h.fake, 1), vec![("/repos/o/r/pulls".into(), 304, true)]);
+
+    // The branch gets a PR: the lookup's answer changes, and the PR is found.
+    h.fake.pr("o", "r", "b", 2);
+    assert_eq!(h.refresh_again(&gitsync).await.count(RefreshOutcome::Ok), 1);
+    assert_eq!(h.get(chat).await.pr_number, Some(2));
+}
+
+#[tokio::test]
+async fn an_etag_cache_too_small_for_the_pr_still_answers_right_by_fetching_it_again() {
+    let h = Harness::new().await;
+    h.fake.pr("octocat", "Hello-World", "new-topic", 1347);
+    let chat = h.row(h.owner().await, "https://github.com/octocat/Hello-World", "new-topic").await;
+    // Room for the reviews and the checks (~5 KB), not for the PR (~20 KB).
+    let options = GitHubOptions { etag_cache_bytes: 10_000, ..GitHubOptions::default() };
+    let provider = h.config.providers[0].clone();
+    let github = GitHub::new(&provider, options).expect("client");
+    let meter = opentelemetry::global::meter("gitsync-test");
+    let gitsync = Gitsync::with_providers(
+        h.db().clone(),
+        h.config.clone(),
+        h.concurrency(),
+        &meter,
+        vec![(provider, github)],
+    );
+    h.refresh(&gitsync).await;
+    assert_eq!(
+        gitsync.providers()[0].1.cached_responses(),
+        2,
+        "the reviews and checks; neither the lookup nor the PR fits"
+    );
+
+    let before = h.fake.counts();
+    assert_eq!(h.refresh_again(&gitsync).await.count(RefreshOutcome::NotModified), 1);
+    assert_eq!(h.fake.counts() - before, Counts { counted: 1, not_modified: 2 }, "the PR costs a 200");
+    assert_eq!(h.verdict(chat).await, fixture_verdict());
 }
 
 #[tokio::test]

@@ -164,7 +164,7 @@ async fn setup(options: GitHubOptions) -> Bundle {
 async fn status_error(bundle: &Bundle) -> ProviderError {
     bundle
         .github
-        .status(&bundle.origin, PrNumber(1347), TOKEN, TIMEOUT)
+        .status(&bundle.origin, PrNumber(1347), None, TOKEN, TIMEOUT)
         .await
         .expect_err("the status fetch fails")
 }
@@ -175,7 +175,8 @@ async fn a_branch_resolves_to_its_pr_and_the_status_combines_pr_reviews_and_chec
     let number = bundle.github.pull_request_by_branch(&bundle.origin, "new-topic", TOKEN, TIMEOUT).await;
     assert_eq!(number.expect("pr lookup"), Some(PrNumber(1347)));
 
-    let status = bundle.github.status(&bundle.origin, PrNumber(1347), TOKEN, TIMEOUT).await.expect("status");
+    let status =
+        bundle.github.status(&bundle.origin, PrNumber(1347), None, TOKEN, TIMEOUT).await.expect("status");
     assert_eq!(status.pr_number, PrNumber(1347));
     assert_eq!(status.url, "https://github.com/octocat/Hello-World/pull/1347");
     assert_eq!(status.state, PrState::Open);
@@ -225,9 +226,11 @@ async fn an_unchanged_pr_is_revalidated_with_its_etag_and_the_304_reuses_the_bod
     ] {
         bundle.fake.answer(path, Answer::Json { body: fixture(name), etag: Some(etag) });
     }
-    let first = bundle.github.status(&bundle.origin, PrNumber(1347), TOKEN, TIMEOUT).await.expect("first");
+    let first =
+        bundle.github.status(&bundle.origin, PrNumber(1347), None, TOKEN, TIMEOUT).await.expect("first");
     assert_eq!(bundle.github.cached_responses(), 3);
-    let second = bundle.github.status(&bundle.origin, PrNumber(1347), TOKEN, TIMEOUT).await.expect("second");
+    let second =
+        bundle.github.status(&bundle.origin, PrNumber(1347), None, TOKEN, TIMEOUT).await.expect("second");
     assert_eq!(second, first);
 
     let seen = bundle.fake.seen();
@@ -248,8 +251,35 @@ async fn an_unchanged_pr_is_revalidated_with_its_etag_and_the_304_reuses_the_bod
     assert_eq!(bundle.github.stats().count(StatusClass::Redirection), 3);
 
     // Another token never revalidates against (or reads) the first token's cached answers.
-    bundle.github.status(&bundle.origin, PrNumber(1347), "ghp_other", TIMEOUT).await.expect("other token");
+    bundle
+        .github
+        .status(&bundle.origin, PrNumber(1347), None, "ghp_other", TIMEOUT)
+        .await
+        .expect("other token");
     assert!(bundle.fake.seen()[6..].iter().all(|s| s.if_none_match.is_none() && s.status == 200));
+}
+
+#[tokio::test]
+async fn a_known_head_is_asked_for_with_the_pr_and_a_moved_one_costs_one_more_request() {
+    let bundle = setup(GitHubOptions::default()).await;
+    let known = bundle.github.status(&bundle.origin, PrNumber(1347), Some(HEAD_SHA), TOKEN, TIMEOUT).await;
+    let checks = format!("{CHECKS}?per_page=100");
+    let paths = |from: usize| -> Vec<String> {
+        let mut paths: Vec<_> = bundle.fake.seen()[from..].iter().map(|s| s.path_and_query.clone()).collect();
+        paths.sort();
+        paths
+    };
+    assert_eq!(known.expect("status").head_sha, HEAD_SHA);
+    assert_eq!(paths(0), [checks.clone(), PULL.to_owned(), format!("{REVIEWS}?per_page=100")]);
+
+    // The stored head is gone (force-pushed away: 404): that answer is not the PR's head's, so
+    // it is no error; the PR's head is asked for instead.
+    let gone = "0000000000000000000000000000000000000000";
+    let status = bundle.github.status(&bundle.origin, PrNumber(1347), Some(gone), TOKEN, TIMEOUT).await;
+    assert_eq!(status.expect("status").checks_state, ChecksState::Success);
+    let again = paths(3);
+    assert_eq!(again.len(), 4, "{again:?}");
+    assert!(again.contains(&checks) && again.iter().any(|p| p.contains(gone)), "{again:?}");
 }
 
 #[tokio::test]
@@ -389,7 +419,8 @@ async fn a_request_that_gets_no_answer_times_out_naming_the_url() {
     let bundle = setup(GitHubOptions::default()).await;
     bundle.fake.answer(PULL, Answer::Hang);
     let timeout = Duration::from_millis(200);
-    let err = bundle.github.status(&bundle.origin, PrNumber(1347), TOKEN, timeout).await.expect_err("hangs");
+    let err =
+        bundle.github.status(&bundle.origin, PrNumber(1347), None, TOKEN, timeout).await.expect_err("hangs");
     match err {
         ProviderError::Timeout { ref url, timeout: waited } => {
             assert_eq!(waited, timeout);
@@ -410,7 +441,8 @@ async fn a_renamed_repository_is_followed_and_the_token_never_leaves_the_api_hos
         Answer::Raw { status: 301, headers: vec![("location", location)], body: String::new() },
     );
     bundle.fake.answer(moved, json("pull-request.json"));
-    let status = bundle.github.status(&bundle.origin, PrNumber(1347), TOKEN, TIMEOUT).await.expect("status");
+    let status =
+        bundle.github.status(&bundle.origin, PrNumber(1347), None, TOKEN, TIMEOUT).await.expect("status");
     assert_eq!(status.pr_number, PrNumber(1347));
     let seen = bundle.fake.seen();
     let followed = seen.iter().find(|s| s.path_and_query == moved).expect("redirect followed");
@@ -424,7 +456,7 @@ async fn a_renamed_repository_is_followed_and_the_token_never_leaves_the_api_hos
         Answer::Raw { status: 301, headers: vec![("location", location)], body: String::new() },
     );
     bundle.fake.answer(elsewhere, json("pull-request.json"));
-    bundle.github.status(&bundle.origin, PrNumber(1347), TOKEN, TIMEOUT).await.expect("status");
+    bundle.github.status(&bundle.origin, PrNumber(1347), None, TOKEN, TIMEOUT).await.expect("status");
     let seen = bundle.fake.seen();
     let followed = seen.iter().find(|s| s.path_and_query == elsewhere).expect("redirect followed");
     assert_eq!(followed.authorization, None, "the token was sent to another host");

@@ -3,7 +3,8 @@
 //! them with its documented attributes: `worker.ready`, `workers.lease.age_at_renewal`,
 //! `outbox.queue.*{queue}`, `gitsync.due*{provider}`, `gitsync.rate_limit.*{provider}`,
 //! `prebuilds.presets{condition}`, and the chats' admission metrics (`chats.pending`,
-//! `chats.pending.oldest_age`, `chats.admission.wait`, `chats.admission.capped{cap}`).
+//! `chats.pending.oldest_age`, `chats.admission.wait`, `chats.admission.capped{cap}`); and, with
+//! `database.listen_url` through a transaction-mode pgbouncer, `listen.wakes.not_delivered`.
 
 mod chaos_support;
 mod common;
@@ -240,5 +241,34 @@ async fn each_operator_metric_is_exported_by_a_real_run_with_its_documented_attr
     assert!(seen[&("workers.lease.age_at_renewal".to_owned(), String::new())] >= 1.0);
     assert_eq!(seen[&("chats.admission.wait".to_owned(), String::new())], 1.0, "one chat claimed: {seen:?}");
     assert!(seen[&("chats.admission.capped".to_owned(), "cap=owner_cap".to_owned())] >= 1.0);
+    replica.sigterm(Duration::from_secs(20)).await;
+}
+
+/// `listen.wakes.not_delivered` on a real run: `database.listen_url` through a transaction-mode
+/// pgbouncer, where LISTEN succeeds and hears nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_url_that_hears_nothing_is_counted_by_a_real_run() {
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let bouncer = common::pgbouncer::PgBouncer::start(4).await;
+    let (endpoint, mut requests) = otlp_http_receiver().await;
+    let config = WorkerConfig::for_test(&test_db)
+        .set("telemetry.otlp_endpoint", endpoint)
+        .set("telemetry.export_interval", "300ms")
+        .set("database.listen_url", bouncer.url(&test_db.name))
+        .set("listen.probe_timeout", "1s");
+    let mut replica = Replica::start(dir.path(), "replica", &config);
+    replica.ready().await;
+
+    let key = ("listen.wakes.not_delivered".to_owned(), String::new());
+    let mut seen: BTreeMap<(String, String), f64> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.get(&key).is_none_or(|n| *n < 1.0) {
+        let request = tokio::time::timeout_at(deadline, requests.recv())
+            .await
+            .unwrap_or_else(|_| panic!("not counted within 20 s: {seen:?}\n{}", replica.log_tail(40)))
+            .expect("receiver open");
+        points(&request, &mut seen);
+    }
     replica.sigterm(Duration::from_secs(20)).await;
 }

@@ -15,6 +15,7 @@ use outbox_support::{Harness, connected};
 use tokio_postgres::types::Type;
 use worker::db::{self, Db, Exec};
 use worker::health::Health;
+use worker::outbox::sweeper::BATCHES_PER_TICK;
 use worker::outbox::{SweepError, Sweeper};
 use worker::runtime::RuntimeConfig;
 use worker::runtime::{Loop, Outcome, Progress, Runtime, Tick};
@@ -45,7 +46,11 @@ async fn ten_thousand_tasks_over_several_queues_all_land_in_redis() {
     assert_eq!(expected.values().map(|q| q.len()).sum::<usize>(), 10_000);
 
     let ticks = drain(&sweeper, h.db()).await;
-    assert_eq!(ticks, 10_000 / 500 + 1, "full batches drain back to back, then one empty tick");
+    assert_eq!(
+        ticks,
+        10_000 / 500 / BATCHES_PER_TICK + 1,
+        "full ticks of full batches drain back to back, then a tick that ends short"
+    );
 
     for queue in queues {
         let in_redis = h.scheduled(queue).await;
@@ -70,6 +75,10 @@ async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_b
     let bad_key = worker::redis::key(h.prefix(), "sched", "bad");
     let _: () = h.redis.set(&bad_key, "not a sorted set", None, None, false).await.expect("set");
     h.enqueue(90, &["good", "bad", "other"], None).await;
+    // The producers traced (enqueue_task's traceparent): a dead letter keeps it, a requeue
+    // carries it back.
+    let traced = "'00-' || md5(task_id) || '-' || substr(md5('s' || task_id), 1, 16) || '-01'";
+    h.exec(&format!("UPDATE task_outbox SET traceparent = {traced}")).await;
 
     let first = sweeper.sweep().await.expect("sweep");
     assert_eq!(first.claimed, 90);
@@ -120,6 +129,10 @@ async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_b
         assert!(r.get::<_, String>(1).contains("WRONGTYPE"));
         assert_eq!(r.get::<_, String>(2), "bad");
     }
+    assert_eq!(
+        h.scalar(&format!("SELECT count(*) FROM task_outbox_dead WHERE traceparent = {traced}")).await,
+        30
+    );
     assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "dead_lettered")]).await, 30);
     assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "retried")]).await, 90);
     assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "dispatched")]).await, 60);
@@ -132,6 +145,7 @@ async fn a_wrong_type_key_fails_only_its_queue_until_dead_lettered_and_requeue_b
     .expect("requeue");
     assert_eq!((report.removed, report.requeued), (30, 30));
     assert_eq!(h.scalar("SELECT count(*) FROM task_outbox WHERE attempts = 0 AND run_at <= now()").await, 30);
+    assert_eq!(h.scalar(&format!("SELECT count(*) FROM task_outbox WHERE traceparent = {traced}")).await, 30);
     let _: i64 = h.redis.del(&bad_key).await.expect("del");
     assert_eq!(sweeper.sweep().await.expect("sweep").dispatched.len(), 30);
     assert_eq!(h.scheduled("bad").await.len(), 30);
@@ -375,14 +389,16 @@ async fn a_row_locked_by_another_transaction_is_skipped_not_waited_for() {
 }
 
 #[tokio::test]
-async fn a_full_batch_asks_for_another_tick_at_once_and_a_short_one_does_not() {
+async fn a_tick_of_full_batches_asks_for_another_at_once_and_a_short_one_does_not() {
     let mut h = Harness::new().await;
     h.config.outbox.batch_size = 10;
     let sweeper = h.sweeper(&MetricsProbe::new().meter());
-    h.enqueue(11, &["q"], None).await;
+    let rows = 10 * BATCHES_PER_TICK as i64 + 1;
+    h.enqueue(rows, &["q"], None).await;
     assert_eq!(sweeper.tick(&Tick::detached(h.db())).await.expect("tick"), Progress::More);
+    assert_eq!(h.scheduled("q").await.len(), 10 * BATCHES_PER_TICK, "one tick, its batches all full");
     assert_eq!(sweeper.tick(&Tick::detached(h.db())).await.expect("tick"), Progress::Done);
-    assert_eq!(h.scheduled("q").await.len(), 11);
+    assert_eq!(h.scheduled("q").await.len() as i64, rows);
 }
 
 #[tokio::test]
@@ -498,7 +514,7 @@ async fn dead_letter_columns_have_exactly_the_outbox_column_types() {
     };
     let outbox = columns("task_outbox").await;
     let dead: std::collections::BTreeMap<_, _> = columns("task_outbox_dead").await.into_iter().collect();
-    assert_eq!(outbox.len(), 9, "{outbox:?}");
+    assert_eq!(outbox.len(), 10, "{outbox:?}");
     for (name, ty) in &outbox {
         assert_eq!(dead.get(name), Some(ty), "task_outbox_dead.{name} has the type of task_outbox.{name}");
     }
@@ -832,4 +848,75 @@ async fn with_1000_queues_the_per_queue_gauges_never_exceed_metrics_queues_plus_
     sweeper.tick(&tick).await.expect("tick"); // probes the empty outbox
     let points = metrics.gauge_points("outbox.queue.backlog").await;
     assert_eq!(points, vec![(vec![("queue".to_owned(), "other".to_owned())], 0.0)]);
+}
+
+/// The pipeline of a drain: the next batch is claimed and sent to Redis while the one before it
+/// has not committed. A trigger (test setup, not the worker's) makes every sweep's DELETE wait
+/// for an advisory lock the test holds: with the first batch stuck before its commit, a second
+/// batch's rows reach Redis only if it was claimed and dispatched alongside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_claims_and_sends_the_next_batch_while_the_one_before_has_not_committed() {
+    let mut h = Harness::new().await;
+    h.config.outbox.batch_size = 100;
+    let sweeper = h.sweeper(&MetricsProbe::new().meter());
+    h.enqueue(1_000, &["q"], None).await;
+    h.exec(
+        "CREATE FUNCTION hold_delete() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN OLD; END $$",
+    )
+    .await;
+    h.exec("CREATE TRIGGER hold_delete BEFORE DELETE ON task_outbox FOR EACH STATEMENT EXECUTE FUNCTION hold_delete()")
+        .await;
+    let mut holder = h.db().get().await.expect("conn");
+    let hold = db::begin(&mut holder, Duration::from_secs(60)).await.expect("begin");
+    hold.exec("SELECT pg_advisory_xact_lock(4242)", &[]).await.expect("lock");
+
+    let draining = sweeper.drain(|| Duration::from_secs(10), 4);
+    tokio::pin!(draining);
+    tokio::select! {
+        done = &mut draining => panic!("the drain ended while every commit was held: {done:?}"),
+        () = common::eventually(LIMIT, "a second batch in Redis while the first is uncommitted", || async {
+            h.scheduled("q").await.len() >= 200
+        }) => {}
+    }
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 1_000, "nothing committed yet");
+    hold.commit().await.expect("release");
+    let reports = draining.await.expect("drain");
+    assert_eq!(reports.len(), 4, "four full batches");
+    let ids: HashSet<i64> = reports.iter().flat_map(|r| r.dispatched.iter().copied()).collect();
+    assert_eq!(ids.len(), 400, "disjoint batches: {reports:?}");
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 600);
+    assert_eq!(h.scheduled("q").await.len(), 400);
+}
+
+/// Two sweepers draining side by side, each with two batches in flight: every row lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_draining_sweepers_dispatch_every_row_exactly_once() {
+    let mut h = Harness::new().await;
+    h.config.outbox.batch_size = 50;
+    let metrics = MetricsProbe::new();
+    let sweepers = [h.sweeper(&metrics.meter()), h.sweeper(&metrics.meter())];
+    h.enqueue(3_000, &["a", "b", "c"], None).await;
+    let expected = h.expected().await;
+    let runs = sweepers.iter().map(|sweeper| async move {
+        let mut dispatched = Vec::new();
+        loop {
+            let reports = sweeper.drain(|| Duration::from_secs(10), BATCHES_PER_TICK).await.expect("drain");
+            if reports.iter().all(|r| r.claimed == 0) {
+                return dispatched;
+            }
+            dispatched.extend(reports.into_iter().flat_map(|r| r.dispatched));
+        }
+    });
+    let [first, second]: [Vec<i64>; 2] =
+        futures_util::future::join_all(runs).await.try_into().expect("two sweepers");
+    assert!(!first.is_empty() && !second.is_empty(), "both took part: {} and {}", first.len(), second.len());
+    let all: HashSet<i64> = first.iter().chain(&second).copied().collect();
+    assert_eq!(first.len() + second.len(), 3_000, "no row dispatched twice");
+    assert_eq!(all.len(), 3_000);
+    for queue in ["a", "b", "c"] {
+        assert!(h.scheduled(queue).await == expected[queue], "queue {queue}");
+    }
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0);
+    assert_eq!(metrics.counter("outbox.sweep.rows", &[("outcome", "dispatched")]).await, 3_000);
 }

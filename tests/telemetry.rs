@@ -45,7 +45,7 @@ async fn loop_ticks_are_exported_over_otlp_http_with_service_identity() {
         otlp_endpoint: Some(endpoint),
         otlp_protocol: OtlpProtocol::HttpProtobuf,
         export_interval: Duration::from_secs(3600),
-        service_name: "worker".into(),
+        ..TelemetryConfig::default()
     };
     let me = WorkerIdentity::generate();
     let identity = Identity { worker_id: me.id, environment: "test".into() };
@@ -119,7 +119,7 @@ async fn loop_ticks_are_exported_over_otlp_grpc() {
         otlp_endpoint: Some(format!("http://{addr}")),
         otlp_protocol: OtlpProtocol::Grpc,
         export_interval: Duration::from_secs(3600),
-        service_name: "worker".into(),
+        ..TelemetryConfig::default()
     };
     let me = WorkerIdentity::generate();
     let identity = Identity { worker_id: me.id, environment: "test".into() };

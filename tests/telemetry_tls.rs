@@ -110,7 +110,7 @@ fn config(endpoint: String, protocol: OtlpProtocol) -> TelemetryConfig {
         otlp_endpoint: Some(endpoint),
         otlp_protocol: protocol,
         export_interval: Duration::from_secs(3600),
-        service_name: "worker".into(),
+        ..TelemetryConfig::default()
     }
 }
 

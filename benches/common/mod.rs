@@ -54,7 +54,12 @@ impl BenchDb {
 }
 
 pub async fn redis(prefix: &str) -> anyhow::Result<(Client, RedisConfig)> {
-    let config = RedisConfig { url: redis_url(), prefix: prefix.to_owned(), ..RedisConfig::default() };
+    redis_at(&redis_url(), prefix).await
+}
+
+/// A connected client for the Redis (or `redis-cluster://` Redis Cluster) at `url`.
+pub async fn redis_at(url: &str, prefix: &str) -> anyhow::Result<(Client, RedisConfig)> {
+    let config = RedisConfig { url: url.to_owned(), prefix: prefix.to_owned(), ..RedisConfig::default() };
     let client = worker::redis::build(&config)?;
     client.init().await?;
     Ok((client, config))

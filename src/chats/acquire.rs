@@ -110,7 +110,10 @@ impl Acquire {
     async fn start(&self, chat: Claimed) -> Result<(), DbError> {
         let (id, generation) = (chat.id, chat.generation);
         let ctx = self.ctx.clone();
-        let started = self.runners.start(id, generation, move |signal| runner::run(ctx, chat, signal));
+        // The tick's span (with traces on): the turn's parent.
+        let parent = opentelemetry::Context::current();
+        let started =
+            self.runners.start(id, generation, move |signal| runner::run(ctx, chat, signal, parent));
         let reason = match started {
             Ok(()) => return Ok(()),
             // An earlier turn of this chat is still winding down here (interrupted, not yet
@@ -175,6 +178,7 @@ impl Loop for Acquire {
             gate.acquire().await.map(|permit| permit.forget()).ok();
         }
         let n = claimed.len();
+        tick.record_rows(n);
         self.ctx.metrics.acquired(n as u64);
         for chat in claimed {
             self.start(chat).await?;

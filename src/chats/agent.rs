@@ -276,13 +276,15 @@ impl Agent {
         self
     }
 
-    /// Starts one turn: the agent runs with `CHAT_ID` and `CHAT_GENERATION` set and reads
-    /// `document` (one JSON document and a newline, then EOF) from stdin; the bytes are freed as
-    /// soon as the agent has read them. The turn's deadline starts now.
+    /// Starts one turn: the agent runs with `CHAT_ID` and `CHAT_GENERATION` set (and
+    /// `TRACEPARENT`, the turn's span, when traces are on) and reads `document` (one JSON
+    /// document and a newline, then EOF) from stdin; the bytes are freed as soon as the agent has
+    /// read them. The turn's deadline starts now.
     pub async fn spawn(
         &self,
         chat_id: Uuid,
         generation: i64,
+        traceparent: Option<&str>,
         document: Vec<u8>,
     ) -> Result<AgentTurn, AgentError> {
         let spawn_error =
@@ -294,6 +296,7 @@ impl Agent {
             .envs(self.boundary.env().iter().map(|(k, v)| (k, v)))
             .env("CHAT_ID", chat_id.to_string())
             .env("CHAT_GENERATION", generation.to_string())
+            .envs(traceparent.map(|value| ("TRACEPARENT", value)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

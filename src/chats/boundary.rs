@@ -24,7 +24,7 @@ use nix::unistd::{Gid, Uid, User};
 /// The worker's own variables an agent may inherit unless configured otherwise.
 const INHERITED: &[&str] = &["PATH", "LANG", "TZ"];
 /// Set by the runner for each turn; not configurable.
-pub const RESERVED: &[&str] = &["CHAT_ID", "CHAT_GENERATION"];
+pub const RESERVED: &[&str] = &["CHAT_ID", "CHAT_GENERATION", "TRACEPARENT"];
 
 /// Why a `pass_env` name is refused, if it is: a variable the worker itself reads as a secret.
 pub fn refused_pass_env(name: &str) -> Option<&'static str> {

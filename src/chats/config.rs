@@ -170,7 +170,7 @@ impl RunnerConfig {
                 return Err(Violation::new(
                     &format!("runner.env.{name}"),
                     format!("cannot be set: {reason}"),
-                    "a variable name without `=` or NUL, other than CHAT_ID and CHAT_GENERATION",
+                    "a variable name without `=` or NUL, other than CHAT_ID, CHAT_GENERATION and TRACEPARENT",
                 ));
             }
             if value.contains('\0') {

@@ -80,8 +80,9 @@ impl Loop for Recover {
         Schedule::every(self.ctx.config.recover_interval, self.ctx.config.recover_tick_timeout)
     }
 
-    async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, DbError> {
+    async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, DbError> {
         let recovered = self.recover().await?;
+        tick.record_rows(usize::try_from(recovered).unwrap_or(usize::MAX));
         let reaped = workers::reap(&self.ctx.db, self.retention).await?;
         if reaped > 0 {
             tracing::info!(reaped, "deleted long-dead worker rows");

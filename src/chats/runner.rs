@@ -22,6 +22,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::trace::{SpanBuilder, Status, TraceContextExt as _};
+use opentelemetry::{Context, KeyValue};
 use serde_json::json;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
@@ -32,6 +34,7 @@ use super::guard::LeaseGuard;
 use super::metrics::ChatMetrics;
 use crate::db::{self, Db, DbError, Exec};
 use crate::runtime::{LeaseStatus, LeaseWatch, StopSignal, TaskSet};
+use crate::telemetry::traces;
 use crate::text;
 
 /// Longest `last_error` stored; the stderr tail is bounded already, this bounds the rest.
@@ -153,6 +156,35 @@ impl ChatsContext {
     }
 }
 
+/// What the turn's span reports beyond its outcome.
+#[derive(Debug, Default)]
+struct TurnFacts {
+    /// The turn span's W3C traceparent, given to the agent as `TRACEPARENT`.
+    traceparent: Option<String>,
+    /// Messages the agent wrote that were stored.
+    messages_written: u32,
+    /// The agent's exit code, when it exited by itself.
+    exit_code: Option<i32>,
+}
+
+impl TurnFacts {
+    /// Sets the span's attributes and status and ends it.
+    fn record(&self, cx: &Context, ending: &Ending, settle_error: Option<&String>) {
+        let span = cx.span();
+        span.set_attribute(KeyValue::new("chat.turn.outcome", ending.label()));
+        span.set_attribute(KeyValue::new("chat.turn.messages_written", i64::from(self.messages_written)));
+        if let Some(code) = self.exit_code {
+            span.set_attribute(KeyValue::new("agent.exit_code", i64::from(code)));
+        }
+        match (ending, settle_error) {
+            (Ending::Finished { .. }, None) => {}
+            (_, Some(error)) => span.set_status(Status::error(format!("not settled: {error}"))),
+            (ending, None) => span.set_status(Status::error(ending.label())),
+        }
+        span.end();
+    }
+}
+
 /// The fence of every write: this chat, this worker, this generation.
 struct Fence {
     chat: Uuid,
@@ -213,10 +245,27 @@ impl Ending {
 
 /// Runs one turn of `chat` until it ends or `stop` is raised. Never panics on agent output or
 /// database errors: whatever happens, the chat ends settled, released, or left for recovery.
-pub async fn run(ctx: Arc<ChatsContext>, chat: Claimed, mut stop: StopSignal<InterruptCause>) {
+///
+/// With traces on, the turn is a span under `parent` (the acquire tick that claimed it), and the
+/// agent gets its `TRACEPARENT`.
+pub async fn run(
+    ctx: Arc<ChatsContext>,
+    chat: Claimed,
+    mut stop: StopSignal<InterruptCause>,
+    parent: Context,
+) {
     let fence = Fence { chat: chat.id, worker: ctx.worker_id, generation: chat.generation };
     let started_epoch = ctx.lease.current().epoch;
-    let ending = match turn(&ctx, &chat, &fence, &mut stop, started_epoch).await {
+    let span = traces::start_span(
+        &parent,
+        SpanBuilder::from_name("chat turn").with_attributes([
+            KeyValue::new("chat.id", chat.id.to_string()),
+            KeyValue::new("chat.generation", chat.generation),
+        ]),
+    );
+    let mut facts =
+        TurnFacts { traceparent: span.as_ref().and_then(traces::traceparent), ..TurnFacts::default() };
+    let ending = match turn(&ctx, &chat, &fence, &mut stop, started_epoch, &mut facts).await {
         // Killed by the lease guard (this worker stalled past its lease), not the agent's own
         // failure: the chat goes back to the queue, not to `error`.
         Ending::Failed(_) if lease_expired(&ctx) => Ending::Interrupted(InterruptCause::Lease),
@@ -227,6 +276,9 @@ pub async fn run(ctx: Arc<ChatsContext>, chat: Claimed, mut stop: StopSignal<Int
         Err(_elapsed) => Err(format!("no answer within {:?}", ctx.write_budget())),
     };
     ctx.metrics.turn(ending.label());
+    if let Some(cx) = span {
+        facts.record(&cx, &ending, settled.as_ref().err());
+    }
     if let Ending::Interrupted(cause) = &ending {
         ctx.metrics.interrupt(cause.as_str());
     }
@@ -270,6 +322,7 @@ async fn turn(
     fence: &Fence,
     signal: &mut StopSignal<InterruptCause>,
     epoch: u64,
+    facts: &mut TurnFacts,
 ) -> Ending {
     let max_input = ctx.config.runner.max_input_bytes;
     let input = match ctx.bounded(input_document(&ctx.db, chat, max_input)).await {
@@ -284,10 +337,11 @@ async fn turn(
     }
     let last_seen = input.last_seen;
     // The document moves to the task writing it to stdin and is freed once written.
-    let mut agent = match ctx.agent.spawn(chat.id, chat.generation, input.bytes).await {
-        Ok(agent) => agent,
-        Err(error) => return Ending::Failed(error),
-    };
+    let mut agent =
+        match ctx.agent.spawn(chat.id, chat.generation, facts.traceparent.as_deref(), input.bytes).await {
+            Ok(agent) => agent,
+            Err(error) => return Ending::Failed(error),
+        };
     // Dropped (the guard told to forget the agent) when the turn is over, after `agent` stopped.
     let _watched = ctx.guard.watch(agent.process_group_id());
     let watchdog = lease_watchdog(ctx.lease.clone(), epoch, ctx.config.agent_budget());
@@ -309,6 +363,7 @@ async fn turn(
                 return stop(&mut agent, ctx, Ending::OutputLimit(what)).await;
             }
         }
+        let is_message = matches!(&event, Ok(Some(AgentEvent::Message { .. })));
         let write = async {
             match event {
                 Ok(Some(AgentEvent::Message { role, content })) => {
@@ -338,7 +393,7 @@ async fn turn(
         match written {
             None => break,
             Some(Ok(0)) => return stop(&mut agent, ctx, Ending::FencedOut).await,
-            Some(Ok(_)) => {}
+            Some(Ok(_)) => facts.messages_written += u32::from(is_message),
             // The agent stopped itself already (its error ended the output).
             Some(Err(ending @ Ending::Failed(_))) => return ending,
             Some(Err(Ending::Database(error))) if error.is_refused_value() => {
@@ -357,7 +412,10 @@ async fn turn(
         finished = agent.finish() => Ok(finished),
     };
     match finished {
-        Ok(Ok(_)) => finish(ctx, fence, last_seen).await,
+        Ok(Ok(status)) => {
+            facts.exit_code = status.code();
+            finish(ctx, fence, last_seen).await
+        }
         Ok(Err(error)) => Ending::Failed(error),
         Err(interrupted) => interrupted,
     }

@@ -2,9 +2,12 @@
 //! and the pure derivations it applies to them are in [`wire`].
 //!
 //! Requests (`docs/gitsync.md`): the open PR of a branch
-//! (`pulls?state=open&head={owner}:{branch}…`), then `pulls/{n}`, and at once both `pulls/{n}/reviews?per_page=100` and
-//! `commits/{head_sha}/check-runs?per_page=100`. Only the first page of reviews and check runs is
-//! read (100 is GitHub's page maximum; a PR with more is rare and then shows a partial verdict).
+//! (`pulls?state=open&head={owner}:{branch}…`), then `pulls/{n}`, and at once both
+//! `pulls/{n}/reviews?per_page=100` and `commits/{head_sha}/check-runs?per_page=100`. When the
+//! caller knows the head commit from last time, all three go at once (one round trip), and the
+//! checks are asked for again only if the PR's head turns out to have moved. Only the first page
+//! of reviews and check runs is read (100 is GitHub's page maximum; a PR with more is rare and
+//! then shows a partial verdict).
 //!
 //! Every response body is read in chunks up to `max_body_bytes`, so a huge or endless answer
 //! cannot exhaust memory. Successful answers carrying an `etag` are cached (keyed by URL and a
@@ -22,6 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use opentelemetry::trace::{SpanBuilder, SpanKind};
+use opentelemetry::{Context, KeyValue};
 use reqwest::header::{self, HeaderMap};
 use reqwest::{StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -29,6 +34,7 @@ use sha2::{Digest, Sha256};
 
 use super::origin::Origin;
 use super::provider::{PrNumber, PrStatus, Provider, ProviderConfig, ProviderConfigError, ProviderError};
+use crate::telemetry::traces;
 /// What [`HttpStats`] counts by; here too, beside the client whose requests it classifies.
 pub use wire::StatusClass;
 use wire::{
@@ -310,6 +316,18 @@ impl GitHub {
         url
     }
 
+    /// The first page of the check runs of commit `sha`.
+    async fn check_runs(
+        &self,
+        origin: &Origin,
+        sha: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<CheckRuns, ProviderError> {
+        let url = self.endpoint(origin, &["commits", sha, "check-runs"], &[("per_page", "100")]);
+        self.get_json(url, token, timeout).await
+    }
+
     async fn get_json<T: DeserializeOwned>(
         &self,
         url: Url,
@@ -339,18 +357,34 @@ impl GitHub {
         if let Some(cached) = &cached {
             request = request.header(header::IF_NONE_MATCH, &cached.etag);
         }
+        // Ends when this call returns (the context holding it drops).
+        let span = request_span(url, cached.is_some());
         let response = match request.send().await {
             Ok(response) => response,
             Err(error) => {
                 self.stats.record(StatusClass::Error);
+                traces::set_attributes(
+                    span.as_ref(),
+                    [KeyValue::new(STATUS_CLASS, StatusClass::Error.label())],
+                );
                 return Err(transport_error(url, timeout, error));
             }
         };
         let status = response.status();
         self.stats.record(StatusClass::of(status.as_u16()));
-        if let Some(limit) = RateLimit::from_headers(response.headers()) {
+        let limit = RateLimit::from_headers(response.headers());
+        if let Some(limit) = limit {
             self.rate_limit.record(limit);
         }
+        traces::set_attributes(
+            span.as_ref(),
+            [
+                KeyValue::new(STATUS_CLASS, StatusClass::of(status.as_u16()).label()),
+                KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+            ]
+            .into_iter()
+            .chain(limit.map(|l| KeyValue::new("github.rate_limit.remaining", l.remaining as i64))),
+        );
         tracing::debug!(url = %url, status = status.as_u16(), revalidated = cached.is_some(), "github response");
 
         if status == StatusCode::NOT_MODIFIED {
@@ -421,6 +455,21 @@ fn transport_error(url: &Url, timeout: Duration, error: reqwest::Error) -> Provi
     }
 }
 
+/// The span attribute of a request's status class (`2xx` … `5xx`, `error`).
+const STATUS_CLASS: &str = "http.response.status_class";
+
+/// With traces on: a span for one GET, a child of the current context (the gitsync tick's).
+fn request_span(url: &Url, revalidated: bool) -> Option<Context> {
+    traces::start_span(
+        &Context::current(),
+        SpanBuilder::from_name("github request").with_kind(SpanKind::Client).with_attributes([
+            KeyValue::new("http.request.method", "GET"),
+            KeyValue::new("url.path", url.path().to_owned()),
+            KeyValue::new("github.revalidated", revalidated),
+        ]),
+    )
+}
+
 /// An answer declared as something other than JSON (an HTML error page from a proxy, say) is
 /// reported as such rather than as serde's "expected value at line 1 column 1".
 fn check_content_type(url: &Url, headers: &HeaderMap) -> Result<(), ProviderError> {
@@ -460,19 +509,38 @@ impl Provider for GitHub {
         &self,
         origin: &Origin,
         pr_number: PrNumber,
+        known_head_sha: Option<&str>,
         token: &str,
         timeout: Duration,
     ) -> Result<PrStatus, ProviderError> {
         let number = pr_number.to_string();
-        let pr: PullRequest =
-            self.get_json(self.endpoint(origin, &["pulls", &number], &[]), token, timeout).await?;
+        let pull =
+            self.get_json::<PullRequest>(self.endpoint(origin, &["pulls", &number], &[]), token, timeout);
         let reviews_url = self.endpoint(origin, &["pulls", &number, "reviews"], &[("per_page", "100")]);
-        let checks_url =
-            self.endpoint(origin, &["commits", &pr.head.sha, "check-runs"], &[("per_page", "100")]);
-        let (reviews, checks) = tokio::try_join!(
-            self.get_json::<Vec<Review>>(reviews_url, token, timeout),
-            self.get_json::<CheckRuns>(checks_url, token, timeout),
-        )?;
+        let reviews = self.get_json::<Vec<Review>>(reviews_url, token, timeout);
+        let (pr, reviews, checks) = match known_head_sha {
+            // Steady state: all three at once, the checks of the commit the row stored.
+            Some(known) => {
+                let (pr, reviews, known_checks) =
+                    tokio::join!(pull, reviews, self.check_runs(origin, known, token, timeout));
+                let (pr, reviews) = (pr?, reviews?);
+                // The head moved: the prefetched checks (or their error: the old commit may be
+                // gone) describe another commit; ask for the new head's.
+                let checks = if pr.head.sha == known {
+                    known_checks?
+                } else {
+                    self.check_runs(origin, &pr.head.sha, token, timeout).await?
+                };
+                (pr, reviews, checks)
+            }
+            // First refresh: the head commit is known only once the PR has answered.
+            None => {
+                let pr = pull.await?;
+                let (reviews, checks) =
+                    tokio::try_join!(reviews, self.check_runs(origin, &pr.head.sha, token, timeout))?;
+                (pr, reviews, checks)
+            }
+        };
         Ok(derive_status(&pr, &reviews, &checks.check_runs))
     }
 }

@@ -304,10 +304,15 @@ pub trait Provider: Send + Sync {
     ) -> impl Future<Output = Result<Option<PrNumber>, ProviderError>> + Send;
 
     /// The PR with its reviews and its head commit's checks, derived into the row's fields.
+    ///
+    /// `known_head_sha` is the head commit the row stored last time, if any: the checks of that
+    /// commit may then be asked for together with the PR (one round trip when the head has not
+    /// moved), and asked for again only when the PR's head turns out to be another commit.
     fn status(
         &self,
         origin: &Origin,
         pr_number: PrNumber,
+        known_head_sha: Option<&str>,
         token: &str,
         timeout: Duration,
     ) -> impl Future<Output = Result<PrStatus, ProviderError>> + Send;

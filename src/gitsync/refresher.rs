@@ -18,9 +18,10 @@
 //!    cannot be used is the group's rows' error (`last_outcome` `error`, naming the
 //!    `external_auth_links` row), with no HTTP call; other groups carry on.
 //! 3. **Refresh** under one semaphore of the effective concurrency (permits are per row: a row's
-//!    calls, reviews and checks fetched together, and its write-back). Each group sends its first
-//!    row alone and releases the others only once that answer is not a rate limit, so a group
-//!    whose token is rate-limited costs exactly one HTTP call; a rate limit seen later flags the
+//!    calls and its write-back; a row that knows its PR and head commit sends the PR, reviews and
+//!    checks requests at once). Each group sends its first row alone and releases the others only
+//!    once that answer is not a rate limit, so a group whose token is rate-limited costs one
+//!    row's HTTP calls (one for a lookup, three in steady state); a rate limit seen later flags the
 //!    group and its rows not yet started are skipped without a call. Other groups carry on.
 //! 4. **Write back** each row in its own short transaction: read what the row holds under its
 //!    lock, [`decide`] what to write (pure: the outcome, the fields, when the row is due again),
@@ -64,8 +65,9 @@ pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A row whose request could get less than this is not started (it keeps its lease).
 const MIN_REQUEST_TIMEOUT: Duration = Duration::from_millis(50);
 
-/// `$1` batch size, `$2` lease in seconds. Returns what a refresh needs, with the chat's owner
-/// and the `stale_at` the lease set (the fence of the write-back).
+/// `$1` batch size, `$2` lease in seconds. Returns what a refresh needs (the PR number and head
+/// commit stored last time among it), with the chat's owner and the `stale_at` the lease set (the
+/// fence of the write-back).
 pub const LEASE: &str = "UPDATE chat_diff_statuses AS d \
      SET stale_at = now() + make_interval(secs => $2), leased_at = now() \
      FROM chats AS c \
@@ -74,7 +76,8 @@ pub const LEASE: &str = "UPDATE chat_diff_statuses AS d \
        WHERE s.stale_at <= now() AND s.git_remote_origin <> '' AND s.git_branch <> '' \
          AND NOT sc.archived \
        ORDER BY s.stale_at LIMIT $1 FOR UPDATE OF s SKIP LOCKED) \
-     RETURNING d.chat_id, c.owner_id, d.git_remote_origin, d.git_branch, d.pr_number, d.stale_at";
+     RETURNING d.chat_id, c.owner_id, d.git_remote_origin, d.git_branch, d.pr_number, d.stale_at, \
+       d.head_sha";
 
 /// `$1` the providers' `origin_host`s (lower-cased), `$2` their ids. The rows due (as [`LEASE`]
 /// picks them) that no lease holds, per provider id (NULL: no provider serves the host), with the
@@ -177,6 +180,9 @@ struct Leased {
     origin: String,
     branch: String,
     pr_number: Option<i64>,
+    /// The PR's head commit when the row was last refreshed: its checks are asked for together
+    /// with the PR.
+    head_sha: Option<String>,
     /// The `stale_at` the lease set: the write-back's fence.
     lease_until: DateTime<Utc>,
 }
@@ -420,6 +426,7 @@ impl<P: Provider> Gitsync<P> {
                 branch: r.get(3),
                 pr_number: r.get(4),
                 lease_until: r.get(5),
+                head_sha: r.get(6),
             })
             .collect();
         let hosts: Vec<String> =
@@ -682,7 +689,8 @@ fn stored(row: &Row) -> (DateTime<Utc>, Stored) {
 }
 
 /// The row's PR: the stored number while its head is still the row's branch, else looked up
-/// again by branch (`docs/gitsync.md`). `None`: the branch has no open PR.
+/// again by branch (`docs/gitsync.md`). `None`: the branch has no open PR. With the stored number
+/// goes the stored head commit, so an unchanged PR costs one round trip.
 async fn fetch<P: Provider>(
     call: &GroupCall<'_, P>,
     row: &Leased,
@@ -690,13 +698,14 @@ async fn fetch<P: Provider>(
 ) -> Result<Option<PrStatus>, ProviderError> {
     let GroupCall { provider, origin, token, .. } = *call;
     if let Some(number) = row.pr_number {
-        let status = provider.status(origin, PrNumber(number), token, timeout).await?;
+        let known_head_sha = row.head_sha.as_deref();
+        let status = provider.status(origin, PrNumber(number), known_head_sha, token, timeout).await?;
         if status.head_branch == row.branch {
             return Ok(Some(status));
         }
     }
     match provider.pull_request_by_branch(origin, &row.branch, token, timeout).await? {
-        Some(number) => provider.status(origin, number, token, timeout).await.map(Some),
+        Some(number) => provider.status(origin, number, None, token, timeout).await.map(Some),
         None => Ok(None),
     }
 }
@@ -714,6 +723,7 @@ impl<P: Provider + 'static> Loop for Gitsync<P> {
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, GitsyncError> {
         let report = self.refresh(tick).await?;
+        tick.record_rows(report.leased);
         let full = report.leased >= self.config.batch_size as usize;
         Ok(if full { Progress::More } else { Progress::Done })
     }

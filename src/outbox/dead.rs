@@ -42,13 +42,14 @@ const REQUEUE: &str = "WITH chosen AS MATERIALIZED (\
        WHERE j.status NOT IN ('pending', 'running')), \
      moved AS (\
        DELETE FROM task_outbox_dead WHERE id IN (SELECT id FROM chosen) AND id NOT IN (SELECT id FROM skipped) \
-       RETURNING id, task_id, job_id, queue, payload, last_error, created_at), \
+       RETURNING id, task_id, job_id, queue, payload, last_error, created_at, traceparent), \
      newest AS (\
-       SELECT DISTINCT ON (task_id) id, task_id, job_id, queue, payload, last_error, created_at \
+       SELECT DISTINCT ON (task_id) id, task_id, job_id, queue, payload, last_error, created_at, traceparent \
        FROM moved ORDER BY task_id, id DESC), \
      inserted AS (\
-       INSERT INTO task_outbox (task_id, job_id, queue, payload, run_at, attempts, last_error, created_at) \
-       SELECT task_id, job_id, queue, payload, now(), 0, last_error, created_at FROM newest ORDER BY id \
+       INSERT INTO task_outbox (task_id, job_id, queue, payload, run_at, attempts, last_error, created_at, \
+         traceparent) \
+       SELECT task_id, job_id, queue, payload, now(), 0, last_error, created_at, traceparent FROM newest ORDER BY id \
        ON CONFLICT (task_id) DO NOTHING RETURNING task_id), \
      skipped_by_status AS (SELECT status, count(*) AS n FROM skipped GROUP BY status) \
      SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM inserted), \

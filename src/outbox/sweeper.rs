@@ -1,13 +1,16 @@
-//! The `outbox` loop: due `task_outbox` rows → Redis sorted sets, one transaction per tick.
+//! The `outbox` loop: due `task_outbox` rows → Redis sorted sets, one transaction per batch.
 //!
-//! A tick: `BEGIN; SET LOCAL statement_timeout`; claim up to the batch limit of due rows
+//! A tick drains up to [`BATCHES_PER_TICK`] batches, two in flight at once ([`Sweeper::drain`]:
+//! the next batch is claimed while the one before it waits for Redis and commits). A batch:
+//! `BEGIN; SET LOCAL statement_timeout`; claim up to the batch limit of due rows
 //! `ORDER BY run_at, id FOR UPDATE SKIP LOCKED` (replicas sweep side by side, never the same
 //! row), and of those the oldest whose payloads fit `outbox.max_batch_bytes` (at least one); send
 //! them to Redis (an HSET pipeline, then a ZADD pipeline for the chunks whose payload
 //! is in place, see [`scheduler`]) under `outbox.redis_timeout` (inside the tick timeout, so
 //! time is left to settle); settle each row by its own answer — delete the dispatched, bump
 //! the failed with a backoff and their own error, move the exhausted to `task_outbox_dead` —
-//! with at most three statements; `COMMIT`. A full batch asks the runner to tick again at once.
+//! with at most three statements; `COMMIT`. A full batch starts the next one; a tick whose
+//! batches were all full asks the runner to tick again at once.
 //!
 //! When Redis gives no answer (disconnected, timed out) the transaction rolls back and the tick
 //! fails: an outage consumes no attempts and dead-letters nothing, and the runner backs off; a
@@ -21,8 +24,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry::KeyValue;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use opentelemetry::metrics::{Counter, Meter};
+use opentelemetry::trace::{Link, SpanBuilder};
+use opentelemetry::{Context, KeyValue};
+use tokio::sync::oneshot;
 use tokio_postgres::types::Type;
 
 use super::config::OutboxConfig;
@@ -33,6 +40,7 @@ use super::stats;
 use crate::db::{self, Db, DbError, Exec, Transaction};
 use crate::redis::Client;
 use crate::runtime::{ErrorLog, Loop, LoopError, Progress, Schedule, Tick};
+use crate::telemetry::traces;
 use crate::text;
 
 pub const NAME: &str = "outbox";
@@ -53,10 +61,11 @@ const REDIS_RECONNECT_CHECK: Duration = Duration::from_secs(2);
 /// cannot run in a query that locks (`FOR UPDATE` is not allowed with window functions), hence
 /// the nesting; locking drops the index order, so the window sorts the locked rows (at most `$1`
 /// small tuples), never the due rows. The rows locked but not kept are released at COMMIT.
-/// Columns: id, task_id, queue, payload, run_at in ms, attempts, rows locked. Public for the
+/// Columns: id, task_id, queue, payload, run_at in ms, attempts, rows locked, the producer's
+/// traceparent (`enqueue_task`'s, for the sweep span's links). Public for the
 /// benchmark's baselines, which must run the very same statements.
 pub const CLAIM: &str = "SELECT o.id, o.task_id, o.queue, o.payload::text, \
-     floor(extract(epoch FROM o.run_at) * 1000)::int8, o.attempts, s.locked \
+     floor(extract(epoch FROM o.run_at) * 1000)::int8, o.attempts, s.locked, o.traceparent \
      FROM (SELECT id, row_number() OVER w AS n, sum(bytes) OVER w AS running, count(*) OVER () AS locked \
        FROM (SELECT id, run_at, octet_length(payload::text)::int8 AS bytes FROM task_outbox \
          WHERE run_at <= now() ORDER BY run_at, id LIMIT $1 FOR UPDATE SKIP LOCKED) AS l \
@@ -76,10 +85,11 @@ const RETRY: &str = "UPDATE task_outbox AS o \
      FROM unnest($1::int8[], $2::text[], $3::float8[]) AS u(id, error, delay) WHERE o.id = u.id";
 const DEAD_LETTER: &str = "WITH moved AS (\
      DELETE FROM task_outbox AS o USING unnest($1::int8[], $2::text[]) AS u(id, error) WHERE o.id = u.id \
-     RETURNING o.id, o.task_id, o.job_id, o.queue, o.payload, o.run_at, o.attempts, o.created_at, u.error) \
+     RETURNING o.id, o.task_id, o.job_id, o.queue, o.payload, o.run_at, o.attempts, o.created_at, u.error, \
+       o.traceparent) \
      INSERT INTO task_outbox_dead \
-     (original_id, task_id, job_id, queue, payload, run_at, attempts, last_error, created_at) \
-     SELECT id, task_id, job_id, queue, payload, run_at, attempts + 1, error, created_at FROM moved";
+     (original_id, task_id, job_id, queue, payload, run_at, attempts, last_error, created_at, traceparent) \
+     SELECT id, task_id, job_id, queue, payload, run_at, attempts + 1, error, created_at, traceparent FROM moved";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
@@ -162,6 +172,54 @@ pub struct Sweeper {
     failure_log: Mutex<ErrorLog>,
     /// `outbox.max_payload_bytes` is in `outbox_settings` (written on the first tick that could).
     payload_limit_published: AtomicBool,
+}
+
+/// Batches of one [`Sweeper::drain`] in flight at once: one claiming while one waits for Redis
+/// and commits. A third would only queue behind the other two on two cores.
+pub const PIPELINE_DEPTH: usize = 2;
+
+/// Batches one tick drains at most (each at most `outbox.batch_size` rows): the pipeline stays
+/// full across batches, and a tick stays short (one ends, and the runner ticks again at once
+/// after a full one, `runtime.max_drain_ticks` times in a row at most).
+pub const BATCHES_PER_TICK: usize = 8;
+
+/// When [`Sweeper::drain`] starts its next batch (the decision apart from the I/O).
+#[derive(Debug, Default)]
+struct Pipeline {
+    max_batches: usize,
+    started: usize,
+    /// The claim of the batch started last, until it has run.
+    claiming: Option<oneshot::Receiver<bool>>,
+    /// Whether the last claim was full (true before the first: start one).
+    last_full: Option<bool>,
+    stopped: bool,
+}
+
+impl Pipeline {
+    /// A next batch starts when the last one's claim was full (or none ran yet), no claim is
+    /// running, fewer than [`PIPELINE_DEPTH`] batches are in flight, the budget of batches is not
+    /// spent and no batch failed.
+    fn may_start(&self, in_flight: usize) -> bool {
+        !self.stopped
+            && self.claiming.is_none()
+            && self.last_full != Some(false)
+            && in_flight < PIPELINE_DEPTH
+            && self.started < self.max_batches
+    }
+
+    fn started(&mut self, claim: oneshot::Receiver<bool>) {
+        self.started += 1;
+        self.claiming = Some(claim);
+    }
+
+    fn claimed(&mut self, full: bool) {
+        self.claiming = None;
+        self.last_full = Some(full);
+    }
+
+    fn stop(&mut self) {
+        self.stopped = true;
+    }
 }
 
 /// How a sweep that claimed rows ended, as far as the next batch limit is concerned.
@@ -253,6 +311,70 @@ impl Sweeper {
 
     /// [`Sweeper::sweep`] with the time Redis may take given by the caller (the tick's budget).
     pub async fn sweep_within(&self, redis_budget: Duration) -> Result<SweepReport, SweepError> {
+        self.sweep_batch(redis_budget, None).await
+    }
+
+    /// Up to `max_batches` sweeps, [`PIPELINE_DEPTH`] of them in flight at once: the next batch is
+    /// claimed, on a connection and in a transaction of its own, while the one before it waits
+    /// for Redis, settles and commits (its rows are locked, so `SKIP LOCKED` passes over them).
+    /// One sweep alone is latency-bound (claim, two Redis round trips, settle, commit, one after
+    /// the other); overlapping two keeps PostgreSQL busy while Redis answers. Each batch keeps
+    /// every guarantee of [`Sweeper::sweep`]: its own transaction, per-row settlement, a payload
+    /// in Redis before its schedule, and an uncommitted batch is simply claimed again later.
+    ///
+    /// A batch is started only after the previous one's claim was full (more may be due), and
+    /// none after a batch failed or left rows undetermined; the batches in flight then finish.
+    /// `redis_budget` is asked for each batch as it starts (the tick's shrinking budget). `Err`
+    /// is the first batch error; batches that committed before it stay committed (and counted).
+    pub async fn drain(
+        &self,
+        redis_budget: impl Fn() -> Duration,
+        max_batches: usize,
+    ) -> Result<Vec<SweepReport>, SweepError> {
+        let mut in_flight = FuturesUnordered::new();
+        let mut reports = Vec::new();
+        let mut first_error = None;
+        let mut pipeline = Pipeline { max_batches, ..Pipeline::default() };
+        loop {
+            if pipeline.may_start(in_flight.len()) {
+                let (claimed, claim) = oneshot::channel();
+                in_flight.push(self.sweep_batch(redis_budget(), Some(claimed)));
+                pipeline.started(claim);
+            }
+            tokio::select! {
+                full = async { pipeline.claiming.as_mut().expect("guarded").await }, if pipeline.claiming.is_some() => {
+                    // A batch that failed before its claim drops the sender: not full.
+                    pipeline.claimed(full.unwrap_or(false));
+                }
+                done = in_flight.next(), if !in_flight.is_empty() => match done {
+                    Some(Ok(report)) => {
+                        if report.untouched_error.is_some() {
+                            pipeline.stop();
+                        }
+                        reports.push(report);
+                    }
+                    Some(Err(error)) => {
+                        pipeline.stop();
+                        first_error.get_or_insert(error);
+                    }
+                    None => {}
+                },
+                else => break,
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(reports),
+        }
+    }
+
+    /// One batch: claim, dispatch, settle, commit. Once the claim has run, `claimed` (if any) is
+    /// told whether it was full (the next batch may start).
+    async fn sweep_batch(
+        &self,
+        redis_budget: Duration,
+        claimed_full: Option<oneshot::Sender<bool>>,
+    ) -> Result<SweepReport, SweepError> {
         // Claiming rows only to roll back is wasted work while Redis is away.
         scheduler::ensure_connected(&self.redis)?;
         let mut conn = self.db.get().await?;
@@ -262,6 +384,7 @@ impl Sweeper {
         let budget = i64::try_from(self.config.max_batch_bytes).unwrap_or(i64::MAX);
         let claimed = tx.fetch_all(CLAIM, &[(&limit, Type::INT8), (&budget, Type::INT8)]).await?;
         let locked = claimed.first().map_or(0, |r| r.get::<_, i64>(6));
+        let span = sweep_span(&claimed);
         let rows: Vec<Claimed> = claimed
             .iter()
             .map(|r| Claimed {
@@ -274,11 +397,14 @@ impl Sweeper {
             })
             .collect();
         drop(claimed);
+        let cut_by_bytes = (rows.len() as i64) < locked;
+        if let Some(sender) = claimed_full {
+            let _ = sender.send(!rows.is_empty() && (cut_by_bytes || rows.len() >= batch_limit as usize));
+        }
         if rows.is_empty() {
             db::commit(tx).await?;
             return Ok(SweepReport::default());
         }
-        let cut_by_bytes = (rows.len() as i64) < locked;
         // Dropping `tx` on the error path rolls back: no row changes, locks released.
         let dispatched = scheduler::dispatch(&self.redis, &self.prefix, &rows, redis_budget).await;
         match &dispatched {
@@ -301,6 +427,14 @@ impl Sweeper {
         report.full = cut_by_bytes || rows.len() >= batch_limit as usize;
         db::commit(tx).await?;
         self.record(&report, first_error.as_deref());
+        traces::set_attributes(
+            span.as_ref(),
+            [
+                KeyValue::new("outbox.dispatched", report.dispatched.len() as i64),
+                KeyValue::new("outbox.retried", report.retried as i64),
+                KeyValue::new("outbox.dead_lettered", report.dead_lettered as i64),
+            ],
+        );
         Ok(report)
     }
 
@@ -342,6 +476,25 @@ impl Sweeper {
         *self.probe.backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(backlog);
         Ok(())
     }
+}
+
+/// With traces on and rows claimed: the sweep's span, a child of the tick's, linked to the span
+/// of each producer that passed a traceparent to `enqueue_task` (the SDK keeps the first 128
+/// links of a span and counts the rest as dropped).
+fn sweep_span(claimed: &[tokio_postgres::Row]) -> Option<Context> {
+    if claimed.is_empty() || !traces::enabled() {
+        return None;
+    }
+    let links = claimed
+        .iter()
+        .filter_map(|r| r.get::<_, Option<&str>>(7))
+        .filter_map(traces::remote_span)
+        .map(Link::with_context)
+        .collect();
+    let builder = SpanBuilder::from_name("outbox sweep")
+        .with_attributes([KeyValue::new("outbox.claimed", claimed.len() as i64)])
+        .with_links(links);
+    traces::start_span(&Context::current(), builder)
 }
 
 fn register_gauges(meter: &Meter, probe: &Arc<Probe>) {
@@ -491,18 +644,46 @@ impl Loop for Sweeper {
             self.publish_payload_limit().await?;
         }
         self.probe_if_due().await?;
-        let report = self.sweep_within(tick.budget(self.config.redis_timeout)).await?;
-        if let Some(error) = report.untouched_error {
+        let reports = self.drain(|| tick.budget(self.config.redis_timeout), BATCHES_PER_TICK).await?;
+        tick.record_rows(reports.iter().map(|r| r.claimed).sum());
+        if let Some((report, error)) = reports.iter().find_map(|r| Some((r, r.untouched_error.clone()?))) {
             tracing::debug!(untouched = report.untouched, claimed = report.claimed, "rows left undetermined");
             return Err(SweepError::Undetermined { error });
         }
-        Ok(if report.full { Progress::More } else { Progress::Done })
+        // Every batch full: more may be due (the runner ticks again at once, within its bound).
+        let full = reports.len() == BATCHES_PER_TICK && reports.iter().all(|r| r.full);
+        Ok(if full { Progress::More } else { Progress::Done })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_starts_a_batch_after_a_full_claim_with_room_in_the_pipeline_and_the_budget() {
+        let fresh = || Pipeline { max_batches: 3, ..Pipeline::default() };
+        assert!(fresh().may_start(0), "the first batch");
+        let mut p = fresh();
+        p.started(oneshot::channel().1);
+        assert!(!p.may_start(1), "not while its claim runs");
+        p.claimed(true);
+        assert!(p.may_start(1), "a full claim: the next one, alongside");
+        p.started(oneshot::channel().1);
+        p.claimed(true);
+        assert!(!p.may_start(PIPELINE_DEPTH), "the pipeline is full");
+        assert!(p.may_start(1), "one finished");
+        p.started(oneshot::channel().1);
+        p.claimed(true);
+        assert!(!p.may_start(0), "three of max_batches 3");
+        let mut short = fresh();
+        short.started(oneshot::channel().1);
+        short.claimed(false);
+        assert!(!short.may_start(0), "a claim that was not full: nothing more is due");
+        let mut failed = fresh();
+        failed.stop();
+        assert!(!failed.may_start(0), "after a failure");
+    }
 
     #[test]
     fn the_batch_limit_halves_on_a_redis_timeout_and_grows_back() {

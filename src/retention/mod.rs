@@ -106,6 +106,7 @@ impl Loop for Retention {
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, DbError> {
         let removed = self.sweep(tick).await?;
+        tick.record_rows(usize::try_from(removed.dead_letters + removed.audit_rows).unwrap_or(usize::MAX));
         if removed != Removed::default() {
             tracing::info!(
                 dead_letters = removed.dead_letters,

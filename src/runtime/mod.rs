@@ -27,8 +27,10 @@ pub mod tick;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opentelemetry::KeyValue;
+use opentelemetry::context::FutureExt as _;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::trace::{SpanBuilder, Status, TraceContextExt as _};
+use opentelemetry::{Context, KeyValue};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,6 +43,7 @@ use crate::db::{self, Db, DbError, Transaction};
 use crate::health::{self, Health, LoopFacts, TickError, TickRecord};
 use crate::identity::WorkerIdentity;
 use crate::listen::{Delivery, Listener, Verdict};
+use crate::telemetry::traces;
 
 /// Ceiling of the delay after repeated failed ticks (never below the loop's own interval).
 pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(30);
@@ -510,7 +513,18 @@ impl<L: Loop> Runner<L> {
         let name = self.job.name();
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.schedule.tick_timeout;
-        let attempt = tokio::time::timeout_at(deadline, self.attempt(deadline)).await;
+        // With traces on, the tick's span is the current context of everything the tick awaits
+        // (a turn it starts, a GitHub request, a sweep).
+        let span = traces::start_span(
+            &Context::current(),
+            SpanBuilder::from_name(format!("tick {name}")).with_attributes([KeyValue::new("loop", name)]),
+        );
+        let attempt = match &span {
+            Some(cx) => {
+                tokio::time::timeout_at(deadline, self.attempt(deadline).with_context(cx.clone())).await
+            }
+            None => tokio::time::timeout_at(deadline, self.attempt(deadline)).await,
+        };
         let elapsed = started.elapsed();
 
         let (outcome, progress, failure) = match attempt {
@@ -547,6 +561,14 @@ impl<L: Loop> Runner<L> {
         let mut attrs = vec![self.name_attr.clone(), KeyValue::new("outcome", outcome.as_str())];
         if let Some(failure) = &failure {
             attrs.push(KeyValue::new("error", failure.label));
+        }
+        if let Some(cx) = span {
+            let span = cx.span();
+            span.set_attributes(attrs.iter().skip(1).cloned());
+            if let Some(failure) = &failure {
+                span.set_status(Status::error(failure.message.clone()));
+            }
+            span.end();
         }
         self.rt.metrics.ticks.add(1, &attrs);
         self.rt.metrics.duration.record(elapsed.as_secs_f64(), std::slice::from_ref(&self.name_attr));

@@ -7,9 +7,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use opentelemetry::KeyValue;
+
 use super::lease::{LeaseState, LeaseWatch};
 use crate::db::{self, Db, DbError, Snapshot, Transaction};
 use crate::identity::WorkerIdentity;
+use crate::telemetry::traces;
 
 /// Passed to every tick.
 pub struct Tick<'a> {
@@ -55,6 +58,16 @@ impl<'a> Tick<'a> {
     /// This worker's lease as the lease loop last saw it.
     pub fn lease(&self) -> LeaseState {
         self.lease.current()
+    }
+
+    /// Records on the tick's span (with traces on) how many rows this tick handled: claimed,
+    /// refreshed, recovered, deleted… whatever the loop's unit of work is.
+    pub fn record_rows(&self, rows: usize) {
+        if traces::enabled() {
+            opentelemetry::trace::get_active_span(|span| {
+                span.set_attribute(KeyValue::new("rows", i64::try_from(rows).unwrap_or(i64::MAX)));
+            });
+        }
     }
 
     /// For leader-only loops: the READ COMMITTED transaction that holds the leader lock. Work

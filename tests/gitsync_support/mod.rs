@@ -2,7 +2,11 @@
 //! repositories and branches, each branch's PR built from GitHub's own `pull-request.json`
 //! example, reviews and check runs from the other fixtures, an `etag` on every answer (a matching
 //! `If-None-Match` gets a 304), per-path overrides (errors, rate limits, hangs), and a gate that
-//! holds matching requests until the test opens it while counting how many are held at once.
+//! holds matching requests until the test opens it while counting how many are held at once (so
+//! a test proves requests were in flight together without timing). A branch's head commit can be
+//! moved ([`FakeGitHub::push`]) and any path given a JSON answer of its own ([`FakeGitHub::json`]).
+//! It counts its answers as GitHub's rate limit does ([`FakeGitHub::counts`]): every answer but a
+//! 304 is counted.
 //! Its own answers carry GitHub's primary rate-limit headers (`x-ratelimit-limit`, `-remaining`,
 //! `-used`, `-reset`, `-resource`), `remaining` counting down with every answer but a 304 (which
 //! GitHub does not count), from a window set with [`FakeGitHub::set_rate_limit`].
@@ -10,8 +14,9 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -24,7 +29,8 @@ pub fn fixture(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read fixture {path}: {e}"))
 }
 
-/// The head commit of every fake PR (the check-runs fixture answers for any sha).
+/// The head commit of a fake PR until [`FakeGitHub::push`] moves it (the check-runs fixture
+/// answers for any commit).
 pub const HEAD_SHA: &str = "6dcb09b5b57875f334f61aebed695e2e4193db5e";
 
 /// An answer that replaces the fake's own for every path starting with a prefix.
@@ -47,6 +53,35 @@ pub struct Seen {
     pub if_none_match: Option<String>,
     pub authorization: Option<String>,
     pub status: u16,
+    /// When the request arrived and when it was answered (the bench counts round trips with it).
+    pub arrived: Instant,
+    pub answered: Instant,
+}
+
+/// Answers by how GitHub's primary rate limit counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Every answer but a 304: counted against the rate limit.
+    pub counted: u64,
+    /// 304 Not Modified: not counted.
+    pub not_modified: u64,
+}
+
+impl std::ops::Sub for Counts {
+    type Output = Counts;
+
+    fn sub(self, earlier: Counts) -> Counts {
+        Counts {
+            counted: self.counted - earlier.counted,
+            not_modified: self.not_modified - earlier.not_modified,
+        }
+    }
+}
+
+/// A branch's open PR.
+struct FakePr {
+    number: i64,
+    head_sha: String,
 }
 
 /// Holds requests under `prefix` until opened; `held` counts those waiting now.
@@ -82,8 +117,12 @@ impl Gate {
 }
 
 struct Inner {
-    /// (owner, repo) → branch → PR number.
-    prs: Mutex<HashMap<(String, String), HashMap<String, i64>>>,
+    /// (owner, repo) → branch → its PR.
+    prs: Mutex<HashMap<(String, String), HashMap<String, FakePr>>>,
+    /// Path → a JSON answer served instead of the fake's own, with an ETag like it.
+    json: Mutex<HashMap<String, String>>,
+    counted: AtomicU64,
+    not_modified: AtomicU64,
     overrides: Mutex<Vec<(String, Answer)>>,
     seen: Mutex<Vec<Seen>>,
     gate: Mutex<Option<Arc<Gate>>>,
@@ -107,6 +146,9 @@ impl FakeGitHub {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
         let inner = Arc::new(Inner {
             prs: Mutex::default(),
+            json: Mutex::default(),
+            counted: AtomicU64::new(0),
+            not_modified: AtomicU64::new(0),
             overrides: Mutex::default(),
             seen: Mutex::default(),
             gate: Mutex::default(),
@@ -120,10 +162,32 @@ impl FakeGitHub {
         Self { base_url: format!("http://{addr}"), inner }
     }
 
-    /// `owner/repo` has an open PR `number` whose head is `branch`.
+    /// `owner/repo` has an open PR `number` whose head is `branch` at [`HEAD_SHA`].
     pub fn pr(&self, owner: &str, repo: &str, branch: &str, number: i64) {
         let mut prs = self.inner.prs.lock().expect("prs");
-        prs.entry((owner.into(), repo.into())).or_default().insert(branch.into(), number);
+        let pr = FakePr { number, head_sha: HEAD_SHA.into() };
+        prs.entry((owner.into(), repo.into())).or_default().insert(branch.into(), pr);
+    }
+
+    /// The head of `branch`'s PR in `owner/repo` is now commit `sha`.
+    pub fn push(&self, owner: &str, repo: &str, branch: &str, sha: &str) {
+        let mut prs = self.inner.prs.lock().expect("prs");
+        let pr = prs.get_mut(&(owner.into(), repo.into())).and_then(|b| b.get_mut(branch));
+        pr.unwrap_or_else(|| panic!("no PR for {owner}/{repo} {branch}")).head_sha = sha.into();
+    }
+
+    /// Requests for exactly `path` are answered `body` (JSON) from now on, with an ETag and a
+    /// 304 like the fake's own answers (unlike [`FakeGitHub::answer`]'s).
+    pub fn json(&self, path: &str, body: String) {
+        self.inner.json.lock().expect("json").insert(path.into(), body);
+    }
+
+    /// The answers so far, as GitHub's rate limit counts them.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            counted: self.inner.counted.load(Ordering::Relaxed),
+            not_modified: self.inner.not_modified.load(Ordering::Relaxed),
+        }
     }
 
     /// Every request whose path starts with `prefix` gets `answer`.
@@ -190,18 +254,22 @@ fn not_found() -> Response {
         .into_response()
 }
 
-fn pull_request(owner: &str, repo: &str, number: i64, branch: &str) -> String {
+/// The fake's answer for `GET /repos/{owner}/{repo}/pulls/{number}`.
+pub fn pull_request(owner: &str, repo: &str, number: i64, branch: &str, head_sha: &str) -> String {
     let mut pr: serde_json::Value = serde_json::from_str(&fixture("pull-request.json")).expect("fixture");
     pr["number"] = number.into();
     pr["html_url"] = format!("https://github.com/{owner}/{repo}/pull/{number}").into();
     pr["head"]["ref"] = branch.into();
     pr["head"]["label"] = format!("{owner}:{branch}").into();
-    pr["head"]["sha"] = HEAD_SHA.into();
+    pr["head"]["sha"] = head_sha.into();
     pr.to_string()
 }
 
 /// The fake's own answer for a GitHub REST path.
 fn route(inner: &Inner, path: &str, query: &str, if_none_match: Option<&str>) -> Response {
+    if let Some(body) = inner.json.lock().expect("json").get(path) {
+        return json_response(body.clone(), if_none_match);
+    }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let prs = inner.prs.lock().expect("prs");
     let Some(["repos", owner, repo, rest @ ..]) = Some(segments.as_slice()) else { return not_found() };
@@ -215,15 +283,20 @@ fn route(inner: &Inner, path: &str, query: &str, if_none_match: Option<&str>) ->
             let branch = head.split_once(':').map_or(head.as_str(), |(_, b)| b);
             let items: Vec<serde_json::Value> = branches
                 .get(branch)
-                .map(|n| serde_json::from_str(&pull_request(owner, repo, *n, branch)).expect("pr"))
+                .map(|pr| {
+                    let body = pull_request(owner, repo, pr.number, branch, &pr.head_sha);
+                    serde_json::from_str::<serde_json::Value>(&body).expect("pr")
+                })
                 .into_iter()
                 .collect();
             json_response(serde_json::Value::from(items).to_string(), if_none_match)
         }
         ["pulls", number] => {
             let number: i64 = number.parse().unwrap_or(-1);
-            match branches.iter().find(|(_, n)| **n == number) {
-                Some((branch, _)) => json_response(pull_request(owner, repo, number, branch), if_none_match),
+            match branches.iter().find(|(_, pr)| pr.number == number) {
+                Some((branch, pr)) => {
+                    json_response(pull_request(owner, repo, number, branch, &pr.head_sha), if_none_match)
+                }
                 None => not_found(),
             }
         }
@@ -262,6 +335,7 @@ async fn serve(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     let path = request.uri.path().to_owned();
     let query = request.uri.query().unwrap_or_default().to_owned();
     let if_none_match = get(header::IF_NONE_MATCH);
+    let arrived = Instant::now();
 
     let gate = inner.gate.lock().expect("gate").clone().filter(|g| path.starts_with(&g.prefix));
     if let Some(gate) = gate {
@@ -303,6 +377,9 @@ async fn serve(State(inner): State<Arc<Inner>>, request: Request) -> Response {
         }
         None => with_rate_limit(&inner, route(&inner, &path, &query, if_none_match.as_deref())),
     };
+    let counter =
+        if response.status() == StatusCode::NOT_MODIFIED { &inner.not_modified } else { &inner.counted };
+    counter.fetch_add(1, Ordering::Relaxed);
     inner.seen.lock().expect("seen").push(Seen {
         path_and_query: format!(
             "{path}{}",
@@ -312,6 +389,8 @@ async fn serve(State(inner): State<Arc<Inner>>, request: Request) -> Response {
         if_none_match,
         authorization: get(header::AUTHORIZATION),
         status: response.status().as_u16(),
+        arrived,
+        answered: Instant::now(),
     });
     response
 }

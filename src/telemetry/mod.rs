@@ -1,15 +1,19 @@
-//! Logs (tracing, pretty or JSON) and metrics (OTLP over gRPC or HTTP/protobuf).
+//! Logs (tracing, pretty or JSON), metrics and traces (OTLP over gRPC or HTTP/protobuf).
 //!
 //! With no endpoint configured (neither `telemetry.otlp_endpoint` nor the standard
 //! `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT`), meters come from a no-op provider: instruments
 //! still work, nothing is exported and nothing is logged. (An SDK provider with no reader would
-//! log an error for every observable gauge.)
+//! log an error for every observable gauge.) Traces are exported only with `telemetry.traces =
+//! true` ([`traces`]), to the same endpoint settings.
 //!
 //! HTTPS (http/protobuf over reqwest+rustls) and gRPC over TLS (tonic+rustls) check the collector
-//! against the platform roots, or only against the CA in `OTEL_EXPORTER_OTLP_(METRICS_)CERTIFICATE`
-//! (the exporter does not read that variable itself). `OTEL_EXPORTER_OTLP_(METRICS_)HEADERS`
-//! (`k=v,k2=v2`, values percent-decoded) are read here from the environment given to
-//! [`Metrics::init`] and sent with every export (the exporter reads the same variables too).
+//! against the platform roots, or only against the CA in `OTEL_EXPORTER_OTLP_(METRICS_|TRACES_)
+//! CERTIFICATE` (the exporter does not read that variable itself).
+//! `OTEL_EXPORTER_OTLP_(METRICS_|TRACES_)HEADERS` (`k=v,k2=v2`, values percent-decoded) are read
+//! here from the environment given to [`Metrics::init`] and sent with every export (the exporter
+//! reads the same variables too).
+
+pub mod traces;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -28,7 +32,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::validate::{Violation, positive};
+use crate::validate::{Violation, check, positive};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -59,6 +63,9 @@ pub enum OtlpProtocol {
     HttpProtobuf,
 }
 
+/// A tick every second per loop adds up: one in ten is plenty to see where time goes.
+pub const DEFAULT_TRACE_SAMPLE_RATIO: f64 = 0.1;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
@@ -70,6 +77,12 @@ pub struct TelemetryConfig {
     pub export_interval: Duration,
     /// Used only when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
     pub service_name: String,
+    /// Export spans (a tick, a chat turn, a GitHub request, an outbox sweep) over OTLP, to the
+    /// same endpoint settings as metrics (docs/traces.md).
+    pub traces: bool,
+    /// The share of root spans (ticks) sampled, 0.0..=1.0; the spans under them follow their
+    /// parent's decision.
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for TelemetryConfig {
@@ -79,6 +92,8 @@ impl Default for TelemetryConfig {
             otlp_protocol: OtlpProtocol::HttpProtobuf,
             export_interval: Duration::from_secs(60),
             service_name: "worker".into(),
+            traces: false,
+            trace_sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
         }
     }
 }
@@ -100,7 +115,13 @@ impl LogConfig {
 impl TelemetryConfig {
     /// Keys are relative to `[telemetry]`.
     pub fn validate(&self) -> Result<(), Violation> {
-        positive("export_interval", self.export_interval)
+        positive("export_interval", self.export_interval)?;
+        check(
+            (0.0..=1.0).contains(&self.trace_sample_ratio),
+            "trace_sample_ratio",
+            self.trace_sample_ratio,
+            "a share between 0.0 and 1.0 (1.0 samples every tick)",
+        )
     }
 }
 
@@ -110,8 +131,15 @@ pub enum TelemetryError {
     Filter { filter: String, error: String },
     #[error("cannot build the OTLP metric exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("cannot build the OTLP span exporter: {0}")]
+    SpanExporter(opentelemetry_otlp::ExporterBuildError),
+    #[error(
+        "telemetry.traces is true but no endpoint is set: set telemetry.otlp_endpoint or \
+         OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT"
+    )]
+    NoTraceEndpoint,
     #[error("{var} `{}`: {problem}", path.display())]
-    Certificate { var: &'static str, path: PathBuf, problem: String },
+    Certificate { var: String, path: PathBuf, problem: String },
 }
 
 /// Bound of one export request (the OTLP default).
@@ -156,47 +184,18 @@ impl Metrics {
         identity: &Identity,
         env: &BTreeMap<String, String>,
     ) -> Result<Self, TelemetryError> {
-        let resource = resource(config, identity, env);
-        let env_endpoint = ["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
-            .iter()
-            .any(|k| env.get(*k).is_some_and(|v| !v.is_empty()));
-        let endpoint = config.otlp_endpoint.as_deref().filter(|e| !e.is_empty());
-        if endpoint.is_none() && !env_endpoint {
+        let Some(export) = Export::resolve(config, Signal::Metrics, env)? else {
             return Ok(Self { provider: None });
-        }
-        let ca = ca_file(env)?;
-        let headers = headers(env);
+        };
         let exporter = match config.otlp_protocol {
-            OtlpProtocol::Grpc => {
-                let tls = match &ca {
-                    Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.pem)),
-                    None => ClientTlsConfig::new().with_native_roots(),
-                };
-                // tonic uses the TLS configuration only for https:// endpoints.
-                let builder = MetricExporter::builder()
-                    .with_tonic()
-                    .with_tls_config(tls)
-                    .with_metadata(grpc_metadata(&headers));
-                match endpoint {
-                    Some(e) => builder.with_endpoint(e).build()?,
-                    None => builder.build()?,
-                }
-            }
-            OtlpProtocol::HttpProtobuf => {
-                let mut builder = MetricExporter::builder().with_http().with_headers(headers.clone());
-                if let Some(ca) = ca {
-                    builder = builder.with_http_client(http_client_trusting(ca)?);
-                }
-                match endpoint {
-                    Some(e) => builder.with_endpoint(http_metrics_url(e)).build()?,
-                    None => builder.build()?,
-                }
-            }
+            OtlpProtocol::Grpc => export.tonic(MetricExporter::builder().with_tonic()).build()?,
+            OtlpProtocol::HttpProtobuf => export.http(MetricExporter::builder().with_http())?.build()?,
         };
         let reader = PeriodicReader::builder(exporter).with_interval(config.export_interval).build();
+        let resource = resource(config, identity, env);
         let provider = SdkMeterProvider::builder().with_resource(resource).with_reader(reader).build();
         tracing::info!(
-            endpoint = endpoint.unwrap_or("(from OTEL_EXPORTER_OTLP_* env)"),
+            endpoint = export.endpoint_text(),
             protocol = ?config.otlp_protocol,
             interval_ms = config.export_interval.as_millis() as u64,
             "exporting metrics over OTLP"
@@ -233,18 +232,104 @@ impl Metrics {
     }
 }
 
+/// What is exported: each has its own `OTEL_EXPORTER_OTLP_{SIGNAL}_*` variables (which win over
+/// the general ones) and its own path under an HTTP base endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Metrics,
+    Traces,
+}
+
+impl Signal {
+    /// The signal's own variable, then the general one.
+    fn vars(self, what: &str) -> [String; 2] {
+        let signal = match self {
+            Signal::Metrics => "METRICS",
+            Signal::Traces => "TRACES",
+        };
+        [format!("OTEL_EXPORTER_OTLP_{signal}_{what}"), format!("OTEL_EXPORTER_OTLP_{what}")]
+    }
+
+    /// The first of [`Signal::vars`] set to something non-blank, and its value.
+    fn env<'e>(self, what: &str, env: &'e BTreeMap<String, String>) -> Option<(String, &'e str)> {
+        self.vars(what)
+            .into_iter()
+            .find_map(|var| env.get(&var).filter(|v| !v.trim().is_empty()).map(|v| (var, v.as_str())))
+    }
+
+    fn http_path(self) -> &'static str {
+        match self {
+            Signal::Metrics => "/v1/metrics",
+            Signal::Traces => "/v1/traces",
+        }
+    }
+}
+
+/// Where and how one signal is exported: shared by the metric and the span exporter.
+struct Export {
+    signal: Signal,
+    /// `telemetry.otlp_endpoint`; `None` leaves it to the exporter's `OTEL_EXPORTER_OTLP_*`.
+    endpoint: Option<String>,
+    ca: Option<CaFile>,
+    headers: HashMap<String, String>,
+}
+
+impl Export {
+    /// `None` when no endpoint is configured for `signal`, in the config or the environment.
+    fn resolve(
+        config: &TelemetryConfig,
+        signal: Signal,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Option<Self>, TelemetryError> {
+        let endpoint = config.otlp_endpoint.clone().filter(|e| !e.is_empty());
+        if endpoint.is_none() && signal.env("ENDPOINT", env).is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Self { signal, endpoint, ca: ca_file(signal, env)?, headers: headers(signal, env) }))
+    }
+
+    fn endpoint_text(&self) -> &str {
+        self.endpoint.as_deref().unwrap_or("(from OTEL_EXPORTER_OTLP_* env)")
+    }
+
+    /// gRPC: TLS against the CA file or the platform roots, the headers as metadata. tonic uses
+    /// the TLS configuration only for https:// endpoints.
+    fn tonic<B: WithTonicConfig + WithExportConfig>(&self, builder: B) -> B {
+        let tls = match &self.ca {
+            Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.pem)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        let builder = builder.with_tls_config(tls).with_metadata(grpc_metadata(&self.headers));
+        match &self.endpoint {
+            Some(e) => builder.with_endpoint(e.clone()),
+            None => builder,
+        }
+    }
+
+    /// HTTP/protobuf: the headers, a client trusting only the CA file when there is one, and the
+    /// signal's path under a base endpoint.
+    fn http<B: WithHttpConfig + WithExportConfig>(&self, builder: B) -> Result<B, TelemetryError> {
+        let mut builder = builder.with_headers(self.headers.clone());
+        if let Some(ca) = &self.ca {
+            builder = builder.with_http_client(http_client_trusting(ca)?);
+        }
+        Ok(match &self.endpoint {
+            Some(e) => builder.with_endpoint(http_signal_url(e, self.signal)),
+            None => builder,
+        })
+    }
+}
+
 /// The first of the variables naming a CA file, and the file's bytes.
 struct CaFile {
-    var: &'static str,
+    var: String,
     path: PathBuf,
     pem: Vec<u8>,
 }
 
-fn ca_file(env: &BTreeMap<String, String>) -> Result<Option<CaFile>, TelemetryError> {
-    let found = ["OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"]
-        .into_iter()
-        .find_map(|var| env.get(var).filter(|v| !v.is_empty()).map(|v| (var, PathBuf::from(v))));
-    let Some((var, path)) = found else { return Ok(None) };
+fn ca_file(signal: Signal, env: &BTreeMap<String, String>) -> Result<Option<CaFile>, TelemetryError> {
+    let Some((var, path)) = signal.env("CERTIFICATE", env) else { return Ok(None) };
+    let path = PathBuf::from(path);
     match std::fs::read(&path) {
         Ok(pem) => Ok(Some(CaFile { var, path, pem })),
         Err(e) => Err(TelemetryError::Certificate { var, path, problem: e.to_string() }),
@@ -253,10 +338,11 @@ fn ca_file(env: &BTreeMap<String, String>) -> Result<Option<CaFile>, TelemetryEr
 
 /// A blocking reqwest client that trusts only `ca`. Built on a thread of its own: the blocking
 /// client owns a runtime, which must not be created or dropped inside the caller's tokio runtime.
-fn http_client_trusting(ca: CaFile) -> Result<reqwest::blocking::Client, TelemetryError> {
+fn http_client_trusting(ca: &CaFile) -> Result<reqwest::blocking::Client, TelemetryError> {
     let CaFile { var, path, pem } = ca;
-    let error = |problem: String| TelemetryError::Certificate { var, path: path.clone(), problem };
-    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| error(e.to_string()))?;
+    let error =
+        |problem: String| TelemetryError::Certificate { var: var.clone(), path: path.clone(), problem };
+    let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| error(e.to_string()))?;
     if certs.is_empty() {
         return Err(error("no PEM certificate in it".into()));
     }
@@ -268,14 +354,10 @@ fn http_client_trusting(ca: CaFile) -> Result<reqwest::blocking::Client, Telemet
     .map_err(|e| error(e.to_string()))
 }
 
-/// `OTEL_EXPORTER_OTLP_METRICS_HEADERS`, else `OTEL_EXPORTER_OTLP_HEADERS`: `k=v,k2=v2`, values
+/// `OTEL_EXPORTER_OTLP_{SIGNAL}_HEADERS`, else `OTEL_EXPORTER_OTLP_HEADERS`: `k=v,k2=v2`, values
 /// percent-decoded (by the exporter's `with_headers`); entries without `=` are skipped.
-fn headers(env: &BTreeMap<String, String>) -> HashMap<String, String> {
-    ["OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"]
-        .into_iter()
-        .find_map(|var| env.get(var).filter(|v| !v.trim().is_empty()))
-        .map(|list| parse_headers(list))
-        .unwrap_or_default()
+fn headers(signal: Signal, env: &BTreeMap<String, String>) -> HashMap<String, String> {
+    signal.env("HEADERS", env).map(|(_, list)| parse_headers(list)).unwrap_or_default()
 }
 
 fn parse_headers(list: &str) -> HashMap<String, String> {
@@ -302,11 +384,12 @@ fn grpc_metadata(headers: &HashMap<String, String>) -> MetadataMap {
     MetadataMap::from_headers(map)
 }
 
-/// The configured base endpoint gets the standard `/v1/metrics` path unless it has a path.
-fn http_metrics_url(endpoint: &str) -> String {
+/// The configured base endpoint gets the signal's standard path (`/v1/metrics`, `/v1/traces`)
+/// unless it has a path.
+fn http_signal_url(endpoint: &str, signal: Signal) -> String {
     let trimmed = endpoint.trim_end_matches('/');
     match url::Url::parse(trimmed) {
-        Ok(url) if url.path() == "/" || url.path().is_empty() => format!("{trimmed}/v1/metrics"),
+        Ok(url) if url.path() == "/" || url.path().is_empty() => format!("{trimmed}{}", signal.http_path()),
         _ => trimmed.to_owned(),
     }
 }
@@ -339,35 +422,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn http_endpoint_gets_the_metrics_path_only_when_it_has_none() {
-        assert_eq!(http_metrics_url("http://c:4318"), "http://c:4318/v1/metrics");
-        assert_eq!(http_metrics_url("http://c:4318/"), "http://c:4318/v1/metrics");
-        assert_eq!(http_metrics_url("http://c:4318/custom"), "http://c:4318/custom");
+    fn http_endpoint_gets_the_signal_path_only_when_it_has_none() {
+        assert_eq!(http_signal_url("http://c:4318", Signal::Metrics), "http://c:4318/v1/metrics");
+        assert_eq!(http_signal_url("http://c:4318/", Signal::Metrics), "http://c:4318/v1/metrics");
+        assert_eq!(http_signal_url("http://c:4318/", Signal::Traces), "http://c:4318/v1/traces");
+        assert_eq!(http_signal_url("http://c:4318/custom", Signal::Traces), "http://c:4318/custom");
     }
 
     #[test]
-    fn headers_are_comma_separated_pairs_and_the_metrics_variable_wins() {
+    fn headers_are_comma_separated_pairs_and_the_signal_variable_wins() {
         let parsed = parse_headers(" x-api-key = s%3Dcret ,broken, a=b=c,=v");
         assert_eq!(parsed.len(), 2, "{parsed:?}");
         assert_eq!(parsed["x-api-key"], "s%3Dcret", "percent-decoding is left to with_headers");
         assert_eq!(parsed["a"], "b=c");
         let mut env = BTreeMap::new();
         env.insert("OTEL_EXPORTER_OTLP_HEADERS".to_owned(), "k=general".to_owned());
-        assert_eq!(headers(&env)["k"], "general");
+        assert_eq!(headers(Signal::Metrics, &env)["k"], "general");
         env.insert("OTEL_EXPORTER_OTLP_METRICS_HEADERS".to_owned(), "k=metrics".to_owned());
-        assert_eq!(headers(&env)["k"], "metrics");
+        assert_eq!(headers(Signal::Metrics, &env)["k"], "metrics");
+        assert_eq!(headers(Signal::Traces, &env)["k"], "general", "the metrics variable is not the traces'");
     }
 
     #[test]
     fn an_unreadable_certificate_file_names_the_variable() {
         let mut env = BTreeMap::new();
         env.insert("OTEL_EXPORTER_OTLP_CERTIFICATE".to_owned(), "/nonexistent/ca.pem".to_owned());
-        let Err(error) = ca_file(&env) else { panic!("unreadable file accepted") };
+        let Err(error) = ca_file(Signal::Traces, &env) else { panic!("unreadable file accepted") };
         let text = error.to_string();
         assert!(
             text.contains("OTEL_EXPORTER_OTLP_CERTIFICATE") && text.contains("/nonexistent/ca.pem"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_sample_ratio_outside_zero_to_one_is_refused_by_its_key() {
+        for ratio in [-0.1, 1.5, f64::NAN] {
+            let config = TelemetryConfig { trace_sample_ratio: ratio, ..TelemetryConfig::default() };
+            let error = config.validate().expect_err("refused");
+            assert_eq!(error.key, "trace_sample_ratio", "{error:?}");
+        }
+        for ratio in [0.0, DEFAULT_TRACE_SAMPLE_RATIO, 1.0] {
+            let config = TelemetryConfig { trace_sample_ratio: ratio, ..TelemetryConfig::default() };
+            assert!(config.validate().is_ok(), "{ratio}");
+        }
+    }
+
+    #[test]
+    fn traces_asked_for_with_nowhere_to_send_them_are_an_error_naming_the_keys() {
+        let identity = Identity { worker_id: uuid::Uuid::nil(), environment: "test".into() };
+        let config = TelemetryConfig { traces: true, ..TelemetryConfig::default() };
+        let Err(error) = traces::Traces::init(&config, &identity, &BTreeMap::new()) else {
+            panic!("traces without an endpoint accepted")
+        };
+        let text = error.to_string();
+        assert!(text.contains("telemetry.traces") && text.contains("telemetry.otlp_endpoint"), "{text}");
+        // Off, nothing is needed and nothing is installed.
+        let off = traces::Traces::init(&TelemetryConfig::default(), &identity, &BTreeMap::new());
+        assert!(off.is_ok() && !traces::enabled());
     }
 
     fn attr(resource: &Resource, key: &'static str) -> Option<String> {
