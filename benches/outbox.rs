@@ -16,8 +16,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -405,38 +403,14 @@ async fn latency(bench: &BenchDb, args: &Args, wake: bool) -> anyhow::Result<Vec
         tokio::time::timeout(Duration::from_secs(10), connects.wait_for(|n| *n >= 1)).await??;
     }
 
-    let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let key = worker::redis::key(&prefix, "sched", "latency");
-    let samples = args.samples;
-    let watch = {
-        let started = started.clone();
-        tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(samples);
-            while latencies.len() < samples {
-                let popped: Option<(String, String, f64)> = watcher.bzpopmin(&key, 10.0).await?;
-                let (_, task, _) = popped.context("no task became visible within 10s")?;
-                let at = Instant::now();
-                let since = started.lock().unwrap_or_else(|e| e.into_inner()).remove(&task);
-                latencies.push(at - since.context("popped a task that was never enqueued")?);
-            }
-            anyhow::Ok(latencies)
-        })
-    };
-
-    let mut ticker = tokio::time::interval(Duration::from_secs(1) / args.rate);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let conn = bench.db.get().await?;
-    for i in 0..samples {
-        ticker.tick().await;
-        let task = format!("lat-{}-{i}", if wake { "wake" } else { "poll" });
-        started.lock().unwrap_or_else(|e| e.into_inner()).insert(task.clone(), Instant::now());
-        conn.fetch_one("SELECT enqueue_task($1, 'latency', '{}')", &[(&task, Type::TEXT)]).await?;
-    }
-    let mut latencies = watch.await??;
+    let label = if wake { "lat-wake" } else { "lat-poll" };
+    let latencies =
+        common::enqueue_to_visible(&bench.db, (watcher, key), ("latency", label), args.samples, args.rate)
+            .await?;
     shutdown.cancel();
     runtime.begin_shutdown();
     runtime.drained().await;
-    latencies.sort();
     Ok(latencies)
 }
 

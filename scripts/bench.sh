@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/services.sh
 
-BENCHES=(outbox chats gitsync prebuilds agent_memory admission)
+BENCHES=(outbox chats gitsync prebuilds agent_memory admission idle)
 
 selected=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do selected+=("$1"); shift; done

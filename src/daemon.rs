@@ -150,7 +150,8 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     Ok(if drained { 0 } else { EXIT_DRAIN_TIMEOUT })
 }
 
-/// The probe behind `/readyz` (one `SELECT 1` a second, so no request checks out a connection)
+/// The probe behind `/readyz` (a `SELECT 1` when no checkout succeeded for 10 s, every second
+/// while it fails, so no request checks out a connection)
 /// is a long-lived task: supervised, so the drain stops and awaits it with the others.
 fn start_readiness_probe(runtime: &Runtime, health: Health, db: Db) -> anyhow::Result<()> {
     let probes = runtime.supervisor().task_set("health_probe", ());

@@ -8,9 +8,9 @@
 //! Parameters and result columns must be built-in types: a Postgres enum or domain would make
 //! tokio-postgres look the type up with a named statement, so status columns are `text` + CHECK.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType};
 use tokio_postgres::types::{ToSql, Type};
@@ -101,6 +101,8 @@ pub struct Db {
     statement_timeout: Duration,
     /// Whether the last checkout that had to connect could not (see [`Db::unreachable`]).
     unreachable: Arc<AtomicBool>,
+    /// When a checkout last succeeded (see [`Db::last_answered`]).
+    answered: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Db {
@@ -129,13 +131,21 @@ impl Db {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Url(e.to_string()))?;
-        Ok(Self { pool, statement_timeout: config.statement_timeout, unreachable: Arc::default() })
+        Ok(Self {
+            pool,
+            statement_timeout: config.statement_timeout,
+            unreachable: Arc::default(),
+            answered: Arc::default(),
+        })
     }
 
     pub async fn get(&self) -> Result<Conn, DbError> {
         let checkout = self.pool.get().await;
         match &checkout {
-            Ok(_) => self.unreachable.store(false, Ordering::Relaxed),
+            Ok(_) => {
+                self.unreachable.store(false, Ordering::Relaxed);
+                *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            }
             // A connect that failed or timed out. (No free slot in time says nothing about the
             // server, and a recycle check that timed out is retried with another connection.)
             Err(PoolError::Backend(_) | PoolError::Timeout(TimeoutType::Create)) => {
@@ -151,6 +161,13 @@ impl Db {
     /// soon after the database returns (a silent path, a restart, a failover).
     pub fn unreachable(&self) -> bool {
         self.unreachable.load(Ordering::Relaxed)
+    }
+
+    /// When the server last answered a checkout: the verified recycle's round trip, or a new
+    /// connection's login. Readiness takes it as a ping (an idle replica's loops make it ping
+    /// rarely).
+    pub fn last_answered(&self) -> Option<Instant> {
+        *self.answered.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn statement_timeout(&self) -> Duration {

@@ -4,8 +4,9 @@
 //!
 //! The port is built to stay answerable when something hostile reaches it (it should not: keep
 //! it off the public internet). A request handler never touches the database: one background
-//! probe ([`probe`], a supervised task the daemon starts) pings it at most once a second and
-//! `/readyz` reads what it last found. The server is hyper's HTTP/1 connection driven directly,
+//! probe ([`probe`], a supervised task the daemon starts) pings it when nothing else showed it
+//! answering for 10 s (a loop's pooled checkout counts; once a second while it does not answer)
+//! and `/readyz` reads what it last found. The server is hyper's HTTP/1 connection driven directly,
 //! because `axum::serve` has neither of the bounds that matter here:
 //!
 //! - `health.header_read_timeout`: a connection that has not sent a complete request head within
@@ -88,13 +89,21 @@ impl HealthConfig {
     }
 }
 
-/// How often (at most) the readiness probe pings the database.
+/// How often the readiness probe pings the database while the last ping failed (or before the
+/// first), and how often it looks at the pool (no I/O) between pings.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How old the last evidence that the database answers may grow before the probe pings: a
+/// pooled checkout that succeeded ([`Db::last_answered`]: the pool's verified recycle is a round
+/// trip) counts as much as a `SELECT 1`, so a replica whose loops use the database pings rarely,
+/// and an idle one every 10 s at most. A database that dies turns `/readyz` 503 within this
+/// plus [`DB_PING_TIMEOUT`] (12 s), and within a second of a loop's checkout finding it
+/// unreachable ([`Db::unreachable`]).
+pub const IDLE_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long the probe waits for `SELECT 1`.
 const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// A probe result older than this no longer counts: the probe is stuck or gone (it pings every
-/// `PROBE_INTERVAL`, each ping bounded by `DB_PING_TIMEOUT`).
-const PROBE_STALE_AFTER: Duration = Duration::from_secs(5);
+/// `IDLE_PROBE_INTERVAL` at most, each ping bounded by `DB_PING_TIMEOUT`).
+const PROBE_STALE_AFTER: Duration = Duration::from_secs(15);
 
 /// What /readyz needs to know about a loop's schedule (the runtime fills it in).
 #[derive(Debug, Clone, Copy)]
@@ -263,9 +272,9 @@ impl Health {
         self.lock().info.insert(key, value);
     }
 
-    /// What the readiness probe found now.
-    fn set_probed(&self, database: Result<(), Failure>) {
-        self.lock().probed = Some(Probed { at: Instant::now(), database });
+    /// What the readiness probe found at `at`.
+    fn set_probed(&self, at: Instant, database: Result<(), Failure>) {
+        self.lock().probed = Some(Probed { at, database });
     }
 
     /// Readiness given whether the database answered (`Err` = why not), with full messages: for
@@ -365,21 +374,74 @@ async fn ping(db: &Db) -> Result<(), Failure> {
     }
 }
 
-/// The readiness probe: pings the database (one pooled connection, `SELECT 1`), publishes the
-/// result for `/readyz`, waits [`PROBE_INTERVAL`], again, until `stop` resolves. A long-lived
-/// task: the daemon starts it in the runtime's supervisor, which stops and awaits it at shutdown.
+/// What the readiness probe does when it looks (every [`PROBE_INTERVAL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeStep {
+    /// `SELECT 1` now.
+    Ping,
+    /// A checkout newer than what `/readyz` shows succeeded: publish it as the evidence, no I/O.
+    Vouch,
+    Wait,
+}
+
+/// The probe's decision: `published_ok` is whether `/readyz` shows the database answering,
+/// `since_published` the age of that evidence, `since_answered` the age of the last successful
+/// checkout. While the database answers, a newer checkout is vouched for and a ping is sent only
+/// when the evidence is [`IDLE_PROBE_INTERVAL`] old; otherwise (a failed ping, no ping yet, a
+/// loop's checkout found the database unreachable) it pings at every look.
+pub fn probe_step(
+    published_ok: bool,
+    since_published: Duration,
+    since_answered: Option<Duration>,
+    database_unreachable: bool,
+) -> ProbeStep {
+    if !published_ok || database_unreachable {
+        ProbeStep::Ping
+    } else if since_answered.is_some_and(|answered| answered < since_published) {
+        ProbeStep::Vouch
+    } else if since_published >= IDLE_PROBE_INTERVAL {
+        ProbeStep::Ping
+    } else {
+        ProbeStep::Wait
+    }
+}
+
+/// The readiness probe: publishes for `/readyz` whether the database answers, from a `SELECT 1`
+/// on one pooled connection or a loop's successful checkout ([`probe_step`]), looks again every
+/// [`PROBE_INTERVAL`], until `stop` resolves. A long-lived task: the daemon starts it in the
+/// runtime's supervisor, which stops and awaits it at shutdown.
 pub async fn probe(health: Health, db: Db, stop: impl Future<Output = ()>) {
     let mut stop = std::pin::pin!(stop);
+    // When the evidence `/readyz` shows was gathered, and whether the database answered then.
+    let mut published: Option<(Instant, bool)> = None;
     loop {
-        let database = tokio::select! {
-            biased;
-            () = &mut stop => return,
-            database = ping(&db) => database,
-        };
-        if let Err(failure) = &database {
-            tracing::debug!(label = failure.label, error = %failure.message, "readiness probe: database not ready");
+        let now = Instant::now();
+        let (published_ok, since_published) =
+            published.map_or((false, Duration::MAX), |(at, ok)| (ok, now.saturating_duration_since(at)));
+        let answered = db.last_answered();
+        let since_answered = answered.map(|at| now.saturating_duration_since(at));
+        match probe_step(published_ok, since_published, since_answered, db.unreachable()) {
+            ProbeStep::Ping => {
+                let database = tokio::select! {
+                    biased;
+                    () = &mut stop => return,
+                    database = ping(&db) => database,
+                };
+                if let Err(failure) = &database {
+                    tracing::debug!(label = failure.label, error = %failure.message, "readiness probe: database not ready");
+                }
+                let at = Instant::now();
+                published = Some((at, database.is_ok()));
+                health.set_probed(at, database);
+            }
+            ProbeStep::Vouch => {
+                if let Some(at) = answered {
+                    published = Some((at, true));
+                    health.set_probed(at, Ok(()));
+                }
+            }
+            ProbeStep::Wait => {}
         }
-        health.set_probed(database);
         tokio::select! {
             biased;
             () = &mut stop => return,
@@ -713,7 +775,7 @@ mod tests {
         health.register("a", facts);
         let error = TickError { label: "db_statement", message: "row 42 at postgres://u:pw@db" };
         health.record("a", TickRecord { outcome: "error", completed: false, error: Some(error) });
-        health.set_probed(Err(Failure::new("db_connection", "db.internal:5432: refused")));
+        health.set_probed(Instant::now(), Err(Failure::new("db_connection", "db.internal:5432: refused")));
         let labels = health.readyz(false);
         assert_eq!(labels.database, "db_connection");
         assert_eq!(labels.loops[0].last_error.as_deref(), Some("db_statement"));
@@ -736,6 +798,31 @@ mod tests {
         );
         let failed = Probed { at: now, database: Err(Failure::new("db_timeout", "slow")) };
         assert_eq!(database_now(Some(&failed), now).map_err(|e| e.label), Err("db_timeout"));
+    }
+
+    #[test]
+    fn the_probe_pings_only_when_nothing_else_showed_the_database_answering_for_a_while() {
+        use ProbeStep::{Ping, Vouch, Wait};
+        let s = Duration::from_secs;
+        let idle = IDLE_PROBE_INTERVAL;
+        // (published ok, its age, last checkout's age, a loop found the database unreachable, step)
+        let table = [
+            (false, Duration::MAX, None, false, Ping),
+            (false, s(1), Some(Duration::ZERO), false, Ping),
+            (true, s(3), Some(s(1)), false, Vouch),
+            (true, s(3), Some(s(3)), false, Wait),
+            (true, idle - s(1), None, false, Wait),
+            (true, idle, None, false, Ping),
+            (true, idle, Some(idle + s(1)), false, Ping),
+            (true, s(1), Some(Duration::ZERO), true, Ping),
+        ];
+        for (i, (ok, since, answered, unreachable, step)) in table.into_iter().enumerate() {
+            assert_eq!(probe_step(ok, since, answered, unreachable), step, "row {i}");
+        }
+        assert!(
+            IDLE_PROBE_INTERVAL + DB_PING_TIMEOUT < PROBE_STALE_AFTER,
+            "a healthy probe's result never goes stale between pings"
+        );
     }
 
     #[test]

@@ -16,6 +16,11 @@
 //! TCP keepalives and `tcp_user_timeout`, so a path that went silent ends it (an idle LISTEN
 //! connection would otherwise wait for a notification forever), and opening it is bounded by
 //! `connect_timeout`.
+//!
+//! Whether the connection is known to deliver ([`Delivery`]) is kept here too: the wake probe
+//! (`crate::wakes`) reports what it found on the current connection ([`Listener::report_delivery`]),
+//! and every drop or (re)connect sets it back to [`Delivery::Unknown`]. Loops with a fallback
+//! interval watch it ([`Listener::delivery`]) to know whether they may poll slowly.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +39,43 @@ const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(100);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
 /// `application_name` of the LISTEN connection (visible in `pg_stat_activity`).
 pub const APPLICATION_NAME: &str = "worker-listen";
+
+/// Whether notifications sent through the pool are known to reach the LISTEN connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// A probe's NOTIFY came back on the current connection.
+    Delivered,
+    /// A probe's NOTIFY did not come back in time (e.g. `listen_url` is a transaction-mode pooler).
+    NotDelivered,
+    /// No probe on the current connection yet, or the connection is down.
+    Unknown,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Delivered => "delivered",
+            Delivery::NotDelivered => "not_delivered",
+            Delivery::Unknown => "unknown",
+        }
+    }
+}
+
+/// The delivery verdict and the connection it is about: `connection` counts every drop and
+/// (re)connect, so a probe that straddled one cannot vouch for the new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub connection: u64,
+    pub delivery: Delivery,
+}
+
+impl Verdict {
+    /// The connection changed (dropped or re-established): nothing is known about it yet.
+    fn next_connection(&mut self) {
+        self.connection += 1;
+        self.delivery = Delivery::Unknown;
+    }
+}
 
 /// What a stream subscriber receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,12 +120,19 @@ pub struct Listener {
     /// Taken by [`Listener::start`]; commands wait in the channel until then.
     pending: Arc<Mutex<Option<mpsc::UnboundedReceiver<Command>>>>,
     next_id: Arc<AtomicU64>,
+    verdict: Arc<watch::Sender<Verdict>>,
 }
 
 impl Default for Listener {
     fn default() -> Self {
         let (commands, pending) = mpsc::unbounded_channel();
-        Self { commands, pending: Arc::new(Mutex::new(Some(pending))), next_id: Arc::new(AtomicU64::new(0)) }
+        let (verdict, _) = watch::channel(Verdict { connection: 0, delivery: Delivery::Unknown });
+        Self {
+            commands,
+            pending: Arc::new(Mutex::new(Some(pending))),
+            next_id: Arc::new(AtomicU64::new(0)),
+            verdict: Arc::new(verdict),
+        }
     }
 }
 
@@ -103,6 +152,27 @@ impl Listener {
         let notify = Arc::new(Notify::new());
         let _ = self.commands.send(Command::OnConnect(notify.clone()));
         notify
+    }
+
+    /// The delivery verdict on the current connection, and every change of it.
+    pub fn delivery(&self) -> watch::Receiver<Verdict> {
+        self.verdict.subscribe()
+    }
+
+    /// Records what a probe found about `connection` (the [`Verdict::connection`] read before
+    /// it sent its NOTIFY); ignored when the connection dropped or changed since. Returns whether
+    /// it was recorded.
+    pub fn report_delivery(&self, connection: u64, delivery: Delivery) -> bool {
+        let mut recorded = false;
+        self.verdict.send_if_modified(|verdict| {
+            recorded = verdict.connection == connection;
+            let changed = recorded && verdict.delivery != delivery;
+            if changed {
+                verdict.delivery = delivery;
+            }
+            changed
+        });
+        recorded
     }
 
     /// Every notification on `channel` from now on. Returns once the channel is LISTENed on a
@@ -146,6 +216,7 @@ impl Listener {
                 commands,
                 channels: HashMap::new(),
                 on_connect: Vec::new(),
+                verdict: self.verdict.clone(),
                 connects: connects_tx,
                 received: received_tx,
             };
@@ -191,6 +262,7 @@ struct ListenerTask {
     commands: mpsc::UnboundedReceiver<Command>,
     channels: HashMap<String, Vec<Subscriber>>,
     on_connect: Vec<Arc<Notify>>,
+    verdict: Arc<watch::Sender<Verdict>>,
     connects: watch::Sender<u64>,
     received: watch::Sender<u64>,
 }
@@ -219,6 +291,8 @@ impl ListenerTask {
                 return;
             }
             self.health.set_listener_connected(false);
+            // Loops in fallback mode return to their fast interval at once.
+            self.verdict.send_modify(Verdict::next_connection);
             // Only failed attempts in a row grow the delay: a connection that was up and then
             // closed or failed (a restart, a silent path noticed) is retried at once.
             if *self.connects.borrow() > connects {
@@ -294,6 +368,8 @@ impl ListenerTask {
         }
         let reconnect = *self.connects.borrow() > 0;
         self.health.set_listener_connected(true);
+        // A new connection: unknown until a probe on it comes back (the probe is woken below).
+        self.verdict.send_modify(Verdict::next_connection);
         self.connects.send_modify(|n| *n += 1);
         tracing::debug!(channels = self.channels.len(), "listening");
         self.on_connect.iter().for_each(|notify| notify.notify_one());

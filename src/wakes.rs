@@ -8,9 +8,17 @@
 //! uses) and waits `listen.probe_timeout` (5 s) for the notification to come back on the LISTEN
 //! connection. The verdict is `/readyz` info `wakes` (`delivered`, `not_delivered`, or `unknown`
 //! before the first probe, or while the LISTEN connection cannot take the probe's channel); a
-//! probe that hears nothing
-//! is counted (`listen.wakes.not_delivered`) and logged as a warning naming
-//! `database.listen_url`. Nothing else changes: loops keep polling at their intervals.
+//! probe that hears nothing is counted (`listen.wakes.not_delivered`) and logged as a warning
+//! naming `database.listen_url`.
+//!
+//! The verdict is also reported to the listener ([`Listener::report_delivery`]), for the
+//! connection the probe ran on: while it is `delivered`, loops with a fallback interval
+//! (`outbox.fallback_interval`, `chats.acquire_fallback_interval`, …) poll only at that slower
+//! cadence, and they return to their fast interval at once when the connection drops or
+//! reconnects or a probe hears nothing. Wakes that stop arriving on a connection that stays up
+//! are noticed by the next probe, so the probe interval (1 m by default: one NOTIFY, about 0.02
+//! transactions a second) bounds how long loops stay slow after that; work is still found
+//! within each loop's fallback interval meanwhile.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +31,7 @@ use uuid::Uuid;
 
 use crate::db::{self, Db, DbError, Exec};
 use crate::health::Health;
+pub use crate::listen::Delivery;
 use crate::listen::{ListenEvent, Listener, Subscription};
 use crate::runtime::{Loop, LoopInfo, Progress, Schedule, Tick};
 use crate::validate::{Violation, check, positive};
@@ -37,7 +46,7 @@ pub const INFO: LoopInfo = LoopInfo {
     pausable: true,
 };
 
-pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(300);
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `[listen]`: the wake probe.
@@ -70,25 +79,6 @@ impl ListenConfig {
             humantime::format_duration(self.probe_timeout),
             "less than listen.probe_interval",
         )
-    }
-}
-
-/// What the last probe found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    Delivered,
-    NotDelivered,
-    /// No probe yet, or the LISTEN connection could not take the probe's channel in time.
-    Unknown,
-}
-
-impl Delivery {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Delivery::Delivered => "delivered",
-            Delivery::NotDelivered => "not_delivered",
-            Delivery::Unknown => "unknown",
-        }
     }
 }
 
@@ -151,6 +141,7 @@ impl Probe {
         }
         let Some(events) = subscription.as_mut() else { return Ok(Delivery::Unknown) };
         let nonce = Uuid::new_v4().to_string();
+        let connection = self.listener.delivery().borrow().connection;
         let channel = self.channel.as_str();
         db::in_transaction(&self.db, async |tx| {
             tx.exec("SELECT pg_notify($1, $2)", &[(&channel, Type::TEXT), (&nonce, Type::TEXT)]).await
@@ -167,7 +158,9 @@ impl Probe {
             }
         })
         .await;
-        Ok(if heard == Ok(true) { Delivery::Delivered } else { Delivery::NotDelivered })
+        let delivery = if heard == Ok(true) { Delivery::Delivered } else { Delivery::NotDelivered };
+        self.listener.report_delivery(connection, delivery);
+        Ok(delivery)
     }
 }
 

@@ -62,6 +62,11 @@ fn every_loop_through(test_db: &TestDb, url: &str, dir: &std::path::Path) -> Wor
         .set("counters.interval", "500ms")
         .set("chats.enabled", true)
         .set("chats.acquire_interval", "200ms")
+        // Short fallbacks: the scenario bounds recovery, and the slow cadence must not hide in it.
+        .set("chats.acquire_fallback_interval", "1s")
+        .set("outbox.fallback_interval", "1s")
+        .set("prebuilds.fallback_interval", "1s")
+        .set("runtime.controls_fallback_refresh", "1s")
         .set("chats.heartbeat_interval", "1s")
         .set("chats.recover_interval", "1s")
         .set("chats.runner.command", vec![quick_agent])

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use worker::db::{Db, Exec};
 use worker::health::Health;
 use worker::listen::{self, ListenEvent};
-use worker::runtime::RuntimeConfig;
 use worker::runtime::{Loop, LoopError, Outcome, Progress, Runtime, Schedule, Tick};
+use worker::runtime::{LoopConfig, RuntimeConfig};
 
 /// Generous bound for conditions that should hold in milliseconds; reaching it is a failure.
 const LIMIT: Duration = Duration::from_secs(15);
@@ -736,4 +736,111 @@ async fn a_pause_is_pushed_by_notify_and_takes_effect_at_the_next_tick_despite_t
         "the lease loop cannot be paused: {refused:?}"
     );
     stop.cancel();
+}
+
+/// With wakes known to be delivered a woken loop ticks once per NOTIFY and never at its fast
+/// interval (zero here: polling would tick back to back, dozens of times per round trip); when
+/// the LISTEN connection drops it returns to its fast interval at once, with no NOTIFY at all.
+#[tokio::test]
+async fn a_loop_in_fallback_mode_ticks_only_when_woken_and_polls_fast_again_once_the_listen_connection_drops()
+{
+    let (test_db, _metrics, rt) = setup().await;
+    let background = Background::new();
+    let stats = rt.listener().start(test_db.url.clone(), rt.health.clone(), background.listener.clone());
+    let mut connects = stats.connects.clone();
+    tokio::time::timeout(LIMIT, connects.wait_for(|n| *n >= 1)).await.expect("connected").expect("watch");
+    // What the wake probe reports when its NOTIFY comes back on this connection.
+    let connection = rt.listener().delivery().borrow().connection;
+    assert!(rt.listener().report_delivery(connection, listen::Delivery::Delivered));
+
+    let schedule = Schedule::every(Duration::ZERO, Duration::from_secs(30))
+        .woken_by_with_fallback("fallback_test", Duration::from_secs(3600));
+    let (job, state) = probe("fallback", schedule, Behaviour::Return);
+    background.add(&rt, job);
+    state.wait_finished(1).await; // the tick at start; then the fallback interval (1 h)
+    // Acked once LISTENed, after the runner's own subscription (commands are applied in order).
+    let mut heard = rt.listener().subscribe("fallback_test").await;
+
+    const WAKES: u64 = 20;
+    for n in 1..=WAKES {
+        notify(&test_db.db, "SELECT pg_notify('fallback_test', '')").await;
+        assert_eq!(next(&mut heard).await, ListenEvent::Notification(String::new()));
+        state.wait_finished(1 + n).await;
+    }
+    assert_eq!(state.started(), 1 + WAKES, "one tick per wake, none at the fast interval");
+
+    // The connection drops (and comes back, but no probe vouches for it): fast polling again.
+    assert_eq!(test_db.terminate_listeners().await, 1);
+    state.wait_finished(1 + WAKES + 100).await;
+
+    background.stop().await;
+}
+
+/// Each fallback key is validated against the interval it stands in for, by its own name.
+#[test]
+fn a_fallback_interval_shorter_than_its_interval_is_refused_by_its_key() {
+    use worker::chats::ChatsConfig;
+    use worker::outbox::OutboxConfig;
+    use worker::prebuilds::PrebuildsConfig;
+    let short = Duration::from_millis(100);
+    let outbox = OutboxConfig { fallback_interval: Some(short), ..OutboxConfig::default() };
+    let chats = ChatsConfig { acquire_fallback_interval: Some(short), ..ChatsConfig::default() };
+    let prebuilds = PrebuildsConfig { fallback_interval: Some(short), ..PrebuildsConfig::default() };
+    let runtime = RuntimeConfig { controls_fallback_refresh: Some(short), ..RuntimeConfig::default() };
+    assert_eq!(outbox.validate().map_err(|v| v.key), Err("fallback_interval".to_owned()));
+    assert_eq!(chats.validate().map_err(|v| v.key), Err("acquire_fallback_interval".to_owned()));
+    assert_eq!(prebuilds.validate().map_err(|v| v.key), Err("fallback_interval".to_owned()));
+    assert_eq!(runtime.validate().map_err(|v| v.key), Err("controls_fallback_refresh".to_owned()));
+    assert!(OutboxConfig::default().validate().is_ok());
+    assert!(ChatsConfig::default().validate().is_ok());
+    assert!(PrebuildsConfig::default().validate().is_ok());
+    assert!(RuntimeConfig::default().validate().is_ok());
+
+    // Unset, a fallback is its default or the interval, whichever is longer: a config that slowed
+    // a loop down before the key existed still validates and is never sped up.
+    let slow = OutboxConfig {
+        base: LoopConfig::new(Duration::from_secs(3600), Duration::from_secs(10)),
+        ..OutboxConfig::default()
+    };
+    assert!(slow.validate().is_ok());
+    assert_eq!(slow.fallback_interval(), Duration::from_secs(3600));
+    assert_eq!(OutboxConfig::default().fallback_interval(), Duration::from_secs(5));
+    assert_eq!(ChatsConfig::default().acquire_fallback_interval(), Duration::from_secs(10));
+    assert_eq!(PrebuildsConfig::default().fallback_interval(), Duration::from_secs(60));
+    assert_eq!(RuntimeConfig::default().controls_fallback_refresh(), Duration::from_secs(60));
+}
+
+/// The readiness probe pings every 10 s while the database answers, not every second; a database
+/// that stops answering still turns `/readyz` unready within that plus the ping's timeout.
+#[tokio::test]
+async fn readiness_turns_unready_when_the_database_stops_answering_despite_the_slower_ping() {
+    use worker::db::DatabaseConfig;
+    let test_db = TestDb::new().await;
+    let admin = test_db.db.get().await.expect("conn");
+    let role = format!("worker_ready_{}", uuid::Uuid::new_v4().simple());
+    admin.exec(&format!("CREATE ROLE {role} LOGIN"), &[]).await.expect("role");
+    let url = format!("postgres://{role}@127.0.0.1:5432/{}", test_db.name);
+    let db = Db::new(&DatabaseConfig { url, pool_size: 2, ..DatabaseConfig::default() }).expect("pool");
+    let health = Health::default();
+    let stop = CancellationToken::new();
+    let probe = tokio::spawn(worker::health::probe(health.clone(), db, stop.clone().cancelled_owned()));
+    let database = || health.readyz(true).database;
+    common::eventually(LIMIT, "the database ready", || async { database() == "ok" }).await;
+
+    // Its connections end and no new one may log in: the database is gone for this worker.
+    admin.exec(&format!("ALTER ROLE {role} NOLOGIN"), &[]).await.expect("no more logins");
+    admin
+        .exec(
+            &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"),
+            &[],
+        )
+        .await
+        .expect("terminate");
+    let bound = worker::health::IDLE_PROBE_INTERVAL + Duration::from_secs(5);
+    common::eventually(bound, "the database unready", || async { database() != "ok" }).await;
+    assert!(!health.is_ready());
+
+    stop.cancel();
+    probe.await.expect("probe stopped");
+    admin.exec(&format!("DROP ROLE {role}"), &[]).await.expect("drop role");
 }

@@ -24,8 +24,8 @@ struct Daemon {
     _dir: tempfile::TempDir,
 }
 
-/// `worker run` with the outbox polling every `outbox_interval` and LISTEN on `listen_url`.
-fn start(test_db: &TestDb, redis: &RedisConfig, listen_url: &str, outbox_interval: &str) -> Daemon {
+/// `worker run` with `[outbox]` set to `outbox` (TOML lines) and LISTEN on `listen_url`.
+fn start(test_db: &TestDb, redis: &RedisConfig, listen_url: &str, outbox: &str) -> Daemon {
     let dir = tempfile::tempdir().expect("dir");
     let port = free_port();
     let config = dir.path().join("worker.toml");
@@ -35,7 +35,7 @@ fn start(test_db: &TestDb, redis: &RedisConfig, listen_url: &str, outbox_interva
             "[app]\nenv = \"test\"\nshutdown_timeout = \"10s\"\n\n[log]\nformat = \"json\"\n\n\
              [database]\nurl = \"{}\"\nlisten_url = \"{listen_url}\"\npool_size = 4\nmigrate_on_start = false\n\n\
              [redis]\nurl = \"{}\"\nprefix = \"{}\"\n\n[health]\nlisten = \"127.0.0.1:{port}\"\n\n\
-             [outbox]\ninterval = \"{outbox_interval}\"\n\n[listen]\nprobe_timeout = \"2s\"\n",
+             [outbox]\n{outbox}\n\n[listen]\nprobe_timeout = \"2s\"\n",
             test_db.url, redis.url, redis.prefix
         ),
     )
@@ -65,7 +65,7 @@ async fn a_direct_listen_connection_is_known_to_deliver_wakes() {
     let test_db = TestDb::new().await;
     let redis =
         RedisConfig { url: common::redis_url(), prefix: common::unique_prefix(), ..RedisConfig::default() };
-    let mut daemon = start(&test_db, &redis, &test_db.url, "1h");
+    let mut daemon = start(&test_db, &redis, &test_db.url, "interval = \"1h\"");
     eventually(Duration::from_secs(10), "wakes: delivered", || async {
         wakes(daemon.port).await.as_deref() == Some("delivered")
     })
@@ -82,7 +82,9 @@ async fn a_listen_url_through_a_transaction_pooler_is_reported_and_the_outbox_st
     let client = worker::redis::build(&redis).expect("client");
     client.init().await.expect("redis");
     let started = Instant::now();
-    let mut daemon = start(&test_db, &redis, &bouncer.url(&test_db.name), "200ms");
+    // An hour of fallback: only the fast interval can move the tasks, as wakes are not delivered.
+    let outbox = "interval = \"200ms\"\nfallback_interval = \"1h\"";
+    let mut daemon = start(&test_db, &redis, &bouncer.url(&test_db.name), outbox);
 
     eventually(Duration::from_secs(10), "wakes: not_delivered", || async {
         wakes(daemon.port).await.as_deref() == Some("not_delivered")
@@ -93,7 +95,7 @@ async fn a_listen_url_through_a_transaction_pooler_is_reported_and_the_outbox_st
     let log = std::fs::read_to_string(&daemon.log).expect("log");
     assert!(log.contains("database.listen_url"), "the warning names the key: {log}");
 
-    // Nothing wakes the outbox now; its 200 ms polling still moves every task.
+    // Nothing wakes the outbox now; its 200 ms polling (not the fallback) still moves every task.
     test_db
         .db
         .get()
@@ -165,4 +167,53 @@ async fn on_connect_fires_at_the_first_connection_and_after_each_reconnect() {
     assert_eq!(test_db.terminate_listeners().await, 1);
     tokio::time::timeout(Duration::from_secs(10), connected.notified()).await.expect("reconnected");
     stop.cancel();
+}
+
+/// The LISTEN connection is lost for good (its backend terminated, its role no longer allowed to
+/// log in): the outbox, which polled only every hour while wakes were delivered, returns to its
+/// 200 ms interval at once, and a task enqueued afterwards (its NOTIFY heard by no one) reaches
+/// Redis by polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_listen_connection_is_lost_the_outbox_polls_at_its_fast_interval_again() {
+    let test_db = TestDb::new().await;
+    let role = format!("worker_listen_{}", uuid::Uuid::new_v4().simple());
+    test_db
+        .db
+        .get()
+        .await
+        .expect("conn")
+        .exec(&format!("CREATE ROLE {role} LOGIN"), &[])
+        .await
+        .expect("role");
+    let listen_url = format!("postgres://{role}@127.0.0.1:5432/{}", test_db.name);
+    let redis =
+        RedisConfig { url: common::redis_url(), prefix: common::unique_prefix(), ..RedisConfig::default() };
+    let client = worker::redis::build(&redis).expect("client");
+    client.init().await.expect("redis");
+    let outbox = "interval = \"200ms\"\nfallback_interval = \"1h\"";
+    let mut daemon = start(&test_db, &redis, &listen_url, outbox);
+    eventually(Duration::from_secs(10), "wakes: delivered", || async {
+        wakes(daemon.port).await.as_deref() == Some("delivered")
+    })
+    .await;
+
+    let conn = test_db.db.get().await.expect("conn");
+    conn.exec(&format!("ALTER ROLE {role} NOLOGIN"), &[]).await.expect("no more logins");
+    assert_eq!(test_db.terminate_listeners().await, 1, "the daemon's one LISTEN connection");
+    eventually(Duration::from_secs(10), "listener_connected: false", || async {
+        readyz(daemon.port).await.is_some_and(|(_, body)| body["listener_connected"] == false)
+    })
+    .await;
+    conn.exec("SELECT enqueue_task('lost-listen', 'wakes', '{}')", &[]).await.expect("enqueue");
+    let key = worker::redis::key(&redis.prefix, "sched", "wakes");
+    // Far below the hour of fallback: only the fast interval gets it there.
+    eventually(Duration::from_secs(10), "the task in Redis by polling", || {
+        let (client, key) = (client.clone(), key.clone());
+        async move { client.zcard::<u64, _>(key).await.is_ok_and(|n| n == 1) }
+    })
+    .await;
+
+    daemon.child.kill().await.expect("kill");
+    let _ = daemon.child.wait().await;
+    conn.exec(&format!("DROP ROLE {role}"), &[]).await.expect("drop role");
 }

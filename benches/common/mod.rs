@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use fred::prelude::{Client, ClientLike, KeysInterface};
+use fred::prelude::{Client, ClientLike, KeysInterface, SortedSetsInterface};
 use worker::db::DatabaseConfig;
 use worker::db::Db;
 use worker::redis::RedisConfig;
@@ -178,8 +178,19 @@ pub async fn start_worker(
     stderr: std::process::Stdio,
     limit: Duration,
 ) -> anyhow::Result<tokio::process::Child> {
-    use anyhow::Context;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    start_worker_at(port, database_url, sets, stderr, limit).await
+}
+
+/// [`start_worker`] with its health port (`/readyz`) on `port`, for a caller that reads it too.
+pub async fn start_worker_at(
+    port: u16,
+    database_url: &str,
+    sets: &[String],
+    stderr: std::process::Stdio,
+    limit: Duration,
+) -> anyhow::Result<tokio::process::Child> {
+    use anyhow::Context;
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker"));
     for (key, _) in std::env::vars() {
         if key.starts_with("WORKER")
@@ -221,4 +232,52 @@ pub async fn start_worker(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Enqueue → visible in a queue's sorted set: `samples` single `enqueue_task` calls on `db` at
+/// `rate` a second into `queue` (task ids `{label}-{i}`), each timed until a watcher blocked in
+/// BZPOPMIN on `watcher` pops it from `key`, so visibility is taken without polling. Sorted.
+pub async fn enqueue_to_visible(
+    db: &Db,
+    (watcher, key): (Client, String),
+    (queue, label): (&str, &str),
+    samples: usize,
+    rate: u32,
+) -> anyhow::Result<Vec<Duration>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use anyhow::Context;
+    use tokio_postgres::types::Type;
+    use worker::db::Exec;
+
+    let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch = {
+        let started = started.clone();
+        tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(samples);
+            while latencies.len() < samples {
+                let popped: Option<(String, String, f64)> = watcher.bzpopmin(&key, 10.0).await?;
+                let (_, task, _) = popped.context("no task became visible within 10s")?;
+                let at = Instant::now();
+                let since = started.lock().unwrap_or_else(|e| e.into_inner()).remove(&task);
+                latencies.push(at - since.context("popped a task that was never enqueued")?);
+            }
+            anyhow::Ok(latencies)
+        })
+    };
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let conn = db.get().await?;
+    for i in 0..samples {
+        ticker.tick().await;
+        let task = format!("{label}-{i}");
+        started.lock().unwrap_or_else(|e| e.into_inner()).insert(task.clone(), Instant::now());
+        conn.fetch_one("SELECT enqueue_task($1, $2, '{}')", &[(&task, Type::TEXT), (&queue, Type::TEXT)])
+            .await?;
+    }
+    let mut latencies = watch.await??;
+    latencies.sort();
+    Ok(latencies)
 }

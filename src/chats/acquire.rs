@@ -1,6 +1,7 @@
 //! The `chats_acquire` loop: claims pending chats for this worker and starts their runners.
 //!
-//! Every second, at once on NOTIFY `chat_pending`, and at once when one of this worker's turns
+//! Every second (every `chats.acquire_fallback_interval` while `chat_pending` wakes are known to
+//! be delivered), at once on NOTIFY `chat_pending`, and at once when one of this worker's turns
 //! ends (a slot is free): claim up to
 //! `min(max_per_acquire, max_running - running)` pending, non-archived chats in the order and
 //! within the caps of [`admission`](super::admission) (one short transaction: the claim lock,
@@ -38,8 +39,10 @@ pub const INFO: LoopInfo = LoopInfo {
 /// NOTIFY channel of `post_chat_message` when a chat becomes pending.
 pub const WAKE_CHANNEL: &str = "chat_pending";
 
-/// How often the acquire tick counts the pending chats for the gauges.
-pub const CENSUS_EVERY: Duration = Duration::from_secs(10);
+/// How often the acquire tick counts the pending chats for the gauges: half the default
+/// `telemetry.export_interval` (60 s), so every export sees a fresh count, at one transaction per
+/// 30 s on an idle replica.
+pub const CENSUS_EVERY: Duration = Duration::from_secs(30);
 
 /// Pending chats and the oldest wait in seconds (0 when none waits).
 const CENSUS: &str = "SELECT count(*)::int8, \
@@ -141,7 +144,7 @@ impl Loop for Acquire {
 
     fn schedule(&self) -> Schedule {
         Schedule::every(self.ctx.config.acquire_interval, self.ctx.config.acquire_tick_timeout)
-            .woken_by(WAKE_CHANNEL)
+            .woken_by_with_fallback(WAKE_CHANNEL, self.ctx.config.acquire_fallback_interval())
             // A turn that ends frees a slot: claim into it now, not up to an interval later.
             .woken_locally_by(self.runners.ended())
     }

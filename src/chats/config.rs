@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::agent::{self, AgentCommand, AgentLimits};
 use super::boundary::{self, AgentUser};
 use super::limits::LimitsConfig;
+use crate::runtime::{check_fallback, fallback_or};
 use crate::validate::{Violation, check, positive};
 
 pub const DEFAULT_MAX_RUNNING: u32 = 10;
@@ -18,6 +19,9 @@ pub const DEFAULT_MAX_RUNNING: u32 = 10;
 /// `limit` rows of any owner, so 25 costs a claim little more than 5.
 pub const DEFAULT_MAX_PER_ACQUIRE: u32 = 25;
 pub const DEFAULT_ACQUIRE_INTERVAL: Duration = Duration::from_secs(1);
+/// While `chat_pending` wakes are known to be delivered: a pending chat whose NOTIFY was lost
+/// (or that became admissible without one) waits at most this long.
+pub const DEFAULT_ACQUIRE_FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
 /// A claim is one short transaction; starting the runners is in memory.
 pub const DEFAULT_ACQUIRE_TICK_TIMEOUT: Duration = Duration::from_secs(10);
 /// The lease is one row: renewing it every 30s costs one write per worker, whatever it runs.
@@ -59,6 +63,11 @@ pub struct ChatsConfig {
     pub max_per_acquire: u32,
     #[serde(with = "humantime_serde")]
     pub acquire_interval: Duration,
+    /// The acquire interval while the LISTEN connection is known to deliver `chat_pending`
+    /// wakes (a turn's end wakes acquisition in process anyway); at least `acquire_interval`.
+    /// Unset: 10 s, or `acquire_interval` if longer ([`ChatsConfig::acquire_fallback_interval`]).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub acquire_fallback_interval: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub acquire_tick_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -88,6 +97,7 @@ impl Default for ChatsConfig {
             max_running: DEFAULT_MAX_RUNNING,
             max_per_acquire: DEFAULT_MAX_PER_ACQUIRE,
             acquire_interval: DEFAULT_ACQUIRE_INTERVAL,
+            acquire_fallback_interval: None,
             acquire_tick_timeout: DEFAULT_ACQUIRE_TICK_TIMEOUT,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             stale_after: DEFAULT_STALE_AFTER,
@@ -214,6 +224,11 @@ impl RunnerConfig {
 }
 
 impl ChatsConfig {
+    /// The effective `acquire_fallback_interval`.
+    pub fn acquire_fallback_interval(&self) -> Duration {
+        fallback_or(self.acquire_fallback_interval, DEFAULT_ACQUIRE_FALLBACK_INTERVAL, self.acquire_interval)
+    }
+
     /// Keys are relative to `[chats]`.
     pub fn validate(&self) -> Result<(), Violation> {
         check((1..=100_000).contains(&self.max_running), "max_running", self.max_running, "1..=100000")?;
@@ -231,6 +246,12 @@ impl ChatsConfig {
             check(cap <= 1_000_000, key, cap, "0 (no cap) ..= 1000000")?;
         }
         positive("acquire_interval", self.acquire_interval)?;
+        check_fallback(
+            "acquire_fallback_interval",
+            self.acquire_fallback_interval,
+            "acquire_interval",
+            self.acquire_interval,
+        )?;
         positive("acquire_tick_timeout", self.acquire_tick_timeout)?;
         positive("heartbeat_interval", self.heartbeat_interval)?;
         positive("recover_interval", self.recover_interval)?;

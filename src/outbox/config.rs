@@ -5,11 +5,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::LoopConfig;
+use crate::runtime::{LoopConfig, check_fallback, fallback_or};
 use crate::validate::{Violation, check, positive};
 
 /// 200 ms: with the NOTIFY wake most tasks move in milliseconds; polling is the fallback.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
+/// 5 s while NOTIFY wakes are known to be delivered: an idle replica then costs one sweep every
+/// 5 s instead of five a second; a task enqueued with a future `run_at` (or retried) is then
+/// moved up to this late, since only tasks due at enqueue NOTIFY.
+pub const DEFAULT_FALLBACK_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_TICK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Claim size: measured at 500 the SQL side runs ~85k rows/s on 2 cores (BENCHMARKS.md).
@@ -17,7 +21,9 @@ pub const DEFAULT_BATCH_SIZE: u32 = 500;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
-pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(15);
+/// Half the default `telemetry.export_interval` (60 s): every export sees fresh gauges, and an
+/// idle replica spends one statement on them per 30 s.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// Queues with a series of their own in `outbox.queue.*`; the rest are summed as `other`.
 pub const DEFAULT_METRICS_QUEUES: u32 = 20;
 /// 1 MiB: the default `enqueue_task` starts with (migrations/V8), before a worker writes its own.
@@ -36,6 +42,11 @@ pub const MAX_PAYLOAD_BYTES_LIMIT: u64 = 512 << 20;
 pub struct OutboxConfig {
     #[serde(flatten)]
     pub base: LoopConfig,
+    /// The interval while the LISTEN connection is known to deliver `task_outbox` wakes (the
+    /// wake probe says so); back to `interval` at once when that stops being known. Unset: 5 s,
+    /// or `interval` if longer ([`OutboxConfig::fallback_interval`]).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub fallback_interval: Option<Duration>,
     /// Deadline of the Redis pipeline inside a tick (also at most half of what is left of the
     /// tick), leaving time to settle the rows.
     #[serde(with = "humantime_serde")]
@@ -70,6 +81,7 @@ impl Default for OutboxConfig {
     fn default() -> Self {
         Self {
             base: LoopConfig::new(DEFAULT_INTERVAL, DEFAULT_TICK_TIMEOUT),
+            fallback_interval: None,
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
             batch_size: DEFAULT_BATCH_SIZE,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -85,9 +97,15 @@ impl Default for OutboxConfig {
 }
 
 impl OutboxConfig {
+    /// The effective `fallback_interval`.
+    pub fn fallback_interval(&self) -> Duration {
+        fallback_or(self.fallback_interval, DEFAULT_FALLBACK_INTERVAL, self.base.interval)
+    }
+
     /// Keys are relative to `[outbox]`.
     pub fn validate(&self) -> Result<(), Violation> {
         self.base.validate()?;
+        check_fallback("fallback_interval", self.fallback_interval, "interval", self.base.interval)?;
         check(
             self.dead_retention >= Duration::from_secs(3600),
             "dead_retention",

@@ -664,7 +664,7 @@ impl Loop for Sweeper {
     }
 
     fn schedule(&self) -> Schedule {
-        self.config.base.schedule().woken_by(WAKE_CHANNEL)
+        self.config.base.schedule().woken_by_with_fallback(WAKE_CHANNEL, self.config.fallback_interval())
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, SweepError> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::runtime::LoopConfig;
+use crate::runtime::{LoopConfig, check_fallback};
 use crate::validate::{Violation, check, positive};
 
 /// A cycle a minute (`docs/prebuilds.md`); NOTIFY `template_version_activated` wakes it earlier.
@@ -26,6 +26,11 @@ pub const DEFAULT_FAILURE_WINDOW: Duration = Duration::from_secs(3600);
 pub struct PrebuildsConfig {
     #[serde(flatten)]
     pub base: LoopConfig,
+    /// The interval while the LISTEN connection is known to deliver `template_version_activated`
+    /// wakes; at least `interval`. Unset: the interval (claims and failed builds are found by
+    /// polling alone, so polling is not only a fallback here).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub fallback_interval: Option<Duration>,
     /// Owner of unclaimed prebuilds (`workspaces.owner_id`); a claim changes the owner.
     pub system_user_id: Uuid,
     /// Backoff after failed builds: nothing is created before `last failure + failures ×
@@ -44,6 +49,7 @@ impl Default for PrebuildsConfig {
     fn default() -> Self {
         Self {
             base: LoopConfig::new(DEFAULT_INTERVAL, DEFAULT_TICK_TIMEOUT),
+            fallback_interval: None,
             system_user_id: DEFAULT_SYSTEM_USER_ID,
             backoff_interval: DEFAULT_BACKOFF_INTERVAL,
             failure_window: DEFAULT_FAILURE_WINDOW,
@@ -53,9 +59,16 @@ impl Default for PrebuildsConfig {
 }
 
 impl PrebuildsConfig {
+    /// The effective `fallback_interval`: unset, the interval, because the reconciler also
+    /// repairs what no NOTIFY announces (claims, failed builds, deleted workspaces).
+    pub fn fallback_interval(&self) -> Duration {
+        self.fallback_interval.unwrap_or(self.base.interval).max(self.base.interval)
+    }
+
     /// Keys are relative to `[prebuilds]`.
     pub fn validate(&self) -> Result<(), Violation> {
         self.base.validate()?;
+        check_fallback("fallback_interval", self.fallback_interval, "interval", self.base.interval)?;
         check(!self.system_user_id.is_nil(), "system_user_id", self.system_user_id, "a non-nil uuid")?;
         positive("backoff_interval", self.backoff_interval)?;
         positive("failure_window", self.failure_window)?;

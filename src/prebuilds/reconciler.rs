@@ -603,7 +603,11 @@ impl Loop for Reconciler {
     }
 
     fn schedule(&self) -> Schedule {
-        self.config.base.schedule().leader_only(LEADER_KEY).woken_by(WAKE_CHANNEL)
+        self.config
+            .base
+            .schedule()
+            .leader_only(LEADER_KEY)
+            .woken_by_with_fallback(WAKE_CHANNEL, self.config.fallback_interval())
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, ReconcileError> {

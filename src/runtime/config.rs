@@ -22,6 +22,12 @@ pub struct RuntimeConfig {
     /// once per this interval, whatever the number of loops. 0s reads it before every tick.
     #[serde(with = "humantime_serde")]
     pub controls_refresh: Duration,
+    /// The same while NOTIFY wakes are known to reach the LISTEN connection: every pause or
+    /// resume NOTIFYs, and a notification (or a dropped connection) makes the next check read at
+    /// once, so the cache only needs reading as a fallback. Unset: 1 m, or `controls_refresh` if
+    /// longer ([`RuntimeConfig::controls_fallback_refresh`]).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub controls_fallback_refresh: Option<Duration>,
 }
 
 impl Default for RuntimeConfig {
@@ -31,11 +37,20 @@ impl Default for RuntimeConfig {
             max_drain_ticks: 50,
             error_log_interval: Duration::from_secs(60),
             controls_refresh: Duration::from_secs(1),
+            controls_fallback_refresh: None,
         }
     }
 }
 
+/// The `loop_controls` refresh while wakes are known to be delivered, unless configured.
+pub const DEFAULT_CONTROLS_FALLBACK_REFRESH: Duration = Duration::from_secs(60);
+
 impl RuntimeConfig {
+    /// The effective `controls_fallback_refresh`.
+    pub fn controls_fallback_refresh(&self) -> Duration {
+        fallback_or(self.controls_fallback_refresh, DEFAULT_CONTROLS_FALLBACK_REFRESH, self.controls_refresh)
+    }
+
     /// Keys are relative to `[runtime]`.
     pub fn validate(&self) -> Result<(), Violation> {
         check((0.0..=0.5).contains(&self.jitter), "jitter", self.jitter, "0.0..=0.5")?;
@@ -45,8 +60,38 @@ impl RuntimeConfig {
             self.max_drain_ticks,
             "1..=10000",
         )?;
-        positive("error_log_interval", self.error_log_interval)
+        positive("error_log_interval", self.error_log_interval)?;
+        check_fallback(
+            "controls_fallback_refresh",
+            self.controls_fallback_refresh,
+            "controls_refresh",
+            self.controls_refresh,
+        )
     }
+}
+
+/// A fallback interval (used while NOTIFY wakes are known to be delivered) as configured: unset
+/// means `default`, or `interval` when that is longer (a config that slowed a loop down before
+/// the key existed keeps working).
+pub fn fallback_or(configured: Option<Duration>, default: Duration, interval: Duration) -> Duration {
+    configured.unwrap_or(default).max(interval)
+}
+
+/// A configured fallback interval must be at least the interval it stands in for: `key` and
+/// `interval_key` are relative to the same table.
+pub fn check_fallback(
+    key: &str,
+    fallback: Option<Duration>,
+    interval_key: &str,
+    interval: Duration,
+) -> Result<(), Violation> {
+    let Some(fallback) = fallback else { return Ok(()) };
+    check(
+        fallback >= interval && !fallback.is_zero(),
+        key,
+        humantime::format_duration(fallback),
+        &format!("a duration > 0 and at least {interval_key} ({})", humantime::format_duration(interval)),
+    )
 }
 
 /// `enabled`, `interval` and `tick_timeout`: the keys every single-loop table starts with

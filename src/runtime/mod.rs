@@ -4,7 +4,8 @@
 //! everything else: non-overlapping ticks, a tick timeout separate from the interval, ±jitter,
 //! drain mode (tick again at once after a full batch, up to a bound), error backoff, an optional
 //! leader-only mode (`pg_try_advisory_xact_lock` in a transaction held for the whole tick, and a
-//! REPEATABLE READ snapshot taken under it on demand), early wakes from a NOTIFY channel (see [`crate::listen`]),
+//! REPEATABLE READ snapshot taken under it on demand), early wakes from a NOTIFY channel (see [`crate::listen`])
+//! and a slower fallback interval while that channel is known to deliver ([`cadence`]),
 //! pause/resume through `loop_controls` ([`pauses`]), per-loop metrics labelled by the loop's own
 //! error policy ([`LoopError`]), health state and rate-limited error logs. No loop spawns its own
 //! ticker.
@@ -34,14 +35,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use self::config::{LoopConfig, RuntimeConfig};
+pub use self::config::{LoopConfig, RuntimeConfig, check_fallback, fallback_or};
 pub use self::lease::{LeasePublisher, LeaseState, LeaseStatus, LeaseWatch};
 pub use self::supervisor::{StartError, StopSignal, Supervisor, TaskSet};
 pub use self::tick::Tick;
 use crate::db::{self, Db, DbError, Transaction};
 use crate::health::{self, Health, LoopFacts, TickError, TickRecord};
 use crate::identity::WorkerIdentity;
-use crate::listen::Listener;
+use crate::listen::{Delivery, Listener, Verdict};
 use crate::telemetry::traces;
 
 /// Ceiling of the delay after repeated failed ticks (never below the loop's own interval).
@@ -63,6 +64,9 @@ pub struct Schedule {
     pub leader_key: Option<i64>,
     /// A NOTIFY channel whose notifications wake the loop before its interval.
     pub wake_channel: Option<&'static str>,
+    /// With a wake channel: the interval while the LISTEN connection is known to deliver
+    /// ([`Delivery::Delivered`]); the loop then polls only as a fallback for lost wakes.
+    pub fallback_interval: Option<Duration>,
     /// An in-process wake (e.g. a runner ended: a slot is free), besides the channel's.
     pub local_wake: Option<Arc<Notify>>,
     /// Ceiling of the pause after failed (or timed-out) ticks; never below the interval.
@@ -78,6 +82,7 @@ impl Schedule {
             tick_timeout,
             leader_key: None,
             wake_channel: None,
+            fallback_interval: None,
             local_wake: None,
             max_backoff: MAX_ERROR_BACKOFF,
             pausable: true,
@@ -115,6 +120,17 @@ impl Schedule {
         self
     }
 
+    /// Woken by `channel`, and polling only every `fallback` while that channel is known to
+    /// deliver (a probe on the current LISTEN connection came back); back to the interval, at
+    /// once, when the connection drops or reconnects or a probe hears nothing. A `fallback` no
+    /// longer than the interval changes nothing.
+    #[must_use]
+    pub fn woken_by_with_fallback(self, channel: &'static str, fallback: Duration) -> Self {
+        let mut schedule = self.woken_by(channel);
+        schedule.fallback_interval = (fallback > schedule.interval).then_some(fallback);
+        schedule
+    }
+
     /// Also woken (before the interval) when `notify` is notified in this process.
     #[must_use]
     pub fn woken_locally_by(mut self, notify: Arc<Notify>) -> Self {
@@ -122,9 +138,16 @@ impl Schedule {
         self
     }
 
-    /// How long after its last completed tick a loop still counts as healthy.
+    /// The longest pause between two healthy ticks: the fallback interval, if there is one.
+    pub fn slowest_interval(&self) -> Duration {
+        self.fallback_interval.map_or(self.interval, |fallback| fallback.max(self.interval))
+    }
+
+    /// How long after its last completed tick a loop still counts as healthy (at its slowest
+    /// cadence: a loop in fallback mode is not wedged for ticking every fallback interval).
     pub fn staleness_limit(&self) -> Duration {
-        (self.interval * 3).max(self.tick_timeout + self.interval)
+        let interval = self.slowest_interval();
+        (interval * 3).max(self.tick_timeout + interval)
     }
 
     fn facts(&self) -> LoopFacts {
@@ -315,7 +338,12 @@ impl Runtime {
         let listener = Listener::default();
         let controls_changed = listener.wake_on(pauses::CHANNEL);
         Self {
-            pauses: pauses::Pauses::new(db.clone(), settings.controls_refresh, controls_changed),
+            pauses: pauses::Pauses::new(
+                db.clone(),
+                (settings.controls_refresh, settings.controls_fallback_refresh()),
+                controls_changed,
+                listener.delivery(),
+            ),
             db,
             health,
             metrics: LoopMetrics::new(meter),
@@ -363,6 +391,7 @@ impl Runtime {
         let name = job.name();
         self.health.register(name, schedule.facts());
         let wake = schedule.wake_channel.map(|channel| self.listener.wake_on(channel));
+        let delivery = schedule.fallback_interval.and(wake.as_ref()).map(|_| self.listener.delivery());
         Runner {
             job: Arc::new(job),
             rt: self.clone(),
@@ -372,6 +401,7 @@ impl Runtime {
             backoff_cap: MAX_ERROR_BACKOFF,
             schedule,
             wake,
+            delivery,
         }
     }
 
@@ -464,6 +494,8 @@ pub struct Runner<L: Loop> {
     name_attr: KeyValue,
     schedule: Schedule,
     wake: Option<Arc<Notify>>,
+    /// Whether the wake channel is known to deliver (only with a fallback interval).
+    delivery: Option<tokio::sync::watch::Receiver<Verdict>>,
     errors: ErrorLog,
     consecutive_failures: u32,
     /// The backoff cap of the last failure ([`LoopError::backoff_cap`]).
@@ -607,8 +639,10 @@ impl<L: Loop> Runner<L> {
                 continue;
             }
             drained = 0;
+            let delivery = self.delivery.as_ref().map_or(Delivery::Unknown, |d| d.borrow().delivery);
+            let interval = cadence(&self.schedule, delivery, report.progress, self.consecutive_failures);
             let delay = next_delay(
-                &self.schedule,
+                interval,
                 self.rt.settings.jitter,
                 self.consecutive_failures,
                 self.backoff_cap,
@@ -619,12 +653,15 @@ impl<L: Loop> Runner<L> {
             let healthy = self.consecutive_failures == 0;
             let wake = self.wake.clone().filter(|_| healthy);
             let local_wake = self.schedule.local_wake.clone().filter(|_| healthy);
+            // Polling slowly because wakes are delivered: tick at once when that stops being known.
+            let slow = self.delivery.as_mut().filter(|_| interval > self.schedule.interval);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
                 _ = wait_for(wake) => {}
                 _ = wait_for(local_wake) => {}
+                _ = delivery_lost(slow) => {}
             }
         }
         tracing::info!(loop_name = name, "loop stopped");
@@ -665,6 +702,40 @@ async fn wait_for(wake: Option<Arc<Notify>>) {
     }
 }
 
+/// Resolves when the wake channel is no longer known to deliver (never without a watch, or
+/// once the listener is gone).
+async fn delivery_lost(delivery: Option<&mut tokio::sync::watch::Receiver<Verdict>>) {
+    if let Some(delivery) = delivery
+        && delivery.wait_for(|v| v.delivery != Delivery::Delivered).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+/// The interval before the next tick: the fallback interval while the loop's wake channel is
+/// known to deliver, its ticks succeed and its last tick finished its work; the interval
+/// otherwise (wakes unproven; failing: backoff starts from the fast interval, as without a
+/// fallback; a full batch left after the drain budget: the backlog needs no wake to be found).
+pub fn cadence(
+    schedule: &Schedule,
+    delivery: Delivery,
+    last: Progress,
+    consecutive_failures: u32,
+) -> Duration {
+    match schedule.fallback_interval {
+        Some(fallback)
+            if schedule.wake_channel.is_some()
+                && delivery == Delivery::Delivered
+                && last == Progress::Done
+                && consecutive_failures == 0 =>
+        {
+            fallback.max(schedule.interval)
+        }
+        _ => schedule.interval,
+    }
+}
+
 /// Whether to tick again at once: after a full batch, while the drain budget lasts (so one busy
 /// loop cannot starve the others or spin forever on a batch that never shrinks).
 pub fn drain_again(progress: Progress, drained_so_far: u32, max_drain_ticks: u32) -> bool {
@@ -684,21 +755,22 @@ pub fn backoff_cap(schedule: &Schedule, error_cap: Option<Duration>) -> Duration
     error_cap.unwrap_or(MAX_ERROR_BACKOFF).min(schedule.max_backoff).min(MAX_ERROR_BACKOFF)
 }
 
-/// The pause before the next tick: the interval ± jitter, doubled per consecutive failure up to
-/// `cap` (the last failure's [`LoopError::backoff_cap`], at most [`MAX_ERROR_BACKOFF`]) or the
-/// interval, if that is longer. `unit` is a random number in [0, 1) so the function stays pure.
+/// The pause before the next tick: `interval` (the loop's [`cadence`]) ± jitter, doubled per
+/// consecutive failure up to `cap` (the last failure's [`LoopError::backoff_cap`], at most
+/// [`MAX_ERROR_BACKOFF`]) or the interval, if that is longer. `unit` is a random number in
+/// [0, 1) so the function stays pure.
 pub fn next_delay(
-    schedule: &Schedule,
+    interval: Duration,
     jitter: f64,
     consecutive_failures: u32,
     cap: Duration,
     unit: f64,
 ) -> Duration {
     let base = if consecutive_failures == 0 {
-        schedule.interval
+        interval
     } else {
         let factor = 2u32.saturating_pow(consecutive_failures.min(16));
-        schedule.interval.saturating_mul(factor).min(cap.max(schedule.interval))
+        interval.saturating_mul(factor).min(cap.max(interval))
     };
     let spread = (unit.clamp(0.0, 1.0) * 2.0 - 1.0) * jitter;
     base.mul_f64((1.0 + spread).max(0.0))
@@ -769,10 +841,10 @@ mod tests {
     #[test]
     fn delay_is_the_interval_within_jitter() {
         let s = Schedule::every(Duration::from_secs(10), Duration::from_secs(30));
-        assert_eq!(next_delay(&s, 0.1, 0, MAX_ERROR_BACKOFF, 0.5), Duration::from_secs(10));
-        assert_eq!(next_delay(&s, 0.1, 0, MAX_ERROR_BACKOFF, 0.0), Duration::from_secs(9));
-        assert!(next_delay(&s, 0.1, 0, MAX_ERROR_BACKOFF, 0.999_999) <= Duration::from_secs(11));
-        assert_eq!(next_delay(&s, 0.0, 0, MAX_ERROR_BACKOFF, 0.9), Duration::from_secs(10));
+        assert_eq!(next_delay(s.interval, 0.1, 0, MAX_ERROR_BACKOFF, 0.5), Duration::from_secs(10));
+        assert_eq!(next_delay(s.interval, 0.1, 0, MAX_ERROR_BACKOFF, 0.0), Duration::from_secs(9));
+        assert!(next_delay(s.interval, 0.1, 0, MAX_ERROR_BACKOFF, 0.999_999) <= Duration::from_secs(11));
+        assert_eq!(next_delay(s.interval, 0.0, 0, MAX_ERROR_BACKOFF, 0.9), Duration::from_secs(10));
     }
 
     #[test]
@@ -780,7 +852,7 @@ mod tests {
         let lease = Schedule::every(Duration::from_secs(1), Duration::from_secs(1)).without_backoff();
         for error_cap in [None, Some(Duration::from_secs(2))] {
             let cap = backoff_cap(&lease, error_cap);
-            assert_eq!(next_delay(&lease, 0.0, 5, cap, 0.5), Duration::from_secs(1), "{error_cap:?}");
+            assert_eq!(next_delay(lease.interval, 0.0, 5, cap, 0.5), Duration::from_secs(1), "{error_cap:?}");
         }
         let other = Schedule::every(Duration::from_secs(1), Duration::from_secs(1));
         assert_eq!(backoff_cap(&other, None), MAX_ERROR_BACKOFF, "a timeout backs off as before");
@@ -790,24 +862,24 @@ mod tests {
     #[test]
     fn failures_back_off_exponentially_up_to_the_cap() {
         let s = Schedule::every(Duration::from_millis(200), Duration::from_secs(5));
-        assert_eq!(next_delay(&s, 0.0, 1, MAX_ERROR_BACKOFF, 0.5), Duration::from_millis(400));
-        assert_eq!(next_delay(&s, 0.0, 3, MAX_ERROR_BACKOFF, 0.5), Duration::from_millis(1600));
-        assert_eq!(next_delay(&s, 0.0, 40, MAX_ERROR_BACKOFF, 0.5), MAX_ERROR_BACKOFF);
+        assert_eq!(next_delay(s.interval, 0.0, 1, MAX_ERROR_BACKOFF, 0.5), Duration::from_millis(400));
+        assert_eq!(next_delay(s.interval, 0.0, 3, MAX_ERROR_BACKOFF, 0.5), Duration::from_millis(1600));
+        assert_eq!(next_delay(s.interval, 0.0, 40, MAX_ERROR_BACKOFF, 0.5), MAX_ERROR_BACKOFF);
         let slow = Schedule::every(Duration::from_secs(60), Duration::from_secs(5));
         assert_eq!(
-            next_delay(&slow, 0.0, 5, MAX_ERROR_BACKOFF, 0.5),
+            next_delay(slow.interval, 0.0, 5, MAX_ERROR_BACKOFF, 0.5),
             Duration::from_secs(60),
             "never below the interval"
         );
         let short = Duration::from_secs(2);
         assert_eq!(
-            next_delay(&s, 0.0, 3, short, 0.5),
+            next_delay(s.interval, 0.0, 3, short, 0.5),
             Duration::from_millis(1600),
             "below the cap: as before"
         );
-        assert_eq!(next_delay(&s, 0.0, 40, short, 0.5), short, "a failure's own cap");
+        assert_eq!(next_delay(s.interval, 0.0, 40, short, 0.5), short, "a failure's own cap");
         assert_eq!(
-            next_delay(&slow, 0.0, 5, short, 0.5),
+            next_delay(slow.interval, 0.0, 5, short, 0.5),
             Duration::from_secs(60),
             "still never below the interval"
         );
@@ -820,11 +892,50 @@ mod tests {
         assert_eq!(outage_backoff_cap(timeout, false), MAX_ERROR_BACKOFF, "a reachable database: as before");
         let cap = outage_backoff_cap(timeout, true);
         assert_eq!(cap, DB_RECONNECT_CHECK);
-        assert_eq!(next_delay(&s, 0.0, 40, cap, 0.5), DB_RECONNECT_CHECK, "after a long outage");
+        assert_eq!(next_delay(s.interval, 0.0, 40, cap, 0.5), DB_RECONNECT_CHECK, "after a long outage");
         let short = Duration::from_millis(700);
         assert_eq!(outage_backoff_cap(short, true), short, "a shorter cap of its own stays");
         let lease = Schedule::every(Duration::from_secs(1), Duration::from_secs(1)).without_backoff();
         assert_eq!(outage_backoff_cap(backoff_cap(&lease, None), true), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_woken_loop_polls_at_its_fallback_only_while_wakes_are_known_to_be_delivered() {
+        let (fast, slow, timeout) =
+            (Duration::from_millis(200), Duration::from_secs(5), Duration::from_secs(10));
+        let fallback = Schedule::every(fast, timeout).woken_by_with_fallback("ch", slow);
+        let woken = Schedule::every(fast, timeout).woken_by("ch");
+        let mut unwoken = Schedule::every(fast, timeout);
+        unwoken.fallback_interval = Some(slow);
+        let shorter = Schedule::every(fast, timeout).woken_by_with_fallback("ch", Duration::from_millis(100));
+        use Delivery::{Delivered, NotDelivered, Unknown};
+        use Progress::{Done, More};
+        // (schedule, delivery, last tick's progress, consecutive failures, interval)
+        let table = [
+            (&fallback, Delivered, Done, 0, slow),
+            (&fallback, NotDelivered, Done, 0, fast),
+            (&fallback, Unknown, Done, 0, fast),
+            (&fallback, Delivered, Done, 1, fast),
+            (&fallback, Delivered, More, 0, fast), // the drain budget ran out with a backlog left
+            (&woken, Delivered, Done, 0, fast),
+            (&unwoken, Delivered, Done, 0, fast),
+            (&shorter, Delivered, Done, 0, fast),
+        ];
+        for (i, (schedule, delivery, last, failures, interval)) in table.into_iter().enumerate() {
+            assert_eq!(cadence(schedule, delivery, last, failures), interval, "row {i}");
+        }
+        assert_eq!(shorter.fallback_interval, None, "a fallback no longer than the interval is none");
+    }
+
+    #[test]
+    fn staleness_counts_from_the_fallback_interval() {
+        let fast = Duration::from_millis(200);
+        let s = Schedule::every(fast, Duration::from_secs(10))
+            .woken_by_with_fallback("ch", Duration::from_secs(5));
+        assert_eq!(s.slowest_interval(), Duration::from_secs(5));
+        assert_eq!(s.staleness_limit(), Duration::from_secs(15));
+        let plain = Schedule::every(fast, Duration::from_secs(10)).woken_by("ch");
+        assert_eq!(plain.staleness_limit(), Duration::from_millis(10_200));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! would otherwise cost 25 pooled checkouts a second for a table that changes a few times a year).
 //! `worker loop pause|resume` also NOTIFYs [`CHANNEL`] in the same transaction; a notification
 //! (or a LISTEN reconnect) makes the next check read again at once, so a pause takes effect on
-//! every replica at its next tick, not a refresh later.
+//! every replica at its next tick, not a refresh later. While the LISTEN connection is known to
+//! deliver (the wake probe says so) the cache is read only every
+//! `runtime.controls_fallback_refresh` (1 m): the NOTIFY is what announces a change then.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,10 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{Mutex, Notify, watch};
 use tokio::time::Instant;
 
 use crate::db::{self, Db, DbError, Exec};
+use crate::listen::{Delivery, Verdict};
 
 const PAUSED_LOOPS: &str = "SELECT loop_name FROM loop_controls WHERE paused";
 /// NOTIFY channel of changes to `loop_controls`.
@@ -28,6 +31,9 @@ type Cached = Option<(Instant, Arc<HashSet<String>>)>;
 pub struct Pauses {
     db: Db,
     refresh: Duration,
+    fallback_refresh: Duration,
+    /// Whether [`CHANNEL`]'s notifications are known to reach this process.
+    delivery: watch::Receiver<Verdict>,
     /// Held across the read, so concurrent runners wait for one query instead of each sending one.
     cached: Arc<Mutex<Cached>>,
     /// A stored permit means `loop_controls` changed since the last read.
@@ -36,9 +42,23 @@ pub struct Pauses {
 }
 
 impl Pauses {
-    /// `changed` is the listener's wake for [`CHANNEL`].
-    pub fn new(db: Db, refresh: Duration, changed: Arc<Notify>) -> Self {
-        Self { db, refresh, cached: Arc::default(), changed, reads: Arc::default() }
+    /// `changed` is the listener's wake for [`CHANNEL`], `delivery` its verdict watch; the
+    /// cache is read every `refresh`, or every `fallback_refresh` while delivery is known.
+    pub fn new(
+        db: Db,
+        (refresh, fallback_refresh): (Duration, Duration),
+        changed: Arc<Notify>,
+        delivery: watch::Receiver<Verdict>,
+    ) -> Self {
+        Self {
+            db,
+            refresh,
+            fallback_refresh,
+            delivery,
+            cached: Arc::default(),
+            changed,
+            reads: Arc::default(),
+        }
     }
 
     pub async fn is_paused(&self, name: &str) -> Result<bool, DbError> {
@@ -47,13 +67,23 @@ impl Pauses {
         let changed = self.changed.notified().now_or_never().is_some();
         if !changed
             && let Some((at, paused)) = cached.as_ref()
-            && at.elapsed() < self.refresh
+            && at.elapsed() < self.current_refresh()
         {
             return Ok(paused.contains(name));
         }
         let paused = Arc::new(self.read().await?);
         *cached = Some((Instant::now(), paused.clone()));
         Ok(paused.contains(name))
+    }
+
+    /// The fallback refresh while wakes are known to be delivered (a change NOTIFYs), else the
+    /// refresh.
+    fn current_refresh(&self) -> Duration {
+        if self.delivery.borrow().delivery == Delivery::Delivered {
+            self.fallback_refresh.max(self.refresh)
+        } else {
+            self.refresh
+        }
     }
 
     async fn read(&self) -> Result<HashSet<String>, DbError> {
