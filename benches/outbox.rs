@@ -28,7 +28,7 @@ use worker::health::Health;
 use worker::outbox::OutboxConfig;
 use worker::outbox::Sweeper;
 use worker::outbox::scheduler;
-use worker::outbox::sweeper::{CLAIM, Claimed, DELETE_DISPATCHED};
+use worker::outbox::sweeper::{CLAIM, Claimed, DELETE_DISPATCHED, DrainShape};
 use worker::runtime::Runtime;
 use worker::runtime::RuntimeConfig;
 
@@ -218,8 +218,8 @@ async fn one_pair_per_row(redis: &Client, prefix: &str, rows: &[Claimed]) -> any
 enum Sweep {
     /// `Sweeper::sweep` in a loop: claim, Redis, settle, commit, then the next batch.
     OneBatchAtATime,
-    /// `Sweeper::drain` as the tick calls it: the next batch claimed while one waits for Redis.
-    Pipelined,
+    /// `Sweeper::drain` in a loop with this shape (`DrainShape::TICK` is what the tick does).
+    Pipelined(DrainShape),
 }
 
 /// `replicas` sweepers (separate pools and Redis clients, the Redis at `redis_url`) side by side
@@ -238,7 +238,8 @@ async fn sweepers(
     for _ in 0..replicas {
         let db = Db::new(&worker::db::DatabaseConfig {
             url: bench.url.clone(),
-            pool_size: 2,
+            // Room for the deepest drain measured (each batch in flight holds one).
+            pool_size: 4,
             ..Default::default()
         })?;
         let (redis, _) = common::redis_at(redis_url, prefix).await?;
@@ -250,11 +251,7 @@ async fn sweepers(
             loop {
                 let reports = match sweep {
                     Sweep::OneBatchAtATime => vec![sweeper.sweep().await?],
-                    Sweep::Pipelined => {
-                        sweeper
-                            .drain(|| config.redis_timeout, worker::outbox::sweeper::BATCHES_PER_TICK)
-                            .await?
-                    }
+                    Sweep::Pipelined(shape) => sweeper.drain(|| config.redis_timeout, shape).await?,
                 };
                 for report in &reports {
                     anyhow::ensure!(
@@ -314,13 +311,43 @@ async fn throughput(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
 
     let cluster = std::env::var(CLUSTER_URL_VAR).ok().filter(|url| !url.is_empty());
     let single = common::redis_url();
+    let tick = DrainShape::TICK;
+    let deeper = DrainShape { depth: tick.depth + 1, ..tick };
+    let longer = DrainShape { batches: tick.batches * 4, ..tick };
     let mut variants = vec![
-        (single.as_str(), 1, Sweep::OneBatchAtATime, "one batch at a time (the tick before the pipeline)"),
-        (single.as_str(), 1, Sweep::Pipelined, "two batches in flight (the tick)"),
-        (single.as_str(), 2, Sweep::Pipelined, "two batches in flight each"),
+        (
+            single.as_str(),
+            1,
+            Sweep::OneBatchAtATime,
+            "one batch at a time (the tick before the pipeline)".to_owned(),
+        ),
+        (
+            single.as_str(),
+            1,
+            Sweep::Pipelined(tick),
+            format!("the tick: {} in flight, {} per drain", tick.depth, tick.batches),
+        ),
+        (
+            single.as_str(),
+            1,
+            Sweep::Pipelined(deeper),
+            format!("{} in flight, {} per drain", deeper.depth, deeper.batches),
+        ),
+        (
+            single.as_str(),
+            1,
+            Sweep::Pipelined(longer),
+            format!("{} in flight, {} per drain", longer.depth, longer.batches),
+        ),
+        (single.as_str(), 2, Sweep::Pipelined(tick), "the tick, on each replica".to_owned()),
     ];
     match &cluster {
-        Some(url) => variants.push((url.as_str(), 1, Sweep::Pipelined, "Redis Cluster of 3 masters")),
+        Some(url) => variants.push((
+            url.as_str(),
+            1,
+            Sweep::Pipelined(tick),
+            "the tick, Redis Cluster of 3 masters".to_owned(),
+        )),
         None => println!("(no Redis Cluster row: {CLUSTER_URL_VAR} is not set; scripts/bench.sh sets it)\n"),
     }
     for (url, replicas, sweep, what) in variants {

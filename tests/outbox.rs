@@ -15,7 +15,7 @@ use outbox_support::{Harness, connected};
 use tokio_postgres::types::Type;
 use worker::db::{self, Db, Exec};
 use worker::health::Health;
-use worker::outbox::sweeper::BATCHES_PER_TICK;
+use worker::outbox::sweeper::{BATCHES_PER_TICK, DrainShape};
 use worker::outbox::{SweepError, Sweeper};
 use worker::runtime::RuntimeConfig;
 use worker::runtime::{Loop, Outcome, Progress, Runtime, Tick};
@@ -883,7 +883,7 @@ async fn a_drain_claims_and_sends_the_next_batch_while_the_one_before_has_not_co
     let hold = db::begin(&mut holder, Duration::from_secs(60)).await.expect("begin");
     hold.exec("SELECT pg_advisory_xact_lock(4242)", &[]).await.expect("lock");
 
-    let draining = sweeper.drain(|| Duration::from_secs(10), 4);
+    let draining = sweeper.drain(|| Duration::from_secs(10), DrainShape { batches: 4, ..DrainShape::TICK });
     tokio::pin!(draining);
     tokio::select! {
         done = &mut draining => panic!("the drain ended while every commit was held: {done:?}"),
@@ -913,7 +913,7 @@ async fn two_draining_sweepers_dispatch_every_row_exactly_once() {
     let runs = sweepers.iter().map(|sweeper| async move {
         let mut dispatched = Vec::new();
         loop {
-            let reports = sweeper.drain(|| Duration::from_secs(10), BATCHES_PER_TICK).await.expect("drain");
+            let reports = sweeper.drain(|| Duration::from_secs(10), DrainShape::TICK).await.expect("drain");
             if reports.iter().all(|r| r.claimed == 0) {
                 return dispatched;
             }
@@ -951,7 +951,7 @@ async fn a_failed_batch_ends_the_drain_with_its_error_and_the_batch_beside_it_st
         .await;
 
     let error =
-        sweeper.drain(|| Duration::from_secs(10), BATCHES_PER_TICK).await.expect_err("a batch failed");
+        sweeper.drain(|| Duration::from_secs(10), DrainShape::TICK).await.expect_err("a batch failed");
     assert!(error.to_string().contains("refused by the test"), "{error}");
     // t1000 is the oldest due row (enqueue dates task g at now() - g ms): the first batch's.
     let first_batch = "SELECT count(*) FROM (SELECT id FROM task_outbox ORDER BY run_at, id LIMIT 100) b";

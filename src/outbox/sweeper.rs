@@ -183,9 +183,22 @@ pub const PIPELINE_DEPTH: usize = 2;
 /// after a full one, `runtime.max_drain_ticks` times in a row at most).
 pub const BATCHES_PER_TICK: usize = 8;
 
+/// How [`Sweeper::drain`] overlaps its batches: at most `depth` in flight, `batches` in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainShape {
+    pub depth: usize,
+    pub batches: usize,
+}
+
+impl DrainShape {
+    /// What one tick of the loop drains.
+    pub const TICK: DrainShape = DrainShape { depth: PIPELINE_DEPTH, batches: BATCHES_PER_TICK };
+}
+
 /// When [`Sweeper::drain`] starts its next batch (the decision apart from the I/O).
 #[derive(Debug, Default)]
 struct Pipeline {
+    depth: usize,
     max_batches: usize,
     started: usize,
     /// The claim of the batch started last, until it has run.
@@ -197,13 +210,13 @@ struct Pipeline {
 
 impl Pipeline {
     /// A next batch starts when the last one's claim was full (or none ran yet), no claim is
-    /// running, fewer than [`PIPELINE_DEPTH`] batches are in flight, the budget of batches is not
-    /// spent and no batch failed.
+    /// running, fewer than `depth` batches are in flight, the budget of batches is not spent and
+    /// no batch failed.
     fn may_start(&self, in_flight: usize) -> bool {
         !self.stopped
             && self.claiming.is_none()
             && self.last_full != Some(false)
-            && in_flight < PIPELINE_DEPTH
+            && in_flight < self.depth
             && self.started < self.max_batches
     }
 
@@ -321,7 +334,7 @@ impl Sweeper {
         self.sweep_batch(redis_budget, None).await
     }
 
-    /// Up to `max_batches` sweeps, [`PIPELINE_DEPTH`] of them in flight at once: the next batch is
+    /// Up to `shape.batches` sweeps, `shape.depth` of them in flight at once: the next batch is
     /// claimed, on a connection and in a transaction of its own, while the one before it waits
     /// for Redis, settles and commits (its rows are locked, so `SKIP LOCKED` passes over them).
     /// One sweep alone is latency-bound (claim, two Redis round trips, settle, commit, one after
@@ -340,12 +353,12 @@ impl Sweeper {
     pub async fn drain(
         &self,
         redis_budget: impl Fn() -> Duration,
-        max_batches: usize,
+        shape: DrainShape,
     ) -> Result<Vec<SweepReport>, SweepError> {
         let mut in_flight = FuturesUnordered::new();
         let mut reports = Vec::new();
         let mut first_error = None;
-        let mut pipeline = Pipeline { max_batches, ..Pipeline::default() };
+        let mut pipeline = Pipeline { depth: shape.depth, max_batches: shape.batches, ..Pipeline::default() };
         loop {
             if pipeline.may_start(in_flight.len()) {
                 let budget = redis_budget();
@@ -672,7 +685,7 @@ impl Loop for Sweeper {
             self.publish_payload_limit().await?;
         }
         self.probe_if_due().await?;
-        let reports = self.drain(|| tick.budget(self.config.redis_timeout), BATCHES_PER_TICK).await?;
+        let reports = self.drain(|| tick.budget(self.config.redis_timeout), DrainShape::TICK).await?;
         tick.record_rows(reports.iter().map(|r| r.claimed).sum());
         if let Some((report, error)) = reports.iter().find_map(|r| Some((r, r.untouched_error.clone()?))) {
             tracing::debug!(untouched = report.untouched, claimed = report.claimed, "rows left undetermined");
@@ -690,7 +703,7 @@ mod tests {
 
     #[test]
     fn a_drain_starts_a_batch_after_a_full_claim_with_room_in_the_pipeline_and_the_budget() {
-        let fresh = || Pipeline { max_batches: 3, ..Pipeline::default() };
+        let fresh = || Pipeline { depth: PIPELINE_DEPTH, max_batches: 3, ..Pipeline::default() };
         assert!(fresh().may_start(0), "the first batch");
         let mut p = fresh();
         p.started(oneshot::channel().1);
