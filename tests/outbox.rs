@@ -934,32 +934,60 @@ async fn two_draining_sweepers_dispatch_every_row_exactly_once() {
 }
 
 /// A batch that fails while the next one is in flight: the drain returns the error and the
-/// other batch still commits. The failure is the first batch's DELETE,
-/// refused by a trigger (test setup) for its oldest task.
+/// other batch still commits. The failure is the first batch's DELETE, refused by a trigger (test
+/// setup) for its oldest task, after waiting for an advisory lock the test holds until the
+/// second batch has committed (else the first could fail before the second even started, and
+/// rightly no batch starts after a failure).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_batch_ends_the_drain_with_its_error_and_the_batch_beside_it_still_commits() {
     let mut h = Harness::new().await;
     h.config.outbox.batch_size = 100;
-    let sweeper = h.sweeper(&MetricsProbe::new().meter());
+    let patient = Db::new(&worker::db::DatabaseConfig {
+        statement_timeout: Duration::from_secs(120),
+        ..h.test_db.database_config()
+    })
+    .expect("pool");
+    let sweeper = Sweeper::new(
+        patient,
+        h.redis.clone(),
+        h.prefix(),
+        h.config.outbox.clone(),
+        &MetricsProbe::new().meter(),
+    );
     h.enqueue(1_000, &["q"], None).await;
     h.exec(
         "CREATE FUNCTION refuse_t1() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF OLD.task_id = 't1000' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN OLD; END $$",
+         BEGIN IF OLD.task_id = 't1000' THEN \
+           PERFORM pg_advisory_xact_lock_shared(4243); RAISE EXCEPTION 'refused by the test'; \
+         END IF; RETURN OLD; END $$",
     )
     .await;
     h.exec("CREATE TRIGGER refuse_t1 BEFORE DELETE ON task_outbox FOR EACH ROW EXECUTE FUNCTION refuse_t1()")
         .await;
+    let mut holder = h.db().get().await.expect("conn");
+    let hold = db::begin(&mut holder, Duration::from_secs(60)).await.expect("begin");
+    hold.exec("SELECT pg_advisory_xact_lock(4243)", &[]).await.expect("lock");
 
-    let error =
-        sweeper.drain(|| Duration::from_secs(10), DrainShape::TICK).await.expect_err("a batch failed");
+    let draining = sweeper.drain(|| Duration::from_secs(10), DrainShape { batches: 2, ..DrainShape::TICK });
+    tokio::pin!(draining);
+    tokio::select! {
+        done = &mut draining => panic!("the drain ended while the first batch was held: {done:?}"),
+        () = common::eventually(LIMIT, "the second batch committed", || async {
+            h.scalar("SELECT count(*) FROM task_outbox").await == 900
+        }) => {}
+    }
+    hold.commit().await.expect("release");
+    let error = draining.await.expect_err("a batch failed");
     assert!(error.to_string().contains("refused by the test"), "{error}");
-    // t1000 is the oldest due row (enqueue dates task g at now() - g ms): the first batch's.
-    let first_batch = "SELECT count(*) FROM (SELECT id FROM task_outbox ORDER BY run_at, id LIMIT 100) b";
-    assert_eq!(h.scalar(first_batch).await, 100);
-    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox WHERE task_id = 't1000'").await, 1, "rolled back");
-    let left = h.scalar("SELECT count(*) FROM task_outbox").await;
-    assert!(left <= 900, "the batch beside the failed one committed: {left} rows left");
-    let in_redis = h.scheduled("q").await;
-    assert!(in_redis.len() as i64 >= 1_000 - left, "every committed row is in Redis");
+    // Enqueue dates task g at now() - g ms: t901..t1000 are the oldest, the first batch's.
+    let first_batch = "SELECT count(*) FROM task_outbox WHERE task_id IN \
+                       (SELECT 't' || g FROM generate_series(901, 1000) AS g)";
+    assert_eq!(h.scalar(first_batch).await, 100, "the failed batch rolled back whole");
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 900, "the other batch stayed committed");
+    assert_eq!(
+        h.scheduled("q").await.len(),
+        200,
+        "both batches were sent; the failed one's rows move again later"
+    );
     assert_eq!(h.scalar("SELECT attempts::int8 FROM task_outbox WHERE task_id = 't1000'").await, 0);
 }

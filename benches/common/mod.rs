@@ -201,7 +201,10 @@ pub async fn start_worker_at(
         }
     }
     command
-        .args(["run", "--config", "config/worker.toml", "--database-url", database_url])
+        // The environment, not `--database-url`: a URL in argv is readable by every user (the
+        // worker warns about it).
+        .env("DATABASE_URL", database_url)
+        .args(["run", "--config", "config/worker.toml"])
         .args(["--set", &format!("health.listen=127.0.0.1:{port}")])
         .args(["--set", &format!("redis.prefix=bench:{}", uuid::Uuid::new_v4().simple())])
         .args(["--set", "log.level=warn", "--set", "database.migrate_on_start=false"]);
