@@ -254,8 +254,9 @@ impl Loop for Heartbeat {
         Schedule::every(interval, interval).without_backoff().unpausable()
     }
 
-    async fn tick(&self, _tick: &Tick<'_>) -> Result<Progress, HeartbeatError> {
-        self.beat().await?;
+    async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, HeartbeatError> {
+        let report = self.beat().await?;
+        tick.record_rows(report.owned);
         Ok(Progress::Done)
     }
 }

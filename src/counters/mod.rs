@@ -320,7 +320,8 @@ impl Loop for Counters {
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, CountersError> {
-        self.sync_within(tick.budget(tick.remaining())).await?;
+        let report = self.sync_within(tick.budget(tick.remaining())).await?;
+        tick.record_rows(usize::try_from(report.active_jobs).unwrap_or(usize::MAX));
         Ok(Progress::Done)
     }
 }

@@ -611,7 +611,8 @@ impl Loop for Reconciler {
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, ReconcileError> {
-        self.cycle(tick).await?;
+        let stats = self.cycle(tick).await?;
+        tick.record_rows(stats.reconciled);
         Ok(Progress::Done)
     }
 }
