@@ -850,15 +850,11 @@ async fn with_1000_queues_the_per_queue_gauges_never_exceed_metrics_queues_plus_
     assert_eq!(points, vec![(vec![("queue".to_owned(), "other".to_owned())], 0.0)]);
 }
 
-/// The pipeline of a drain: the next batch is claimed and sent to Redis while the one before it
-/// has not committed. A trigger (test setup, not the worker's) makes every sweep's DELETE wait
-/// for an advisory lock the test holds: with the first batch stuck before its commit, a second
-/// batch's rows reach Redis only if it was claimed and dispatched alongside.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_claims_and_sends_the_next_batch_while_the_one_before_has_not_committed() {
+/// 1,000 due rows in queue `q`, and a sweeper of batches of 100 whose statements may wait on a
+/// lock the test holds: its statement timeout is far beyond the test's bound.
+async fn held_drain_harness() -> (Harness, Sweeper) {
     let mut h = Harness::new().await;
     h.config.outbox.batch_size = 100;
-    // The held DELETEs wait on the test's lock: a statement timeout far beyond the test's bound.
     let patient = Db::new(&worker::db::DatabaseConfig {
         statement_timeout: Duration::from_secs(120),
         ..h.test_db.database_config()
@@ -872,6 +868,16 @@ async fn a_drain_claims_and_sends_the_next_batch_while_the_one_before_has_not_co
         &MetricsProbe::new().meter(),
     );
     h.enqueue(1_000, &["q"], None).await;
+    (h, sweeper)
+}
+
+/// The pipeline of a drain: the next batch is claimed and sent to Redis while the one before it
+/// has not committed. A trigger (test setup, not the worker's) makes every sweep's DELETE wait
+/// for an advisory lock the test holds: with the first batch stuck before its commit, a second
+/// batch's rows reach Redis only if it was claimed and dispatched alongside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_claims_and_sends_the_next_batch_while_the_one_before_has_not_committed() {
+    let (h, sweeper) = held_drain_harness().await;
     h.exec(
         "CREATE FUNCTION hold_delete() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN OLD; END $$",
@@ -940,21 +946,7 @@ async fn two_draining_sweepers_dispatch_every_row_exactly_once() {
 /// rightly no batch starts after a failure).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_batch_ends_the_drain_with_its_error_and_the_batch_beside_it_still_commits() {
-    let mut h = Harness::new().await;
-    h.config.outbox.batch_size = 100;
-    let patient = Db::new(&worker::db::DatabaseConfig {
-        statement_timeout: Duration::from_secs(120),
-        ..h.test_db.database_config()
-    })
-    .expect("pool");
-    let sweeper = Sweeper::new(
-        patient,
-        h.redis.clone(),
-        h.prefix(),
-        h.config.outbox.clone(),
-        &MetricsProbe::new().meter(),
-    );
-    h.enqueue(1_000, &["q"], None).await;
+    let (h, sweeper) = held_drain_harness().await;
     h.exec(
         "CREATE FUNCTION refuse_t1() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN IF OLD.task_id = 't1000' THEN \

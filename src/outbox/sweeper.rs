@@ -520,8 +520,11 @@ const MAX_SWEEP_LINKS: usize = 128;
 /// linked to the span of each producer that passed a traceparent to `enqueue_task` (the first
 /// [`MAX_SWEEP_LINKS`]). An unsampled tick's sweep would be dropped anyway: nothing is parsed.
 fn sweep_span(claimed: &[tokio_postgres::Row]) -> Option<Context> {
+    if claimed.is_empty() || !traces::enabled() {
+        return None;
+    }
     let parent = Context::current();
-    if claimed.is_empty() || !traces::enabled() || !parent.span().span_context().is_sampled() {
+    if !parent.span().span_context().is_sampled() {
         return None;
     }
     traces::start_span(&parent, || {
