@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType};
+use deadpool_postgres::{
+    ClientWrapper, Hook, HookError, Manager, ManagerConfig, Metrics, Pool, PoolError, QueueMode,
+    RecyclingMethod, Runtime, TimeoutType,
+};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, RowStream};
 
@@ -113,41 +116,41 @@ impl Db {
         if pg.get_application_name().is_none() {
             pg.application_name("worker");
         }
+        // Fast: a connection whose socket the client saw close (a restart, pg_terminate_backend,
+        // a pooler restart: the server's FIN arrives with its FATAL message) is replaced. A
+        // connection idle longer than `verify_after_idle` is also asked an empty query first
+        // (`verify_idle`); one used since is not, because that check is a round trip and, to
+        // PostgreSQL, a transaction: it doubled what an idle replica cost the server.
         let manager =
-            // Verified: an empty query before a pooled connection is handed out, so one the server
-            // closed (a restart, pg_terminate_backend, a pooler restart) is replaced instead of
-            // failing the next tick. One round trip per checkout; whether the client has noticed
-            // the close yet (what `Fast` relies on) is a race, more so over TLS.
-            Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Verified });
+            Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let answered: Arc<Mutex<Option<Instant>>> = Arc::default();
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
             .wait_timeout(Some(config.acquire_timeout))
             .create_timeout(Some(config.connect_timeout))
-            // The Verified check is a round trip: on a half-open path (a frozen NAT or proxy: no
-            // RST, no FIN) it would wait forever and so would the checkout. Past this bound the
-            // connection is dropped and the next idle one tried (each with this bound) or a new
-            // one opened (bounded by create_timeout); the tick's own timeout caps the total.
-            .recycle_timeout(Some(config.connect_timeout))
+            // The most recently returned connection first: a quiet replica keeps reusing one warm
+            // connection (never idle for long, so never verified) instead of cycling through all.
+            .queue_mode(QueueMode::Lifo)
+            .pre_recycle(verify_idle(config.verify_after_idle, config.connect_timeout, answered.clone()))
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Url(e.to_string()))?;
-        Ok(Self {
-            pool,
-            statement_timeout: config.statement_timeout,
-            unreachable: Arc::default(),
-            answered: Arc::default(),
-        })
+        Ok(Self { pool, statement_timeout: config.statement_timeout, unreachable: Arc::default(), answered })
     }
 
     pub async fn get(&self) -> Result<Conn, DbError> {
         let checkout = self.pool.get().await;
         match &checkout {
-            Ok(_) => {
+            Ok(conn) => {
                 self.unreachable.store(false, Ordering::Relaxed);
-                *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                // A new connection's login is the server answering; a verified one recorded it in
+                // `verify_idle`; a recent one handed out unverified says nothing.
+                if deadpool_postgres::Object::metrics(conn).recycle_count == 0 {
+                    record_answer(&self.answered);
+                }
             }
             // A connect that failed or timed out. (No free slot in time says nothing about the
-            // server, and a recycle check that timed out is retried with another connection.)
+            // server, and a verification that failed is retried with another connection.)
             Err(PoolError::Backend(_) | PoolError::Timeout(TimeoutType::Create)) => {
                 self.unreachable.store(true, Ordering::Relaxed);
             }
@@ -163,9 +166,9 @@ impl Db {
         self.unreachable.load(Ordering::Relaxed)
     }
 
-    /// When the server last answered a checkout: the verified recycle's round trip, or a new
-    /// connection's login. Readiness takes it as a ping (an idle replica's loops make it ping
-    /// rarely).
+    /// When the server last answered a checkout: an idle connection's verification, or a new
+    /// connection's login. Readiness takes it as a ping. (A recently used connection is handed
+    /// out unverified, which is no evidence: a quiet replica's readiness pings for itself.)
     pub fn last_answered(&self) -> Option<Instant> {
         *self.answered.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -184,6 +187,39 @@ impl Db {
         conn.fetch_one("SELECT 1::int4", &[]).await?;
         Ok(())
     }
+}
+
+fn record_answer(answered: &Mutex<Option<Instant>>) {
+    *answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+}
+
+/// The pool's check before it hands out a pooled connection again: one idle longer than `after`
+/// must answer an empty query within `bound`, else it is dropped and the pool tries the next
+/// (or opens one). The bound matters on a half-open path (a frozen NAT or proxy: no RST, no
+/// FIN), where the query would wait forever and so would the checkout; the tick's own timeout
+/// caps the total. A connection used within `after` is handed out on its open socket alone:
+/// should the path have died since, its first statement fails or is bounded by the tick's
+/// timeout, and TCP's user timeout closes it (`database.tcp_user_timeout`).
+fn verify_idle(after: Duration, bound: Duration, answered: Arc<Mutex<Option<Instant>>>) -> Hook {
+    Hook::async_fn(move |client: &mut ClientWrapper, metrics: &Metrics| {
+        let answered = answered.clone();
+        Box::pin(async move {
+            if client.is_closed() || metrics.last_used() < after {
+                // A closed one is refused by the Fast recycle right after this.
+                return Ok(());
+            }
+            match tokio::time::timeout(bound, client.simple_query("")).await {
+                Ok(Ok(_)) => {
+                    record_answer(&answered);
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(HookError::Backend(e)),
+                Err(_) => Err(HookError::message(format!(
+                    "an idle pooled connection did not answer its check within {bound:?}"
+                ))),
+            }
+        })
+    })
 }
 
 /// Begins a transaction whose statements are bounded by `statement_timeout` (`SET LOCAL`, so

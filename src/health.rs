@@ -93,9 +93,9 @@ impl HealthConfig {
 /// first), and how often it looks at the pool (no I/O) between pings.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How old the last evidence that the database answers may grow before the probe pings: a
-/// pooled checkout that succeeded ([`Db::last_answered`]: the pool's verified recycle is a round
-/// trip) counts as much as a `SELECT 1`, so a replica whose loops use the database pings rarely,
-/// and an idle one every 10 s at most. A database that dies turns `/readyz` 503 within this
+/// pooled checkout that opened or verified a connection ([`Db::last_answered`]: both are round
+/// trips) counts as much as a `SELECT 1`, so a replica whose loops open or verify connections
+/// pings rarely, and an idle one every 10 s at most. A database that dies turns `/readyz` 503 within this
 /// plus [`DB_PING_TIMEOUT`] (12 s), and within a second of a loop's checkout finding it
 /// unreachable ([`Db::unreachable`]).
 pub const IDLE_PROBE_INTERVAL: Duration = Duration::from_secs(10);

@@ -191,6 +191,9 @@ async fn a_pool_checkout_on_a_frozen_path_ends_within_its_timeouts() {
     let config = worker::db::DatabaseConfig {
         connect_timeout: Duration::from_secs(1),
         acquire_timeout: Duration::from_secs(1),
+        // Every checkout is checked (the default checks only connections idle for 30 s: see
+        // `a_warm_connection_is_handed_out_without_a_round_trip`).
+        verify_after_idle: Duration::ZERO,
         ..TestDb::database_config_for(&url, 2)
     };
     let db = Db::new(&config).expect("pool");
@@ -204,6 +207,33 @@ async fn a_pool_checkout_on_a_frozen_path_ends_within_its_timeouts() {
     assert!(checkout.expect("ended").is_err(), "no connection can be had while the path is frozen");
     proxy.thaw();
     assert_eq!(scalar(&db, "SELECT 1::int8").await, 1, "the pool serves again after the thaw");
+}
+
+/// What the default `database.verify_after_idle` buys a quiet replica: a connection used within
+/// it is handed out on its open socket, with no round trip (none could cross a frozen path), so
+/// no empty-query transaction per checkout. (A connection the server closed is still replaced:
+/// `tests/runtime.rs`, `a_loop_recovers_by_itself_after_its_database_connections_are_killed`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_connection_is_handed_out_without_a_round_trip() {
+    let test_db = TestDb::new().await;
+    let proxy = FreezingProxy::start("127.0.0.1:5432").await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
+    let config = worker::db::DatabaseConfig {
+        connect_timeout: Duration::from_secs(1),
+        acquire_timeout: Duration::from_secs(1),
+        ..TestDb::database_config_for(&url, 2)
+    };
+    assert!(config.verify_after_idle >= Duration::from_secs(1), "the default checks only idle connections");
+    let db = Db::new(&config).expect("pool");
+    scalar(&db, "SELECT 1::int8").await;
+    proxy.freeze();
+    let checkout = tokio::time::timeout(Duration::from_millis(500), db.get()).await;
+    assert!(
+        checkout.expect("a warm checkout does not wait on the network").is_ok(),
+        "the connection used a moment ago is handed out without a check"
+    );
+    proxy.thaw();
+    assert_eq!(scalar(&db, "SELECT 1::int8").await, 1, "the same connection serves after the thaw");
 }
 
 const SILENCE: Duration = Duration::from_secs(60);

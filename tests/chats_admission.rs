@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use chats_support::{Worker, agent, chat, config, exec, exec_count, wait_status};
+use chats_support::{Notifications, Worker, agent, chat, config, exec, exec_count, wait_status};
 use common::TestDb;
 use common::metrics::MetricsProbe;
 use tokio_postgres::types::Type;
@@ -81,13 +81,16 @@ fn sleeping_agent(dir: &std::path::Path, seconds: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_recovery_and_a_shutdown_release_each_start_the_pending_clock() {
+async fn a_message_recovery_and_a_shutdown_release_each_start_the_pending_clock_and_notify() {
     let test_db = TestDb::new().await;
     let db = &test_db.db;
     let dir = tempfile::tempdir().expect("dir");
     let cfg = config(sleeping_agent(dir.path(), "30"));
     let first = Worker::start(db.clone(), cfg.clone()).await;
     let second = Worker::start(test_db.another_pool(), cfg).await;
+    // Every way back to pending notifies `chat_pending`: replicas idling on their slow fallback
+    // poll (chats.acquire_fallback_interval) claim the chat now.
+    let mut pending = Notifications::listen(&test_db, "chat_pending").await;
 
     // A new chat waits for a message: no clock.
     let id: Uuid = db
@@ -103,6 +106,7 @@ async fn a_message_recovery_and_a_shutdown_release_each_start_the_pending_clock(
     // A user message makes it pending and starts the clock.
     exec(db, &format!("SELECT post_chat_message('{id}', 'user', '\"hi\"')")).await;
     let by_message = pending_since(db, id).await.expect("set by post_chat_message");
+    pending.expect(&id.to_string()).await;
 
     // Claimed: running, the clock cleared.
     first.chats.acquire().tick(&Tick::detached(db)).await.expect("acquire");
@@ -117,6 +121,7 @@ async fn a_message_recovery_and_a_shutdown_release_each_start_the_pending_clock(
     .await;
     assert_eq!(second.chats.recover(Duration::from_secs(7200)).recover().await.expect("recover"), 1);
     let by_recovery = pending_since(db, id).await.expect("set by recovery");
+    pending.expect(&id.to_string()).await;
     assert!(by_recovery > by_message, "recovery restarts the clock: {by_recovery} after {by_message}");
 
     // The second worker claims it and shuts down: the release starts the clock again.
@@ -126,6 +131,7 @@ async fn a_message_recovery_and_a_shutdown_release_each_start_the_pending_clock(
     let row = wait_status(db, id, "pending").await;
     assert_eq!(row.worker_id, None);
     let by_release = pending_since(db, id).await.expect("set by the shutdown release");
+    pending.expect(&id.to_string()).await;
     assert!(by_release > by_recovery, "the release restarts the clock: {by_release} after {by_recovery}");
 
     // The schema holds the rule for every writer.

@@ -25,7 +25,7 @@ use tokio_postgres::types::Type;
 use super::admission::{self, Rules};
 use super::runner::{self, ChatsContext, Claimed, Runners};
 use crate::db::{self, DbError, Exec};
-use crate::runtime::{Loop, LoopInfo, Progress, Schedule, StartError, Tick};
+use crate::runtime::{LeaseState, Loop, LoopInfo, Progress, Schedule, StartError, Tick};
 
 pub const NAME: &str = "chats_acquire";
 
@@ -106,14 +106,15 @@ impl Acquire {
         Ok(())
     }
 
-    /// Starts the runner of a claimed chat; a chat that cannot start here goes back to pending.
-    async fn start(&self, chat: Claimed) -> Result<(), DbError> {
+    /// Starts the runner of a chat claimed under `lease`; a chat that cannot start here goes
+    /// back to pending.
+    async fn start(&self, chat: Claimed, lease: LeaseState) -> Result<(), DbError> {
         let (id, generation) = (chat.id, chat.generation);
         let ctx = self.ctx.clone();
         // The tick's span (with traces on): the turn's parent.
         let parent = opentelemetry::Context::current();
         let started =
-            self.runners.start(id, generation, move |signal| runner::run(ctx, chat, signal, parent));
+            self.runners.start(id, generation, move |signal| runner::run(ctx, chat, lease, signal, parent));
         let reason = match started {
             Ok(()) => return Ok(()),
             // An earlier turn of this chat is still winding down here (interrupted, not yet
@@ -154,8 +155,11 @@ impl Loop for Acquire {
             return Ok(Progress::Done);
         }
         self.census_if_due().await?;
-        if !self.ctx.lease.current().is_healthy() {
-            tracing::debug!("lease not healthy; acquiring nothing");
+        // The lease the claim is made under: its runners stop at that renewal + the agents'
+        // budget unless a later renewal extends it in time (`runner::lease_watchdog`).
+        let lease = self.ctx.lease.current();
+        if !lease.may_start_work(tokio::time::Instant::now(), self.ctx.config.agent_budget()) {
+            tracing::debug!(status = ?lease.status, "lease not healthy, or not renewed within the agents' budget; acquiring nothing");
             return Ok(Progress::Done);
         }
         let config = &self.ctx.config;
@@ -181,7 +185,7 @@ impl Loop for Acquire {
         tick.record_rows(n);
         self.ctx.metrics.acquired(n as u64);
         for chat in claimed {
-            self.start(chat).await?;
+            self.start(chat, lease).await?;
         }
         if n > 0 {
             tracing::debug!(claimed = n, running = self.runners.len(), "chats acquired");

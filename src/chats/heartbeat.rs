@@ -64,11 +64,13 @@ pub const WORKSPACE_ACTIVITY_GRANULARITY: Duration = Duration::from_secs(60);
 /// is 100k small rows fed one at a time to the [`OwnershipDiff`], never one 2–3 MB value that the
 /// pooled connection's read buffer would grow to and keep.
 const OWNED: &str = "SELECT id, generation FROM chats WHERE worker_id = $1 AND status = 'running'";
-/// Owned here but not running here: back to the queue, fenced by (id, generation).
+/// Owned here but not running here: back to the queue, fenced by (id, generation), and
+/// notified on `chat_pending` like every other way back to it.
 const RELEASE_UNREGISTERED: &str = "UPDATE chats AS c \
      SET status = 'pending', worker_id = NULL, updated_at = now() \
      FROM unnest($2::uuid[], $3::int8[]) AS u(id, generation) \
-     WHERE c.id = u.id AND c.generation = u.generation AND c.worker_id = $1 AND c.status = 'running'";
+     WHERE c.id = u.id AND c.generation = u.generation AND c.worker_id = $1 AND c.status = 'running' \
+     RETURNING pg_notify('chat_pending', c.id::text) IS NULL";
 const TOUCH_WORKSPACES: &str = "UPDATE workspaces SET last_used_at = now() WHERE id IN (\
        SELECT workspace_id FROM chats WHERE worker_id = $1 AND status = 'running' AND workspace_id IS NOT NULL) \
      AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => $2))";

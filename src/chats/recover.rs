@@ -31,7 +31,9 @@ pub const INFO: LoopInfo = LoopInfo {
 /// Chats recovered per statement.
 pub const BATCH: i64 = 500;
 
-/// `$1` stale_after in seconds, `$2` batch size.
+/// `$1` stale_after in seconds, `$2` batch size. Each chat is notified on `chat_pending` like
+/// `post_chat_message` does (at commit): every replica's acquire loop wakes, instead of finding it
+/// at its next fallback poll (`chats.acquire_fallback_interval`, 10 s while NOTIFY works).
 const RECOVER: &str = "WITH stale AS (\
        SELECT c.id FROM chats AS c JOIN workers AS w ON w.id = c.worker_id \
        WHERE c.status = 'running' AND w.last_seen_at < now() - make_interval(secs => $1) \
@@ -43,7 +45,7 @@ const RECOVER: &str = "WITH stale AS (\
      UPDATE chats AS c SET status = 'pending', worker_id = NULL, updated_at = now() \
      FROM (SELECT id FROM stale UNION SELECT id FROM orphaned) AS r \
      WHERE c.id = r.id AND c.status = 'running' \
-     RETURNING c.id";
+     RETURNING c.id, pg_notify('chat_pending', c.id::text) IS NULL";
 
 pub struct Recover {
     pub(super) ctx: Arc<ChatsContext>,

@@ -33,7 +33,7 @@ use super::config::ChatsConfig;
 use super::guard::LeaseGuard;
 use super::metrics::ChatMetrics;
 use crate::db::{self, Db, DbError, Exec};
-use crate::runtime::{LeaseStatus, LeaseWatch, StopSignal, TaskSet};
+use crate::runtime::{LeaseState, LeaseStatus, LeaseWatch, StopSignal, TaskSet};
 use crate::telemetry::traces;
 use crate::text;
 
@@ -87,9 +87,11 @@ const FINISH_TURN: &str = "UPDATE chats SET worker_id = NULL, last_error = NULL,
 const FAIL_TURN: &str = "UPDATE chats SET status = 'error', worker_id = NULL, last_error = $4, updated_at = now() \
      WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running'";
 /// Back to the queue (shutdown, lease trouble, a turn that could not start for a transient
-/// reason); the generation is kept and bumped by the next acquisition.
+/// reason); the generation is kept and bumped by the next acquisition. Notified on
+/// `chat_pending` (at commit) so another replica claims it now, not at its fallback poll.
 pub(crate) const RELEASE: &str = "UPDATE chats SET status = 'pending', worker_id = NULL, updated_at = now() \
-     WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running'";
+     WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running' \
+     RETURNING pg_notify('chat_pending', id::text) IS NULL";
 
 /// Why a runner was told to stop; the `cause` label of `chats.interrupts`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,11 +253,11 @@ impl Ending {
 pub async fn run(
     ctx: Arc<ChatsContext>,
     chat: Claimed,
+    claimed_under: LeaseState,
     mut stop: StopSignal<InterruptCause>,
     parent: Context,
 ) {
     let fence = Fence { chat: chat.id, worker: ctx.worker_id, generation: chat.generation };
-    let started_epoch = ctx.lease.current().epoch;
     let span = traces::start_span(&parent, || {
         SpanBuilder::from_name("chat turn").with_attributes([
             KeyValue::new("chat.id", chat.id.to_string()),
@@ -264,7 +266,7 @@ pub async fn run(
     });
     let mut facts =
         TurnFacts { traceparent: span.as_ref().and_then(traces::traceparent), ..TurnFacts::default() };
-    let ending = match turn(&ctx, &chat, &fence, &mut stop, started_epoch, &mut facts).await {
+    let ending = match turn(&ctx, &chat, &fence, &mut stop, claimed_under, &mut facts).await {
         // Killed by the lease guard (this worker stalled past its lease), not the agent's own
         // failure: the chat goes back to the queue, not to `error`.
         Ending::Failed(_) if lease_expired(&ctx) => Ending::Interrupted(InterruptCause::Lease),
@@ -320,7 +322,7 @@ async fn turn(
     chat: &Claimed,
     fence: &Fence,
     signal: &mut StopSignal<InterruptCause>,
-    epoch: u64,
+    claimed_under: LeaseState,
     facts: &mut TurnFacts,
 ) -> Ending {
     let max_input = ctx.config.runner.max_input_bytes;
@@ -335,6 +337,11 @@ async fn turn(
         ));
     }
     let last_seen = input.last_seen;
+    let budget = ctx.config.agent_budget();
+    if lease_deadline(&ctx.lease.current(), &claimed_under, tokio::time::Instant::now(), budget).is_none() {
+        // Frozen (or starved) since the claim: the chat may be recovered elsewhere already.
+        return Ending::Interrupted(InterruptCause::Lease);
+    }
     // The document moves to the task writing it to stdin and is freed once written.
     let mut agent =
         match ctx.agent.spawn(chat.id, chat.generation, facts.traceparent.as_deref(), input.bytes).await {
@@ -343,7 +350,7 @@ async fn turn(
         };
     // Dropped (the guard told to forget the agent) when the turn is over, after `agent` stopped.
     let _watched = ctx.guard.watch(agent.process_group_id());
-    let watchdog = lease_watchdog(ctx.lease.clone(), epoch, ctx.config.agent_budget());
+    let watchdog = lease_watchdog(ctx.lease.clone(), claimed_under, budget);
     tokio::pin!(watchdog);
     let mut events: u32 = 0;
     loop {
@@ -580,28 +587,132 @@ struct InputDocument {
     dropped: i64,
 }
 
-/// Resolves when this worker must stop its runners on its own: the lease was lost (or
-/// re-registered: a new epoch), or `budget` has passed since the start of the last successful
-/// renewal (see [`ChatsConfig::agent_budget`]) — whether renewals fail, hang or are not even
-/// attempted.
-async fn lease_watchdog(mut lease: LeaseWatch, epoch: u64, budget: Duration) {
+/// Until when an agent may run for a chat claimed under `claimed_under`, judged at `now` on the
+/// lease as it is (`current`); `None` = stop now (or do not start). The deadline is `budget`
+/// after the renewal the claim was made under; a later renewal, seen before that deadline,
+/// moves it to `budget` after its own start. Once the deadline has passed nothing moves it back
+/// (a worker thawed from a freeze renews at once, but meanwhile its lease may have looked stale
+/// to other workers, which may run the chat), nor does anything once the lease was lost or
+/// registered again (a new epoch).
+fn lease_deadline(
+    current: &LeaseState,
+    claimed_under: &LeaseState,
+    now: tokio::time::Instant,
+    budget: Duration,
+) -> Option<tokio::time::Instant> {
+    if current.epoch != claimed_under.epoch || current.status == LeaseStatus::Lost {
+        return None;
+    }
+    let deadline = claimed_under.renewed_at? + budget;
+    if now >= deadline {
+        return None;
+    }
+    Some(current.renewed_at.map_or(deadline, |renewed_at| deadline.max(renewed_at + budget)))
+}
+
+/// Resolves when this worker must stop its runners on its own: at the deadline of
+/// [`lease_deadline`] — whether renewals fail, hang or are not even attempted — or when the lease
+/// is lost or registered again.
+async fn lease_watchdog(mut lease: LeaseWatch, claimed_under: LeaseState, budget: Duration) {
+    let mut under = claimed_under;
     loop {
-        let state = lease.current();
-        if state.epoch != epoch || state.status == LeaseStatus::Lost {
+        let Some(deadline) = lease_deadline(&lease.current(), &under, tokio::time::Instant::now(), budget)
+        else {
             return;
-        }
-        let Some(renewed_at) = state.renewed_at else { return };
-        let deadline = renewed_at + budget;
+        };
         tokio::select! {
             biased;
             _ = tokio::time::sleep_until(deadline) => return,
-            _ = lease.changed() => {
-                // A deadline that passed while this task could not run (the worker was frozen)
-                // holds, whatever renewal came after it.
-                if tokio::time::Instant::now() >= deadline {
-                    return;
-                }
-            }
+            // Judged again at once: a deadline that passed while this task could not run (the
+            // worker was frozen) holds, whatever renewal came after it.
+            _ = lease.changed() => {}
         }
+        under.renewed_at = Some(deadline - budget);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const BUDGET: Duration = Duration::from_secs(10);
+
+    fn lease(status: LeaseStatus, epoch: u64, renewed_at: Option<Instant>) -> LeaseState {
+        LeaseState { status, epoch, renewed_at }
+    }
+
+    #[test]
+    fn an_agent_runs_until_the_budget_after_the_renewal_it_was_claimed_under_or_a_later_one_seen_in_time() {
+        let r0 = Instant::now();
+        let claimed = lease(LeaseStatus::Healthy, 1, Some(r0));
+        let secs = |s: u64| Duration::from_secs(s);
+        let cases = [
+            // (what the lease is now, when it is judged, deadline or None = stop)
+            ("no renewal since the claim", claimed, r0 + secs(3), Some(r0 + BUDGET)),
+            (
+                "renewals failing: the claim's deadline holds",
+                lease(LeaseStatus::Failing, 1, Some(r0)),
+                r0 + secs(9),
+                Some(r0 + BUDGET),
+            ),
+            ("the claim's deadline has passed", claimed, r0 + BUDGET, None),
+            (
+                "a later renewal seen in time moves it",
+                lease(LeaseStatus::Healthy, 1, Some(r0 + secs(5))),
+                r0 + secs(9),
+                Some(r0 + secs(15)),
+            ),
+            // The frozen worker: claimed at r0, frozen past the deadline, thawed, renewed at once.
+            (
+                "thawed and renewed after the deadline",
+                lease(LeaseStatus::Healthy, 1, Some(r0 + secs(20))),
+                r0 + secs(20),
+                None,
+            ),
+            ("lost", lease(LeaseStatus::Lost, 2, Some(r0)), r0, None),
+            (
+                "registered again (a new epoch)",
+                lease(LeaseStatus::Healthy, 2, Some(r0 + secs(1))),
+                r0 + secs(1),
+                None,
+            ),
+        ];
+        for (what, current, now, expected) in cases {
+            assert_eq!(lease_deadline(&current, &claimed, now, BUDGET), expected, "{what}");
+        }
+        let never_renewed = lease(LeaseStatus::Healthy, 1, None);
+        assert_eq!(lease_deadline(&claimed, &never_renewed, r0, BUDGET), None, "claimed under no renewal");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_follows_renewals_seen_in_time_and_stops_a_turn_claimed_before_a_freeze() {
+        let publisher = crate::runtime::LeasePublisher::default();
+        publisher.renewed(Instant::now());
+        let claimed = publisher.watch().current();
+        let watchdog = lease_watchdog(publisher.watch(), claimed, BUDGET);
+        tokio::pin!(watchdog);
+        assert!(futures_util::poll!(&mut watchdog).is_pending());
+        // Renewed in time: the watchdog keeps going past the claim's deadline.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        publisher.renewed(Instant::now());
+        assert!(futures_util::poll!(&mut watchdog).is_pending(), "the renewal is seen at +5 s");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(futures_util::poll!(&mut watchdog).is_pending(), "the renewal at +5 s holds until +15 s");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(futures_util::poll!(&mut watchdog).is_ready(), "+15 s without another renewal");
+
+        // A claim, then the process is frozen (its tasks do not run) past the claim's deadline;
+        // thawed, it renews at once, and only then does the turn's watchdog first run.
+        let claimed = publisher.watch().current();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        publisher.renewed(Instant::now());
+        let watchdog = lease_watchdog(publisher.watch(), claimed, BUDGET);
+        tokio::pin!(watchdog);
+        assert!(
+            futures_util::poll!(&mut watchdog).is_ready(),
+            "a renewal after the claim's deadline does not revive the turn"
+        );
     }
 }

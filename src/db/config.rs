@@ -10,6 +10,11 @@ use super::{Direct, SocketSettings};
 use crate::text::redact_url;
 use crate::validate::{Violation, check, positive, url_scheme};
 
+/// Longer than the idle fallback polls of the outbox (5 s) and acquire (10 s), so a quiet
+/// replica's warm connection, reused by whichever loop ticks next, is rarely verified; short
+/// beside the minutes after which NAT entries, proxies and poolers drop idle connections.
+pub const DEFAULT_VERIFY_AFTER_IDLE: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
@@ -32,6 +37,12 @@ pub struct DatabaseConfig {
     /// How long a loop waits for a pooled connection before its tick fails.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
+    /// A pooled connection idle longer than this answers an empty query (within
+    /// `connect_timeout`) before it is handed out again; one used more recently is handed out if
+    /// its socket is open. `0s` verifies every checkout, at one round trip and one PostgreSQL
+    /// transaction each.
+    #[serde(with = "humantime_serde")]
+    pub verify_after_idle: Duration,
     /// TCP keepalives on every connection (pool, LISTEN, migrations): the first probe after
     /// this long without traffic, then one every `keepalives_interval`, so a connection whose
     /// path went silent (no RST, no FIN) is noticed instead of waited on for hours.
@@ -64,6 +75,7 @@ impl Default for DatabaseConfig {
             statement_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             acquire_timeout: Duration::from_secs(5),
+            verify_after_idle: DEFAULT_VERIFY_AFTER_IDLE,
             keepalives_idle: Duration::from_secs(30),
             keepalives_interval: Duration::from_secs(10),
             keepalives_retries: 3,

@@ -9,6 +9,7 @@
 //! healthy (a watch channel keeps only the latest value, so a brief `Lost` could be missed).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -40,6 +41,14 @@ impl LeaseState {
     /// Whether work may start: a renewal has succeeded and the last attempt did not fail.
     pub fn is_healthy(&self) -> bool {
         self.status == LeaseStatus::Healthy && self.renewed_at.is_some()
+    }
+
+    /// Whether work whose deadline is `budget` after the last renewal may start at `now`:
+    /// healthy, and that deadline still ahead. A process that was frozen (SIGSTOP, a stalled VM)
+    /// made no failed attempt, so it still reads healthy when it thaws, with a renewal long past:
+    /// other workers may already judge it stale and recover what it owned.
+    pub fn may_start_work(&self, now: Instant, budget: Duration) -> bool {
+        self.is_healthy() && self.renewed_at.is_some_and(|renewed_at| now < renewed_at + budget)
     }
 }
 
@@ -145,6 +154,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn work_may_start_only_while_healthy_and_inside_the_budget_of_the_last_renewal() {
+        let renewed = Instant::now();
+        let budget = Duration::from_secs(10);
+        let state = |status, renewed_at| LeaseState { status, epoch: 0, renewed_at };
+        let healthy = state(LeaseStatus::Healthy, Some(renewed));
+        assert!(healthy.may_start_work(renewed, budget));
+        assert!(healthy.may_start_work(renewed + Duration::from_millis(9_999), budget));
+        // Thawed after a freeze: no failed attempt, still "healthy", but the renewal is too old.
+        assert!(healthy.is_healthy());
+        assert!(!healthy.may_start_work(renewed + budget, budget));
+        assert!(!healthy.may_start_work(renewed + Duration::from_secs(60), budget));
+        assert!(!state(LeaseStatus::Failing, Some(renewed)).may_start_work(renewed, budget));
+        assert!(!state(LeaseStatus::Lost, Some(renewed)).may_start_work(renewed, budget));
+        assert!(!state(LeaseStatus::Healthy, None).may_start_work(renewed, budget), "never renewed");
+    }
+
+    #[test]
     fn a_failure_keeps_the_last_renewal_and_a_success_heals() {
         let publisher = LeasePublisher::default();
         let watch = publisher.watch();
@@ -182,7 +208,7 @@ mod tests {
             watch.current(),
             LeaseState { status: LeaseStatus::Healthy, epoch: 1, renewed_at: Some(now) }
         );
-        publisher.renewed(now - std::time::Duration::from_secs(1));
+        publisher.renewed(now - Duration::from_secs(1));
         assert_eq!(
             watch.current().renewed_at,
             Some(now),

@@ -212,3 +212,43 @@ pub fn group_members(pgid: i32) -> Vec<(i32, bool)> {
     }
     members
 }
+
+/// A direct connection LISTENing on one channel: the payloads of its notifications, in order.
+pub struct Notifications {
+    payloads: tokio::sync::mpsc::UnboundedReceiver<String>,
+    _client: tokio_postgres::Client,
+}
+
+impl Notifications {
+    /// Returns once the LISTEN is in place.
+    pub async fn listen(test_db: &TestDb, channel: &str) -> Self {
+        use futures_util::StreamExt as _;
+        let (client, mut connection) =
+            tokio_postgres::connect(&test_db.url, tokio_postgres::NoTls).await.expect("listen connection");
+        let (sender, payloads) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    let _ = sender.send(n.payload().to_owned());
+                }
+            }
+        });
+        client.batch_execute(&format!("LISTEN {channel}")).await.expect("LISTEN");
+        Self { payloads, _client: client }
+    }
+
+    /// Waits (up to [`LIMIT`]) for a notification whose payload is `payload`, skipping others.
+    pub async fn expect(&mut self, payload: &str) {
+        let found = tokio::time::timeout(LIMIT, async {
+            while let Some(received) = self.payloads.recv().await {
+                if received == payload {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(found, Ok(true), "no notification {payload:?} within {LIMIT:?}");
+    }
+}
