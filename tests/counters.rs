@@ -1,6 +1,7 @@
 //! The counters loop against real PostgreSQL and Redis: which jobs it writes, clamping, jobs
 //! missing from the hash, the skew histogram, two replicas behind pgbouncer in transaction
-//! mode, and a large hash read in HSCAN pages with poison fields in it.
+//! mode, a large hash read in HSCAN pages with poison fields in it, and ticks that skip the
+//! statement while the hash stands still (and the resync that bounds it).
 
 mod common;
 mod outbox_support;
@@ -13,9 +14,10 @@ use common::metrics::MetricsProbe;
 use common::pgbouncer::PgBouncer;
 use fred::prelude::{HashesInterface, KeysInterface, Value};
 use outbox_support::{Harness, connected};
+use worker::counters::CountersConfig;
 use worker::counters::{Counters, Skipped};
 use worker::db::{Db, Exec};
-use worker::runtime::{Loop, Progress, Tick};
+use worker::runtime::{Loop, LoopError, Progress, Tick};
 
 fn counters(
     h: &Harness,
@@ -219,4 +221,117 @@ async fn a_hash_of_200k_fields_with_3_poison_fields_is_read_in_pages_and_syncs_t
         .await;
     assert_eq!(wrong, 0, "every valid field synced; the job with a bad value kept its count");
     let _: i64 = h.redis.del(&key).await.expect("del");
+}
+
+/// A tick that should not reach PostgreSQL gets this long before the test calls it a failure
+/// (a tick that waits on the table lock ends only at the loop's 1 s statement timeout).
+const AT_ONCE: Duration = Duration::from_millis(500);
+
+/// A pool for the loop whose statements give up after 1 s: a sync that waits on a table lock
+/// fails the test rather than hanging it.
+fn impatient_pool(h: &Harness) -> Db {
+    let config = worker::db::DatabaseConfig {
+        statement_timeout: Duration::from_secs(1),
+        ..h.test_db.database_config()
+    };
+    Db::new(&config).expect("pool")
+}
+
+/// The counts of jobs `a` and `b` in the hash.
+async fn set_hash(h: &Harness, a: &str, b: &str) {
+    let key = format!("{}:running", h.prefix());
+    let _: () = h.redis.hset(&key, vec![("a", a), ("b", b)]).await.expect("hset");
+}
+
+#[tokio::test]
+async fn an_unchanged_hash_skips_the_statement_until_it_changes_and_a_failed_sync_forgets_it() {
+    let h = Harness::new().await;
+    let db = impatient_pool(&h);
+    let sync = counters(&h, db.clone(), h.redis.clone(), &MetricsProbe::new().meter());
+    let budget = Duration::from_secs(5);
+    h.exec("INSERT INTO jobs (id, status, running_tasks) VALUES ('a', 'running', 0), ('b', 'pending', 0)")
+        .await;
+    set_hash(&h, "2", "1").await;
+
+    let first = sync.sync_if_due(budget).await.expect("first sync").expect("the first tick syncs");
+    assert_eq!(first.updated, 2);
+    let settle =
+        sync.sync_if_due(budget).await.expect("sync").expect("a sync that changed rows is checked again");
+    assert_eq!(settle.updated, 0, "PostgreSQL is in step");
+    assert_eq!(sync.sync_if_due(budget).await.expect("tick"), None, "unchanged and settled: skipped");
+
+    // Hold the jobs table: any statement on it waits, so a tick that ran one could not return.
+    let mut blocker = h.db().get().await.expect("conn");
+    let lock = blocker.transaction().await.expect("begin");
+    lock.exec("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE", &[]).await.expect("lock");
+    {
+        // What the sync statement would meet: the lock (55P03 once lock_timeout runs out).
+        let mut probe = h.db().get().await.expect("conn");
+        let probe = probe.transaction().await.expect("begin");
+        probe.exec("SET LOCAL lock_timeout = '50ms'", &[]).await.expect("lock_timeout");
+        let blocked =
+            probe.fetch_one("SELECT count(*) FROM jobs", &[]).await.expect_err("the table is locked");
+        assert_eq!(blocked.code(), Some("55P03"), "{blocked}");
+    }
+    let tick = tokio::time::timeout(AT_ONCE, sync.tick(&Tick::detached(&db)))
+        .await
+        .expect("the tick waited on the table lock: it ran the statement for an unchanged hash");
+    assert_eq!(tick.expect("tick"), Progress::Done);
+
+    // A changed hash is synced: here it meets the lock and fails at the statement timeout.
+    set_hash(&h, "5", "1").await;
+    let failed = tokio::time::timeout(Duration::from_secs(10), sync.tick(&Tick::detached(&db)))
+        .await
+        .expect("bounded by the 1 s statement timeout")
+        .expect_err("a changed hash runs the statement, which waits on the lock");
+    assert_eq!(failed.metric_label(), "db_statement_timeout", "{failed}");
+    lock.rollback().await.expect("release");
+    drop(blocker);
+
+    // The hash as it was at the last successful sync: after the failure nothing is remembered,
+    // so this read is synced, not compared with the read before the failure.
+    set_hash(&h, "2", "1").await;
+    let after_failure =
+        sync.sync_if_due(budget).await.expect("sync").expect("a failed sync forgets the last read");
+    assert_eq!(after_failure.updated, 0);
+    assert_eq!(sync.sync_if_due(budget).await.expect("tick"), None, "and remembers this one");
+
+    set_hash(&h, "5", "1").await;
+    assert_eq!(sync.tick(&Tick::detached(&db)).await.expect("tick"), Progress::Done);
+    assert_eq!(running_tasks(h.db()).await, BTreeMap::from([("a".into(), 5), ("b".into(), 1)]));
+}
+
+#[tokio::test]
+async fn drift_while_the_hash_stands_still_lasts_until_the_resync_which_repairs_it() {
+    let mut h = Harness::new().await;
+    let meter = MetricsProbe::new().meter();
+    h.exec("INSERT INTO jobs (id, status, running_tasks) VALUES ('a', 'running', 0), ('b', 'pending', 0)")
+        .await;
+    set_hash(&h, "2", "1").await;
+    let budget = Duration::from_secs(5);
+    let drift = "UPDATE jobs SET running_tasks = 9 WHERE id = 'a'";
+    let synced = BTreeMap::from([("a".into(), 2), ("b".into(), 1)]);
+
+    // The default resync (1 m): a manual UPDATE stays until the hash changes or a minute passes.
+    assert_eq!(h.config.counters.resync_interval(), Duration::from_secs(60));
+    let patient = counters(&h, h.db().clone(), h.redis.clone(), &meter);
+    patient.sync_if_due(budget).await.expect("sync").expect("first");
+    patient.sync_if_due(budget).await.expect("sync").expect("settling");
+    assert_eq!(running_tasks(h.db()).await, synced);
+    h.exec(drift).await;
+    assert_eq!(patient.sync_if_due(budget).await.expect("tick"), None, "the hash did not change");
+    assert_eq!(running_tasks(h.db()).await["a"], 9, "the drift stays until the resync");
+
+    // A resync that is always due (`validate` refuses 0; the loop is built without it, so every
+    // unchanged read is past the bound whatever the clock does).
+    h.config.counters = CountersConfig { resync_interval: Some(Duration::ZERO), ..h.config.counters.clone() };
+    let eager = counters(&h, h.db().clone(), h.redis.clone(), &meter);
+    eager.sync_if_due(budget).await.expect("sync").expect("first");
+    eager.sync_if_due(budget).await.expect("sync").expect("settling");
+    assert_eq!(running_tasks(h.db()).await, synced);
+    h.exec(drift).await;
+    let resync =
+        eager.sync_if_due(budget).await.expect("sync").expect("unchanged and settled, but the resync is due");
+    assert_eq!((resync.updated, resync.max_skew), (1, 7), "a: 9 → 2");
+    assert_eq!(running_tasks(h.db()).await, synced);
 }

@@ -19,8 +19,14 @@
 //! Postgres| per active job) as a compact distribution for the `counters.skew` histogram. It runs
 //! through [`Exec`] like everything else: no named prepared statement, so pgbouncer in
 //! transaction mode is fine.
+//!
+//! A tick whose read gives the statement the same input as the last successful sync skips the
+//! statement (no checkout, no transaction: issue 21, an idle replica's cost), unless that sync
+//! still changed rows or is older than `counters.resync_interval` ([`decide`]): PostgreSQL can
+//! drift while Redis stands still, and only a sync repairs it.
 
 use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -142,6 +148,71 @@ pub struct SyncReport {
     pub max_skew: i64,
 }
 
+/// What the last successful sync read and did: all a tick needs to tell whether its own read
+/// would give the statement anything new ([`decide`]). A digest rather than the counts: a few
+/// bytes whatever the size of the hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastSync {
+    /// Digest of the statement's input: every job id and its count (or "unreadable"), in id
+    /// order. Fields that are no job id are not in it: they never reach the statement.
+    pub digest: u64,
+    /// When the read of that sync began (a sync is as old as its read).
+    pub at: Instant,
+    /// Rows that sync changed.
+    pub updated: u64,
+}
+
+/// Whether a tick runs the statement, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Sync(SyncReason),
+    /// The read is the last synced one, which found PostgreSQL in step, recently enough.
+    Skip,
+}
+
+/// Why a tick runs the statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncReason {
+    /// No successful sync is remembered: the first tick, or the last sync failed (or was cut
+    /// short), so what PostgreSQL holds is unknown.
+    First,
+    /// The hash reads differently from the last synced read.
+    Changed,
+    /// The same read, but the last sync changed rows: PostgreSQL was out of step, and something
+    /// besides this loop may still be moving those rows (another replica committing an older
+    /// read after ours, a job re-activated meanwhile). One more sync finds it settled.
+    Unsettled,
+    /// The same read, but the last sync is `resync_interval` old: PostgreSQL can drift without
+    /// Redis changing (a job re-activated with a stale count, a manual UPDATE).
+    ResyncDue,
+}
+
+impl SyncReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncReason::First => "first",
+            SyncReason::Changed => "changed",
+            SyncReason::Unsettled => "unsettled",
+            SyncReason::ResyncDue => "resync_due",
+        }
+    }
+}
+
+/// Whether a tick whose read has `digest`, at `now`, must run the statement after `last`. No
+/// I/O and no clock: the caller passes both.
+pub fn decide(last: Option<&LastSync>, digest: u64, now: Instant, resync: Duration) -> Decision {
+    let Some(last) = last else { return Decision::Sync(SyncReason::First) };
+    if last.digest != digest {
+        Decision::Sync(SyncReason::Changed)
+    } else if last.updated > 0 {
+        Decision::Sync(SyncReason::Unsettled)
+    } else if now.saturating_duration_since(last.at) >= resync {
+        Decision::Sync(SyncReason::ResyncDue)
+    } else {
+        Decision::Skip
+    }
+}
+
 pub struct Counters {
     db: Db,
     redis: Client,
@@ -150,6 +221,12 @@ pub struct Counters {
     skew: Histogram<u64>,
     /// Skipped fields are reported once per minute, not every tick.
     skipped_log: Mutex<ErrorLog>,
+    /// The last successful sync; `None` until one succeeds and from the start of every sync until
+    /// it does (a failed or cut-short sync leaves none, so the next tick syncs).
+    last: Mutex<Option<LastSync>>,
+    /// Keys of the read digests, random per process: the field names come from anything that
+    /// can write the hash, and nobody should be able to make two reads collide on purpose.
+    digests: RandomState,
 }
 
 impl Counters {
@@ -160,17 +237,85 @@ impl Counters {
             .with_boundaries(vec![0.0, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 1000.0])
             .build();
         let skipped_log = Mutex::new(ErrorLog::new(Duration::from_secs(60)));
-        Self { db, redis, key: format!("{prefix}:running"), config, skew, skipped_log }
+        Self {
+            db,
+            redis,
+            key: format!("{prefix}:running"),
+            config,
+            skew,
+            skipped_log,
+            last: Mutex::new(None),
+            digests: RandomState::new(),
+        }
     }
 
-    /// One sync: read the hash, write every active job's count in one statement. Redis gets
-    /// half the tick timeout, leaving the other half for the statement.
+    /// One sync, whatever the last one read: read the hash, write every active job's count in
+    /// one statement. Redis gets half the tick timeout, leaving the other half for the statement.
     pub async fn sync(&self) -> Result<SyncReport, CountersError> {
         self.sync_within(self.config.base.tick_timeout / 2).await
     }
 
-    /// [`Counters::sync`] with the time Redis may take given by the caller (the tick's budget).
+    /// [`Counters::sync`] with the time Redis may take given by the caller.
     pub async fn sync_within(&self, redis_budget: Duration) -> Result<SyncReport, CountersError> {
+        let now = Instant::now();
+        self.forget();
+        let parsed = self.read(redis_budget).await?;
+        let digest = self.digest(&parsed);
+        self.write(&parsed, digest, now).await
+    }
+
+    /// What a tick does: read the hash and run the statement only if [`decide`] says so; `None`
+    /// when it was skipped. Redis may take `redis_budget` (the tick's budget).
+    pub async fn sync_if_due(&self, redis_budget: Duration) -> Result<Option<SyncReport>, CountersError> {
+        let now = Instant::now();
+        // Taken, not copied: a read or a statement that fails (or a tick cut short at its
+        // timeout) from here on leaves nothing remembered, so the next tick syncs.
+        let last = self.forget();
+        let parsed = self.read(redis_budget).await?;
+        let digest = self.digest(&parsed);
+        match decide(last.as_ref(), digest, now, self.config.resync_interval()) {
+            Decision::Skip => {
+                tracing::debug!(
+                    jobs_in_hash = parsed.counts.len(),
+                    since_sync = ?last.map(|l| now.saturating_duration_since(l.at)),
+                    "running-task counters read as at the last sync; statement skipped"
+                );
+                // Remembered as it was: the resync bound counts from the last sync that looked
+                // at PostgreSQL, not from this read.
+                self.remember(last);
+                Ok(None)
+            }
+            Decision::Sync(reason) => {
+                tracing::debug!(reason = reason.as_str(), "running-task counters: sync due");
+                let report = self.write(&parsed, digest, now).await?;
+                if reason == SyncReason::ResyncDue && report.updated > 0 {
+                    // Nothing in Redis changed, yet PostgreSQL had drifted: worth knowing about.
+                    tracing::info!(
+                        updated = report.updated,
+                        max_skew = report.max_skew,
+                        "a resync repaired running-task counts that drifted while the hash did not change"
+                    );
+                }
+                Ok(Some(report))
+            }
+        }
+    }
+
+    fn forget(&self) -> Option<LastSync> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn remember(&self, last: Option<LastSync>) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = last;
+    }
+
+    /// The digest of what the statement would be sent: ids and counts, in id order.
+    fn digest(&self, parsed: &Parsed) -> u64 {
+        self.digests.hash_one(&parsed.counts)
+    }
+
+    /// The whole hash, parsed, within `redis_budget`; skipped fields logged (rate-limited).
+    async fn read(&self, redis_budget: Duration) -> Result<Parsed, CountersError> {
         if !self.redis.is_connected() {
             return Err(CountersError::RedisDisconnected);
         }
@@ -193,7 +338,16 @@ impl Counters {
                 );
             }
         }
+        Ok(parsed)
+    }
 
+    /// The statement for `parsed`, read at `read_at`; on success remembered as the last sync.
+    async fn write(
+        &self,
+        parsed: &Parsed,
+        digest: u64,
+        read_at: Instant,
+    ) -> Result<SyncReport, CountersError> {
         let (ids, counts): (Vec<&str>, Vec<Option<i64>>) =
             parsed.counts.iter().map(|(id, n)| (id.as_str(), *n)).unzip();
         let rows = db::in_transaction(&self.db, async |tx| {
@@ -224,6 +378,7 @@ impl Counters {
                 "running-task counters synced"
             );
         }
+        self.remember(Some(LastSync { digest, at: read_at, updated: report.updated }));
         Ok(report)
     }
 
@@ -320,8 +475,9 @@ impl Loop for Counters {
     }
 
     async fn tick(&self, tick: &Tick<'_>) -> Result<Progress, CountersError> {
-        let report = self.sync_within(tick.budget(tick.remaining())).await?;
-        tick.record_rows(usize::try_from(report.active_jobs).unwrap_or(usize::MAX));
+        // A skipped sync handled no row.
+        let rows = self.sync_if_due(tick.budget(tick.remaining())).await?.map_or(0, |r| r.active_jobs);
+        tick.record_rows(usize::try_from(rows).unwrap_or(usize::MAX));
         Ok(Progress::Done)
     }
 }
@@ -377,6 +533,36 @@ mod tests {
         assert!(parsed.counts.iter().filter(|(k, _)| *k != "ok").all(|(_, v)| v.is_none()));
         let (example, why) = parsed.example.expect("an example");
         assert_eq!((example.as_str(), why), ("\u{fffd}\u{fffd}job", Invalid::NotUtf8), "escaped for the log");
+    }
+
+    #[test]
+    fn a_sync_is_skipped_only_for_an_unchanged_read_after_a_settled_recent_sync() {
+        use Decision::{Skip, Sync};
+        use SyncReason::{Changed, First, ResyncDue, Unsettled};
+        const READ: u64 = 7;
+        const OTHER: u64 = 8;
+        let t0 = Instant::now();
+        let resync = Duration::from_secs(60);
+        let settled = Some(LastSync { digest: READ, at: t0, updated: 0 });
+        let unsettled = Some(LastSync { digest: READ, at: t0, updated: 3 });
+        let later = Some(LastSync { digest: READ, at: t0 + resync, updated: 0 });
+        let tick = t0 + Duration::from_secs(5);
+        let almost = t0 + resync - Duration::from_millis(1);
+        let cases = [
+            ("first tick", None, READ, tick, Sync(First)),
+            ("changed read", settled, OTHER, tick, Sync(Changed)),
+            ("changed read after an unsettled sync", unsettled, OTHER, tick, Sync(Changed)),
+            ("unchanged and settled", settled, READ, tick, Skip),
+            ("unchanged, but the last sync updated rows", unsettled, READ, tick, Sync(Unsettled)),
+            ("unchanged, just short of the resync", settled, READ, almost, Skip),
+            ("unchanged, the resync due", settled, READ, t0 + resync, Sync(ResyncDue)),
+            ("unchanged, the resync long overdue", settled, READ, t0 + resync * 10, Sync(ResyncDue)),
+            // A `now` read before the last sync's `at` is no reason to resync (nor a panic).
+            ("unchanged, now before the last sync", later, READ, t0, Skip),
+        ];
+        for (case, last, digest, now, expected) in cases {
+            assert_eq!(decide(last.as_ref(), digest, now, resync), expected, "{case}");
+        }
     }
 
     #[test]
