@@ -504,8 +504,9 @@ async fn runner_future_size(w: &BenchWorker) -> anyhow::Result<usize> {
     let supervisor = worker::runtime::Supervisor::default();
     let set: worker::chats::runner::Runners = supervisor.task_set("size", runner::SHUTDOWN_CAUSE);
     let mut size = 0;
+    let lease = ctx.lease.current();
     set.start(chat.id, 1, |signal| {
-        size = std::mem::size_of_val(&runner::run(ctx, chat, signal, opentelemetry::Context::new()));
+        size = std::mem::size_of_val(&runner::run(ctx, chat, lease, signal, opentelemetry::Context::new()));
         async {}
     })?;
     Ok(size)
