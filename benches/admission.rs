@@ -350,7 +350,11 @@ async fn make_pending(bench: &BenchDb, owners: &Owners, args: &Args) -> anyhow::
         list.extend(std::iter::repeat_n(*owner, args.light_chats as usize));
     }
     let mut conn = bench.db.get().await?;
-    let tx = db::begin(&mut conn, Duration::from_secs(60)).await?;
+    let tx = db::begin(
+        &mut conn,
+        db::TxLimits { statement: Duration::from_secs(60), idle: Duration::from_secs(60) },
+    )
+    .await?;
     tx.exec(
         "INSERT INTO chats (owner_id, title) SELECT o, 'admission bench' FROM unnest($1::uuid[]) AS o",
         &[(&list, Type::UUID_ARRAY)],
@@ -928,7 +932,11 @@ async fn explain(
 ) -> anyhow::Result<Vec<String>> {
     let json = options.contains("JSON");
     let mut conn = db.get().await?;
-    let tx = db::begin(&mut conn, Duration::from_secs(60)).await?;
+    let tx = db::begin(
+        &mut conn,
+        db::TxLimits { statement: Duration::from_secs(60), idle: Duration::from_secs(60) },
+    )
+    .await?;
     tx.exec(LOCK, &[(&CLAIM_LOCK_KEY, Type::INT8)]).await?;
     let limit = i64::from(limit);
     let owner_cap = i32::try_from(rules.owner_cap)?;
@@ -1024,7 +1032,11 @@ async fn claim_statement(bench: &BenchDb, args: &Args) -> anyhow::Result<Vec<Cla
             let mut conn = bench.db.get().await?;
             let mut samples = Vec::with_capacity(args.samples);
             for i in 0..args.samples + 10 {
-                let tx = db::begin(&mut conn, Duration::from_secs(60)).await?;
+                let tx = db::begin(
+                    &mut conn,
+                    db::TxLimits { statement: Duration::from_secs(60), idle: Duration::from_secs(60) },
+                )
+                .await?;
                 let started = Instant::now();
                 let admitted = admission::claim(&tx, worker, limit, *rules).await?;
                 let elapsed = started.elapsed();
@@ -1147,7 +1159,7 @@ async fn drain(db: &Db, claimer: Claimer, limit: u32) -> anyhow::Result<u64> {
     let mut conn = db.get().await?;
     let mut chats = 0;
     loop {
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, db.tx_limits()).await?;
         let n = match claimer {
             Claimer::PreV9 => {
                 let limit = i64::from(limit);

@@ -336,7 +336,11 @@ where
 
 async fn batch_row_heartbeat(db: &Db, worker: Uuid, expected: i64) -> anyhow::Result<()> {
     let mut conn = db.get().await?;
-    let tx = db::begin(&mut conn, Duration::from_secs(600)).await?;
+    let tx = db::begin(
+        &mut conn,
+        db::TxLimits { statement: Duration::from_secs(600), idle: Duration::from_secs(600) },
+    )
+    .await?;
     let n = tx.fetch_all(BATCH_ROW_HEARTBEAT, &[(&worker, Type::UUID)]).await?.len();
     db::commit(tx).await?;
     anyhow::ensure!(n as i64 == expected, "batch heartbeat returned {n} rows, expected {expected}");
@@ -735,7 +739,7 @@ async fn claim_all(w: &BenchWorker, limit: i64) -> anyhow::Result<u64> {
     let mut total = 0u64;
     loop {
         let mut conn = w.db.get().await?;
-        let tx = db::begin(&mut conn, w.db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, w.db.tx_limits()).await?;
         let rules = Rules::of(&ChatsConfig::default());
         let admitted = admission::claim(&tx, w.me.id, u32::try_from(limit)?, rules).await?;
         db::commit(tx).await?;

@@ -110,7 +110,7 @@ async fn sql_only(db: &Db, batch: u32) -> anyhow::Result<u64> {
     let mut total = 0;
     loop {
         let mut conn = db.get().await?;
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, db.tx_limits()).await?;
         let ids: Vec<i64> = tx
             .fetch_all(CLAIM, &[(&limit, Type::INT8), (&BUDGET, Type::INT8)])
             .await?
@@ -132,7 +132,7 @@ async fn per_row(db: &Db, redis: &Client, prefix: &str) -> anyhow::Result<u64> {
     let mut total = 0;
     loop {
         let mut conn = db.get().await?;
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, db.tx_limits()).await?;
         let Some(row) = tx.fetch_opt(CLAIM, &[(&one, Type::INT8), (&BUDGET, Type::INT8)]).await? else {
             return Ok(total);
         };

@@ -240,7 +240,7 @@ async fn baseline_cycle(
     let sampler = Sampler::start(bench).await?;
     let started = Instant::now();
     let mut leader = db.get().await?;
-    let lock = db::begin(&mut leader, db.statement_timeout()).await?;
+    let lock = db::begin(&mut leader, db.tx_limits()).await?;
     anyhow::ensure!(db::try_xact_lock(&lock, LEADER_KEY).await?, "leader lock");
     let snapshot_started = Instant::now();
     let snap = db::begin_snapshot(db).await?;
@@ -257,10 +257,9 @@ async fn baseline_cycle(
         .collect();
     let results = join_all(work.iter().map(|item| async move {
         let mut conn = db.get().await?;
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, db.tx_limits()).await?;
         db::commit(tx).await?;
-        let (done, result) =
-            reconciler::apply(&mut conn, db.statement_timeout(), config.system_user_id, item).await;
+        let (done, result) = reconciler::apply(&mut conn, db.tx_limits(), config.system_user_id, item).await;
         result?;
         anyhow::Ok(done.created)
     }))

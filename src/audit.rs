@@ -190,7 +190,7 @@ where
 {
     let attempt = async {
         let mut conn = db.get().await?;
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, db.tx_limits()).await?;
         // An error drops `tx` uncommitted: rolled back before the connection is used again.
         let (value, rows) = effect(&tx).await?;
         record(&tx, actor, &action, rows, None).await?;

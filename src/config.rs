@@ -472,7 +472,30 @@ impl Config {
             self.database.pool_size,
             "at least 2 while prebuilds.enabled (leader lock + snapshot)",
         )?;
+        self.check_idle_in_transaction()?;
         self.tls_floor()
+    }
+
+    /// Two loops keep a transaction open while they wait on something else: the prebuilds
+    /// leader for its whole tick, the outbox across its Redis writes. The server must not end
+    /// those for idling; their tick timeout bounds the wait.
+    fn check_idle_in_transaction(&self) -> Result<(), Violation> {
+        let idle = self.database.idle_in_transaction_timeout;
+        for (enabled, key, tick_timeout) in [
+            (self.prebuilds.base.enabled, "prebuilds.tick_timeout", self.prebuilds.base.tick_timeout),
+            (self.outbox.base.enabled, "outbox.tick_timeout", self.outbox.base.tick_timeout),
+        ] {
+            check(
+                !enabled || idle > tick_timeout,
+                "database.idle_in_transaction_timeout",
+                humantime::format_duration(idle),
+                &format!(
+                    "longer than {key} ({}): that loop keeps its transaction open for up to a tick",
+                    humantime::format_duration(tick_timeout)
+                ),
+            )?;
+        }
+        Ok(())
     }
 
     /// With `app.env = production`, every connection leaving the process must be verified TLS:
@@ -653,6 +676,33 @@ mod tests {
         assert_eq!(err.key(), Some("workers.tick_timeot"), "{err}");
         let text = err.to_string();
         assert!(text.contains("tick_timeout") && text.contains("retention"), "lists the known keys: {text}");
+    }
+
+    #[test]
+    fn an_idle_in_transaction_bound_at_or_below_a_tick_that_holds_a_transaction_is_refused() {
+        let file = write(
+            "[database]\nidle_in_transaction_timeout = \"30s\"\n\n[prebuilds]\nenabled = true\ntick_timeout = \"30s\"\n",
+        );
+        let err = load(&inputs(&file)).expect_err("the leader's transaction would be ended");
+        assert_eq!(err.key(), Some("database.idle_in_transaction_timeout"), "{err}");
+        assert!(err.to_string().contains("prebuilds.tick_timeout (30s)"), "{err}");
+
+        let file = write(
+            "[database]\nidle_in_transaction_timeout = \"10s\"\n\n[prebuilds]\nenabled = false\n\n[outbox]\nenabled = true\n",
+        );
+        let err = load(&inputs(&file)).expect_err("the outbox's tick is 10 s by default");
+        assert!(err.to_string().contains("outbox.tick_timeout (10s)"), "{err}");
+
+        // A loop that is off holds nothing.
+        let file = write(
+            "[database]\nidle_in_transaction_timeout = \"10s\"\n\n[prebuilds]\nenabled = false\n\n[outbox]\nenabled = false\n",
+        );
+        load(&inputs(&file)).expect("both off");
+        let file = write("[database]\nidle_in_transaction_timeout = \"0s\"\n");
+        assert_eq!(
+            load(&inputs(&file)).expect_err("zero").key(),
+            Some("database.idle_in_transaction_timeout")
+        );
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl DbError {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
-    statement_timeout: Duration,
+    limits: TxLimits,
     /// Whether the last checkout that had to connect could not (see [`Db::unreachable`]).
     unreachable: Arc<AtomicBool>,
     /// When a checkout last succeeded (see [`Db::last_answered`]).
@@ -135,7 +135,7 @@ impl Db {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Url(e.to_string()))?;
-        Ok(Self { pool, statement_timeout: config.statement_timeout, unreachable: Arc::default(), answered })
+        Ok(Self { pool, limits: TxLimits::of(config), unreachable: Arc::default(), answered })
     }
 
     pub async fn get(&self) -> Result<Conn, DbError> {
@@ -174,7 +174,12 @@ impl Db {
     }
 
     pub fn statement_timeout(&self) -> Duration {
-        self.statement_timeout
+        self.limits.statement
+    }
+
+    /// The bounds [`begin`] puts on each transaction.
+    pub fn tx_limits(&self) -> TxLimits {
+        self.limits
     }
 
     pub fn status(&self) -> deadpool_postgres::Status {
@@ -222,12 +227,39 @@ fn verify_idle(after: Duration, bound: Duration, answered: Arc<Mutex<Option<Inst
     })
 }
 
-/// Begins a transaction whose statements are bounded by `statement_timeout` (`SET LOCAL`, so
-/// nothing leaks to the next user of a pgbouncer server connection). A transaction dropped
-/// without commit is rolled back by tokio-postgres before the connection is reused.
-pub async fn begin(conn: &mut Conn, statement_timeout: Duration) -> Result<Transaction<'_>, DbError> {
+/// What bounds a transaction on the server: each statement (`statement_timeout`) and each wait
+/// for the client's next statement (`idle_in_transaction_session_timeout`). The second is what
+/// ends a transaction whose client is gone without a word (a silent path, a frozen worker):
+/// without it the server holds that transaction's locks until its own TCP notices, for hours,
+/// and every tick that needs one of those rows fails meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxLimits {
+    pub statement: Duration,
+    pub idle: Duration,
+}
+
+impl TxLimits {
+    pub fn of(config: &DatabaseConfig) -> Self {
+        Self { statement: config.statement_timeout, idle: config.idle_in_transaction_timeout }
+    }
+
+    /// The `SET LOCAL`s that apply the limits: one message with `BEGIN`'s, no round trip of
+    /// its own. Local, so nothing leaks to the next user of a pgbouncer server connection.
+    fn set_local(self) -> String {
+        // Plain integers (milliseconds) cannot carry SQL, so formatting them into the text is safe.
+        format!(
+            "SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}",
+            self.statement.as_millis().max(1),
+            self.idle.as_millis().max(1)
+        )
+    }
+}
+
+/// Begins a transaction bounded by `limits` ([`TxLimits`]). A transaction dropped without commit
+/// is rolled back by tokio-postgres before the connection is reused.
+pub async fn begin(conn: &mut Conn, limits: TxLimits) -> Result<Transaction<'_>, DbError> {
     let tx = conn.transaction().await?;
-    set_local_statement_timeout(&tx, statement_timeout).await?;
+    tx.batch_execute(&limits.set_local()).await?;
     Ok(tx)
 }
 
@@ -240,13 +272,13 @@ pub struct Snapshot {
     conn: Option<Conn>,
 }
 
-/// Begins a [`Snapshot`] bounded by the pool's statement timeout.
+/// Begins a [`Snapshot`] bounded by the pool's [`TxLimits`].
 pub async fn begin_snapshot(db: &Db) -> Result<Snapshot, DbError> {
     let conn = db.get().await?;
     // SET LOCAL takes no snapshot: the first query of the holder does.
-    let millis = db.statement_timeout().as_millis().max(1);
     conn.batch_execute(&format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL statement_timeout = {millis}"
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}",
+        db.tx_limits().set_local()
     ))
     .await?;
     Ok(Snapshot { conn: Some(conn) })
@@ -293,13 +325,6 @@ impl Exec for Snapshot {
     }
 }
 
-async fn set_local_statement_timeout(tx: &Transaction<'_>, timeout: Duration) -> Result<(), DbError> {
-    // A plain integer (milliseconds) cannot carry SQL, so formatting it into the text is safe.
-    let millis = timeout.as_millis().max(1);
-    tx.batch_execute(&format!("SET LOCAL statement_timeout = {millis}")).await?;
-    Ok(())
-}
-
 /// Commits `tx`; the one place a commit error becomes a [`DbError`].
 pub async fn commit(tx: Transaction<'_>) -> Result<(), DbError> {
     Ok(tx.commit().await?)
@@ -317,7 +342,7 @@ where
     E: From<DbError>,
 {
     let mut conn = db.get().await?;
-    let tx = begin(&mut conn, db.statement_timeout()).await?;
+    let tx = begin(&mut conn, db.tx_limits()).await?;
     let value = work(&tx).await?;
     commit(tx).await?;
     Ok(value)

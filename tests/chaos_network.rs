@@ -21,7 +21,7 @@ use chaos_support::{
     FreezingProxy, LIMIT, Replica, WorkerConfig, agent, redis_client, report, scalar, scenario_dir,
 };
 use common::{TestDb, eventually};
-use worker::db::{Db, Exec};
+use worker::db::{self, Db, Exec};
 
 const FREEZE: Duration = Duration::from_secs(20);
 const TICK_TIMEOUT: &str = "5s";
@@ -236,6 +236,55 @@ async fn a_warm_connection_is_handed_out_without_a_round_trip() {
     assert_eq!(scalar(&db, "SELECT 1::int8").await, 1, "the same connection serves after the thaw");
 }
 
+/// A transaction the path cut off after it took a row lock: PostgreSQL, which cannot tell that
+/// its client is gone (the path is silent, its own socket looks healthy), ends the transaction
+/// once it has idled `database.idle_in_transaction_timeout`, so the lock does not outlive the
+/// path. Without that bound the lock stays until the server's TCP notices, hours by default: here,
+/// the other transaction's `lock_timeout` would end it with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_cut_off_by_a_silent_path_releases_its_locks_after_the_idle_bound() {
+    let test_db = TestDb::new().await;
+    let mut path = SilentPath::start("127.0.0.1:5432").await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/{}", path.port, test_db.name);
+    let idle = Duration::from_secs(2);
+    let config = worker::db::DatabaseConfig {
+        idle_in_transaction_timeout: idle,
+        ..TestDb::database_config_for(&url, 1)
+    };
+    let db = Db::new(&config).expect("pool");
+    let direct = &test_db.db;
+    direct
+        .get()
+        .await
+        .expect("conn")
+        .batch_execute("CREATE TABLE contested (id int PRIMARY KEY, n int NOT NULL); INSERT INTO contested VALUES (1, 0)")
+        .await
+        .expect("table");
+    const TAKE_ROW: &str = "UPDATE contested SET n = n + 1 WHERE id = 1";
+    let mut cut_off = db.get().await.expect("conn through the path");
+    let held = db::begin(&mut cut_off, db.tx_limits()).await.expect("begin");
+    held.exec(TAKE_ROW, &[]).await.expect("the row is taken");
+
+    path.silence();
+    let silenced_at = Instant::now();
+    let mut waiting = direct.get().await.expect("direct conn");
+    let limits = db::TxLimits { statement: Duration::from_secs(30), idle: Duration::from_secs(30) };
+    let tx = db::begin(&mut waiting, limits).await.expect("begin");
+    tx.batch_execute("SET LOCAL lock_timeout = '20s'").await.expect("lock_timeout");
+    let taken = tx.exec(TAKE_ROW, &[]).await;
+    let waited = silenced_at.elapsed();
+    db::commit(tx).await.expect("commit");
+    eprintln!(
+        "a cut-off transaction's lock was released {:.1}s after the silence (idle bound {idle:?})",
+        waited.as_secs_f64()
+    );
+    assert_eq!(taken.expect("the row is free once the server ends the cut-off transaction"), 1);
+    let n = scalar(direct, "SELECT n::int8 FROM contested").await;
+    assert_eq!(n, 1, "the cut-off transaction was rolled back, not committed");
+    path.restore();
+    drop(held);
+}
+
 const SILENCE: Duration = Duration::from_secs(60);
 /// The socket settings of scenario 6b: short, so every connection notices well inside the
 /// silence. A connection notices within `keepalives_idle + tcp_user_timeout`.
@@ -254,7 +303,10 @@ async fn scenario_6b_a_silent_path_is_noticed_by_every_connection_and_the_worker
         .set("database.keepalives_idle", humantime::format_duration(KEEPALIVES_IDLE).to_string())
         .set("database.keepalives_interval", "2s")
         .set("database.keepalives_retries", 3i64)
-        .set("database.tcp_user_timeout", humantime::format_duration(TCP_USER_TIMEOUT).to_string());
+        .set("database.tcp_user_timeout", humantime::format_duration(TCP_USER_TIMEOUT).to_string())
+        // A transaction the silence cuts off holds its row locks on the server until this
+        // bound: well inside the silence, above the 5 s ticks that keep a transaction open.
+        .set("database.idle_in_transaction_timeout", "10s");
     let mut replica = Replica::start(dir.path(), "replica", &config);
     replica.ready().await;
     // A connection with the driver's defaults (keepalive after 2 h, no user timeout), idle on
@@ -306,8 +358,9 @@ async fn scenario_6b_a_silent_path_is_noticed_by_every_connection_and_the_worker
 
     path.restore();
     let restored_at = Instant::now();
-    replica.ready().await;
+    let unready = replica.ready().await;
     let ready_after = restored_at.elapsed();
+    let log_after_restore = replica.log().get(log_before..).unwrap_or_default().to_owned();
     eventually(LIMIT, "the outbox to drain after the path returned", || async {
         scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await == 0
     })
@@ -345,7 +398,10 @@ async fn scenario_6b_a_silent_path_is_noticed_by_every_connection_and_the_worker
     );
     assert!(listen_noticed.is_some_and(|s| s <= bound), "LISTEN noticed after {listen_noticed:?}");
     assert!(!control_noticed, "the control connection noticed: the path was not silent, or not only");
-    assert!(ready_after <= READY_AFTER_RESTORE, "ready {ready_after:?} after the path returned");
+    assert!(
+        ready_after <= READY_AFTER_RESTORE,
+        "ready {ready_after:?} after the path returned; last /readyz before: {unready:#?}\nlog since the silence:\n{log_after_restore}"
+    );
     assert_eq!((lost, dead), (0, 0));
     assert_eq!(replica.sigterm(LIMIT).await.code(), Some(0));
     control_driver.abort();

@@ -198,7 +198,12 @@ async fn the_fair_order_serves_the_fewest_running_weighted_first_and_fifo_serves
 
     let claimed_by_owner = |order: Order| async move {
         let mut conn = db.get().await.expect("conn");
-        let tx = db::begin(&mut conn, Duration::from_secs(5)).await.expect("begin");
+        let tx = db::begin(
+            &mut conn,
+            db::TxLimits { statement: Duration::from_secs(5), idle: Duration::from_secs(5) },
+        )
+        .await
+        .expect("begin");
         let rules = Rules { owner_cap: 0, org_cap: 0, order };
         let admitted = admission::claim(&tx, Uuid::new_v4(), 6, rules).await.expect("claim");
         // Rolled back: every case starts from the same rows.
@@ -317,7 +322,12 @@ async fn a_quota_row_overrides_the_default_cap_at_the_next_claim() {
     pending(db, owner, Some(org), 10, 1.0).await;
     let claim = |rules: Rules| async move {
         let mut conn = db.get().await.expect("conn");
-        let tx = db::begin(&mut conn, Duration::from_secs(5)).await.expect("begin");
+        let tx = db::begin(
+            &mut conn,
+            db::TxLimits { statement: Duration::from_secs(5), idle: Duration::from_secs(5) },
+        )
+        .await
+        .expect("begin");
         let admitted = admission::claim(&tx, Uuid::new_v4(), 10, rules).await.expect("claim");
         drop(tx);
         (admitted.chats.len(), admitted.owners_capped, admitted.orgs_capped)
@@ -404,7 +414,12 @@ async fn the_claim_reads_a_few_rows_of_an_owner_with_100k_pending_chats() {
 
     for (order, fair) in [(Order::Fair, true), (Order::Fifo, false)] {
         let mut conn = db.get().await.expect("conn");
-        let tx = db::begin(&mut conn, Duration::from_secs(30)).await.expect("begin");
+        let tx = db::begin(
+            &mut conn,
+            db::TxLimits { statement: Duration::from_secs(30), idle: Duration::from_secs(30) },
+        )
+        .await
+        .expect("begin");
         let sql = format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", admission::CLAIM);
         let (worker, limit, cap, no_cap, from) = (Uuid::new_v4(), 50i64, 5i32, 0i32, Uuid::nil());
         let row = tx
@@ -453,14 +468,24 @@ async fn a_claim_waits_for_a_concurrent_one_and_counts_its_chats_against_the_cap
     let rules = Rules { owner_cap: 3, org_cap: 0, order: Order::Fair };
 
     let mut conn_a = db.get().await.expect("conn");
-    let tx_a = db::begin(&mut conn_a, Duration::from_secs(30)).await.expect("begin");
+    let tx_a = db::begin(
+        &mut conn_a,
+        db::TxLimits { statement: Duration::from_secs(30), idle: Duration::from_secs(30) },
+    )
+    .await
+    .expect("begin");
     let a = admission::claim(&tx_a, Uuid::new_v4(), 10, rules).await.expect("claim a");
     assert_eq!(a.chats.len(), 3, "A claims up to the cap");
 
     let other = test_db.another_pool();
     let b = tokio::spawn(async move {
         let mut conn = other.get().await.expect("conn");
-        let tx = db::begin(&mut conn, Duration::from_secs(30)).await.expect("begin");
+        let tx = db::begin(
+            &mut conn,
+            db::TxLimits { statement: Duration::from_secs(30), idle: Duration::from_secs(30) },
+        )
+        .await
+        .expect("begin");
         let b = admission::claim(&tx, Uuid::new_v4(), 10, rules).await.expect("claim b");
         db::commit(tx).await.expect("commit b");
         (b.chats.len(), b.owners_capped)

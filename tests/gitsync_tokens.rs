@@ -371,7 +371,15 @@ async fn a_rotation_re_encrypts_every_row_under_the_new_key_while_refreshes_keep
     // During: another transaction holds three rows, so encrypt-tokens skips them (SKIP LOCKED)
     // and re-encrypts the other three; the table is half and half, and a tick runs meanwhile.
     let mut holder = h.db().get().await.expect("conn");
-    let held = worker::db::begin(&mut holder, std::time::Duration::from_secs(60)).await.expect("tx");
+    let held = worker::db::begin(
+        &mut holder,
+        worker::db::TxLimits {
+            statement: std::time::Duration::from_secs(60),
+            idle: std::time::Duration::from_secs(60),
+        },
+    )
+    .await
+    .expect("tx");
     let held_users: Vec<Uuid> = users[..3].iter().map(|(u, _)| *u).collect();
     held.fetch_all(
         "SELECT 1::int4 FROM external_auth_links WHERE user_id = ANY($1) FOR UPDATE",

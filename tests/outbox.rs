@@ -271,7 +271,12 @@ async fn a_hanging_redis_is_bounded_by_the_sub_deadline_and_the_rows_are_release
     // The rows are not left locked: another transaction can lock every one of them at once.
     {
         let mut conn = h.db().get().await.expect("conn");
-        let tx = db::begin(&mut conn, Duration::from_secs(5)).await.expect("begin");
+        let tx = db::begin(
+            &mut conn,
+            db::TxLimits { statement: Duration::from_secs(5), idle: Duration::from_secs(5) },
+        )
+        .await
+        .expect("begin");
         let locked = tx
             .fetch_all("SELECT id FROM task_outbox FOR UPDATE NOWAIT", &[])
             .await
@@ -371,7 +376,12 @@ async fn a_row_locked_by_another_transaction_is_skipped_not_waited_for() {
     let sweeper = h.sweeper(&MetricsProbe::new().meter());
     h.enqueue(5, &["q"], None).await;
     let mut conn = h.test_db.another_pool().get().await.expect("conn");
-    let tx = db::begin(&mut conn, Duration::from_secs(30)).await.expect("begin");
+    let tx = db::begin(
+        &mut conn,
+        db::TxLimits { statement: Duration::from_secs(30), idle: Duration::from_secs(30) },
+    )
+    .await
+    .expect("begin");
     tx.fetch_one("SELECT id FROM task_outbox WHERE task_id = 't3' FOR UPDATE", &[]).await.expect("lock t3");
 
     let report = tokio::time::timeout(Duration::from_secs(5), sweeper.sweep())
@@ -474,10 +484,20 @@ async fn cancel_job_removes_that_jobs_rows_atomically_and_leaves_other_jobs_alon
     // All or nothing: when the delete cannot complete (a row is locked and the lock wait times
     // out), the status change is rolled back with it.
     let mut holder = h.test_db.another_pool().get().await.expect("conn");
-    let hold = db::begin(&mut holder, Duration::from_secs(30)).await.expect("begin");
+    let hold = db::begin(
+        &mut holder,
+        db::TxLimits { statement: Duration::from_secs(30), idle: Duration::from_secs(30) },
+    )
+    .await
+    .expect("begin");
     hold.fetch_one("SELECT id FROM task_outbox WHERE task_id = 'j3-1' FOR UPDATE", &[]).await.expect("lock");
     let mut conn = h.db().get().await.expect("conn");
-    let tx = db::begin(&mut conn, Duration::from_secs(5)).await.expect("begin");
+    let tx = db::begin(
+        &mut conn,
+        db::TxLimits { statement: Duration::from_secs(5), idle: Duration::from_secs(5) },
+    )
+    .await
+    .expect("begin");
     tx.batch_execute("SET LOCAL lock_timeout = '200ms'").await.expect("lock timeout");
     let error =
         tx.fetch_one("SELECT cancel_job($1)", &[(&"j3", Type::TEXT)]).await.expect_err("lock timeout");
@@ -886,7 +906,12 @@ async fn a_drain_claims_and_sends_the_next_batch_while_the_one_before_has_not_co
     h.exec("CREATE TRIGGER hold_delete BEFORE DELETE ON task_outbox FOR EACH STATEMENT EXECUTE FUNCTION hold_delete()")
         .await;
     let mut holder = h.db().get().await.expect("conn");
-    let hold = db::begin(&mut holder, Duration::from_secs(60)).await.expect("begin");
+    let hold = db::begin(
+        &mut holder,
+        db::TxLimits { statement: Duration::from_secs(60), idle: Duration::from_secs(60) },
+    )
+    .await
+    .expect("begin");
     hold.exec("SELECT pg_advisory_xact_lock(4242)", &[]).await.expect("lock");
 
     let draining = sweeper.drain(|| Duration::from_secs(10), DrainShape { batches: 4, ..DrainShape::TICK });
@@ -957,7 +982,12 @@ async fn a_failed_batch_ends_the_drain_with_its_error_and_the_batch_beside_it_st
     h.exec("CREATE TRIGGER refuse_t1 BEFORE DELETE ON task_outbox FOR EACH ROW EXECUTE FUNCTION refuse_t1()")
         .await;
     let mut holder = h.db().get().await.expect("conn");
-    let hold = db::begin(&mut holder, Duration::from_secs(60)).await.expect("begin");
+    let hold = db::begin(
+        &mut holder,
+        db::TxLimits { statement: Duration::from_secs(60), idle: Duration::from_secs(60) },
+    )
+    .await
+    .expect("begin");
     hold.exec("SELECT pg_advisory_xact_lock(4243)", &[]).await.expect("lock");
 
     let draining = sweeper.drain(|| Duration::from_secs(10), DrainShape { batches: 2, ..DrainShape::TICK });

@@ -162,7 +162,12 @@ async fn requeue_racing_cancel_job_does_not_bring_the_canceled_task_back() {
     dead_letter(&test_db, 2, "free-task", None, "{}").await;
 
     let mut canceling = test_db.db.get().await.expect("conn");
-    let cancel = db::begin(&mut canceling, Duration::from_secs(30)).await.expect("begin");
+    let cancel = db::begin(
+        &mut canceling,
+        db::TxLimits { statement: Duration::from_secs(30), idle: Duration::from_secs(30) },
+    )
+    .await
+    .expect("begin");
     cancel.fetch_one("SELECT cancel_job('j')", &[]).await.expect("cancel_job");
 
     let requeue = tokio::spawn({
@@ -193,7 +198,12 @@ async fn cancel_job_that_starts_while_requeue_runs_deletes_what_requeue_brought_
     hold_inserts_on_gate(&test_db).await;
 
     let mut gate_conn = test_db.db.get().await.expect("conn");
-    let gate = db::begin(&mut gate_conn, Duration::from_secs(30)).await.expect("begin");
+    let gate = db::begin(
+        &mut gate_conn,
+        db::TxLimits { statement: Duration::from_secs(30), idle: Duration::from_secs(30) },
+    )
+    .await
+    .expect("begin");
     gate.fetch_one("SELECT 1::int4 FROM pg_advisory_xact_lock(4242)", &[]).await.expect("take the gate");
 
     let requeue = tokio::spawn({
@@ -250,7 +260,12 @@ async fn enqueue_task_returns_null_when_the_conflicting_row_is_dispatched_before
     hold_inserts_on_gate(&test_db).await;
 
     let mut gate_conn = test_db.db.get().await.expect("conn");
-    let gate = db::begin(&mut gate_conn, Duration::from_secs(30)).await.expect("begin");
+    let gate = db::begin(
+        &mut gate_conn,
+        db::TxLimits { statement: Duration::from_secs(30), idle: Duration::from_secs(30) },
+    )
+    .await
+    .expect("begin");
     gate.fetch_one("SELECT 1::int4 FROM pg_advisory_xact_lock(4242)", &[]).await.expect("take the gate");
 
     let enqueue = tokio::spawn({

@@ -71,7 +71,14 @@ async fn typed_statements_through_pgbouncer_never_fail_across_two_replicas() {
             // Autocommit statement, then a tick-style transaction with SET LOCAL + xact lock.
             let row = conn.fetch_one("SELECT $1::int4 + 1", &[(&i, Type::INT4)]).await?;
             assert_eq!(row.get::<_, i32>(0), i + 1);
-            let tx = db::begin(&mut conn, std::time::Duration::from_secs(5)).await?;
+            let tx = db::begin(
+                &mut conn,
+                db::TxLimits {
+                    statement: std::time::Duration::from_secs(5),
+                    idle: std::time::Duration::from_secs(5),
+                },
+            )
+            .await?;
             db::try_xact_lock(&tx, 42).await?;
             tx.exec(
                 "UPDATE loop_controls SET paused = paused WHERE loop_name = $1",

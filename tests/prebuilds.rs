@@ -492,7 +492,7 @@ async fn a_prebuild_claimed_between_the_snapshot_and_its_delete_is_not_deleted()
     )
     .await;
     let mut conn = db.get().await.expect("conn");
-    let outcome = reconciler::delete_prebuild(&mut conn, db.statement_timeout(), SYSTEM, other).await;
+    let outcome = reconciler::delete_prebuild(&mut conn, db.tx_limits(), SYSTEM, other).await;
     assert_eq!(outcome.expect("delete"), DeleteOutcome::Claimed);
 }
 

@@ -76,7 +76,7 @@ impl Acquire {
     }
 
     async fn claim(&self, conn: &mut db::Conn, limit: u32) -> Result<Vec<Claimed>, DbError> {
-        let tx = db::begin(conn, self.ctx.db.statement_timeout()).await?;
+        let tx = db::begin(conn, self.ctx.db.tx_limits()).await?;
         let admitted = admission::claim(&tx, self.ctx.worker_id, limit, Rules::of(&self.ctx.config)).await?;
         db::commit(tx).await?;
         let metrics = &self.ctx.metrics;

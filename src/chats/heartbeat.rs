@@ -198,7 +198,7 @@ impl Heartbeat {
         let report = {
             // Under the ownership lock no claim is between its commit and its registration.
             let _ownership = self.ownership.lock().await;
-            let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+            let tx = db::begin(&mut conn, db.tx_limits()).await?;
             // The registry is read first (the rows are streamed into it). A runner that settles
             // its own chat while the rows stream is then counted as interrupted: harmless (it is
             // past waiting for its signal), and a release is still safe, since nothing registers

@@ -466,7 +466,7 @@ async fn finish(ctx: &ChatsContext, fence: &Fence, last_seen: i64) -> Ending {
     let result = ctx
         .bounded(async {
             let mut conn = ctx.db.get().await?;
-            let tx = db::begin(&mut conn, ctx.db.statement_timeout()).await?;
+            let tx = db::begin(&mut conn, ctx.db.tx_limits()).await?;
             let owned = tx
                 .fetch_opt(
                     LOCK_OWNED,
@@ -544,7 +544,7 @@ async fn input_document(db: &Db, chat: &Claimed, max_bytes: usize) -> Result<Inp
     let frame = header.len() + 8 + 20 + 20 + 14 + 3;
     let budget = i64::try_from(max_bytes.saturating_sub(frame)).unwrap_or(i64::MAX);
     let mut conn = db.get().await?;
-    let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+    let tx = db::begin(&mut conn, db.tx_limits()).await?;
     let mut rows = std::pin::pin!(
         tx.fetch_stream(MODEL_MESSAGES, &[(&chat.id, Type::UUID), (&budget, Type::INT8)]).await?
     );

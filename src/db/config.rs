@@ -15,6 +15,11 @@ use crate::validate::{Violation, check, positive, url_scheme};
 /// beside the minutes after which NAT entries, proxies and poolers drop idle connections.
 pub const DEFAULT_VERIFY_AFTER_IDLE: Duration = Duration::from_secs(30);
 
+/// Longer than any transaction of the worker waits on something else (the prebuilds leader's
+/// tick, 30 s by default; the outbox's Redis writes), short beside the hours a server takes to
+/// notice on its own that a client behind a silent path is gone.
+pub const DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
@@ -32,6 +37,12 @@ pub struct DatabaseConfig {
     /// `SET LOCAL statement_timeout` of every tick transaction.
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// `SET LOCAL idle_in_transaction_session_timeout` of every transaction: PostgreSQL ends the
+    /// session of a transaction whose client sent nothing for this long, so one cut off
+    /// mid-transaction (a silent path, a frozen or killed worker) releases its locks instead of
+    /// holding them until the server's TCP notices, which can take hours.
+    #[serde(with = "humantime_serde")]
+    pub idle_in_transaction_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// How long a loop waits for a pooled connection before its tick fails.
@@ -73,6 +84,7 @@ impl Default for DatabaseConfig {
             allow_unverified_tls: false,
             pool_size: 10,
             statement_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
             connect_timeout: Duration::from_secs(5),
             acquire_timeout: Duration::from_secs(5),
             verify_after_idle: DEFAULT_VERIFY_AFTER_IDLE,
@@ -135,6 +147,7 @@ impl DatabaseConfig {
         check((1..=1000).contains(&self.pool_size), "pool_size", self.pool_size, "1..=1000")?;
         self.validate_socket()?;
         positive("statement_timeout", self.statement_timeout)?;
+        positive("idle_in_transaction_timeout", self.idle_in_transaction_timeout)?;
         positive("connect_timeout", self.connect_timeout)?;
         positive("acquire_timeout", self.acquire_timeout)
     }

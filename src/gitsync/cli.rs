@@ -348,7 +348,7 @@ async fn encrypt_batches(
     let select = to_encrypt();
     loop {
         let mut conn = db.get().await?;
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, db.tx_limits()).await?;
         let rows: Vec<Stored> = tx
             .fetch_all(
                 &select,

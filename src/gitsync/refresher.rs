@@ -412,7 +412,7 @@ impl<P: Provider> Gitsync<P> {
     /// same transaction.
     async fn lease(&self) -> Result<Vec<Leased>, DbError> {
         let mut conn = self.db.get().await?;
-        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, self.db.tx_limits()).await?;
         let limit = i64::from(self.config.batch_size);
         let lease = self.config.lease.as_secs_f64();
         let rows: Vec<Leased> = tx
@@ -491,7 +491,7 @@ impl<P: Provider> Gitsync<P> {
 
     async fn token(&self, owner: Uuid, provider_id: &str) -> Result<Option<StoredToken>, DbError> {
         let mut conn = self.db.get().await?;
-        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, self.db.tx_limits()).await?;
         let provider_id = provider_id.to_owned();
         let row = tx.fetch_opt(TOKEN, &[(&owner, Type::UUID), (&provider_id, Type::TEXT)]).await?;
         db::commit(tx).await?;
@@ -587,7 +587,7 @@ impl<P: Provider> Gitsync<P> {
     /// `None`: the row was re-marked or re-leased since its lease, and is left alone.
     async fn write(&self, row: &Leased, found: Found) -> Result<Option<RefreshOutcome>, DbError> {
         let mut conn = self.db.get().await?;
-        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, self.db.tx_limits()).await?;
         let (id, fence) = (&row.chat_id, &row.lease_until);
         let Some(held) = tx.fetch_opt(STORED, &[(id, Type::UUID), (fence, Type::TIMESTAMPTZ)]).await? else {
             db::commit(tx).await?;

@@ -412,7 +412,7 @@ impl Sweeper {
         // Claiming rows only to roll back is wasted work while Redis is away.
         scheduler::ensure_connected(&self.redis)?;
         let mut conn = self.db.get().await?;
-        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, self.db.tx_limits()).await?;
         let batch_limit = self.batch_limit();
         let limit = i64::from(batch_limit);
         let budget = i64::try_from(self.config.max_batch_bytes).unwrap_or(i64::MAX);

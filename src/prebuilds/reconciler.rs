@@ -33,7 +33,7 @@ use uuid::Uuid;
 use super::actions::{Actions, Conditions, PresetState, assess, can_skip};
 use super::config::PrebuildsConfig;
 use super::snapshot::{self, LoadError};
-use crate::db::{self, Conn, Db, DbError, Exec};
+use crate::db::{self, Conn, Db, DbError, Exec, TxLimits};
 use crate::runtime::{Loop, LoopError, Progress, Schedule, Tick};
 
 pub const NAME: &str = "prebuilds";
@@ -206,13 +206,13 @@ pub fn still_prebuild(owner_id: Uuid, deleted: bool, system_user_id: Uuid) -> bo
 /// Creates one prebuild of `preset` in its own transaction; returns (workspace id, job id).
 pub async fn create_prebuild(
     conn: &mut Conn,
-    statement_timeout: Duration,
+    limits: TxLimits,
     system_user_id: Uuid,
     preset: &PresetState,
 ) -> Result<(Uuid, Uuid), DbError> {
     let workspace_id = Uuid::new_v4();
     let name = format!("prebuild-{}", &workspace_id.simple().to_string()[..12]);
-    let tx = db::begin(conn, statement_timeout).await?;
+    let tx = db::begin(conn, limits).await?;
     let job_id: Uuid = tx
         .fetch_one(
             CREATE,
@@ -234,11 +234,11 @@ pub async fn create_prebuild(
 /// Deletes one prebuild in its own transaction, unless it was claimed since the snapshot.
 pub async fn delete_prebuild(
     conn: &mut Conn,
-    statement_timeout: Duration,
+    limits: TxLimits,
     system_user_id: Uuid,
     workspace_id: Uuid,
 ) -> Result<DeleteOutcome, DbError> {
-    let tx = db::begin(conn, statement_timeout).await?;
+    let tx = db::begin(conn, limits).await?;
     let Some(row) = tx.fetch_opt(LOCK_WORKSPACE, &[(&workspace_id, Type::UUID)]).await? else {
         return Ok(DeleteOutcome::Claimed);
     };
@@ -255,12 +255,8 @@ pub async fn delete_prebuild(
 }
 
 /// Cancels the still-pending jobs among `jobs`; returns how many.
-pub async fn cancel_jobs(
-    conn: &mut Conn,
-    statement_timeout: Duration,
-    jobs: &[Uuid],
-) -> Result<u64, DbError> {
-    let tx = db::begin(conn, statement_timeout).await?;
+pub async fn cancel_jobs(conn: &mut Conn, limits: TxLimits, jobs: &[Uuid]) -> Result<u64, DbError> {
+    let tx = db::begin(conn, limits).await?;
     let canceled = tx.exec(CANCEL, &[(&jobs, Type::UUID_ARRAY)]).await?;
     db::commit(tx).await?;
     Ok(canceled)
@@ -289,7 +285,7 @@ impl PresetOutcome {
 /// transaction. Returns what committed and the first error (which stops this preset only).
 pub async fn apply(
     conn: &mut Conn,
-    statement_timeout: Duration,
+    limits: TxLimits,
     system_user_id: Uuid,
     work: &PresetPlan,
 ) -> (PresetOutcome, Result<(), DbError>) {
@@ -297,16 +293,16 @@ pub async fn apply(
     let result = async {
         let actions = &work.actions;
         if !actions.cancel_jobs.is_empty() {
-            done.canceled += cancel_jobs(conn, statement_timeout, &actions.cancel_jobs).await?;
+            done.canceled += cancel_jobs(conn, limits, &actions.cancel_jobs).await?;
         }
         for &workspace_id in &actions.delete {
-            match delete_prebuild(conn, statement_timeout, system_user_id, workspace_id).await? {
+            match delete_prebuild(conn, limits, system_user_id, workspace_id).await? {
                 DeleteOutcome::Deleted => done.deleted += 1,
                 DeleteOutcome::Claimed => done.claimed += 1,
             }
         }
         for _ in 0..actions.create {
-            create_prebuild(conn, statement_timeout, system_user_id, &work.preset).await?;
+            create_prebuild(conn, limits, system_user_id, &work.preset).await?;
             done.created += 1;
         }
         Ok(())
@@ -393,7 +389,7 @@ async fn reconcile_preset(
         Ok(conn) => conn,
         Err(error) => return (PresetOutcome::default(), Err(error)),
     };
-    apply(&mut conn, db.statement_timeout(), system_user_id, work).await
+    apply(&mut conn, db.tx_limits(), system_user_id, work).await
 }
 
 /// One cycle, as logged and exported.

@@ -607,7 +607,7 @@ impl<L: Loop> Runner<L> {
         };
         let db = &self.rt.db;
         let mut conn = db.get().await?;
-        let tx = db::begin(&mut conn, db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, db.tx_limits()).await?;
         if !db::try_xact_lock(&tx, key).await? {
             return Ok(Attempt::NotLeader);
         }

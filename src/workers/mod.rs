@@ -116,7 +116,7 @@ impl WorkerLease {
         let me = &self.me;
         let mut conn = self.db.get().await?;
         // A transaction, so SET LOCAL statement_timeout bounds even a lease write stuck on a lock.
-        let tx = db::begin(&mut conn, self.db.statement_timeout()).await?;
+        let tx = db::begin(&mut conn, self.db.tx_limits()).await?;
         let age: Option<f64> = tx.fetch_opt(RENEW, &[(&me.id, Type::UUID)]).await?.map(|row| row.get(0));
         if age.is_none() {
             tracing::warn!(worker_id = %me.id, "worker row was missing (reaped as dead?); registering again");

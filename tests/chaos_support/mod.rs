@@ -199,13 +199,16 @@ impl Replica {
         readyz(self.port).await
     }
 
-    /// Waits for `/readyz` 200.
-    pub async fn ready(&self) {
+    /// Waits for `/readyz` 200; returns the last answer that was not (what kept it unready).
+    pub async fn ready(&self) -> Option<serde_json::Value> {
         let deadline = tokio::time::Instant::now() + LIMIT;
+        let mut unready = None;
         loop {
             let answer = self.readyz().await;
-            if matches!(answer, Some((200, _))) {
-                return;
+            match answer {
+                Some((200, _)) => return unready,
+                Some((_, ref body)) => unready = Some(body.clone()),
+                None => {}
             }
             if tokio::time::Instant::now() > deadline {
                 panic!(
