@@ -8,7 +8,6 @@
 //! Parameters and result columns must be built-in types: a Postgres enum or domain would make
 //! tokio-postgres look the type up with a named statement, so status columns are `text` + CHECK.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -102,8 +101,8 @@ impl DbError {
 pub struct Db {
     pool: Pool,
     limits: TxLimits,
-    /// Whether the last checkout that had to connect could not (see [`Db::unreachable`]).
-    unreachable: Arc<AtomicBool>,
+    /// What checkouts saw of the server (see [`Db::unreachable`]).
+    reach: Arc<Mutex<Reachability>>,
     /// When a checkout last succeeded (see [`Db::last_answered`]).
     answered: Arc<Mutex<Option<Instant>>>,
 }
@@ -135,14 +134,14 @@ impl Db {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Url(e.to_string()))?;
-        Ok(Self { pool, limits: TxLimits::of(config), unreachable: Arc::default(), answered })
+        Ok(Self { pool, limits: TxLimits::of(config), reach: Arc::default(), answered })
     }
 
     pub async fn get(&self) -> Result<Conn, DbError> {
         let checkout = self.pool.get().await;
         match &checkout {
             Ok(conn) => {
-                self.unreachable.store(false, Ordering::Relaxed);
+                lock(&self.reach).checkout_succeeded(Instant::now());
                 // A new connection's login is the server answering; a verified one recorded it in
                 // `verify_idle`; a recent one handed out unverified says nothing.
                 if deadpool_postgres::Object::metrics(conn).recycle_count == 0 {
@@ -152,7 +151,7 @@ impl Db {
             // A connect that failed or timed out. (No free slot in time says nothing about the
             // server, and a verification that failed is retried with another connection.)
             Err(PoolError::Backend(_) | PoolError::Timeout(TimeoutType::Create)) => {
-                self.unreachable.store(true, Ordering::Relaxed);
+                lock(&self.reach).connect_failed();
             }
             Err(_) => {}
         }
@@ -163,14 +162,21 @@ impl Db {
     /// one succeeds: the runtime then retries failed ticks within seconds, so every loop resumes
     /// soon after the database returns (a silent path, a restart, a failover).
     pub fn unreachable(&self) -> bool {
-        self.unreachable.load(Ordering::Relaxed)
+        lock(&self.reach).unreachable
+    }
+
+    /// Whether the database could not be reached at some time since `at`: it cannot now, or it
+    /// came back after `at`. A tick that started in an outage and failed just after the return
+    /// (its wait for a connection ran out, say) backs off as in the outage, not for 30 s.
+    pub fn unreachable_since(&self, at: Instant) -> bool {
+        lock(&self.reach).unreachable_since(at)
     }
 
     /// When the server last answered a checkout: an idle connection's verification, or a new
     /// connection's login. Readiness takes it as a ping. (A recently used connection is handed
     /// out unverified, which is no evidence: a quiet replica's readiness pings for itself.)
     pub fn last_answered(&self) -> Option<Instant> {
-        *self.answered.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.answered)
     }
 
     pub fn statement_timeout(&self) -> Duration {
@@ -194,8 +200,37 @@ impl Db {
     }
 }
 
+/// Whether the server could be reached, as checkouts found it.
+#[derive(Debug, Default)]
+struct Reachability {
+    /// The last checkout that had to connect could not.
+    unreachable: bool,
+    /// When a checkout last succeeded after one could not connect.
+    returned_at: Option<Instant>,
+}
+
+impl Reachability {
+    fn connect_failed(&mut self) {
+        self.unreachable = true;
+    }
+
+    fn checkout_succeeded(&mut self, now: Instant) {
+        if std::mem::take(&mut self.unreachable) {
+            self.returned_at = Some(now);
+        }
+    }
+
+    fn unreachable_since(&self, at: Instant) -> bool {
+        self.unreachable || self.returned_at.is_some_and(|returned| returned >= at)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn record_answer(answered: &Mutex<Option<Instant>>) {
-    *answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    *lock(answered) = Some(Instant::now());
 }
 
 /// The pool's check before it hands out a pooled connection again: one idle longer than `after`
@@ -527,4 +562,35 @@ pub async fn connect_direct(
     application_name: &str,
 ) -> Result<tokio_postgres::Client, ConnectError> {
     Direct::from(url).connect(application_name).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tick_that_overlapped_an_outage_counts_as_in_it_until_the_next_one_starts() {
+        let start = Instant::now();
+        let later = |secs| start + Duration::from_secs(secs);
+        let mut reach = Reachability::default();
+        assert!(!reach.unreachable_since(start), "nothing failed yet");
+        reach.connect_failed();
+        assert!(reach.unreachable && reach.unreachable_since(later(100)), "unreachable now");
+        reach.checkout_succeeded(later(10));
+        assert!(!reach.unreachable);
+        assert!(reach.unreachable_since(later(9)), "a tick that started before the return");
+        assert!(reach.unreachable_since(later(10)));
+        assert!(!reach.unreachable_since(later(11)), "a tick that started after it");
+        reach.checkout_succeeded(later(20));
+        assert!(reach.unreachable_since(later(9)), "another success is no new return");
+    }
+
+    #[test]
+    fn the_limits_are_set_in_whole_milliseconds_and_never_zero() {
+        let limits = TxLimits { statement: Duration::from_micros(1500), idle: Duration::ZERO };
+        assert_eq!(
+            limits.set_local(),
+            "SET LOCAL statement_timeout = 1; SET LOCAL idle_in_transaction_session_timeout = 1"
+        );
+    }
 }

@@ -289,7 +289,14 @@ async fn a_drain_that_does_not_finish_leaves_the_worker_row_for_recovery() {
     let port = free_port();
     let config = write_config(dir.path(), &test_db.url, port, "2s");
     // Long statement and tick timeouts: the blocked tick outlasts the 2s shutdown timeout.
-    let mut child = start_worker(&config, &["outbox.tick_timeout=60s", "database.statement_timeout=60s"]);
+    let mut child = start_worker(
+        &config,
+        &[
+            "outbox.tick_timeout=60s",
+            "database.statement_timeout=60s",
+            "database.idle_in_transaction_timeout=2m",
+        ],
+    );
     eventually(Duration::from_secs(5), "/readyz 200", || async {
         matches!(readyz(port).await, Some((200, _)))
     })

@@ -48,10 +48,10 @@ use crate::telemetry::traces;
 /// Ceiling of the delay after repeated failed ticks (never below the loop's own interval).
 pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Ceiling of the delay after a failed tick while the database cannot be reached
-/// ([`Db::unreachable`]): looking again costs one connect, bounded by `database.connect_timeout`,
-/// and every loop should tick again within seconds of the database's return, not up to
-/// [`MAX_ERROR_BACKOFF`] later (readiness waits for every loop).
+/// Ceiling of the delay after a failed tick while the database cannot be reached (at some time
+/// since the tick started, [`Db::unreachable_since`]): looking again costs one connect, bounded
+/// by `database.connect_timeout`, and every loop should tick again within seconds of the
+/// database's return, not up to [`MAX_ERROR_BACKOFF`] later (readiness waits for every loop).
 pub const DB_RECONNECT_CHECK: Duration = Duration::from_secs(2);
 
 /// When and how a loop ticks.
@@ -587,7 +587,8 @@ impl<L: Loop> Runner<L> {
             }
             Some(failure) => {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-                self.backoff_cap = outage_backoff_cap(failure.backoff_cap, self.rt.db.unreachable());
+                self.backoff_cap =
+                    outage_backoff_cap(failure.backoff_cap, self.rt.db.unreachable_since(started));
                 if let Some(repeats) = self.errors.should_log(failure.label, Instant::now()) {
                     log_failure(name, outcome, &failure, repeats, self.consecutive_failures);
                 }
@@ -742,9 +743,10 @@ pub fn drain_again(progress: Progress, drained_so_far: u32, max_drain_ticks: u32
     progress == Progress::More && drained_so_far < max_drain_ticks
 }
 
-/// A failed tick's backoff cap, at most [`DB_RECONNECT_CHECK`] while the database cannot be
-/// reached: whatever ended the tick (a pool error, a statement on a dead connection, its
-/// timeout), what the loop waits for is the database, and noticing its return is cheap.
+/// A failed tick's backoff cap, at most [`DB_RECONNECT_CHECK`] when the database could not be
+/// reached during the tick ([`Db::unreachable_since`] its start): whatever ended the tick (a pool
+/// error, a statement on a dead connection, its timeout), what the loop waits for is the
+/// database, and noticing its return is cheap.
 pub fn outage_backoff_cap(cap: Duration, database_unreachable: bool) -> Duration {
     if database_unreachable { cap.min(DB_RECONNECT_CHECK) } else { cap }
 }

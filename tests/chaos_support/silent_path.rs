@@ -119,24 +119,26 @@ fn tc(args: &[&str]) -> String {
 }
 
 /// A classic BPF program for `tc … bpf da bytecode`, over a packet from its Ethernet header:
-/// TC_ACT_SHOT (2) for an unfragmented IPv4 TCP segment from or to `port`, TC_ACT_OK (0) for
-/// everything else. Instructions are `code jt jf k`.
+/// TC_ACT_SHOT (2) for an unfragmented IPv4 TCP segment from or to `port`, TC_ACT_UNSPEC (-1)
+/// for everything else. Not TC_ACT_OK: in direct-action mode that ends the classification, so
+/// a filter of another path (one a killed run left behind, with a lower `prio`) would let this
+/// path's packets through before its own filter saw them. Instructions are `code jt jf k`.
 fn drop_program(port: u16) -> String {
     let port = u32::from(port);
     let program: [(u16, u8, u8, u32); 13] = [
-        (0x28, 0, 0, 12),      // 0: ldh [12]           ethertype
-        (0x15, 0, 10, 0x0800), // 1: jeq IPv4, else ok
-        (0x30, 0, 0, 23),      // 2: ldb [23]           IP protocol
-        (0x15, 0, 8, 6),       // 3: jeq TCP, else ok
-        (0x28, 0, 0, 20),      // 4: ldh [20]           flags and fragment offset
-        (0x45, 6, 0, 0x1fff),  // 5: jset fragment, ok
-        (0xb1, 0, 0, 14),      // 6: ldxb 4*([14]&0xf)  IP header length
-        (0x48, 0, 0, 14),      // 7: ldh [x+14]         source port
-        (0x15, 2, 0, port),    // 8: jeq port, drop
-        (0x48, 0, 0, 16),      // 9: ldh [x+16]         destination port
-        (0x15, 0, 1, port),    // 10: jeq port, drop, else ok
-        (0x06, 0, 0, 2),       // 11: drop
-        (0x06, 0, 0, 0),       // 12: ok
+        (0x28, 0, 0, 12),       // 0: ldh [12]           ethertype
+        (0x15, 0, 10, 0x0800),  // 1: jeq IPv4, else not ours
+        (0x30, 0, 0, 23),       // 2: ldb [23]           IP protocol
+        (0x15, 0, 8, 6),        // 3: jeq TCP, else not ours
+        (0x28, 0, 0, 20),       // 4: ldh [20]           flags and fragment offset
+        (0x45, 6, 0, 0x1fff),   // 5: jset fragment, not ours
+        (0xb1, 0, 0, 14),       // 6: ldxb 4*([14]&0xf)  IP header length
+        (0x48, 0, 0, 14),       // 7: ldh [x+14]         source port
+        (0x15, 2, 0, port),     // 8: jeq port, drop
+        (0x48, 0, 0, 16),       // 9: ldh [x+16]         destination port
+        (0x15, 0, 1, port),     // 10: jeq port, drop, else not ours
+        (0x06, 0, 0, 2),        // 11: drop
+        (0x06, 0, 0, u32::MAX), // 12: not ours: the next filter decides
     ];
     let instructions: Vec<String> =
         program.iter().map(|(code, jt, jf, k)| format!("{code} {jt} {jf} {k}")).collect();
