@@ -8,6 +8,7 @@
 //! Parameters and result columns must be built-in types: a Postgres enum or domain would make
 //! tokio-postgres look the type up with a named statement, so status columns are `text` + CHECK.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,9 @@ pub struct Db {
     reach: Arc<Mutex<Reachability>>,
     /// When a checkout last succeeded (see [`Db::last_answered`]).
     answered: Arc<Mutex<Option<Instant>>>,
+    /// Whether the next checkout verifies its connection however recently it was used (see
+    /// [`Db::verify_next_checkout`]).
+    doubt: Arc<AtomicBool>,
 }
 
 impl Db {
@@ -119,10 +123,15 @@ impl Db {
         // a pooler restart: the server's FIN arrives with its FATAL message) is replaced. A
         // connection idle longer than `verify_after_idle` is also asked an empty query first
         // (`verify_idle`); one used since is not, because that check is a round trip and, to
-        // PostgreSQL, a transaction: it doubled what an idle replica cost the server.
+        // PostgreSQL, a transaction: it doubled what an idle replica cost the server. After a
+        // failed tick every checkout verifies until one connection proves the path
+        // (`verify_next_checkout`).
         let manager =
             Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let answered: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let doubt: Arc<AtomicBool> = Arc::default();
+        let verify =
+            verify_idle(config.verify_after_idle, config.connect_timeout, answered.clone(), doubt.clone());
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
             .wait_timeout(Some(config.acquire_timeout))
@@ -130,11 +139,11 @@ impl Db {
             // The most recently returned connection first: a quiet replica keeps reusing one warm
             // connection (never idle for long, so never verified) instead of cycling through all.
             .queue_mode(QueueMode::Lifo)
-            .pre_recycle(verify_idle(config.verify_after_idle, config.connect_timeout, answered.clone()))
+            .pre_recycle(verify)
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Url(e.to_string()))?;
-        Ok(Self { pool, limits: TxLimits::of(config), reach: Arc::default(), answered })
+        Ok(Self { pool, limits: TxLimits::of(config), reach: Arc::default(), answered, doubt })
     }
 
     pub async fn get(&self) -> Result<Conn, DbError> {
@@ -146,6 +155,7 @@ impl Db {
                 // `verify_idle`; a recent one handed out unverified says nothing.
                 if deadpool_postgres::Object::metrics(conn).recycle_count == 0 {
                     record_answer(&self.answered);
+                    self.doubt.store(false, Ordering::Relaxed);
                 }
             }
             // A connect that failed or timed out. (No free slot in time says nothing about the
@@ -156,6 +166,17 @@ impl Db {
             Err(_) => {}
         }
         Ok(checkout?)
+    }
+
+    /// Makes checkouts verify their connection (an empty query within `connect_timeout`), however
+    /// recently it was used, until one verifies or a new connection opens. The runtime calls it
+    /// after every failed tick: whatever failed, a warm connection on a path that went dead since
+    /// (a frozen proxy or NAT) would otherwise be handed out unverified and hang the next tick
+    /// too, and only a check that fails makes the pool connect anew, which tells the loops that
+    /// the database cannot be reached ([`Db::unreachable`]) so they retry within seconds. One
+    /// round trip per failed tick at most.
+    pub fn verify_next_checkout(&self) {
+        self.doubt.store(true, Ordering::Relaxed);
     }
 
     /// Whether the database could not be reached at the last checkout that had to connect, until
@@ -237,20 +258,29 @@ fn record_answer(answered: &Mutex<Option<Instant>>) {
 /// must answer an empty query within `bound`, else it is dropped and the pool tries the next
 /// (or opens one). The bound matters on a half-open path (a frozen NAT or proxy: no RST, no
 /// FIN), where the query would wait forever and so would the checkout; the tick's own timeout
-/// caps the total. A connection used within `after` is handed out on its open socket alone:
-/// should the path have died since, its first statement fails or is bounded by the tick's
-/// timeout, and TCP's user timeout closes it (`database.tcp_user_timeout`).
-fn verify_idle(after: Duration, bound: Duration, answered: Arc<Mutex<Option<Instant>>>) -> Hook {
+/// caps the total. A connection used within `after` is handed out on its open socket alone
+/// (unless `doubt`, [`Db::verify_next_checkout`]): should the path have died since, its first
+/// statement fails or is bounded by the tick's timeout, and TCP's user timeout closes it
+/// (`database.tcp_user_timeout`).
+fn verify_idle(
+    after: Duration,
+    bound: Duration,
+    answered: Arc<Mutex<Option<Instant>>>,
+    doubt: Arc<AtomicBool>,
+) -> Hook {
     Hook::async_fn(move |client: &mut ClientWrapper, metrics: &Metrics| {
         let answered = answered.clone();
+        let doubt = doubt.clone();
         Box::pin(async move {
-            if client.is_closed() || metrics.last_used() < after {
+            let doubted = doubt.load(Ordering::Relaxed);
+            if client.is_closed() || (metrics.last_used() < after && !doubted) {
                 // A closed one is refused by the Fast recycle right after this.
                 return Ok(());
             }
             match tokio::time::timeout(bound, client.simple_query("")).await {
                 Ok(Ok(_)) => {
                     record_answer(&answered);
+                    doubt.store(false, Ordering::Relaxed);
                     Ok(())
                 }
                 Ok(Err(e)) => Err(HookError::Backend(e)),

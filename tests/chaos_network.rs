@@ -139,7 +139,7 @@ async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recov
 
     proxy.thaw();
     let thawed_at = Instant::now();
-    replica.ready().await;
+    let unready = replica.ready().await;
     let ready_after = thawed_at.elapsed();
     eventually(LIMIT, "the outbox to drain after the thaw", || async {
         scalar(&test_db.db, "SELECT count(*)::int8 FROM task_outbox").await == 0
@@ -172,6 +172,12 @@ async fn scenario_6_a_frozen_network_path_bounds_every_tick_and_every_loop_recov
     );
     assert!(wedged_during.is_empty(), "loops whose ticks stopped ending while frozen: {wedged_during:?}");
     assert!(stuck_after.is_empty(), "loops that did not tick after the thaw: {stuck_after:?}");
+    // Every loop retries within seconds once a tick failed: the next checkout verifies its
+    // warm connection, the check and the new connect fail, the database reads as unreachable.
+    assert!(
+        ready_after <= READY_AFTER_RESTORE,
+        "ready {ready_after:?} after the thaw; last /readyz before: {unready:#?}"
+    );
     assert_eq!((lost, dead), (0, 0));
     assert_eq!(replica.sigterm(LIMIT).await.code(), Some(0));
 }
@@ -234,6 +240,39 @@ async fn a_warm_connection_is_handed_out_without_a_round_trip() {
     );
     proxy.thaw();
     assert_eq!(scalar(&db, "SELECT 1::int8").await, 1, "the same connection serves after the thaw");
+}
+
+/// After a failed tick the runtime doubts the pool (`Db::verify_next_checkout`): the warm
+/// connection that a frozen path would hang is verified, fails its check, and the pool's attempt
+/// to connect anew fails too, which marks the database unreachable (so loops retry within
+/// seconds). Once one checkout proves the path, warm connections go out unverified again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_tick_a_warm_connection_on_a_frozen_path_is_verified_not_handed_out() {
+    let test_db = TestDb::new().await;
+    let proxy = FreezingProxy::start("127.0.0.1:5432").await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
+    let config = worker::db::DatabaseConfig {
+        connect_timeout: Duration::from_secs(1),
+        acquire_timeout: Duration::from_secs(1),
+        ..TestDb::database_config_for(&url, 1)
+    };
+    let db = Db::new(&config).expect("pool");
+    scalar(&db, "SELECT 1::int8").await;
+    proxy.freeze();
+    db.verify_next_checkout();
+    let checkout = tokio::time::timeout(Duration::from_secs(10), db.get()).await.expect("bounded checkout");
+    assert!(checkout.is_err(), "the doubted warm connection was handed out on a frozen path");
+    assert!(db.unreachable(), "the failed check made the pool connect, and that failed too");
+    proxy.thaw();
+    assert_eq!(scalar(&db, "SELECT 1::int8").await, 1, "a new connection after the thaw");
+    assert!(!db.unreachable());
+    proxy.freeze();
+    let warm = tokio::time::timeout(Duration::from_millis(500), db.get()).await;
+    assert!(
+        warm.expect("no check once a connection proved the path").is_ok(),
+        "the warm connection goes out unverified again"
+    );
+    proxy.thaw();
 }
 
 /// A transaction the path cut off after it took a row lock: PostgreSQL, which cannot tell that

@@ -586,6 +586,7 @@ impl<L: Loop> Runner<L> {
                 tracing::trace!(target: "worker::runtime", loop_name = name, %outcome, elapsed_ms = elapsed.as_millis() as u64, "tick");
             }
             Some(failure) => {
+                self.rt.db.verify_next_checkout();
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
                 self.backoff_cap =
                     outage_backoff_cap(failure.backoff_cap, self.rt.db.unreachable_since(started));
