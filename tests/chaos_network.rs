@@ -91,6 +91,16 @@ fn every_loop_through(test_db: &TestDb, url: &str, dir: &std::path::Path) -> Wor
     config
 }
 
+/// A pool of `size` through `proxy`, connects and checkouts bounded by 1 s.
+fn through_proxy(test_db: &TestDb, proxy: &FreezingProxy, size: usize) -> worker::db::DatabaseConfig {
+    let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
+    worker::db::DatabaseConfig {
+        connect_timeout: Duration::from_secs(1),
+        acquire_timeout: Duration::from_secs(1),
+        ..TestDb::database_config_for(&url, size)
+    }
+}
+
 /// Work that arrives during a fault, straight to PostgreSQL (not through the faulty path): 1,000
 /// tasks in the outbox and a pending chat, whose id is returned.
 async fn work_arrives(test_db: &TestDb) -> uuid::Uuid {
@@ -193,14 +203,11 @@ async fn outbox_in_redis(config: &WorkerConfig) -> i64 {
 async fn a_pool_checkout_on_a_frozen_path_ends_within_its_timeouts() {
     let test_db = TestDb::new().await;
     let proxy = FreezingProxy::start("127.0.0.1:5432").await;
-    let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
     let config = worker::db::DatabaseConfig {
-        connect_timeout: Duration::from_secs(1),
-        acquire_timeout: Duration::from_secs(1),
         // Every checkout is checked (the default checks only connections idle for 30 s: see
-        // `a_warm_connection_is_handed_out_without_a_round_trip`).
+        // `a_warm_connection_is_handed_out_without_a_round_trip_unless_a_failed_tick_doubted_the_pool`).
         verify_after_idle: Duration::ZERO,
-        ..TestDb::database_config_for(&url, 2)
+        ..through_proxy(&test_db, &proxy, 2)
     };
     let db = Db::new(&config).expect("pool");
     // One pooled connection, idle, then the path freezes under it.
@@ -219,46 +226,24 @@ async fn a_pool_checkout_on_a_frozen_path_ends_within_its_timeouts() {
 /// it is handed out on its open socket, with no round trip (none could cross a frozen path), so
 /// no empty-query transaction per checkout. (A connection the server closed is still replaced:
 /// `tests/runtime.rs`, `a_loop_recovers_by_itself_after_its_database_connections_are_killed`.)
+/// And its limit: after a failed tick the runtime doubts the pool (`Db::verify_next_checkout`),
+/// so the warm connection a frozen path would hang is checked, fails, and the pool's attempt to
+/// connect anew fails too, which marks the database unreachable (loops then retry within
+/// seconds). Once a checkout proves the path, warm connections go out unchecked again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_connection_is_handed_out_without_a_round_trip() {
+async fn a_warm_connection_is_handed_out_without_a_round_trip_unless_a_failed_tick_doubted_the_pool() {
     let test_db = TestDb::new().await;
     let proxy = FreezingProxy::start("127.0.0.1:5432").await;
-    let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
-    let config = worker::db::DatabaseConfig {
-        connect_timeout: Duration::from_secs(1),
-        acquire_timeout: Duration::from_secs(1),
-        ..TestDb::database_config_for(&url, 2)
-    };
+    let config = through_proxy(&test_db, &proxy, 1);
     assert!(config.verify_after_idle >= Duration::from_secs(1), "the default checks only idle connections");
     let db = Db::new(&config).expect("pool");
     scalar(&db, "SELECT 1::int8").await;
-    proxy.freeze();
-    let checkout = tokio::time::timeout(Duration::from_millis(500), db.get()).await;
-    assert!(
-        checkout.expect("a warm checkout does not wait on the network").is_ok(),
-        "the connection used a moment ago is handed out without a check"
-    );
-    proxy.thaw();
-    assert_eq!(scalar(&db, "SELECT 1::int8").await, 1, "the same connection serves after the thaw");
-}
+    let warm_checkout = async || tokio::time::timeout(Duration::from_millis(500), db.get()).await;
 
-/// After a failed tick the runtime doubts the pool (`Db::verify_next_checkout`): the warm
-/// connection that a frozen path would hang is verified, fails its check, and the pool's attempt
-/// to connect anew fails too, which marks the database unreachable (so loops retry within
-/// seconds). Once one checkout proves the path, warm connections go out unverified again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_failed_tick_a_warm_connection_on_a_frozen_path_is_verified_not_handed_out() {
-    let test_db = TestDb::new().await;
-    let proxy = FreezingProxy::start("127.0.0.1:5432").await;
-    let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test_db.name);
-    let config = worker::db::DatabaseConfig {
-        connect_timeout: Duration::from_secs(1),
-        acquire_timeout: Duration::from_secs(1),
-        ..TestDb::database_config_for(&url, 1)
-    };
-    let db = Db::new(&config).expect("pool");
-    scalar(&db, "SELECT 1::int8").await;
     proxy.freeze();
+    let warm = warm_checkout().await.expect("a warm checkout does not wait on the network");
+    assert!(warm.is_ok(), "the connection used a moment ago is handed out without a check");
+    drop(warm);
     db.verify_next_checkout();
     let checkout = tokio::time::timeout(Duration::from_secs(10), db.get()).await.expect("bounded checkout");
     assert!(checkout.is_err(), "the doubted warm connection was handed out on a frozen path");
@@ -266,12 +251,11 @@ async fn after_a_failed_tick_a_warm_connection_on_a_frozen_path_is_verified_not_
     proxy.thaw();
     assert_eq!(scalar(&db, "SELECT 1::int8").await, 1, "a new connection after the thaw");
     assert!(!db.unreachable());
+
     proxy.freeze();
-    let warm = tokio::time::timeout(Duration::from_millis(500), db.get()).await;
-    assert!(
-        warm.expect("no check once a connection proved the path").is_ok(),
-        "the warm connection goes out unverified again"
-    );
+    let warm = warm_checkout().await.expect("no check once a connection proved the path");
+    assert!(warm.is_ok(), "the warm connection goes out unchecked again");
+    drop(warm);
     proxy.thaw();
 }
 
