@@ -64,7 +64,14 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     };
     let db = Db::new(&shared)?;
     let lease_db = if lease_reserved {
-        Db::new(&DatabaseConfig { pool_size: 1, ..config.database.clone() })?
+        // Every renewal checks its connection first (one empty query per heartbeat): a renewal
+        // must not wait out TCP's user timeout on a connection whose path died (a NAT entry
+        // dropped), when a new connection would go through at once.
+        Db::new(&DatabaseConfig {
+            pool_size: 1,
+            verify_after_idle: Duration::ZERO,
+            ..config.database.clone()
+        })?
     } else {
         db.clone()
     };

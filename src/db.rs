@@ -102,13 +102,8 @@ impl DbError {
 pub struct Db {
     pool: Pool,
     limits: TxLimits,
-    /// What checkouts saw of the server (see [`Db::unreachable`]).
-    reach: Arc<Mutex<Reachability>>,
-    /// When a checkout last succeeded (see [`Db::last_answered`]).
-    answered: Arc<Mutex<Option<Instant>>>,
-    /// Whether the next checkout verifies its connection however recently it was used (see
-    /// [`Db::verify_next_checkout`]).
-    doubt: Arc<AtomicBool>,
+    /// What the pool has seen of the server, shared with its check ([`verify_idle`]).
+    evidence: Arc<Evidence>,
 }
 
 impl Db {
@@ -128,10 +123,8 @@ impl Db {
         // (`verify_next_checkout`).
         let manager =
             Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let answered: Arc<Mutex<Option<Instant>>> = Arc::default();
-        let doubt: Arc<AtomicBool> = Arc::default();
-        let verify =
-            verify_idle(config.verify_after_idle, config.connect_timeout, answered.clone(), doubt.clone());
+        let evidence: Arc<Evidence> = Arc::default();
+        let verify = verify_idle(config.verify_after_idle, config.connect_timeout, evidence.clone());
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
             .wait_timeout(Some(config.acquire_timeout))
@@ -143,25 +136,23 @@ impl Db {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Url(e.to_string()))?;
-        Ok(Self { pool, limits: TxLimits::of(config), reach: Arc::default(), answered, doubt })
+        Ok(Self { pool, limits: TxLimits::of(config), evidence })
     }
 
     pub async fn get(&self) -> Result<Conn, DbError> {
         let checkout = self.pool.get().await;
         match &checkout {
             Ok(conn) => {
-                lock(&self.reach).checkout_succeeded(Instant::now());
                 // A new connection's login is the server answering; a verified one recorded it in
                 // `verify_idle`; a recent one handed out unverified says nothing.
                 if deadpool_postgres::Object::metrics(conn).recycle_count == 0 {
-                    record_answer(&self.answered);
-                    self.doubt.store(false, Ordering::Relaxed);
+                    self.evidence.answered();
                 }
             }
             // A connect that failed or timed out. (No free slot in time says nothing about the
-            // server, and a verification that failed is retried with another connection.)
+            // server; a failed check was recorded by `verify_idle`.)
             Err(PoolError::Backend(_) | PoolError::Timeout(TimeoutType::Create)) => {
-                lock(&self.reach).connect_failed();
+                self.evidence.unanswered();
             }
             Err(_) => {}
         }
@@ -173,31 +164,33 @@ impl Db {
     /// after every failed tick: whatever failed, a warm connection on a path that went dead since
     /// (a frozen proxy or NAT) would otherwise be handed out unverified and hang the next tick
     /// too, and only a check that fails makes the pool connect anew, which tells the loops that
-    /// the database cannot be reached ([`Db::unreachable`]) so they retry within seconds. One
-    /// round trip per failed tick at most.
+    /// the database cannot be reached ([`Db::unreachable`]) so they retry within seconds. A
+    /// round trip for each checkout that starts before the first check answers.
     pub fn verify_next_checkout(&self) {
-        self.doubt.store(true, Ordering::Relaxed);
+        self.evidence.doubt.store(true, Ordering::Relaxed);
     }
 
-    /// Whether the database could not be reached at the last checkout that had to connect, until
-    /// one succeeds: the runtime then retries failed ticks within seconds, so every loop resumes
-    /// soon after the database returns (a silent path, a restart, a failover).
+    /// Whether the server did not answer the last time the pool asked it something (a connect,
+    /// a connection's check), until it answers again (a new connection's login, a check, a
+    /// [`Db::ping`]): the runtime then retries failed ticks within seconds, so every loop
+    /// resumes soon after the database returns (a silent path, a restart, a failover). A warm
+    /// connection handed out unchecked is no answer either way.
     pub fn unreachable(&self) -> bool {
-        lock(&self.reach).unreachable
+        lock(&self.evidence.reach).unreachable
     }
 
     /// Whether the database could not be reached at some time since `at`: it cannot now, or it
     /// came back after `at`. A tick that started in an outage and failed just after the return
     /// (its wait for a connection ran out, say) backs off as in the outage, not for 30 s.
     pub fn unreachable_since(&self, at: Instant) -> bool {
-        lock(&self.reach).unreachable_since(at)
+        lock(&self.evidence.reach).unreachable_since(at)
     }
 
-    /// When the server last answered a checkout: an idle connection's verification, or a new
-    /// connection's login. Readiness takes it as a ping. (A recently used connection is handed
-    /// out unverified, which is no evidence: a quiet replica's readiness pings for itself.)
+    /// When the server last answered the pool: a connection's check, a new connection's login,
+    /// a ping. Readiness takes it as a ping. (A recently used connection is handed out
+    /// unverified, which is no evidence: a quiet replica's readiness pings for itself.)
     pub fn last_answered(&self) -> Option<Instant> {
-        *lock(&self.answered)
+        lock(&self.evidence.reach).answered_at
     }
 
     pub fn statement_timeout(&self) -> Duration {
@@ -217,25 +210,49 @@ impl Db {
     pub async fn ping(&self) -> Result<(), DbError> {
         let conn = self.get().await?;
         conn.fetch_one("SELECT 1::int4", &[]).await?;
+        self.evidence.answered();
         Ok(())
     }
 }
 
-/// Whether the server could be reached, as checkouts found it.
+/// What the pool has seen of the server, and whether it doubts its warm connections.
+#[derive(Debug, Default)]
+struct Evidence {
+    reach: Mutex<Reachability>,
+    /// Checkouts verify their connection however recently it was used
+    /// ([`Db::verify_next_checkout`]), until the server answers.
+    doubt: AtomicBool,
+}
+
+impl Evidence {
+    fn answered(&self) {
+        lock(&self.reach).answered(Instant::now());
+        self.doubt.store(false, Ordering::Relaxed);
+    }
+
+    fn unanswered(&self) {
+        lock(&self.reach).unanswered();
+    }
+}
+
+/// Whether the server could be reached, as the pool found it.
 #[derive(Debug, Default)]
 struct Reachability {
-    /// The last checkout that had to connect could not.
+    /// The server did not answer the last time it was asked.
     unreachable: bool,
-    /// When a checkout last succeeded after one could not connect.
+    /// When it answered last.
+    answered_at: Option<Instant>,
+    /// When it first answered after not answering.
     returned_at: Option<Instant>,
 }
 
 impl Reachability {
-    fn connect_failed(&mut self) {
+    fn unanswered(&mut self) {
         self.unreachable = true;
     }
 
-    fn checkout_succeeded(&mut self, now: Instant) {
+    fn answered(&mut self, now: Instant) {
+        self.answered_at = Some(now);
         if std::mem::take(&mut self.unreachable) {
             self.returned_at = Some(now);
         }
@@ -250,43 +267,40 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn record_answer(answered: &Mutex<Option<Instant>>) {
-    *lock(answered) = Some(Instant::now());
-}
-
 /// The pool's check before it hands out a pooled connection again: one idle longer than `after`
 /// must answer an empty query within `bound`, else it is dropped and the pool tries the next
 /// (or opens one). The bound matters on a half-open path (a frozen NAT or proxy: no RST, no
 /// FIN), where the query would wait forever and so would the checkout; the tick's own timeout
 /// caps the total. A connection used within `after` is handed out on its open socket alone
-/// (unless `doubt`, [`Db::verify_next_checkout`]): should the path have died since, its first
+/// (unless in doubt, [`Db::verify_next_checkout`]): should the path have died since, its first
 /// statement fails or is bounded by the tick's timeout, and TCP's user timeout closes it
-/// (`database.tcp_user_timeout`).
-fn verify_idle(
-    after: Duration,
-    bound: Duration,
-    answered: Arc<Mutex<Option<Instant>>>,
-    doubt: Arc<AtomicBool>,
-) -> Hook {
+/// (`database.tcp_user_timeout`). A check that fails counts as the server not answering
+/// ([`Db::unreachable`]), so a tick that spends its time on several such checks still backs off
+/// as in an outage.
+fn verify_idle(after: Duration, bound: Duration, evidence: Arc<Evidence>) -> Hook {
     Hook::async_fn(move |client: &mut ClientWrapper, metrics: &Metrics| {
-        let answered = answered.clone();
-        let doubt = doubt.clone();
+        let evidence = evidence.clone();
         Box::pin(async move {
-            let doubted = doubt.load(Ordering::Relaxed);
+            let doubted = evidence.doubt.load(Ordering::Relaxed);
             if client.is_closed() || (metrics.last_used() < after && !doubted) {
                 // A closed one is refused by the Fast recycle right after this.
                 return Ok(());
             }
             match tokio::time::timeout(bound, client.simple_query("")).await {
                 Ok(Ok(_)) => {
-                    record_answer(&answered);
-                    doubt.store(false, Ordering::Relaxed);
+                    evidence.answered();
                     Ok(())
                 }
-                Ok(Err(e)) => Err(HookError::Backend(e)),
-                Err(_) => Err(HookError::message(format!(
-                    "an idle pooled connection did not answer its check within {bound:?}"
-                ))),
+                Ok(Err(e)) => {
+                    evidence.unanswered();
+                    Err(HookError::Backend(e))
+                }
+                Err(_) => {
+                    evidence.unanswered();
+                    Err(HookError::message(format!(
+                        "an idle pooled connection did not answer its check within {bound:?}"
+                    )))
+                }
             }
         })
     })
@@ -308,8 +322,9 @@ impl TxLimits {
         Self { statement: config.statement_timeout, idle: config.idle_in_transaction_timeout }
     }
 
-    /// The `SET LOCAL`s that apply the limits: one message with `BEGIN`'s, no round trip of
-    /// its own. Local, so nothing leaks to the next user of a pgbouncer server connection.
+    /// The `SET LOCAL`s that apply the limits, both in one message (the round trip the statement
+    /// timeout alone already cost; `begin_snapshot` sends them with its `BEGIN`). Local, so
+    /// nothing leaks to the next user of a pgbouncer server connection.
     fn set_local(self) -> String {
         // Plain integers (milliseconds) cannot carry SQL, so formatting them into the text is safe.
         format!(
@@ -604,15 +619,16 @@ mod tests {
         let later = |secs| start + Duration::from_secs(secs);
         let mut reach = Reachability::default();
         assert!(!reach.unreachable_since(start), "nothing failed yet");
-        reach.connect_failed();
+        reach.unanswered();
         assert!(reach.unreachable && reach.unreachable_since(later(100)), "unreachable now");
-        reach.checkout_succeeded(later(10));
+        reach.answered(later(10));
         assert!(!reach.unreachable);
         assert!(reach.unreachable_since(later(9)), "a tick that started before the return");
         assert!(reach.unreachable_since(later(10)));
         assert!(!reach.unreachable_since(later(11)), "a tick that started after it");
-        reach.checkout_succeeded(later(20));
-        assert!(reach.unreachable_since(later(9)), "another success is no new return");
+        reach.answered(later(20));
+        assert!(reach.unreachable_since(later(9)), "another answer is no new return");
+        assert_eq!(reach.answered_at, Some(later(20)));
     }
 
     #[test]

@@ -586,7 +586,9 @@ impl<L: Loop> Runner<L> {
                 tracing::trace!(target: "worker::runtime", loop_name = name, %outcome, elapsed_ms = elapsed.as_millis() as u64, "tick");
             }
             Some(failure) => {
-                self.rt.db.verify_next_checkout();
+                if may_be_the_database(failure.label) {
+                    self.rt.db.verify_next_checkout();
+                }
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
                 self.backoff_cap =
                     outage_backoff_cap(failure.backoff_cap, self.rt.db.unreachable_since(started));
@@ -742,6 +744,13 @@ pub fn cadence(
 /// loop cannot starve the others or spin forever on a batch that never shrinks).
 pub fn drain_again(progress: Progress, drained_so_far: u32, max_drain_ticks: u32) -> bool {
     progress == Progress::More && drained_so_far < max_drain_ticks
+}
+
+/// Whether a failed tick's label leaves the database path in doubt: a tick that timed out, or a
+/// database error (`db_*`), makes the next checkouts verify their connection
+/// ([`Db::verify_next_checkout`]); a Redis or provider failure does not cost that round trip.
+pub fn may_be_the_database(label: &str) -> bool {
+    label == "timeout" || label.starts_with("db_")
 }
 
 /// A failed tick's backoff cap, at most [`DB_RECONNECT_CHECK`] when the database could not be
@@ -900,6 +909,16 @@ mod tests {
         assert_eq!(outage_backoff_cap(short, true), short, "a shorter cap of its own stays");
         let lease = Schedule::every(Duration::from_secs(1), Duration::from_secs(1)).without_backoff();
         assert_eq!(outage_backoff_cap(backoff_cap(&lease, None), true), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_a_timeout_or_a_database_error_puts_the_pool_in_doubt() {
+        for label in ["timeout", "db_connection", "db_pool", "db_statement_timeout"] {
+            assert!(may_be_the_database(label), "{label}");
+        }
+        for label in ["redis_unavailable", "redis_timeout", "provider", "agent_spawn"] {
+            assert!(!may_be_the_database(label), "{label}");
+        }
     }
 
     #[test]
