@@ -63,18 +63,7 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
         ..config.database.clone()
     };
     let db = Db::new(&shared)?;
-    let lease_db = if lease_reserved {
-        // Every renewal checks its connection first (one empty query per heartbeat): a renewal
-        // must not wait out TCP's user timeout on a connection whose path died (a NAT entry
-        // dropped), when a new connection would go through at once.
-        Db::new(&DatabaseConfig {
-            pool_size: 1,
-            verify_after_idle: Duration::ZERO,
-            ..config.database.clone()
-        })?
-    } else {
-        db.clone()
-    };
+    let lease_db = if lease_reserved { Db::new(&config.database.lease_pool())? } else { db.clone() };
     let lease = WorkerLease::new(lease_db.clone(), me.clone(), config.workers.clone());
     lease.register().await?;
 

@@ -119,8 +119,8 @@ impl Db {
         // connection idle longer than `verify_after_idle` is also asked an empty query first
         // (`verify_idle`); one used since is not, because that check is a round trip and, to
         // PostgreSQL, a transaction: it doubled what an idle replica cost the server. After a
-        // failed tick every checkout verifies until one connection proves the path
-        // (`verify_next_checkout`).
+        // tick that timed out or failed on the database, every checkout verifies until the
+        // server answers (`verify_next_checkout`).
         let manager =
             Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let evidence: Arc<Evidence> = Arc::default();
@@ -160,8 +160,9 @@ impl Db {
     }
 
     /// Makes checkouts verify their connection (an empty query within `connect_timeout`), however
-    /// recently it was used, until one verifies or a new connection opens. The runtime calls it
-    /// after every failed tick: whatever failed, a warm connection on a path that went dead since
+    /// recently it was used, until the server answers (a check, a new connection, a ping). The
+    /// runtime calls it after a tick that timed out or failed on the database
+    /// ([`crate::runtime::may_be_the_database`]): a warm connection on a path that went dead since
     /// (a frozen proxy or NAT) would otherwise be handed out unverified and hang the next tick
     /// too, and only a check that fails makes the pool connect anew, which tells the loops that
     /// the database cannot be reached ([`Db::unreachable`]) so they retry within seconds. A

@@ -135,6 +135,14 @@ impl DatabaseConfig {
         self.pool_size.saturating_sub(usize::from(lease_reserved)).max(1)
     }
 
+    /// The lease's one-connection pool (with the chat loops): like the shared one, but it checks
+    /// its connection before every renewal (one empty query per heartbeat), so a renewal never
+    /// waits out TCP's user timeout on a connection whose path died (a NAT entry dropped) while
+    /// a new connection would go through at once.
+    pub fn lease_pool(&self) -> DatabaseConfig {
+        DatabaseConfig { pool_size: 1, verify_after_idle: Duration::ZERO, ..self.clone() }
+    }
+
     /// Keys are relative to `[database]`.
     pub fn validate(&self) -> Result<(), Violation> {
         check_postgres_url("url", &self.url)?;
@@ -260,6 +268,16 @@ mod tests {
     fn floor(url: &str, allow: bool) -> Result<Vec<String>, Violation> {
         DatabaseConfig { url: url.into(), allow_unverified_tls: allow, ..DatabaseConfig::default() }
             .tls_floor()
+    }
+
+    #[test]
+    fn the_lease_pool_is_one_connection_checked_before_every_renewal() {
+        let shared =
+            DatabaseConfig { pool_size: 7, statement_timeout: Duration::from_secs(3), ..Default::default() };
+        let lease = shared.lease_pool();
+        assert_eq!((lease.pool_size, lease.verify_after_idle), (1, Duration::ZERO));
+        assert_eq!(lease.statement_timeout, shared.statement_timeout, "everything else as configured");
+        assert!(shared.verify_after_idle > Duration::ZERO, "the shared pool keeps its warm connections");
     }
 
     #[test]
