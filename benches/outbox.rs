@@ -1,18 +1,19 @@
 //! Outbox benchmarks (targets in BENCHMARKS.md#targets), against the real PostgreSQL and Redis,
 //! every baseline measured in the same run:
 //!
-//! 1. Drain N due rows (default 200,000): the sweeper as its tick runs it (`Sweeper::drain`, two
-//!    batches in flight; one and two replicas, and one replica against a local Redis Cluster when
+//! 1. Drain N due rows (default 200,000): the sweeper as its tick runs it (`Sweeper::drain`,
+//!    `PIPELINE_DEPTH` batches in flight; one and two replicas, and one replica against a local Redis Cluster when
 //!    `WORKER_TEST_REDIS_CLUSTER_URL` names one, as `scripts/bench.sh` does) and one batch at a
 //!    time (`Sweeper::sweep`, the tick before the pipeline) versus the per-row baseline (claim
 //!    one row, HSET, ZADD, DELETE, commit) and versus the SQL-only limit (the same claim + delete
 //!    statements in batches, no Redis); plus Redis alone (the same pipelines, no SQL) to show
-//!    which side limits.
+//!    which side limits. Then the target's ratio in pairs (SQL-only limit, then the tick, on a
+//!    fresh outbox each, `--pairs` times; the median is the figure, a single pair is weather).
 //! 2. Latency from `enqueue_task` to the task being in its sorted set, p50/p99 over single
 //!    enqueues at a steady rate, with the NOTIFY wake and with polling only.
 //!
 //! `cargo bench --bench outbox -- [--rows N] [--baseline-rows N] [--batch N] [--samples N]
-//! [--rate PER_SEC]`; `scripts/bench.sh` runs it and prints the machine it ran on.
+//! [--rate PER_SEC] [--pairs N]`; `scripts/bench.sh` runs it and prints the machine it ran on.
 
 mod common;
 
@@ -42,11 +43,13 @@ struct Args {
     batch: u32,
     samples: usize,
     rate: u32,
+    pairs: usize,
 }
 
 impl Args {
     fn parse() -> anyhow::Result<Self> {
-        let mut args = Args { rows: 200_000, baseline_rows: 5_000, batch: 500, samples: 1_000, rate: 100 };
+        let mut args =
+            Args { rows: 200_000, baseline_rows: 5_000, batch: 500, samples: 1_000, rate: 100, pairs: 5 };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
             let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -56,6 +59,7 @@ impl Args {
                 "--batch" => args.batch = value()?.parse()?,
                 "--samples" => args.samples = value()?.parse()?,
                 "--rate" => args.rate = value()?.parse()?,
+                "--pairs" => args.pairs = value()?.parse()?,
                 _ => {} // cargo bench passes --bench
             }
         }
@@ -68,7 +72,11 @@ fn queues() -> Vec<String> {
 }
 
 /// `rows` due rows over the queues, with a ~100-byte payload; then VACUUM ANALYZE so every
-/// variant starts from the same clean table.
+/// variant starts from the same clean table, and a CHECKPOINT so none of them pays for one the
+/// writes before it made due: a checkpoint (every `max_wal_size` of WAL, ~1 GB here, i.e. every
+/// few fills) slows PostgreSQL for seconds, and after one the first change to each page writes
+/// the whole page to the WAL; without it the SQL-only limit alone moved from 131k to 77k rows/s
+/// between pairs of one run.
 async fn fill(bench: &BenchDb, rows: i64) -> anyhow::Result<()> {
     let direct = bench.direct().await?;
     direct.batch_execute("TRUNCATE task_outbox").await?;
@@ -84,6 +92,7 @@ async fn fill(bench: &BenchDb, rows: i64) -> anyhow::Result<()> {
         )
         .await?;
     direct.batch_execute("VACUUM ANALYZE task_outbox").await?;
+    direct.batch_execute("CHECKPOINT").await?;
     Ok(())
 }
 
@@ -413,6 +422,53 @@ async fn throughput(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ratio the target is about, measured in pairs: the SQL-only limit, then the tick on one
+/// replica, each on a freshly filled outbox, `pairs` times in a row. One drain takes a few
+/// seconds, and on a shared machine the two sides of a single pair can land in different
+/// weather; the median over the pairs is the figure to compare with the target.
+async fn paired(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
+    let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
+    let (redis, _) = common::redis(&prefix).await?;
+    let single = common::redis_url();
+    let tick = DrainShape::TICK;
+    let mut rows = Vec::new();
+    let mut ratios = Vec::new();
+    for pair in 1..=args.pairs {
+        fill(bench, args.rows).await?;
+        let (sql, sql_elapsed, _) = measured(sql_only(&bench.db, args.batch)).await?;
+        fill(bench, args.rows).await?;
+        let (n, elapsed, _) =
+            measured(sweepers(bench, &single, &prefix, 1, args.batch, Sweep::Pipelined(tick))).await?;
+        anyhow::ensure!(remaining(&bench.db).await? == 0, "the sweeper left rows behind");
+        common::delete_keys(&redis, &prefix, &["payload", "sched"], &queues()).await?;
+        let (sql_rate, tick_rate) = (rate(sql, sql_elapsed), rate(n, elapsed));
+        ratios.push(tick_rate / sql_rate);
+        rows.push(vec![
+            pair.to_string(),
+            format!("{sql_rate:.0}"),
+            format!("{tick_rate:.0}"),
+            format!("{:.2}", tick_rate / sql_rate),
+        ]);
+    }
+    table(
+        &format!(
+            "The tick ({} in flight, {} per drain, 1 replica) against the SQL-only limit, {} rows, in pairs",
+            tick.depth, tick.batches, args.rows
+        ),
+        &["pair", "SQL-only rows/s", "the tick rows/s", "ratio"],
+        &rows,
+    );
+    ratios.sort_by(f64::total_cmp);
+    if let (Some(min), Some(max)) = (ratios.first(), ratios.last()) {
+        println!(
+            "ratio over {} pairs: median {:.2}, min {min:.2}, max {max:.2}\n",
+            ratios.len(),
+            ratios[ratios.len() / 2]
+        );
+    }
+    Ok(())
+}
+
 /// Enqueue → visible in the sorted set. A watcher blocks in BZPOPMIN on the queue, so the time a
 /// task becomes visible is taken without polling.
 async fn latency(bench: &BenchDb, args: &Args, wake: bool) -> anyhow::Result<Vec<Duration>> {
@@ -470,6 +526,7 @@ async fn main() -> anyhow::Result<()> {
     let bench = BenchDb::create(8).await?;
     let result = async {
         throughput(&bench, &args).await?;
+        paired(&bench, &args).await?;
         latencies(&bench, &args).await
     }
     .await;

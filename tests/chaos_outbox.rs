@@ -66,15 +66,15 @@ fn lost_and_duplicated(redis: &InRedis, n: i64) -> (usize, usize) {
 /// A sweep SIGKILLed after its Redis writes and before its COMMIT leaves its rows in the outbox,
 /// and another replica sends them again; a task the consumer had already popped then runs a
 /// second time. That figure is measured (`duplicate_executions`), and bounded: each kill loses
-/// the commits of at most the batches the replica had in flight (`PIPELINE_DEPTH`, two: a tick
-/// drains with the next batch claimed while one waits for Redis), so at most
+/// the commits of at most the batches the replica had in flight (`PIPELINE_DEPTH`, three: a tick
+/// drains with the next batch claimed while the others claim, wait for Redis or commit), so at most
 /// `PIPELINE_DEPTH × batch_size` rows per kill are sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_1_three_replicas_one_sigkilled_per_10k_rows_lose_nothing_and_repeats_are_measured() {
     const TASKS: i64 = 100_000;
     const BATCH: i64 = 100;
-    // Kills follow the drain's progress, not the clock: however fast the sweepers are (two
-    // batches in flight drain 100k rows in about 3 s here), nine kills land mid-drain.
+    // Kills follow the drain's progress, not the clock: however fast the sweepers are (the
+    // pipelined drain empties 100k rows in about 3 s here), nine kills land mid-drain.
     const KILL_EVERY_ROWS: i64 = 10_000;
     let test_db = TestDb::new().await;
     let dir = tempfile::tempdir().expect("dir");

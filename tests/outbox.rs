@@ -932,7 +932,7 @@ async fn a_drain_claims_and_sends_the_next_batch_while_the_one_before_has_not_co
     assert_eq!(h.scheduled("q").await.len(), 400);
 }
 
-/// Two sweepers draining side by side, each with two batches in flight: every row lands once.
+/// Two sweepers draining side by side, each with its batches in flight: every row lands once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_draining_sweepers_dispatch_every_row_exactly_once() {
     let mut h = Harness::new().await;

@@ -1,7 +1,8 @@
 //! The `outbox` loop: due `task_outbox` rows → Redis sorted sets, one transaction per batch.
 //!
-//! A tick drains up to [`BATCHES_PER_TICK`] batches, two in flight at once ([`Sweeper::drain`]:
-//! the next batch is claimed while the one before it waits for Redis and commits). A batch:
+//! A tick drains up to [`BATCHES_PER_TICK`] batches, [`PIPELINE_DEPTH`] (three) in flight at once
+//! ([`Sweeper::drain`]: a batch is claimed while the others wait for Redis, commit, or claim
+//! too). A batch:
 //! `BEGIN; SET LOCAL statement_timeout`; claim up to the batch limit of due rows
 //! `ORDER BY run_at, id FOR UPDATE SKIP LOCKED` (replicas sweep side by side, never the same
 //! row), and of those the oldest whose payloads fit `outbox.max_batch_bytes` (at least one); send
@@ -56,22 +57,24 @@ const REDIS_RECONNECT_CHECK: Duration = Duration::from_secs(2);
 /// Due rows, oldest first, skipping rows another sweeper (or a producer) holds: at most `$1`
 /// rows, and of those only the prefix whose payloads (bytes of their JSON text, what Redis gets)
 /// add up to at most `$2`, but always the first row, so a payload larger than the budget still
-/// moves on its own. The innermost query locks and sizes the rows without returning their
-/// payloads; only the kept rows' payloads are read back (by primary key). A window function
-/// cannot run in a query that locks (`FOR UPDATE` is not allowed with window functions), hence
-/// the nesting; locking drops the index order, so the window sorts the locked rows (at most `$1`
-/// small tuples), never the due rows. The rows locked but not kept are released at COMMIT.
+/// moves on its own. A window function cannot run in a query that locks (`FOR UPDATE` is not
+/// allowed with window functions), hence the nesting: the innermost query locks and sizes the
+/// rows, the window adds up their sizes, and only the kept rows' payloads become text (the
+/// projection runs after the filter; a large payload travels through the window as its TOAST
+/// pointer). Locking drops the index order, so the window sorts the locked rows (at most `$1`),
+/// never the due rows; the result comes out in that sort's order. The rows locked but not kept
+/// are released at COMMIT.
 /// Columns: id, task_id, queue, payload, run_at in ms, attempts, rows locked, the producer's
 /// traceparent (`enqueue_task`'s, for the sweep span's links). Public for the
 /// benchmark's baselines, which must run the very same statements.
-pub const CLAIM: &str = "SELECT o.id, o.task_id, o.queue, o.payload::text, \
-     floor(extract(epoch FROM o.run_at) * 1000)::int8, o.attempts, s.locked, o.traceparent \
-     FROM (SELECT id, row_number() OVER w AS n, sum(bytes) OVER w AS running, count(*) OVER () AS locked \
-       FROM (SELECT id, run_at, octet_length(payload::text)::int8 AS bytes FROM task_outbox \
+pub const CLAIM: &str = "SELECT s.id, s.task_id, s.queue, s.payload::text, \
+     floor(extract(epoch FROM s.run_at) * 1000)::int8, s.attempts, s.locked, s.traceparent \
+     FROM (SELECT l.*, row_number() OVER w AS n, sum(l.bytes) OVER w AS running, count(*) OVER () AS locked \
+       FROM (SELECT id, task_id, queue, payload, run_at, attempts, traceparent, \
+           octet_length(payload::text)::int8 AS bytes FROM task_outbox \
          WHERE run_at <= now() ORDER BY run_at, id LIMIT $1 FOR UPDATE SKIP LOCKED) AS l \
-       WINDOW w AS (ORDER BY run_at, id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) AS s \
-     JOIN task_outbox AS o ON o.id = s.id \
-     WHERE s.n = 1 OR s.running <= $2::int8 ORDER BY s.n";
+       WINDOW w AS (ORDER BY l.run_at, l.id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) AS s \
+     WHERE s.n = 1 OR s.running <= $2::int8 ORDER BY s.run_at, s.id";
 /// Writes `outbox.max_payload_bytes` where `enqueue_task` reads it (migrations/V8), only when it
 /// differs; returns the value it replaced (NULL when unchanged).
 const PUBLISH_PAYLOAD_LIMIT: &str = "WITH old AS (SELECT max_payload_bytes FROM outbox_settings), \
@@ -174,9 +177,12 @@ pub struct Sweeper {
     payload_limit_published: AtomicBool,
 }
 
-/// Batches of one [`Sweeper::drain`] in flight at once: one claiming while one waits for Redis
-/// and commits. A third would only queue behind the other two on two cores.
-pub const PIPELINE_DEPTH: usize = 2;
+/// Batches of one [`Sweeper::drain`] in flight at once, each holding a pooled connection: while
+/// one waits for Redis or commits, the others claim. Measured in pairs against the SQL-only
+/// limit on two cores (BENCHMARKS.md, "Issue 21"), three with overlapping claims did better
+/// than two in most pairs (median 0.84 of the limit against 0.73 for two with the claims one
+/// after the other); a fourth added nothing measurable.
+pub const PIPELINE_DEPTH: usize = 3;
 
 /// Batches one tick drains at most (each at most `outbox.batch_size` rows): the pipeline stays
 /// full across batches, and a tick stays short (one ends, and the runner ticks again at once
@@ -201,32 +207,31 @@ struct Pipeline {
     depth: usize,
     max_batches: usize,
     started: usize,
-    /// The claim of the batch started last, until it has run.
-    claiming: Option<oneshot::Receiver<bool>>,
-    /// Whether the last claim was full (true before the first: start one).
+    /// Batches whose claim has not come back yet.
+    claiming: usize,
+    /// Whether the last claim to come back was full (`None` before the first).
     last_full: Option<bool>,
     stopped: bool,
 }
 
 impl Pipeline {
-    /// A next batch starts when the last one's claim was full (or none ran yet), no claim is
-    /// running, fewer than `depth` batches are in flight, the budget of batches is not spent and
-    /// no batch failed.
+    /// A next batch starts when more may be due — the last claim to come back was full, or, for
+    /// the first batch, none has come back and none is running (so an idle tick costs one claim,
+    /// and claims overlap only once a backlog is known) — fewer than `depth` batches are in
+    /// flight, the budget of batches is not spent and no batch failed. A batch may start while
+    /// another's claim still runs: `SKIP LOCKED` keeps the two claims' rows apart.
     fn may_start(&self, in_flight: usize) -> bool {
-        !self.stopped
-            && self.claiming.is_none()
-            && self.last_full != Some(false)
-            && in_flight < self.depth
-            && self.started < self.max_batches
+        let more_due = self.last_full.unwrap_or(self.claiming == 0);
+        !self.stopped && more_due && in_flight < self.depth && self.started < self.max_batches
     }
 
-    fn started(&mut self, claim: oneshot::Receiver<bool>) {
+    fn started(&mut self) {
         self.started += 1;
-        self.claiming = Some(claim);
+        self.claiming += 1;
     }
 
     fn claimed(&mut self, full: bool) {
-        self.claiming = None;
+        self.claiming = self.claiming.saturating_sub(1);
         self.last_full = Some(full);
     }
 
@@ -335,15 +340,20 @@ impl Sweeper {
     }
 
     /// Up to `shape.batches` sweeps, `shape.depth` of them in flight at once: the next batch is
-    /// claimed, on a connection and in a transaction of its own, while the one before it waits
-    /// for Redis, settles and commits (its rows are locked, so `SKIP LOCKED` passes over them).
-    /// One sweep alone is latency-bound (claim, two Redis round trips, settle, commit, one after
-    /// the other); overlapping two keeps PostgreSQL busy while Redis answers. Each batch keeps
-    /// every guarantee of [`Sweeper::sweep`]: its own transaction, per-row settlement, a payload
-    /// in Redis before its schedule, and an uncommitted batch is simply claimed again later.
+    /// claimed, on a connection and in a transaction of its own, while the others wait for
+    /// Redis, settle and commit, or claim too (their rows are locked, so `SKIP LOCKED` passes
+    /// over them). One sweep alone is latency-bound (claim, two Redis round trips, settle,
+    /// commit, one after the other); overlapping them keeps PostgreSQL busy while Redis answers.
+    /// Each batch keeps every guarantee of [`Sweeper::sweep`]: its own transaction, per-row
+    /// settlement, a payload in Redis before its schedule, and an uncommitted batch is simply
+    /// claimed again later.
     ///
-    /// A batch is started only after the previous one's claim was full (more may be due), and
-    /// none after a batch failed or left rows undetermined; the batches in flight then finish.
+    /// A batch is started only when the last claim to come back was full (more may be due; the
+    /// first batch starts alone, so an idle tick costs one claim), and none after a batch failed
+    /// or left rows undetermined; the batches in flight then finish. Once a claim was full, a
+    /// batch that ends makes room for the next at once, even while the other batch's claim still
+    /// runs: the claim is most of a batch's database time, and waiting for it (as the drain did
+    /// at first) left PostgreSQL idle between batches (BENCHMARKS.md, "Issue 21").
     /// `redis_budget` is asked for each batch as it starts (the tick's shrinking budget); once
     /// it is below `outbox.redis_timeout` (the tick is half over) no further batch starts, so a
     /// slow but healthy Redis is not cut short by a budget the first batch would have had. `Err`
@@ -358,6 +368,7 @@ impl Sweeper {
         let mut in_flight = FuturesUnordered::new();
         let mut reports = Vec::new();
         let mut first_error = None;
+        let mut claims = FuturesUnordered::new();
         let mut pipeline = Pipeline { depth: shape.depth, max_batches: shape.batches, ..Pipeline::default() };
         loop {
             if pipeline.may_start(in_flight.len()) {
@@ -368,11 +379,12 @@ impl Sweeper {
                     let (claimed, claim) = oneshot::channel();
                     let first = pipeline.started == 0;
                     in_flight.push(async move { (first, self.sweep_batch(budget, Some(claimed)).await) });
-                    pipeline.started(claim);
+                    claims.push(claim);
+                    pipeline.started();
                 }
             }
             tokio::select! {
-                full = async { pipeline.claiming.as_mut().expect("guarded").await }, if pipeline.claiming.is_some() => {
+                Some(full) = claims.next(), if !claims.is_empty() => {
                     // A batch that failed before its claim drops the sender: not full.
                     pipeline.claimed(full.unwrap_or(false));
                 }
@@ -706,24 +718,31 @@ mod tests {
 
     #[test]
     fn a_drain_starts_a_batch_after_a_full_claim_with_room_in_the_pipeline_and_the_budget() {
-        let fresh = || Pipeline { depth: PIPELINE_DEPTH, max_batches: 3, ..Pipeline::default() };
+        let fresh = || Pipeline { depth: PIPELINE_DEPTH, max_batches: 4, ..Pipeline::default() };
         assert!(fresh().may_start(0), "the first batch");
         let mut p = fresh();
-        p.started(oneshot::channel().1);
-        assert!(!p.may_start(1), "not while its claim runs");
+        p.started();
+        assert!(!p.may_start(1), "not while the first claim runs: nothing is known to be due");
         p.claimed(true);
         assert!(p.may_start(1), "a full claim: the next one, alongside");
-        p.started(oneshot::channel().1);
-        p.claimed(true);
+        p.started();
         assert!(!p.may_start(PIPELINE_DEPTH), "the pipeline is full");
-        assert!(p.may_start(1), "one finished");
-        p.started(oneshot::channel().1);
+        assert!(p.may_start(1), "one finished: the next starts while the other still claims");
+        p.started();
         p.claimed(true);
-        assert!(!p.may_start(0), "three of max_batches 3");
+        p.claimed(true);
+        p.started();
+        assert!(!p.may_start(0), "four of max_batches 4");
         let mut short = fresh();
-        short.started(oneshot::channel().1);
+        short.started();
         short.claimed(false);
         assert!(!short.may_start(0), "a claim that was not full: nothing more is due");
+        let mut tail = fresh();
+        tail.started();
+        tail.claimed(true);
+        tail.started();
+        tail.claimed(false);
+        assert!(!tail.may_start(0), "the last claim to come back was short: the backlog is drained");
         let mut failed = fresh();
         failed.stop();
         assert!(!failed.may_start(0), "after a failure");
