@@ -186,8 +186,12 @@ pub const PIPELINE_DEPTH: usize = 3;
 
 /// Batches one tick drains at most (each at most `outbox.batch_size` rows): the pipeline stays
 /// full across batches, and a tick stays short (one ends, and the runner ticks again at once
-/// after a full one, `runtime.max_drain_ticks` times in a row at most).
-pub const BATCHES_PER_TICK: usize = 8;
+/// after a full one, `runtime.max_drain_ticks` times in a row at most; no batch starts once the
+/// tick's budget is half spent). Each drain starts with one batch alone and ends with its last
+/// batches alone, so fewer batches per tick leave PostgreSQL idle more often: against the
+/// SQL-only limit in pairs, 32 did better than 8 in 5 of 7 pairs (median 0.83, lowest 0.79,
+/// against 0.81 and 0.73; BENCHMARKS.md, "Issue 21").
+pub const BATCHES_PER_TICK: usize = 32;
 
 /// How [`Sweeper::drain`] overlaps its batches: at most `depth` in flight, `batches` in all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
