@@ -282,6 +282,29 @@ async fn sweepers(
     Ok(total)
 }
 
+/// One measured drain: `args.rows` fresh due rows, `replicas` sweepers against the Redis at
+/// `redis_url` until the outbox is empty; checks every row reached Redis, then clears the keys.
+async fn drained(
+    bench: &BenchDb,
+    args: &Args,
+    redis_url: &str,
+    prefix: &str,
+    replicas: usize,
+    sweep: Sweep,
+) -> anyhow::Result<(u64, Duration, Cpu)> {
+    let (target, _) = common::redis_at(redis_url, prefix).await?;
+    fill(bench, args.rows).await?;
+    let (n, elapsed, cpu) = measured(sweepers(bench, redis_url, prefix, replicas, args.batch, sweep)).await?;
+    anyhow::ensure!(remaining(&bench.db).await? == 0, "the sweepers left rows behind");
+    let mut in_redis = 0u64;
+    for queue in queues() {
+        in_redis += target.zcard::<u64, _>(worker::redis::key(prefix, "sched", &queue)).await?;
+    }
+    anyhow::ensure!(in_redis == n, "{in_redis} tasks in Redis after dispatching {n}");
+    common::delete_keys(&target, prefix, &["payload", "sched"], &queues()).await?;
+    Ok((n, elapsed, cpu))
+}
+
 async fn throughput(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
     let (redis, _) = common::redis(&prefix).await?;
@@ -360,22 +383,13 @@ async fn throughput(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         None => println!("(no Redis Cluster row: {CLUSTER_URL_VAR} is not set; scripts/bench.sh sets it)\n"),
     }
     for (url, replicas, sweep, what) in variants {
-        let (target, _) = common::redis_at(url, &prefix).await?;
-        fill(bench, args.rows).await?;
-        let (n, elapsed, cpu) = measured(sweepers(bench, url, &prefix, replicas, args.batch, sweep)).await?;
-        anyhow::ensure!(remaining(&bench.db).await? == 0, "the sweepers left rows behind");
-        let mut in_redis = 0u64;
-        for queue in queues() {
-            in_redis += target.zcard::<u64, _>(worker::redis::key(&prefix, "sched", &queue)).await?;
-        }
-        anyhow::ensure!(in_redis == n, "{in_redis} tasks in Redis after dispatching {n}");
+        let (n, elapsed, cpu) = drained(bench, args, url, &prefix, replicas, sweep).await?;
         let label = format!(
             "sweeper, {replicas} replica{}, batch {}, {what}",
             if replicas > 1 { "s" } else { "" },
             args.batch
         );
         results.push((label, n, elapsed, cpu));
-        common::delete_keys(&target, &prefix, &kinds, &queues()).await?;
     }
 
     let per_row_rate = rate(results[0].1, results[0].2);
@@ -428,7 +442,6 @@ async fn throughput(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
 /// weather; the median over the pairs is the figure to compare with the target.
 async fn paired(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
-    let (redis, _) = common::redis(&prefix).await?;
     let single = common::redis_url();
     let tick = DrainShape::TICK;
     let mut rows = Vec::new();
@@ -436,11 +449,7 @@ async fn paired(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     for pair in 1..=args.pairs {
         fill(bench, args.rows).await?;
         let (sql, sql_elapsed, _) = measured(sql_only(&bench.db, args.batch)).await?;
-        fill(bench, args.rows).await?;
-        let (n, elapsed, _) =
-            measured(sweepers(bench, &single, &prefix, 1, args.batch, Sweep::Pipelined(tick))).await?;
-        anyhow::ensure!(remaining(&bench.db).await? == 0, "the sweeper left rows behind");
-        common::delete_keys(&redis, &prefix, &["payload", "sched"], &queues()).await?;
+        let (n, elapsed, _) = drained(bench, args, &single, &prefix, 1, Sweep::Pipelined(tick)).await?;
         let (sql_rate, tick_rate) = (rate(sql, sql_elapsed), rate(n, elapsed));
         ratios.push(tick_rate / sql_rate);
         rows.push(vec![

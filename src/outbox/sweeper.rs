@@ -211,8 +211,6 @@ struct Pipeline {
     depth: usize,
     max_batches: usize,
     started: usize,
-    /// Batches whose claim has not come back yet.
-    claiming: usize,
     /// Whether the last claim to come back was full (`None` before the first).
     last_full: Option<bool>,
     stopped: bool,
@@ -223,19 +221,18 @@ impl Pipeline {
     /// the first batch, none has come back and none is running (so an idle tick costs one claim,
     /// and claims overlap only once a backlog is known) — fewer than `depth` batches are in
     /// flight, the budget of batches is not spent and no batch failed. A batch may start while
-    /// another's claim still runs: `SKIP LOCKED` keeps the two claims' rows apart.
-    fn may_start(&self, in_flight: usize) -> bool {
-        let more_due = self.last_full.unwrap_or(self.claiming == 0);
+    /// another's claim still runs: `SKIP LOCKED` keeps the two claims' rows apart. `claiming`:
+    /// the batches in flight whose claim has not come back yet.
+    fn may_start(&self, in_flight: usize, claiming: usize) -> bool {
+        let more_due = self.last_full.unwrap_or(claiming == 0);
         !self.stopped && more_due && in_flight < self.depth && self.started < self.max_batches
     }
 
     fn started(&mut self) {
         self.started += 1;
-        self.claiming += 1;
     }
 
     fn claimed(&mut self, full: bool) {
-        self.claiming = self.claiming.saturating_sub(1);
         self.last_full = Some(full);
     }
 
@@ -375,7 +372,7 @@ impl Sweeper {
         let mut claims = FuturesUnordered::new();
         let mut pipeline = Pipeline { depth: shape.depth, max_batches: shape.batches, ..Pipeline::default() };
         loop {
-            if pipeline.may_start(in_flight.len()) {
+            if pipeline.may_start(in_flight.len(), claims.len()) {
                 let budget = redis_budget();
                 if pipeline.started > 0 && budget < self.config.redis_timeout {
                     pipeline.stop();
@@ -722,34 +719,36 @@ mod tests {
 
     #[test]
     fn a_drain_starts_a_batch_after_a_full_claim_with_room_in_the_pipeline_and_the_budget() {
+        // `may_start(in_flight, claiming)`: batches in flight, and of them those still claiming.
         let fresh = || Pipeline { depth: PIPELINE_DEPTH, max_batches: 4, ..Pipeline::default() };
-        assert!(fresh().may_start(0), "the first batch");
+        assert!(fresh().may_start(0, 0), "the first batch");
         let mut p = fresh();
         p.started();
-        assert!(!p.may_start(1), "not while the first claim runs: nothing is known to be due");
+        assert!(!p.may_start(1, 1), "not while the first claim runs: nothing is known to be due");
         p.claimed(true);
-        assert!(p.may_start(1), "a full claim: the next one, alongside");
+        assert!(p.may_start(1, 0), "a full claim: the next one, alongside");
         p.started();
-        assert!(!p.may_start(PIPELINE_DEPTH), "the pipeline is full");
-        assert!(p.may_start(1), "one finished: the next starts while the other still claims");
+        assert!(p.may_start(2, 1), "room left: the next starts while the other still claims");
         p.started();
+        assert!(!p.may_start(PIPELINE_DEPTH, 2), "the pipeline is full");
+        assert!(p.may_start(PIPELINE_DEPTH - 1, 2), "one finished: the next starts while two still claim");
         p.claimed(true);
         p.claimed(true);
         p.started();
-        assert!(!p.may_start(0), "four of max_batches 4");
+        assert!(!p.may_start(0, 0), "four of max_batches 4");
         let mut short = fresh();
         short.started();
         short.claimed(false);
-        assert!(!short.may_start(0), "a claim that was not full: nothing more is due");
+        assert!(!short.may_start(0, 0), "a claim that was not full: nothing more is due");
         let mut tail = fresh();
         tail.started();
         tail.claimed(true);
         tail.started();
         tail.claimed(false);
-        assert!(!tail.may_start(0), "the last claim to come back was short: the backlog is drained");
+        assert!(!tail.may_start(1, 0), "the last claim to come back was short: the backlog is drained");
         let mut failed = fresh();
         failed.stop();
-        assert!(!failed.may_start(0), "after a failure");
+        assert!(!failed.may_start(0, 0), "after a failure");
     }
 
     /// Two batches in flight: the one claimed before the other's timeout halved the limit must
