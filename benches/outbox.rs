@@ -20,7 +20,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use common::{BenchDb, Cpu, ms, quantile, rate, table};
+use common::{BenchDb, Cpu, rate, table};
 use fred::prelude::{Client, HashesInterface, SortedSetsInterface};
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
@@ -480,7 +480,7 @@ async fn paired(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
 
 /// Enqueue → visible in the sorted set. A watcher blocks in BZPOPMIN on the queue, so the time a
 /// task becomes visible is taken without polling.
-async fn latency(bench: &BenchDb, args: &Args, wake: bool) -> anyhow::Result<Vec<Duration>> {
+async fn latency(bench: &BenchDb, args: &Args, wake: bool) -> anyhow::Result<common::Visibility> {
     let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
     let (redis, _) = common::redis(&prefix).await?;
     let (watcher, _) = common::redis(&prefix).await?;
@@ -509,21 +509,19 @@ async fn latency(bench: &BenchDb, args: &Args, wake: bool) -> anyhow::Result<Vec
 async fn latencies(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for wake in [true, false] {
-        let l = latency(bench, args, wake).await?;
-        rows.push(vec![
-            if wake { "NOTIFY wake + 200ms poll" } else { "200ms poll only (±10% jitter)" }.to_owned(),
-            l.len().to_string(),
-            ms(quantile(&l, 0.5)),
-            ms(quantile(&l, 0.99)),
-            ms(l.last().copied().unwrap_or_default()),
-        ]);
+        let mut row =
+            vec![if wake { "NOTIFY wake + 200ms poll" } else { "200ms poll only (±10% jitter)" }.to_owned()];
+        row.extend(latency(bench, args, wake).await?.row());
+        rows.push(row);
     }
+    let mut headers = vec!["mode"];
+    headers.extend(common::Visibility::HEADERS);
     table(
         &format!(
             "enqueue_task → visible in the sorted set, {} single enqueues at {}/s",
             args.samples, args.rate
         ),
-        &["mode", "samples", "p50 ms", "p99 ms", "max ms"],
+        &headers,
         &rows,
     );
     Ok(())

@@ -891,10 +891,12 @@ async fn held_drain_harness() -> (Harness, Sweeper) {
     (h, sweeper)
 }
 
-/// The pipeline of a drain: the next batch is claimed and sent to Redis while the one before it
-/// has not committed. A trigger (test setup, not the worker's) makes every sweep's DELETE wait
-/// for an advisory lock the test holds: with the first batch stuck before its commit, a second
-/// batch's rows reach Redis only if it was claimed and dispatched alongside.
+/// The pipeline of a drain: the next batches are claimed and sent to Redis while the one before
+/// them has not committed, and no more than `PIPELINE_DEPTH` (3) are in flight. A trigger (test
+/// setup, not the worker's) makes every sweep's DELETE wait for an advisory lock the test holds:
+/// with the first batch stuck before its commit, later batches' rows reach Redis only if they
+/// were claimed and dispatched alongside; once three DELETEs wait on the lock, none of the three
+/// batches can end, so a fourth batch must not have started (exactly 300 rows in Redis).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_claims_and_sends_the_next_batch_while_the_one_before_has_not_committed() {
     let (h, sweeper) = held_drain_harness().await;
@@ -916,12 +918,15 @@ async fn a_drain_claims_and_sends_the_next_batch_while_the_one_before_has_not_co
 
     let draining = sweeper.drain(|| Duration::from_secs(10), DrainShape { batches: 4, ..DrainShape::TICK });
     tokio::pin!(draining);
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
     tokio::select! {
         done = &mut draining => panic!("the drain ended while every commit was held: {done:?}"),
-        () = common::eventually(LIMIT, "a second batch in Redis while the first is uncommitted", || async {
-            h.scheduled("q").await.len() >= 200
+        () = common::eventually(LIMIT, "three batches' DELETEs waiting on the held lock", || async {
+            h.scalar(waiting).await == 3
         }) => {}
     }
+    assert_eq!(h.scheduled("q").await.len(), 300, "three batches in Redis, no fourth started");
     assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 1_000, "nothing committed yet");
     hold.commit().await.expect("release");
     let reports = draining.await.expect("drain");

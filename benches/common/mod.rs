@@ -237,16 +237,58 @@ pub async fn start_worker_at(
     }
 }
 
+/// Enqueue → visible, each part sorted on its own: `total` from the call of `enqueue_task` to the
+/// pop; `commit` the call itself (its round trip, including the commit's WAL flush); `after`
+/// from the call's return to the pop (the NOTIFY, the sweep and Redis; zero when the sweeper
+/// wrote before the client heard its commit). Splitting them says whether a slow sample was the
+/// database committing the enqueue or the wake path after it.
+pub struct Visibility {
+    pub total: Vec<Duration>,
+    pub commit: Vec<Duration>,
+    pub after: Vec<Duration>,
+    /// The slowest sample's (commit, after).
+    pub slowest: (Duration, Duration),
+}
+
+impl Visibility {
+    /// `[samples, p50, p99, max]` of `total`, then p50/p99 of `commit` and `after`, in ms.
+    pub fn row(&self) -> Vec<String> {
+        let q = |d: &[Duration], q: f64| ms(quantile(d, q));
+        vec![
+            self.total.len().to_string(),
+            q(&self.total, 0.5),
+            q(&self.total, 0.99),
+            format!("{} ({} + {})", q(&self.total, 1.0), ms(self.slowest.0), ms(self.slowest.1)),
+            q(&self.commit, 0.5),
+            q(&self.commit, 0.99),
+            q(&self.after, 0.5),
+            q(&self.after, 0.99),
+        ]
+    }
+
+    /// Headers of [`Visibility::row`], after the caller's first column.
+    pub const HEADERS: [&str; 8] = [
+        "samples",
+        "p50 ms",
+        "p99 ms",
+        "max ms (call + after)",
+        "enqueue call p50",
+        "enqueue call p99",
+        "after the call p50",
+        "after the call p99",
+    ];
+}
+
 /// Enqueue → visible in a queue's sorted set: `samples` single `enqueue_task` calls on `db` at
 /// `rate` a second into `queue` (task ids `{label}-{i}`), each timed until a watcher blocked in
-/// BZPOPMIN on `watcher` pops it from `key`, so visibility is taken without polling. Sorted.
+/// BZPOPMIN on `watcher` pops it from `key`, so visibility is taken without polling.
 pub async fn enqueue_to_visible(
     db: &Db,
     (watcher, key): (Client, String),
     (queue, label): (&str, &str),
     samples: usize,
     rate: u32,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<Visibility> {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
@@ -255,32 +297,50 @@ pub async fn enqueue_to_visible(
     use tokio_postgres::types::Type;
     use worker::db::Exec;
 
-    let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let popped_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let watch = {
-        let started = started.clone();
+        let popped_at = popped_at.clone();
         tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(samples);
-            while latencies.len() < samples {
+            for _ in 0..samples {
                 let popped: Option<(String, String, f64)> = watcher.bzpopmin(&key, 10.0).await?;
                 let (_, task, _) = popped.context("no task became visible within 10s")?;
-                let at = Instant::now();
-                let since = started.lock().unwrap_or_else(|e| e.into_inner()).remove(&task);
-                latencies.push(at - since.context("popped a task that was never enqueued")?);
+                popped_at.lock().unwrap_or_else(|e| e.into_inner()).insert(task, Instant::now());
             }
-            anyhow::Ok(latencies)
+            anyhow::Ok(())
         })
     };
     let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let conn = db.get().await?;
+    let mut calls = Vec::with_capacity(samples);
     for i in 0..samples {
         ticker.tick().await;
         let task = format!("{label}-{i}");
-        started.lock().unwrap_or_else(|e| e.into_inner()).insert(task.clone(), Instant::now());
+        let called = Instant::now();
         conn.fetch_one("SELECT enqueue_task($1, $2, '{}')", &[(&task, Type::TEXT), (&queue, Type::TEXT)])
             .await?;
+        calls.push((task, called, Instant::now()));
     }
-    let mut latencies = watch.await??;
-    latencies.sort();
-    Ok(latencies)
+    watch.await??;
+    let popped_at = std::mem::take(&mut *popped_at.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut seen =
+        Visibility { total: Vec::new(), commit: Vec::new(), after: Vec::new(), slowest: Default::default() };
+    for (task, called, returned) in calls {
+        let popped = *popped_at.get(&task).with_context(|| format!("{task} was never popped"))?;
+        let (total, commit, after) = (
+            popped.saturating_duration_since(called),
+            returned - called,
+            popped.saturating_duration_since(returned),
+        );
+        if seen.total.iter().all(|slower| *slower < total) {
+            seen.slowest = (commit, after);
+        }
+        seen.total.push(total);
+        seen.commit.push(commit);
+        seen.after.push(after);
+    }
+    for part in [&mut seen.total, &mut seen.commit, &mut seen.after] {
+        part.sort();
+    }
+    Ok(seen)
 }
