@@ -189,9 +189,11 @@ pub const PIPELINE_DEPTH: usize = 3;
 /// after a full one, `runtime.max_drain_ticks` times in a row at most; no batch starts once the
 /// tick's budget is half spent). Each drain starts with one batch alone and ends with its last
 /// batches alone, so fewer batches per tick leave PostgreSQL idle more often: against the
-/// SQL-only limit in pairs, 32 did better than 8 in 5 of 7 pairs (median 0.83, lowest 0.79,
-/// against 0.81 and 0.73; BENCHMARKS.md, "Issue 21").
-pub const BATCHES_PER_TICK: usize = 32;
+/// SQL-only limit in pairs, 32 did better than 8 in 5 of 7 pairs (median 0.83 against 0.81), and
+/// 128 at least as well as 32 in each of 9 pairs (median 0.91 against 0.85; BENCHMARKS.md,
+/// "Issue 21"). A tick of 128 full batches of the default 500 rows is ~64,000 rows, well under
+/// a second at those rates.
+pub const BATCHES_PER_TICK: usize = 128;
 
 /// How [`Sweeper::drain`] overlaps its batches: at most `depth` in flight, `batches` in all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
