@@ -43,6 +43,11 @@ fn keyring(keys: &[&str]) -> TokenKeys {
 /// Runs the real binary with `keys` as `WORKER__GITSYNC__TOKEN_KEYS` (comma-separated, as an
 /// operator would export them), `stdin` piped in, in an empty directory (no config file).
 fn worker(database_url: &str, keys: &[&str], args: &[&str], stdin: &str) -> Output {
+    worker_to(database_url, keys, args, stdin, Stdio::piped())
+}
+
+/// [`worker`] with its stdout going to `stdout`.
+fn worker_to(database_url: &str, keys: &[&str], args: &[&str], stdin: &str, stdout: Stdio) -> Output {
     let dir = tempfile::tempdir().expect("dir");
     let mut command = Command::new(BIN);
     command.current_dir(dir.path()).arg("--database-url").arg(database_url).args(args);
@@ -53,12 +58,8 @@ fn worker(database_url: &str, keys: &[&str], args: &[&str], stdin: &str) -> Outp
     if !keys.is_empty() {
         command.env("WORKER__GITSYNC__TOKEN_KEYS", keys.join(","));
     }
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn worker");
+    let mut child =
+        command.stdin(Stdio::piped()).stdout(stdout).stderr(Stdio::piped()).spawn().expect("spawn worker");
     child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
     child.wait_with_output().expect("worker output")
 }
@@ -556,6 +557,30 @@ async fn encrypt_tokens_encrypts_plaintext_rows_in_batches_and_a_second_run_does
     let figures: Vec<u64> =
         ["encrypted", "re-encrypted", "failed", "remaining"].iter().map(|l| figure(&stdout, l)).collect();
     assert_eq!(figures, [0, 0, 0, 0], "{stdout}");
+}
+
+/// `worker gitsync encrypt-tokens | head -1` where `head` has already exited: the output breaks
+/// at the first failed row's line, and that must not take the batch's re-encrypted rows with it.
+/// The reader end of stdout's pipe is closed before the worker starts, so every write fails.
+#[tokio::test]
+async fn a_broken_stdout_does_not_roll_back_the_batch_it_reports_on() {
+    let h = Harness::new().await;
+    let (old, new, gone) = (new_key(), new_key(), new_key());
+    let (moved, unknown) = (Uuid::new_v4(), Uuid::new_v4());
+    h.put(&[&old], moved, &format!("tok-{moved}")).await;
+    h.put(&[&gone], unknown, &format!("tok-{unknown}")).await;
+
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = worker_to(&h.tdb.url, &[&new, &old], &["gitsync", "encrypt-tokens"], "", writer.into());
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "the failed row and the broken output are an error: {stderr}");
+    assert_eq!(
+        h.link(moved).await.access_key_id,
+        Some(key_id(&new)),
+        "the batch committed before its failed row was reported: {stderr}"
+    );
+    assert_eq!(h.link(unknown).await.access_key_id, Some(key_id(&gone)), "left as it was");
 }
 
 #[test]

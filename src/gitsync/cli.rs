@@ -297,10 +297,10 @@ fn reseal_row(keys: &TokenKeys, row: &Stored) -> Result<(String, Option<String>,
 
 /// `worker gitsync encrypt-tokens`: every row with a token not under the first key, in batches
 /// of `batch` rows, each its own transaction (`FOR UPDATE SKIP LOCKED`). A row that cannot be
-/// decrypted is reported and skipped. Failed rows are written to `out` as they are met. The run
-/// is recorded as `actor`'s in one audit row, written after the last batch with the count of
-/// rows left (see [`crate::audit`]): rows re-encrypted in all, outcome `error` when a row failed
-/// or a batch did (the batches before stay committed).
+/// decrypted is reported and skipped. Failed rows are written to `out` once their batch has
+/// committed. The run is recorded as `actor`'s in one audit row, written after the last batch
+/// with the count of rows left (see [`crate::audit`]): rows re-encrypted in all, outcome `error`
+/// when a row failed or a batch did (the batches before stay committed).
 pub async fn encrypt_tokens(
     db: &Db,
     actor: &Actor,
@@ -370,6 +370,7 @@ async fn encrypt_batches(
             .collect();
         let (mut users, mut providers, mut access, mut refresh) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let failed_before = report.failed.len();
         for row in &rows {
             match reseal_row(keys, row) {
                 Ok((sealed_access, sealed_refresh, had_plaintext)) => {
@@ -383,16 +384,7 @@ async fn encrypt_batches(
                         report.re_encrypted += 1;
                     }
                 }
-                Err(error) => {
-                    writeln!(
-                        out,
-                        "failed: user {}, provider {:?}: {}",
-                        row.user,
-                        row.provider,
-                        terminal(&error)
-                    )?;
-                    report.failed.push((row.user, row.provider.clone(), error));
-                }
+                Err(error) => report.failed.push((row.user, row.provider.clone(), error)),
             }
         }
         if !users.is_empty() {
@@ -409,6 +401,11 @@ async fn encrypt_batches(
             .await?;
         }
         db::commit(tx).await?;
+        // Written after the commit: an output that blocks or breaks (a pipe closed early) never
+        // holds the batch's transaction open or rolls it back.
+        for (user, provider, error) in &report.failed[failed_before..] {
+            writeln!(out, "failed: user {user}, provider {provider:?}: {}", terminal(error))?;
+        }
         match rows.last() {
             Some(last) if rows.len() as i64 == limit => {
                 (after_user, after_provider) = (last.user, last.provider.clone())
