@@ -12,9 +12,8 @@
 //!    against the same daemon with the default (slow) fallback: the NOTIFY path, which the
 //!    fallback must leave as fast as before. Each sample is split into the `enqueue_task` call
 //!    (PostgreSQL committing the enqueue, WAL flush included) and what follows it (the NOTIFY,
-//!    the sweep, Redis): this machine's disk now and then takes 10–130 ms to flush a commit
-//!    (pgbench shows the same with a bare INSERT, and not with `synchronous_commit = off`), and
-//!    that lands in the first part, not the worker's.
+//!    the sweep, Redis), so a disk slow to flush a commit shows in the first part, not the
+//!    worker's (BENCHMARKS.md, "Idle replica").
 //!
 //! `cargo bench --bench idle -- [--seconds N] [--samples N] [--rate PER_SEC]`;
 //! `scripts/bench.sh idle` runs it and prints the machine it ran on.
@@ -161,8 +160,6 @@ async fn run(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     );
 
     let seen = latency(bench, args).await?;
-    let mut headers = vec!["mode"];
-    headers.extend(common::Visibility::HEADERS);
     let mut row = vec!["NOTIFY wake, 5 s fallback poll".to_owned()];
     row.extend(seen.row());
     table(
@@ -170,7 +167,7 @@ async fn run(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
             "enqueue_task → visible in the sorted set with the default fallback, {} single enqueues at {}/s (target: p99 < 10 ms)",
             args.samples, args.rate
         ),
-        &headers,
+        &common::Visibility::headers("mode"),
         &[row],
     );
     Ok(())

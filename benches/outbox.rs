@@ -514,14 +514,12 @@ async fn latencies(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         row.extend(latency(bench, args, wake).await?.row());
         rows.push(row);
     }
-    let mut headers = vec!["mode"];
-    headers.extend(common::Visibility::HEADERS);
     table(
         &format!(
             "enqueue_task → visible in the sorted set, {} single enqueues at {}/s",
             args.samples, args.rate
         ),
-        &headers,
+        &common::Visibility::headers("mode"),
         &rows,
     );
     Ok(())

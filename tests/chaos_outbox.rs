@@ -246,10 +246,11 @@ async fn scenario_3_redis_stopped_for_30s_consumes_no_attempt_and_everything_dra
     let test_db = TestDb::new().await;
     let dir = tempfile::tempdir().expect("dir");
     let mut redis_server = StoppableRedis::start().await;
-    // Slow the drain down (small batches, one per tick) so the outage lands in the middle of it.
+    // Slow the drain down so the outage lands in the middle of it: batches of 20 (1,000 of them,
+    // about eight ticks of 128) and a 50 ms pause after every tick.
     let config = WorkerConfig::new(&test_db.url, &redis_server.url(), &common::unique_prefix())
         .set("outbox.enabled", true)
-        .set("outbox.batch_size", 200)
+        .set("outbox.batch_size", 20)
         .set("outbox.interval", "50ms")
         .set("runtime.max_drain_ticks", 1);
     enqueue(&test_db.db, 1, TASKS).await;

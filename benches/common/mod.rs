@@ -253,21 +253,27 @@ pub struct Visibility {
 impl Visibility {
     /// `[samples, p50, p99, max]` of `total`, then p50/p99 of `commit` and `after`, in ms.
     pub fn row(&self) -> Vec<String> {
-        let q = |d: &[Duration], q: f64| ms(quantile(d, q));
+        let at = |d: &[Duration], q: f64| ms(quantile(d, q));
         vec![
             self.total.len().to_string(),
-            q(&self.total, 0.5),
-            q(&self.total, 0.99),
-            format!("{} ({} + {})", q(&self.total, 1.0), ms(self.slowest.0), ms(self.slowest.1)),
-            q(&self.commit, 0.5),
-            q(&self.commit, 0.99),
-            q(&self.after, 0.5),
-            q(&self.after, 0.99),
+            at(&self.total, 0.5),
+            at(&self.total, 0.99),
+            format!("{} ({} + {})", at(&self.total, 1.0), ms(self.slowest.0), ms(self.slowest.1)),
+            at(&self.commit, 0.5),
+            at(&self.commit, 0.99),
+            at(&self.after, 0.5),
+            at(&self.after, 0.99),
         ]
     }
 
-    /// Headers of [`Visibility::row`], after the caller's first column.
-    pub const HEADERS: [&str; 8] = [
+    /// Headers of [`Visibility::row`], after `first` (the caller's first column).
+    pub fn headers(first: &str) -> Vec<&str> {
+        let mut headers = vec![first];
+        headers.extend(Self::HEADERS);
+        headers
+    }
+
+    const HEADERS: [&str; 8] = [
         "samples",
         "p50 ms",
         "p99 ms",
@@ -304,7 +310,9 @@ pub async fn enqueue_to_visible(
             for _ in 0..samples {
                 let popped: Option<(String, String, f64)> = watcher.bzpopmin(&key, 10.0).await?;
                 let (_, task, _) = popped.context("no task became visible within 10s")?;
-                popped_at.lock().unwrap_or_else(|e| e.into_inner()).insert(task, Instant::now());
+                let again =
+                    popped_at.lock().unwrap_or_else(|e| e.into_inner()).insert(task.clone(), Instant::now());
+                anyhow::ensure!(again.is_none(), "{task} was popped twice");
             }
             anyhow::Ok(())
         })
@@ -325,15 +333,14 @@ pub async fn enqueue_to_visible(
     let popped_at = std::mem::take(&mut *popped_at.lock().unwrap_or_else(|e| e.into_inner()));
     let mut seen =
         Visibility { total: Vec::new(), commit: Vec::new(), after: Vec::new(), slowest: Default::default() };
+    let mut slowest = Duration::ZERO;
     for (task, called, returned) in calls {
         let popped = *popped_at.get(&task).with_context(|| format!("{task} was never popped"))?;
-        let (total, commit, after) = (
-            popped.saturating_duration_since(called),
-            returned - called,
-            popped.saturating_duration_since(returned),
-        );
-        if seen.total.iter().all(|slower| *slower < total) {
-            seen.slowest = (commit, after);
+        let total = popped.saturating_duration_since(called);
+        let (commit, after) =
+            (returned.saturating_duration_since(called), popped.saturating_duration_since(returned));
+        if total > slowest {
+            (slowest, seen.slowest) = (total, (commit, after));
         }
         seen.total.push(total);
         seen.commit.push(commit);

@@ -371,6 +371,7 @@ async fn encrypt_batches(
         let (mut users, mut providers, mut access, mut refresh) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let failed_before = report.failed.len();
+        let (mut encrypted, mut re_encrypted) = (0, 0);
         for row in &rows {
             match reseal_row(keys, row) {
                 Ok((sealed_access, sealed_refresh, had_plaintext)) => {
@@ -379,33 +380,40 @@ async fn encrypt_batches(
                     access.push(sealed_access);
                     refresh.push(sealed_refresh);
                     if had_plaintext {
-                        report.encrypted += 1;
+                        encrypted += 1;
                     } else {
-                        report.re_encrypted += 1;
+                        re_encrypted += 1;
                     }
                 }
                 Err(error) => report.failed.push((row.user, row.provider.clone(), error)),
             }
         }
-        if !users.is_empty() {
-            tx.exec(
-                REWRITE,
-                &[
-                    (&users, Type::UUID_ARRAY),
-                    (&providers, Type::TEXT_ARRAY),
-                    (&access, Type::TEXT_ARRAY),
-                    (&refresh, Type::TEXT_ARRAY),
-                    (&key_id, Type::TEXT),
-                ],
-            )
-            .await?;
+        let written = async {
+            if !users.is_empty() {
+                tx.exec(
+                    REWRITE,
+                    &[
+                        (&users, Type::UUID_ARRAY),
+                        (&providers, Type::TEXT_ARRAY),
+                        (&access, Type::TEXT_ARRAY),
+                        (&refresh, Type::TEXT_ARRAY),
+                        (&key_id, Type::TEXT),
+                    ],
+                )
+                .await?;
+            }
+            db::commit(tx).await
         }
-        db::commit(tx).await?;
-        // Written after the commit: an output that blocks or breaks (a pipe closed early) never
-        // holds the batch's transaction open or rolls it back.
+        .await;
+        // Written once the batch has ended: an output that blocks or breaks (a pipe closed early)
+        // never holds the batch's transaction open or rolls it back; and its failed rows are
+        // reported whether or not the others committed.
         for (user, provider, error) in &report.failed[failed_before..] {
             writeln!(out, "failed: user {user}, provider {provider:?}: {}", terminal(error))?;
         }
+        written?;
+        report.encrypted += encrypted;
+        report.re_encrypted += re_encrypted;
         match rows.last() {
             Some(last) if rows.len() as i64 == limit => {
                 (after_user, after_provider) = (last.user, last.provider.clone())

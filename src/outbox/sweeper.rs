@@ -181,18 +181,21 @@ pub struct Sweeper {
 /// one waits for Redis or commits, the others claim. Measured in pairs against the SQL-only
 /// limit on two cores (BENCHMARKS.md, "Issue 21"), three with overlapping claims did better
 /// than two in most pairs (median 0.84 of the limit against 0.73 for two with the claims one
-/// after the other); a fourth added nothing measurable.
+/// after the other); a fourth gave no steady gain (medians 0.81–0.90 against 0.84–0.91 for
+/// three, winning some pairs and losing others) and holds one more connection.
 pub const PIPELINE_DEPTH: usize = 3;
 
 /// Batches one tick drains at most (each at most `outbox.batch_size` rows): the pipeline stays
 /// full across batches, and a tick stays short (one ends, and the runner ticks again at once
-/// after a full one, `runtime.max_drain_ticks` times in a row at most; no batch starts once the
-/// tick's budget is half spent). Each drain starts with one batch alone and ends with its last
-/// batches alone, so fewer batches per tick leave PostgreSQL idle more often: against the
-/// SQL-only limit in pairs, 32 did better than 8 in 5 of 7 pairs (median 0.83 against 0.81), and
-/// 128 at least as well as 32 in each of 9 pairs (median 0.91 against 0.85; BENCHMARKS.md,
-/// "Issue 21"). A tick of 128 full batches of the default 500 rows is ~64,000 rows, well under
-/// a second at those rates.
+/// after a full one, `runtime.max_drain_ticks` times in a row at most; no batch starts once
+/// less than twice `outbox.redis_timeout` of the tick is left, with the defaults after 4 s of
+/// 10). Each drain starts with one batch alone and ends with its last batches alone, so fewer
+/// batches per tick leave PostgreSQL idle more often: against the SQL-only limit in pairs, 32
+/// did better than 8 in 5 of 7 pairs (median 0.83 against 0.81), and 128 better than 32 in each
+/// of 9 pairs (median 0.91 against 0.85; BENCHMARKS.md, "Issue 21"). A tick of 128 full batches
+/// of the default 500 rows is ~64,000 rows, under a second on the benchmark machine; where the
+/// budget ends the drain first, its full batches still ask for the next tick at once
+/// ([`progress`]).
 pub const BATCHES_PER_TICK: usize = 128;
 
 /// How [`Sweeper::drain`] overlaps its batches: at most `depth` in flight, `batches` in all.
@@ -358,7 +361,8 @@ impl Sweeper {
     /// runs: the claim is most of a batch's database time, and waiting for it (as the drain did
     /// at first) left PostgreSQL idle between batches (BENCHMARKS.md, "Issue 21").
     /// `redis_budget` is asked for each batch as it starts (the tick's shrinking budget); once
-    /// it is below `outbox.redis_timeout` (the tick is half over) no further batch starts, so a
+    /// it is below `outbox.redis_timeout` (half of what is left of the tick: with the defaults,
+    /// after 4 s of 10) no further batch starts, so a
     /// slow but healthy Redis is not cut short by a budget the first batch would have had. `Err`
     /// is the first batch error; batches that committed before it stay committed (and counted).
     /// A later batch that finds no free pooled connection ends the drain quietly (the pool is
@@ -709,15 +713,38 @@ impl Loop for Sweeper {
             tracing::debug!(untouched = report.untouched, claimed = report.claimed, "rows left undetermined");
             return Err(SweepError::Undetermined { error });
         }
-        // Every batch full: more may be due (the runner ticks again at once, within its bound).
-        let full = reports.len() == BATCHES_PER_TICK && reports.iter().all(|r| r.full);
-        Ok(if full { Progress::More } else { Progress::Done })
+        Ok(progress(&reports))
     }
+}
+
+/// After a drain: every batch full means more may be due, and the runner ticks again at once
+/// (within `runtime.max_drain_ticks`), whether the drain ended at its count of batches, at the
+/// tick's budget or on a busy pool. Counting batches instead would leave a backlog to the next
+/// interval (the 5 s fallback while wakes are delivered) whenever the budget ends the drain.
+fn progress(reports: &[SweepReport]) -> Progress {
+    if !reports.is_empty() && reports.iter().all(|r| r.full) { Progress::More } else { Progress::Done }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_of_full_batches_asks_for_another_tick_however_it_ended() {
+        let batch = |full| SweepReport { claimed: 500, full, ..SweepReport::default() };
+        assert_eq!(progress(&[]), Progress::Done, "nothing claimed");
+        assert_eq!(progress(&vec![batch(true); BATCHES_PER_TICK]), Progress::More, "the count of batches");
+        assert_eq!(
+            progress(&[batch(true), batch(true), batch(true)]),
+            Progress::More,
+            "ended early (the tick's budget, a busy pool) with every batch full: the backlog is not drained"
+        );
+        assert_eq!(
+            progress(&[batch(true), batch(false), batch(true)]),
+            Progress::Done,
+            "one came back short"
+        );
+    }
 
     #[test]
     fn a_drain_starts_a_batch_after_a_full_claim_with_room_in_the_pipeline_and_the_budget() {
