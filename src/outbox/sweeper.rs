@@ -181,8 +181,9 @@ pub struct Sweeper {
 /// one waits for Redis or commits, the others claim. Measured in pairs against the SQL-only
 /// limit on two cores (BENCHMARKS.md, "Issue 21"), three with overlapping claims did better
 /// than two in most pairs (median 0.84 of the limit against 0.73 for two with the claims one
-/// after the other); a fourth gave no steady gain (medians 0.81–0.90 against 0.84–0.91 for
-/// three, winning some pairs and losing others) and holds one more connection.
+/// after the other); a fourth gave no steady gain (at 32 per drain it won 6 of 9 pairs with the
+/// lower median, 0.81 against 0.85; at 128, 5 of 9 with 0.96 against 0.93) and holds one more
+/// connection, and one more batch a kill can repeat.
 pub const PIPELINE_DEPTH: usize = 3;
 
 /// Batches one tick drains at most (each at most `outbox.batch_size` rows): the pipeline stays
