@@ -5,8 +5,9 @@
 //!    `pg_stat_database`) of one idle `worker run` with every loop enabled and the shipped
 //!    `config/worker.toml`, for `--seconds` (60) after the daemon is ready and its wake probe has
 //!    said `delivered`: with the fallback intervals disabled (each set to its fast interval, as
-//!    before them) and with the defaults. Every pooled checkout counts twice: the pool's verified
-//!    recycling sends an empty query, which PostgreSQL counts as a transaction of its own.
+//!    before them) and with the defaults. A checkout of a connection idle longer than
+//!    `database.verify_after_idle` counts twice: the pool first sends it an empty query, which
+//!    PostgreSQL counts as a transaction of its own.
 //! 2. Latency from `enqueue_task` to the task being in its sorted set, p50/p99 over `--samples`
 //!    (600: the p99 is then the 7th slowest, not the 3rd) single enqueues at `--rate` (10/s)
 //!    against the same daemon with the default (slow) fallback: the NOTIFY path, which the

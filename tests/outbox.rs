@@ -37,7 +37,9 @@ async fn drain(sweeper: &Sweeper, db: &Db) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tasks_over_several_queues_all_land_in_redis() {
-    let h = Harness::new().await;
+    let mut h = Harness::new().await;
+    // 200 batches: one tick of BATCHES_PER_TICK full ones, then one that drains the rest.
+    h.config.outbox.batch_size = 50;
     let metrics = MetricsProbe::new();
     let sweeper = h.sweeper(&metrics.meter());
     let queues = ["emails", "builds", "webhooks", "reports"];
@@ -48,7 +50,7 @@ async fn ten_thousand_tasks_over_several_queues_all_land_in_redis() {
     let ticks = drain(&sweeper, h.db()).await;
     assert_eq!(
         ticks,
-        10_000 / 500 / BATCHES_PER_TICK + 1,
+        10_000 / 50 / BATCHES_PER_TICK + 1,
         "full ticks of full batches drain back to back, then a tick that ends short"
     );
 

@@ -298,9 +298,10 @@ fn reseal_row(keys: &TokenKeys, row: &Stored) -> Result<(String, Option<String>,
 /// `worker gitsync encrypt-tokens`: every row with a token not under the first key, in batches
 /// of `batch` rows, each its own transaction (`FOR UPDATE SKIP LOCKED`). A row that cannot be
 /// decrypted is reported and skipped. Failed rows are written to `out` once their batch's
-/// transaction has ended, never while it is open. The run is recorded as `actor`'s in one audit row, written after the last batch
-/// with the count of rows left (see [`crate::audit`]): rows re-encrypted in all, outcome `error`
-/// when a row failed or a batch did (the batches before stay committed).
+/// transaction has ended, never while it is open. The run is recorded as `actor`'s in one audit
+/// row, written after the last batch with the count of rows left (see [`crate::audit`]): rows
+/// re-encrypted in all, outcome `error` when a row failed or a batch did (the batches before
+/// stay committed).
 pub async fn encrypt_tokens(
     db: &Db,
     actor: &Actor,

@@ -363,11 +363,10 @@ impl Sweeper {
     /// at first) left PostgreSQL idle between batches (BENCHMARKS.md, "Issue 21").
     /// `redis_budget` is asked for each batch as it starts (the tick's shrinking budget); once
     /// it is below `outbox.redis_timeout` (half of what is left of the tick: with the defaults,
-    /// after 4 s of 10) no further batch starts, so a
-    /// slow but healthy Redis is not cut short by a budget the first batch would have had. `Err`
-    /// is the first batch error; batches that committed before it stay committed (and counted).
-    /// A later batch that finds no free pooled connection ends the drain quietly (the pool is
-    /// busy, nothing failed).
+    /// after 4 s of 10) no further batch starts, so a slow but healthy Redis is not cut short by
+    /// a budget the first batch would have had. `Err` is the first batch error; batches that
+    /// committed before it stay committed (and counted). A later batch that finds no free pooled
+    /// connection ends the drain quietly (the pool is busy, nothing failed).
     pub async fn drain(
         &self,
         redis_budget: impl Fn() -> Duration,
