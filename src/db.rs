@@ -19,6 +19,8 @@ use deadpool_postgres::{
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, RowStream};
 
+use crate::text::with_causes;
+
 mod config;
 mod tls;
 
@@ -49,18 +51,6 @@ fn pool_text(error: &PoolError) -> String {
         PoolError::Backend(e) => format!("cannot connect: {}", with_causes(e)),
         other => other.to_string(),
     }
-}
-
-/// `error: cause: cause…`, for errors whose own text says little.
-pub fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl DbError {

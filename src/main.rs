@@ -129,7 +129,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match load_config(&cli.global) {
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", worker::text::with_causes(error.as_ref()));
             ExitCode::from(1)
         }
         Ok(loaded) => match execute(
@@ -139,7 +139,7 @@ fn main() -> ExitCode {
         ) {
             Ok(code) => ExitCode::from(code),
             Err(error) => {
-                eprintln!("error: {error:#}");
+                eprintln!("error: {}", worker::text::with_causes(error.as_ref()));
                 ExitCode::from(1)
             }
         },

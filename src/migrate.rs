@@ -58,10 +58,50 @@ pub enum MigrateError {
         humantime::format_duration(*.waited)
     )]
     LockTimeout { waited: Duration, holder: Option<i32> },
-    #[error("cannot take the migration lock: {}", crate::db::with_causes(.0))]
+    #[error("cannot take the migration lock: {}", crate::text::with_causes(.0))]
     Lock(tokio_postgres::Error),
+    #[error(
+        "the applied migration {applied} differs from {built} built into this binary: a landed \
+         migration was edited, or another build applied a different {applied}. A landed migration \
+         is never edited: restore the file and put the change in a new migration"
+    )]
+    Divergent { applied: String, built: String },
+    #[error(
+        "migration {0} is applied to this database but not built into this binary: a newer build \
+         migrated it. Run that build (or a newer one); this one does not know the newer schema"
+    )]
+    NotBuiltIn(String),
+    #[error(
+        "migration {0} is built into this binary but was never applied, while a later one was: \
+         migrations must land in the order of their numbers; renumber it after the last applied one"
+    )]
+    OutOfOrder(String),
     #[error("migration failed: {0}")]
-    Refinery(#[from] refinery::Error),
+    Refinery(refinery::Error),
+}
+
+impl From<refinery::Error> for MigrateError {
+    /// The refusals an operator meets on a deploy, said in terms of what to do about them.
+    fn from(error: refinery::Error) -> Self {
+        use refinery::error::Kind;
+        match error.kind() {
+            Kind::DivergentVersion(applied, built) => {
+                Self::Divergent { applied: applied.to_string(), built: built.to_string() }
+            }
+            // Refinery names one kind for both: an applied version this binary lacks, and a
+            // version of this binary left behind by a later one.
+            Kind::MissingVersion(migration) => {
+                let version = migration.version();
+                let built_in = migrations::runner().get_migrations().iter().any(|m| m.version() == version);
+                if built_in {
+                    Self::OutOfOrder(migration.to_string())
+                } else {
+                    Self::NotBuiltIn(migration.to_string())
+                }
+            }
+            _ => Self::Refinery(error),
+        }
+    }
 }
 
 fn holder_text(holder: Option<i32>) -> String {

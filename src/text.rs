@@ -159,6 +159,27 @@ fn value_len(text: &str) -> usize {
     text.len()
 }
 
+/// `error: cause: cause…`, each text once: what the CLI prints and how errors whose own text
+/// says little (tokio-postgres's "db error") are shown. Many of this crate's errors already put
+/// their source in their own text (so a log's `%error` is whole) and also return it as their
+/// `source()`; a cause whose text is already shown adds nothing, and once the deepest cause's
+/// text is in, the chain has been told.
+pub fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let causes: Vec<String> =
+        std::iter::successors(error.source(), |cause| cause.source()).map(ToString::to_string).collect();
+    if causes.last().is_some_and(|root| text.contains(root.as_str())) {
+        return text;
+    }
+    for cause in causes {
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +247,52 @@ mod tests {
         for (end, _) in awkward.char_indices() {
             redact_url(&awkward[..end]);
         }
+    }
+
+    /// An error with a fixed text and an optional source, to build chains.
+    #[derive(Debug)]
+    struct Link(&'static str, Option<Box<Link>>);
+
+    impl std::fmt::Display for Link {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Link {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|link| link as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    fn chain(texts: &[&'static str]) -> Link {
+        let (last, rest) = texts.split_last().expect("one text at least");
+        rest.iter().rev().fold(Link(last, None), |source, text| Link(text, Some(Box::new(source))))
+    }
+
+    #[test]
+    fn with_causes_shows_each_text_of_the_chain_once() {
+        // tokio-postgres: the kind alone, the server's message in the source.
+        assert_eq!(
+            with_causes(&chain(&["db error", "ERROR: relation \"x\" does not exist"])),
+            "db error: ERROR: relation \"x\" does not exist"
+        );
+        // `#[error("migration failed: {0}")] Refinery(#[from] …)`: the source is in the text.
+        assert_eq!(
+            with_causes(&chain(&["migration failed: V3 differs", "V3 differs"])),
+            "migration failed: V3 differs"
+        );
+        // The text tells the chain down to its root, through a wrapper it words its own way.
+        let pool = chain(&[
+            "no connection: cannot connect: error connecting to server: refused",
+            "Error occurred while creating a new object: error connecting to server",
+            "error connecting to server",
+            "refused",
+        ]);
+        assert_eq!(with_causes(&pool), "no connection: cannot connect: error connecting to server: refused");
+        // A context that does not name its cause gets the causes it lacks.
+        let context = chain(&["cannot load config/worker.toml", "parse error: bad key", "bad key"]);
+        assert_eq!(with_causes(&context), "cannot load config/worker.toml: parse error: bad key");
+        assert_eq!(with_causes(&chain(&["alone"])), "alone");
     }
 }

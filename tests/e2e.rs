@@ -166,6 +166,84 @@ async fn three_migrations_at_once_all_succeed() {
     assert!(rows.iter().all(|r| r.get::<_, i64>(1) == 1), "a migration applied twice");
 }
 
+/// What an operator sees when the database and the binary disagree about landed migrations:
+/// each refusal once, naming the migration and what to do (the checksums and rows are what
+/// refinery recorded; changing them is what an edited file or another build would do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_an_edited_unknown_or_skipped_migration_saying_what_to_do() {
+    let test_db = TestDb::empty().await;
+    let run = |args: &[&str]| {
+        let out = worker(args, &[("DATABASE_URL", test_db.url.as_str())]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let errors: Vec<String> =
+            stderr.lines().filter(|l| l.starts_with("error: ")).map(str::to_owned).collect();
+        (out.status.code(), errors)
+    };
+
+    // Before any migration a command names the missing table, once (not once per cause).
+    let (code, errors) = run(&["outbox", "stats"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(errors, ["error: db error: ERROR: relation \"task_outbox\" does not exist"]);
+
+    let (code, errors) = run(&["migrate"]);
+    assert_eq!((code, errors.len()), (Some(0), 0), "{errors:?}");
+    let conn = test_db.db.get().await.expect("conn");
+    let history = |sql: String| {
+        let conn = &conn;
+        async move { conn.batch_execute(&sql).await.expect(&sql) }
+    };
+
+    let recorded: String = conn
+        .fetch_one("SELECT checksum FROM refinery_schema_history WHERE version = 3", &[])
+        .await
+        .expect("V3's checksum")
+        .get(0);
+    // Refinery reads the checksum as a u64 (and panics on anything else): swap in another one.
+    let other = if recorded == "1" { "2" } else { "1" };
+    history(format!("UPDATE refinery_schema_history SET checksum = '{other}' WHERE version = 3")).await;
+    let (code, errors) = run(&["migrate"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        errors,
+        ["error: the applied migration V3__chats differs from V3__chats built into this binary: a landed \
+          migration was edited, or another build applied a different V3__chats. A landed migration is never \
+          edited: restore the file and put the change in a new migration"]
+    );
+    history(format!("UPDATE refinery_schema_history SET checksum = '{recorded}' WHERE version = 3")).await;
+
+    history(
+        "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+         VALUES (9999, 'from_a_newer_build', '2026-12-07T00:00:00Z', '1')"
+            .to_owned(),
+    )
+    .await;
+    let (code, errors) = run(&["migrate"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        errors,
+        ["error: migration V9999__from_a_newer_build is applied to this database but not built into this \
+          binary: a newer build migrated it. Run that build (or a newer one); this one does not know the newer \
+          schema"]
+    );
+    history("DELETE FROM refinery_schema_history WHERE version = 9999".to_owned()).await;
+
+    history("DELETE FROM refinery_schema_history WHERE version = 5".to_owned()).await;
+    let (code, errors) = run(&["migrate"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        errors,
+        ["error: migration V5__gitsync is built into this binary but was never applied, while a later one \
+          was: migrations must land in the order of their numbers; renumber it after the last applied one"]
+    );
+    let applied: i64 =
+        conn.fetch_one("SELECT count(*) FROM refinery_schema_history", &[]).await.expect("count").get(0);
+    assert_eq!(
+        applied as usize,
+        std::fs::read_dir(repo_path("migrations")).expect("dir").count() - 1,
+        "nothing applied"
+    );
+}
+
 #[test]
 fn version_names_the_crate_version_the_commit_and_the_build_date() {
     let out = worker(&["--version"], &[]);

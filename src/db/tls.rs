@@ -197,7 +197,7 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), String> 
         (TlsOptions { mode: SslMode::Prefer, root_cert: None, client_cert: None }, url.to_owned())
     };
     let config: tokio_postgres::Config =
-        driver_url.parse().map_err(|e: tokio_postgres::Error| super::with_causes(&e))?;
+        driver_url.parse().map_err(|e: tokio_postgres::Error| crate::text::with_causes(&e))?;
     let tls = MakeRustls::new(&options)?;
     Ok((config, tls))
 }
@@ -206,7 +206,7 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, MakeRustls), String> 
 /// must not depend on files that are mounted later).
 pub fn check(url: &str) -> Result<(), String> {
     let split = split_url(url)?;
-    split.driver_url.parse::<tokio_postgres::Config>().map_err(|e| super::with_causes(&e))?;
+    split.driver_url.parse::<tokio_postgres::Config>().map_err(|e| crate::text::with_causes(&e))?;
     Ok(())
 }
 
