@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Container entrypoint: scripts/start.sh [BIN] [ARGS...]   (BIN defaults to `worker`)
-# Raises the open-file limit, runs ./BIN or target/release/BIN (or BIN itself when it is a path),
-# forwards SIGTERM/SIGINT to it and WAITS until it has drained, then exits with its status.
+# Raises the open-file limit, then execs ./BIN or target/release/BIN (or BIN itself when it is a
+# path) in its place: signals reach the worker itself, and its exit status is the container's.
 set -uo pipefail
 
 bin="${1:-worker}"
@@ -21,15 +21,8 @@ else
   exit 127
 fi
 
-"$exe" "$@" &
-child=$!
-trap 'kill -TERM "$child" 2>/dev/null' TERM
-trap 'kill -INT "$child" 2>/dev/null' INT
-
-# `wait` returns early whenever a trapped signal arrives: keep waiting until the child is gone,
-# then collect its real exit status.
-while kill -0 "$child" 2>/dev/null; do
-  wait "$child"
-done
-wait "$child"
-exit $?
+# exec: nothing stays behind holding the environment (DATABASE_URL, REDIS_URL, WORKER__*), which
+# a process of the same user (an agent) could read from /proc/<pid>/environ. In a container the
+# worker is then PID 1 and keeps a minimal init of its own that reaps orphans and forwards
+# SIGTERM/SIGINT (src/init.rs); the worker drains on the first signal.
+exec "$exe" "$@"

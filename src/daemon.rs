@@ -34,6 +34,10 @@ pub const EXIT_DRAIN_TIMEOUT: i32 = 1;
 
 /// Runs the daemon until a signal; returns the process exit code.
 pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Result<i32> {
+    // First, so a signal that arrives while the worker starts (migrations, the Redis wait) waits
+    // for the drain below instead of killing the process: loops may already hold chats.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let me = WorkerIdentity::generate();
     let identity = Identity { worker_id: me.id, environment: config.app.env.clone() };
     let metrics = Metrics::init(&config.telemetry, &identity, &env)?;
@@ -92,16 +96,15 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
         concurrency,
         guard_program: &guard_program,
     };
+    // Bound before any loop starts: a taken port stops the worker before it holds any work.
+    let server_stop = CancellationToken::new();
+    let server = crate::health::serve(&config.health, health.clone(), &meter, server_stop.clone()).await?;
     let redis = loops::start(shared).await?;
 
     let listener_stop = CancellationToken::new();
     runtime.listener().start(config.database.listen_direct(), health.clone(), listener_stop.clone());
     start_readiness_probe(&runtime, health.clone(), db.clone())?;
-    let server_stop = CancellationToken::new();
-    let server = crate::health::serve(&config.health, health.clone(), &meter, server_stop.clone()).await?;
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let signal_name = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",

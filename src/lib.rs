@@ -14,6 +14,8 @@
 //!   the same transaction as their effect; `worker audit list`.
 //! - [`controls`]: pause/resume of loops on every replica through `loop_controls`.
 //! - [`identity`]: who this process is (its `workers` id).
+//! - [`init`]: the worker as a container's PID 1: a minimal init that reaps orphans and forwards
+//!   signals stays behind, so no shell holds the environment.
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`status`]: `worker status`, the fleet as the database sees it.
 //! - [`telemetry`]: tracing, the OTLP meter provider and, with `telemetry.traces`, the tracer provider.
@@ -56,6 +58,7 @@ pub mod db;
 pub mod gitsync;
 pub mod health;
 pub mod identity;
+pub mod init;
 pub mod listen;
 pub mod loops;
 pub mod migrate;

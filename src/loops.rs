@@ -68,6 +68,18 @@ pub async fn start(shared: Shared<'_>) -> anyhow::Result<Option<Client>> {
             .publishing_to(runtime.lease_publisher())
             .measured_by(meter)
     };
+    // Everything that can fail (or wait) comes before the first spawn: a start that fails
+    // leaves no loop running, and no chat claimed by a process about to exit.
+    let redis = if config.outbox.base.enabled || config.counters.base.enabled {
+        Some(crate::redis::connect_and_wait(&config.redis).await?)
+    } else {
+        None
+    };
+    let gitsync = if config.gitsync.base.enabled {
+        Some(Gitsync::new(db.clone(), config.gitsync.clone(), concurrency.gitsync, meter)?)
+    } else {
+        None
+    };
     if config.chats.enabled {
         refuse_root_agents_in_production(config)?;
         let chats = ChatLoops::new(runtime, config.chats.clone(), meter, guard_program).await?;
@@ -78,11 +90,6 @@ pub async fn start(shared: Shared<'_>) -> anyhow::Result<Option<Client>> {
     } else if config.workers.base.enabled {
         runtime.spawn(publishing_lease());
     }
-    let redis = if config.outbox.base.enabled || config.counters.base.enabled {
-        Some(crate::redis::connect_and_wait(&config.redis).await?)
-    } else {
-        None
-    };
     if let Some(redis) = redis.as_ref().filter(|_| config.outbox.base.enabled) {
         let sweeper =
             Sweeper::new(db.clone(), redis.clone(), &config.redis.prefix, config.outbox.clone(), meter);
@@ -105,8 +112,8 @@ pub async fn start(shared: Shared<'_>) -> anyhow::Result<Option<Client>> {
             (runtime.listener().clone(), runtime.health.clone(), runtime.worker().id);
         runtime.spawn(Probe::new(db.clone(), listener, health, me, config.listen.clone(), meter));
     }
-    if config.gitsync.base.enabled {
-        runtime.spawn(Gitsync::new(db, config.gitsync.clone(), concurrency.gitsync, meter)?);
+    if let Some(gitsync) = gitsync {
+        runtime.spawn(gitsync);
     }
     Ok(redis)
 }

@@ -121,6 +121,12 @@ fn main() -> ExitCode {
         eprintln!("error: cannot mark the worker non-dumpable (PR_SET_DUMPABLE): {error}");
         return ExitCode::from(1);
     }
+    // In a container the worker is PID 1 (`scripts/start.sh` execs it): a minimal init stays
+    // behind to reap orphans and forward signals; this process goes on as the worker.
+    if let Err(error) = worker::init::serve_as_pid_one() {
+        eprintln!("error: cannot start the worker under its own init (as PID 1): {error}");
+        return ExitCode::from(1);
+    }
     // The lease guard the chat loops start (`chats::guard`): no config, no runtime, no log
     // subscriber; not a user-facing command, so not in the help.
     if std::env::args_os().nth(1).is_some_and(|arg| arg == chats::guard::SUBCOMMAND) {

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use chaos_support::WorkerConfig;
 use common::TestDb;
-use common::process::{BIN, free_port, inherited_overrides, repo_path};
+use common::process::{BIN, exit_and_log, free_port, inherited_overrides, repo_path};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 const NOBODY: u32 = 65534;
 
@@ -32,7 +34,7 @@ const SECRETS: &[(&str, &str)] = &[
 fn spy_agent(dir: &Path, report: &Path) -> String {
     let script = format!(
         r#"#!/usr/bin/python3
-import json, os, sys
+import json, os, sys, time
 def attempt(f):
     try:
         return {{"ok": True, "got": f()}}
@@ -50,8 +52,41 @@ for name in names:
         fds.append(int(name))
     except OSError:
         pass
+def readable_environs():
+    found = {{}}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                found[pid] = read("/proc/%s/environ" % pid)
+            except Exception:
+                pass
+    return found
+def orphan():
+    # A process that leaves the agent's group and outlives its parent: re-parented to PID 1,
+    # which alone can reap it once it exits.
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        parent = os.getpid()
+        if os.fork() == 0:
+            while os.getppid() == parent:
+                time.sleep(0.01)
+            os.write(w, ("%d %d" % (os.getpid(), os.getppid())).encode())
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(child, 0)
+    os.close(w)
+    pid, parent = map(int, os.read(r, 64).split())
+    deadline = time.monotonic() + 10
+    while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {{"parent": parent, "reaped": not os.path.exists("/proc/%d" % pid)}}
 report = {{
     "uid": os.getuid(),
+    "pid_one_environ": attempt(lambda: read("/proc/1/environ")),
+    "readable_environs": readable_environs(),
+    "orphan": orphan() if os.environ.get("SPY_ORPHAN") else None,
     "env": dict(os.environ),
     "parent_environ": attempt(lambda: read("/proc/%d/environ" % ppid)),
     "parent_mem": attempt(lambda: read("/proc/%d/mem" % ppid, 1)),
@@ -78,9 +113,78 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, permissions).expect("chmod");
 }
 
-/// Runs one chat turn on a real worker started with `env` (as `uid` when given) and returns the
-/// agent's report.
-async fn spy(config: impl FnOnce(WorkerConfig) -> WorkerConfig, uid: Option<u32>) -> serde_json::Value {
+/// How the worker under test is started.
+#[derive(Clone, Copy)]
+enum Launch {
+    /// `worker run` as the test's own user (root).
+    AsIs,
+    /// `worker run` as this uid (and gid).
+    As(u32),
+    /// As a container starts it: `scripts/start.sh` is the first process (PID 1) of a new pid
+    /// namespace with its own `/proc`, as `nobody`, so the agent runs as the same user as every
+    /// process there.
+    Container,
+}
+
+/// A container's first process (host pid), killed when this is dropped, and with it every
+/// process of its pid namespace, unless it has exited: `unshare --kill-child` cannot do that,
+/// the parent-death signal it sets is cleared when `setpriv` changes the user.
+struct PidOne(Option<Pid>);
+
+impl PidOne {
+    /// `unshare`'s one child, once it exists.
+    async fn of(unshare: &tokio::process::Child) -> PidOne {
+        let id = unshare.id().expect("unshare's pid");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let children =
+                std::fs::read_to_string(format!("/proc/{id}/task/{id}/children")).unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                return PidOne(Some(Pid::from_raw(pid.parse().expect("a pid"))));
+            }
+            assert!(tokio::time::Instant::now() < deadline, "unshare started no process within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        self.0.expect("still running")
+    }
+
+    /// It exited by itself: its pid may be reused, never kill it.
+    fn exited(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PidOne {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// What [`spy_on`] leaves running for the caller.
+struct Spied {
+    report: serde_json::Value,
+    worker: tokio::process::Child,
+    /// With [`Launch::Container`].
+    pid_one: Option<PidOne>,
+    _test_db: TestDb,
+    dir: tempfile::TempDir,
+}
+
+/// Runs one chat turn on a real worker whose environment holds [`SECRETS`] and the worker's own
+/// URLs, and returns the agent's report; the worker is killed.
+async fn spy(config: impl FnOnce(WorkerConfig) -> WorkerConfig, launch: Launch) -> serde_json::Value {
+    let mut spied = spy_on(config, launch).await;
+    let _ = spied.worker.start_kill();
+    spied.report
+}
+
+/// [`spy`], leaving the worker running (with its database and directory) for the caller.
+async fn spy_on(config: impl FnOnce(WorkerConfig) -> WorkerConfig, launch: Launch) -> Spied {
     let test_db = TestDb::new().await;
     let dir = tempfile::tempdir().expect("temp dir");
     // The agent (and, as `nobody`, the worker) must reach its script, config and report.
@@ -95,27 +199,49 @@ async fn spy(config: impl FnOnce(WorkerConfig) -> WorkerConfig, uid: Option<u32>
     let config_path = dir.path().join("worker.toml");
     std::fs::write(&config_path, config(base).to_toml()).expect("write config");
     chmod(&config_path, 0o644);
+    let config_arg = config_path.to_str().expect("utf-8");
 
-    let mut command = tokio::process::Command::new(BIN);
+    let mut command = match launch {
+        Launch::AsIs | Launch::As(_) => {
+            let mut command = tokio::process::Command::new(BIN);
+            command.args(["run", "--config", config_arg]);
+            command
+        }
+        Launch::Container => {
+            let mut command = tokio::process::Command::new("unshare");
+            let nobody = NOBODY.to_string();
+            command
+                .args(["--pid", "--fork", "--mount-proc", "setpriv"])
+                .args(["--reuid", &nobody, "--regid", &nobody, "--clear-groups", "bash"])
+                .arg(repo_path("scripts/start.sh"))
+                .args([BIN, "run", "--config", config_arg]);
+            command
+        }
+    };
     for key in inherited_overrides() {
         command.env_remove(key);
     }
+    let log = std::fs::File::create(dir.path().join("worker.log")).expect("log file");
     // The worker's own URLs as the conventional variables too, as a production deploy has them.
     command
-        .args(["run", "--config", config_path.to_str().expect("utf-8")])
         .env("DATABASE_URL", &test_db.url)
         .env("WORKER__DATABASE__URL", &test_db.url)
         .env("REDIS_URL", common::redis_url())
         .envs(SECRETS.iter().copied())
         .current_dir(repo_path(""))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
         .kill_on_drop(true);
-    if let Some(uid) = uid {
+    if let Launch::As(uid) = launch {
         command.uid(uid).gid(uid);
     }
     let mut worker = command.spawn().expect("start worker");
+    let pid_one = match launch {
+        Launch::Container => Some(PidOne::of(&worker).await),
+        Launch::AsIs | Launch::As(_) => None,
+    };
+    let log = || std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
 
     let conn = test_db.db.get().await.expect("conn");
     conn.batch_execute(
@@ -124,24 +250,30 @@ async fn spy(config: impl FnOnce(WorkerConfig) -> WorkerConfig, uid: Option<u32>
     )
     .await
     .expect("a pending chat");
+    drop(conn);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let report_written = || {
         std::fs::read_to_string(&report).is_ok_and(|t| serde_json::from_str::<serde_json::Value>(&t).is_ok())
     };
     while !report_written() {
         if let Ok(Some(status)) = worker.try_wait() {
-            let mut log = String::new();
-            if let Some(mut stderr) = worker.stderr.take() {
-                let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut log).await;
-            }
-            panic!("the worker exited ({status}):\n{log}");
+            panic!("the worker exited ({status}):\n{}", log());
         }
-        assert!(tokio::time::Instant::now() < deadline, "no report from the agent within 30 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no report from the agent within 30 s; the worker's log:\n{}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = worker.start_kill();
     let text = std::fs::read_to_string(&report).expect("report");
-    serde_json::from_str(&text).expect("report is JSON")
+    Spied {
+        report: serde_json::from_str(&text).expect("report is JSON"),
+        worker,
+        pid_one,
+        _test_db: test_db,
+        dir,
+    }
 }
 
 /// Nothing of the worker's secrets, nor a way to its memory, in what the agent found.
@@ -160,7 +292,7 @@ fn assert_walled_off(report: &serde_json::Value) {
     for secret in ["aws-secret-value", "otel-secret-value", "postgres://"] {
         assert!(!text.contains(secret), "{secret} reached the agent: {text}");
     }
-    for probe in ["parent_environ", "parent_mem", "parent_fds", "parent_fd0"] {
+    for probe in ["parent_environ", "parent_mem", "parent_fds", "parent_fd0", "pid_one_environ"] {
         assert_eq!(report[probe]["ok"], false, "{probe} was readable: {}", report[probe]);
     }
     assert_eq!(report["own_fds"], serde_json::json!([0, 1, 2]), "inherited descriptors");
@@ -169,7 +301,7 @@ fn assert_walled_off(report: &serde_json::Value) {
 
 #[tokio::test]
 async fn an_agent_running_as_another_user_sees_the_allow_list_only() {
-    let report = spy(|c| c.set("chats.runner.user", "nobody"), None).await;
+    let report = spy(|c| c.set("chats.runner.user", "nobody"), Launch::AsIs).await;
     assert_eq!(report["uid"], NOBODY);
     assert_walled_off(&report);
     let env = report["env"].as_object().expect("env");
@@ -189,7 +321,7 @@ async fn pass_env_passes_exactly_the_named_variable() {
                 .set("chats.runner.pass_env", toml::Value::Array(vec!["GITHUB_TOKEN".into()]))
                 .set("chats.runner.env", toml::Value::Table(toml::toml! { MODE = "review" }))
         },
-        None,
+        Launch::AsIs,
     )
     .await;
     assert_walled_off(&report);
@@ -201,9 +333,38 @@ async fn pass_env_passes_exactly_the_named_variable() {
 async fn an_agent_of_the_same_user_cannot_read_the_non_dumpable_worker() {
     // The worker itself runs as nobody, and so does its agent: same uid, so only the worker's
     // PR_SET_DUMPABLE = 0 keeps /proc/<worker>/environ, mem and fd closed.
-    let report = spy(|c| c, Some(NOBODY)).await;
+    let report = spy(|c| c, Launch::As(NOBODY)).await;
     assert_eq!(report["uid"], NOBODY);
     assert_walled_off(&report);
+}
+
+/// The production start (`scripts/start.sh` as a container's first process, every process the
+/// same user): before, the script's shell stayed PID 1 holding the whole environment, and the
+/// agent read `DATABASE_URL` from `/proc/1/environ`. Now the worker replaces the shell, and the
+/// init it keeps as PID 1 is non-dumpable, reaps what agents orphan, and passes SIGTERM on: the
+/// worker drains and the container exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_container_no_process_of_the_agents_user_shows_the_workers_environment() {
+    let spy_orphans =
+        |c: WorkerConfig| c.set("chats.runner.env", toml::Value::Table(toml::toml! { SPY_ORPHAN = "1" }));
+    let mut spied = spy_on(spy_orphans, Launch::Container).await;
+    let report = &spied.report;
+    assert_eq!(report["uid"], NOBODY);
+    assert_walled_off(report);
+    let readable = report["readable_environs"].as_object().expect("environs");
+    assert!(!readable.contains_key("1"), "PID 1's environment was readable: {readable:?}");
+    assert_eq!(report["orphan"]["parent"], 1, "an orphan goes to PID 1: {}", report["orphan"]);
+    assert_eq!(report["orphan"]["reaped"], true, "PID 1 left a zombie: {}", report["orphan"]);
+
+    // SIGTERM to PID 1, as a container runtime sends it.
+    let pid_one = spied.pid_one.as_mut().expect("a container");
+    kill(pid_one.pid(), Signal::SIGTERM).expect("SIGTERM");
+    let log = spied.dir.path().join("worker.log");
+    let (status, log) = exit_and_log(&mut spied.worker, Duration::from_secs(30), &log).await;
+    pid_one.exited();
+    assert!(status.success(), "{status}: {log}");
+    let stopped = log.lines().find(|line| line.contains("worker stopped")).unwrap_or_else(|| panic!("{log}"));
+    assert!(stopped.contains("drained") && stopped.contains("true"), "{stopped}");
 }
 
 /// `worker config check` of a config file holding `toml`.

@@ -456,8 +456,9 @@ async fn a_turn_past_its_timeout_is_killed_and_the_chat_goes_to_error() {
     assert!(error.contains("timed out"), "{error}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_message_during_the_turn_makes_the_chat_pending_after_it() {
+/// Runs one turn of the two-step agent with `insert` (`$1` the chat, `$2` a JSON content)
+/// committed while the agent waits; the chat once the turn has ended.
+async fn a_turn_with_a_message_during_it(insert: &str) -> chats_support::ChatRow {
     let test_db = TestDb::new().await;
     let dir = tempfile::tempdir().expect("dir");
     let w = Worker::start(test_db.db.clone(), config(two_step_agent(dir.path()))).await;
@@ -465,19 +466,33 @@ async fn a_user_message_during_the_turn_makes_the_chat_pending_after_it() {
     w.chats.acquire().tick(&Tick::detached(&test_db.db)).await.expect("acquire");
     read_when_written(&dir.path().join(format!("{id}.pid"))).await;
     let content = serde_json::json!("and one more thing");
-    test_db
-        .db
-        .get()
+    let conn = test_db.db.get().await.expect("conn");
+    conn.exec(insert, &[(&id, Type::UUID), (&content, Type::JSONB)])
         .await
-        .expect("conn")
-        .fetch_one("SELECT post_chat_message($1, 'user', $2)", &[(&id, Type::UUID), (&content, Type::JSONB)])
-        .await
-        .expect("post during the turn");
+        .expect("a message during the turn");
     std::fs::write(dir.path().join("go"), "").expect("go");
     common::eventually(LIMIT, "the turn to end", || async { w.chats.runners().is_empty() }).await;
     let row = chat(&test_db.db, id).await;
-    assert_eq!((row.status.as_str(), row.worker_id), ("pending", None), "the new message gets a turn");
     w.stop().await;
+    row
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_message_during_the_turn_makes_the_chat_pending_after_it() {
+    let row = a_turn_with_a_message_during_it("SELECT post_chat_message($1, 'user', $2)").await;
+    assert_eq!((row.status.as_str(), row.worker_id), ("pending", None), "the new message gets a turn");
+}
+
+/// The schema lets the API tier store a user message the model may not see (`visibility =
+/// 'user'`); the agent never reads it, so it must not give the chat another turn (before, every
+/// turn ended `pending` again and the agent ran forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_message_hidden_from_the_model_does_not_give_the_chat_another_turn() {
+    let row = a_turn_with_a_message_during_it(
+        "INSERT INTO chat_messages (chat_id, role, content, visibility) VALUES ($1, 'user', $2, 'user')",
+    )
+    .await;
+    assert_eq!((row.status.as_str(), row.worker_id), ("waiting", None), "nothing new for the model");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

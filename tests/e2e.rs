@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{BIN, free_port, inherited_overrides, readyz, repo_path};
+use common::process::{BIN, exit_and_log, free_port, inherited_overrides, readyz, repo_path, start_worker};
 use common::{TestDb, eventually};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -114,7 +114,7 @@ async fn the_binary_migrates_a_fresh_database_becomes_ready_and_drains_on_sigter
     let out = worker(&[&["loop", "resume", "workers"][..], &db_flag].concat(), &[]);
     assert!(out.status.success());
 
-    // SIGTERM to start.sh (as a container runtime sends it): it forwards and waits for the drain.
+    // SIGTERM to the pid start.sh was started as (as a container runtime sends it): it exec'd the worker.
     let pid = Pid::from_raw(child.id().expect("pid") as i32);
     let signalled = Instant::now();
     kill(pid, Signal::SIGTERM).expect("signal start.sh");
@@ -136,6 +136,32 @@ async fn the_binary_migrates_a_fresh_database_becomes_ready_and_drains_on_sigter
     assert!(logs.contains("worker stopped"), "logs captured: {logs}");
     let errors: Vec<&str> = logs.lines().filter(|l| l.contains("\"level\":\"ERROR\"")).collect();
     assert!(errors.is_empty(), "errors logged: {errors:#?}");
+}
+
+/// A signal while the worker is still starting (here: waiting for a Redis that does not answer,
+/// after its lease row is written) is kept for the drain: the worker finishes starting, drains
+/// and exits 0. Before, the handlers were installed last and the signal killed the process with
+/// its loops (and any chat they had claimed) mid-start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_while_the_worker_starts_is_kept_for_the_drain() {
+    let test_db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_config(dir.path(), &test_db.url, free_port(), "10s");
+    let silent_redis = format!("redis://127.0.0.1:{}", free_port());
+    let text = std::fs::read_to_string(&config).expect("config").replace(&common::redis_url(), &silent_redis);
+    std::fs::write(&config, text).expect("config");
+    let log = dir.path().join("worker.log");
+    let mut child = start_worker(&config, &[], &log);
+    let conn = test_db.db.get().await.expect("conn");
+    eventually(Duration::from_secs(10), "the worker's lease row", || async {
+        conn.fetch_one("SELECT count(*) FROM workers", &[]).await.expect("workers").get::<_, i64>(0) == 1
+    })
+    .await;
+    kill(Pid::from_raw(child.id().expect("pid") as i32), Signal::SIGTERM).expect("SIGTERM");
+    let (status, log) = exit_and_log(&mut child, Duration::from_secs(30), &log).await;
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("redis is not reachable at start"), "the signal came during the wait: {log}");
+    assert!(log.contains("worker stopped") && log.contains("\"drained\":true"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,25 +344,6 @@ fn config_check_exits_1_naming_the_key_and_source_and_0_on_the_shipped_config() 
     assert!(stderr.contains("config key `database.url`") && stderr.contains("sslmode=prefer"), "{stderr}");
 }
 
-/// Starts `worker run` on `config` with extra `--set` overrides; its output is discarded.
-fn start_worker(config: &Path, overrides: &[&str]) -> tokio::process::Child {
-    let mut command = tokio::process::Command::new(BIN);
-    for key in inherited_overrides() {
-        command.env_remove(key);
-    }
-    command.args(["run", "--config", config.to_str().expect("utf-8")]);
-    for assignment in overrides {
-        command.args(["--set", assignment]);
-    }
-    command
-        .current_dir(repo_path(""))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("worker")
-}
-
 /// Waits until a statement matching `pattern` (SQL LIKE) waits on a lock in this database.
 async fn wait_for_lock_wait(test_db: &TestDb, pattern: &str, what: &str) {
     let observer = test_db.db.get().await.expect("conn");
@@ -374,6 +381,7 @@ async fn a_drain_that_does_not_finish_leaves_the_worker_row_for_recovery() {
             "database.statement_timeout=60s",
             "database.idle_in_transaction_timeout=2m",
         ],
+        &dir.path().join("worker.log"),
     );
     eventually(Duration::from_secs(5), "/readyz 200", || async {
         matches!(readyz(port).await, Some((200, _)))
@@ -413,6 +421,7 @@ async fn a_second_signal_during_a_hanging_deregister_exits_130_at_once() {
     let mut child = start_worker(
         &config,
         &["workers.interval=1h", "workers.retention=1d", "database.statement_timeout=60s"],
+        &dir.path().join("worker.log"),
     );
     eventually(Duration::from_secs(5), "/readyz 200", || async {
         matches!(readyz(port).await, Some((200, _)))

@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::process::{BIN, free_port, inherited_overrides, readyz, repo_path};
+use common::process::{BIN, free_port, readyz, start_worker};
 use common::{TestDb, eventually};
 use fred::prelude::{ClientLike, HashesInterface, SortedSetsInterface};
 use nix::sys::signal::{Signal, kill};
@@ -47,18 +46,7 @@ async fn the_daemon_sweeps_enqueued_tasks_at_once_and_syncs_counters() {
     )
     .expect("write config");
 
-    let mut command = tokio::process::Command::new(BIN);
-    for key in inherited_overrides() {
-        command.env_remove(key);
-    }
-    let mut child = command
-        .args(["run", "--config", config.to_str().expect("utf-8 path")])
-        .current_dir(repo_path(""))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("log file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start worker");
+    let mut child = start_worker(&config, &[], &dir.path().join("worker.log"));
 
     eventually(LIMIT, "/readyz to answer 200 with the outbox and counters loops", || async {
         readyz(port).await.is_some_and(|(status, body)| {

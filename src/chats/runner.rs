@@ -79,10 +79,13 @@ const SET_TITLE: &str = "UPDATE chats SET title = $4, updated_at = now() \
 const LOCK_OWNED: &str = "SELECT 1::int4 FROM chats \
      WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running' FOR UPDATE";
 /// Step two, a new statement (a new snapshot under READ COMMITTED): user messages newer than
-/// the turn's input make the chat `pending` again.
+/// the turn's input make the chat `pending` again. Only messages the model may see, as
+/// [`MODEL_MESSAGES`] reads them: `$4` is the newest of those, so a user message hidden from the
+/// model (`visibility = 'user'`) would count as unseen after every turn and rerun it forever.
 const FINISH_TURN: &str = "UPDATE chats SET worker_id = NULL, last_error = NULL, updated_at = now(), \
      status = CASE WHEN EXISTS (SELECT 1 FROM chat_messages m WHERE m.chat_id = $1 AND m.role = 'user' \
-                                AND NOT m.deleted AND m.id > $4) THEN 'pending' ELSE 'waiting' END \
+                                AND NOT m.deleted AND m.visibility IN ('model', 'both') AND m.id > $4) \
+                   THEN 'pending' ELSE 'waiting' END \
      WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running' RETURNING status";
 const FAIL_TURN: &str = "UPDATE chats SET status = 'error', worker_id = NULL, last_error = $4, updated_at = now() \
      WHERE id = $1 AND worker_id = $2 AND generation = $3 AND status = 'running'";

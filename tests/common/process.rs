@@ -56,3 +56,37 @@ pub fn stdout(output: &std::process::Output) -> String {
 pub fn json(output: &std::process::Output) -> serde_json::Value {
     serde_json::from_str(&stdout(output)).expect("JSON output")
 }
+
+/// `worker run --config CONFIG` as a deploy starts it (nothing of this environment overrides the
+/// file) with extra `--set` overrides, writing its log (stdout and stderr) to `log`.
+pub fn start_worker(config: &Path, overrides: &[&str], log: &Path) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(BIN);
+    for key in inherited_overrides() {
+        command.env_remove(key);
+    }
+    command.args(["run", "--config", config.to_str().expect("utf-8 path")]);
+    for assignment in overrides {
+        command.args(["--set", assignment]);
+    }
+    let file = std::fs::File::create(log).expect("log file");
+    command
+        .current_dir(repo_path(""))
+        .stdout(file.try_clone().expect("log file"))
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start worker")
+}
+
+/// Waits at most `limit` for `child` to exit; its status and the log it wrote to `log`.
+pub async fn exit_and_log(
+    child: &mut tokio::process::Child,
+    limit: std::time::Duration,
+    log: &Path,
+) -> (std::process::ExitStatus, String) {
+    let status = tokio::time::timeout(limit, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the worker did not exit within {limit:?}"))
+        .expect("wait");
+    (status, std::fs::read_to_string(log).expect("log"))
+}
