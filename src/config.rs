@@ -102,9 +102,11 @@ pub struct Concurrency {
 impl Concurrency {
     pub fn from_config(config: &Config) -> Self {
         let half_pool = (config.database.shared_pool_size(config.chats.enabled) / 2).max(1);
+        // An explicit value is capped like gitsync's: above half the pool the reconciler's
+        // fan-out would hold every connection for a whole cycle and starve the other loops.
         let prebuilds = match config.prebuilds.concurrency {
             0 => half_pool,
-            n => n,
+            n => n.min(half_pool),
         };
         Self { prebuilds, gitsync: config.gitsync.concurrency.min(half_pool) }
     }
@@ -441,16 +443,20 @@ impl Config {
         self.outbox.validate().map_err(|v| v.under("outbox"))?;
         self.counters.validate().map_err(|v| v.under("counters"))?;
         self.chats.validate().map_err(|v| v.under("chats"))?;
-        if self.chats.enabled {
-            self.chats.check_lease_margin(self.runtime.jitter).map_err(|v| v.under("chats"))?;
-            // Recovery takes the chats of a worker whose row is gone at once: a row reaped
-            // before its lease is stale would hand out chats whose agents still run.
+        // Recovery takes the chats of a worker whose row is gone at once: a row reaped before its
+        // lease is stale would hand out chats whose agents still run. Every replica that reaps
+        // checks it, chat loops or not: a replica without them deletes the rows of those with.
+        if self.chats.enabled || self.workers.base.enabled {
             check(
                 self.workers.retention > self.chats.stale_after,
                 "workers.retention",
                 humantime::format_duration(self.workers.retention),
-                "more than chats.stale_after (a dead worker's row must outlive its lease)",
+                "more than chats.stale_after (a dead worker's row must outlive its lease, on every \
+                 replica that reaps rows, chat loops or not)",
             )?;
+        }
+        if self.chats.enabled {
+            self.chats.check_lease_margin(self.runtime.jitter).map_err(|v| v.under("chats"))?;
             // The lease renews on a connection of its own (see `daemon`), out of the shared pool.
             check(
                 self.database.pool_size >= 2,
@@ -981,7 +987,7 @@ mod tests {
     }
 
     #[test]
-    fn with_chats_a_dead_workers_row_must_outlive_its_lease_and_runner_env_values_are_redacted() {
+    fn a_reaped_workers_row_must_outlive_its_lease_and_runner_env_values_are_redacted() {
         let mut config = Config::default();
         config.chats.enabled = true;
         config.chats.runner.command = vec!["/bin/cat".into()];
@@ -989,6 +995,13 @@ mod tests {
         config.workers.retention = Duration::from_secs(120);
         let refused = config.validate().expect_err("retention under stale_after");
         assert_eq!(refused.key, "workers.retention");
+        // A replica without the chat loops reaps the rows of those with them all the same.
+        config.chats.enabled = false;
+        let refused = config.validate().expect_err("retention under stale_after, chat loops off");
+        assert_eq!(refused.key, "workers.retention");
+        config.workers.base.enabled = false;
+        assert_eq!(config.validate(), Ok(Vec::new()), "no workers loop: nothing reaped here");
+        config.chats.enabled = true;
         config.workers.retention = Duration::from_secs(3600);
         config.chats.runner.env.insert("MODEL_API_KEY".into(), "sk-secret".into());
         let printed = config.render(&BTreeMap::new());
@@ -1013,6 +1026,8 @@ mod tests {
         config.database.pool_size = 40;
         config.prebuilds.concurrency = 3;
         assert_eq!(Concurrency::from_config(&config), Concurrency { prebuilds: 3, gitsync: 10 });
+        config.prebuilds.concurrency = 50;
+        assert_eq!(Concurrency::from_config(&config).prebuilds, 20, "capped at half the pool");
     }
 
     /// Two valid keys, and one whose base64 starts with `true` (figment's env parser reads a

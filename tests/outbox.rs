@@ -453,6 +453,37 @@ async fn the_probe_reports_backlog_oldest_due_age_and_dead_letters() {
     assert_eq!(metrics.gauge("outbox.backlog.due").await, Some(5.0));
 }
 
+/// A probe that fails (here its statement times out behind a lock on the dead letters; in
+/// production, a backlog of millions of rows) costs the gauges, not the drain: the tick sweeps
+/// every due row, and the gauges are absent rather than stuck at the last figure.
+#[tokio::test]
+async fn a_failed_probe_leaves_the_backlog_gauges_absent_and_the_tick_still_drains() {
+    let mut h = Harness::new().await;
+    h.config.outbox.probe_interval = Duration::from_millis(1); // probe on every tick
+    let mut database = h.test_db.database_config();
+    database.statement_timeout = Duration::from_millis(300);
+    let db = Db::new(&database).expect("pool");
+    let metrics = MetricsProbe::new();
+    let sweeper =
+        Sweeper::new(db.clone(), h.redis.clone(), h.prefix(), h.config.outbox.clone(), &metrics.meter());
+    h.enqueue(3, &["q"], None).await;
+    sweeper.tick(&Tick::detached(&db)).await.expect("tick");
+    assert_eq!(metrics.gauge("outbox.backlog.due").await, Some(3.0));
+
+    h.exec("SELECT count(enqueue_task('late' || g, 'q', '{}')) FROM generate_series(1, 4) g").await;
+    let mut blocker = h.db().get().await.expect("conn");
+    let tx = blocker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE task_outbox_dead IN ACCESS EXCLUSIVE MODE").await.expect("lock");
+    sweeper.tick(&Tick::detached(&db)).await.expect("the tick drains though its probe failed");
+    assert_eq!(h.scalar("SELECT count(*) FROM task_outbox").await, 0, "every due row swept");
+    assert_eq!(metrics.gauge("outbox.backlog.due").await, None, "absent, not the stale 3");
+    assert_eq!(metrics.gauge("outbox.dead_letters").await, None);
+    tx.rollback().await.expect("unlock");
+
+    sweeper.tick(&Tick::detached(&db)).await.expect("tick");
+    assert_eq!(metrics.gauge("outbox.backlog.due").await, Some(0.0), "back once a probe succeeds");
+}
+
 #[tokio::test]
 async fn enqueue_task_is_idempotent_on_task_id() {
     let h = Harness::new().await;

@@ -167,22 +167,23 @@ impl EtagCache {
 
     fn insert(&mut self, key: String, cached: Cached) {
         self.remove(&key);
-        if self.max_entries == 0 || cached.body.len() > self.max_bytes {
+        let size = entry_bytes(&key, &cached);
+        if self.max_entries == 0 || size > self.max_bytes {
             return;
         }
-        while self.entries.len() >= self.max_entries || self.bytes + cached.body.len() > self.max_bytes {
+        while self.entries.len() >= self.max_entries || self.bytes + size > self.max_bytes {
             let Some((_, oldest)) = self.by_use.pop_first() else { break };
             self.remove(&oldest);
         }
         let now = self.tick();
-        self.bytes += cached.body.len();
+        self.bytes += size;
         self.by_use.insert(now, key.clone());
         self.entries.insert(key, (cached, now));
     }
 
     fn remove(&mut self, key: &str) {
         if let Some((cached, used)) = self.entries.remove(key) {
-            self.bytes -= cached.body.len();
+            self.bytes -= entry_bytes(key, &cached);
             self.by_use.remove(&used);
         }
     }
@@ -190,6 +191,13 @@ impl EtagCache {
     fn len(&self) -> usize {
         self.entries.len()
     }
+}
+
+/// What an entry costs the byte bound: its body, and the ETag and key it is kept under (a server
+/// may send an ETag as long as a header may be; counting bodies alone let 10k such entries pass
+/// the bound many times over).
+fn entry_bytes(key: &str, cached: &Cached) -> usize {
+    key.len() + cached.etag.len() + cached.body.len()
 }
 
 /// Cache key: a SHA-256 of the token (a different token may see different data) and the URL.
@@ -567,13 +575,17 @@ mod tests {
         assert!(cache.get("b").is_none(), "b was the least recently used");
         assert!(cache.get("a").is_some() && cache.get("c").is_some());
 
+        // An entry costs its key, ETag and body: "d" + "\"95\"" + 95 bytes = 100.
         cache.insert("d".into(), entry(95));
-        assert_eq!(cache.len(), 1, "byte bound evicts until the new body fits");
-        assert_eq!(cache.bytes, 95);
-        cache.insert("e".into(), entry(101));
-        assert!(cache.get("e").is_none(), "a body over the byte bound is not cached");
+        assert_eq!(cache.len(), 1, "byte bound evicts until the new entry fits");
+        assert_eq!(cache.bytes, 100);
+        cache.insert("e".into(), entry(96));
+        assert!(cache.get("e").is_none(), "an entry over the byte bound is not cached");
         cache.insert("d".into(), entry(5));
-        assert_eq!((cache.len(), cache.bytes), (1, 5), "replacing an entry releases its bytes");
+        assert_eq!((cache.len(), cache.bytes), (1, 1 + 3 + 5), "replacing an entry releases its bytes");
+        let long_etag = Cached { etag: "x".repeat(200), body: vec![0; 1].into() };
+        cache.insert("f".into(), long_etag);
+        assert!(cache.get("f").is_none(), "a small body under a huge ETag is not cached either");
     }
 
     #[test]

@@ -150,7 +150,7 @@ pub struct SweepReport {
 #[derive(Default)]
 struct Probe {
     last: Mutex<Option<Instant>>,
-    /// `None` until the first measurement: nothing is observed before it.
+    /// `None` until the first measurement, and after a failed one: nothing is observed then.
     backlog: Mutex<Option<stats::Backlog>>,
 }
 
@@ -518,17 +518,29 @@ impl Sweeper {
     }
 
     /// Refreshes the backlog gauges if the last refresh is older than `outbox.probe_interval`.
-    async fn probe_if_due(&self) -> Result<(), DbError> {
+    /// A probe that fails (its statement timed out on a backlog of millions of rows, say) is
+    /// logged and leaves the gauges absent until one succeeds: the last figure kept would look
+    /// like a small backlog exactly while it is huge. The drain goes on either way: failing the
+    /// tick for it would slow the drain just when the backlog needs it.
+    async fn probe_if_due(&self) {
         {
             let mut last = self.probe.last.lock().unwrap_or_else(|e| e.into_inner());
             if last.is_some_and(|at| at.elapsed() < self.config.probe_interval) {
-                return Ok(());
+                return;
             }
             *last = Some(Instant::now());
         }
-        let backlog = stats::backlog(&self.db, self.config.metrics_queues).await?;
-        *self.probe.backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(backlog);
-        Ok(())
+        let backlog = match stats::backlog(&self.db, self.config.metrics_queues).await {
+            Ok(backlog) => Some(backlog),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "the outbox backlog probe failed; the backlog gauges are absent until it succeeds"
+                );
+                None
+            }
+        };
+        *self.probe.backlog.lock().unwrap_or_else(|e| e.into_inner()) = backlog;
     }
 }
 
@@ -706,7 +718,7 @@ impl Loop for Sweeper {
         if !self.payload_limit_published.load(Ordering::Relaxed) {
             self.publish_payload_limit().await?;
         }
-        self.probe_if_due().await?;
+        self.probe_if_due().await;
         let reports = self.drain(|| tick.budget(self.config.redis_timeout), DrainShape::TICK).await?;
         tick.record_rows(reports.iter().map(|r| r.claimed).sum());
         if let Some((report, error)) = reports.iter().find_map(|r| Some((r, r.untouched_error.clone()?))) {

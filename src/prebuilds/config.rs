@@ -41,7 +41,8 @@ pub struct PrebuildsConfig {
     #[serde(with = "humantime_serde")]
     pub failure_window: Duration,
     /// Presets reconciled at once (each holds one pooled connection while it writes);
-    /// 0 = derive from the pool size (`max(1, pool_size / 2)`), see `config::Concurrency`.
+    /// 0 = derive from the pool size (`max(1, pool_size / 2)`), and never more than that, see
+    /// `config::Concurrency`.
     pub concurrency: usize,
 }
 

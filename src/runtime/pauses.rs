@@ -71,7 +71,17 @@ impl Pauses {
         {
             return Ok(paused.contains(name));
         }
-        let paused = Arc::new(self.read().await?);
+        let paused = match self.read().await {
+            Ok(paused) => Arc::new(paused),
+            Err(error) => {
+                // The change this read was for is still unread: keep it announced, or a pause
+                // would wait for the next refresh (a minute while wakes are delivered).
+                if changed {
+                    self.changed.notify_one();
+                }
+                return Err(error);
+            }
+        };
         *cached = Some((Instant::now(), paused.clone()));
         Ok(paused.contains(name))
     }
@@ -95,5 +105,30 @@ impl Pauses {
     /// How many times `loop_controls` was read (for tests and the curious).
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::DatabaseConfig;
+
+    #[tokio::test]
+    async fn a_change_whose_read_failed_is_read_again_at_the_next_check() {
+        // Nothing listens on port 1: every read fails at its checkout.
+        let config = DatabaseConfig {
+            url: "postgres://worker@127.0.0.1:1/none".into(),
+            acquire_timeout: Duration::from_millis(500),
+            ..DatabaseConfig::default()
+        };
+        let changed = Arc::new(Notify::new());
+        let (_verdicts, delivery) = watch::channel(Verdict { connection: 0, delivery: Delivery::Unknown });
+        let refresh = Duration::from_secs(60);
+        let pauses =
+            Pauses::new(Db::new(&config).expect("pool"), (refresh, refresh), changed.clone(), delivery);
+        changed.notify_one();
+        assert!(pauses.is_paused("outbox").await.is_err());
+        assert!(changed.notified().now_or_never().is_some(), "the change is still announced");
+        assert_eq!(pauses.reads(), 1);
     }
 }
