@@ -34,8 +34,8 @@ pub const EXIT_DRAIN_TIMEOUT: i32 = 1;
 
 /// Runs the daemon until a signal; returns the process exit code.
 pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Result<i32> {
-    // First, so a signal that arrives while the worker starts (migrations, the Redis wait) waits
-    // for the drain below instead of killing the process: loops may already hold chats.
+    // First: a signal while the worker starts (the migration lock, the Redis wait) ends the
+    // start at once instead of killing the process (or waiting for a start it makes pointless).
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let me = WorkerIdentity::generate();
@@ -55,8 +55,15 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     );
 
     if config.database.migrate_on_start {
-        let applied = migrate::run(&config.database).await?;
-        tracing::info!(applied = ?applied, "migrations up to date");
+        // Nothing holds work yet: a signal here simply stops the process (a migration in
+        // flight rolls back with its connection).
+        match before_a_signal(migrate::run(&config.database), &mut term, &mut int).await {
+            Ok(applied) => tracing::info!(applied = ?applied?, "migrations up to date"),
+            Err(signal) => {
+                tracing::info!(signal, "stopped while migrating; nothing was started");
+                return Ok(0);
+            }
+        }
     }
 
     // With the chat loops, one connection of `pool_size` is the lease's alone: 200 runners
@@ -99,15 +106,25 @@ pub async fn run(config: Config, env: BTreeMap<String, String>) -> anyhow::Resul
     // Bound before any loop starts: a taken port stops the worker before it holds any work.
     let server_stop = CancellationToken::new();
     let server = crate::health::serve(&config.health, health.clone(), &meter, server_stop.clone()).await?;
-    let redis = loops::start(shared).await?;
-
+    // `loops::start` spawns its loops only after its last wait: a signal during a wait ends the
+    // start before any loop runs, and the worker goes straight to the drain below (its row is
+    // removed like any drained worker's).
     let listener_stop = CancellationToken::new();
-    runtime.listener().start(config.database.listen_direct(), health.clone(), listener_stop.clone());
-    start_readiness_probe(&runtime, health.clone(), db.clone())?;
-
-    let signal_name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let (redis, signal_name) = match before_a_signal(loops::start(shared), &mut term, &mut int).await {
+        Ok(redis) => {
+            let redis = redis?;
+            runtime.listener().start(config.database.listen_direct(), health.clone(), listener_stop.clone());
+            start_readiness_probe(&runtime, health.clone(), db.clone())?;
+            let signal_name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            (redis, signal_name)
+        }
+        Err(signal) => {
+            tracing::info!(signal, "stopped while starting; no loop was started");
+            (None, signal)
+        }
     };
     tokio::spawn(exit_on_second_signal(term, int));
     let deadline = Instant::now() + config.app.shutdown_timeout;
@@ -158,6 +175,19 @@ fn start_readiness_probe(runtime: &Runtime, health: Health, db: Db) -> anyhow::R
         crate::health::probe(health, db, stop.stopped()).await;
     })?;
     Ok(())
+}
+
+/// `step`'s output, or the name of the stop signal that came first (`step` is then dropped).
+async fn before_a_signal<T>(
+    step: impl std::future::Future<Output = T>,
+    term: &mut Signal,
+    int: &mut Signal,
+) -> Result<T, &'static str> {
+    tokio::select! {
+        output = step => Ok(output),
+        _ = term.recv() => Err("SIGTERM"),
+        _ = int.recv() => Err("SIGINT"),
+    }
 }
 
 /// After the first signal: the next one ends the process at once, whatever phase it is in.

@@ -9,19 +9,20 @@
 //! stops), and the kernel delivers to it no signal it has not asked for.
 //!
 //! So a worker that finds itself PID 1 forks once, first thing, while it has no thread: the
-//! child goes on as the worker, and the parent stays a minimal init. It forwards SIGTERM,
-//! SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the worker, reaps every child, and exits with
-//! the worker's status when the worker exits. It is the same image, already non-dumpable
+//! child goes on as the worker, and the parent stays a minimal init. It forwards SIGTERM and
+//! SIGINT (the signals the worker drains on) to the worker, reaps every child, and exits with
+//! the worker's status when the worker exits. Other signals reach it as they reached the shell
+//! before: PID 1 without a handler ignores them (forwarding SIGHUP or SIGUSR1 would kill the
+//! worker without a drain). It is the same image, already non-dumpable
 //! ([`crate::chats::boundary::forbid_inspection`] runs before), so its environment is as closed
 //! to an agent as the worker's.
 
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, signal, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, getpid};
 
 /// The signals the init passes on to the worker; SIGCHLD is its own.
-const FORWARDED: [Signal; 6] =
-    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
+const FORWARDED: [Signal; 2] = [Signal::SIGTERM, Signal::SIGINT];
 
 /// When this process is PID 1: forks, returns in the child (the worker) and never returns in the
 /// parent (the init). Otherwise returns at once. Call before any thread is started.
@@ -38,6 +39,10 @@ pub fn serve_as_pid_one() -> nix::Result<()> {
     // child puts its mask back.
     let mut before = SigSet::empty();
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited), Some(&mut before))?;
+    // Inherited as ignored (an exec'ing parent may have set it), SIGCHLD would make the kernel
+    // reap the children itself and never announce the worker's exit.
+    // SAFETY: the default disposition, no handler; no thread exists yet.
+    unsafe { signal(Signal::SIGCHLD, SigHandler::SigDfl) }?;
     // SAFETY: no thread exists yet (this runs first in `main`), so the child is a whole copy.
     match unsafe { fork() }? {
         ForkResult::Child => sigprocmask(SigmaskHow::SIG_SETMASK, Some(&before), None),
@@ -96,14 +101,5 @@ mod tests {
         assert_eq!(exit_code(WaitStatus::Exited(pid, 75)), Some(75));
         assert_eq!(exit_code(WaitStatus::Signaled(pid, Signal::SIGKILL, false)), Some(137));
         assert_eq!(exit_code(WaitStatus::Stopped(pid, Signal::SIGSTOP)), None, "stopped is not gone");
-    }
-
-    #[test]
-    fn a_process_that_is_not_pid_one_goes_on_at_once() {
-        // The test process is never PID 1: nothing forks, the mask is untouched.
-        serve_as_pid_one().expect("no-op");
-        let mut mask = SigSet::empty();
-        sigprocmask(SigmaskHow::SIG_BLOCK, None, Some(&mut mask)).expect("read mask");
-        assert!(!mask.contains(Signal::SIGCHLD));
     }
 }

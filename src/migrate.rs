@@ -77,7 +77,7 @@ pub enum MigrateError {
     )]
     OutOfOrder(String),
     #[error("migration failed: {0}")]
-    Refinery(refinery::Error),
+    Refinery(#[source] refinery::Error),
 }
 
 impl From<refinery::Error> for MigrateError {

@@ -85,8 +85,9 @@ def orphan():
 report = {{
     "uid": os.getuid(),
     "pid_one_environ": attempt(lambda: read("/proc/1/environ")),
-    "readable_environs": readable_environs(),
-    "orphan": orphan() if os.environ.get("SPY_ORPHAN") else None,
+    # In a container of its own only: on the host /proc holds other tests' processes.
+    "readable_environs": readable_environs() if os.environ.get("SPY_CONTAINER") else None,
+    "orphan": orphan() if os.environ.get("SPY_CONTAINER") else None,
     "env": dict(os.environ),
     "parent_environ": attempt(lambda: read("/proc/%d/environ" % ppid)),
     "parent_mem": attempt(lambda: read("/proc/%d/mem" % ppid, 1)),
@@ -345,9 +346,9 @@ async fn an_agent_of_the_same_user_cannot_read_the_non_dumpable_worker() {
 /// worker drains and the container exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_container_no_process_of_the_agents_user_shows_the_workers_environment() {
-    let spy_orphans =
-        |c: WorkerConfig| c.set("chats.runner.env", toml::Value::Table(toml::toml! { SPY_ORPHAN = "1" }));
-    let mut spied = spy_on(spy_orphans, Launch::Container).await;
+    let in_container =
+        |c: WorkerConfig| c.set("chats.runner.env", toml::Value::Table(toml::toml! { SPY_CONTAINER = "1" }));
+    let mut spied = spy_on(in_container, Launch::Container).await;
     let report = &spied.report;
     assert_eq!(report["uid"], NOBODY);
     assert_walled_off(report);
@@ -363,8 +364,23 @@ async fn in_a_container_no_process_of_the_agents_user_shows_the_workers_environm
     let (status, log) = exit_and_log(&mut spied.worker, Duration::from_secs(30), &log).await;
     pid_one.exited();
     assert!(status.success(), "{status}: {log}");
-    let stopped = log.lines().find(|line| line.contains("worker stopped")).unwrap_or_else(|| panic!("{log}"));
-    assert!(stopped.contains("drained") && stopped.contains("true"), "{stopped}");
+    assert!(log.contains("worker stopped") && log.contains("\"drained\":true"), "{log}");
+}
+
+/// The init exits with the worker's own status: a refused config is still exit 1 in a container.
+#[tokio::test]
+async fn in_a_container_the_workers_exit_status_is_the_containers() {
+    let status = tokio::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "bash"])
+        .arg(repo_path("scripts/start.sh"))
+        .args([BIN, "--config", "/nonexistent/worker.toml", "config", "check"])
+        .current_dir(repo_path(""))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .expect("unshare");
+    assert_eq!(status.code(), Some(1));
 }
 
 /// `worker config check` of a config file holding `toml`.

@@ -139,11 +139,11 @@ async fn the_binary_migrates_a_fresh_database_becomes_ready_and_drains_on_sigter
 }
 
 /// A signal while the worker is still starting (here: waiting for a Redis that does not answer,
-/// after its lease row is written) is kept for the drain: the worker finishes starting, drains
-/// and exits 0. Before, the handlers were installed last and the signal killed the process with
-/// its loops (and any chat they had claimed) mid-start.
+/// after its lease row is written) ends the start before any loop runs: exit 0, the row removed.
+/// Before, the handlers were installed last and the signal killed the process mid-start, with
+/// the chat loops (and any chat they had claimed) already running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sigterm_while_the_worker_starts_is_kept_for_the_drain() {
+async fn a_sigterm_while_the_worker_starts_ends_the_start_before_any_loop_runs() {
     let test_db = TestDb::new().await;
     let dir = tempfile::tempdir().expect("dir");
     let config = write_config(dir.path(), &test_db.url, free_port(), "10s");
@@ -160,8 +160,10 @@ async fn a_sigterm_while_the_worker_starts_is_kept_for_the_drain() {
     kill(Pid::from_raw(child.id().expect("pid") as i32), Signal::SIGTERM).expect("SIGTERM");
     let (status, log) = exit_and_log(&mut child, Duration::from_secs(30), &log).await;
     assert!(status.success(), "{status}: {log}");
-    assert!(log.contains("redis is not reachable at start"), "the signal came during the wait: {log}");
+    assert!(log.contains("stopped while starting; no loop was started"), "{log}");
+    assert!(!log.contains("loop started"), "{log}");
     assert!(log.contains("worker stopped") && log.contains("\"drained\":true"), "{log}");
+    assert_eq!(worker_rows(&test_db).await, 0, "a drained worker removes its row");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,6 +270,24 @@ async fn migrate_refuses_an_edited_unknown_or_skipped_migration_saying_what_to_d
         std::fs::read_dir(repo_path("migrations")).expect("dir").count() - 1,
         "nothing applied"
     );
+}
+
+/// A migration whose SQL fails shows the server's own message, not only refinery's summary.
+#[tokio::test]
+async fn a_failing_migration_names_the_servers_error() {
+    let test_db = TestDb::empty().await;
+    test_db
+        .db
+        .get()
+        .await
+        .expect("conn")
+        .batch_execute("CREATE TABLE workers (x int)")
+        .await
+        .expect("a clash");
+    let out = worker(&["migrate"], &[("DATABASE_URL", test_db.url.as_str())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ERROR: relation \"workers\" already exists"), "{stderr}");
 }
 
 #[test]
