@@ -136,16 +136,16 @@ impl PidOne {
     /// `unshare`'s one child, once it exists.
     async fn of(unshare: &tokio::process::Child) -> PidOne {
         let id = unshare.id().expect("unshare's pid");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
+        let first_child = || {
             let children =
                 std::fs::read_to_string(format!("/proc/{id}/task/{id}/children")).unwrap_or_default();
-            if let Some(pid) = children.split_whitespace().next() {
-                return PidOne(Some(Pid::from_raw(pid.parse().expect("a pid"))));
-            }
-            assert!(tokio::time::Instant::now() < deadline, "unshare started no process within 10 s");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            children.split_whitespace().next().map(|pid| Pid::from_raw(pid.parse().expect("a pid")))
+        };
+        common::eventually(Duration::from_secs(10), "unshare's first process", || async {
+            first_child().is_some()
+        })
+        .await;
+        PidOne(first_child())
     }
 
     fn pid(&self) -> Pid {
